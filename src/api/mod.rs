@@ -1,0 +1,287 @@
+//! The HTTP API port, on hyper, on a dedicated control-plane thread with its own (tokio)
+//! runtime. It never touches a connection: it sends commands to shards through the hub's
+//! mailboxes and reads the shards' counters.
+
+mod publish;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use tracing::{debug, warn};
+
+use crate::hub::{Hub, Phase};
+
+/// An API error: a status and the `{"error","message"}` body of protocol.md.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// `error` code.
+    pub error: &'static str,
+    /// Human text.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with a status, a code and a message.
+    pub fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            error,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn response(&self) -> Response<Full<Bytes>> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: &'a str,
+            message: &'a str,
+        }
+        let mut r = json(
+            self.status,
+            &Body {
+                error: self.error,
+                message: &self.message,
+            },
+        );
+        match self.status {
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+                r.headers_mut()
+                    .insert(RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+            }
+            StatusCode::UNAUTHORIZED => {
+                r.headers_mut().insert(
+                    hyper::header::WWW_AUTHENTICATE,
+                    hyper::header::HeaderValue::from_static("Bearer"),
+                );
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).expect("API bodies always serialise");
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// The admin key: every project.
+    Admin,
+    /// A project's API key: that project only (registry index).
+    Project(u32),
+}
+
+impl Caller {
+    /// Whether the caller may act on project `idx`.
+    pub fn may_act_on(self, idx: u32) -> bool {
+        match self {
+            Self::Admin => true,
+            Self::Project(p) => p == idx,
+        }
+    }
+}
+
+/// Identifies the bearer key, comparing in constant time against every configured key.
+fn caller(hub: &Hub, req: &Request<Incoming>) -> Result<Caller, ApiError> {
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let header = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| unauthorized("missing Authorization: Bearer <key>"))?;
+    let key = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or_else(|| unauthorized("Authorization must be Bearer <key>"))?
+        .trim()
+        .as_bytes();
+    let registry = hub.registry.load();
+    let mut found = None;
+    if let Some(admin) = &registry.admin_key
+        && bool::from(admin.as_bytes().ct_eq(key))
+    {
+        found = Some(Caller::Admin);
+    }
+    for p in &registry.projects {
+        if let Some(k) = &p.api_key
+            && bool::from(k.as_bytes().ct_eq(key))
+        {
+            found = found.or(Some(Caller::Project(p.idx)));
+        }
+    }
+    found.ok_or_else(|| unauthorized("unknown API key"))
+}
+
+/// Reads a body up to `max` bytes.
+async fn body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("body over {max} bytes"),
+            ))
+        }
+        Err(e) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
+    }
+}
+
+/// Settings of the API.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Largest body.
+    pub max_body_bytes: usize,
+}
+
+async fn route(
+    hub: Arc<Hub>,
+    settings: Arc<ApiSettings>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let result = match (method.clone(), path.as_str()) {
+        (Method::GET, "/healthz") => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+        (Method::GET, "/readyz") => Ok(readyz(&hub)),
+        (Method::POST, "/api/v1/publish") => publish::single(&hub, &settings, req).await,
+        (Method::POST, "/api/v1/publish/batch") => publish::batch(&hub, &settings, req).await,
+        (_, "/healthz" | "/readyz" | "/api/v1/publish" | "/api/v1/publish/batch") => {
+            Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on {path}"),
+            ))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route {path}"),
+        )),
+    };
+    Ok(match result {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(%method, %path, status = e.status.as_u16(), error = e.error, message = %e.message, "API error");
+            e.response()
+        }
+    })
+}
+
+fn readyz(hub: &Hub) -> Response<Full<Bytes>> {
+    let phase = hub.phase();
+    let (status, text) = match phase {
+        Phase::Running => (StatusCode::OK, "ready"),
+        Phase::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
+        Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        Phase::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "stopped"),
+    };
+    json(status, &serde_json::json!({ "status": text }))
+}
+
+/// The running API thread.
+pub struct ApiHandle {
+    /// Bound address.
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ApiHandle {
+    /// Stops accepting and joins the thread.
+    pub fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Binds the API port and serves it on its own thread.
+///
+/// # Errors
+/// Bind failure.
+pub fn start(hub: Arc<Hub>, addr: SocketAddr, settings: ApiSettings) -> std::io::Result<ApiHandle> {
+    let std_listener = std::net::TcpListener::bind(addr)?;
+    std_listener.set_nonblocking(true)?;
+    let addr = std_listener.local_addr()?;
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let settings = Arc::new(settings);
+    let thread = std::thread::Builder::new()
+        .name("herald-api".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    warn!("API runtime failed to start: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(std_listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        warn!("API listener: {e}");
+                        return;
+                    }
+                };
+                loop {
+                    tokio::select! {
+                        _ = &mut stop_rx => break,
+                        accepted = listener.accept() => {
+                            let Ok((stream, _)) = accepted else { continue };
+                            let hub = hub.clone();
+                            let settings = settings.clone();
+                            tokio::spawn(async move {
+                                let service = service_fn(move |req| {
+                                    route(hub.clone(), settings.clone(), req)
+                                });
+                                let _ = http1::Builder::new()
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            });
+                        }
+                    }
+                }
+            });
+        })?;
+    Ok(ApiHandle {
+        addr,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}

@@ -1,0 +1,654 @@
+//! Configuration: one documented struct with a sub-config per module.
+//!
+//! Flow is `load → parse → validate`: [`Config::load`] reads TOML, serde rejects unknown keys
+//! (so a typo names itself), and [`Config::validate`] checks cross-field rules and turns the raw
+//! strings into parsed values the core never re-checks. Secrets may come from files; they are
+//! never logged (see the `Debug` impl of [`Secret`]).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// HS256 secret of the embedded development project `demo`. Public on purpose: a server using
+/// it refuses to bind anything but loopback.
+pub const DEV_SECRET: &str = "herald-dev-secret-do-not-use-in-production";
+/// Admin API key of the embedded development default. Same rule as [`DEV_SECRET`].
+pub const DEV_ADMIN_KEY: &str = "herald-dev-admin";
+/// Project of the embedded development default.
+pub const DEV_PROJECT: &str = "demo";
+
+/// Everything herald reads at start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listeners, shards, shutdown.
+    pub server: ServerConfig,
+    /// The client (WebSocket) port: limits, heartbeats, deadlines.
+    pub ws: WsConfig,
+    /// The HTTP API port.
+    pub api: ApiConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Tenants. At least one is required.
+    pub projects: Vec<ProjectConfig>,
+}
+
+/// Listeners, shards and shutdown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Client WebSocket address. Port 0 picks a free port (every shard shares it). Default
+    /// `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// HTTP API address. Default `127.0.0.1:8081`.
+    pub api_listen: SocketAddr,
+    /// Number of shards (one pinned thread each). 0 = the number of cores this process may
+    /// run on. Default 0.
+    pub shards: usize,
+    /// Pin each shard thread to one core. Default true.
+    pub pin_cores: bool,
+    /// I/O driver: `auto` (io_uring, or epoll with one warning where io_uring is unavailable)
+    /// or `legacy` (always epoll). Default `auto`.
+    pub io_driver: IoDriver,
+    /// Listen backlog per shard listener. Default 4096.
+    pub listen_backlog: u32,
+    /// Upper bound on concurrent client connections across all shards; 0 = unlimited.
+    /// Default 0.
+    pub max_connections: usize,
+    /// How long a drain waits for clients to answer close 1001 before dropping them, in
+    /// milliseconds. Default 5000.
+    pub drain_timeout_ms: u64,
+}
+
+/// Which monoio driver the shards run.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IoDriver {
+    /// io_uring where the kernel allows it, else epoll.
+    #[default]
+    Auto,
+    /// epoll (monoio's legacy driver).
+    Legacy,
+}
+
+/// The client port.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WsConfig {
+    /// The server pings every connection this often and drops a peer that has sent nothing
+    /// (not even a pong) by the next ping, in milliseconds. Default 25000.
+    pub heartbeat_interval_ms: u64,
+    /// A connection must finish the HTTP upgrade within this, in milliseconds. Default 10000.
+    pub handshake_timeout_ms: u64,
+    /// Largest upgrade request (request line and headers), in bytes. Default 8192.
+    pub max_handshake_bytes: usize,
+    /// Largest client message (after reassembling fragments), in bytes; larger closes 1009.
+    /// Default 65536.
+    pub max_message_bytes: usize,
+    /// Cap of one connection's outbound queue, in bytes; a connection over it is closed with
+    /// 4008 (slow consumer). Default 1048576.
+    pub max_outbound_queue_bytes: usize,
+    /// Explicit subscriptions one connection may hold (the implicit ones do not count).
+    /// Default 128.
+    pub max_topics_per_connection: usize,
+    /// Error replies one connection may earn before it is closed with 1008. Default 20.
+    pub max_bad_requests: u32,
+}
+
+/// The HTTP API port.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Admin key: acts on every project. Prefer `admin_key_file`.
+    pub admin_key: Option<Secret>,
+    /// File holding the admin key (trailing whitespace ignored).
+    pub admin_key_file: Option<PathBuf>,
+    /// Largest request body, in bytes; larger is refused with 413. Default 1048576.
+    pub max_body_bytes: usize,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (human-readable) or `json` (journald, log shippers). Default `text`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `herald=debug`. `RUST_LOG` overrides it.
+    /// Default `info`.
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One tenant.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProjectConfig {
+    /// Project id, `[a-z0-9_-]{1,64}`.
+    pub id: String,
+    /// API key acting on this project only. Prefer `api_key_file`.
+    pub api_key: Option<Secret>,
+    /// File holding the API key.
+    pub api_key_file: Option<PathBuf>,
+    /// Token verification keys; several may be valid at once (chosen by `kid`).
+    pub keys: Vec<KeyConfig>,
+    /// Refuse tokens without `exp`. Default true.
+    pub require_exp: bool,
+    /// Clock leeway for `exp`/`nbf`, in seconds. Default 30.
+    pub leeway_secs: u64,
+    /// When set, tokens must carry this `iss`.
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    pub audience: Option<String>,
+    /// Let clients use the `publish` op. Default false.
+    pub allow_client_publish: bool,
+}
+
+/// One verification key.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Key id matched against the token header's `kid`. A token without `kid` is tried
+    /// against every key of its algorithm.
+    pub kid: Option<String>,
+    /// `HS256`, `HS384` or `HS512`.
+    pub alg: String,
+    /// The HMAC secret. Prefer `secret_file`.
+    pub secret: Option<Secret>,
+    /// File holding the HMAC secret.
+    pub secret_file: Option<PathBuf>,
+}
+
+/// A string that never prints.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("admin_key", &self.admin_key)
+            .field("admin_key_file", &self.admin_key_file)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish()
+    }
+}
+
+impl fmt::Debug for KeyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyConfig")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .field("secret", &self.secret)
+            .field("secret_file", &self.secret_file)
+            .finish()
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("literal address"),
+            api_listen: "127.0.0.1:8081".parse().expect("literal address"),
+            shards: 0,
+            pin_cores: true,
+            io_driver: IoDriver::Auto,
+            listen_backlog: 4096,
+            max_connections: 0,
+            drain_timeout_ms: 5000,
+        }
+    }
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 25_000,
+            handshake_timeout_ms: 10_000,
+            max_handshake_bytes: 8192,
+            max_message_bytes: 65_536,
+            max_outbound_queue_bytes: 1 << 20,
+            max_topics_per_connection: 128,
+            max_bad_requests: 20,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for ProjectConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            api_key: None,
+            api_key_file: None,
+            keys: Vec::new(),
+            require_exp: true,
+            leeway_secs: 30,
+            issuer: None,
+            audience: None,
+            allow_client_publish: false,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            ws: WsConfig::default(),
+            api: ApiConfig {
+                max_body_bytes: 1 << 20,
+                ..ApiConfig::default()
+            },
+            log: LogConfig::default(),
+            projects: Vec::new(),
+        }
+    }
+}
+
+/// What is wrong with a configuration. Every variant names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML or schema error (unknown key, wrong type); the message names the key and line.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// serde's message, which names the key.
+        message: String,
+    },
+    /// A value breaks a rule.
+    #[error("invalid `{key}`: {reason}")]
+    Invalid {
+        /// Dotted path of the key, e.g. `projects[0].keys[1].alg`.
+        key: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// The embedded development default: loopback ports 8080/8081, project `demo` with the
+    /// public [`DEV_SECRET`], admin key [`DEV_ADMIN_KEY`].
+    pub fn development() -> Self {
+        Self {
+            api: ApiConfig {
+                admin_key: Some(Secret(DEV_ADMIN_KEY.into())),
+                max_body_bytes: 1 << 20,
+                ..ApiConfig::default()
+            },
+            projects: vec![ProjectConfig {
+                id: DEV_PROJECT.into(),
+                keys: vec![KeyConfig {
+                    kid: Some("dev".into()),
+                    alg: "HS256".into(),
+                    secret: Some(Secret(DEV_SECRET.into())),
+                    secret_file: None,
+                }],
+                ..ProjectConfig::default()
+            }],
+            ..Self::default()
+        }
+    }
+
+    /// Reads and parses a TOML file (without validating it).
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`], naming the file and the key.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// serde's message naming the key.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Whether a public development secret is configured anywhere.
+    pub fn uses_dev_keys(&self) -> bool {
+        let admin = self
+            .api
+            .admin_key
+            .as_ref()
+            .is_some_and(|k| k.0 == DEV_ADMIN_KEY);
+        let keys = self
+            .projects
+            .iter()
+            .flat_map(|p| &p.keys)
+            .any(|k| k.secret.as_ref().is_some_and(|s| s.0 == DEV_SECRET));
+        admin || keys
+    }
+
+    /// Number of shards to start: `server.shards`, or the cores this process may use.
+    pub fn nr_shards(&self) -> usize {
+        if self.server.shards > 0 {
+            return self.server.shards;
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
+
+    /// Checks every rule that serde cannot.
+    ///
+    /// # Errors
+    /// The first broken rule, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.uses_dev_keys() {
+            for (key, addr) in [
+                ("server.listen", self.server.listen),
+                ("server.api_listen", self.server.api_listen),
+            ] {
+                if !addr.ip().is_loopback() {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "{addr} is not a loopback address and the public development keys are \
+                             configured; generate real secrets with `herald genconfig`"
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.server.shards > 1024 {
+            return Err(invalid("server.shards", "at most 1024 shards"));
+        }
+        let ws = &self.ws;
+        let positive = [
+            (
+                "ws.heartbeat_interval_ms",
+                ws.heartbeat_interval_ms as usize,
+            ),
+            ("ws.handshake_timeout_ms", ws.handshake_timeout_ms as usize),
+            ("ws.max_message_bytes", ws.max_message_bytes),
+            ("ws.max_outbound_queue_bytes", ws.max_outbound_queue_bytes),
+            ("api.max_body_bytes", self.api.max_body_bytes),
+            ("server.listen_backlog", self.server.listen_backlog as usize),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if ws.max_handshake_bytes < 256 {
+            return Err(invalid("ws.max_handshake_bytes", "must be at least 256"));
+        }
+        if ws.max_message_bytes > 64 << 20 {
+            return Err(invalid("ws.max_message_bytes", "at most 64 MiB"));
+        }
+        if self.api.admin_key.is_some() && self.api.admin_key_file.is_some() {
+            return Err(invalid(
+                "api.admin_key",
+                "set admin_key or admin_key_file, not both",
+            ));
+        }
+        if self.projects.is_empty() {
+            return Err(invalid(
+                "projects",
+                "at least one [[projects]] entry is required",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.projects.iter().enumerate() {
+            let at = format!("projects[{i}]");
+            crate::pubsub::ProjectId::parse(&p.id)
+                .map_err(|e| invalid(format!("{at}.id"), e.to_string()))?;
+            if !seen.insert(p.id.as_str()) {
+                return Err(invalid(
+                    format!("{at}.id"),
+                    format!("duplicate project id `{}`", p.id),
+                ));
+            }
+            if p.api_key.is_some() && p.api_key_file.is_some() {
+                return Err(invalid(
+                    format!("{at}.api_key"),
+                    "set api_key or api_key_file, not both",
+                ));
+            }
+            let mut kids = std::collections::HashSet::new();
+            for (j, k) in p.keys.iter().enumerate() {
+                let at = format!("{at}.keys[{j}]");
+                crate::auth::KeyAlg::parse(&k.alg).map_err(|e| invalid(format!("{at}.alg"), e))?;
+                match (&k.secret, &k.secret_file) {
+                    (Some(_), Some(_)) => {
+                        return Err(invalid(
+                            format!("{at}.secret"),
+                            "set secret or secret_file, not both",
+                        ));
+                    }
+                    (None, None) => {
+                        return Err(invalid(
+                            format!("{at}.secret"),
+                            "an HMAC key needs secret or secret_file",
+                        ));
+                    }
+                    (Some(s), None) if s.0.len() < 16 => {
+                        return Err(invalid(
+                            format!("{at}.secret"),
+                            "HMAC secrets must be at least 16 bytes",
+                        ));
+                    }
+                    _ => {}
+                }
+                if let Some(kid) = &k.kid
+                    && !kids.insert(kid.as_str())
+                {
+                    return Err(invalid(
+                        format!("{at}.kid"),
+                        format!("duplicate kid `{kid}` in this project"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads a secret given inline or by file.
+///
+/// # Errors
+/// The file cannot be read, or is empty.
+pub fn read_secret(
+    key: &str,
+    inline: &Option<Secret>,
+    file: &Option<PathBuf>,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(s) = inline {
+        return Ok(Some(s.0.clone()));
+    }
+    let Some(path) = file else { return Ok(None) };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let text = text.trim_end().to_owned();
+    if text.is_empty() {
+        return Err(invalid(key, format!("{} is empty", path.display())));
+    }
+    Ok(Some(text))
+}
+
+/// A commented production configuration with fresh random secrets (`herald genconfig`).
+pub fn production_template() -> String {
+    let admin = random_secret();
+    let api = random_secret();
+    let hmac = random_secret();
+    let d = Config::default();
+    format!(
+        r#"# herald configuration (generated by `herald genconfig`).
+# Every key is optional; the value shown is the default unless marked otherwise.
+# Secrets below are fresh random values: keep this file readable by herald only (0600),
+# or move them to files and use the *_file keys instead.
+
+[server]
+# Client WebSocket address; every shard listens on it with SO_REUSEPORT.
+listen = "0.0.0.0:8080"
+# HTTP API address for project backends and operators. Keep it off the public internet.
+api_listen = "127.0.0.1:8081"
+# Shards (pinned threads, one io_uring runtime each). 0 = one per available core.
+shards = 0
+pin_cores = true
+# "auto" = io_uring (falls back to epoll with a warning), or "legacy" = always epoll.
+io_driver = "auto"
+listen_backlog = {backlog}
+# Concurrent client connections across all shards; 0 = unlimited (bounded by RLIMIT_NOFILE).
+max_connections = 0
+# Grace period for clients to answer close 1001 on shutdown, in milliseconds.
+drain_timeout_ms = {drain}
+
+[ws]
+# The server pings every connection this often; a peer silent until the next ping is dropped.
+heartbeat_interval_ms = {hb}
+# Deadline for finishing the HTTP upgrade.
+handshake_timeout_ms = {hs}
+max_handshake_bytes = {mhb}
+# Largest client message; larger closes the connection with 1009.
+max_message_bytes = {mmb}
+# Outbound queue cap per connection; a reader that falls this far behind is closed with 4008.
+max_outbound_queue_bytes = {moq}
+max_topics_per_connection = {mtc}
+# Error replies before a connection is closed with 1008.
+max_bad_requests = {mbr}
+
+[api]
+# Admin key: acts on every project. Or: admin_key_file = "/etc/herald/admin.key"
+admin_key = "{admin}"
+max_body_bytes = {mbb}
+
+[log]
+# "text" for people, "json" for journald and log shippers.
+format = "text"
+level = "info"
+
+[[projects]]
+id = "main"
+# API key for this project's backend (publishes to this project only).
+api_key = "{api}"
+require_exp = true
+leeway_secs = 30
+# issuer = "https://auth.example.com"
+# audience = "herald"
+allow_client_publish = false
+
+[[projects.keys]]
+kid = "k1"
+alg = "HS256"
+secret = "{hmac}"
+"#,
+        backlog = d.server.listen_backlog,
+        drain = d.server.drain_timeout_ms,
+        hb = d.ws.heartbeat_interval_ms,
+        hs = d.ws.handshake_timeout_ms,
+        mhb = d.ws.max_handshake_bytes,
+        mmb = d.ws.max_message_bytes,
+        moq = d.ws.max_outbound_queue_bytes,
+        mtc = d.ws.max_topics_per_connection,
+        mbr = d.ws.max_bad_requests,
+        mbb = d.api.max_body_bytes,
+    )
+}
+
+/// 32 random bytes, URL-safe base64 (no padding).
+pub fn random_secret() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn development_default_validates() {
+        Config::development().validate().unwrap();
+    }
+
+    #[test]
+    fn template_parses_and_validates() {
+        let c = Config::parse(&production_template()).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.projects[0].id, "main");
+        assert!(!c.uses_dev_keys());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[ws]\nmax_mesage_bytes = 3\n").unwrap_err();
+        assert!(err.contains("max_mesage_bytes"), "{err}");
+    }
+
+    #[test]
+    fn dev_keys_refuse_public_bind() {
+        let mut c = Config::development();
+        c.server.listen = "0.0.0.0:8080".parse().unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn bad_alg_is_named() {
+        let mut c = Config::development();
+        c.projects[0].keys[0].alg = "HS999".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("projects[0].keys[0].alg"), "{err}");
+    }
+
+    #[test]
+    fn bad_project_id_is_named() {
+        let mut c = Config::development();
+        c.projects[0].id = "Shop!".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("projects[0].id"), "{err}");
+    }
+}

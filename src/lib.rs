@@ -1,0 +1,30 @@
+//! herald: a WebSocket push center for bare-metal Linux.
+//!
+//! # Layout
+//!
+//! - [`config`]: the one configuration struct; load → parse → validate.
+//! - [`server`]: starts the shards and the API; the [`server::ServerHandle`].
+//! - [`hub`]: the node-wide handle every thread shares: mailboxes, registry, counters, phase,
+//!   and publishing (encode once, one message per shard).
+//! - [`shard`]: one pinned thread + monoio runtime per core owning its connections;
+//!   [`shard::mailbox`] is the only cross-core API.
+//! - [`net`]: the per-shard SO_REUSEPORT listeners.
+//! - [`ws`]: the WebSocket side: handshake, session (frames, sans-IO), ops (client protocol),
+//!   frame encoding, close codes, and the per-connection I/O driver.
+//! - [`auth`]: projects, keys, token verification.
+//! - [`pubsub`]: parsed names (project, topic, connection id) and the per-shard topic index.
+//! - [`route`]: which shards a command goes to.
+//! - [`api`]: the HTTP API on hyper.
+//! - [`metrics`]: per-shard counters.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod net;
+pub mod pubsub;
+pub mod route;
+pub mod server;
+pub mod shard;
+pub mod ws;

@@ -1,0 +1,240 @@
+//! The `herald` binary: CLI → config → logging → server. Nothing else.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use herald::auth::{Claims, Registry, now_secs};
+use herald::config::{Config, LogFormat, production_template};
+use tracing::{error, warn};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "WebSocket push center")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (without --config: the embedded development default).
+    Serve {
+        /// TOML config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Client WebSocket address (overrides server.listen).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// API address (overrides server.api_listen).
+        #[arg(long)]
+        api_listen: Option<SocketAddr>,
+        /// Number of shards (overrides server.shards).
+        #[arg(long)]
+        shards: Option<usize>,
+        /// Log as JSON lines (overrides log.format).
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Print a JWT signed with the project's first HMAC key.
+    Token {
+        /// Project id.
+        #[arg(long)]
+        project: String,
+        /// Subject (user id).
+        #[arg(long)]
+        sub: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Allowed topics, comma separated (`prefix*` allowed).
+        #[arg(long, value_delimiter = ',')]
+        topics: Option<Vec<String>>,
+        /// Device id.
+        #[arg(long)]
+        device: Option<String>,
+        /// TOML config file (default: the embedded development default).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print a commented production config with fresh random secrets.
+    Genconfig,
+    /// Validate a config file; exits non-zero naming the bad key.
+    CheckConfig {
+        /// TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn load(config: &Option<PathBuf>) -> Result<(Config, bool), String> {
+    match config {
+        Some(path) => Config::load(path)
+            .map(|c| (c, false))
+            .map_err(|e| e.to_string()),
+        None => Ok((Config::development(), true)),
+    }
+}
+
+fn init_logging(cfg: &Config, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json || cfg.log.format == LogFormat::Json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            api_listen,
+            shards,
+            log_json,
+        } => {
+            let (mut cfg, dev) = match load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("herald: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Some(a) = listen {
+                cfg.server.listen = a;
+            }
+            if let Some(a) = api_listen {
+                cfg.server.api_listen = a;
+            }
+            if let Some(n) = shards {
+                cfg.server.shards = n;
+            }
+            init_logging(&cfg, log_json);
+            if dev || cfg.uses_dev_keys() {
+                warn!(
+                    "!!! DEVELOPMENT MODE: public demo secrets are in use (project `demo`, \
+                     admin key `herald-dev-admin`). Loopback only. Never run this in \
+                     production: generate a config with `herald genconfig` !!!"
+                );
+            }
+            serve(&cfg)
+        }
+        Command::Token {
+            project,
+            sub,
+            ttl,
+            topics,
+            device,
+            config,
+        } => {
+            let (cfg, _) = match load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("herald: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let registry = match cfg
+                .validate()
+                .map_err(|e| e.to_string())
+                .and_then(|()| Registry::from_config(&cfg).map_err(|e| e.to_string()))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("herald: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let Some(p) = registry.project(&project) else {
+                eprintln!("herald: no project `{project}` in the config");
+                return ExitCode::from(2);
+            };
+            let claims = Claims {
+                sub,
+                exp: Some(now_secs() + ttl),
+                topics,
+                device,
+            };
+            match p.mint(&claims) {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("herald: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Genconfig => {
+            print!("{}", production_template());
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { config } => {
+            match Config::load(&config).and_then(|c| c.validate().map(|()| c)) {
+                Ok(c) => match Registry::from_config(&c) {
+                    Ok(_) => {
+                        println!("{}: ok", config.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("herald: {}: {e}", config.display());
+                        ExitCode::from(1)
+                    }
+                },
+                Err(e) => {
+                    eprintln!("herald: {}: {e}", config.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn serve(cfg: &Config) -> ExitCode {
+    let handle = match herald::server::start(cfg) {
+        Ok(h) => h,
+        Err(e) => {
+            error!("cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "ready",
+            "listen": handle.listen.to_string(),
+            "api_listen": handle.api_listen.to_string(),
+            "shards": handle.hub.nr_shards(),
+        })
+    );
+    let hub = handle.hub.clone();
+    let mut signals = match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    std::thread::Builder::new()
+        .name("herald-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "draining: closing every connection with 1001");
+                hub.drain();
+            }
+        })
+        .expect("spawning the signal thread");
+    handle.join();
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}

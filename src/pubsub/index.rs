@@ -1,0 +1,134 @@
+//! The per-shard topic index: which local connections subscribe to which topic.
+//!
+//! Owned by one shard, touched by one thread, so no locks. A topic's subscribers are a dense
+//! `Vec` of slab slots (4 bytes each): fan-out is a linear walk, and removal is `swap_remove`
+//! at a position the connection remembers, so unsubscribing is O(1) and a unicast topic
+//! (`user.<sub>`) costs the same whatever the total number of connections.
+
+use std::collections::HashMap;
+
+use slab::Slab;
+
+/// Shard-local id of a topic with at least one local subscriber.
+pub type TopicId = u32;
+
+/// One topic with local subscribers.
+#[derive(Debug)]
+struct Entry {
+    /// Index of the owning project in the registry.
+    project: u32,
+    /// Name, as published to.
+    name: Box<str>,
+    /// Subscribed slots, in no particular order.
+    subs: Vec<u32>,
+}
+
+/// Topics of one shard, per project.
+#[derive(Debug, Default)]
+pub struct TopicIndex {
+    /// `by_name[project][name]` → topic id.
+    by_name: Vec<HashMap<Box<str>, TopicId>>,
+    /// The topics themselves.
+    topics: Slab<Entry>,
+}
+
+/// What a subscription records so that it can be undone in O(1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sub {
+    /// The topic.
+    pub topic: TopicId,
+    /// Position of the slot in the topic's subscriber list.
+    pub pos: u32,
+}
+
+impl TopicIndex {
+    /// Topic id of `name` in `project`, if it has local subscribers.
+    pub fn lookup(&self, project: u32, name: &str) -> Option<TopicId> {
+        self.by_name.get(project as usize)?.get(name).copied()
+    }
+
+    /// Subscribed slots of a topic.
+    pub fn subscribers(&self, topic: TopicId) -> &[u32] {
+        self.topics.get(topic as usize).map_or(&[], |e| &e.subs)
+    }
+
+    /// Name of a topic.
+    pub fn name(&self, topic: TopicId) -> &str {
+        &self.topics[topic as usize].name
+    }
+
+    /// Number of topics with local subscribers.
+    pub fn nr_topics(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// Adds `slot` to a topic, creating it if needed. The caller must not subscribe a slot
+    /// twice to one topic (it keeps the list of its [`Sub`]s and checks first).
+    pub fn subscribe(&mut self, project: u32, name: &str, slot: u32) -> Sub {
+        let p = project as usize;
+        if self.by_name.len() <= p {
+            self.by_name.resize_with(p + 1, HashMap::new);
+        }
+        let topic = match self.by_name[p].get(name) {
+            Some(&t) => t,
+            None => {
+                let t = self.topics.insert(Entry {
+                    project,
+                    name: name.into(),
+                    subs: Vec::new(),
+                }) as TopicId;
+                self.by_name[p].insert(name.into(), t);
+                t
+            }
+        };
+        let subs = &mut self.topics[topic as usize].subs;
+        subs.push(slot);
+        Sub {
+            topic,
+            pos: (subs.len() - 1) as u32,
+        }
+    }
+
+    /// Removes the subscription `sub`. Returns the slot that moved into `sub.pos` (its record
+    /// for this topic must be updated to `sub.pos`), if any.
+    pub fn unsubscribe(&mut self, sub: Sub) -> Option<u32> {
+        let entry = &mut self.topics[sub.topic as usize];
+        entry.subs.swap_remove(sub.pos as usize);
+        if entry.subs.is_empty() {
+            let entry = self.topics.remove(sub.topic as usize);
+            self.by_name[entry.project as usize].remove(&entry.name);
+            return None;
+        }
+        if entry.subs.capacity() > 64 && entry.subs.len() < entry.subs.capacity() / 4 {
+            entry.subs.shrink_to(entry.subs.len() * 2);
+        }
+        entry.subs.get(sub.pos as usize).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribe_lookup_unsubscribe() {
+        let mut ix = TopicIndex::default();
+        let a = ix.subscribe(0, "news", 10);
+        let b = ix.subscribe(0, "news", 11);
+        let c = ix.subscribe(0, "news", 12);
+        let other = ix.subscribe(1, "news", 13);
+        assert_ne!(a.topic, other.topic, "projects never share a topic");
+        let t = ix.lookup(0, "news").unwrap();
+        assert_eq!(ix.subscribers(t), &[10, 11, 12]);
+        // Removing the first moves the last into its place.
+        assert_eq!(ix.unsubscribe(a), Some(12));
+        assert_eq!(ix.subscribers(t), &[12, 11]);
+        assert_eq!(ix.unsubscribe(b), None);
+        assert_eq!(ix.subscribers(t), &[12]);
+        assert_eq!(ix.unsubscribe(Sub { topic: t, pos: 0 }), None);
+        let _ = c;
+        assert_eq!(ix.lookup(0, "news"), None);
+        assert_eq!(ix.lookup(1, "news"), Some(other.topic));
+        assert_eq!(ix.nr_topics(), 1);
+    }
+}

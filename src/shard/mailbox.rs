@@ -1,0 +1,173 @@
+//! The only cross-core API: a bounded crossbeam inbox per shard plus an eventfd wake-up.
+//!
+//! A sender pushes a [`ShardMsg`] and writes the eventfd only when the inbox was not already
+//! armed, so a burst costs one syscall. The shard waits for the eventfd through the runtime
+//! (an io_uring poll, or epoll on the legacy driver): it neither spins nor polls on a timer.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::ws::close::CloseReason;
+
+/// One publish, encoded once: a frame per topic, shared by every recipient on every shard.
+#[derive(Debug)]
+pub struct Publication {
+    /// Registry index of the project.
+    pub project: u32,
+    /// (topic, complete WebSocket frame) pairs.
+    pub frames: Vec<(Box<str>, Bytes)>,
+}
+
+/// Work for a shard.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Deliver to local subscribers.
+    Publish(Arc<Publication>),
+    /// Close one connection if its id still matches.
+    Close {
+        /// Slab slot.
+        slot: u32,
+        /// Generation it must still have.
+        generation: u32,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// Stop accepting, close every connection with 1001, exit when empty or at the deadline.
+    Drain,
+}
+
+/// State shared by the senders and the shard.
+#[derive(Debug)]
+struct Shared {
+    /// The eventfd.
+    efd: OwnedFd,
+    /// True while a wake-up is pending; senders skip the eventfd write then.
+    armed: AtomicBool,
+}
+
+/// The sending side, held by the hub (any thread).
+#[derive(Debug, Clone)]
+pub struct Mailbox {
+    tx: Sender<ShardMsg>,
+    shared: Arc<Shared>,
+}
+
+/// The receiving side, owned by the shard.
+#[derive(Debug)]
+pub struct Inbox {
+    rx: Receiver<ShardMsg>,
+    shared: Arc<Shared>,
+}
+
+/// A bounded mailbox and its inbox.
+///
+/// # Errors
+/// eventfd creation failed.
+pub fn channel(capacity: usize) -> std::io::Result<(Mailbox, Inbox)> {
+    // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let efd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let shared = Arc::new(Shared {
+        efd,
+        armed: AtomicBool::new(false),
+    });
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    Ok((
+        Mailbox {
+            tx,
+            shared: shared.clone(),
+        },
+        Inbox { rx, shared },
+    ))
+}
+
+impl Mailbox {
+    /// Queues `msg` and wakes the shard.
+    ///
+    /// # Errors
+    /// The inbox is full or the shard is gone; the message is handed back.
+    pub fn send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.tx.try_send(msg).map_err(|e| match e {
+            TrySendError::Full(m) | TrySendError::Disconnected(m) => m,
+        })?;
+        if !self.shared.armed.swap(true, Ordering::AcqRel) {
+            wake(self.shared.efd.as_raw_fd());
+        }
+        Ok(())
+    }
+
+    /// Messages waiting.
+    pub fn depth(&self) -> usize {
+        self.tx.len()
+    }
+}
+
+fn wake(fd: i32) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd. EAGAIN (counter saturated) still
+    // leaves it readable, which is all we need.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+impl Inbox {
+    /// Raw eventfd, for the runtime to wait on.
+    pub fn raw_fd(&self) -> i32 {
+        self.shared.efd.as_raw_fd()
+    }
+
+    /// Resets the eventfd and disarms; call before draining so a send that races the drain
+    /// re-arms and wakes again.
+    pub fn disarm(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
+        unsafe { libc::read(self.raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        self.shared.armed.store(false, Ordering::SeqCst);
+    }
+
+    /// Wakes this inbox's own shard again (used when a drain stops at its budget).
+    pub fn rearm(&self) {
+        if !self.shared.armed.swap(true, Ordering::AcqRel) {
+            wake(self.raw_fd());
+        }
+    }
+
+    /// Takes one waiting message.
+    pub fn try_recv(&self) -> Option<ShardMsg> {
+        self.rx.try_recv().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_and_hands_back() {
+        let (tx, rx) = channel(1).unwrap();
+        tx.send(ShardMsg::Drain).unwrap();
+        assert!(matches!(tx.send(ShardMsg::Drain), Err(ShardMsg::Drain)));
+        assert_eq!(tx.depth(), 1);
+        rx.disarm();
+        assert!(matches!(rx.try_recv(), Some(ShardMsg::Drain)));
+        assert!(rx.try_recv().is_none());
+    }
+
+    #[test]
+    fn one_wakeup_per_burst() {
+        let (tx, rx) = channel(8).unwrap();
+        for _ in 0..3 {
+            tx.send(ShardMsg::Drain).unwrap();
+        }
+        let mut v: u64 = 0;
+        let n = unsafe { libc::read(rx.raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        assert_eq!((n, v), (8, 1), "three sends, one eventfd write");
+    }
+}

@@ -1,0 +1,553 @@
+//! A shard: one OS thread pinned to one core, running one monoio runtime, owning a slab of
+//! connections, a topic index, deadlines and counters. Nothing here is shared with another
+//! thread except through the [`mailbox`] and the read-only [`Hub`].
+//!
+//! Three long-lived tasks per shard: the accept loop (its own SO_REUSEPORT listener), the inbox
+//! loop (cross-core work, woken by an eventfd) and the sweep (one timer for the whole shard:
+//! heartbeats, handshake and close deadlines, token expiry). Each connection is one task
+//! ([`crate::ws::conn::drive`]) that waits for readiness and owns no buffer while idle.
+
+pub mod mailbox;
+
+use std::cell::RefCell;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, IoDriver};
+use crate::hub::Hub;
+use crate::metrics::ShardStats;
+use crate::pubsub::TopicIndex;
+use crate::ws::close::CloseReason;
+use crate::ws::conn::{self, Conn, ConnPhase};
+use mailbox::{Inbox, ShardMsg};
+
+/// Size of the per-shard read buffer every connection reads into.
+pub const SCRATCH_BYTES: usize = 64 * 1024;
+/// Inbox messages handled before other tasks get a turn.
+const INBOX_BUDGET: usize = 1024;
+/// How long a closing connection may take to answer our close frame.
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Limits and timings a shard applies, taken from the config once.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Largest upgrade request.
+    pub max_handshake_bytes: usize,
+    /// Largest client message.
+    pub max_message_bytes: usize,
+    /// Outbound queue cap per connection.
+    pub max_outbound_queue_bytes: usize,
+    /// Explicit subscriptions per connection.
+    pub max_topics_per_connection: usize,
+    /// Error replies before 1008.
+    pub max_bad_requests: u32,
+    /// Drain grace period.
+    pub drain_timeout: Duration,
+}
+
+impl Limits {
+    /// From the config.
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            heartbeat: Duration::from_millis(c.ws.heartbeat_interval_ms),
+            handshake_timeout: Duration::from_millis(c.ws.handshake_timeout_ms),
+            max_handshake_bytes: c.ws.max_handshake_bytes,
+            max_message_bytes: c.ws.max_message_bytes,
+            max_outbound_queue_bytes: c.ws.max_outbound_queue_bytes,
+            max_topics_per_connection: c.ws.max_topics_per_connection,
+            max_bad_requests: c.ws.max_bad_requests,
+            drain_timeout: Duration::from_millis(c.server.drain_timeout_ms),
+        }
+    }
+
+    /// Period of the sweep timer.
+    pub fn tick(&self) -> Duration {
+        (self.heartbeat / 8).clamp(Duration::from_millis(20), Duration::from_secs(1))
+    }
+}
+
+/// A deadline for one connection occupant.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline {
+    pub(crate) at: Instant,
+    pub(crate) slot: u32,
+    pub(crate) generation: u32,
+}
+
+/// Everything one core owns.
+pub struct Shard {
+    /// This shard's id (also in every connection id it hands out).
+    pub id: u16,
+    /// Node-wide handle.
+    pub hub: Arc<Hub>,
+    /// Limits.
+    pub limits: Limits,
+    /// This shard's counters.
+    pub stats: Arc<ShardStats>,
+    /// Connections, by slot.
+    pub(crate) conns: Slab<Conn>,
+    /// Local subscriptions.
+    pub(crate) topics: TopicIndex,
+    /// Next generation handed to a new occupant.
+    next_generation: u32,
+    /// Read buffer shared by every connection of the shard.
+    pub(crate) scratch: Box<[u8]>,
+    /// Slots with queued output to flush at the end of the current batch.
+    pub(crate) dirty: Vec<u32>,
+    /// Handshakes in progress, in deadline order (the timeout is constant).
+    pub(crate) handshake_deadlines: VecDeque<Deadline>,
+    /// Connections waiting for the peer's close frame, in deadline order.
+    pub(crate) close_deadlines: VecDeque<Deadline>,
+    /// Token expiries: (close-at seconds, slot, generation); stale entries are skipped.
+    pub(crate) expiries: BinaryHeap<Reverse<(u64, u32, u32)>>,
+    /// Next slot the heartbeat sweep visits.
+    hb_cursor: usize,
+    /// Set by a drain: no more accepts, every connection closing.
+    pub(crate) draining: bool,
+    /// Wakes the accept loop (on drain) or the drain waiter (when empty).
+    lifecycle_waker: Option<Waker>,
+}
+
+impl Shard {
+    fn new(id: u16, hub: Arc<Hub>, limits: Limits) -> Self {
+        let stats = hub.stats[id as usize].clone();
+        Self {
+            id,
+            hub,
+            limits,
+            stats,
+            conns: Slab::new(),
+            topics: TopicIndex::default(),
+            next_generation: 1,
+            scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
+            dirty: Vec::new(),
+            handshake_deadlines: VecDeque::new(),
+            close_deadlines: VecDeque::new(),
+            expiries: BinaryHeap::new(),
+            hb_cursor: 0,
+            draining: false,
+            lifecycle_waker: None,
+        }
+    }
+
+    /// Takes a freshly accepted socket: a slot, a generation, a handshake deadline.
+    fn admit(&mut self, fd: i32, peer: SocketAddr) -> (u32, u32) {
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let slot = self.conns.insert(Conn::new(fd, generation, peer)) as u32;
+        self.handshake_deadlines.push_back(Deadline {
+            at: Instant::now() + self.limits.handshake_timeout,
+            slot,
+            generation,
+        });
+        (slot, generation)
+    }
+
+    /// Handles one inbox message.
+    fn handle(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Publish(p) => self.deliver(&p),
+            ShardMsg::Close {
+                slot,
+                generation,
+                reason,
+            } => {
+                if self
+                    .conns
+                    .get(slot as usize)
+                    .is_some_and(|c| c.generation == generation)
+                {
+                    self.close_with(slot, reason);
+                }
+            }
+            ShardMsg::Drain => self.start_drain(),
+        }
+    }
+
+    /// Queues a publication's frames to every local subscriber.
+    fn deliver(&mut self, p: &mailbox::Publication) {
+        ShardStats::add(&self.stats.publications, 1);
+        let cap = self.limits.max_outbound_queue_bytes;
+        let mut overflow = Vec::new();
+        let (mut delivered, mut dropped) = (0u64, 0u64);
+        for (topic, frame) in &p.frames {
+            let Some(t) = self.topics.lookup(p.project, topic) else {
+                continue;
+            };
+            for &slot in self.topics.subscribers(t) {
+                match conn::push_frame(&mut self.conns, &mut self.dirty, slot, frame, cap) {
+                    conn::Push::Queued => delivered += 1,
+                    conn::Push::Dropped => dropped += 1,
+                    conn::Push::Overflow => {
+                        dropped += 1;
+                        overflow.push(slot);
+                    }
+                }
+            }
+        }
+        ShardStats::add(&self.stats.delivered, delivered);
+        ShardStats::add(&self.stats.dropped, dropped);
+        for slot in overflow {
+            ShardStats::add(&self.stats.slow_consumer_closes, 1);
+            self.close_with(slot, CloseReason::SlowConsumer);
+        }
+    }
+
+    fn start_drain(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        let slots: Vec<u32> = self.conns.iter().map(|(k, _)| k as u32).collect();
+        for slot in slots {
+            match self.conns[slot as usize].phase {
+                ConnPhase::Open => self.close_with(slot, CloseReason::GoingAway),
+                ConnPhase::Handshake => self.kill(slot),
+                ConnPhase::Closing => {}
+            }
+        }
+        self.flush_dirty();
+        self.wake_lifecycle();
+    }
+
+    fn wake_lifecycle(&mut self) {
+        if let Some(w) = self.lifecycle_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Called when a connection leaves the slab.
+    pub(crate) fn on_removed(&mut self) {
+        if self.draining && self.conns.is_empty() {
+            self.wake_lifecycle();
+        }
+    }
+
+    /// The sweep: deadlines, expiries and one slice of the heartbeat round.
+    fn tick(&mut self, tick: Duration) {
+        let now = Instant::now();
+        while let Some(d) = self.handshake_deadlines.front().copied() {
+            if d.at > now {
+                break;
+            }
+            self.handshake_deadlines.pop_front();
+            if self
+                .occupant(d.slot, d.generation)
+                .is_some_and(|c| c.phase == ConnPhase::Handshake)
+            {
+                ShardStats::add(&self.stats.handshakes[ShardStats::outcome("timeout")], 1);
+                debug!(
+                    shard = self.id,
+                    slot = d.slot,
+                    "handshake deadline passed; dropping"
+                );
+                self.kill(d.slot);
+            }
+        }
+        while let Some(d) = self.close_deadlines.front().copied() {
+            if d.at > now {
+                break;
+            }
+            self.close_deadlines.pop_front();
+            if self
+                .occupant(d.slot, d.generation)
+                .is_some_and(|c| c.phase == ConnPhase::Closing)
+            {
+                self.kill(d.slot);
+            }
+        }
+        let now_secs = crate::auth::now_secs();
+        while let Some(&Reverse((at, slot, generation))) = self.expiries.peek() {
+            if at > now_secs {
+                break;
+            }
+            self.expiries.pop();
+            if self
+                .occupant(slot, generation)
+                .is_some_and(|c| c.expires_at == at && c.phase == ConnPhase::Open)
+            {
+                self.close_with(slot, CloseReason::TokenExpired);
+            }
+        }
+        self.heartbeat_slice(tick);
+        self.flush_dirty();
+    }
+
+    /// Visits the next `capacity × tick / heartbeat` slots, so each slot is visited once per
+    /// heartbeat interval: a peer that sent nothing since the last ping is dropped, the others
+    /// are pinged.
+    fn heartbeat_slice(&mut self, tick: Duration) {
+        let cap = self.conns.capacity();
+        if cap == 0 {
+            return;
+        }
+        let per_tick = ((cap as u128 * tick.as_millis())
+            .div_ceil(self.limits.heartbeat.as_millis()))
+        .max(1) as usize;
+        let mut dead = Vec::new();
+        for _ in 0..per_tick.min(cap) {
+            let slot = self.hb_cursor % cap;
+            self.hb_cursor = (slot + 1) % cap;
+            let Some(c) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            if c.phase != ConnPhase::Open {
+                continue;
+            }
+            if c.ping_outstanding && !c.rx_since_ping {
+                dead.push(slot as u32);
+                continue;
+            }
+            c.ping_outstanding = true;
+            c.rx_since_ping = false;
+            let _ = conn::push_frame(
+                &mut self.conns,
+                &mut self.dirty,
+                slot as u32,
+                &crate::ws::frame::ping(),
+                usize::MAX,
+            );
+        }
+        for slot in dead {
+            debug!(shard = self.id, slot, "no answer to heartbeat; dropping");
+            self.kill(slot);
+        }
+    }
+
+    /// The connection in `slot` if it still has `generation`.
+    pub(crate) fn occupant(&self, slot: u32, generation: u32) -> Option<&Conn> {
+        self.conns
+            .get(slot as usize)
+            .filter(|c| c.generation == generation)
+    }
+}
+
+/// Future resolving when the shard starts draining (for the accept loop) or, once draining,
+/// when it has no connection left.
+struct Lifecycle<'a> {
+    shard: &'a RefCell<Shard>,
+    want_empty: bool,
+}
+
+impl Future for Lifecycle<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.shard.borrow_mut();
+        let done = if self.want_empty {
+            s.conns.is_empty()
+        } else {
+            s.draining
+        };
+        if done {
+            return Poll::Ready(());
+        }
+        s.lifecycle_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// What a shard thread needs to start.
+pub struct ShardSpec {
+    /// Shard id.
+    pub id: u16,
+    /// Node handle.
+    pub hub: Arc<Hub>,
+    /// Limits.
+    pub limits: Limits,
+    /// The bound (SO_REUSEPORT) listener.
+    pub listener: std::net::TcpListener,
+    /// Its inbox.
+    pub inbox: Inbox,
+    /// Core to pin to.
+    pub core: Option<core_affinity::CoreId>,
+    /// Driver choice.
+    pub driver: IoDriver,
+    /// Told once the runtime runs and the shard accepts.
+    pub ready: std::sync::mpsc::Sender<Result<u16, String>>,
+}
+
+/// Starts a shard thread.
+///
+/// # Errors
+/// The thread could not be spawned.
+pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("herald-shard-{}", spec.id))
+        .spawn(move || {
+            if let Some(core) = spec.core
+                && !core_affinity::set_for_current(core)
+            {
+                warn!(
+                    shard = spec.id,
+                    core = core.id,
+                    "could not pin shard thread to its core"
+                );
+            }
+            let ready = spec.ready.clone();
+            let id = spec.id;
+            let result = match spec.driver {
+                IoDriver::Legacy => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                    .enable_timer()
+                    .build()
+                    .map(|mut rt| rt.block_on(run(spec))),
+                IoDriver::Auto => {
+                    if id == 0 && !monoio::utils::detect_uring() {
+                        warn!(
+                            "io_uring is not available here; shards fall back to the epoll driver"
+                        );
+                    }
+                    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                        .with_entries(4096)
+                        .enable_timer()
+                        .build()
+                        .map(|mut rt| rt.block_on(run(spec)))
+                }
+            };
+            if let Err(e) = result {
+                let _ = ready.send(Err(format!("shard {id}: cannot start runtime: {e}")));
+            }
+        })
+}
+
+async fn run(spec: ShardSpec) {
+    let ShardSpec {
+        id,
+        hub,
+        limits,
+        listener,
+        inbox,
+        ready,
+        ..
+    } = spec;
+    let listener = match monoio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {id}: listener: {e}")));
+            return;
+        }
+    };
+    let drain_timeout = limits.drain_timeout;
+    let tick = limits.tick();
+    let shard = Rc::new(RefCell::new(Shard::new(id, hub, limits)));
+    monoio::spawn(inbox_loop(shard.clone(), inbox));
+    monoio::spawn(sweep_loop(shard.clone(), tick));
+    let _ = ready.send(Ok(id));
+    accept_loop(&shard, &listener).await;
+    drop(listener);
+    let waiter = Lifecycle {
+        shard: &shard,
+        want_empty: true,
+    };
+    monoio::select! {
+        _ = waiter => debug!(shard = id, "drained"),
+        _ = monoio::time::sleep(drain_timeout) => {
+            let left = shard.borrow().conns.len();
+            info!(shard = id, left, "drain timeout; dropping the remaining connections");
+        }
+    }
+}
+
+async fn accept_loop(shard: &Rc<RefCell<Shard>>, listener: &monoio::net::TcpListener) {
+    let mut backoff_logged = false;
+    loop {
+        let stop = Lifecycle {
+            shard,
+            want_empty: false,
+        };
+        let accepted = monoio::select! {
+            r = listener.accept() => Some(r),
+            _ = stop => None,
+        };
+        match accepted {
+            None => return,
+            Some(Ok((stream, peer))) => {
+                backoff_logged = false;
+                let _ = stream.set_nodelay(true);
+                let (slot, generation) = shard.borrow_mut().admit(stream.as_raw_fd(), peer);
+                monoio::spawn(conn::drive(shard.clone(), stream, slot, generation));
+            }
+            Some(Err(e)) => {
+                let out_of_fds = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                if out_of_fds {
+                    if !backoff_logged {
+                        warn!(
+                            shard = shard.borrow().id,
+                            error = %e,
+                            "accept failed: out of file descriptors or memory; backing off \
+                             (raise LimitNOFILE / fs.nr_open, see tuning/)"
+                        );
+                        backoff_logged = true;
+                    }
+                    monoio::time::sleep(Duration::from_millis(100)).await;
+                } else {
+                    debug!(error = %e, "accept failed");
+                }
+            }
+        }
+    }
+}
+
+async fn inbox_loop(shard: Rc<RefCell<Shard>>, inbox: Inbox) {
+    // The eventfd is waited on through the runtime: wrap a duplicate in a socket type whose
+    // `readable` submits a poll for it (io_uring PollAdd or epoll).
+    // SAFETY: dup returns a new descriptor (checked) that the wrapper then owns and closes.
+    let dup = unsafe { libc::dup(inbox.raw_fd()) };
+    if dup < 0 {
+        warn!(
+            "cannot dup the inbox eventfd: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let std_fd = unsafe { std::os::unix::net::UnixDatagram::from_raw_fd(dup) };
+    let waiter = match monoio::net::unix::UnixDatagram::from_std(std_fd) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!("cannot register the inbox eventfd: {e}");
+            return;
+        }
+    };
+    loop {
+        if let Err(e) = waiter.readable(false).await {
+            warn!("inbox wait failed: {e}");
+            return;
+        }
+        inbox.disarm();
+        let mut s = shard.borrow_mut();
+        for n in 0.. {
+            if n == INBOX_BUDGET {
+                // More may be waiting: let other tasks run, then come back.
+                inbox.rearm();
+                break;
+            }
+            let Some(msg) = inbox.try_recv() else { break };
+            s.handle(msg);
+        }
+        s.flush_dirty();
+    }
+}
+
+async fn sweep_loop(shard: Rc<RefCell<Shard>>, tick: Duration) {
+    loop {
+        monoio::time::sleep(tick).await;
+        shard.borrow_mut().tick(tick);
+    }
+}

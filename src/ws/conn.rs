@@ -1,0 +1,901 @@
+//! The I/O driver of one connection: waits for readiness, reads into the shard's scratch
+//! buffer, writes its outbound queue with non-blocking vectored sends, and runs the handshake
+//! and client ops against the shard's state.
+//!
+//! An idle connection owns no read buffer and no timer: its task waits on one readiness poll,
+//! and deadlines live in the shard's sweep. Per-connection buffers exist only while a partial
+//! frame or a queued message is in flight.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::Bytes;
+use slab::Slab;
+use tracing::{debug, info};
+
+use super::close::CloseReason;
+use super::frame;
+use super::handshake::{self, Refusal, Upgrade};
+use super::ops::{self, ErrorCode, Op};
+use super::session::{Event, Flow, Session};
+use crate::auth::{AuthError, Claims, Project};
+use crate::metrics::ShardStats;
+use crate::pubsub::{ConnId, Sub, TOPIC_ALL, Topic, topic_permitted};
+use crate::shard::{Deadline, Shard};
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnPhase {
+    /// Waiting for the upgrade request.
+    Handshake,
+    /// Authenticated; receives messages.
+    Open,
+    /// Our close frame (or refusal) is queued; waiting for the peer or the deadline.
+    Closing,
+}
+
+/// Identity of an authenticated connection.
+pub struct Identity {
+    /// Its project.
+    pub project: Arc<Project>,
+    /// Token `sub`.
+    pub user: Box<str>,
+    /// Token `device`.
+    pub device: Option<Box<str>>,
+    /// Token `topics` (subscription allowlist); `None` = any topic.
+    pub topics: Option<Box<[Box<str>]>>,
+    /// Token `exp`.
+    pub exp: Option<u64>,
+    /// Connect time, ms since the epoch.
+    pub connected_at: u64,
+}
+
+/// One connection's state, owned by its shard.
+pub struct Conn {
+    /// The socket (owned by the connection's task; closed when the task ends).
+    pub fd: i32,
+    /// Generation of this occupant of the slot.
+    pub generation: u32,
+    /// Life phase.
+    pub phase: ConnPhase,
+    /// Set to make the task end (it then removes the connection).
+    pub kill: bool,
+    /// The socket buffer is full; the task waits for writability.
+    pub want_write: bool,
+    /// In the shard's dirty list.
+    pub dirty: bool,
+    /// Kill once the outbound queue is empty (after a refusal or a close echo).
+    pub kill_after_flush: bool,
+    /// A heartbeat ping is unanswered.
+    pub ping_outstanding: bool,
+    /// Bytes arrived since the last heartbeat ping.
+    pub rx_since_ping: bool,
+    /// Number of implicit subscriptions at the front of `subs`.
+    pub nr_implicit: u8,
+    /// Error replies so far.
+    pub bad_requests: u32,
+    /// The task's waker while it waits.
+    pub waker: Option<Waker>,
+    /// Unconsumed input (a partial request or frame); empty and unallocated when idle.
+    pub inbuf: Vec<u8>,
+    /// Frames waiting to be written; unallocated when empty.
+    pub out: VecDeque<Bytes>,
+    /// Bytes in `out` not yet written.
+    pub out_bytes: usize,
+    /// Bytes of `out[0]` already written.
+    pub out_head: usize,
+    /// Frame-layer state.
+    pub session: Session,
+    /// Peer address.
+    pub peer: SocketAddr,
+    /// Set once authenticated.
+    pub identity: Option<Box<Identity>>,
+    /// Subscriptions (implicit first).
+    pub subs: Vec<Sub>,
+    /// When the token expires, seconds since the epoch (exp + leeway); 0 = never.
+    pub expires_at: u64,
+}
+
+impl Conn {
+    /// A connection that has not sent its upgrade request yet.
+    pub fn new(fd: i32, generation: u32, peer: SocketAddr) -> Self {
+        Self {
+            fd,
+            generation,
+            phase: ConnPhase::Handshake,
+            kill: false,
+            want_write: false,
+            dirty: false,
+            kill_after_flush: false,
+            ping_outstanding: false,
+            rx_since_ping: false,
+            nr_implicit: 0,
+            bad_requests: 0,
+            waker: None,
+            inbuf: Vec::new(),
+            out: VecDeque::new(),
+            out_bytes: 0,
+            out_head: 0,
+            session: Session::default(),
+            peer,
+            identity: None,
+            subs: Vec::new(),
+            expires_at: 0,
+        }
+    }
+
+    fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Result of queueing a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    /// Queued.
+    Queued,
+    /// Not queued: the connection is not open.
+    Dropped,
+    /// Not queued: the queue is at its cap; the caller closes the connection with 4008.
+    Overflow,
+}
+
+/// Queues a frame to an open connection without flushing (the caller flushes the dirty list
+/// at the end of its batch). A free function so fan-out can borrow the topic index alongside.
+pub fn push_frame(
+    conns: &mut Slab<Conn>,
+    dirty: &mut Vec<u32>,
+    slot: u32,
+    frame: &Bytes,
+    cap: usize,
+) -> Push {
+    let Some(c) = conns.get_mut(slot as usize) else {
+        return Push::Dropped;
+    };
+    if c.phase != ConnPhase::Open {
+        return Push::Dropped;
+    }
+    if c.out_bytes.saturating_add(frame.len()) > cap {
+        return Push::Overflow;
+    }
+    c.out_bytes += frame.len();
+    c.out.push_back(frame.clone());
+    if !c.dirty && !c.want_write {
+        c.dirty = true;
+        dirty.push(slot);
+    }
+    Push::Queued
+}
+
+enum Wake {
+    Readable(bool),
+    Writable(bool),
+    Signal,
+}
+
+/// Resolves when the shard kills the connection or its write interest changes.
+struct Signal<'a> {
+    shard: &'a RefCell<Shard>,
+    slot: u32,
+    want_write: bool,
+}
+
+impl Future for Signal<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.shard.borrow_mut();
+        let Some(c) = s.conns.get_mut(self.slot as usize) else {
+            return Poll::Ready(());
+        };
+        if c.kill || c.want_write != self.want_write {
+            return Poll::Ready(());
+        }
+        if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            c.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+/// The task of one connection: from accept to removal.
+pub async fn drive(
+    shard: Rc<RefCell<Shard>>,
+    stream: monoio::net::TcpStream,
+    slot: u32,
+    generation: u32,
+) {
+    loop {
+        let want_write = match shard.borrow().occupant(slot, generation) {
+            Some(c) if !c.kill => c.want_write,
+            _ => break,
+        };
+        let signal = Signal {
+            shard: &shard,
+            slot,
+            want_write,
+        };
+        let wake = if want_write {
+            monoio::select! {
+                r = stream.readable(false) => Wake::Readable(r.is_ok()),
+                w = stream.writable(false) => Wake::Writable(w.is_ok()),
+                _ = signal => Wake::Signal,
+            }
+        } else {
+            monoio::select! {
+                r = stream.readable(false) => Wake::Readable(r.is_ok()),
+                _ = signal => Wake::Signal,
+            }
+        };
+        let mut s = shard.borrow_mut();
+        match wake {
+            Wake::Readable(true) => s.on_readable(slot),
+            Wake::Writable(true) => {
+                s.flush(slot);
+                s.flush_dirty();
+            }
+            Wake::Readable(false) | Wake::Writable(false) => s.kill(slot),
+            Wake::Signal => {}
+        }
+    }
+    shard.borrow_mut().remove(slot, generation);
+    drop(stream);
+}
+
+fn recv(fd: i32, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is a live, writable buffer of buf.len() bytes.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn send_vectored(fd: i32, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: IoSlice is ABI-compatible with iovec; msghdr points at live slices only for the
+    // duration of the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Most iovecs per send.
+const MAX_IOV: usize = 64;
+/// Most bytes read for one readiness event before other connections get a turn.
+const READ_BUDGET: usize = 4 * crate::shard::SCRATCH_BYTES;
+
+impl Shard {
+    /// Reads what arrived and acts on it.
+    pub(crate) fn on_readable(&mut self, slot: u32) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut total = 0;
+        while total < READ_BUDGET {
+            let Some(c) = self.conns.get_mut(slot as usize) else {
+                break;
+            };
+            if c.kill {
+                break;
+            }
+            match recv(c.fd, &mut scratch) {
+                Ok(0) => {
+                    self.kill(slot);
+                    break;
+                }
+                Ok(n) => {
+                    total += n;
+                    c.rx_since_ping = true;
+                    ShardStats::add(&self.stats.bytes_in, n as u64);
+                    self.on_bytes(slot, &mut scratch[..n]);
+                    if n < scratch.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.kill(slot);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+        self.flush(slot);
+        self.flush_dirty();
+    }
+
+    fn on_bytes(&mut self, slot: u32, data: &mut [u8]) {
+        let c = &mut self.conns[slot as usize];
+        match c.phase {
+            ConnPhase::Handshake => self.on_handshake_bytes(slot, data),
+            ConnPhase::Open | ConnPhase::Closing => self.on_frame_bytes(slot, data),
+        }
+    }
+
+    fn on_handshake_bytes(&mut self, slot: u32, data: &[u8]) {
+        let c = &mut self.conns[slot as usize];
+        let mut buf = std::mem::take(&mut c.inbuf);
+        buf.extend_from_slice(data);
+        match handshake::parse(&buf) {
+            Ok(None) if buf.len() > self.limits.max_handshake_bytes => self.refuse(
+                slot,
+                Refusal::bad_request(format!(
+                    "upgrade request over {} bytes",
+                    self.limits.max_handshake_bytes
+                )),
+            ),
+            Ok(None) => self.conns[slot as usize].inbuf = buf,
+            Err(r) => self.refuse(slot, r),
+            Ok(Some(up)) if up.len > self.limits.max_handshake_bytes => self.refuse(
+                slot,
+                Refusal::bad_request(format!(
+                    "upgrade request over {} bytes",
+                    self.limits.max_handshake_bytes
+                )),
+            ),
+            Ok(Some(up)) => match self.authenticate(&up) {
+                Err(r) => self.refuse(slot, r),
+                Ok((project, claims)) => {
+                    self.open(slot, &up, project, claims);
+                    let rest = &mut buf[up.len..];
+                    if !rest.is_empty() {
+                        self.on_frame_bytes(slot, rest);
+                    }
+                }
+            },
+        }
+    }
+
+    fn authenticate(&self, up: &Upgrade) -> Result<(Arc<Project>, Claims), Refusal> {
+        let registry = self.hub.registry.load();
+        let project = registry
+            .project(&up.project)
+            .ok_or_else(|| Refusal::unknown_project(&up.project))?;
+        let Some((token, _source)) = &up.token else {
+            return Err(Refusal::unauthorized(AuthError::Missing.to_string()));
+        };
+        let claims = project
+            .verify(token)
+            .map_err(|e| Refusal::unauthorized(e.to_string()))?;
+        let max = self.hub.max_connections;
+        if max > 0
+            && self
+                .hub
+                .nr_connections
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= max
+        {
+            return Err(Refusal::at_capacity(format!(
+                "server at its cap of {max} connections"
+            )));
+        }
+        if self.draining {
+            return Err(Refusal::at_capacity("server is draining"));
+        }
+        Ok((project.clone(), claims))
+    }
+
+    /// Answers a refused handshake and closes once the answer is written.
+    fn refuse(&mut self, slot: u32, r: Refusal) {
+        let outcome = match r.status {
+            401 => "unauthorized",
+            403 => "forbidden",
+            404 if r.error == "unknown_project" => "unknown_project",
+            503 => "at_capacity",
+            _ => "bad_request",
+        };
+        ShardStats::add(&self.stats.handshakes[ShardStats::outcome(outcome)], 1);
+        let c = &mut self.conns[slot as usize];
+        info!(
+            peer = %c.peer,
+            status = r.status,
+            error = r.error,
+            reason = %r.message,
+            "handshake refused"
+        );
+        self.push_raw(slot, Bytes::from(r.response()));
+        let c = &mut self.conns[slot as usize];
+        c.phase = ConnPhase::Closing;
+        c.kill_after_flush = true;
+        self.arm_close_deadline(slot);
+    }
+
+    fn arm_close_deadline(&mut self, slot: u32) {
+        let generation = self.conns[slot as usize].generation;
+        self.close_deadlines.push_back(Deadline {
+            at: Instant::now() + crate::shard::CLOSE_GRACE,
+            slot,
+            generation,
+        });
+    }
+
+    /// Queues bytes regardless of phase and cap (handshake answers, close frames).
+    fn push_raw(&mut self, slot: u32, bytes: Bytes) {
+        let c = &mut self.conns[slot as usize];
+        c.out_bytes += bytes.len();
+        c.out.push_back(bytes);
+        if !c.dirty && !c.want_write {
+            c.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    /// Completes the upgrade: 101, welcome, implicit subscriptions, expiry.
+    fn open(&mut self, slot: u32, up: &Upgrade, project: Arc<Project>, claims: Claims) {
+        let hb_secs = self.limits.heartbeat.as_millis().div_ceil(1000) as u64;
+        let id = ConnId {
+            shard: self.id,
+            slot,
+            generation: self.conns[slot as usize].generation,
+        };
+        let welcome = Welcome {
+            kind: "welcome",
+            conn: id.to_string(),
+            project: &project.id,
+            user: &claims.sub,
+            exp: claims.exp,
+            heartbeat: hb_secs,
+        };
+        let welcome = serde_json::to_string(&welcome).expect("welcome serialises");
+        self.push_raw(
+            slot,
+            Bytes::from(handshake::accept_response(&up.key, up.subprotocol)),
+        );
+        self.push_raw(slot, frame::text(welcome.as_bytes()));
+        let project_idx = project.idx;
+        let mut implicit = vec![Topic::all(), Topic::user(&claims.sub)];
+        if let Some(d) = &claims.device {
+            implicit.push(Topic::device(d));
+        }
+        let expires_at = claims
+            .exp
+            .map_or(0, |e| e.saturating_add(project.leeway_secs));
+        let c = &mut self.conns[slot as usize];
+        c.phase = ConnPhase::Open;
+        c.expires_at = expires_at;
+        c.identity = Some(Box::new(Identity {
+            project,
+            user: claims.sub.into(),
+            device: claims.device.map(Into::into),
+            topics: claims
+                .topics
+                .map(|t| t.into_iter().map(Into::into).collect()),
+            exp: claims.exp,
+            connected_at: crate::hub::now_ms(),
+        }));
+        for t in &implicit {
+            let sub = self.topics.subscribe(project_idx, t.as_str(), slot);
+            self.conns[slot as usize].subs.push(sub);
+        }
+        self.conns[slot as usize].nr_implicit = implicit.len() as u8;
+        if expires_at > 0 {
+            self.expiries
+                .push(std::cmp::Reverse((expires_at, slot, id.generation)));
+        }
+        self.hub
+            .nr_connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ShardStats::add(&self.stats.handshakes[ShardStats::outcome("accepted")], 1);
+        debug!(conn = %id, "connection open");
+    }
+
+    fn on_frame_bytes(&mut self, slot: u32, data: &mut [u8]) {
+        let max = self.limits.max_message_bytes;
+        let c = &mut self.conns[slot as usize];
+        let mut session = std::mem::take(&mut c.session);
+        let mut inbuf = std::mem::take(&mut c.inbuf);
+        let from_inbuf = !inbuf.is_empty();
+        if from_inbuf {
+            inbuf.extend_from_slice(data);
+        }
+        let buf: &mut [u8] = if from_inbuf { &mut inbuf } else { data };
+        let result = session.feed(buf, max, &mut |ev| self.on_event(slot, ev));
+        let c = &mut self.conns[slot as usize];
+        c.session = session;
+        match result {
+            Ok(consumed) if c.phase != ConnPhase::Closing || !c.kill => {
+                let rest = &buf[consumed..];
+                if rest.is_empty() {
+                    c.inbuf = Vec::new();
+                } else if from_inbuf {
+                    inbuf.drain(..consumed);
+                    c.inbuf = inbuf;
+                } else {
+                    c.inbuf = rest.to_vec();
+                }
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                debug!(peer = %c.peer, code = reason.code(), why = reason.text(), "protocol close");
+                self.close_with(slot, reason);
+            }
+        }
+    }
+
+    fn on_event(&mut self, slot: u32, ev: Event<'_>) -> Flow {
+        let c = &mut self.conns[slot as usize];
+        match ev {
+            Event::Ping(p) => {
+                if c.phase == ConnPhase::Open {
+                    let pong = frame::pong(p);
+                    self.reply(slot, pong);
+                }
+                Flow::Continue
+            }
+            Event::Pong => {
+                c.ping_outstanding = false;
+                Flow::Continue
+            }
+            Event::Close(code) => {
+                if c.phase == ConnPhase::Open {
+                    // Echo the peer's code, then close once it is written.
+                    let echo = frame::close_code(code.unwrap_or(1000), "");
+                    c.phase = ConnPhase::Closing;
+                    c.kill_after_flush = true;
+                    ShardStats::add(&self.stats.closes[CloseReason::Normal.counter_index()], 1);
+                    self.truncate_queue(slot);
+                    self.push_raw(slot, echo);
+                    self.arm_close_deadline(slot);
+                } else {
+                    // The answer to our own close: done.
+                    self.kill(slot);
+                }
+                Flow::Stop
+            }
+            Event::Text(_) if c.phase != ConnPhase::Open => Flow::Stop,
+            Event::Text(text) => self.on_text(slot, text),
+        }
+    }
+
+    fn on_text(&mut self, slot: u32, text: &str) -> Flow {
+        let Ok(req) = ops::parse(text) else {
+            self.close_with(slot, CloseReason::InvalidData("invalid JSON"));
+            return Flow::Stop;
+        };
+        let result = match req.op {
+            Err(msg) => Err((ErrorCode::BadRequest, msg)),
+            Ok(op) => self.execute(slot, op),
+        };
+        let json = match &result {
+            Ok(Reply::Ack) => ops::ack(req.id, None),
+            Ok(Reply::AckExp(exp)) => ops::ack(req.id, Some(*exp)),
+            Ok(Reply::Pong) => ops::pong(req.id),
+            Err((code, msg)) => ops::error(req.id, *code, msg),
+        };
+        self.reply(slot, frame::text(json.as_bytes()));
+        if result.is_err() {
+            let c = &mut self.conns[slot as usize];
+            c.bad_requests += 1;
+            if c.bad_requests > self.limits.max_bad_requests {
+                self.close_with(slot, CloseReason::Policy("too many bad requests"));
+                return Flow::Stop;
+            }
+        }
+        Flow::Continue
+    }
+
+    fn execute(&mut self, slot: u32, op: Op<'_>) -> Result<Reply, (ErrorCode, String)> {
+        let bad = |e: crate::pubsub::NameError| (ErrorCode::BadRequest, format!("bad topic: {e}"));
+        match op {
+            Op::Ping => Ok(Reply::Pong),
+            Op::Subscribe(name) => {
+                let topic = Topic::parse(name).map_err(bad)?;
+                self.check_topic_allowed(slot, &topic)?;
+                let c = &self.conns[slot as usize];
+                let project = c
+                    .identity
+                    .as_ref()
+                    .expect("open connections have one")
+                    .project
+                    .idx;
+                if let Some(t) = self.topics.lookup(project, topic.as_str())
+                    && c.subs.iter().any(|s| s.topic == t)
+                {
+                    return Ok(Reply::Ack);
+                }
+                let explicit = c.subs.len() - c.nr_implicit as usize;
+                if explicit >= self.limits.max_topics_per_connection {
+                    return Err((
+                        ErrorCode::Limit,
+                        format!(
+                            "at most {} subscriptions per connection",
+                            self.limits.max_topics_per_connection
+                        ),
+                    ));
+                }
+                let sub = self.topics.subscribe(project, topic.as_str(), slot);
+                self.conns[slot as usize].subs.push(sub);
+                Ok(Reply::Ack)
+            }
+            Op::Unsubscribe(name) => {
+                let topic = Topic::parse(name).map_err(bad)?;
+                if topic.is_implicit_only() || topic.as_str() == TOPIC_ALL {
+                    return Err((
+                        ErrorCode::Forbidden,
+                        format!("`{topic}` is an implicit subscription"),
+                    ));
+                }
+                let c = &self.conns[slot as usize];
+                let project = c
+                    .identity
+                    .as_ref()
+                    .expect("open connections have one")
+                    .project
+                    .idx;
+                let found = self
+                    .topics
+                    .lookup(project, topic.as_str())
+                    .and_then(|t| c.subs.iter().position(|s| s.topic == t));
+                let Some(i) = found else {
+                    return Err((ErrorCode::NotFound, format!("not subscribed to `{topic}`")));
+                };
+                self.unsubscribe_at(slot, i);
+                Ok(Reply::Ack)
+            }
+            Op::Refresh(token) => {
+                let c = &self.conns[slot as usize];
+                let id = c.identity.as_ref().expect("open connections have one");
+                let claims = id
+                    .project
+                    .verify(token)
+                    .map_err(|e| (ErrorCode::Forbidden, format!("refresh refused: {e}")))?;
+                if *claims.sub != *id.user {
+                    return Err((ErrorCode::Forbidden, "refresh token has another sub".into()));
+                }
+                let expires_at = claims
+                    .exp
+                    .map_or(0, |e| e.saturating_add(id.project.leeway_secs));
+                let generation = c.generation;
+                let c = &mut self.conns[slot as usize];
+                c.expires_at = expires_at;
+                c.identity.as_mut().expect("checked above").exp = claims.exp;
+                if expires_at > 0 {
+                    self.expiries
+                        .push(std::cmp::Reverse((expires_at, slot, generation)));
+                }
+                Ok(Reply::AckExp(claims.exp))
+            }
+            Op::Publish(name, data) => {
+                let topic = Topic::parse(name).map_err(bad)?;
+                let c = &self.conns[slot as usize];
+                let project = c
+                    .identity
+                    .as_ref()
+                    .expect("open connections have one")
+                    .project
+                    .clone();
+                if !project.allow_client_publish {
+                    return Err((
+                        ErrorCode::Forbidden,
+                        "this project does not let clients publish".into(),
+                    ));
+                }
+                self.check_topic_allowed(slot, &topic)?;
+                self.hub
+                    .publish(project.idx, std::slice::from_ref(&topic), data)
+                    .map(|_| Reply::Ack)
+                    .map_err(|e| (ErrorCode::Limit, e.to_string()))
+            }
+        }
+    }
+
+    /// Explicit subscribe/publish rules: never `user.`/`device.`, and within the token's
+    /// `topics` claim when it has one.
+    fn check_topic_allowed(&self, slot: u32, topic: &Topic) -> Result<(), (ErrorCode, String)> {
+        if topic.is_implicit_only() {
+            return Err((
+                ErrorCode::Forbidden,
+                "user. and device. topics cannot be subscribed to explicitly".into(),
+            ));
+        }
+        let id = self.conns[slot as usize]
+            .identity
+            .as_ref()
+            .expect("open connections have one");
+        if let Some(allowed) = &id.topics
+            && topic.as_str() != TOPIC_ALL
+            && !topic_permitted(allowed, topic.as_str())
+        {
+            return Err((
+                ErrorCode::Forbidden,
+                format!("the token does not allow `{topic}`"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Removes `subs[i]` of a connection and fixes the position record of the connection
+    /// whose slot moved into the freed place.
+    fn unsubscribe_at(&mut self, slot: u32, i: usize) {
+        let sub = self.conns[slot as usize].subs.swap_remove(i);
+        if let Some(moved) = self.topics.unsubscribe(sub)
+            && let Some(m) = self.conns.get_mut(moved as usize)
+            && let Some(rec) = m.subs.iter_mut().find(|s| s.topic == sub.topic)
+        {
+            rec.pos = sub.pos;
+        }
+    }
+
+    /// Queues a reply to the connection itself; over the cap it is a slow consumer too.
+    fn reply(&mut self, slot: u32, frame: Bytes) {
+        let cap = self.limits.max_outbound_queue_bytes;
+        if push_frame(&mut self.conns, &mut self.dirty, slot, &frame, cap) == Push::Overflow {
+            ShardStats::add(&self.stats.slow_consumer_closes, 1);
+            self.close_with(slot, CloseReason::SlowConsumer);
+        }
+    }
+
+    /// Drops queued frames that have not started to go out (a partly written frame must
+    /// finish, or the stream would be corrupt).
+    fn truncate_queue(&mut self, slot: u32) {
+        let c = &mut self.conns[slot as usize];
+        let keep = usize::from(c.out_head > 0);
+        c.out.truncate(keep);
+        c.out_bytes = c.out.front().map_or(0, |f| f.len() - c.out_head);
+        if c.out.is_empty() {
+            c.out = VecDeque::new();
+        }
+    }
+
+    /// Starts the closing handshake with `reason`: unsent messages are dropped, the close
+    /// frame is queued, and the peer has [`crate::shard::CLOSE_GRACE`] to answer.
+    pub(crate) fn close_with(&mut self, slot: u32, reason: CloseReason) {
+        let Some(c) = self.conns.get_mut(slot as usize) else {
+            return;
+        };
+        match c.phase {
+            ConnPhase::Closing => return,
+            ConnPhase::Handshake => {
+                self.kill(slot);
+                return;
+            }
+            ConnPhase::Open => {}
+        }
+        c.phase = ConnPhase::Closing;
+        ShardStats::add(&self.stats.closes[reason.counter_index()], 1);
+        self.truncate_queue(slot);
+        self.push_raw(slot, frame::close(reason));
+        self.arm_close_deadline(slot);
+    }
+
+    /// Ends the connection: its task wakes, removes it and closes the socket.
+    pub(crate) fn kill(&mut self, slot: u32) {
+        if let Some(c) = self.conns.get_mut(slot as usize) {
+            c.kill = true;
+            c.wake();
+        }
+    }
+
+    /// Writes as much of the queue as the socket takes.
+    pub(crate) fn flush(&mut self, slot: u32) {
+        let Some(c) = self.conns.get_mut(slot as usize) else {
+            return;
+        };
+        c.dirty = false;
+        if c.kill {
+            return;
+        }
+        while !c.out.is_empty() {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for (i, f) in c.out.iter().take(MAX_IOV).enumerate() {
+                iov[i] = IoSlice::new(if i == 0 { &f[c.out_head..] } else { f });
+                n += 1;
+            }
+            match send_vectored(c.fd, &iov[..n]) {
+                Ok(mut written) => {
+                    ShardStats::add(&self.stats.bytes_out, written as u64);
+                    c.out_bytes -= written;
+                    while written > 0 {
+                        let left = c.out[0].len() - c.out_head;
+                        if written >= left {
+                            written -= left;
+                            c.out.pop_front();
+                            c.out_head = 0;
+                        } else {
+                            c.out_head += written;
+                            written = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !c.want_write {
+                        c.want_write = true;
+                        c.wake();
+                    }
+                    return;
+                }
+                Err(_) => {
+                    c.kill = true;
+                    c.wake();
+                    return;
+                }
+            }
+        }
+        c.out = VecDeque::new();
+        if c.want_write {
+            c.want_write = false;
+            c.wake();
+        }
+        if c.kill_after_flush {
+            c.kill = true;
+            c.wake();
+        }
+    }
+
+    /// Flushes every connection queued to since the last flush.
+    pub(crate) fn flush_dirty(&mut self) {
+        while let Some(slot) = self.dirty.pop() {
+            if self.conns.get(slot as usize).is_some_and(|c| c.dirty) {
+                self.flush(slot);
+            }
+        }
+    }
+
+    /// Called by the connection's task when it ends: unsubscribes, counts, frees the slot.
+    pub(crate) fn remove(&mut self, slot: u32, generation: u32) {
+        if self.occupant(slot, generation).is_none() {
+            return;
+        }
+        while !self.conns[slot as usize].subs.is_empty() {
+            let last = self.conns[slot as usize].subs.len() - 1;
+            self.unsubscribe_at(slot, last);
+        }
+        let c = self.conns.remove(slot as usize);
+        if c.identity.is_some() {
+            self.hub
+                .nr_connections
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats
+                .connections
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Read what the peer still sent so closing does not turn into a reset that could
+        // discard our close frame at the peer.
+        let mut sink = [0u8; 1024];
+        for _ in 0..64 {
+            if !matches!(recv(c.fd, &mut sink), Ok(n) if n > 0) {
+                break;
+            }
+        }
+        self.on_removed();
+    }
+}
+
+/// The first frame of a connection (field order as in protocol.md).
+#[derive(serde::Serialize)]
+struct Welcome<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    conn: String,
+    project: &'a str,
+    user: &'a str,
+    exp: Option<u64>,
+    heartbeat: u64,
+}
+
+/// A successful op's reply.
+enum Reply {
+    Ack,
+    AckExp(Option<u64>),
+    Pong,
+}

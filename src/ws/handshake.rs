@@ -1,0 +1,372 @@
+//! The HTTP upgrade: parse the request, find the token, and answer with `101` or a refusal.
+//!
+//! Pure functions over bytes (httparse for HTTP, tungstenite for the accept key): no sockets,
+//! no clock. The token may sit in the query string, so the request path is never logged as
+//! received: [`redact`] makes the loggable form.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Most headers an upgrade request may carry.
+pub const MAX_HEADERS: usize = 64;
+
+/// The subprotocol herald speaks; offered by browsers that carry the token as `bearer.<jwt>`.
+pub const SUBPROTOCOL: &str = "herald.v1";
+
+/// Where the token was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer`.
+    Header,
+    /// `?token=`.
+    Query,
+    /// `Sec-WebSocket-Protocol: bearer.<jwt>`.
+    Subprotocol,
+}
+
+/// A well-formed upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    /// The project named in the path.
+    pub project: String,
+    /// The token and where it came from; `None` when the client sent none.
+    pub token: Option<(String, TokenSource)>,
+    /// `Sec-WebSocket-Key`.
+    pub key: String,
+    /// Whether the client offered `herald.v1`.
+    pub subprotocol: bool,
+    /// `Origin`, if sent.
+    pub origin: Option<String>,
+    /// Bytes of the request (the rest of the buffer, if any, is WebSocket frames).
+    pub len: usize,
+}
+
+/// A refusal before the upgrade: an HTTP status and the JSON error body of protocol.md.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// HTTP status.
+    pub status: u16,
+    /// `error` field: `bad_request`, `unauthorized`, ...
+    pub error: &'static str,
+    /// `message` field, human text.
+    pub message: String,
+    /// `Retry-After` in seconds, for 429 and 503.
+    pub retry_after: Option<u32>,
+}
+
+impl Refusal {
+    /// 400 `bad_request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            error: "bad_request",
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 401 `unauthorized`.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self {
+            status: 401,
+            error: "unauthorized",
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 404 `unknown_project`.
+    pub fn unknown_project(project: &str) -> Self {
+        Self {
+            status: 404,
+            error: "unknown_project",
+            message: format!("no project `{project}`"),
+            retry_after: None,
+        }
+    }
+
+    /// 503 `at_capacity`.
+    pub fn at_capacity(message: impl Into<String>) -> Self {
+        Self {
+            status: 503,
+            error: "at_capacity",
+            message: message.into(),
+            retry_after: Some(5),
+        }
+    }
+
+    /// The complete HTTP response; the connection is closed after it.
+    pub fn response(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: &'a str,
+            message: &'a str,
+        }
+        let body = serde_json::to_string(&Body {
+            error: self.error,
+            message: &self.message,
+        })
+        .expect("strings always serialise");
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n",
+            self.status,
+            reason_phrase(self.status),
+            body.len()
+        );
+        if self.status == 401 {
+            head.push_str("WWW-Authenticate: Bearer error=\"invalid_token\"\r\n");
+        }
+        if self.status == 400 {
+            head.push_str("Sec-WebSocket-Version: 13\r\n");
+        }
+        if let Some(s) = self.retry_after {
+            let _ = write!(head, "Retry-After: {s}\r\n");
+        }
+        head.push_str("\r\n");
+        let mut out = head.into_bytes();
+        out.extend_from_slice(body.as_bytes());
+        out
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// Parses an upgrade request from the start of `buf`.
+///
+/// Returns `Ok(None)` while the request is incomplete.
+///
+/// # Errors
+/// A [`Refusal`] (400 or 404 for a path outside `/ws/`) to send back.
+pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::bad_request(format!(
+                "more than {MAX_HEADERS} headers"
+            )));
+        }
+        Err(e) => return Err(Refusal::bad_request(format!("malformed HTTP request: {e}"))),
+    };
+    if req.method != Some("GET") {
+        return Err(Refusal::bad_request("a WebSocket upgrade must be a GET"));
+    }
+    if req.version != Some(1) {
+        return Err(Refusal::bad_request("a WebSocket upgrade needs HTTP/1.1"));
+    }
+    let target = req.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let Some(project) = path
+        .strip_prefix("/ws/")
+        .filter(|p| !p.is_empty() && !p.contains('/'))
+    else {
+        return Err(Refusal {
+            status: 404,
+            error: "not_found",
+            message: "WebSocket endpoint is /ws/{project}".into(),
+            retry_after: None,
+        });
+    };
+
+    let mut upgrade = false;
+    let mut connection_upgrade = false;
+    let mut version_ok = false;
+    let mut key = None;
+    let mut bearer = None;
+    let mut subprotocol = false;
+    let mut proto_token = None;
+    let mut origin = None;
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).unwrap_or("");
+        let name = h.name;
+        if name.eq_ignore_ascii_case("upgrade") {
+            upgrade |= tokens(value).any(|t| t.eq_ignore_ascii_case("websocket"));
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection_upgrade |= tokens(value).any(|t| t.eq_ignore_ascii_case("upgrade"));
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            version_ok = value.trim() == "13";
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            key = Some(value.trim().to_owned());
+        } else if name.eq_ignore_ascii_case("authorization") {
+            let v = value.trim();
+            if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
+                bearer = Some(v[7..].trim().to_owned());
+            }
+        } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            for t in tokens(value) {
+                if t == SUBPROTOCOL {
+                    subprotocol = true;
+                } else if let Some(jwt) = t.strip_prefix("bearer.") {
+                    proto_token = Some(jwt.to_owned());
+                }
+            }
+        } else if name.eq_ignore_ascii_case("origin") {
+            origin = Some(value.trim().to_owned());
+        }
+    }
+    if !upgrade || !connection_upgrade {
+        return Err(Refusal::bad_request(
+            "not a WebSocket upgrade (needs Upgrade: websocket and Connection: Upgrade)",
+        ));
+    }
+    if !version_ok {
+        return Err(Refusal::bad_request("Sec-WebSocket-Version must be 13"));
+    }
+    let key = key.filter(|k| valid_key(k)).ok_or_else(|| {
+        Refusal::bad_request("Sec-WebSocket-Key missing or not 16 base64-encoded bytes")
+    })?;
+    let query_token = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned());
+    let token = bearer
+        .map(|t| (t, TokenSource::Header))
+        .or_else(|| query_token.map(|t| (t, TokenSource::Query)))
+        .or_else(|| proto_token.map(|t| (t, TokenSource::Subprotocol)));
+    Ok(Some(Upgrade {
+        project: project.to_owned(),
+        token,
+        key,
+        subprotocol,
+        origin,
+        len,
+    }))
+}
+
+fn tokens(v: &str) -> impl Iterator<Item = &str> {
+    v.split(',').map(str::trim).filter(|t| !t.is_empty())
+}
+
+fn valid_key(k: &str) -> bool {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(k)
+        .is_ok_and(|b| b.len() == 16)
+}
+
+/// The `101 Switching Protocols` response.
+pub fn accept_response(key: &str, subprotocol: bool) -> Vec<u8> {
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut out = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n"
+    );
+    if subprotocol {
+        let _ = write!(out, "Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n");
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
+}
+
+/// The request target with the `token` query parameter's value replaced by `REDACTED`, for
+/// logs.
+pub fn redact(target: &str) -> String {
+    let Some((path, query)) = target.split_once('?') else {
+        return target.to_owned();
+    };
+    let q: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some(("token", _)) => "token=REDACTED".to_owned(),
+            _ => kv.to_owned(),
+        })
+        .collect();
+    format!("{path}?{}", q.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn req(target: &str, extra: &str) -> String {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, \
+             Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra}\r\n"
+        )
+    }
+
+    #[test]
+    fn three_token_transports() {
+        let u = parse(req("/ws/shop", "Authorization: Bearer abc\r\n").as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(u.project, "shop");
+        assert_eq!(u.token, Some(("abc".into(), TokenSource::Header)));
+        let u = parse(req("/ws/shop?x=1&token=a.b%2Ec", "").as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(u.token, Some(("a.b.c".into(), TokenSource::Query)));
+        let u = parse(
+            req(
+                "/ws/shop",
+                "Sec-WebSocket-Protocol: herald.v1, bearer.x.y.z\r\n",
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(u.token, Some(("x.y.z".into(), TokenSource::Subprotocol)));
+        assert!(u.subprotocol);
+        let u = parse(req("/ws/shop", "").as_bytes()).unwrap().unwrap();
+        assert_eq!(u.token, None);
+    }
+
+    #[test]
+    fn partial_and_trailing_bytes() {
+        let r = req("/ws/shop", "");
+        assert_eq!(parse(&r.as_bytes()[..20]), Ok(None));
+        let mut with_frame = r.clone().into_bytes();
+        with_frame.extend_from_slice(&[0x81, 0x80, 1, 2, 3, 4]);
+        assert_eq!(parse(&with_frame).unwrap().unwrap().len, r.len());
+    }
+
+    #[test]
+    fn refusals() {
+        let plain = "GET /ws/shop HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(parse(plain.as_bytes()).unwrap_err().status, 400);
+        let bad_key = req("/ws/shop", "").replace(KEY, "short");
+        assert_eq!(parse(bad_key.as_bytes()).unwrap_err().status, 400);
+        assert_eq!(parse(req("/other", "").as_bytes()).unwrap_err().status, 404);
+        let post = req("/ws/shop", "").replacen("GET", "POST", 1);
+        assert_eq!(parse(post.as_bytes()).unwrap_err().status, 400);
+        assert_eq!(
+            parse(b"\x16\x03\x01garbage\r\n\r\n").unwrap_err().status,
+            400
+        );
+    }
+
+    #[test]
+    fn responses() {
+        let r = String::from_utf8(accept_response(KEY, true)).unwrap();
+        assert!(
+            r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+            "{r}"
+        );
+        assert!(r.contains("Sec-WebSocket-Protocol: herald.v1\r\n"));
+        let r = String::from_utf8(Refusal::unauthorized("token expired").response()).unwrap();
+        assert!(r.starts_with("HTTP/1.1 401 Unauthorized\r\n"));
+        assert!(r.contains("WWW-Authenticate: Bearer error=\"invalid_token\"\r\n"));
+        assert!(r.ends_with(r#"{"error":"unauthorized","message":"token expired"}"#));
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(redact("/ws/a?token=secret&x=1"), "/ws/a?token=REDACTED&x=1");
+        assert_eq!(redact("/ws/a"), "/ws/a");
+    }
+}
