@@ -240,6 +240,10 @@ impl Shard {
 
     /// The sweep: deadlines, expiries and one slice of the heartbeat round.
     fn tick(&mut self, tick: Duration) {
+        // A drain whose inbox message was lost to a full inbox still happens.
+        if !self.draining && self.hub.phase() == crate::hub::Phase::Draining {
+            self.start_drain();
+        }
         let now = Instant::now();
         while let Some(d) = self.handshake_deadlines.front().copied() {
             if d.at > now {

@@ -511,7 +511,7 @@ impl Shard {
         let c = &mut self.conns[slot as usize];
         c.session = session;
         match result {
-            Ok(consumed) if c.phase != ConnPhase::Closing || !c.kill => {
+            Ok(consumed) if !c.kill => {
                 let rest = &buf[consumed..];
                 if rest.is_empty() {
                     c.inbuf = Vec::new();
@@ -526,6 +526,11 @@ impl Shard {
             Err(reason) => {
                 debug!(peer = %c.peer, code = reason.code(), why = reason.text(), "protocol close");
                 self.close_with(slot, reason);
+                // The stream can no longer be parsed, so no close handshake can follow:
+                // close the socket once our close frame is written (RFC 6455 §7.1.7).
+                if let Some(c) = self.conns.get_mut(slot as usize) {
+                    c.kill_after_flush = true;
+                }
             }
         }
     }
