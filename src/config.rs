@@ -98,7 +98,7 @@ pub struct WsConfig {
 }
 
 /// The HTTP API port.
-#[derive(Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     /// Admin key: acts on every project. Prefer `admin_key_file`.
@@ -231,6 +231,16 @@ impl Default for WsConfig {
     }
 }
 
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            admin_key: None,
+            admin_key_file: None,
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
@@ -314,7 +324,6 @@ impl Config {
         Self {
             api: ApiConfig {
                 admin_key: Some(Secret(DEV_ADMIN_KEY.into())),
-                max_body_bytes: 1 << 20,
                 ..ApiConfig::default()
             },
             projects: vec![ProjectConfig {
@@ -620,6 +629,14 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.projects[0].id, "main");
         assert!(!c.uses_dev_keys());
+    }
+
+    #[test]
+    fn partial_sections_keep_defaults() {
+        let c = Config::parse("[api]\nadmin_key = \"k\"\n[ws]\nmax_message_bytes = 10\n").unwrap();
+        assert_eq!(c.api.max_body_bytes, 1 << 20);
+        assert_eq!(c.ws.heartbeat_interval_ms, 25_000);
+        assert_eq!(c.ws.max_message_bytes, 10);
     }
 
     #[test]

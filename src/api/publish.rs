@@ -26,7 +26,12 @@ struct PublishBody<'a> {
     project: String,
     topic: Option<String>,
     topics: Option<Vec<String>>,
-    #[serde(alias = "payload", borrow)]
+    #[serde(
+        alias = "payload",
+        borrow,
+        default,
+        deserialize_with = "crate::ws::ops::present"
+    )]
     data: Option<&'a RawValue>,
 }
 

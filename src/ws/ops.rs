@@ -41,8 +41,14 @@ struct Raw<'a> {
     topic: Option<&'a str>,
     #[serde(borrow)]
     token: Option<&'a str>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+}
+
+/// A raw JSON field as given, `null` included (serde would read `null` as an absent
+/// `Option`). Used by every `data` field.
+pub fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue as Deserialize>::deserialize(d).map(Some)
 }
 
 /// A text message that is not JSON at all.
@@ -172,6 +178,8 @@ mod tests {
         assert_eq!(ack(r.id, None), r#"{"type":"ack","id":7}"#);
         let r = parse(r#"{"op":"ping","id":"a\"b"}"#).unwrap();
         assert_eq!(pong(r.id), r#"{"type":"pong","id":"a\"b"}"#);
+        let r = parse(r#"{"op":"publish","topic":"t","data":null}"#).unwrap();
+        assert!(matches!(r.op, Ok(Op::Publish("t", d)) if d.get() == "null"));
         let r = parse(r#"{"op":"publish","topic":"t","data":{"x": [1, 2.50]}}"#).unwrap();
         match r.op {
             Ok(Op::Publish("t", d)) => assert_eq!(d.get(), r#"{"x": [1, 2.50]}"#),

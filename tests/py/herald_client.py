@@ -168,11 +168,16 @@ def start_server(
         )
     line = _read_line(proc, READY_TIMEOUT)
     if line is None:
-        proc.kill()
-        proc.wait(timeout=10)
+        exited = proc.poll()
+        if exited is None:
+            proc.kill()
+            proc.wait(timeout=10)
+            why = f"no ready line within {READY_TIMEOUT}s"
+        else:
+            why = f"herald exited with code {exited} before printing the ready line"
         pytest.fail(
-            f"no ready line within {READY_TIMEOUT}s (exit={proc.returncode}); stderr:\n"
-            + stderr_path.read_text(errors="replace")[-4000:]
+            f"{why}; stderr:\n" + stderr_path.read_text(errors="replace")[-4000:],
+            pytrace=False,
         )
     try:
         ready = json.loads(line)

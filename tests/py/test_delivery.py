@@ -59,12 +59,28 @@ def test_scalar_and_string_data(server):
         ws, _ = await client(server, "alice")
         try:
             await subscribe(ws, "news")
-            for data in ('"just a string"', "42", "null", "[]", "1.50"):
+            for data in ('"just a string"', "42", "[]", "1.50", "true", '{"k":  [ ] }'):
                 body = '{"project":"shop","topic":"news","data":' + data + "}"
                 mid = await apublish(server, body)
                 raw, msg = await recv_json(ws)
                 assert '"data":' + data in raw, raw
                 assert_delivery(msg, "news", json.loads(data), mid)
+        finally:
+            await ws.close()
+
+    run(go())
+
+
+def test_null_data_is_delivered(server):
+    # `null` is valid JSON: the publisher's data, passed through like any other value.
+    async def go():
+        ws, _ = await client(server, "alice")
+        try:
+            await subscribe(ws, "news")
+            mid = await apublish(server, '{"project":"shop","topic":"news","data":null}')
+            raw, msg = await recv_json(ws)
+            assert '"data":null' in raw, raw
+            assert_delivery(msg, "news", None, mid)
         finally:
             await ws.close()
 

@@ -12,11 +12,9 @@ from herald_client import client, expect_close, run
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_closes_clients_1001_and_exits_0(server, sig):
     async def go():
-        conns = [
-            (await client(server, "alice", "shop"))[0],
-            (await client(server, "bob", "shop"))[0],
-            (await client(server, "carol", "blog"))[0],
-        ]
+        # Several per project so that, with 2 shards, both shards almost surely hold some.
+        conns = [(await client(server, f"u{i}", "shop"))[0] for i in range(6)]
+        conns += [(await client(server, f"u{i}", "blog"))[0] for i in range(3)]
         server.stopped_by_test = True
         started = time.monotonic()
         server.proc.send_signal(sig)
