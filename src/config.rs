@@ -60,6 +60,10 @@ pub struct ServerConfig {
     /// How long a drain waits for clients to answer close 1001 before dropping them, in
     /// milliseconds. Default 5000.
     pub drain_timeout_ms: u64,
+    /// Where projects and keys made through the API persist. Default: `$STATE_DIRECTORY`
+    /// (systemd's StateDirectory=), else `$XDG_STATE_HOME/herald`, else
+    /// `$HOME/.local/state/herald`, else `./herald-state`. `--state-dir` overrides.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Which monoio driver the shards run.
@@ -153,6 +157,17 @@ pub struct ProjectConfig {
     pub audience: Option<String>,
     /// Let clients use the `publish` op. Default false.
     pub allow_client_publish: bool,
+    /// A disabled project refuses handshakes with 403. Default true.
+    pub enabled: bool,
+    /// Cap on this project's connections (503 at the cap); 0 = none. Default 0.
+    pub max_connections: usize,
+    /// Browser origins allowed to connect (exact `scheme://host[:port]`); empty = any.
+    /// Default empty.
+    pub allowed_origins: Vec<String>,
+    /// Inline JWKS document (JSON) with more verification keys; every key needs a `kid`.
+    pub jwks: Option<String>,
+    /// File holding a JWKS document.
+    pub jwks_file: Option<PathBuf>,
 }
 
 /// One verification key.
@@ -162,12 +177,17 @@ pub struct KeyConfig {
     /// Key id matched against the token header's `kid`. A token without `kid` is tried
     /// against every key of its algorithm.
     pub kid: Option<String>,
-    /// `HS256`, `HS384` or `HS512`.
+    /// `HS256/384/512` (secret), `RS256/384/512`, `PS256/384/512`, `ES256/384`, `EdDSA`
+    /// (public key PEM).
     pub alg: String,
     /// The HMAC secret. Prefer `secret_file`.
     pub secret: Option<Secret>,
     /// File holding the HMAC secret.
     pub secret_file: Option<PathBuf>,
+    /// Public key, PEM (`-----BEGIN PUBLIC KEY-----`).
+    pub pem: Option<String>,
+    /// File holding the PEM public key.
+    pub pem_file: Option<PathBuf>,
 }
 
 /// A string that never prints.
@@ -198,7 +218,8 @@ impl fmt::Debug for KeyConfig {
             .field("alg", &self.alg)
             .field("secret", &self.secret)
             .field("secret_file", &self.secret_file)
-            .finish()
+            .field("pem_file", &self.pem_file)
+            .finish_non_exhaustive()
     }
 }
 
@@ -213,6 +234,7 @@ impl Default for ServerConfig {
             listen_backlog: 4096,
             max_connections: 0,
             drain_timeout_ms: 5000,
+            state_dir: None,
         }
     }
 }
@@ -262,6 +284,11 @@ impl Default for ProjectConfig {
             issuer: None,
             audience: None,
             allow_client_publish: false,
+            enabled: true,
+            max_connections: 0,
+            allowed_origins: Vec::new(),
+            jwks: None,
+            jwks_file: None,
         }
     }
 }
@@ -332,7 +359,7 @@ impl Config {
                     kid: Some("dev".into()),
                     alg: "HS256".into(),
                     secret: Some(Secret(DEV_SECRET.into())),
-                    secret_file: None,
+                    ..KeyConfig::default()
                 }],
                 ..ProjectConfig::default()
             }],
@@ -450,57 +477,72 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.projects.iter().enumerate() {
             let at = format!("projects[{i}]");
-            crate::pubsub::ProjectId::parse(&p.id)
-                .map_err(|e| invalid(format!("{at}.id"), e.to_string()))?;
+            validate_project(&at, p)?;
             if !seen.insert(p.id.as_str()) {
                 return Err(invalid(
                     format!("{at}.id"),
                     format!("duplicate project id `{}`", p.id),
                 ));
             }
-            if p.api_key.is_some() && p.api_key_file.is_some() {
-                return Err(invalid(
-                    format!("{at}.api_key"),
-                    "set api_key or api_key_file, not both",
-                ));
-            }
-            let mut kids = std::collections::HashSet::new();
-            for (j, k) in p.keys.iter().enumerate() {
-                let at = format!("{at}.keys[{j}]");
-                crate::auth::KeyAlg::parse(&k.alg).map_err(|e| invalid(format!("{at}.alg"), e))?;
-                match (&k.secret, &k.secret_file) {
-                    (Some(_), Some(_)) => {
-                        return Err(invalid(
-                            format!("{at}.secret"),
-                            "set secret or secret_file, not both",
-                        ));
-                    }
-                    (None, None) => {
-                        return Err(invalid(
-                            format!("{at}.secret"),
-                            "an HMAC key needs secret or secret_file",
-                        ));
-                    }
-                    (Some(s), None) if s.0.len() < 16 => {
-                        return Err(invalid(
-                            format!("{at}.secret"),
-                            "HMAC secrets must be at least 16 bytes",
-                        ));
-                    }
-                    _ => {}
-                }
-                if let Some(kid) = &k.kid
-                    && !kids.insert(kid.as_str())
-                {
-                    return Err(invalid(
-                        format!("{at}.kid"),
-                        format!("duplicate kid `{kid}` in this project"),
-                    ));
-                }
-            }
         }
         Ok(())
     }
+}
+
+/// Checks one project's settings; `at` names it in errors (e.g. `projects[2]`).
+///
+/// # Errors
+/// The first broken rule, naming its key.
+pub fn validate_project(at: &str, p: &ProjectConfig) -> Result<(), ConfigError> {
+    crate::pubsub::ProjectId::parse(&p.id)
+        .map_err(|e| invalid(format!("{at}.id"), e.to_string()))?;
+    if p.api_key.is_some() && p.api_key_file.is_some() {
+        return Err(invalid(
+            format!("{at}.api_key"),
+            "set api_key or api_key_file, not both",
+        ));
+    }
+    let mut kids = std::collections::HashSet::new();
+    for (j, k) in p.keys.iter().enumerate() {
+        let at = format!("{at}.keys[{j}]");
+        crate::auth::keys::parse_alg(&k.alg)
+            .map_err(|e| invalid(format!("{at}.alg"), e.to_string()))?;
+        let given = [
+            k.secret.is_some(),
+            k.secret_file.is_some(),
+            k.pem.is_some(),
+            k.pem_file.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() != 1 {
+            return Err(invalid(
+                format!("{at}.secret"),
+                "give exactly one of secret, secret_file, pem or pem_file",
+            ));
+        }
+        if let Some(kid) = &k.kid
+            && !kids.insert(kid.as_str())
+        {
+            return Err(invalid(
+                format!("{at}.kid"),
+                format!("duplicate kid `{kid}` in this project"),
+            ));
+        }
+    }
+    if p.jwks.is_some() && p.jwks_file.is_some() {
+        return Err(invalid(
+            format!("{at}.jwks"),
+            "set jwks or jwks_file, not both",
+        ));
+    }
+    for (j, o) in p.allowed_origins.iter().enumerate() {
+        if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+            return Err(invalid(
+                format!("{at}.allowed_origins[{j}]"),
+                "an origin is scheme://host[:port] with no path or trailing slash",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Reads a secret given inline or by file.
@@ -554,6 +596,8 @@ listen_backlog = {backlog}
 max_connections = 0
 # Grace period for clients to answer close 1001 on shutdown, in milliseconds.
 drain_timeout_ms = {drain}
+# Where projects and keys created through the API persist (systemd: StateDirectory=herald).
+# state_dir = "/var/lib/herald"
 
 [ws]
 # The server pings every connection this often; a peer silent until the next ping is dropped.
@@ -588,11 +632,23 @@ leeway_secs = 30
 # issuer = "https://auth.example.com"
 # audience = "herald"
 allow_client_publish = false
+enabled = true
+# Cap on this project's connections; 0 = none.
+max_connections = 0
+# Browser origins allowed to connect; empty = any.
+allowed_origins = []
+# More keys as a JWKS (every key needs a kid): jwks_file = "/etc/herald/main.jwks.json"
 
 [[projects.keys]]
 kid = "k1"
 alg = "HS256"
 secret = "{hmac}"
+
+# An asymmetric key: the backend signs with its private key, herald holds the public one.
+# [[projects.keys]]
+# kid = "k2"
+# alg = "ES256"
+# pem_file = "/etc/herald/main-k2.pub.pem"
 "#,
         backlog = d.server.listen_backlog,
         drain = d.server.drain_timeout_ms,

@@ -15,8 +15,11 @@
 //! - [`pubsub`]: parsed names (project, topic, connection id) and the per-shard topic index.
 //! - [`route`]: which shards a command goes to.
 //! - [`api`]: the HTTP API on hyper.
+//! - [`admin`]: project and key management (API and SIGHUP): build, persist, swap.
 //! - [`metrics`]: per-shard counters.
+//! - [`store`]: the persisted API state (projects and keys), replaced atomically.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -27,4 +30,5 @@ pub mod pubsub;
 pub mod route;
 pub mod server;
 pub mod shard;
+pub mod store;
 pub mod ws;

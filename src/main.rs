@@ -38,6 +38,9 @@ enum Command {
         /// Log as JSON lines (overrides log.format).
         #[arg(long)]
         log_json: bool,
+        /// Where API-made projects and keys persist (overrides server.state_dir).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Print a JWT signed with the project's first HMAC key.
     Token {
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
             api_listen,
             shards,
             log_json,
+            state_dir,
         } => {
             let (mut cfg, dev) = match load(&config) {
                 Ok(c) => c,
@@ -118,6 +122,9 @@ fn main() -> ExitCode {
             if let Some(n) = shards {
                 cfg.server.shards = n;
             }
+            if let Some(d) = state_dir {
+                cfg.server.state_dir = Some(d);
+            }
             init_logging(&cfg, log_json);
             if dev || cfg.uses_dev_keys() {
                 warn!(
@@ -126,7 +133,7 @@ fn main() -> ExitCode {
                      production: generate a config with `herald genconfig` !!!"
                 );
             }
-            serve(&cfg)
+            serve(&cfg, config)
         }
         Command::Token {
             project,
@@ -200,8 +207,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(cfg: &Config) -> ExitCode {
-    let handle = match herald::server::start(cfg) {
+fn serve(cfg: &Config, config_path: Option<PathBuf>) -> ExitCode {
+    let opts = herald::server::Options { config_path };
+    let handle = match herald::server::start_with(cfg, opts) {
         Ok(h) => h,
         Err(e) => {
             error!("cannot start: {e}");
@@ -218,7 +226,9 @@ fn serve(cfg: &Config) -> ExitCode {
         })
     );
     let hub = handle.hub.clone();
-    let mut signals = match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {
+    let admin = handle.admin.clone();
+    let signal_set = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    let mut signals = match signal_hook::iterator::Signals::new(signal_set) {
         Ok(s) => s,
         Err(e) => {
             error!("cannot install signal handlers: {e}");
@@ -228,9 +238,14 @@ fn serve(cfg: &Config) -> ExitCode {
     std::thread::Builder::new()
         .name("herald-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            for sig in signals.forever() {
+                if sig == libc::SIGHUP {
+                    admin.reload();
+                    continue;
+                }
                 tracing::info!(signal = sig, "draining: closing every connection with 1001");
                 hub.drain();
+                break;
             }
         })
         .expect("spawning the signal thread");

@@ -7,6 +7,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tracing::info;
 
+use crate::admin::Admin;
 use crate::api::{self, ApiHandle, ApiSettings};
 use crate::auth::Registry;
 use crate::config::{Config, ConfigError};
@@ -14,6 +15,7 @@ use crate::hub::{Hub, Phase};
 use crate::metrics::ShardStats;
 use crate::net::listener::bind_reuseport;
 use crate::shard::{self, Limits, ShardSpec, mailbox};
+use crate::store::Store;
 
 /// Capacity of each shard's inbox, in messages; a full inbox answers publishes with 503.
 pub const INBOX_CAPACITY: usize = 65_536;
@@ -24,6 +26,12 @@ pub enum StartError {
     /// Bad configuration.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A project or key does not load.
+    #[error(transparent)]
+    Registry(#[from] crate::auth::RegistryError),
+    /// The state directory cannot be used.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -37,6 +45,13 @@ pub enum StartError {
     Shard(String),
 }
 
+/// How a node was started, beyond its config.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The config file, re-read on SIGHUP (`None` for a config made in code).
+    pub config_path: Option<std::path::PathBuf>,
+}
+
 /// A running node.
 pub struct ServerHandle {
     /// Client WebSocket address (the real port when 0 was asked).
@@ -45,6 +60,8 @@ pub struct ServerHandle {
     pub api_listen: SocketAddr,
     /// Node-wide handle.
     pub hub: Arc<Hub>,
+    /// Project and key management.
+    pub admin: Arc<Admin>,
     shards: Vec<std::thread::JoinHandle<()>>,
     api: Option<ApiHandle>,
 }
@@ -73,8 +90,24 @@ impl ServerHandle {
 /// # Errors
 /// [`StartError`].
 pub fn start(cfg: &Config) -> Result<ServerHandle, StartError> {
+    start_with(cfg, Options::default())
+}
+
+/// [`start`] with [`Options`].
+///
+/// # Errors
+/// [`StartError`].
+pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartError> {
     cfg.validate()?;
-    let registry = Registry::from_config(cfg)?;
+    let state_dir = cfg
+        .server
+        .state_dir
+        .clone()
+        .unwrap_or_else(crate::store::default_dir);
+    let store = Store::open(&state_dir)?;
+    let state = store.load()?;
+    let registry = Registry::build(cfg, &state, None)?;
+    info!(state_dir = %state_dir.display(), "state directory");
     let nr_shards = cfg.nr_shards();
     let listeners = bind_reuseport(cfg.server.listen, nr_shards, cfg.server.listen_backlog)
         .map_err(|source| StartError::Bind {
@@ -141,8 +174,16 @@ pub fn start(cfg: &Config) -> Result<ServerHandle, StartError> {
             }
         }
     }
+    let admin = Arc::new(Admin::new(
+        hub.clone(),
+        store,
+        cfg.clone(),
+        state,
+        opts.config_path,
+    ));
     let api = api::start(
         hub.clone(),
+        admin.clone(),
         cfg.server.api_listen,
         ApiSettings {
             max_body_bytes: cfg.api.max_body_bytes,
@@ -159,6 +200,7 @@ pub fn start(cfg: &Config) -> Result<ServerHandle, StartError> {
         listen,
         api_listen,
         hub,
+        admin,
         shards,
         api: Some(api),
     })

@@ -2,6 +2,7 @@
 //! runtime. It never touches a connection: it sends commands to shards through the hub's
 //! mailboxes and reads the shards' counters.
 
+mod projects;
 mod publish;
 
 use std::convert::Infallible;
@@ -20,6 +21,7 @@ use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tracing::{debug, warn};
 
+use crate::admin::Admin;
 use crate::hub::{Hub, Phase};
 
 /// An API error: a status and the `{"error","message"}` body of protocol.md.
@@ -128,7 +130,7 @@ fn caller(hub: &Hub, req: &Request<Incoming>) -> Result<Caller, ApiError> {
     {
         found = Some(Caller::Admin);
     }
-    for p in &registry.projects {
+    for p in registry.projects() {
         if let Some(k) = &p.api_key
             && bool::from(k.as_bytes().ct_eq(key))
         {
@@ -163,25 +165,48 @@ pub struct ApiSettings {
     pub max_body_bytes: usize,
 }
 
-async fn route(
+/// What every handler gets.
+#[derive(Clone)]
+struct Ctx {
     hub: Arc<Hub>,
+    admin: Arc<Admin>,
     settings: Arc<ApiSettings>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+}
+
+async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    let result = match (method.clone(), path.as_str()) {
-        (Method::GET, "/healthz") => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
-        (Method::GET, "/readyz") => Ok(readyz(&hub)),
-        (Method::POST, "/api/v1/publish") => publish::single(&hub, &settings, req).await,
-        (Method::POST, "/api/v1/publish/batch") => publish::batch(&hub, &settings, req).await,
-        (_, "/healthz" | "/readyz" | "/api/v1/publish" | "/api/v1/publish/batch") => {
-            Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not allowed on {path}"),
-            ))
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let not_allowed = || {
+        Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}"),
+        ))
+    };
+    let (hub, settings) = (&ctx.hub, &ctx.settings);
+    let result = match (segments.as_slice(), &method) {
+        (["healthz"], &Method::GET) => {
+            Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
         }
+        (["readyz"], &Method::GET) => Ok(readyz(hub)),
+        (["api", "v1", "publish"], &Method::POST) => publish::single(hub, settings, req).await,
+        (["api", "v1", "publish", "batch"], &Method::POST) => {
+            publish::batch(hub, settings, req).await
+        }
+        (["api", "v1", "projects"], &Method::POST) => {
+            projects::create(hub, &ctx.admin, settings, req).await
+        }
+        (["api", "v1", "projects", project, "keys", kid], &Method::PUT) => {
+            projects::put_key(hub, &ctx.admin, project, kid, req).await
+        }
+        (["api", "v1", "projects", project, "keys", kid], &Method::DELETE) => {
+            projects::delete_key(hub, &ctx.admin, project, kid, req).await
+        }
+        (["healthz" | "readyz"], _)
+        | (["api", "v1", "publish" | "projects"], _)
+        | (["api", "v1", "publish", "batch"], _)
+        | (["api", "v1", "projects", _, "keys", _], _) => not_allowed(),
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -232,7 +257,12 @@ impl ApiHandle {
 ///
 /// # Errors
 /// Bind failure.
-pub fn start(hub: Arc<Hub>, addr: SocketAddr, settings: ApiSettings) -> std::io::Result<ApiHandle> {
+pub fn start(
+    hub: Arc<Hub>,
+    admin: Arc<Admin>,
+    addr: SocketAddr,
+    settings: ApiSettings,
+) -> std::io::Result<ApiHandle> {
     let std_listener = std::net::TcpListener::bind(addr)?;
     std_listener.set_nonblocking(true)?;
     let addr = std_listener.local_addr()?;
@@ -264,12 +294,13 @@ pub fn start(hub: Arc<Hub>, addr: SocketAddr, settings: ApiSettings) -> std::io:
                         _ = &mut stop_rx => break,
                         accepted = listener.accept() => {
                             let Ok((stream, _)) = accepted else { continue };
-                            let hub = hub.clone();
-                            let settings = settings.clone();
+                            let ctx = Ctx {
+                                hub: hub.clone(),
+                                admin: admin.clone(),
+                                settings: settings.clone(),
+                            };
                             tokio::spawn(async move {
-                                let service = service_fn(move |req| {
-                                    route(hub.clone(), settings.clone(), req)
-                                });
+                                let service = service_fn(move |req| route(ctx.clone(), req));
                                 let _ = http1::Builder::new()
                                     .serve_connection(TokioIo::new(stream), service)
                                     .await;

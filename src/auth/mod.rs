@@ -1,52 +1,27 @@
 //! Projects, their keys, and token verification at the handshake.
 //!
-//! The [`Registry`] is built from the config and shared read-only by every shard behind a
-//! [`SharedRegistry`] (swapped whole on change, never edited in place). Keys are looked up by
+//! The [`Registry`] is built from the config plus the persisted API state ([`crate::store`])
+//! and shared read-only by every shard behind a [`SharedRegistry`]: a change builds a new
+//! registry and swaps it whole, never editing one in place. Keys are looked up by
 //! (project, kid), never by kid alone, so one project's key can never open another project.
-//! Tokens are verified with `jsonwebtoken`; tokens are never logged.
+//! A project keeps its index for the life of the process (shard tables are keyed by it), even
+//! when it leaves the config and comes back. Tokens are verified with `jsonwebtoken` and never
+//! logged.
+
+pub mod keys;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
 use arc_swap::ArcSwap;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, ConfigError, ProjectConfig, read_secret};
+use crate::config::{Config, ConfigError, KeyConfig, ProjectConfig, read_secret};
 use crate::pubsub::ProjectId;
-
-/// Signature algorithms a key may have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyAlg(pub Algorithm);
-
-impl KeyAlg {
-    /// Parses an algorithm name. HMAC only for now.
-    ///
-    /// # Errors
-    /// A message naming the accepted values.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "HS256" => Ok(Self(Algorithm::HS256)),
-            "HS384" => Ok(Self(Algorithm::HS384)),
-            "HS512" => Ok(Self(Algorithm::HS512)),
-            other => Err(format!(
-                "unknown alg `{other}` (expected HS256, HS384 or HS512)"
-            )),
-        }
-    }
-}
-
-/// One verification key of a project.
-pub struct Key {
-    /// `kid` it answers to, if any.
-    pub kid: Option<String>,
-    /// Its algorithm; a token must name the same.
-    pub alg: Algorithm,
-    /// For verifying.
-    decoding: DecodingKey,
-    /// For minting (`herald token`); HMAC keys only.
-    encoding: Option<EncodingKey>,
-}
+use crate::store::State;
+pub use keys::{Key, KeyError, KeySpec};
 
 /// One tenant, as the shards see it.
 pub struct Project {
@@ -68,13 +43,23 @@ pub struct Project {
     pub audience: Option<String>,
     /// Clients may use the `publish` op.
     pub allow_client_publish: bool,
+    /// Handshakes are refused (403) when false.
+    pub enabled: bool,
+    /// Connection cap; 0 = none.
+    pub max_connections: usize,
+    /// Allowed `Origin`s; empty = any.
+    pub allowed_origins: Vec<String>,
+    /// Open connections of this project on the node; survives registry swaps.
+    pub nr_connections: Arc<AtomicUsize>,
+    /// Created through the API (not in the config file).
+    pub from_api: bool,
 }
 
 /// All projects and the admin key.
 pub struct Registry {
-    /// Projects by index.
-    pub projects: Vec<Arc<Project>>,
-    /// Index by id.
+    /// Projects by index; `None` for a project that left (its index stays reserved).
+    projects: Vec<Option<Arc<Project>>>,
+    /// Index by id, including projects that left.
     by_id: HashMap<Arc<str>, u32>,
     /// Admin API key.
     pub admin_key: Option<String>,
@@ -97,6 +82,15 @@ pub struct Claims {
     /// Device id: adds the `device.<id>` topic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+}
+
+/// A verified token: its claims and the `kid` of the key that verified it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// Claims.
+    pub claims: Claims,
+    /// Key id of the verifying key (revoking it disconnects this connection).
+    pub kid: Option<Arc<str>>,
 }
 
 /// Why a token was refused. The message is safe to send to the client and to log: it never
@@ -126,19 +120,60 @@ pub enum AuthError {
     Claim(&'static str),
 }
 
+/// Why a registry could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// Config problem (names the key).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A key of a project does not load.
+    #[error("project `{project}`, key `{kid}`: {source}")]
+    Key {
+        /// Project id.
+        project: String,
+        /// Key id (or its position).
+        kid: String,
+        /// Why.
+        source: KeyError,
+    },
+}
+
 impl Registry {
-    /// Builds the registry from a validated config, reading secret files.
+    /// Builds the registry from the config and the API state. Indices and connection
+    /// counters of projects already in `prev` are kept.
     ///
     /// # Errors
-    /// A secret file cannot be read.
-    pub fn from_config(cfg: &Config) -> Result<Self, ConfigError> {
+    /// A secret or key file cannot be read, or a key does not load.
+    pub fn build(
+        cfg: &Config,
+        state: &State,
+        prev: Option<&Registry>,
+    ) -> Result<Self, RegistryError> {
         let admin_key = read_secret("api.admin_key", &cfg.api.admin_key, &cfg.api.admin_key_file)?;
-        let mut projects = Vec::new();
-        let mut by_id = HashMap::new();
-        for (i, p) in cfg.projects.iter().enumerate() {
-            let project = Arc::new(Project::from_config(i as u32, p)?);
-            by_id.insert(project.id.clone(), i as u32);
-            projects.push(project);
+        let mut by_id: HashMap<Arc<str>, u32> = prev.map(|p| p.by_id.clone()).unwrap_or_default();
+        let mut next = by_id.values().map(|i| i + 1).max().unwrap_or(0);
+        let mut projects: Vec<Option<Arc<Project>>> = vec![None; next as usize];
+        let configured = cfg.projects.iter().map(|p| (p, false));
+        let from_api = state
+            .projects
+            .values()
+            .filter_map(|ps| ps.settings.as_ref())
+            .filter(|p| !cfg.projects.iter().any(|c| c.id == p.id))
+            .map(|p| (p, true));
+        for (i, (pc, api)) in configured.chain(from_api).enumerate() {
+            let idx = *by_id.entry(pc.id.as_str().into()).or_insert_with(|| {
+                next += 1;
+                next - 1
+            });
+            if projects.len() <= idx as usize {
+                projects.resize(idx as usize + 1, None);
+            }
+            let counter = prev
+                .and_then(|p| p.project(&pc.id))
+                .map(|p| p.nr_connections.clone())
+                .unwrap_or_default();
+            let project = Project::build(idx, i, pc, state, counter, api)?;
+            projects[idx as usize] = Some(Arc::new(project));
         }
         Ok(Self {
             projects,
@@ -147,43 +182,109 @@ impl Registry {
         })
     }
 
-    /// The project named `id`.
+    /// Builds from a config alone (no API state), for tools and tests.
+    ///
+    /// # Errors
+    /// As [`Registry::build`].
+    pub fn from_config(cfg: &Config) -> Result<Self, RegistryError> {
+        Self::build(cfg, &State::default(), None)
+    }
+
+    /// The live project named `id`.
     pub fn project(&self, id: &str) -> Option<&Arc<Project>> {
-        self.by_id.get(id).map(|&i| &self.projects[i as usize])
+        self.by_id
+            .get(id)
+            .and_then(|&i| self.projects[i as usize].as_ref())
+    }
+
+    /// Every live project.
+    pub fn projects(&self) -> impl Iterator<Item = &Arc<Project>> {
+        self.projects.iter().flatten()
     }
 }
 
+fn key_spec(at: &str, k: &KeyConfig) -> Result<KeySpec, ConfigError> {
+    let secret = read_secret(&format!("{at}.secret"), &k.secret, &k.secret_file)?;
+    let pem = match (&k.pem, &k.pem_file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(path)) => {
+            Some(
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?,
+            )
+        }
+        (None, None) => None,
+    };
+    Ok(KeySpec {
+        alg: k.alg.clone(),
+        secret,
+        pem,
+        jwk: None,
+    })
+}
+
 impl Project {
-    fn from_config(idx: u32, p: &ProjectConfig) -> Result<Self, ConfigError> {
+    fn build(
+        idx: u32,
+        position: usize,
+        p: &ProjectConfig,
+        state: &State,
+        nr_connections: Arc<AtomicUsize>,
+        from_api: bool,
+    ) -> Result<Self, RegistryError> {
+        let at = if from_api {
+            format!("project `{}` (API)", p.id)
+        } else {
+            format!("projects[{position}]")
+        };
         let id = ProjectId::parse(&p.id).map_err(|e| ConfigError::Invalid {
-            key: format!("projects[{idx}].id"),
+            key: format!("{at}.id"),
             reason: e.to_string(),
         })?;
-        let api_key = read_secret(
-            &format!("projects[{idx}].api_key"),
-            &p.api_key,
-            &p.api_key_file,
-        )?;
-        let mut keys = Vec::new();
+        let api_key = read_secret(&format!("{at}.api_key"), &p.api_key, &p.api_key_file)?;
+        let key_err = |kid: String, source| RegistryError::Key {
+            project: p.id.clone(),
+            kid,
+            source,
+        };
+        // (kid, spec) in order: config keys, the config JWKS, then keys registered through the
+        // API (which replace a config key of the same kid); revoked kids are left out.
+        let mut specs: Vec<(Option<String>, KeySpec)> = Vec::new();
         for (j, k) in p.keys.iter().enumerate() {
-            let at = format!("projects[{idx}].keys[{j}]");
-            let alg = KeyAlg::parse(&k.alg)
-                .map_err(|reason| ConfigError::Invalid {
-                    key: format!("{at}.alg"),
-                    reason,
-                })?
-                .0;
-            let secret = read_secret(&format!("{at}.secret"), &k.secret, &k.secret_file)?
-                .ok_or_else(|| ConfigError::Invalid {
-                    key: format!("{at}.secret"),
-                    reason: "an HMAC key needs secret or secret_file".into(),
-                })?;
-            keys.push(Key {
-                kid: k.kid.clone(),
-                alg,
-                decoding: DecodingKey::from_secret(secret.as_bytes()),
-                encoding: Some(EncodingKey::from_secret(secret.as_bytes())),
-            });
+            specs.push((k.kid.clone(), key_spec(&format!("{at}.keys[{j}]"), k)?));
+        }
+        let jwks = match (&p.jwks, &p.jwks_file) {
+            (Some(j), _) => Some(j.clone()),
+            (None, Some(path)) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
+            (None, None) => None,
+        };
+        if let Some(doc) = jwks {
+            for (kid, spec) in keys::parse_jwks(&doc).map_err(|e| key_err("jwks".into(), e))? {
+                specs.push((Some(kid), spec));
+            }
+        }
+        let ps = state.projects.get(&p.id);
+        if let Some(ps) = ps {
+            for (kid, spec) in &ps.keys {
+                specs.retain(|(k, _)| k.as_deref() != Some(kid.as_str()));
+                specs.push((Some(kid.clone()), spec.clone()));
+            }
+            specs.retain(|(k, _)| !k.as_ref().is_some_and(|k| ps.revoked.contains(k)));
+        }
+        let mut keys = Vec::with_capacity(specs.len());
+        for (j, (kid, spec)) in specs.iter().enumerate() {
+            let key = Key::from_spec(kid.as_deref(), spec)
+                .map_err(|e| key_err(kid.clone().unwrap_or_else(|| format!("#{j}")), e))?;
+            keys.push(key);
         }
         Ok(Self {
             idx,
@@ -195,6 +296,11 @@ impl Project {
             issuer: p.issuer.clone(),
             audience: p.audience.clone(),
             allow_client_publish: p.allow_client_publish,
+            enabled: p.enabled,
+            max_connections: p.max_connections,
+            allowed_origins: p.allowed_origins.clone(),
+            nr_connections,
+            from_api,
         })
     }
 
@@ -202,20 +308,25 @@ impl Project {
     ///
     /// # Errors
     /// [`AuthError`] saying why (never containing the token).
-    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
-        let mut candidates = self.keys.iter().filter(|k| match &header.kid {
+        let candidates = self.keys.iter().filter(|k| match &header.kid {
             Some(kid) => k.kid.as_deref() == Some(kid.as_str()),
             None => true,
         });
         let mut last = AuthError::UnknownKey;
         // With a kid there is at most one candidate; without, try each key of the same alg.
-        for key in candidates.by_ref() {
+        for key in candidates {
             if key.alg != header.alg {
                 continue;
             }
             match jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation(key.alg)) {
-                Ok(data) => return Ok(data.claims),
+                Ok(data) => {
+                    return Ok(Verified {
+                        claims: data.claims,
+                        kid: key.kid.clone(),
+                    });
+                }
                 Err(e) => {
                     last = map_jwt_error(&e);
                     if last != AuthError::BadSignature {
@@ -262,9 +373,15 @@ impl Project {
             .find(|k| k.encoding.is_some())
             .ok_or_else(|| format!("project `{}` has no HMAC key to sign with", self.id))?;
         let mut header = Header::new(key.alg);
-        header.kid = key.kid.clone();
+        header.kid = key.kid.as_deref().map(str::to_owned);
         let enc = key.encoding.as_ref().expect("filtered on encoding above");
         jsonwebtoken::encode(&header, claims, enc).map_err(|e| e.to_string())
+    }
+
+    /// Whether the `Origin` header is acceptable.
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        self.allowed_origins.is_empty()
+            || origin.is_some_and(|o| self.allowed_origins.iter().any(|a| a == o))
     }
 }
 
@@ -297,9 +414,12 @@ pub fn now_secs() -> u64 {
 mod tests {
     use super::*;
 
-    fn project() -> Project {
-        let cfg = Config::development();
-        Project::from_config(0, &cfg.projects[0]).unwrap()
+    fn project() -> Arc<Project> {
+        Registry::from_config(&Config::development())
+            .unwrap()
+            .project("demo")
+            .unwrap()
+            .clone()
     }
 
     fn claims(exp: Option<u64>) -> Claims {
@@ -315,7 +435,9 @@ mod tests {
     fn round_trip() {
         let p = project();
         let c = claims(Some(now_secs() + 60));
-        assert_eq!(p.verify(&p.mint(&c).unwrap()).unwrap(), c);
+        let v = p.verify(&p.mint(&c).unwrap()).unwrap();
+        assert_eq!(v.claims, c);
+        assert_eq!(v.kid.as_deref(), Some("dev"));
     }
 
     #[test]
@@ -331,19 +453,45 @@ mod tests {
         tampered.pop();
         tampered.push(if good.ends_with('A') { 'B' } else { 'A' });
         assert_eq!(p.verify(&tampered), Err(AuthError::BadSignature));
-        // Another secret, same kid.
-        let other = Key {
-            kid: Some("dev".into()),
-            alg: Algorithm::HS256,
-            decoding: DecodingKey::from_secret(b"another-secret-0123456789"),
-            encoding: Some(EncodingKey::from_secret(b"another-secret-0123456789")),
-        };
-        let q = Project {
-            keys: vec![other],
-            ..project()
-        };
-        let foreign = q.mint(&claims(Some(now_secs() + 60))).unwrap();
-        assert_eq!(p.verify(&foreign), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn same_kid_in_two_projects_never_crosses() {
+        let mut cfg = Config::development();
+        let mut other = cfg.projects[0].clone();
+        other.id = "other".into();
+        other.keys[0].secret = Some(crate::config::Secret("another-secret-0123456789".into()));
+        cfg.projects.push(other);
+        let r = Registry::from_config(&cfg).unwrap();
+        let (demo, other) = (r.project("demo").unwrap(), r.project("other").unwrap());
+        let t = other.mint(&claims(Some(now_secs() + 60))).unwrap();
+        assert!(other.verify(&t).is_ok());
+        assert_eq!(demo.verify(&t), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn indices_survive_rebuilds() {
+        let cfg = Config::development();
+        let r1 = Registry::from_config(&cfg).unwrap();
+        let mut cfg2 = cfg.clone();
+        let mut b = cfg.projects[0].clone();
+        b.id = "b".into();
+        cfg2.projects.insert(0, b);
+        let r2 = Registry::build(&cfg2, &State::default(), Some(&r1)).unwrap();
+        assert_eq!(r2.project("demo").unwrap().idx, 0);
+        assert_eq!(r2.project("b").unwrap().idx, 1);
+        assert!(Arc::ptr_eq(
+            &r1.project("demo").unwrap().nr_connections,
+            &r2.project("demo").unwrap().nr_connections
+        ));
+        let r3 = Registry::build(&cfg, &State::default(), Some(&r2)).unwrap();
+        assert!(r3.project("b").is_none());
+        let r4 = Registry::build(&cfg2, &State::default(), Some(&r3)).unwrap();
+        assert_eq!(
+            r4.project("b").unwrap().idx,
+            1,
+            "a returning project keeps its index"
+        );
     }
 
     #[test]

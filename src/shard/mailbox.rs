@@ -36,6 +36,13 @@ pub enum ShardMsg {
         /// Why.
         reason: CloseReason,
     },
+    /// Close (4003) every connection of `project` whose token was verified by key `kid`.
+    RevokeKey {
+        /// Registry index of the project.
+        project: u32,
+        /// The revoked key id.
+        kid: std::sync::Arc<str>,
+    },
     /// Stop accepting, close every connection with 1001, exit when empty or at the deadline.
     Drain,
 }
@@ -98,6 +105,24 @@ impl Mailbox {
         self.tx.try_send(msg).map_err(|e| match e {
             TrySendError::Full(m) | TrySendError::Disconnected(m) => m,
         })?;
+        if !self.shared.armed.swap(true, Ordering::AcqRel) {
+            wake(self.shared.efd.as_raw_fd());
+        }
+        Ok(())
+    }
+
+    /// Queues a control message, waiting up to `timeout` for room (control plane only).
+    ///
+    /// # Errors
+    /// Still full at the timeout, or the shard is gone; the message is handed back.
+    pub fn send_timeout(
+        &self,
+        msg: ShardMsg,
+        timeout: std::time::Duration,
+    ) -> Result<(), ShardMsg> {
+        self.tx
+            .send_timeout(msg, timeout)
+            .map_err(|e| e.into_inner())?;
         if !self.shared.armed.swap(true, Ordering::AcqRel) {
             wake(self.shared.efd.as_raw_fd());
         }

@@ -117,6 +117,10 @@ pub struct Shard {
     pub(crate) expiries: BinaryHeap<Reverse<(u64, u32, u32)>>,
     /// Next slot the heartbeat sweep visits.
     hb_cursor: usize,
+    /// Heartbeat visits owed but not yet made, in slot·milliseconds (below one interval's
+    /// worth). Carrying the fraction keeps a small slab from being swept faster than once per
+    /// interval.
+    hb_carry: u128,
     /// Set by a drain: no more accepts, every connection closing.
     pub(crate) draining: bool,
     /// Wakes the accept loop (on drain) or the drain waiter (when empty).
@@ -140,6 +144,7 @@ impl Shard {
             close_deadlines: VecDeque::new(),
             expiries: BinaryHeap::new(),
             hb_cursor: 0,
+            hb_carry: 0,
             draining: false,
             lifecycle_waker: None,
         }
@@ -175,6 +180,7 @@ impl Shard {
                     self.close_with(slot, reason);
                 }
             }
+            ShardMsg::RevokeKey { project, kid } => self.revoke_key(project, &kid),
             ShardMsg::Drain => self.start_drain(),
         }
     }
@@ -206,6 +212,33 @@ impl Shard {
             ShardStats::add(&self.stats.slow_consumer_closes, 1);
             self.close_with(slot, CloseReason::SlowConsumer);
         }
+    }
+
+    /// Closes with 4003 every open connection of `project` verified by key `kid`.
+    fn revoke_key(&mut self, project: u32, kid: &str) {
+        let slots: Vec<u32> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.phase == ConnPhase::Open
+                    && c.identity.as_ref().is_some_and(|id| {
+                        id.project.idx == project && id.kid.as_deref() == Some(kid)
+                    })
+            })
+            .map(|(k, _)| k as u32)
+            .collect();
+        for &slot in &slots {
+            self.close_with(slot, CloseReason::Kicked);
+        }
+        if !slots.is_empty() {
+            info!(
+                shard = self.id,
+                kid,
+                closed = slots.len(),
+                "closed connections of a revoked key"
+            );
+        }
+        self.flush_dirty();
     }
 
     fn start_drain(&mut self) {
@@ -300,9 +333,15 @@ impl Shard {
         if cap == 0 {
             return;
         }
-        let per_tick = ((cap as u128 * tick.as_millis())
-            .div_ceil(self.limits.heartbeat.as_millis()))
-        .max(1) as usize;
+        // `cap × tick / heartbeat` visits per tick, the remainder carried to the next tick.
+        // (Rounding each tick up to at least one visit swept a slab smaller than
+        // `heartbeat / tick` slots several times per interval: peers were pinged more often
+        // than the welcome's `heartbeat` says and dropped if they took longer than a fraction
+        // of it to answer.)
+        let hb_ms = self.limits.heartbeat.as_millis().max(1);
+        self.hb_carry += cap as u128 * tick.as_millis();
+        let per_tick = (self.hb_carry / hb_ms) as usize;
+        self.hb_carry %= hb_ms;
         let mut dead = Vec::new();
         for _ in 0..per_tick.min(cap) {
             let slot = self.hb_cursor % cap;

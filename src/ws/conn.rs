@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -26,7 +27,7 @@ use super::frame;
 use super::handshake::{self, Refusal, Upgrade};
 use super::ops::{self, ErrorCode, Op};
 use super::session::{Event, Flow, Session};
-use crate::auth::{AuthError, Claims, Project};
+use crate::auth::{AuthError, Project, Verified};
 use crate::metrics::ShardStats;
 use crate::pubsub::{ConnId, Sub, TOPIC_ALL, Topic, topic_permitted};
 use crate::shard::{Deadline, Shard};
@@ -54,6 +55,8 @@ pub struct Identity {
     pub topics: Option<Box<[Box<str>]>>,
     /// Token `exp`.
     pub exp: Option<u64>,
+    /// `kid` of the key that verified the token (revoking it disconnects).
+    pub kid: Option<Arc<str>>,
     /// Connect time, ms since the epoch.
     pub connected_at: u64,
 }
@@ -350,8 +353,8 @@ impl Shard {
             ),
             Ok(Some(up)) => match self.authenticate(&up) {
                 Err(r) => self.refuse(slot, r),
-                Ok((project, claims)) => {
-                    self.open(slot, &up, project, claims);
+                Ok((project, verified)) => {
+                    self.open(slot, &up, project, verified);
                     let rest = &mut buf[up.len..];
                     if !rest.is_empty() {
                         self.on_frame_bytes(slot, rest);
@@ -361,33 +364,43 @@ impl Shard {
         }
     }
 
-    fn authenticate(&self, up: &Upgrade) -> Result<(Arc<Project>, Claims), Refusal> {
+    fn authenticate(&self, up: &Upgrade) -> Result<(Arc<Project>, Verified), Refusal> {
         let registry = self.hub.registry.load();
         let project = registry
             .project(&up.project)
             .ok_or_else(|| Refusal::unknown_project(&up.project))?;
+        if !project.enabled {
+            return Err(Refusal::forbidden(format!(
+                "project `{}` is disabled",
+                project.id
+            )));
+        }
+        if !project.origin_allowed(up.origin.as_deref()) {
+            return Err(Refusal::forbidden("Origin not allowed for this project"));
+        }
         let Some((token, _source)) = &up.token else {
             return Err(Refusal::unauthorized(AuthError::Missing.to_string()));
         };
-        let claims = project
+        let verified = project
             .verify(token)
             .map_err(|e| Refusal::unauthorized(e.to_string()))?;
         let max = self.hub.max_connections;
-        if max > 0
-            && self
-                .hub
-                .nr_connections
-                .load(std::sync::atomic::Ordering::Relaxed)
-                >= max
-        {
+        if max > 0 && self.hub.nr_connections.load(Ordering::Relaxed) >= max {
             return Err(Refusal::at_capacity(format!(
                 "server at its cap of {max} connections"
+            )));
+        }
+        let pmax = project.max_connections;
+        if pmax > 0 && project.nr_connections.load(Ordering::Relaxed) >= pmax {
+            return Err(Refusal::at_capacity(format!(
+                "project `{}` at its cap of {pmax} connections",
+                project.id
             )));
         }
         if self.draining {
             return Err(Refusal::at_capacity("server is draining"));
         }
-        Ok((project.clone(), claims))
+        Ok((project.clone(), verified))
     }
 
     /// Answers a refused handshake and closes once the answer is written.
@@ -436,7 +449,8 @@ impl Shard {
     }
 
     /// Completes the upgrade: 101, welcome, implicit subscriptions, expiry.
-    fn open(&mut self, slot: u32, up: &Upgrade, project: Arc<Project>, claims: Claims) {
+    fn open(&mut self, slot: u32, up: &Upgrade, project: Arc<Project>, verified: Verified) {
+        let Verified { claims, kid } = verified;
         let hb_secs = self.limits.heartbeat.as_millis().div_ceil(1000) as u64;
         let id = ConnId {
             shard: self.id,
@@ -476,6 +490,7 @@ impl Shard {
                 .topics
                 .map(|t| t.into_iter().map(Into::into).collect()),
             exp: claims.exp,
+            kid,
             connected_at: crate::hub::now_ms(),
         }));
         for t in &implicit {
@@ -658,7 +673,7 @@ impl Shard {
             Op::Refresh(token) => {
                 let c = &self.conns[slot as usize];
                 let id = c.identity.as_ref().expect("open connections have one");
-                let claims = id
+                let Verified { claims, kid } = id
                     .project
                     .verify(token)
                     .map_err(|e| (ErrorCode::Forbidden, format!("refresh refused: {e}")))?;
@@ -671,7 +686,9 @@ impl Shard {
                 let generation = c.generation;
                 let c = &mut self.conns[slot as usize];
                 c.expires_at = expires_at;
-                c.identity.as_mut().expect("checked above").exp = claims.exp;
+                let id = c.identity.as_mut().expect("checked above");
+                id.exp = claims.exp;
+                id.kid = kid;
                 if expires_at > 0 {
                     self.expiries
                         .push(std::cmp::Reverse((expires_at, slot, generation)));

@@ -76,6 +76,16 @@ impl Refusal {
         }
     }
 
+    /// 403 `forbidden`.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self {
+            status: 403,
+            error: "forbidden",
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
     /// 404 `unknown_project`.
     pub fn unknown_project(project: &str) -> Self {
         Self {

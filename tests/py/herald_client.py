@@ -160,6 +160,8 @@ def start_server(
         "127.0.0.1:0",
         "--api-listen",
         "127.0.0.1:0",
+        "--state-dir",
+        str(workdir / "state"),
         *args,
     ]
     with open(stderr_path, "wb") as err:

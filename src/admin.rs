@@ -1,0 +1,265 @@
+//! Project and key management: every change (API call or SIGHUP reload) is applied to a copy
+//! of the state, a new registry is built from it (which loads and checks every key), the state
+//! is persisted atomically, and only then is the registry swapped in. A change that fails at
+//! any step leaves both the running registry and the stored state as they were. Changes are
+//! serialised by one mutex: this is the control plane, never the hot path.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tracing::{info, warn};
+
+use crate::auth::{KeyError, KeySpec, Registry, RegistryError};
+use crate::config::{Config, ConfigError, ProjectConfig, validate_project};
+use crate::hub::Hub;
+use crate::shard::mailbox::ShardMsg;
+use crate::store::{State, Store, StoreError};
+
+/// Why a management change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Bad input (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such project (404).
+    #[error("no project `{0}`")]
+    UnknownProject(String),
+    /// No such key (404).
+    #[error("project `{project}` has no key `{kid}`")]
+    UnknownKey {
+        /// Project.
+        project: String,
+        /// Key id.
+        kid: String,
+    },
+    /// Already exists (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Key document too large (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The state could not be persisted (503; nothing changed).
+    #[error("cannot persist the change: {0}")]
+    Store(#[from] StoreError),
+    /// A shard could not be told (503; the registry change itself is in effect).
+    #[error("{0}")]
+    Busy(String),
+}
+
+impl From<RegistryError> for AdminError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Key {
+                source: KeyError::TooLarge,
+                ..
+            } => Self::TooLarge(e.to_string()),
+            other => Self::BadRequest(other.to_string()),
+        }
+    }
+}
+
+impl From<ConfigError> for AdminError {
+    fn from(e: ConfigError) -> Self {
+        Self::BadRequest(e.to_string())
+    }
+}
+
+struct Inner {
+    /// The config in force (replaced by a successful reload).
+    config: Config,
+    /// The API state in force.
+    state: State,
+}
+
+/// The management handle, shared by the API and the signal thread.
+pub struct Admin {
+    hub: Arc<Hub>,
+    store: Store,
+    /// File to re-read on SIGHUP; `None` for the embedded default.
+    config_path: Option<PathBuf>,
+    inner: Mutex<Inner>,
+}
+
+/// Key ids: what a path segment and a JWT header can carry unambiguously.
+pub fn valid_kid(kid: &str) -> bool {
+    !kid.is_empty()
+        && kid.len() <= 128
+        && kid
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl Admin {
+    /// Wraps a loaded state; the registry in `hub` must have been built from `config` and
+    /// `state`.
+    pub fn new(
+        hub: Arc<Hub>,
+        store: Store,
+        config: Config,
+        state: State,
+        config_path: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            hub,
+            store,
+            config_path,
+            inner: Mutex::new(Inner { config, state }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-applied change: changes are
+        // built on copies and committed last.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Builds, persists and swaps in `state` (with `config`).
+    fn commit(&self, inner: &mut Inner, config: Config, state: State) -> Result<(), AdminError> {
+        let current = self.hub.registry.load_full();
+        let registry = Registry::build(&config, &state, Some(&current))?;
+        if state != inner.state {
+            self.store.save(&state)?;
+        }
+        inner.state = state;
+        inner.config = config;
+        self.hub.registry.store(Arc::new(registry));
+        Ok(())
+    }
+
+    /// `POST /api/v1/projects`: a new project, persisted.
+    ///
+    /// # Errors
+    /// 400 invalid settings or keys, 409 the id exists.
+    pub fn create_project(&self, p: ProjectConfig) -> Result<(), AdminError> {
+        if p.api_key_file.is_some()
+            || p.jwks_file.is_some()
+            || p.keys
+                .iter()
+                .any(|k| k.secret_file.is_some() || k.pem_file.is_some())
+        {
+            return Err(AdminError::BadRequest(
+                "file paths are not accepted over the API: send the key material itself".into(),
+            ));
+        }
+        validate_project("project", &p)?;
+        let mut inner = self.lock();
+        if self.hub.registry.load().project(&p.id).is_some() {
+            return Err(AdminError::Conflict(format!(
+                "project `{}` already exists",
+                p.id
+            )));
+        }
+        let mut state = inner.state.clone();
+        let id = p.id.clone();
+        let entry = state.projects.entry(id.clone()).or_default();
+        entry.settings = Some(p);
+        entry.keys.clear();
+        entry.revoked.clear();
+        let config = inner.config.clone();
+        self.commit(&mut inner, config, state)?;
+        info!(project = %id, "project created");
+        Ok(())
+    }
+
+    /// `PUT /api/v1/projects/{project}/keys/{kid}`: adds or replaces a key.
+    ///
+    /// # Errors
+    /// 404 unknown project, 400 bad kid or key, 413 key too large.
+    pub fn put_key(&self, project: &str, kid: &str, spec: KeySpec) -> Result<(), AdminError> {
+        if !valid_kid(kid) {
+            return Err(AdminError::BadRequest(
+                "kid must be 1 to 128 of A-Z a-z 0-9 . _ -".into(),
+            ));
+        }
+        let mut inner = self.lock();
+        if self.hub.registry.load().project(project).is_none() {
+            return Err(AdminError::UnknownProject(project.into()));
+        }
+        let mut state = inner.state.clone();
+        let entry = state.projects.entry(project.into()).or_default();
+        entry.keys.insert(kid.into(), spec);
+        entry.revoked.remove(kid);
+        let config = inner.config.clone();
+        self.commit(&mut inner, config, state)?;
+        info!(project, kid, "key registered");
+        Ok(())
+    }
+
+    /// `DELETE /api/v1/projects/{project}/keys/{kid}`: revokes a key; with `disconnect`, its
+    /// connections are closed with 4003 on every shard. Returns once every shard was told.
+    ///
+    /// # Errors
+    /// 404 unknown project or key; 503 if a shard inbox stayed full (the key is revoked for
+    /// new handshakes all the same).
+    pub fn delete_key(&self, project: &str, kid: &str, disconnect: bool) -> Result<(), AdminError> {
+        let mut inner = self.lock();
+        let registry = self.hub.registry.load_full();
+        let Some(p) = registry.project(project) else {
+            return Err(AdminError::UnknownProject(project.into()));
+        };
+        if !p.keys.iter().any(|k| k.kid.as_deref() == Some(kid)) {
+            return Err(AdminError::UnknownKey {
+                project: project.into(),
+                kid: kid.into(),
+            });
+        }
+        let idx = p.idx;
+        let mut state = inner.state.clone();
+        let entry = state.projects.entry(project.into()).or_default();
+        entry.keys.remove(kid);
+        entry.revoked.insert(kid.into());
+        let config = inner.config.clone();
+        self.commit(&mut inner, config, state)?;
+        info!(project, kid, disconnect, "key revoked");
+        drop(inner);
+        if disconnect {
+            let kid: Arc<str> = kid.into();
+            for (shard, m) in self.hub.mailboxes.iter().enumerate() {
+                m.send_timeout(
+                    ShardMsg::RevokeKey {
+                        project: idx,
+                        kid: kid.clone(),
+                    },
+                    std::time::Duration::from_secs(2),
+                )
+                .map_err(|_| {
+                    AdminError::Busy(format!(
+                        "key revoked, but shard {shard} did not take the disconnect order"
+                    ))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGHUP: re-reads the config file and applies its projects and keys. A bad file is
+    /// refused with a log line and everything stays as it was. Listener, shard and limit
+    /// settings need a restart; a change to them is logged and ignored.
+    pub fn reload(&self) {
+        let Some(path) = &self.config_path else {
+            info!("SIGHUP: running on the embedded default; nothing to reload");
+            return;
+        };
+        let config = match Config::load(path).and_then(|c| c.validate().map(|()| c)) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("SIGHUP: reload refused, old settings stay: {e}");
+                return;
+            }
+        };
+        let mut inner = self.lock();
+        if config.server != inner.config.server || config.ws != inner.config.ws {
+            warn!("SIGHUP: [server] and [ws] changes take effect only after a restart");
+        }
+        let state = inner.state.clone();
+        match self.commit(&mut inner, config, state) {
+            Ok(()) => info!(file = %path.display(), "SIGHUP: projects and keys reloaded"),
+            Err(e) => warn!("SIGHUP: reload refused, old settings stay: {e}"),
+        }
+    }
+
+    /// Where the state lives.
+    pub fn state_dir(&self) -> &std::path::Path {
+        self.store.dir()
+    }
+}

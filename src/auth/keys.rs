@@ -1,0 +1,348 @@
+//! Verification keys: what an operator or a backend gives (`KeySpec`: HMAC secret, PEM public
+//! key, or JWK), parsed and checked once into a [`Key`] that verifies tokens.
+//!
+//! Every key is probed at registration (a dummy verification), so a malformed PEM or a key of
+//! the wrong type for its `alg` is refused when it is registered, not at a client's handshake.
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey};
+use serde::{Deserialize, Serialize};
+
+/// Largest key document accepted (a PEM, a JWK or a JWKS), in bytes.
+pub const MAX_KEY_BYTES: usize = 64 * 1024;
+
+/// Why a key was refused. The message is safe to return and log: it never contains the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// `alg` is not one herald verifies.
+    #[error(
+        "unknown alg `{0}` (expected HS256/384/512, RS256/384/512, PS256/384/512, ES256/384 or EdDSA)"
+    )]
+    UnknownAlg(String),
+    /// The material does not fit the algorithm (e.g. a PEM for an HMAC alg).
+    #[error("{0}")]
+    Mismatch(String),
+    /// The PEM does not parse as a public key of the algorithm's family.
+    #[error("malformed PEM for {alg}: expected a {family} public key")]
+    BadPem {
+        /// The algorithm named.
+        alg: String,
+        /// The key family it needs.
+        family: &'static str,
+    },
+    /// The JWK does not parse or is incomplete.
+    #[error("bad JWK: {0}")]
+    BadJwk(String),
+    /// A JWKS entry without `kid` (rotation picks keys by kid, so one is required).
+    #[error("every key of a JWKS needs a `kid` (entry {0} has none)")]
+    JwksWithoutKid(usize),
+    /// Over [`MAX_KEY_BYTES`].
+    #[error("key document over {MAX_KEY_BYTES} bytes")]
+    TooLarge,
+}
+
+/// A key as given: serialisable, so the state store can keep what the API registered.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    /// Algorithm name (`HS256`, `RS256`, `ES256`, `EdDSA`, ...).
+    pub alg: String,
+    /// HMAC secret (HS* only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// PEM public key (RS*, PS*, ES*, EdDSA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pem: Option<String>,
+    /// A JWK (any family).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwk: Option<Jwk>,
+}
+
+impl std::fmt::Debug for KeySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySpec")
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One verification key of a project, ready to verify.
+pub struct Key {
+    /// `kid` it answers to, if any.
+    pub kid: Option<std::sync::Arc<str>>,
+    /// Its algorithm; a token must name the same.
+    pub alg: Algorithm,
+    /// For verifying.
+    pub(crate) decoding: DecodingKey,
+    /// For minting (`herald token`); HMAC keys only.
+    pub(crate) encoding: Option<EncodingKey>,
+}
+
+/// Parses an algorithm name.
+///
+/// # Errors
+/// [`KeyError::UnknownAlg`].
+pub fn parse_alg(s: &str) -> Result<Algorithm, KeyError> {
+    s.parse::<Algorithm>()
+        .map_err(|_| KeyError::UnknownAlg(s.to_owned()))
+}
+
+fn family_name(f: AlgorithmFamily) -> &'static str {
+    match f {
+        AlgorithmFamily::Hmac => "HMAC",
+        AlgorithmFamily::Rsa => "RSA",
+        AlgorithmFamily::Ec => "EC",
+        AlgorithmFamily::Ed => "Ed25519",
+    }
+}
+
+impl Key {
+    /// Builds and probes a key.
+    ///
+    /// # Errors
+    /// [`KeyError`] saying what is wrong with the material.
+    pub fn from_spec(kid: Option<&str>, spec: &KeySpec) -> Result<Self, KeyError> {
+        let alg = parse_alg(&spec.alg)?;
+        let family = alg.family();
+        let given = [
+            spec.secret.is_some(),
+            spec.pem.is_some(),
+            spec.jwk.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() != 1 {
+            return Err(KeyError::Mismatch(
+                "give exactly one of secret, pem or jwk".into(),
+            ));
+        }
+        let (decoding, encoding) = if let Some(secret) = &spec.secret {
+            if family != AlgorithmFamily::Hmac {
+                return Err(KeyError::Mismatch(format!(
+                    "{} needs a public key (pem or jwk), not a secret",
+                    spec.alg
+                )));
+            }
+            if secret.len() < 16 {
+                return Err(KeyError::Mismatch(
+                    "HMAC secrets must be at least 16 bytes".into(),
+                ));
+            }
+            if secret.len() > MAX_KEY_BYTES {
+                return Err(KeyError::TooLarge);
+            }
+            (
+                DecodingKey::from_secret(secret.as_bytes()),
+                Some(EncodingKey::from_secret(secret.as_bytes())),
+            )
+        } else if let Some(pem) = &spec.pem {
+            if pem.len() > MAX_KEY_BYTES {
+                return Err(KeyError::TooLarge);
+            }
+            let bad = || KeyError::BadPem {
+                alg: spec.alg.clone(),
+                family: family_name(family),
+            };
+            let key = match family {
+                AlgorithmFamily::Hmac => {
+                    return Err(KeyError::Mismatch(format!(
+                        "{} is an HMAC alg: give a secret, not a PEM",
+                        spec.alg
+                    )));
+                }
+                AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(pem.as_bytes()),
+                AlgorithmFamily::Ec => DecodingKey::from_ec_pem(pem.as_bytes()),
+                AlgorithmFamily::Ed => DecodingKey::from_ed_pem(pem.as_bytes()),
+            }
+            .map_err(|_| bad())?;
+            probe(&key, alg).map_err(|_| bad())?;
+            (key, None)
+        } else {
+            let jwk = spec.jwk.as_ref().expect("counted above");
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| KeyError::BadJwk(e.to_string()))?;
+            if key.family() != family {
+                return Err(KeyError::Mismatch(format!(
+                    "the JWK is a {} key but alg is {}",
+                    family_name(key.family()),
+                    spec.alg
+                )));
+            }
+            probe(&key, alg).map_err(|e| KeyError::BadJwk(e.to_string()))?;
+            let encoding = match &jwk.algorithm {
+                AlgorithmParameters::OctetKey(_) => {
+                    key.try_get_as_bytes().ok().map(EncodingKey::from_secret)
+                }
+                _ => None,
+            };
+            (key, encoding)
+        };
+        Ok(Self {
+            kid: kid.map(Into::into),
+            alg,
+            decoding,
+            encoding,
+        })
+    }
+}
+
+/// A dummy verification: errors when the key material cannot be used with `alg`.
+fn probe(key: &DecodingKey, alg: Algorithm) -> jsonwebtoken::errors::Result<bool> {
+    jsonwebtoken::crypto::verify("AAAA", b"herald key probe", key, alg)
+}
+
+/// The algorithm a JWK declares, or the one its curve implies (EC, OKP).
+fn jwk_alg(jwk: &Jwk) -> Option<&'static str> {
+    if let Some(a) = jwk.common.key_algorithm {
+        return Some(match a {
+            KeyAlgorithm::HS256 => "HS256",
+            KeyAlgorithm::HS384 => "HS384",
+            KeyAlgorithm::HS512 => "HS512",
+            KeyAlgorithm::ES256 => "ES256",
+            KeyAlgorithm::ES384 => "ES384",
+            KeyAlgorithm::RS256 => "RS256",
+            KeyAlgorithm::RS384 => "RS384",
+            KeyAlgorithm::RS512 => "RS512",
+            KeyAlgorithm::PS256 => "PS256",
+            KeyAlgorithm::PS384 => "PS384",
+            KeyAlgorithm::PS512 => "PS512",
+            KeyAlgorithm::EdDSA => "EdDSA",
+            _ => return None,
+        });
+    }
+    match &jwk.algorithm {
+        AlgorithmParameters::EllipticCurve(p) => match p.curve {
+            EllipticCurve::P256 => Some("ES256"),
+            EllipticCurve::P384 => Some("ES384"),
+            _ => None,
+        },
+        AlgorithmParameters::OctetKeyPair(_) => Some("EdDSA"),
+        _ => None,
+    }
+}
+
+/// A key spec from one JWK, with `alg` taken from the JWK (or its curve).
+///
+/// # Errors
+/// No usable `alg`.
+pub fn spec_from_jwk(jwk: Jwk) -> Result<KeySpec, KeyError> {
+    let alg = jwk_alg(&jwk).ok_or_else(|| {
+        KeyError::BadJwk("the JWK needs an `alg` (RSA and oct keys do not imply one)".into())
+    })?;
+    Ok(KeySpec {
+        alg: alg.into(),
+        secret: None,
+        pem: None,
+        jwk: Some(jwk),
+    })
+}
+
+/// Parses a JWKS document into (kid, spec) pairs.
+///
+/// # Errors
+/// Not a JWKS, an entry without `kid`, or an entry without a usable `alg`.
+pub fn parse_jwks(text: &str) -> Result<Vec<(String, KeySpec)>, KeyError> {
+    if text.len() > MAX_KEY_BYTES {
+        return Err(KeyError::TooLarge);
+    }
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| KeyError::BadJwk(e.to_string()))?;
+    set.keys
+        .into_iter()
+        .enumerate()
+        .map(|(i, jwk)| {
+            let kid = jwk
+                .common
+                .key_id
+                .clone()
+                .ok_or(KeyError::JwksWithoutKid(i))?;
+            Ok((kid, spec_from_jwk(jwk)?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(alg: &str) -> KeySpec {
+        KeySpec {
+            alg: alg.into(),
+            secret: None,
+            pem: None,
+            jwk: None,
+        }
+    }
+
+    #[test]
+    fn hmac_rules() {
+        let ok = KeySpec {
+            secret: Some("0123456789abcdef".into()),
+            ..spec("HS256")
+        };
+        assert!(Key::from_spec(Some("a"), &ok).is_ok());
+        let short = KeySpec {
+            secret: Some("short".into()),
+            ..spec("HS256")
+        };
+        assert!(matches!(
+            Key::from_spec(None, &short),
+            Err(KeyError::Mismatch(_))
+        ));
+        let rs_secret = KeySpec {
+            secret: Some("0123456789abcdef".into()),
+            ..spec("RS256")
+        };
+        assert!(matches!(
+            Key::from_spec(None, &rs_secret),
+            Err(KeyError::Mismatch(_))
+        ));
+        assert!(matches!(
+            Key::from_spec(None, &spec("HS256")),
+            Err(KeyError::Mismatch(_))
+        ));
+        assert_eq!(
+            Key::from_spec(
+                None,
+                &KeySpec {
+                    secret: Some("x".repeat(17)),
+                    ..spec("none")
+                }
+            )
+            .err(),
+            Some(KeyError::UnknownAlg("none".into()))
+        );
+    }
+
+    #[test]
+    fn malformed_pem_is_refused() {
+        for alg in ["RS256", "PS256", "ES256", "EdDSA"] {
+            let bad = KeySpec {
+                pem: Some("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".into()),
+                ..spec(alg)
+            };
+            assert!(
+                matches!(Key::from_spec(None, &bad), Err(KeyError::BadPem { .. })),
+                "{alg}"
+            );
+            let garbage = KeySpec {
+                pem: Some("not a pem".into()),
+                ..spec(alg)
+            };
+            assert!(matches!(
+                Key::from_spec(None, &garbage),
+                Err(KeyError::BadPem { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn jwks() {
+        let ok = r#"{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"e1",
+            "x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
+        let keys = parse_jwks(ok).unwrap();
+        assert_eq!(keys[0].0, "e1");
+        assert_eq!(keys[0].1.alg, "EdDSA");
+        assert!(Key::from_spec(Some("e1"), &keys[0].1).is_ok());
+        let no_kid = r#"{"keys":[{"kty":"OKP","crv":"Ed25519",
+            "x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
+        assert_eq!(parse_jwks(no_kid).err(), Some(KeyError::JwksWithoutKid(0)));
+        assert!(matches!(parse_jwks("{}"), Err(KeyError::BadJwk(_))));
+    }
+}
