@@ -240,14 +240,22 @@ impl Admin {
             info!("SIGHUP: running on the embedded default; nothing to reload");
             return;
         };
-        let config = match Config::load(path).and_then(|c| c.validate().map(|()| c)) {
+        let mut inner = self.lock();
+        let config = match Config::load(path).and_then(|mut c| {
+            // Command-line overrides of the running process still apply.
+            let running = &inner.config.server;
+            c.server.listen = running.listen;
+            c.server.api_listen = running.api_listen;
+            c.server.shards = running.shards;
+            c.server.state_dir.clone_from(&running.state_dir);
+            c.validate().map(|()| c)
+        }) {
             Ok(c) => c,
             Err(e) => {
                 warn!("SIGHUP: reload refused, old settings stay: {e}");
                 return;
             }
         };
-        let mut inner = self.lock();
         if config.server != inner.config.server || config.ws != inner.config.ws {
             warn!("SIGHUP: [server] and [ws] changes take effect only after a restart");
         }

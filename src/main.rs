@@ -126,6 +126,16 @@ fn main() -> ExitCode {
                 cfg.server.state_dir = Some(d);
             }
             init_logging(&cfg, log_json);
+            if !cfg.server.transparent_huge_pages {
+                // SAFETY: prctl with integer arguments only; affects this process's memory map.
+                let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+                if r != 0 {
+                    warn!(
+                        "could not disable transparent huge pages: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+            }
             if dev || cfg.uses_dev_keys() {
                 warn!(
                     "!!! DEVELOPMENT MODE: public demo secrets are in use (project `demo`, \
@@ -216,15 +226,6 @@ fn serve(cfg: &Config, config_path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    println!(
-        "{}",
-        serde_json::json!({
-            "event": "ready",
-            "listen": handle.listen.to_string(),
-            "api_listen": handle.api_listen.to_string(),
-            "shards": handle.hub.nr_shards(),
-        })
-    );
     let hub = handle.hub.clone();
     let admin = handle.admin.clone();
     let signal_set = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
@@ -249,6 +250,16 @@ fn serve(cfg: &Config, config_path: Option<PathBuf>) -> ExitCode {
             }
         })
         .expect("spawning the signal thread");
+    // Only now: a SIGTERM sent as soon as this line is read must find the handlers installed.
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "ready",
+            "listen": handle.listen.to_string(),
+            "api_listen": handle.api_listen.to_string(),
+            "shards": handle.hub.nr_shards(),
+        })
+    );
     handle.join();
     tracing::info!("stopped");
     ExitCode::SUCCESS

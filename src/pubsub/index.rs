@@ -1,13 +1,19 @@
 //! The per-shard topic index: which local connections subscribe to which topic.
 //!
 //! Owned by one shard, touched by one thread, so no locks. A topic's subscribers are a dense
-//! `Vec` of slab slots (4 bytes each): fan-out is a linear walk, and removal is `swap_remove`
+//! list of slab slots (4 bytes each): fan-out is a linear walk, and removal is `swap_remove`
 //! at a position the connection remembers, so unsubscribing is O(1) and a unicast topic
 //! (`user.<sub>`) costs the same whatever the total number of connections.
+//!
+//! Memory matters here (every connection has its own `user.<sub>` topic): a topic's name is
+//! stored once, in its entry; the per-project name table holds only topic ids and hashes the
+//! entry's name; a list of up to two subscribers lives inline, without a heap allocation.
 
-use std::collections::HashMap;
+use std::hash::BuildHasher;
 
+use hashbrown::HashTable;
 use slab::Slab;
+use smallvec::SmallVec;
 
 /// Shard-local id of a topic with at least one local subscriber.
 pub type TopicId = u32;
@@ -20,16 +26,18 @@ struct Entry {
     /// Name, as published to.
     name: Box<str>,
     /// Subscribed slots, in no particular order.
-    subs: Vec<u32>,
+    subs: SmallVec<[u32; 2]>,
 }
 
 /// Topics of one shard, per project.
 #[derive(Debug, Default)]
 pub struct TopicIndex {
-    /// `by_name[project][name]` → topic id.
-    by_name: Vec<HashMap<Box<str>, TopicId>>,
+    /// `by_name[project]`: topic ids, found by hashing the name stored in their entry.
+    by_name: Vec<HashTable<TopicId>>,
     /// The topics themselves.
     topics: Slab<Entry>,
+    /// Hashes topic names.
+    hasher: std::collections::hash_map::RandomState,
 }
 
 /// What a subscription records so that it can be undone in O(1).
@@ -42,9 +50,16 @@ pub struct Sub {
 }
 
 impl TopicIndex {
+    fn hash(&self, name: &str) -> u64 {
+        self.hasher.hash_one(name)
+    }
+
     /// Topic id of `name` in `project`, if it has local subscribers.
     pub fn lookup(&self, project: u32, name: &str) -> Option<TopicId> {
-        self.by_name.get(project as usize)?.get(name).copied()
+        let table = self.by_name.get(project as usize)?;
+        table
+            .find(self.hash(name), |&t| *self.topics[t as usize].name == *name)
+            .copied()
     }
 
     /// Subscribed slots of a topic.
@@ -67,17 +82,21 @@ impl TopicIndex {
     pub fn subscribe(&mut self, project: u32, name: &str, slot: u32) -> Sub {
         let p = project as usize;
         if self.by_name.len() <= p {
-            self.by_name.resize_with(p + 1, HashMap::new);
+            self.by_name.resize_with(p + 1, HashTable::new);
         }
-        let topic = match self.by_name[p].get(name) {
-            Some(&t) => t,
+        let topic = match self.lookup(project, name) {
+            Some(t) => t,
             None => {
-                let t = self.topics.insert(Entry {
+                let entry = Entry {
                     project,
                     name: name.into(),
-                    subs: Vec::new(),
-                }) as TopicId;
-                self.by_name[p].insert(name.into(), t);
+                    subs: SmallVec::new(),
+                };
+                let t = self.topics.insert(entry) as TopicId;
+                let hash = self.hash(name);
+                let (topics, hasher) = (&self.topics, &self.hasher);
+                self.by_name[p]
+                    .insert_unique(hash, t, |&t| hasher.hash_one(&*topics[t as usize].name));
                 t
             }
         };
@@ -95,12 +114,17 @@ impl TopicIndex {
         let entry = &mut self.topics[sub.topic as usize];
         entry.subs.swap_remove(sub.pos as usize);
         if entry.subs.is_empty() {
+            let hash = self.hash(&self.topics[sub.topic as usize].name);
             let entry = self.topics.remove(sub.topic as usize);
-            self.by_name[entry.project as usize].remove(&entry.name);
+            if let Ok(e) =
+                self.by_name[entry.project as usize].find_entry(hash, |&t| t == sub.topic)
+            {
+                e.remove();
+            }
             return None;
         }
         if entry.subs.capacity() > 64 && entry.subs.len() < entry.subs.capacity() / 4 {
-            entry.subs.shrink_to(entry.subs.len() * 2);
+            entry.subs.shrink_to_fit();
         }
         entry.subs.get(sub.pos as usize).copied()
     }
@@ -130,5 +154,26 @@ mod tests {
         assert_eq!(ix.lookup(0, "news"), None);
         assert_eq!(ix.lookup(1, "news"), Some(other.topic));
         assert_eq!(ix.nr_topics(), 1);
+        assert_eq!(ix.name(other.topic), "news");
+    }
+
+    #[test]
+    fn many_topics_grow_and_shrink() {
+        let mut ix = TopicIndex::default();
+        let subs: Vec<Sub> = (0..5000)
+            .map(|i| ix.subscribe(0, &format!("user.{i}"), i))
+            .collect();
+        assert_eq!(ix.nr_topics(), 5000);
+        for i in (0..5000).step_by(7) {
+            assert_eq!(
+                ix.subscribers(ix.lookup(0, &format!("user.{i}")).unwrap()),
+                &[i]
+            );
+        }
+        for s in subs {
+            assert_eq!(ix.unsubscribe(s), None);
+        }
+        assert_eq!(ix.nr_topics(), 0);
+        assert_eq!(ix.lookup(0, "user.1"), None);
     }
 }

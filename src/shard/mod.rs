@@ -501,8 +501,28 @@ async fn run(spec: ShardSpec) {
         _ = monoio::time::sleep(drain_timeout) => {
             let left = shard.borrow().conns.len();
             info!(shard = id, left, "drain timeout; dropping the remaining connections");
+            // Drop the rest: each task ends, removes its connection and drops its socket.
+            // (Returning with them still open left their sockets open for as long as the
+            // process lived, and for ever in an in-process server.)
+            let slots: Vec<u32> = shard.borrow().conns.iter().map(|(k, _)| k as u32).collect();
+            for slot in slots {
+                shard.borrow_mut().kill(slot);
+            }
+            let empty = Lifecycle {
+                shard: &shard,
+                want_empty: true,
+            };
+            monoio::select! {
+                _ = empty => {}
+                _ = monoio::time::sleep(CLOSE_GRACE) => {}
+            }
         }
     }
+    // Under io_uring, monoio closes a dropped socket with a `Close` op that is only queued;
+    // the runtime submits it when it next parks. Park once more before returning, or the
+    // sockets dropped last are never closed: their peers wait for EOF until the process
+    // exits, and an in-process server leaks them.
+    monoio::time::sleep(Duration::from_millis(1)).await;
 }
 
 async fn accept_loop(shard: &Rc<RefCell<Shard>>, listener: &monoio::net::TcpListener) {

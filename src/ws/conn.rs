@@ -53,8 +53,6 @@ pub struct Identity {
     pub device: Option<Box<str>>,
     /// Token `topics` (subscription allowlist); `None` = any topic.
     pub topics: Option<Box<[Box<str>]>>,
-    /// Token `exp`.
-    pub exp: Option<u64>,
     /// `kid` of the key that verified the token (revoking it disconnects).
     pub kid: Option<Arc<str>>,
     /// Connect time, ms since the epoch.
@@ -180,28 +178,31 @@ pub fn push_frame(
     Push::Queued
 }
 
-enum Wake {
-    Readable(bool),
-    Writable(bool),
-    Signal,
-}
-
-/// Resolves when the shard kills the connection or its write interest changes.
-struct Signal<'a> {
+/// Waits for the socket (`io`: a readable or writable poll) or for the shard to signal the
+/// connection: killed, or its write interest changed. Hand-rolled rather than `select!` to keep
+/// the per-connection task small.
+struct Wait<'a, F> {
+    io: F,
     shard: &'a RefCell<Shard>,
     slot: u32,
     want_write: bool,
 }
 
-impl Future for Signal<'_> {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut s = self.shard.borrow_mut();
-        let Some(c) = s.conns.get_mut(self.slot as usize) else {
-            return Poll::Ready(());
+impl<F: Future<Output = io::Result<()>>> Future for Wait<'_, F> {
+    type Output = Option<bool>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<bool>> {
+        // SAFETY: `io` is structurally pinned: it is never moved out of `self`.
+        let this = unsafe { self.get_unchecked_mut() };
+        let io = unsafe { Pin::new_unchecked(&mut this.io) };
+        if let Poll::Ready(r) = io.poll(cx) {
+            return Poll::Ready(Some(r.is_ok()));
+        }
+        let mut s = this.shard.borrow_mut();
+        let Some(c) = s.conns.get_mut(this.slot as usize) else {
+            return Poll::Ready(None);
         };
-        if c.kill || c.want_write != self.want_write {
-            return Poll::Ready(());
+        if c.kill || c.want_write != this.want_write {
+            return Poll::Ready(None);
         }
         if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             c.waker = Some(cx.waker().clone());
@@ -222,32 +223,36 @@ pub async fn drive(
             Some(c) if !c.kill => c.want_write,
             _ => break,
         };
-        let signal = Signal {
-            shard: &shard,
-            slot,
-            want_write,
-        };
-        let wake = if want_write {
-            monoio::select! {
-                r = stream.readable(false) => Wake::Readable(r.is_ok()),
-                w = stream.writable(false) => Wake::Writable(w.is_ok()),
-                _ = signal => Wake::Signal,
+        // While the socket's send buffer is full, wait for it to drain and do not read: the
+        // peer gets back-pressure.
+        let ready = if want_write {
+            let io = stream.writable(false);
+            Wait {
+                io,
+                shard: &shard,
+                slot,
+                want_write,
             }
+            .await
         } else {
-            monoio::select! {
-                r = stream.readable(false) => Wake::Readable(r.is_ok()),
-                _ = signal => Wake::Signal,
+            let io = stream.readable(false);
+            Wait {
+                io,
+                shard: &shard,
+                slot,
+                want_write,
             }
+            .await
         };
         let mut s = shard.borrow_mut();
-        match wake {
-            Wake::Readable(true) => s.on_readable(slot),
-            Wake::Writable(true) => {
+        match ready {
+            Some(true) if want_write => {
                 s.flush(slot);
                 s.flush_dirty();
             }
-            Wake::Readable(false) | Wake::Writable(false) => s.kill(slot),
-            Wake::Signal => {}
+            Some(true) => s.on_readable(slot),
+            Some(false) => s.kill(slot),
+            None => {}
         }
     }
     shard.borrow_mut().remove(slot, generation);
@@ -451,6 +456,7 @@ impl Shard {
     /// Completes the upgrade: 101, welcome, implicit subscriptions, expiry.
     fn open(&mut self, slot: u32, up: &Upgrade, project: Arc<Project>, verified: Verified) {
         let Verified { claims, kid } = verified;
+        let project_counter = project.nr_connections.clone();
         let hb_secs = self.limits.heartbeat.as_millis().div_ceil(1000) as u64;
         let id = ConnId {
             shard: self.id,
@@ -489,10 +495,10 @@ impl Shard {
             topics: claims
                 .topics
                 .map(|t| t.into_iter().map(Into::into).collect()),
-            exp: claims.exp,
             kid,
             connected_at: crate::hub::now_ms(),
         }));
+        self.conns[slot as usize].subs = Vec::with_capacity(implicit.len());
         for t in &implicit {
             let sub = self.topics.subscribe(project_idx, t.as_str(), slot);
             self.conns[slot as usize].subs.push(sub);
@@ -502,12 +508,9 @@ impl Shard {
             self.expiries
                 .push(std::cmp::Reverse((expires_at, slot, id.generation)));
         }
-        self.hub
-            .nr_connections
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.stats
-            .connections
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.hub.nr_connections.fetch_add(1, Ordering::Relaxed);
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        project_counter.fetch_add(1, Ordering::Relaxed);
         ShardStats::add(&self.stats.handshakes[ShardStats::outcome("accepted")], 1);
         debug!(conn = %id, "connection open");
     }
@@ -673,8 +676,13 @@ impl Shard {
             Op::Refresh(token) => {
                 let c = &self.conns[slot as usize];
                 let id = c.identity.as_ref().expect("open connections have one");
-                let Verified { claims, kid } = id
-                    .project
+                // Verify with the project's keys as they are now (rotated in or revoked since
+                // the connection opened), not as they were at the handshake.
+                let registry = self.hub.registry.load();
+                let Some(project) = registry.project(&id.project.id) else {
+                    return Err((ErrorCode::Forbidden, "the project no longer exists".into()));
+                };
+                let Verified { claims, kid } = project
                     .verify(token)
                     .map_err(|e| (ErrorCode::Forbidden, format!("refresh refused: {e}")))?;
                 if *claims.sub != *id.user {
@@ -682,12 +690,11 @@ impl Shard {
                 }
                 let expires_at = claims
                     .exp
-                    .map_or(0, |e| e.saturating_add(id.project.leeway_secs));
+                    .map_or(0, |e| e.saturating_add(project.leeway_secs));
                 let generation = c.generation;
                 let c = &mut self.conns[slot as usize];
                 c.expires_at = expires_at;
                 let id = c.identity.as_mut().expect("checked above");
-                id.exp = claims.exp;
                 id.kid = kid;
                 if expires_at > 0 {
                     self.expiries
@@ -698,12 +705,12 @@ impl Shard {
             Op::Publish(name, data) => {
                 let topic = Topic::parse(name).map_err(bad)?;
                 let c = &self.conns[slot as usize];
-                let project = c
-                    .identity
-                    .as_ref()
-                    .expect("open connections have one")
-                    .project
-                    .clone();
+                let id = c.identity.as_ref().expect("open connections have one");
+                // Settings as they are now (a reload may have changed them).
+                let registry = self.hub.registry.load();
+                let Some(project) = registry.project(&id.project.id).cloned() else {
+                    return Err((ErrorCode::Forbidden, "the project no longer exists".into()));
+                };
                 if !project.allow_client_publish {
                     return Err((
                         ErrorCode::Forbidden,
@@ -883,13 +890,10 @@ impl Shard {
             self.unsubscribe_at(slot, last);
         }
         let c = self.conns.remove(slot as usize);
-        if c.identity.is_some() {
-            self.hub
-                .nr_connections
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            self.stats
-                .connections
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(id) = &c.identity {
+            self.hub.nr_connections.fetch_sub(1, Ordering::Relaxed);
+            self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+            id.project.nr_connections.fetch_sub(1, Ordering::Relaxed);
         }
         // Read what the peer still sent so closing does not turn into a reset that could
         // discard our close frame at the peer.
@@ -920,4 +924,25 @@ enum Reply {
     Ack,
     AckExp(Option<u64>),
     Pong,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, B, C, D, F: Future>(_: fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The idle-memory budget (~1 KiB per connection) is dominated by the connection task:
+    /// monoio adds a 48 B header, so a future of at most 336 B lands in mimalloc's 384 B size
+    /// class (448 B did, in the 512 B class, before `Wait` replaced a three-way `select!`).
+    #[test]
+    fn idle_connection_footprint() {
+        let task = future_size(drive);
+        let conn = std::mem::size_of::<Conn>();
+        eprintln!("drive future {task} B, Conn {conn} B");
+        assert!(task <= 336, "drive future is {task} B");
+        assert!(conn <= 192, "Conn is {conn} B");
+    }
 }
