@@ -246,6 +246,19 @@ def now() -> int:
     return int(time.time())
 
 
+def token_payload(sub: str | None, exp: int | None | str, claims: dict[str, Any]) -> dict[str, Any]:
+    """JWT claims: `sub` and `exp` unless None (`exp="default"` is an hour from now), plus extras."""
+    payload: dict[str, Any] = {}
+    if sub is not None:
+        payload["sub"] = sub
+    if exp == "default":
+        exp = now() + 3600
+    if exp is not None:
+        payload["exp"] = exp
+    payload.update(claims)
+    return payload
+
+
 def mint(
     sub: str | None = "alice",
     project: str = "shop",
@@ -256,14 +269,7 @@ def mint(
     **claims: Any,
 ) -> str:
     """HS256 token for `project` (its secret unless `secret` is given). `exp=None` omits exp."""
-    payload: dict[str, Any] = {}
-    if sub is not None:
-        payload["sub"] = sub
-    if exp == "default":
-        exp = now() + 3600
-    if exp is not None:
-        payload["exp"] = exp
-    payload.update(claims)
+    payload = token_payload(sub, exp, claims)
     headers = {"kid": kid} if kid is not None else None
     key = secret if secret is not None else PROJECTS[project]["secret"]
     return jwt.encode(payload, key, algorithm="HS256", headers=headers)

@@ -1,0 +1,441 @@
+//! The real binary: SIGTERM drains (close 1001 to every client, exit 0 within the drain
+//! time), and the CLI commands `check-config`, `genconfig` and `token`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+const HERALD: &str = env!("CARGO_BIN_EXE_herald");
+/// `server.drain_timeout_ms` of the spawned server.
+const DRAIN: Duration = Duration::from_millis(3000);
+
+/// A fresh directory for one test's files, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("herald-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+
+    fn write(&self, file: &str, text: &str) -> PathBuf {
+        let path = self.0.join(file);
+        std::fs::write(&path, text).expect("write temp file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The test projects as a TOML config file.
+fn config_toml(state_dir: &Path) -> String {
+    format!(
+        r#"[server]
+shards = 2
+pin_cores = false
+drain_timeout_ms = {drain}
+state_dir = "{state}"
+
+[api]
+admin_key = "{ADMIN_KEY}"
+
+[log]
+level = "warn"
+
+[[projects]]
+id = "shop"
+api_key = "{SHOP_API_KEY}"
+
+[[projects.keys]]
+kid = "k1"
+alg = "HS256"
+secret = "{SHOP_SECRET}"
+
+[[projects]]
+id = "blog"
+api_key = "{BLOG_API_KEY}"
+
+[[projects.keys]]
+kid = "k1"
+alg = "HS256"
+secret = "{BLOG_SECRET}"
+"#,
+        drain = DRAIN.as_millis(),
+        state = state_dir.display(),
+    )
+}
+
+/// A spawned `herald serve`, killed on drop if it is still running.
+struct Spawned {
+    child: Child,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    /// Lines of stdout, as they come.
+    stdout: mpsc::Receiver<String>,
+}
+
+impl Spawned {
+    /// Starts the binary and waits for its ready line; returns it with the parsed line.
+    fn serve(config: &Path) -> (Self, Value) {
+        let mut child = Command::new(HERALD)
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn herald");
+        // Drain stderr on a thread so logging can never block the server on a full pipe.
+        let mut err = child.stderr.take().expect("piped stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut spawned = Self {
+            child,
+            stderr: Some(stderr),
+            stdout: rx,
+        };
+        let line = match spawned.stdout.recv_timeout(TIMEOUT * 3) {
+            Ok(line) => line,
+            other => {
+                let _ = spawned.child.kill();
+                let _ = spawned.child.wait();
+                panic!(
+                    "no ready line ({other:?}); stderr: {}",
+                    spawned.stderr.take().unwrap().join().unwrap()
+                );
+            }
+        };
+        let ready: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: ready line {line}"));
+        (spawned, ready)
+    }
+
+    /// Lines printed on stdout after the ready line, once the process has exited.
+    fn extra_stdout(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = self.stdout.recv_timeout(TIMEOUT) {
+            lines.push(line);
+        }
+        lines
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits for the exit, at most `limit`.
+    fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "still running after {limit:?}; stderr so far is in the child"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[test]
+fn sigterm_closes_every_client_with_1001_and_exits_0() {
+    let dir = TempDir::new("sigterm");
+    let config = dir.write("herald.toml", &config_toml(&dir.0.join("state")));
+    let (mut server, ready) = Spawned::serve(&config);
+
+    // The one ready line: exactly these fields, real ports.
+    let obj = ready.as_object().expect("JSON object");
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["api_listen", "event", "listen", "shards"], "{ready}");
+    assert_eq!(ready["event"], "ready");
+    assert_eq!(ready["shards"], 2);
+    let listen: std::net::SocketAddr = ready["listen"].as_str().unwrap().parse().unwrap();
+    let api: std::net::SocketAddr = ready["api_listen"].as_str().unwrap().parse().unwrap();
+    assert!(listen.ip().is_loopback() && listen.port() != 0, "{ready}");
+    assert!(
+        api.ip().is_loopback() && api.port() != 0 && api != listen,
+        "{ready}"
+    );
+
+    let mut clients: Vec<Client> = ["alice", "bob", "carol"]
+        .iter()
+        .map(|u| connect_user(listen, if *u == "bob" { "blog" } else { "shop" }, u).0)
+        .collect();
+    // The API serves the same node.
+    let r = publish(
+        api,
+        SHOP_API_KEY,
+        r#"{"project":"shop","topic":"all","data":1}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // alice and carol are in shop (every other client).
+    for ws in clients.iter_mut().step_by(2) {
+        let (_, data, _, _) = split_message(&recv_text(ws));
+        assert_eq!(data, "1");
+    }
+
+    // SAFETY: kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(server.pid(), libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    let signalled = Instant::now();
+    for ws in &mut clients {
+        let (code, reason) = expect_close(ws);
+        assert_eq!(code, 1001, "{reason}");
+    }
+    let status = server.wait(DRAIN + Duration::from_secs(5));
+    assert!(status.success(), "exit status {status:?}");
+    // Every client answered the close, so the drain ends before its timeout.
+    assert!(
+        signalled.elapsed() < DRAIN,
+        "exit took {:?}",
+        signalled.elapsed()
+    );
+    assert_eq!(
+        server.extra_stdout(),
+        Vec::<String>::new(),
+        "one line on stdout"
+    );
+    // Nothing listens any more.
+    assert!(std::net::TcpStream::connect_timeout(&listen, TIMEOUT).is_err());
+}
+
+#[test]
+fn drain_exits_even_when_clients_do_not_answer() {
+    let dir = TempDir::new("deaf");
+    let config = dir.write("herald.toml", &config_toml(&dir.0.join("state")));
+    let (mut server, ready) = Spawned::serve(&config);
+    let listen: std::net::SocketAddr = ready["listen"].as_str().unwrap().parse().unwrap();
+    // A raw client that never answers the close frame.
+    let (mut deaf, _) = RawClient::upgrade(listen, "shop", &token("shop", "deaf").0);
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(server.pid(), libc::SIGTERM) }, 0);
+    assert_eq!(deaf.expect_close().0, 1001);
+    let status = server.wait(DRAIN + Duration::from_secs(5));
+    assert!(status.success(), "exit status {status:?}");
+    deaf.expect_eof();
+}
+
+#[test]
+fn sigterm_right_after_the_ready_line_drains() {
+    // The ready line promises a serving process: a SIGTERM sent the moment it is read must
+    // drain and exit 0, not kill the process with the default signal action. Repeated, since
+    // a window between the ready line and the signal handlers is narrow.
+    let dir = TempDir::new("early-term");
+    let config = dir.write("herald.toml", &config_toml(&dir.0.join("state")));
+    for _ in 0..25 {
+        let (mut server, ready) = Spawned::serve(&config);
+        assert_eq!(ready["event"], "ready");
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(server.pid(), libc::SIGTERM) }, 0);
+        let status = server.wait(DRAIN + Duration::from_secs(5));
+        assert!(status.success(), "exit status {status:?}");
+    }
+}
+
+/// Waits for a background join, at most `limit`.
+fn join_within(t: std::thread::JoinHandle<()>, limit: Duration) -> Duration {
+    let start = Instant::now();
+    while !t.is_finished() {
+        assert!(start.elapsed() < limit, "server not joined after {limit:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t.join().expect("server thread");
+    start.elapsed()
+}
+
+fn in_process_drain(driver: herald::config::IoDriver) {
+    let server = TestServer::start(|c| {
+        c.server.io_driver = driver;
+        c.server.drain_timeout_ms = DRAIN.as_millis() as u64;
+    });
+    let mut clients: Vec<(Client, Welcome)> = (0..8)
+        .map(|i| connect_user(server.listen, "shop", &format!("u{i}")))
+        .collect();
+    let shards: std::collections::BTreeSet<u16> = clients.iter().map(|(_, w)| w.shard).collect();
+    assert_eq!(shards.len(), 2, "both shards hold clients");
+    let hub = server.hub.clone();
+    let joined = server.drain_in_background();
+    // Each client gets 1001, answers, and sees the server close the socket (EOF).
+    for (ws, w) in &mut clients {
+        let (code, reason) = expect_close(ws);
+        assert_eq!(
+            (code, reason.as_str()),
+            (1001, "server shutting down"),
+            "{}",
+            w.conn
+        );
+    }
+    // Every client answered, so the shards end before the drain timeout.
+    let waited = join_within(joined, DRAIN + Duration::from_secs(5));
+    assert!(waited < DRAIN, "join took {waited:?}");
+    assert_eq!(hub.phase(), herald::hub::Phase::Stopped);
+}
+
+#[test]
+fn in_process_drain_closes_every_socket_io_uring() {
+    in_process_drain(herald::config::IoDriver::Auto);
+}
+
+#[test]
+fn in_process_drain_closes_every_socket_epoll() {
+    in_process_drain(herald::config::IoDriver::Legacy);
+}
+
+#[test]
+fn in_process_drain_timeout_drops_deaf_clients() {
+    let server = TestServer::start(|c| c.server.drain_timeout_ms = 500);
+    let (mut deaf, _) = RawClient::upgrade(server.listen, "shop", &token("shop", "deaf").0);
+    let joined = server.drain_in_background();
+    assert_eq!(deaf.expect_close().0, 1001);
+    // Never answered: dropped at the drain timeout, socket closed.
+    let waited = deaf.expect_eof();
+    assert!(waited < Duration::from_secs(3), "EOF after {waited:?}");
+    join_within(joined, Duration::from_secs(5));
+}
+
+/// Runs the binary to completion with a timeout; returns (status, stdout, stderr).
+fn run(args: &[&str]) -> (ExitStatus, String, String) {
+    let mut child = Command::new(HERALD)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn herald");
+    let (tx, rx) = mpsc::channel();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        let mut o = String::new();
+        let mut e = String::new();
+        let _ = out.read_to_string(&mut o);
+        let _ = err.read_to_string(&mut e);
+        let _ = tx.send((o, e));
+    });
+    let (o, e) = rx.recv_timeout(TIMEOUT * 3).unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!("herald {args:?} did not finish");
+    });
+    let status = child.wait().expect("wait");
+    (status, o, e)
+}
+
+#[test]
+fn check_config_names_a_mistyped_key() {
+    let dir = TempDir::new("typo");
+    let good = config_toml(&dir.0.join("state"));
+    let path = dir.write("good.toml", &good);
+    let (status, out, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+    assert!(status.success(), "{out}{err}");
+
+    let typo = good.replace("drain_timeout_ms", "drain_timout_ms");
+    let path = dir.write("typo.toml", &typo);
+    let (status, out, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+    assert!(!status.success(), "accepted a typo: {out}");
+    assert!(
+        err.contains("drain_timout_ms"),
+        "stderr does not name the key: {err}"
+    );
+
+    let bad_value = good.replace("alg = \"HS256\"", "alg = \"HS999\"");
+    let path = dir.write("alg.toml", &bad_value);
+    let (status, _, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+    assert!(!status.success());
+    assert!(err.contains("alg"), "stderr does not name the key: {err}");
+}
+
+#[test]
+fn genconfig_output_passes_check_config() {
+    let dir = TempDir::new("genconfig");
+    let (status, generated, err) = run(&["genconfig"]);
+    assert!(status.success(), "{err}");
+    let path = dir.write("generated.toml", &generated);
+    let (status, out, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+    assert!(status.success(), "generated config refused: {out}{err}");
+    // Two runs make different secrets.
+    let (_, again, _) = run(&["genconfig"]);
+    assert_ne!(generated, again);
+}
+
+#[test]
+fn token_command_output_verifies_with_jsonwebtoken() {
+    let dir = TempDir::new("token");
+    let path = dir.write("herald.toml", &config_toml(&dir.0.join("state")));
+    let (status, out, err) = run(&[
+        "token",
+        "--config",
+        path.to_str().unwrap(),
+        "--project",
+        "shop",
+        "--sub",
+        "alice",
+        "--ttl",
+        "600",
+        "--topics",
+        "news,chat.*",
+        "--device",
+        "phone-1",
+    ]);
+    assert!(status.success(), "{err}");
+    let jwt = out.trim();
+    assert_eq!(out, format!("{jwt}\n"), "one line");
+    let header = jsonwebtoken::decode_header(jwt).expect("JWT header");
+    assert_eq!(header.alg, Algorithm::HS256);
+    assert_eq!(header.kid.as_deref(), Some("k1"));
+    let mut v = Validation::new(Algorithm::HS256);
+    v.set_required_spec_claims(&["sub", "exp"]);
+    let claims =
+        jsonwebtoken::decode::<Value>(jwt, &DecodingKey::from_secret(SHOP_SECRET.as_bytes()), &v)
+            .expect("verifies with shop's secret")
+            .claims;
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["topics"], serde_json::json!(["news", "chat.*"]));
+    assert_eq!(claims["device"], "phone-1");
+    let exp = claims["exp"].as_u64().expect("numeric exp");
+    let now = now_secs();
+    assert!(
+        exp > now + 590 && exp <= now + 600,
+        "exp {exp} vs now {now}"
+    );
+    // Not with blog's.
+    assert!(
+        jsonwebtoken::decode::<Value>(jwt, &DecodingKey::from_secret(BLOG_SECRET.as_bytes()), &v)
+            .is_err()
+    );
+}
