@@ -52,6 +52,8 @@ pub struct Hub {
     pub nr_connections: AtomicUsize,
     /// Cap from the config; 0 = none.
     pub max_connections: usize,
+    /// Publishes accepted through the API (written by the API thread only).
+    pub api_published: AtomicU64,
     phase: AtomicU8,
     /// Publish sequence, for message ids.
     seq: AtomicU64,
@@ -80,6 +82,7 @@ impl Hub {
             registry,
             nr_connections: AtomicUsize::new(0),
             max_connections,
+            api_published: AtomicU64::new(0),
             phase: AtomicU8::new(Phase::Starting as u8),
             seq: AtomicU64::new(0),
             boot_ms: now_ms(),
@@ -125,6 +128,7 @@ impl Hub {
         if self.phase() == Phase::Draining {
             return Err(PublishError::Draining);
         }
+        let accepted_at = std::time::Instant::now();
         let id = self.next_message_id();
         let ts = now_ms();
         let frames = topics
@@ -136,7 +140,11 @@ impl Hub {
                 )
             })
             .collect();
-        let publication = Arc::new(Publication { project, frames });
+        let publication = Arc::new(Publication {
+            project,
+            frames,
+            accepted_at,
+        });
         for shard in route::shards_for_publication(self.nr_shards()) {
             self.mailboxes[shard]
                 .send(ShardMsg::Publish(publication.clone()))
@@ -152,6 +160,14 @@ impl Hub {
             // A full inbox still drains: the shard sees the phase on its next tick.
             let _ = m.send(ShardMsg::Drain);
         }
+    }
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("nr_shards", &self.nr_shards())
+            .finish_non_exhaustive()
     }
 }
 

@@ -1,9 +1,66 @@
 //! Per-shard counters, written only by the owning shard (relaxed atomics on the shard's own
-//! cache lines, so no cross-core contention) and summed by readers on the control plane.
+//! cache lines, so no cross-core contention) and summed by readers on the control plane; and
+//! the Prometheus exposition of them ([`encode`], `GET /metrics`), built on scrape by a
+//! `prometheus-client` collector that reads the atomics: nothing on the hot path knows about
+//! Prometheus.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::hub::Hub;
 use crate::ws::close::CLOSE_CODES;
+
+/// Upper bounds (seconds) of the publish-to-enqueue latency histogram buckets: from a few
+/// microseconds (an idle shard) to a second (a shard far behind its inbox).
+pub const ENQUEUE_BUCKETS: [f64; 14] = [
+    0.000_01, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 1.0,
+];
+
+/// A latency histogram owned by one shard: one atomic per bucket (non-cumulative; the last
+/// counts what is above every bound), written by the owner only, read on scrape.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket, indexed like [`ENQUEUE_BUCKETS`], plus one for +Inf.
+    buckets: [AtomicU64; ENQUEUE_BUCKETS.len() + 1],
+    /// Sum of the observations, nanoseconds.
+    sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one observation (owner thread only; relaxed).
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = ENQUEUE_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(ENQUEUE_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// (sum in seconds, count, per-bucket `(upper bound, count)` with +Inf last) as of now.
+    /// The counts are per bucket, not cumulative: the encoder accumulates them.
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let buckets: Vec<(f64, u64)> = ENQUEUE_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(self.buckets.iter().map(read))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        (read(&self.sum_ns) as f64 / 1e9, count, buckets)
+    }
+}
 
 /// Handshake outcomes counted separately.
 pub const HANDSHAKE_OUTCOMES: [&str; 7] = [
@@ -24,6 +81,8 @@ pub struct ShardStats {
     pub connections: AtomicI64,
     /// Handshakes by outcome, indexed like [`HANDSHAKE_OUTCOMES`].
     pub handshakes: [AtomicU64; 7],
+    /// Client publishes (the `publish` op) made on this shard.
+    pub published: AtomicU64,
     /// Publications taken from the inbox.
     pub publications: AtomicU64,
     /// Messages queued to a connection.
@@ -38,6 +97,8 @@ pub struct ShardStats {
     pub bytes_in: AtomicU64,
     /// Bytes written to clients.
     pub bytes_out: AtomicU64,
+    /// Time from `Hub::publish` to the last subscriber's queue, per publication.
+    pub publish_enqueue: LatencyHistogram,
 }
 
 impl ShardStats {
@@ -59,4 +120,176 @@ impl ShardStats {
 /// Reads a counter.
 pub fn read(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
+}
+
+/// The `/metrics` collector: reads the hub's counters on each scrape.
+#[derive(Debug)]
+struct HubCollector(Arc<Hub>);
+
+/// One counter summed over the shards.
+fn sum(hub: &Hub, pick: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
+    hub.stats.iter().map(|s| read(pick(s))).sum()
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    enc.encode_descriptor(name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, _, u64>(&value, None)
+}
+
+impl Collector for HubCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let hub = &*self.0;
+        let shards: Vec<String> = (0..hub.nr_shards()).map(|i| i.to_string()).collect();
+
+        let mut m = enc.encode_descriptor(
+            "herald_connections",
+            "Open (authenticated) connections, per shard.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, s) in hub.stats.iter().enumerate() {
+            let v = s.connections.load(Ordering::Relaxed).max(0);
+            m.encode_family(&[("shard", shards[i].as_str())])?
+                .encode_gauge(&v)?;
+        }
+
+        let mut m = enc.encode_descriptor(
+            "herald_project_connections",
+            "Open connections, per project.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in hub.registry.load().projects() {
+            let v = p.nr_connections.load(Ordering::Relaxed) as u64;
+            m.encode_family(&[("project", &*p.id)])?.encode_gauge(&v)?;
+        }
+
+        let mut m = enc.encode_descriptor(
+            "herald_handshakes",
+            "Handshakes by outcome (accepted or the refusal reason).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (i, outcome) in HANDSHAKE_OUTCOMES.iter().enumerate() {
+            let v = sum(hub, |s| &s.handshakes[i]);
+            m.encode_family(&[("outcome", *outcome)])?
+                .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+        }
+
+        let published = read(&hub.api_published) + sum(hub, |s| &s.published);
+        counter(
+            &mut enc,
+            "herald_messages_published",
+            "Publishes accepted (API and client), each counted once.",
+            published,
+        )?;
+        counter(
+            &mut enc,
+            "herald_messages_delivered",
+            "Messages queued to a connection.",
+            sum(hub, |s| &s.delivered),
+        )?;
+        counter(
+            &mut enc,
+            "herald_messages_dropped",
+            "Messages not queued: connection closing or over its queue cap.",
+            sum(hub, |s| &s.dropped),
+        )?;
+        counter(
+            &mut enc,
+            "herald_slow_consumer_closes",
+            "Connections closed (4008) for a full outbound queue.",
+            sum(hub, |s| &s.slow_consumer_closes),
+        )?;
+
+        let mut m = enc.encode_descriptor(
+            "herald_closes",
+            "Close frames sent, by close code.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (i, code) in CLOSE_CODES.iter().enumerate() {
+            let v = sum(hub, |s| &s.closes[i]);
+            m.encode_family(&[("code", code.to_string())])?
+                .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+        }
+
+        counter(
+            &mut enc,
+            "herald_bytes_in",
+            "Bytes read from clients.",
+            sum(hub, |s| &s.bytes_in),
+        )?;
+        counter(
+            &mut enc,
+            "herald_bytes_out",
+            "Bytes written to clients.",
+            sum(hub, |s| &s.bytes_out),
+        )?;
+
+        let mut m = enc.encode_descriptor(
+            "herald_shard_inbox_depth",
+            "Messages waiting in each shard's inbox.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, mb) in hub.mailboxes.iter().enumerate() {
+            m.encode_family(&[("shard", shards[i].as_str())])?
+                .encode_gauge(&(mb.depth() as u64))?;
+        }
+
+        let mut m = enc.encode_descriptor(
+            "herald_publish_enqueue_seconds",
+            "Time from accepting a publish to queueing it to the shard's last subscriber.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (i, s) in hub.stats.iter().enumerate() {
+            let (total, count, buckets) = s.publish_enqueue.snapshot();
+            m.encode_family(&[("shard", shards[i].as_str())])?
+                .encode_histogram::<NoLabelSet>(total, count, &buckets, None)?;
+        }
+        Ok(())
+    }
+}
+
+/// The Prometheus (OpenMetrics text) exposition of the node's counters, read now.
+///
+/// # Errors
+/// Formatting failed (never, for a `String`).
+pub fn encode(hub: &Arc<Hub>) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(HubCollector(hub.clone())));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// Content type of [`encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_per_bound_and_sum() {
+        let h = LatencyHistogram::default();
+        h.observe(Duration::from_micros(5)); // first bucket
+        h.observe(Duration::from_micros(10)); // on the bound: first bucket
+        h.observe(Duration::from_millis(3)); // 5 ms bucket
+        h.observe(Duration::from_secs(2)); // +Inf
+        let (sum, count, buckets) = h.snapshot();
+        assert_eq!(count, 4);
+        assert_eq!(buckets.len(), ENQUEUE_BUCKETS.len() + 1);
+        assert_eq!(buckets[0], (0.000_01, 2));
+        assert_eq!(buckets[7], (0.005, 1));
+        assert_eq!(*buckets.last().unwrap(), (f64::INFINITY, 1));
+        assert!((sum - 2.003_015).abs() < 1e-9, "{sum}");
+    }
 }

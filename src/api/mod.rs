@@ -2,6 +2,7 @@
 //! runtime. It never touches a connection: it sends commands to shards through the hub's
 //! mailboxes and reads the shards' counters.
 
+mod connections;
 mod projects;
 mod publish;
 
@@ -140,6 +141,18 @@ fn caller(hub: &Hub, req: &Request<Incoming>) -> Result<Caller, ApiError> {
     found.ok_or_else(|| unauthorized("unknown API key"))
 }
 
+/// Refuses anything but the admin key (403 for a project key), for `what` in the message.
+fn require_admin(hub: &Hub, req: &Request<Incoming>, what: &str) -> Result<(), ApiError> {
+    if caller(hub, req)? != Caller::Admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{what} needs the admin key"),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a body up to `max` bytes.
 async fn body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
     match Limited::new(req.into_body(), max).collect().await {
@@ -190,10 +203,19 @@ async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>
             Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
         }
         (["readyz"], &Method::GET) => Ok(readyz(hub)),
+        (["metrics"], &Method::GET) => metrics(hub),
         (["api", "v1", "publish"], &Method::POST) => publish::single(hub, settings, req).await,
         (["api", "v1", "publish", "batch"], &Method::POST) => {
             publish::batch(hub, settings, req).await
         }
+        (["api", "v1", "connections"], &Method::GET) => connections::list(hub, req).await,
+        (["api", "v1", "connections", id], &Method::DELETE) => {
+            connections::kick(hub, id, req).await
+        }
+        (["api", "v1", "disconnect"], &Method::POST) => {
+            connections::disconnect(hub, settings, req).await
+        }
+        (["api", "v1", "stats"], &Method::GET) => connections::stats(hub, req).await,
         (["api", "v1", "projects"], &Method::POST) => {
             projects::create(hub, &ctx.admin, settings, req).await
         }
@@ -203,8 +225,16 @@ async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>
         (["api", "v1", "projects", project, "keys", kid], &Method::DELETE) => {
             projects::delete_key(hub, &ctx.admin, project, kid, req).await
         }
-        (["healthz" | "readyz"], _)
-        | (["api", "v1", "publish" | "projects"], _)
+        (["healthz" | "readyz" | "metrics"], _)
+        | (
+            [
+                "api",
+                "v1",
+                "publish" | "projects" | "connections" | "disconnect" | "stats",
+            ],
+            _,
+        )
+        | (["api", "v1", "connections", _], _)
         | (["api", "v1", "publish", "batch"], _)
         | (["api", "v1", "projects", _, "keys", _], _) => not_allowed(),
         _ => Err(ApiError::new(
@@ -220,6 +250,24 @@ async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>
             e.response()
         }
     })
+}
+
+/// `GET /metrics`: the Prometheus exposition, built from the counters now. Unauthenticated,
+/// like `/healthz`, so a scraper needs no key.
+fn metrics(hub: &Arc<Hub>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let text = crate::metrics::encode(hub).map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "metrics encoding failed",
+        )
+    })?;
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    Ok(r)
 }
 
 fn readyz(hub: &Hub) -> Response<Full<Bytes>> {

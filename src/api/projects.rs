@@ -7,7 +7,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
-use super::{ApiError, ApiSettings, Caller, body, caller, json};
+use super::{ApiError, ApiSettings, Caller, body, caller, json, require_admin};
 use crate::admin::{Admin, AdminError};
 use crate::auth::keys::{KeySpec, MAX_KEY_BYTES, spec_from_jwk};
 use crate::config::ProjectConfig;
@@ -62,13 +62,7 @@ pub(super) async fn create(
     settings: &ApiSettings,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    if caller(hub, &req)? != Caller::Admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "only the admin key creates projects",
-        ));
-    }
+    require_admin(hub, &req, "creating a project")?;
     let bytes = body(req, settings.max_body_bytes).await?;
     let p: ProjectConfig = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid project: {e}")))?;

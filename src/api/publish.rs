@@ -95,6 +95,7 @@ fn check<'a>(hub: &Hub, who: Caller, b: PublishBody<'a>) -> Result<Checked<'a>, 
 
 fn send(hub: &Hub, c: &Checked<'_>) -> Result<String, ApiError> {
     hub.publish(c.project, &c.topics, c.data)
+        .inspect(|_| crate::metrics::ShardStats::add(&hub.api_published, 1))
         .map_err(|e| match e {
             PublishError::Busy(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())

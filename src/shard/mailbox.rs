@@ -20,6 +20,8 @@ pub struct Publication {
     pub project: u32,
     /// (topic, complete WebSocket frame) pairs.
     pub frames: Vec<(Box<str>, Bytes)>,
+    /// When `Hub::publish` accepted it (for the publish-to-enqueue histogram).
+    pub accepted_at: std::time::Instant,
 }
 
 /// Work for a shard.
@@ -45,6 +47,77 @@ pub enum ShardMsg {
     },
     /// Stop accepting, close every connection with 1001, exit when empty or at the deadline.
     Drain,
+    /// List open connections matching a filter, in slot order, after a cursor position.
+    List {
+        /// What to list.
+        query: ListQuery,
+        /// Where the shard answers (the API awaits it).
+        reply: tokio::sync::oneshot::Sender<Vec<ConnInfo>>,
+    },
+    /// Close (4003) one connection if it is open, still has `generation` and, when `project`
+    /// is set, belongs to that project. The shard answers what it did.
+    Kick {
+        /// Slab slot.
+        slot: u32,
+        /// Generation it must still have.
+        generation: u32,
+        /// Registry index the connection must belong to (a project key's own project).
+        project: Option<u32>,
+        /// Where the shard answers.
+        reply: tokio::sync::oneshot::Sender<KickOutcome>,
+    },
+    /// Close (4003) every open connection of `user` in `project`; answers how many.
+    DisconnectUser {
+        /// Registry index of the project.
+        project: u32,
+        /// Token `sub`.
+        user: Box<str>,
+        /// Where the shard answers.
+        reply: tokio::sync::oneshot::Sender<usize>,
+    },
+}
+
+/// A filter for [`ShardMsg::List`].
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only this project (registry index).
+    pub project: Option<u32>,
+    /// Only connections subscribed (explicitly or implicitly) to this topic.
+    pub topic: Option<Box<str>>,
+    /// Only connections whose token `sub` is this.
+    pub user: Option<Box<str>>,
+    /// Only connections after this (slot, generation) position.
+    pub after: Option<(u32, u32)>,
+    /// Most connections to return.
+    pub limit: usize,
+}
+
+/// One open connection, as listed by the API.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Its id.
+    pub id: crate::pubsub::ConnId,
+    /// Project id.
+    pub project: Arc<str>,
+    /// Token `sub`.
+    pub user: Box<str>,
+    /// Peer address.
+    pub peer: std::net::SocketAddr,
+    /// Connect time, ms since the epoch.
+    pub connected_at: u64,
+    /// Subscribed topics, implicit ones first.
+    pub topics: Vec<Box<str>>,
+}
+
+/// What a [`ShardMsg::Kick`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickOutcome {
+    /// The connection was open and is now closing with 4003.
+    Closed,
+    /// No open connection with that slot and generation.
+    NotFound,
+    /// The connection belongs to another project than the one required; nothing done.
+    OtherProject,
 }
 
 /// State shared by the senders and the shard.

@@ -7,6 +7,7 @@
 //! heartbeats, handshake and close deadlines, token expiry). Each connection is one task
 //! ([`crate::ws::conn::drive`]) that waits for readiness and owns no buffer while idle.
 
+mod control;
 pub mod mailbox;
 
 use std::cell::RefCell;
@@ -182,6 +183,24 @@ impl Shard {
             }
             ShardMsg::RevokeKey { project, kid } => self.revoke_key(project, &kid),
             ShardMsg::Drain => self.start_drain(),
+            ShardMsg::List { query, reply } => {
+                let _ = reply.send(self.list(&query));
+            }
+            ShardMsg::Kick {
+                slot,
+                generation,
+                project,
+                reply,
+            } => {
+                let _ = reply.send(self.kick(slot, generation, project));
+            }
+            ShardMsg::DisconnectUser {
+                project,
+                user,
+                reply,
+            } => {
+                let _ = reply.send(self.disconnect_user(project, &user));
+            }
         }
     }
 
@@ -208,6 +227,7 @@ impl Shard {
         }
         ShardStats::add(&self.stats.delivered, delivered);
         ShardStats::add(&self.stats.dropped, dropped);
+        self.stats.publish_enqueue.observe(p.accepted_at.elapsed());
         for slot in overflow {
             ShardStats::add(&self.stats.slow_consumer_closes, 1);
             self.close_with(slot, CloseReason::SlowConsumer);

@@ -720,7 +720,10 @@ impl Shard {
                 self.check_topic_allowed(slot, &topic)?;
                 self.hub
                     .publish(project.idx, std::slice::from_ref(&topic), data)
-                    .map(|_| Reply::Ack)
+                    .map(|_| {
+                        ShardStats::add(&self.stats.published, 1);
+                        Reply::Ack
+                    })
                     .map_err(|e| (ErrorCode::Limit, e.to_string()))
             }
         }

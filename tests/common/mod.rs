@@ -825,16 +825,19 @@ fn parse_http(buf: &[u8]) -> Option<HttpResponse> {
             )
         })
         .collect();
+    let status = resp.code.expect("status code");
     let len: usize = headers
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
         .map(|(_, v)| v.trim().parse().expect("numeric Content-Length"))
+        // 204 and 304 have no body and need no Content-Length (RFC 9110 §8.6).
+        .or((status == 204 || status == 304).then_some(0))
         .expect("responses carry Content-Length");
     if buf.len() < head_len + len {
         return None;
     }
     Some(HttpResponse {
-        status: resp.code.expect("status code"),
+        status,
         headers,
         body: buf[head_len..head_len + len].to_vec(),
     })

@@ -1,0 +1,393 @@
+//! Connection management, gathered from every shard through reply-carrying `ShardMsg`s:
+//! `GET /api/v1/connections`, `DELETE /api/v1/connections/{id}`, `POST /api/v1/disconnect`,
+//! and the node's `GET /api/v1/stats`.
+//!
+//! The API thread never blocks on a shard: a command goes in with a non-blocking send (a full
+//! inbox answers 503 `busy`) and its answer comes back on a tokio oneshot, awaited with a
+//! deadline.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::{ApiError, ApiSettings, Caller, body, caller, json, require_admin};
+use crate::hub::Hub;
+use crate::metrics::{self, HANDSHAKE_OUTCOMES};
+use crate::pubsub::{ConnId, Topic};
+use crate::shard::mailbox::{ConnInfo, KickOutcome, ListQuery, ShardMsg};
+use crate::ws::close::CLOSE_CODES;
+
+/// Page size when `limit` is not given.
+const DEFAULT_LIMIT: usize = 100;
+/// Largest page.
+const MAX_LIMIT: usize = 1000;
+/// How long a shard may take to answer a control command.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn busy(shard: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "busy",
+        format!("shard {shard} inbox is full; retry later"),
+    )
+}
+
+fn forbidden(project: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("this API key does not act on project `{project}`"),
+    )
+}
+
+/// Sends a command carrying a reply channel to `shard` and awaits the answer.
+async fn ask<T>(
+    hub: &Hub,
+    shard: usize,
+    make: impl FnOnce(oneshot::Sender<T>) -> ShardMsg,
+) -> Result<T, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    hub.mailboxes[shard]
+        .send(make(tx))
+        .map_err(|_| busy(shard))?;
+    match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
+        Ok(Ok(v)) => Ok(v),
+        // The shard dropped the command: it has stopped (draining ended).
+        Ok(Err(_)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            format!("shard {shard} has stopped"),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("shard {shard} did not answer within {REPLY_TIMEOUT:?}"),
+        )),
+    }
+}
+
+/// Resolves the project a request names: a project key defaults to (and may only name) its
+/// own; the admin key may name any known project or none.
+fn project_scope(hub: &Hub, who: Caller, named: Option<&str>) -> Result<Option<u32>, ApiError> {
+    let registry = hub.registry.load();
+    match (who, named) {
+        (Caller::Project(idx), None) => Ok(Some(idx)),
+        (Caller::Project(idx), Some(name)) => match registry.project(name) {
+            Some(p) if p.idx == idx => Ok(Some(idx)),
+            _ => Err(forbidden(name)),
+        },
+        (Caller::Admin, None) => Ok(None),
+        (Caller::Admin, Some(name)) => {
+            registry.project(name).map(|p| Some(p.idx)).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_project",
+                    format!("no project `{name}`"),
+                )
+            })
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ConnJson {
+    id: String,
+    project: String,
+    user: String,
+    ip: String,
+    connected_at: u64,
+    topics: Vec<Box<str>>,
+}
+
+impl From<ConnInfo> for ConnJson {
+    fn from(c: ConnInfo) -> Self {
+        Self {
+            id: c.id.to_string(),
+            project: c.project.to_string(),
+            user: c.user.into(),
+            ip: c.peer.ip().to_string(),
+            connected_at: c.connected_at,
+            topics: c.topics,
+        }
+    }
+}
+
+/// `GET /api/v1/connections?project=&topic=&user=&limit=&cursor=`.
+///
+/// Connections are in id order (shard, slot, generation). Shards are asked one after the
+/// other, from the cursor's shard on, for what is still missing plus one (to know whether a
+/// next page exists); a connection open for the whole listing keeps its slot, so it is
+/// listed exactly once however others come and go.
+pub(super) async fn list(
+    hub: &Hub,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let who = caller(hub, &req)?;
+    let (mut project, mut topic, mut user, mut limit, mut cursor) = (None, None, None, None, None);
+    for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+        let v = v.into_owned();
+        match &*k {
+            "project" => project = Some(v),
+            "topic" => topic = Some(v),
+            "user" => user = Some(v),
+            "limit" => limit = Some(v),
+            "cursor" => cursor = Some(v),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter `{other}`"
+                )));
+            }
+        }
+    }
+    let project = project_scope(hub, who, project.as_deref())?;
+    let topic = match topic {
+        Some(t) => Some(
+            Topic::parse(&t)
+                .map_err(|e| ApiError::bad_request(format!("topic `{t}`: {e}")))?
+                .as_str()
+                .into(),
+        ),
+        None => None,
+    };
+    let user = match user {
+        Some(u) if u.is_empty() => return Err(ApiError::bad_request("`user` is empty")),
+        u => u.map(Box::<str>::from),
+    };
+    let limit = match limit {
+        None => DEFAULT_LIMIT,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "`limit` is 1 to {MAX_LIMIT}"
+                )));
+            }
+        },
+    };
+    let cursor = match cursor {
+        None => None,
+        Some(c) if c.is_empty() => None,
+        Some(c) => Some(
+            ConnId::parse(&c)
+                .ok_or_else(|| ApiError::bad_request(format!("`cursor` `{c}` is not a cursor")))?,
+        ),
+    };
+    let first = cursor.map_or(0, |c| c.shard as usize);
+    let mut found: Vec<ConnInfo> = Vec::new();
+    for shard in first..hub.nr_shards() {
+        let want = limit + 1 - found.len();
+        let query = ListQuery {
+            project,
+            topic: topic.clone(),
+            user: user.clone(),
+            after: cursor
+                .filter(|c| c.shard as usize == shard)
+                .map(|c| (c.slot, c.generation)),
+            limit: want,
+        };
+        found.extend(ask(hub, shard, |reply| ShardMsg::List { query, reply }).await?);
+        if found.len() > limit {
+            break;
+        }
+    }
+    let next_cursor = if found.len() > limit {
+        found.truncate(limit);
+        found.last().map(|c| c.id.to_string())
+    } else {
+        None
+    };
+    let connections: Vec<ConnJson> = found.into_iter().map(Into::into).collect();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "connections": connections, "next_cursor": next_cursor }),
+    ))
+}
+
+fn no_content() -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    r
+}
+
+/// `DELETE /api/v1/connections/{id}`: 204 and close 4003, 404 for an unknown or stale id,
+/// 403 for another project's connection with a project key.
+pub(super) async fn kick(
+    hub: &Hub,
+    id: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let who = caller(hub, &req)?;
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no open connection `{id}`"),
+        )
+    };
+    let conn = ConnId::parse(id).ok_or_else(not_found)?;
+    if conn.shard as usize >= hub.nr_shards() {
+        return Err(not_found());
+    }
+    let project = match who {
+        Caller::Admin => None,
+        Caller::Project(idx) => Some(idx),
+    };
+    let outcome = ask(hub, conn.shard as usize, |reply| ShardMsg::Kick {
+        slot: conn.slot,
+        generation: conn.generation,
+        project,
+        reply,
+    })
+    .await?;
+    match outcome {
+        KickOutcome::Closed => Ok(no_content()),
+        KickOutcome::NotFound => Err(not_found()),
+        KickOutcome::OtherProject => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("connection `{id}` belongs to another project"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    #[serde(alias = "projectId")]
+    project: String,
+    user: String,
+}
+
+/// `POST /api/v1/disconnect {"project","user"}`: closes (4003) all of the user's connections
+/// on every shard; answers how many.
+pub(super) async fn disconnect(
+    hub: &Hub,
+    settings: &ApiSettings,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let who = caller(hub, &req)?;
+    let bytes = body(req, settings.max_body_bytes).await?;
+    let b: DisconnectBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid disconnect body: {e}")))?;
+    if b.user.is_empty() {
+        return Err(ApiError::bad_request("`user` is empty"));
+    }
+    let project = project_scope(hub, who, Some(&b.project))?.expect("a named project resolves");
+    let user: Box<str> = b.user.into();
+    // Every shard gets the order before any answer is awaited, so they close concurrently.
+    let mut replies = Vec::with_capacity(hub.nr_shards());
+    for shard in 0..hub.nr_shards() {
+        let (tx, rx) = oneshot::channel();
+        hub.mailboxes[shard]
+            .send(ShardMsg::DisconnectUser {
+                project,
+                user: user.clone(),
+                reply: tx,
+            })
+            .map_err(|_| busy(shard))?;
+        replies.push(rx);
+    }
+    let mut n = 0;
+    for (shard, rx) in replies.into_iter().enumerate() {
+        n += match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
+            Ok(Ok(k)) => k,
+            Ok(Err(_)) => 0, // a stopped shard has no connection left
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    format!("shard {shard} did not answer within {REPLY_TIMEOUT:?}"),
+                ));
+            }
+        };
+    }
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "disconnected": n }),
+    ))
+}
+
+/// `GET /api/v1/stats` (admin key): connections per shard and per project, message counters,
+/// inbox depths. Read from the shards' counters without asking the shards.
+pub(super) async fn stats(
+    hub: &Hub,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    require_admin(hub, &req, "node statistics")?;
+    Ok(json(StatusCode::OK, &stats_json(hub)))
+}
+
+/// The stats document (also used by tests through the API).
+pub fn stats_json(hub: &Hub) -> serde_json::Value {
+    use serde_json::{Map, Value, json};
+    let r = metrics::read;
+    let mut shards = Vec::new();
+    let (mut published_client, mut delivered, mut dropped, mut slow) = (0, 0, 0, 0);
+    let (mut bytes_in, mut bytes_out, mut connections) = (0, 0, 0i64);
+    let mut handshakes = [0u64; HANDSHAKE_OUTCOMES.len()];
+    let mut closes = [0u64; CLOSE_CODES.len()];
+    for (i, s) in hub.stats.iter().enumerate() {
+        let conns = s
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(0);
+        connections += conns;
+        published_client += r(&s.published);
+        delivered += r(&s.delivered);
+        dropped += r(&s.dropped);
+        slow += r(&s.slow_consumer_closes);
+        bytes_in += r(&s.bytes_in);
+        bytes_out += r(&s.bytes_out);
+        for (t, c) in handshakes.iter_mut().zip(&s.handshakes) {
+            *t += r(c);
+        }
+        for (t, c) in closes.iter_mut().zip(&s.closes) {
+            *t += r(c);
+        }
+        shards.push(json!({
+            "shard": i,
+            "connections": conns,
+            "inbox_depth": hub.mailboxes[i].depth(),
+            "publications": r(&s.publications),
+            "delivered": r(&s.delivered),
+            "dropped": r(&s.dropped),
+        }));
+    }
+    let mut projects = Map::new();
+    for p in hub.registry.load().projects() {
+        projects.insert(
+            p.id.to_string(),
+            json!({ "connections": p.nr_connections.load(std::sync::atomic::Ordering::Relaxed) }),
+        );
+    }
+    let handshakes: Map<String, Value> = HANDSHAKE_OUTCOMES
+        .iter()
+        .zip(handshakes)
+        .map(|(k, v)| ((*k).to_owned(), v.into()))
+        .collect();
+    let closes: Map<String, Value> = CLOSE_CODES
+        .iter()
+        .zip(closes)
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
+    json!({
+        "connections": connections,
+        "shards": shards,
+        "projects": projects,
+        "messages": {
+            "published": metrics::read(&hub.api_published) + published_client,
+            "delivered": delivered,
+            "dropped": dropped,
+        },
+        "slow_consumer_closes": slow,
+        "handshakes": handshakes,
+        "closes": closes,
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+    })
+}

@@ -1,0 +1,143 @@
+"""docs/openapi.yaml is kept true: real responses of a running server, success and error
+paths, must have a status the document lists for the operation and a body matching its
+schema (JSON Schema 2020-12, as OpenAPI 3.1 uses)."""
+
+import json
+import re
+
+import jsonschema
+import yaml
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from herald_client import ADMIN_KEY, PROJECTS, REPO, client, close_all, http_request, run
+
+
+
+def _absolute(node):
+    """`#/components/...` references made absolute (`urn:openapi#/...`), so a schema taken
+    out of the document still resolves them through the registry."""
+    if isinstance(node, dict):
+        return {
+            k: ("urn:openapi" + v if k == "$ref" and v.startswith("#") else _absolute(v))
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_absolute(v) for v in node]
+    return node
+
+
+DOC = _absolute(yaml.safe_load((REPO / "docs" / "openapi.yaml").read_text()))
+REGISTRY = Registry().with_resource("urn:openapi", Resource(DOC, specification=DRAFT202012))
+RESOLVER = REGISTRY.resolver()
+
+
+def resolve(node: dict) -> dict:
+    """Follows `$ref`s (responses are referenced from paths)."""
+    while "$ref" in node:
+        node = RESOLVER.lookup(node["$ref"]).contents
+    return node
+
+
+def operation(method: str, path: str) -> dict:
+    """The operation whose path template matches `path` (query stripped)."""
+    bare = path.split("?", 1)[0]
+    for template, item in DOC["paths"].items():
+        pattern = "^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$"
+        if re.match(pattern, bare) and method.lower() in item:
+            return item[method.lower()]
+    raise AssertionError(f"{method} {bare} is not in docs/openapi.yaml")
+
+
+def check(server, method: str, path: str, body=None, key: str | None = ADMIN_KEY) -> int:
+    """Calls the server and checks the answer against the document; returns the status."""
+    headers = {}
+    data = None
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    if body is not None:
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        headers["Content-Type"] = "application/json"
+    r = http_request(method, f"{server.api_url}{path}", data, headers)
+    responses = operation(method, path)["responses"]
+    status = str(r.status)
+    assert status in responses, f"{method} {path} answered {status}, not documented: {r.body!r}"
+    content = resolve(responses[status]).get("content")
+    if not content:
+        assert r.body == b"", f"{method} {path} {status} has an undocumented body {r.body!r}"
+        return r.status
+    ctype = r.headers.get("Content-Type", "").split(";")[0].strip()
+    assert ctype in content, f"{method} {path} {status}: content type {ctype!r} not documented"
+    if ctype == "application/json":
+        validator = jsonschema.Draft202012Validator(content[ctype]["schema"], registry=REGISTRY)
+        instance = json.loads(r.body)
+        errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(instance)]
+        assert not errors, f"{method} {path} {status}: {errors} in {instance}"
+    return r.status
+
+
+def test_every_operation_answers_as_documented(server):
+    shop_key = PROJECTS["shop"]["api_key"]
+    blog_key = PROJECTS["blog"]["api_key"]
+
+    async def scenario():
+        conns = [await client(server, "alice") for _ in range(3)]
+        try:
+            # health
+            assert check(server, "GET", "/healthz", key=None) == 200
+            assert check(server, "GET", "/readyz", key=None) == 200
+            # publish: success and every error path
+            good = {"project": "shop", "topic": "news", "data": {"a": [1, 2]}}
+            assert check(server, "POST", "/api/v1/publish", good) == 200
+            assert check(server, "POST", "/api/v1/publish", {"projectId": "shop", "topics": ["a", "b"], "payload": 1}) == 200
+            assert check(server, "POST", "/api/v1/publish", "not json") == 400
+            assert check(server, "POST", "/api/v1/publish", good, key="wrong") == 401
+            assert check(server, "POST", "/api/v1/publish", good, key=blog_key) == 403
+            assert check(server, "POST", "/api/v1/publish", {**good, "project": "nope"}) == 404
+            big = {**good, "data": "x" * (2 << 20)}
+            assert check(server, "POST", "/api/v1/publish", big) == 413
+            assert check(server, "POST", "/api/v1/publish/batch", [good, good]) == 200
+            assert check(server, "POST", "/api/v1/publish/batch", []) == 400
+            # connections
+            assert check(server, "GET", "/api/v1/connections") == 200
+            assert check(server, "GET", "/api/v1/connections?user=alice&limit=1", key=shop_key) == 200
+            assert check(server, "GET", "/api/v1/connections?limit=0") == 400
+            assert check(server, "GET", "/api/v1/connections", key="wrong") == 401
+            assert check(server, "GET", "/api/v1/connections?project=shop", key=blog_key) == 403
+            assert check(server, "GET", "/api/v1/connections?project=nope") == 404
+            conn = conns[0][1]["conn"]
+            assert check(server, "DELETE", f"/api/v1/connections/{conn}", key=blog_key) == 403
+            assert check(server, "DELETE", f"/api/v1/connections/{conn}") == 204
+            assert check(server, "DELETE", f"/api/v1/connections/{conn}") == 404
+            assert check(server, "POST", "/api/v1/disconnect", {"project": "shop", "user": "alice"}) == 200
+            assert check(server, "POST", "/api/v1/disconnect", {"project": "shop"}) == 400
+            # stats and metrics
+            assert check(server, "GET", "/api/v1/stats") == 200
+            assert check(server, "GET", "/api/v1/stats", key=shop_key) == 403
+            assert check(server, "GET", "/metrics", key=None) == 200
+            # projects and keys
+            assert check(server, "POST", "/api/v1/projects", {"id": "fresh"}) == 201
+            assert check(server, "POST", "/api/v1/projects", {"id": "fresh"}) == 409
+            assert check(server, "POST", "/api/v1/projects", {"id": "other"}, key=shop_key) == 403
+            key = {"alg": "HS256", "secret": "a-secret-of-enough-length-0123"}
+            assert check(server, "PUT", "/api/v1/projects/shop/keys/k9", key, key=shop_key) == 204
+            assert check(server, "PUT", "/api/v1/projects/shop/keys/k9", {"alg": "HS256"}) == 400
+            assert check(server, "DELETE", "/api/v1/projects/shop/keys/k9?disconnect=true") == 204
+            assert check(server, "DELETE", "/api/v1/projects/shop/keys/k9") == 404
+        finally:
+            await close_all([ws for ws, _ in conns])
+
+    run(scenario())
+
+
+def test_every_documented_path_is_served(server):
+    """No operation in the document is a 404 route on the server."""
+    for template, item in DOC["paths"].items():
+        path = re.sub(r"\{[^}]+\}", "x", template)
+        for method in item:
+            if method == "parameters":
+                continue
+            r = http_request(method.upper(), f"{server.api_url}{path}", b"{}" if method in ("post", "put") else None,
+                             {"Authorization": "Bearer wrong"})
+            body = r.body.decode(errors="replace")
+            assert not (r.status == 404 and '"not_found"' in body and "no route" in body), (method, template, body)
