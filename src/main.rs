@@ -85,8 +85,11 @@ fn load(config: &Option<PathBuf>) -> Result<(Config, bool), String> {
 fn init_logging(cfg: &Config, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    // Colours only for a person at a terminal: never escape codes in journald or a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if json || cfg.log.format == LogFormat::Json {
         builder.json().init();

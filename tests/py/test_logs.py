@@ -35,3 +35,15 @@ def test_json_logs_parse_and_never_hold_the_query_token(servers, monkeypatch):
         # Neither the whole token nor its signature (the secret part) appears anywhere.
         assert token not in text
         assert token.rsplit(".", 1)[1] not in text
+
+
+def test_text_logs_to_a_file_carry_no_colour_codes(servers):
+    # stderr is a file here, as under journald or a log shipper: plain text, no ANSI escapes.
+    server = servers.start()
+    refused = mint("mallory", secret="not-the-project-secret-0123456789")
+    run(expect_refusal(server, "shop", refused, 401, "unauthorized", via="query"))
+    server.stop()
+    server.stopped_by_test = True
+    text = server.stderr_path.read_text(errors="replace")
+    assert "handshake refused" in text
+    assert "\x1b[" not in text
