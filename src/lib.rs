@@ -18,14 +18,18 @@
 //! - [`admin`]: project and key management (API and SIGHUP): build, persist, swap.
 //! - [`metrics`]: per-shard counters.
 //! - [`store`]: the persisted API state (projects and keys), replaced atomically.
+//! - [`notify`]: systemd readiness, reload, stop and watchdog notifications.
+//! - [`hostcheck`]: the connection ceiling the host allows (open files, sysctls).
 
 pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod hostcheck;
 pub mod hub;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod pubsub;
 pub mod route;
 pub mod server;

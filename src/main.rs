@@ -71,6 +71,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Check the host's limits (open files, sysctls) against a connection target; prints a
+    /// table and exits 1 when the host falls short.
+    CheckHost {
+        /// TOML config file (default: the embedded development default).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Target connections (default: server.max_connections; none when that is 0).
+        #[arg(long)]
+        connections: Option<u64>,
+    },
 }
 
 fn load(config: &Option<PathBuf>) -> Result<(Config, bool), String> {
@@ -80,6 +90,14 @@ fn load(config: &Option<PathBuf>) -> Result<(Config, bool), String> {
             .map_err(|e| e.to_string()),
         None => Ok((Config::development(), true)),
     }
+}
+
+/// [`load`], printing the error and giving the exit code (2) on failure.
+fn load_or_report(config: &Option<PathBuf>) -> Result<(Config, bool), ExitCode> {
+    load(config).map_err(|e| {
+        eprintln!("herald: {e}");
+        ExitCode::from(2)
+    })
 }
 
 fn init_logging(cfg: &Config, json: bool) {
@@ -109,12 +127,9 @@ fn main() -> ExitCode {
             log_json,
             state_dir,
         } => {
-            let (mut cfg, dev) = match load(&config) {
+            let (mut cfg, dev) = match load_or_report(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("herald: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             if let Some(a) = listen {
                 cfg.server.listen = a;
@@ -139,6 +154,23 @@ fn main() -> ExitCode {
                     );
                 }
             }
+            match herald::hostcheck::raise_nofile() {
+                Ok(Some((old, new))) => {
+                    tracing::info!(
+                        old,
+                        new,
+                        "raised the open-files soft limit to the hard limit"
+                    )
+                }
+                Ok(None) => {}
+                Err(e) => warn!("could not raise the open-files soft limit: {e}"),
+            }
+            let report = herald::hostcheck::check(&cfg, None);
+            if report.short() {
+                warn!("{}", report.summary());
+            } else {
+                tracing::info!("{}", report.summary());
+            }
             if dev || cfg.uses_dev_keys() {
                 warn!(
                     "!!! DEVELOPMENT MODE: public demo secrets are in use (project `demo`, \
@@ -156,12 +188,9 @@ fn main() -> ExitCode {
             device,
             config,
         } => {
-            let (cfg, _) = match load(&config) {
+            let (cfg, _) = match load_or_report(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("herald: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             let registry = match cfg
                 .validate()
@@ -198,6 +227,22 @@ fn main() -> ExitCode {
         Command::Genconfig => {
             print!("{}", production_template());
             ExitCode::SUCCESS
+        }
+        Command::CheckHost {
+            config,
+            connections,
+        } => {
+            let (cfg, _) = match load_or_report(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let report = herald::hostcheck::check(&cfg, connections);
+            print!("{}", report.table());
+            if report.short() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Command::CheckConfig { config } => {
             match Config::load(&config).and_then(|c| c.validate().map(|()| c)) {
@@ -244,10 +289,13 @@ fn serve(cfg: &Config, config_path: Option<PathBuf>) -> ExitCode {
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == libc::SIGHUP {
+                    herald::notify::reloading();
                     admin.reload();
+                    herald::notify::ready("serving (reloaded)");
                     continue;
                 }
                 tracing::info!(signal = sig, "draining: closing every connection with 1001");
+                herald::notify::stopping("draining: closing every connection with 1001");
                 hub.drain();
                 break;
             }
@@ -262,6 +310,16 @@ fn serve(cfg: &Config, config_path: Option<PathBuf>) -> ExitCode {
             "api_listen": handle.api_listen.to_string(),
             "shards": handle.hub.nr_shards(),
         })
+    );
+    herald::notify::ready(&format!(
+        "serving on {} ({} shards), API on {}",
+        handle.listen,
+        handle.hub.nr_shards(),
+        handle.api_listen
+    ));
+    herald::notify::spawn_watchdog(
+        handle.hub.clone(),
+        herald::shard::Limits::from_config(cfg).tick(),
     );
     handle.join();
     tracing::info!("stopped");

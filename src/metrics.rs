@@ -99,6 +99,8 @@ pub struct ShardStats {
     pub bytes_out: AtomicU64,
     /// Time from `Hub::publish` to the last subscriber's queue, per publication.
     pub publish_enqueue: LatencyHistogram,
+    /// Sweep ticks run (owner thread only): the liveness signal the systemd watchdog reads.
+    pub sweeps: AtomicU64,
 }
 
 impl ShardStats {

@@ -293,6 +293,8 @@ impl Shard {
 
     /// The sweep: deadlines, expiries and one slice of the heartbeat round.
     fn tick(&mut self, tick: Duration) {
+        // Liveness for the watchdog (crate::notify): this shard's loop is still turning.
+        ShardStats::add(&self.stats.sweeps, 1);
         // A drain whose inbox message was lost to a full inbox still happens.
         if !self.draining && self.hub.phase() == crate::hub::Phase::Draining {
             self.start_drain();
