@@ -31,6 +31,10 @@ pub struct Config {
     pub api: ApiConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Node-wide IP allow and deny lists (reloaded on SIGHUP).
+    pub access: AccessConfig,
+    /// Per-address rate limits.
+    pub limits: LimitsConfig,
     /// Tenants. At least one is required.
     pub projects: Vec<ProjectConfig>,
 }
@@ -117,6 +121,43 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
 }
 
+/// Node-wide IP access lists, checked right after accept, before a byte is read: a refused
+/// peer's socket is closed at once, without an HTTP answer. Entries are CIDR networks
+/// (`10.0.0.0/8`, `2001:db8::/32`) or single addresses. Deny wins; a non-empty allow list
+/// admits only its networks. Reloaded on SIGHUP; open connections are kept.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessConfig {
+    /// Networks allowed to connect; empty = any. Default empty.
+    pub allow: Vec<String>,
+    /// Networks refused. Default empty.
+    pub deny: Vec<String>,
+}
+
+/// Per-source-address limits, kept per shard.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Handshakes one address may make per second, per shard (token bucket refill); over it
+    /// the handshake is refused with 429 and `Retry-After`. 0 = off. Default 50.
+    pub handshakes_per_ip_per_sec: u32,
+    /// Handshakes one address may make at once (bucket size), per shard. Default 100.
+    pub handshake_burst_per_ip: u32,
+    /// Addresses each shard's handshake limiter remembers; at the cap the oldest is
+    /// forgotten. Default 65536.
+    pub limiter_max_ips: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            handshakes_per_ip_per_sec: 50,
+            handshake_burst_per_ip: 100,
+            limiter_max_ips: 65536,
+        }
+    }
+}
+
 /// Logging.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -168,6 +209,12 @@ pub struct ProjectConfig {
     /// Browser origins allowed to connect (exact `scheme://host[:port]`); empty = any.
     /// Default empty.
     pub allowed_origins: Vec<String>,
+    /// Client networks allowed to connect to this project (CIDR or address); empty = any
+    /// (within the global `[access]` lists). Others get 403 `forbidden`. Default empty.
+    pub allow_ips: Vec<String>,
+    /// Client networks refused by this project with 403 `forbidden`; wins over `allow_ips`.
+    /// Default empty.
+    pub deny_ips: Vec<String>,
     /// Inline JWKS document (JSON) with more verification keys; every key needs a `kid`.
     pub jwks: Option<String>,
     /// File holding a JWKS document.
@@ -292,6 +339,8 @@ impl Default for ProjectConfig {
             enabled: true,
             max_connections: 0,
             allowed_origins: Vec::new(),
+            allow_ips: Vec::new(),
+            deny_ips: Vec::new(),
             jwks: None,
             jwks_file: None,
         }
@@ -308,6 +357,8 @@ impl Default for Config {
                 ..ApiConfig::default()
             },
             log: LogConfig::default(),
+            access: AccessConfig::default(),
+            limits: LimitsConfig::default(),
             projects: Vec::new(),
         }
     }
@@ -455,6 +506,11 @@ impl Config {
             ("ws.max_outbound_queue_bytes", ws.max_outbound_queue_bytes),
             ("api.max_body_bytes", self.api.max_body_bytes),
             ("server.listen_backlog", self.server.listen_backlog as usize),
+            (
+                "limits.handshake_burst_per_ip",
+                self.limits.handshake_burst_per_ip as usize,
+            ),
+            ("limits.limiter_max_ips", self.limits.limiter_max_ips),
         ];
         for (key, v) in positive {
             if v == 0 {
@@ -473,6 +529,8 @@ impl Config {
                 "set admin_key or admin_key_file, not both",
             ));
         }
+        crate::access::IpList::parse(&self.access.allow, &self.access.deny)
+            .map_err(|(key, reason)| invalid(format!("access.{key}"), reason))?;
         if self.projects.is_empty() {
             return Err(invalid(
                 "projects",
@@ -539,6 +597,12 @@ pub fn validate_project(at: &str, p: &ProjectConfig) -> Result<(), ConfigError> 
             "set jwks or jwks_file, not both",
         ));
     }
+    crate::access::IpList::parse(&p.allow_ips, &p.deny_ips).map_err(|(key, reason)| {
+        let key = key
+            .replacen("allow", "allow_ips", 1)
+            .replacen("deny[", "deny_ips[", 1);
+        invalid(format!("{at}.{key}"), reason)
+    })?;
     for (j, o) in p.allowed_origins.iter().enumerate() {
         if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
             return Err(invalid(
@@ -625,6 +689,20 @@ max_bad_requests = {mbr}
 admin_key = "{admin}"
 max_body_bytes = {mbb}
 
+[access]
+# Node-wide IP lists (CIDR or single addresses, IPv4 and IPv6), checked right after accept:
+# a refused peer's socket is closed without an answer. Deny wins; a non-empty allow list
+# admits only its networks. Reloaded on SIGHUP.
+allow = []
+deny = []
+
+[limits]
+# Per source address and per shard: handshakes per second (0 = off) and burst; over it 429.
+handshakes_per_ip_per_sec = {hps}
+handshake_burst_per_ip = {hbu}
+# Addresses each shard's limiter remembers (the oldest is forgotten at the cap).
+limiter_max_ips = {lmi}
+
 [log]
 # "text" for people, "json" for journald and log shippers.
 format = "text"
@@ -644,6 +722,9 @@ enabled = true
 max_connections = 0
 # Browser origins allowed to connect; empty = any.
 allowed_origins = []
+# Client networks for this project (403 otherwise); deny wins.
+allow_ips = []
+deny_ips = []
 # More keys as a JWKS (every key needs a kid): jwks_file = "/etc/herald/main.jwks.json"
 
 [[projects.keys]]
@@ -667,6 +748,9 @@ secret = "{hmac}"
         mtc = d.ws.max_topics_per_connection,
         mbr = d.ws.max_bad_requests,
         mbb = d.api.max_body_bytes,
+        hps = d.limits.handshakes_per_ip_per_sec,
+        hbu = d.limits.handshake_burst_per_ip,
+        lmi = d.limits.limiter_max_ips,
     )
 }
 
@@ -722,6 +806,18 @@ mod tests {
         c.projects[0].keys[0].alg = "HS999".into();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("projects[0].keys[0].alg"), "{err}");
+    }
+
+    #[test]
+    fn bad_cidrs_are_named() {
+        let mut c = Config::development();
+        c.access.deny = vec!["10.0.0.0/8".into(), "2001:db8::/200".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("access.deny[1]"), "{err}");
+        let mut c = Config::development();
+        c.projects[0].allow_ips = vec!["::1".into(), "nope".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("projects[0].allow_ips[1]"), "{err}");
     }
 
     #[test]

@@ -21,12 +21,14 @@
 //! - [`notify`]: systemd readiness, reload, stop and watchdog notifications.
 //! - [`hostcheck`]: the connection ceiling the host allows (open files, sysctls).
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
 pub mod hostcheck;
 pub mod hub;
+pub mod limiter;
 pub mod metrics;
 pub mod net;
 pub mod notify;

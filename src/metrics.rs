@@ -63,7 +63,7 @@ impl LatencyHistogram {
 }
 
 /// Handshake outcomes counted separately.
-pub const HANDSHAKE_OUTCOMES: [&str; 7] = [
+pub const HANDSHAKE_OUTCOMES: [&str; 8] = [
     "accepted",
     "bad_request",
     "unauthorized",
@@ -71,6 +71,7 @@ pub const HANDSHAKE_OUTCOMES: [&str; 7] = [
     "unknown_project",
     "at_capacity",
     "timeout",
+    "rate_limited",
 ];
 
 /// Counters of one shard.
@@ -80,7 +81,7 @@ pub struct ShardStats {
     /// Open (authenticated) connections now.
     pub connections: AtomicI64,
     /// Handshakes by outcome, indexed like [`HANDSHAKE_OUTCOMES`].
-    pub handshakes: [AtomicU64; 7],
+    pub handshakes: [AtomicU64; HANDSHAKE_OUTCOMES.len()],
     /// Client publishes (the `publish` op) made on this shard.
     pub published: AtomicU64,
     /// Publications taken from the inbox.

@@ -49,6 +49,8 @@ pub struct Project {
     pub max_connections: usize,
     /// Allowed `Origin`s; empty = any.
     pub allowed_origins: Vec<String>,
+    /// Client IP allow/deny lists (403 `forbidden`).
+    pub ip_access: crate::access::IpList,
     /// Open connections of this project on the node; survives registry swaps.
     pub nr_connections: Arc<AtomicUsize>,
     /// Created through the API (not in the config file).
@@ -63,6 +65,8 @@ pub struct Registry {
     by_id: HashMap<Arc<str>, u32>,
     /// Admin API key.
     pub admin_key: Option<String>,
+    /// Node-wide IP lists (`[access]`), checked right after accept.
+    pub access: crate::access::IpList,
 }
 
 /// The registry every shard and the API read; replaced whole on change.
@@ -175,10 +179,17 @@ impl Registry {
             let project = Project::build(idx, i, pc, state, counter, api)?;
             projects[idx as usize] = Some(Arc::new(project));
         }
+        let access = crate::access::IpList::parse(&cfg.access.allow, &cfg.access.deny).map_err(
+            |(key, reason)| ConfigError::Invalid {
+                key: format!("access.{key}"),
+                reason,
+            },
+        )?;
         Ok(Self {
             projects,
             by_id,
             admin_key,
+            access,
         })
     }
 
@@ -299,6 +310,12 @@ impl Project {
             enabled: p.enabled,
             max_connections: p.max_connections,
             allowed_origins: p.allowed_origins.clone(),
+            ip_access: crate::access::IpList::parse(&p.allow_ips, &p.deny_ips).map_err(
+                |(key, reason)| ConfigError::Invalid {
+                    key: format!("{at}.{key}_ips"),
+                    reason,
+                },
+            )?,
             nr_connections,
             from_api,
         })

@@ -59,6 +59,12 @@ pub struct Limits {
     pub max_bad_requests: u32,
     /// Drain grace period.
     pub drain_timeout: Duration,
+    /// Handshakes per second per address (0 = off).
+    pub handshakes_per_ip_per_sec: u32,
+    /// Handshake burst per address.
+    pub handshake_burst_per_ip: u32,
+    /// Addresses the handshake limiter remembers.
+    pub limiter_max_ips: usize,
 }
 
 impl Limits {
@@ -73,6 +79,9 @@ impl Limits {
             max_topics_per_connection: c.ws.max_topics_per_connection,
             max_bad_requests: c.ws.max_bad_requests,
             drain_timeout: Duration::from_millis(c.server.drain_timeout_ms),
+            handshakes_per_ip_per_sec: c.limits.handshakes_per_ip_per_sec,
+            handshake_burst_per_ip: c.limits.handshake_burst_per_ip,
+            limiter_max_ips: c.limits.limiter_max_ips,
         }
     }
 
@@ -126,11 +135,18 @@ pub struct Shard {
     pub(crate) draining: bool,
     /// Wakes the accept loop (on drain) or the drain waiter (when empty).
     lifecycle_waker: Option<Waker>,
+    /// Handshakes per source address (token buckets, bounded).
+    pub(crate) hs_limiter: crate::limiter::HandshakeLimiter,
 }
 
 impl Shard {
     fn new(id: u16, hub: Arc<Hub>, limits: Limits) -> Self {
         let stats = hub.stats[id as usize].clone();
+        let hs_limiter = crate::limiter::HandshakeLimiter::new(
+            limits.handshakes_per_ip_per_sec,
+            limits.handshake_burst_per_ip,
+            limits.limiter_max_ips,
+        );
         Self {
             id,
             hub,
@@ -148,6 +164,7 @@ impl Shard {
             hb_carry: 0,
             draining: false,
             lifecycle_waker: None,
+            hs_limiter,
         }
     }
 
@@ -562,6 +579,15 @@ async fn accept_loop(shard: &Rc<RefCell<Shard>>, listener: &monoio::net::TcpList
             None => return,
             Some(Ok((stream, peer))) => {
                 backoff_logged = false;
+                // Global IP lists: a refused peer costs no read, no buffer and no slot; its
+                // socket is closed without an answer.
+                if !shard.borrow().hub.registry.load().access.permits(peer.ip()) {
+                    let s = shard.borrow();
+                    ShardStats::add(&s.stats.handshakes[ShardStats::outcome("forbidden")], 1);
+                    debug!(shard = s.id, %peer, "address refused by [access]; closed");
+                    drop(stream);
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
                 let (slot, generation) = shard.borrow_mut().admit(stream.as_raw_fd(), peer);
                 monoio::spawn(conn::drive(shard.clone(), stream, slot, generation));

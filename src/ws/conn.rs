@@ -356,7 +356,10 @@ impl Shard {
                     self.limits.max_handshake_bytes
                 )),
             ),
-            Ok(Some(up)) => match self.authenticate(&up) {
+            Ok(Some(up)) => match self
+                .rate_check(slot)
+                .and_then(|()| self.authenticate(&up, self.conns[slot as usize].peer))
+            {
                 Err(r) => self.refuse(slot, r),
                 Ok((project, verified)) => {
                     self.open(slot, &up, project, verified);
@@ -369,7 +372,19 @@ impl Shard {
         }
     }
 
-    fn authenticate(&self, up: &Upgrade) -> Result<(Arc<Project>, Verified), Refusal> {
+    /// The per-address handshake token bucket (429 with `Retry-After` when empty).
+    fn rate_check(&mut self, slot: u32) -> Result<(), Refusal> {
+        let ip = self.conns[slot as usize].peer.ip();
+        self.hs_limiter
+            .take(ip, Instant::now())
+            .map_err(|secs| Refusal::rate_limited("too many handshakes from this address", secs))
+    }
+
+    fn authenticate(
+        &self,
+        up: &Upgrade,
+        peer: SocketAddr,
+    ) -> Result<(Arc<Project>, Verified), Refusal> {
         let registry = self.hub.registry.load();
         let project = registry
             .project(&up.project)
@@ -379,6 +394,11 @@ impl Shard {
                 "project `{}` is disabled",
                 project.id
             )));
+        }
+        if !project.ip_access.permits(peer.ip()) {
+            return Err(Refusal::forbidden(
+                "this address may not connect to this project",
+            ));
         }
         if !project.origin_allowed(up.origin.as_deref()) {
             return Err(Refusal::forbidden("Origin not allowed for this project"));
@@ -413,6 +433,7 @@ impl Shard {
         let outcome = match r.status {
             401 => "unauthorized",
             403 => "forbidden",
+            429 => "rate_limited",
             404 if r.error == "unknown_project" => "unknown_project",
             503 => "at_capacity",
             _ => "bad_request",

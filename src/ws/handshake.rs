@@ -96,6 +96,16 @@ impl Refusal {
         }
     }
 
+    /// 429 `rate_limited`, retry after `secs`.
+    pub fn rate_limited(message: impl Into<String>, secs: u32) -> Self {
+        Self {
+            status: 429,
+            error: "rate_limited",
+            message: message.into(),
+            retry_after: Some(secs.max(1)),
+        }
+    }
+
     /// 503 `at_capacity`.
     pub fn at_capacity(message: impl Into<String>) -> Self {
         Self {
@@ -213,7 +223,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
             key = Some(value.trim().to_owned());
         } else if name.eq_ignore_ascii_case("authorization") {
             let v = value.trim();
-            if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
+            // `get`: a non-ASCII byte may sit inside the first seven (slicing would panic).
+            if v.len() > 7 && v.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("bearer ")) {
                 bearer = Some(v[7..].trim().to_owned());
             }
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
@@ -358,6 +369,19 @@ mod tests {
             parse(b"\x16\x03\x01garbage\r\n\r\n").unwrap_err().status,
             400
         );
+    }
+
+    #[test]
+    fn non_ascii_authorization_is_not_a_panic() {
+        // Found by fuzz/handshake: byte 7 fell inside a multi-byte character.
+        let u = parse(req("/ws/shop", "Authorization: MSJ9.c\u{39d}n\r\n").as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(u.token, None);
+        let u = parse(req("/ws/shop", "Authorization: Bearer \u{39d}\r\n").as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(u.token, Some(("\u{39d}".into(), TokenSource::Header)));
     }
 
     #[test]

@@ -40,6 +40,8 @@ impl Run {
 listen = "127.0.0.1:0"
 api_listen = "127.0.0.1:0"
 shards = 2
+[limits]
+handshakes_per_ip_per_sec = 0
 [api]
 admin_key = "test-admin-key-0123456789"
 [log]

@@ -1,0 +1,185 @@
+//! Protection: IP allow/deny lists (global, checked at accept; per project, 403 at the
+//! handshake).
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use common::*;
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// A TCP connection to `addr` from source address `from` (any port).
+fn tcp_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    let local: SocketAddr = format!("{from}:0").parse().expect("literal address");
+    s.bind(&local.into())
+        .expect("bind the client to a loopback address");
+    s.connect_timeout(&addr.into(), TIMEOUT)
+        .expect("TCP connect");
+    let s: TcpStream = s.into();
+    set_timeouts(&s);
+    s
+}
+
+/// An upgrade request for `project` with a fresh token.
+fn upgrade_request(project: &str) -> String {
+    let (jwt, _) = token(project, "alice");
+    format!(
+        "GET /ws/{project} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {jwt}\r\n\r\n"
+    )
+}
+
+/// Sends an upgrade from `from` and returns everything the server sent until it closed.
+fn exchange(from: &str, addr: SocketAddr, project: &str) -> Vec<u8> {
+    let mut s = tcp_from(from, addr);
+    // The write may fail if the server closed first; what matters is what comes back.
+    let _ = s.write_all(upgrade_request(project).as_bytes());
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.starts_with(b"HTTP/1.1 101") {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("reading the answer: {e}"),
+        }
+    }
+    buf
+}
+
+fn forbidden_count(server: &TestServer) -> u64 {
+    let i = herald::metrics::ShardStats::outcome("forbidden");
+    server.stat(|s| herald::metrics::read(&s.handshakes[i]))
+}
+
+/// A connection from 127.0.0.1 works.
+fn works_from_localhost(server: &TestServer) {
+    let (mut ws, _) = connect_user(server.listen, "shop", "bob");
+    assert_eq!(
+        request(&mut ws, r#"{"op":"ping","id":1}"#),
+        serde_json::json!({"type":"pong","id":1})
+    );
+}
+
+#[test]
+fn global_deny_closes_the_socket_without_an_answer() {
+    let server = TestServer::start(|c| c.access.deny = vec!["127.0.0.2/32".into()]);
+    let answer = exchange("127.0.0.2", server.listen, "shop");
+    assert!(
+        answer.is_empty(),
+        "a denied peer got an answer: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(forbidden_count(&server), 1);
+    works_from_localhost(&server);
+    // 127.0.0.3 is not in the deny list.
+    assert!(exchange("127.0.0.3", server.listen, "shop").starts_with(b"HTTP/1.1 101"));
+}
+
+#[test]
+fn global_allow_admits_only_its_networks() {
+    let server = TestServer::start(|c| c.access.allow = vec!["127.0.0.3/32".into()]);
+    assert!(exchange("127.0.0.3", server.listen, "shop").starts_with(b"HTTP/1.1 101"));
+    assert!(exchange("127.0.0.1", server.listen, "shop").is_empty());
+    assert!(exchange("127.0.0.4", server.listen, "shop").is_empty());
+    assert_eq!(forbidden_count(&server), 2);
+}
+
+#[test]
+fn deny_wins_over_allow() {
+    let server = TestServer::start(|c| {
+        c.access.allow = vec!["127.0.0.0/8".into()];
+        c.access.deny = vec!["127.0.0.2".into()];
+    });
+    assert!(exchange("127.0.0.2", server.listen, "shop").is_empty());
+    works_from_localhost(&server);
+}
+
+#[test]
+fn per_project_deny_is_403_forbidden() {
+    let server = TestServer::start(|c| c.projects[0].deny_ips = vec!["127.0.0.2/32".into()]);
+    let answer = String::from_utf8(exchange("127.0.0.2", server.listen, "shop")).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+    let body = &answer[answer.find("\r\n\r\n").expect("head ends") + 4..];
+    let v: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+    assert_eq!(v["error"], "forbidden");
+    assert_eq!(forbidden_count(&server), 1);
+    // The other project and other addresses are not affected.
+    assert!(exchange("127.0.0.2", server.listen, "blog").starts_with(b"HTTP/1.1 101"));
+    works_from_localhost(&server);
+}
+
+#[test]
+fn per_project_allow_refuses_other_addresses() {
+    let server = TestServer::start(|c| c.projects[0].allow_ips = vec!["127.0.0.5/32".into()]);
+    assert!(exchange("127.0.0.5", server.listen, "shop").starts_with(b"HTTP/1.1 101"));
+    assert!(exchange("127.0.0.1", server.listen, "shop").starts_with(b"HTTP/1.1 403 "));
+}
+
+#[test]
+fn global_lists_follow_a_registry_swap_without_dropping_connections() {
+    let server = TestServer::start(|_| {});
+    let (mut ws, _) = connect_user(server.listen, "shop", "bob");
+    // What a SIGHUP reload does: build a new registry from the new config and swap it in.
+    let mut cfg = config();
+    cfg.access.deny = vec!["127.0.0.1/32".into()];
+    let current = server.hub.registry.load_full();
+    let next =
+        herald::auth::Registry::build(&cfg, &herald::store::State::default(), Some(&current))
+            .expect("registry builds");
+    server.hub.registry.store(std::sync::Arc::new(next));
+    assert!(exchange("127.0.0.1", server.listen, "shop").is_empty());
+    // The open connection stays.
+    assert_eq!(
+        request(&mut ws, r#"{"op":"ping","id":2}"#),
+        serde_json::json!({"type":"pong","id":2})
+    );
+    assert!(exchange("127.0.0.2", server.listen, "shop").starts_with(b"HTTP/1.1 101"));
+}
+
+/// The status line and `Retry-After` of the answer to an upgrade from `from`.
+fn status_of(from: &str, addr: SocketAddr) -> (String, Option<String>) {
+    let answer = String::from_utf8_lossy(&exchange(from, addr, "shop")).into_owned();
+    let status = answer.lines().next().unwrap_or("").to_owned();
+    let retry = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("Retry-After: "))
+        .map(str::to_owned);
+    (status, retry)
+}
+
+#[test]
+fn handshake_burst_per_address_gets_429_with_retry_after() {
+    let server = TestServer::start(|c| {
+        // One shard: the per-shard bucket is the whole node's.
+        c.server.shards = 1;
+        c.limits.handshakes_per_ip_per_sec = 1;
+        c.limits.handshake_burst_per_ip = 3;
+    });
+    for _ in 0..3 {
+        assert!(
+            status_of("127.0.0.2", server.listen)
+                .0
+                .starts_with("HTTP/1.1 101")
+        );
+    }
+    let (status, retry) = status_of("127.0.0.2", server.listen);
+    assert!(status.starts_with("HTTP/1.1 429 "), "{status}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    let i = herald::metrics::ShardStats::outcome("rate_limited");
+    assert_eq!(server.stat(|s| herald::metrics::read(&s.handshakes[i])), 1);
+    // Another source address has its own bucket.
+    assert!(
+        status_of("127.0.0.3", server.listen)
+            .0
+            .starts_with("HTTP/1.1 101")
+    );
+}
