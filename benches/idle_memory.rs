@@ -202,6 +202,10 @@ io_driver = "{driver}"
 # One hour: no heartbeat ping touches an idle connection during the run.
 heartbeat_interval_ms = 3600000
 
+[limits]
+# A benchmark opens thousands of connections from a few addresses: no per-IP handshake limit.
+handshakes_per_ip_per_sec = 0
+
 [log]
 level = "warn"
 
