@@ -118,7 +118,7 @@ impl Session {
                 let Some(f) = &self.frag else {
                     return Err(CloseReason::Protocol("continuation frame without a start"));
                 };
-                if f.buf.len() as u64 + len > max_message_bytes as u64 {
+                if (f.buf.len() as u64).saturating_add(len) > max_message_bytes as u64 {
                     return Err(CloseReason::TooBig);
                 }
             }
@@ -314,6 +314,22 @@ mod tests {
         let bytes = frame(0x81, &[b'a'; 70_000]);
         // Only the header has arrived.
         assert_eq!(run(&mut s, &bytes[..14]).0.map_err(|e| e.code()), Err(1009));
+    }
+
+    #[test]
+    fn continuation_with_huge_length_is_too_big() {
+        // Found by fuzz/session: buffered + 2^64-1 overflowed (a panic in debug builds, a
+        // wrap past the cap in release ones).
+        let mut s = Session::default();
+        let mut bytes = frame(0x01, b"a");
+        bytes.extend_from_slice(&[0x80, 0x80 | 127]);
+        bytes.extend_from_slice(&u64::MAX.to_be_bytes());
+        bytes.extend_from_slice(&[1, 2, 3, 4]);
+        assert_eq!(run(&mut s, &bytes).0.map_err(|e| e.code()), Err(1009));
+        let mut buf = bytes.clone();
+        // No cap at all: no overflow either, the frame is just incomplete.
+        let r = Session::default().feed(&mut buf, usize::MAX, &mut |_| Flow::Continue);
+        assert_eq!(r, Ok(7));
     }
 
     #[test]
