@@ -224,7 +224,10 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
         } else if name.eq_ignore_ascii_case("authorization") {
             let v = value.trim();
             // `get`: a non-ASCII byte may sit inside the first seven (slicing would panic).
-            if v.len() > 7 && v.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("bearer ")) {
+            if v.len() > 7
+                && v.get(..7)
+                    .is_some_and(|p| p.eq_ignore_ascii_case("bearer "))
+            {
                 bearer = Some(v[7..].trim().to_owned());
             }
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
