@@ -614,6 +614,28 @@ pub fn validate_project(at: &str, p: &ProjectConfig) -> Result<(), ConfigError> 
     Ok(())
 }
 
+/// Reads a document (a PEM, a JWKS) given inline or by file, as it is.
+///
+/// # Errors
+/// The file cannot be read.
+pub fn read_inline_or_file(
+    inline: &Option<String>,
+    file: &Option<PathBuf>,
+) -> Result<Option<String>, ConfigError> {
+    match (inline, file) {
+        (Some(text), _) => Ok(Some(text.clone())),
+        (None, Some(path)) => {
+            std::fs::read_to_string(path)
+                .map(Some)
+                .map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 /// Reads a secret given inline or by file.
 ///
 /// # Errors

@@ -18,7 +18,9 @@ use arc_swap::ArcSwap;
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, ConfigError, KeyConfig, ProjectConfig, read_secret};
+use crate::config::{
+    Config, ConfigError, KeyConfig, ProjectConfig, read_inline_or_file, read_secret,
+};
 use crate::pubsub::ProjectId;
 use crate::store::State;
 pub use keys::{Key, KeyError, KeySpec};
@@ -216,18 +218,7 @@ impl Registry {
 
 fn key_spec(at: &str, k: &KeyConfig) -> Result<KeySpec, ConfigError> {
     let secret = read_secret(&format!("{at}.secret"), &k.secret, &k.secret_file)?;
-    let pem = match (&k.pem, &k.pem_file) {
-        (Some(p), _) => Some(p.clone()),
-        (None, Some(path)) => {
-            Some(
-                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?,
-            )
-        }
-        (None, None) => None,
-    };
+    let pem = read_inline_or_file(&k.pem, &k.pem_file)?;
     Ok(KeySpec {
         alg: k.alg.clone(),
         secret,
@@ -266,18 +257,7 @@ impl Project {
         for (j, k) in p.keys.iter().enumerate() {
             specs.push((k.kid.clone(), key_spec(&format!("{at}.keys[{j}]"), k)?));
         }
-        let jwks = match (&p.jwks, &p.jwks_file) {
-            (Some(j), _) => Some(j.clone()),
-            (None, Some(path)) => {
-                Some(
-                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                        path: path.clone(),
-                        source,
-                    })?,
-                )
-            }
-            (None, None) => None,
-        };
+        let jwks = read_inline_or_file(&p.jwks, &p.jwks_file)?;
         if let Some(doc) = jwks {
             for (kid, spec) in keys::parse_jwks(&doc).map_err(|e| key_err("jwks".into(), e))? {
                 specs.push((Some(kid), spec));
