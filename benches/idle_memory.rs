@@ -205,6 +205,9 @@ heartbeat_interval_ms = 3600000
 [limits]
 # A benchmark opens thousands of connections from a few addresses: no per-IP handshake limit.
 handshakes_per_ip_per_sec = 0
+connections_per_ip = 0
+messages_per_conn_per_sec = 0
+api_requests_per_key_per_sec = 0
 
 [log]
 level = "warn"

@@ -233,8 +233,8 @@ impl Admin {
     }
 
     /// SIGHUP: re-reads the config file and applies its projects and keys. A bad file is
-    /// refused with a log line and everything stays as it was. Listener, shard and limit
-    /// settings need a restart; a change to them is logged and ignored.
+    /// refused with a log line and everything stays as it was. Listener, shard, limit
+    /// and proxy settings need a restart; a change to them is logged and ignored.
     pub fn reload(&self) {
         let Some(path) = &self.config_path else {
             info!("SIGHUP: running on the embedded default; nothing to reload");
@@ -256,8 +256,16 @@ impl Admin {
                 return;
             }
         };
-        if config.server != inner.config.server || config.ws != inner.config.ws {
-            warn!("SIGHUP: [server] and [ws] changes take effect only after a restart");
+        let c = &inner.config;
+        if config.server != c.server
+            || config.ws != c.ws
+            || config.limits != c.limits
+            || config.proxy != c.proxy
+        {
+            warn!(
+                "SIGHUP: [server], [ws], [limits] and [proxy] changes take effect only after a \
+                 restart"
+            );
         }
         let state = inner.state.clone();
         match self.commit(&mut inner, config, state) {

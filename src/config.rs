@@ -33,8 +33,10 @@ pub struct Config {
     pub log: LogConfig,
     /// Node-wide IP allow and deny lists (reloaded on SIGHUP).
     pub access: AccessConfig,
-    /// Per-address rate limits.
+    /// Rate limits and concurrency caps.
     pub limits: LimitsConfig,
+    /// Trusted reverse proxies (client address from `X-Forwarded-For` or PROXY protocol).
+    pub proxy: ProxyConfig,
     /// Tenants. At least one is required.
     pub projects: Vec<ProjectConfig>,
 }
@@ -134,7 +136,9 @@ pub struct AccessConfig {
     pub deny: Vec<String>,
 }
 
-/// Per-source-address limits, kept per shard.
+/// Rate limits and concurrency caps. Every limit is on by default (a fresh install is already
+/// protected) and 0 turns it off (benchmarks). Per-address rate state is kept per shard, in maps
+/// bounded by `limiter_max_ips`; the concurrent-connection count per address is node-wide.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -146,6 +150,24 @@ pub struct LimitsConfig {
     /// Addresses each shard's handshake limiter remembers; at the cap the oldest is
     /// forgotten. Default 65536.
     pub limiter_max_ips: usize,
+    /// Concurrent connections (handshakes included) from one address across the node; over
+    /// it the handshake is refused with 429. Up to `handshake_burst_per_ip` more are read and
+    /// answered; beyond that a socket from the address is closed at accept, unread.
+    /// 0 = off. Default 1000.
+    pub connections_per_ip: u32,
+    /// Handshakes in progress (accepted, upgrade not finished) across the node; beyond it a
+    /// new socket is closed at accept, unread. 0 = off. Default 10000.
+    pub max_pending_handshakes: usize,
+    /// Messages (data frames and pings) one connection may send per second; over it the
+    /// connection is closed with 4029. 0 = off. Default 100.
+    pub messages_per_conn_per_sec: u32,
+    /// Messages one connection may send at once (bucket size). Default 200.
+    pub message_burst_per_conn: u32,
+    /// API requests one key (a project's, or the admin key) may make per second; over it 429
+    /// with `Retry-After`. 0 = off. Default 1000.
+    pub api_requests_per_key_per_sec: u32,
+    /// API requests one key may make at once (bucket size). Default 2000.
+    pub api_burst_per_key: u32,
 }
 
 impl Default for LimitsConfig {
@@ -154,8 +176,27 @@ impl Default for LimitsConfig {
             handshakes_per_ip_per_sec: 50,
             handshake_burst_per_ip: 100,
             limiter_max_ips: 65536,
+            connections_per_ip: 1000,
+            max_pending_handshakes: 10_000,
+            messages_per_conn_per_sec: 100,
+            message_burst_per_conn: 200,
+            api_requests_per_key_per_sec: 1000,
+            api_burst_per_key: 2000,
         }
     }
+}
+
+/// Reverse proxies and load balancers in front of herald whose word on the client address is
+/// trusted. From any other peer, `X-Forwarded-For` is ignored and a PROXY header is refused.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Proxy networks (CIDR or single addresses). Default empty: trust no one.
+    pub trusted: Vec<String>,
+    /// Connections from a trusted proxy begin with a PROXY protocol header (v1 or v2) naming
+    /// the client. When false, the client is the right-most `X-Forwarded-For` address that is
+    /// not itself a trusted proxy. Default false.
+    pub proxy_protocol: bool,
 }
 
 /// Logging.
@@ -359,6 +400,7 @@ impl Default for Config {
             log: LogConfig::default(),
             access: AccessConfig::default(),
             limits: LimitsConfig::default(),
+            proxy: ProxyConfig::default(),
             projects: Vec::new(),
         }
     }
@@ -511,6 +553,14 @@ impl Config {
                 self.limits.handshake_burst_per_ip as usize,
             ),
             ("limits.limiter_max_ips", self.limits.limiter_max_ips),
+            (
+                "limits.message_burst_per_conn",
+                self.limits.message_burst_per_conn as usize,
+            ),
+            (
+                "limits.api_burst_per_key",
+                self.limits.api_burst_per_key as usize,
+            ),
         ];
         for (key, v) in positive {
             if v == 0 {
@@ -523,14 +573,37 @@ impl Config {
         if ws.max_message_bytes > 64 << 20 {
             return Err(invalid("ws.max_message_bytes", "at most 64 MiB"));
         }
+        if self.api.max_body_bytes > 1 << 30 {
+            return Err(invalid("api.max_body_bytes", "at most 1 GiB"));
+        }
         if self.api.admin_key.is_some() && self.api.admin_key_file.is_some() {
             return Err(invalid(
                 "api.admin_key",
                 "set admin_key or admin_key_file, not both",
             ));
         }
+        if ws.heartbeat_interval_ms > 3_600_000 {
+            return Err(invalid("ws.heartbeat_interval_ms", "at most one hour"));
+        }
+        let l = &self.limits;
+        if l.messages_per_conn_per_sec > 1_000_000 {
+            return Err(invalid(
+                "limits.messages_per_conn_per_sec",
+                "at most 1000000",
+            ));
+        }
+        if l.messages_per_conn_per_sec > 0
+            && l.message_burst_per_conn > l.messages_per_conn_per_sec.saturating_mul(60)
+        {
+            return Err(invalid(
+                "limits.message_burst_per_conn",
+                "at most 60 seconds' worth of messages_per_conn_per_sec",
+            ));
+        }
         crate::access::IpList::parse(&self.access.allow, &self.access.deny)
             .map_err(|(key, reason)| invalid(format!("access.{key}"), reason))?;
+        crate::net::proxy::TrustedProxies::new(&self.proxy.trusted, self.proxy.proxy_protocol)
+            .map_err(|(key, reason)| invalid(format!("proxy.{key}"), reason))?;
         if self.projects.is_empty() {
             return Err(invalid(
                 "projects",
@@ -724,6 +797,23 @@ handshakes_per_ip_per_sec = {hps}
 handshake_burst_per_ip = {hbu}
 # Addresses each shard's limiter remembers (the oldest is forgotten at the cap).
 limiter_max_ips = {lmi}
+# Concurrent connections from one address across the node (0 = off); over it 429.
+connections_per_ip = {cpi}
+# Handshakes in progress across the node; beyond it new sockets are closed unread.
+max_pending_handshakes = {mph}
+# Messages (data frames and pings) per connection per second and burst; over it close 4029.
+messages_per_conn_per_sec = {mpc}
+message_burst_per_conn = {mbc}
+# API requests per key per second and burst; over it 429 with Retry-After.
+api_requests_per_key_per_sec = {arp}
+api_burst_per_key = {abk}
+
+[proxy]
+# Reverse proxies / load balancers whose word on the client address is trusted (CIDR).
+# From them the client address is the right-most X-Forwarded-For entry that is not a proxy,
+# or, with proxy_protocol = true, the PROXY protocol (v1/v2) header they must send first.
+trusted = []
+proxy_protocol = false
 
 [log]
 # "text" for people, "json" for journald and log shippers.
@@ -773,6 +863,12 @@ secret = "{hmac}"
         hps = d.limits.handshakes_per_ip_per_sec,
         hbu = d.limits.handshake_burst_per_ip,
         lmi = d.limits.limiter_max_ips,
+        cpi = d.limits.connections_per_ip,
+        mph = d.limits.max_pending_handshakes,
+        mpc = d.limits.messages_per_conn_per_sec,
+        mbc = d.limits.message_burst_per_conn,
+        arp = d.limits.api_requests_per_key_per_sec,
+        abk = d.limits.api_burst_per_key,
     )
 }
 
@@ -840,6 +936,39 @@ mod tests {
         c.projects[0].allow_ips = vec!["::1".into(), "nope".into()];
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("projects[0].allow_ips[1]"), "{err}");
+    }
+
+    #[test]
+    fn a_fresh_install_is_protected() {
+        let l = Config::default().limits;
+        assert!(l.handshakes_per_ip_per_sec > 0);
+        assert!(l.connections_per_ip > 0);
+        assert!(l.max_pending_handshakes > 0);
+        assert!(l.messages_per_conn_per_sec > 0);
+        assert!(l.api_requests_per_key_per_sec > 0);
+        let t = Config::parse(&production_template()).unwrap();
+        assert_eq!(t.limits, l, "genconfig writes the defaults");
+        assert!(
+            Config::default().proxy.trusted.is_empty(),
+            "no proxy trusted by default"
+        );
+    }
+
+    #[test]
+    fn limit_rules_are_named() {
+        let mut c = Config::development();
+        c.limits.messages_per_conn_per_sec = 2;
+        c.limits.message_burst_per_conn = 121;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.message_burst_per_conn"), "{err}");
+        let mut c = Config::development();
+        c.proxy.trusted = vec!["10.0.0.0/8".into(), "10.0.0.0/99".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("proxy.trusted[1]"), "{err}");
+        let mut c = Config::development();
+        c.ws.heartbeat_interval_ms = 3_600_001;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("ws.heartbeat_interval_ms"), "{err}");
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub struct Hub {
     pub nr_connections: AtomicUsize,
     /// Cap from the config; 0 = none.
     pub max_connections: usize,
+    /// The 90%-of-cap warning was logged (re-armed below 80%).
+    pub near_cap_warned: std::sync::atomic::AtomicBool,
+    /// Concurrent connections per client address (`limits.connections_per_ip`).
+    pub ip_conns: crate::limiter::ConnCounter,
     /// Publishes accepted through the API (written by the API thread only).
     pub api_published: AtomicU64,
     phase: AtomicU8,
@@ -82,6 +86,8 @@ impl Hub {
             registry,
             nr_connections: AtomicUsize::new(0),
             max_connections,
+            near_cap_warned: std::sync::atomic::AtomicBool::new(false),
+            ip_conns: crate::limiter::ConnCounter::new(0, 0),
             api_published: AtomicU64::new(0),
             phase: AtomicU8::new(Phase::Starting as u8),
             seq: AtomicU64::new(0),

@@ -1,12 +1,15 @@
-//! Per-shard, per-source-IP handshake limits: a token bucket of handshakes per address, kept in
-//! a map bounded by `limits.limiter_max_ips` (at the cap the oldest entry is evicted, so an
-//! attacker rotating addresses cannot grow it), and a count of open connections per address.
+//! Token-bucket rate limits keyed by source address (handshakes, per shard) or by API key, kept
+//! in a map bounded by a cap (at the cap the oldest entry is evicted, so an attacker rotating
+//! addresses cannot grow it).
 
 use std::collections::VecDeque;
-use std::net::IpAddr;
+use std::hash::{BuildHasher, Hash};
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashMap};
 
 /// A token bucket.
 #[derive(Debug, Clone, Copy)]
@@ -15,18 +18,21 @@ struct Bucket {
     at: Instant,
 }
 
-/// Handshake token buckets of one shard.
+/// Token buckets keyed by `K`, at most `cap` of them.
 #[derive(Debug)]
-pub struct HandshakeLimiter {
+pub struct RateLimiter<K> {
     rate: f64,
     burst: f64,
     cap: usize,
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: HashMap<K, Bucket>,
     /// Insertion order, for eviction at the cap (same keys as `buckets`).
-    order: VecDeque<IpAddr>,
+    order: VecDeque<K>,
 }
 
-impl HandshakeLimiter {
+/// Handshake token buckets of one shard, by source address.
+pub type HandshakeLimiter = RateLimiter<IpAddr>;
+
+impl<K: Hash + Eq + Clone> RateLimiter<K> {
     /// `rate` handshakes per second, `burst` at once, at most `cap` addresses remembered;
     /// `rate == 0` turns the limiter off.
     pub fn new(rate: u32, burst: u32, cap: usize) -> Self {
@@ -49,15 +55,20 @@ impl HandshakeLimiter {
         self.buckets.is_empty()
     }
 
-    /// Takes one token for `ip`: `Ok` when allowed, else the seconds until one is available.
+    /// Whether the limiter is on (a rate of 0 turns it off).
+    pub fn enabled(&self) -> bool {
+        self.rate > 0.0
+    }
+
+    /// Takes one token for `key`: `Ok` when allowed, else the seconds until one is available.
     ///
     /// # Errors
     /// Seconds to wait (at least 1), for `Retry-After`.
-    pub fn take(&mut self, ip: IpAddr, now: Instant) -> Result<(), u32> {
+    pub fn take(&mut self, key: K, now: Instant) -> Result<(), u32> {
         if self.rate <= 0.0 {
             return Ok(());
         }
-        if let Some(b) = self.buckets.get_mut(&ip) {
+        if let Some(b) = self.buckets.get_mut(&key) {
             let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
             b.tokens = (b.tokens + elapsed * self.rate).min(self.burst);
             b.at = now;
@@ -75,14 +86,172 @@ impl HandshakeLimiter {
             self.buckets.remove(&old);
         }
         self.buckets.insert(
-            ip,
+            key.clone(),
             Bucket {
                 tokens: self.burst - 1.0,
                 at: now,
             },
         );
-        self.order.push_back(ip);
+        self.order.push_back(key);
         Ok(())
+    }
+}
+
+/// Whether `count` is at or above 90% of `cap` (0 = no cap).
+pub fn near_cap(count: usize, cap: usize) -> bool {
+    cap > 0 && count.saturating_mul(10) >= cap.saturating_mul(9)
+}
+
+/// Whether a count just rose to 90% of its cap and the warning is due: true once per rise,
+/// re-armed by [`cap_fell`] when the count drops below 80% (so a count hovering at 90% does
+/// not repeat the warning).
+pub fn cap_rose(count: usize, cap: usize, warned: &AtomicBool) -> bool {
+    near_cap(count, cap) && !warned.swap(true, Ordering::Relaxed)
+}
+
+/// Re-arms the 90% warning once a count is below 80% of its cap; true when it re-armed.
+pub fn cap_fell(count: usize, cap: usize, warned: &AtomicBool) -> bool {
+    cap > 0
+        && count.saturating_mul(10) < cap.saturating_mul(8)
+        && warned.load(Ordering::Relaxed)
+        && warned.swap(false, Ordering::Relaxed)
+}
+
+/// The key per-address limits count by: an IPv4 address (also when IPv4-mapped), or an IPv6
+/// address's /64 network (one host is usually given a whole /64, so counting single IPv6
+/// addresses would let one host multiply its allowance).
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (!0u128 << 64))),
+        },
+    }
+}
+
+/// Concurrent connections per client address across the node, handshakes included: striped
+/// maps touched on connect and close only (never per message). An entry exists only while
+/// its address has connections, so the maps are bounded by the connections themselves.
+pub struct ConnCounter {
+    /// Connections an address may hold; over it the handshake is refused (0 = off).
+    limit: u32,
+    /// Connections an address may have open or in handshake at all; beyond it a socket is
+    /// closed at accept.
+    ceiling: u32,
+    stripes: Box<[Mutex<HashMap<IpAddr, u32>>]>,
+    hasher: DefaultHashBuilder,
+}
+
+/// Stripes of the connection counter (a power of two).
+const STRIPES: usize = 64;
+
+impl ConnCounter {
+    /// `limit` connections per address (0 = off); `slack` more may be accepted and read so
+    /// they can be answered 429.
+    pub fn new(limit: u32, slack: u32) -> Self {
+        Self {
+            limit,
+            ceiling: limit.saturating_add(slack),
+            stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
+            hasher: DefaultHashBuilder::default(),
+        }
+    }
+
+    /// Whether the limit is on.
+    pub fn enabled(&self) -> bool {
+        self.limit > 0
+    }
+
+    /// The configured limit (0 = off).
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    fn stripe(&self, key: &IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        let i = self.hasher.hash_one(key) as usize & (STRIPES - 1);
+        self.stripes[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts a new connection from `ip`. `None` (not counted) when the address is at its
+    /// ceiling; else whether it is now over the limit (the handshake is to be refused).
+    pub fn acquire(&self, ip: IpAddr) -> Option<bool> {
+        if !self.enabled() {
+            return Some(false);
+        }
+        let key = client_key(ip);
+        let mut map = self.stripe(&key);
+        let n = map.entry(key).or_insert(0);
+        if *n >= self.ceiling {
+            if *n == 0 {
+                map.remove(&key);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(*n > self.limit)
+    }
+
+    /// Counts a connection from `ip` even at the ceiling (its request has been read already:
+    /// a client named by a trusted proxy). Whether it is now over the limit.
+    pub fn acquire_always(&self, ip: IpAddr) -> bool {
+        if !self.enabled() {
+            return false;
+        }
+        let key = client_key(ip);
+        let mut map = self.stripe(&key);
+        let n = map.entry(key).or_insert(0);
+        *n += 1;
+        *n > self.limit
+    }
+
+    /// Whether `ip` holds more connections than the limit (the caller's one included).
+    pub fn over_limit(&self, ip: IpAddr) -> bool {
+        self.enabled() && self.count(ip) > self.limit
+    }
+
+    /// Connections counted for `ip`.
+    pub fn count(&self, ip: IpAddr) -> u32 {
+        let key = client_key(ip);
+        self.stripe(&key).get(&key).copied().unwrap_or(0)
+    }
+
+    /// Uncounts a connection counted by [`ConnCounter::acquire`].
+    pub fn release(&self, ip: IpAddr) {
+        if !self.enabled() {
+            return;
+        }
+        let key = client_key(ip);
+        let mut map = self.stripe(&key);
+        if let Some(n) = map.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&key);
+            }
+        }
+    }
+
+    /// Addresses with connections now.
+    pub fn addresses(&self) -> usize {
+        self.stripes
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .len()
+            })
+            .sum()
+    }
+}
+
+impl std::fmt::Debug for ConnCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnCounter")
+            .field("limit", &self.limit)
+            .field("ceiling", &self.ceiling)
+            .finish_non_exhaustive()
     }
 }
 
@@ -126,5 +295,61 @@ mod tests {
             l.take(ip, Instant::now()).unwrap();
         }
         assert!(l.is_empty());
+    }
+
+    #[test]
+    fn connection_counter_limits_ceiling_and_frees() {
+        let c = ConnCounter::new(2, 1);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(c.acquire(a), Some(false));
+        assert_eq!(c.acquire(a), Some(false));
+        // Third: counted (it will be answered 429), over the limit.
+        assert_eq!(c.acquire(a), Some(true));
+        assert!(c.over_limit(a));
+        // Fourth: at the ceiling, not counted.
+        assert_eq!(c.acquire(a), None);
+        assert_eq!(c.count(a), 3);
+        // Other addresses are independent.
+        assert_eq!(c.acquire("10.0.0.2".parse().unwrap()), Some(false));
+        c.release(a);
+        assert!(!c.over_limit(a));
+        c.release(a);
+        c.release(a);
+        c.release("10.0.0.2".parse().unwrap());
+        assert_eq!(c.addresses(), 0, "entries go with their last connection");
+    }
+
+    #[test]
+    fn ipv6_counts_by_slash_64_and_mapped_v4_as_v4() {
+        let c = ConnCounter::new(1, 0);
+        assert_eq!(c.acquire("2001:db8:1:2::1".parse().unwrap()), Some(false));
+        assert_eq!(c.acquire("2001:db8:1:2::ffff".parse().unwrap()), None);
+        assert_eq!(c.acquire("2001:db8:1:3::1".parse().unwrap()), Some(false));
+        assert_eq!(c.acquire("10.1.1.1".parse().unwrap()), Some(false));
+        assert_eq!(c.acquire("::ffff:10.1.1.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn cap_warning_fires_once_per_rise_with_hysteresis() {
+        let w = AtomicBool::new(false);
+        assert!(!cap_rose(89, 100, &w));
+        assert!(cap_rose(90, 100, &w));
+        assert!(!cap_rose(91, 100, &w), "once per rise");
+        assert!(!cap_fell(85, 100, &w), "85% does not re-arm");
+        assert!(!cap_rose(90, 100, &w));
+        assert!(cap_fell(79, 100, &w));
+        assert!(cap_rose(90, 100, &w), "re-armed");
+        assert!(!cap_rose(1_000_000, 0, &w), "no cap, no warning");
+        assert!(near_cap(9, 10) && !near_cap(8, 10) && !near_cap(5, 0));
+    }
+
+    #[test]
+    fn zero_limit_counts_nothing() {
+        let c = ConnCounter::new(0, 100);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..1000 {
+            assert_eq!(c.acquire(a), Some(false));
+        }
+        assert_eq!(c.addresses(), 0);
     }
 }

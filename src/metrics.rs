@@ -102,6 +102,8 @@ pub struct ShardStats {
     pub publish_enqueue: LatencyHistogram,
     /// Sweep ticks run (owner thread only): the liveness signal the systemd watchdog reads.
     pub sweeps: AtomicU64,
+    /// Handshakes in progress, as of the last sweep tick.
+    pub pending_handshakes: AtomicU64,
 }
 
 impl ShardStats {
@@ -171,6 +173,64 @@ impl Collector for HubCollector {
             let v = p.nr_connections.load(Ordering::Relaxed) as u64;
             m.encode_family(&[("project", &*p.id)])?.encode_gauge(&v)?;
         }
+
+        let gauge = |enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64| {
+            enc.encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&v)
+                .map(|_| ())
+        };
+        let node = hub.nr_connections.load(Ordering::Relaxed);
+        gauge(
+            &mut enc,
+            "herald_connection_cap",
+            "server.max_connections (0 = no cap).",
+            hub.max_connections as u64,
+        )?;
+        gauge(
+            &mut enc,
+            "herald_connections_near_cap",
+            "1 while open connections are at or above 90% of server.max_connections.",
+            u64::from(crate::limiter::near_cap(node, hub.max_connections)),
+        )?;
+        let registry = hub.registry.load();
+        let mut m = enc.encode_descriptor(
+            "herald_project_connection_cap",
+            "Each project's max_connections (0 = no cap).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in registry.projects() {
+            m.encode_family(&[("project", &*p.id)])?
+                .encode_gauge(&(p.max_connections as u64))?;
+        }
+        let mut m = enc.encode_descriptor(
+            "herald_project_connections_near_cap",
+            "1 while a project's connections are at or above 90% of its max_connections.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in registry.projects() {
+            let n = p.nr_connections.load(Ordering::Relaxed);
+            m.encode_family(&[("project", &*p.id)])?
+                .encode_gauge(&u64::from(crate::limiter::near_cap(n, p.max_connections)))?;
+        }
+        let mut m = enc.encode_descriptor(
+            "herald_pending_handshakes",
+            "Handshakes in progress per shard (as of its last sweep tick).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, s) in hub.stats.iter().enumerate() {
+            m.encode_family(&[("shard", shards[i].as_str())])?
+                .encode_gauge(&read(&s.pending_handshakes))?;
+        }
+        gauge(
+            &mut enc,
+            "herald_client_addresses",
+            "Client addresses holding connections (counted while limits.connections_per_ip \
+             is on).",
+            hub.ip_conns.addresses() as u64,
+        )?;
 
         let mut m = enc.encode_descriptor(
             "herald_handshakes",

@@ -131,12 +131,17 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
     let stats = (0..nr_shards)
         .map(|_| Arc::new(ShardStats::default()))
         .collect();
-    let hub = Arc::new(Hub::new(
+    let mut hub = Hub::new(
         mailboxes,
         stats,
         Arc::new(ArcSwap::from_pointee(registry)),
         cfg.server.max_connections,
-    ));
+    );
+    hub.ip_conns = crate::limiter::ConnCounter::new(
+        cfg.limits.connections_per_ip,
+        cfg.limits.handshake_burst_per_ip,
+    );
+    let hub = Arc::new(hub);
     let cores = if cfg.server.pin_cores {
         core_affinity::get_core_ids()
     } else {

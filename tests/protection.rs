@@ -4,23 +4,9 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 
 use common::*;
-use socket2::{Domain, Protocol, Socket, Type};
-
-/// A TCP connection to `addr` from source address `from` (any port).
-fn tcp_from(from: &str, addr: SocketAddr) -> TcpStream {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
-    let local: SocketAddr = format!("{from}:0").parse().expect("literal address");
-    s.bind(&local.into())
-        .expect("bind the client to a loopback address");
-    s.connect_timeout(&addr.into(), TIMEOUT)
-        .expect("TCP connect");
-    let s: TcpStream = s.into();
-    set_timeouts(&s);
-    s
-}
 
 /// An upgrade request for `project` with a fresh token.
 fn upgrade_request(project: &str) -> String {
@@ -182,4 +168,55 @@ fn handshake_burst_per_address_gets_429_with_retry_after() {
             .0
             .starts_with("HTTP/1.1 101")
     );
+}
+
+#[test]
+fn message_burst_over_the_limit_closes_4029_and_others_keep_receiving() {
+    let server = TestServer::start(|c| {
+        // One per second sustained: no refill worth a message during the test.
+        c.limits.messages_per_conn_per_sec = 1;
+        c.limits.message_burst_per_conn = 20;
+    });
+    let (mut bystander, _) = connect_user(server.listen, "shop", "bob");
+    let (mut ws, _) = connect_user(server.listen, "shop", "alice");
+    for i in 0..30 {
+        send_text(&mut ws, &format!(r#"{{"op":"ping","id":{i}}}"#));
+    }
+    let (texts, code, reason) = read_until_close(&mut ws);
+    let expected: Vec<String> = (0..20)
+        .map(|i| format!(r#"{{"type":"pong","id":{i}}}"#))
+        .collect();
+    assert_eq!(texts, expected, "the burst is answered, then the close");
+    assert_eq!(
+        (code, reason.as_str()),
+        (4029, "message rate limit exceeded")
+    );
+    let i = herald::ws::close::CloseReason::RateLimited.counter_index();
+    assert_eq!(server.stat(|s| herald::metrics::read(&s.closes[i])), 1);
+    // The bystander on the same server is untouched.
+    let id = server.publish("shop", "all", r#"{"n":1}"#);
+    let msg: serde_json::Value = serde_json::from_str(&recv_text(&mut bystander)).unwrap();
+    assert_eq!(msg["id"], serde_json::Value::String(id));
+    assert_eq!(
+        request(&mut bystander, r#"{"op":"ping","id":"b"}"#),
+        serde_json::json!({"type":"pong","id":"b"})
+    );
+}
+
+#[test]
+fn messages_at_the_sustained_rate_are_never_limited() {
+    let server = TestServer::start(|c| {
+        c.limits.messages_per_conn_per_sec = 50;
+        c.limits.message_burst_per_conn = 2;
+    });
+    let (mut ws, _) = connect_user(server.listen, "shop", "alice");
+    // 40 requests at ~20/s, well under 50/s, with a burst of only 2: never closed.
+    for i in 0..40 {
+        assert_eq!(
+            request(&mut ws, &format!(r#"{{"op":"ping","id":{i}}}"#)),
+            serde_json::json!({"type":"pong","id":i})
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    close(ws);
 }

@@ -55,6 +55,8 @@ pub struct Project {
     pub ip_access: crate::access::IpList,
     /// Open connections of this project on the node; survives registry swaps.
     pub nr_connections: Arc<AtomicUsize>,
+    /// The 90%-of-cap warning was logged (re-armed below 80%); survives registry swaps.
+    pub near_cap_warned: Arc<std::sync::atomic::AtomicBool>,
     /// Created through the API (not in the config file).
     pub from_api: bool,
 }
@@ -174,11 +176,11 @@ impl Registry {
             if projects.len() <= idx as usize {
                 projects.resize(idx as usize + 1, None);
             }
-            let counter = prev
+            let shared = prev
                 .and_then(|p| p.project(&pc.id))
-                .map(|p| p.nr_connections.clone())
+                .map(|p| (p.nr_connections.clone(), p.near_cap_warned.clone()))
                 .unwrap_or_default();
-            let project = Project::build(idx, i, pc, state, counter, api)?;
+            let project = Project::build(idx, i, pc, state, shared, api)?;
             projects[idx as usize] = Some(Arc::new(project));
         }
         let access = crate::access::IpList::parse(&cfg.access.allow, &cfg.access.deny).map_err(
@@ -233,7 +235,7 @@ impl Project {
         position: usize,
         p: &ProjectConfig,
         state: &State,
-        nr_connections: Arc<AtomicUsize>,
+        (nr_connections, near_cap_warned): (Arc<AtomicUsize>, Arc<std::sync::atomic::AtomicBool>),
         from_api: bool,
     ) -> Result<Self, RegistryError> {
         let at = if from_api {
@@ -297,6 +299,7 @@ impl Project {
                 },
             )?,
             nr_connections,
+            near_cap_warned,
             from_api,
         })
     }

@@ -1,3 +1,4 @@
 //! Sockets: the per-shard client listeners.
 
 pub mod listener;
+pub mod proxy;

@@ -65,6 +65,16 @@ pub struct Limits {
     pub handshake_burst_per_ip: u32,
     /// Addresses the handshake limiter remembers.
     pub limiter_max_ips: usize,
+    /// Per-connection message limit: microseconds between messages at the sustained rate
+    /// (0 = off).
+    pub msg_interval_us: u32,
+    /// How far ahead of the sustained rate a connection may run (the burst), microseconds.
+    pub msg_tolerance_us: u32,
+    /// Handshakes this shard may have in progress (its share of
+    /// `limits.max_pending_handshakes`); 0 = no cap.
+    pub max_pending_handshakes: usize,
+    /// Trusted reverse proxies.
+    pub proxies: Arc<crate::net::proxy::TrustedProxies>,
 }
 
 impl Limits {
@@ -82,6 +92,26 @@ impl Limits {
             handshakes_per_ip_per_sec: c.limits.handshakes_per_ip_per_sec,
             handshake_burst_per_ip: c.limits.handshake_burst_per_ip,
             limiter_max_ips: c.limits.limiter_max_ips,
+            max_pending_handshakes: c
+                .limits
+                .max_pending_handshakes
+                .div_ceil(c.nr_shards().max(1)),
+            proxies: Arc::new(
+                crate::net::proxy::TrustedProxies::new(&c.proxy.trusted, c.proxy.proxy_protocol)
+                    .unwrap_or_default(),
+            ),
+            msg_interval_us: match c.limits.messages_per_conn_per_sec {
+                0 => 0,
+                rate => (1_000_000 / rate).max(1),
+            },
+            msg_tolerance_us: match c.limits.messages_per_conn_per_sec {
+                0 => 0,
+                rate => {
+                    let burst = u64::from(c.limits.message_burst_per_conn.max(1) - 1);
+                    // Validation bounds the burst to 60 s of the rate, so this fits a u32.
+                    (burst * 1_000_000 / u64::from(rate)).min(u64::from(u32::MAX / 4)) as u32
+                }
+            },
         }
     }
 
@@ -137,6 +167,30 @@ pub struct Shard {
     lifecycle_waker: Option<Waker>,
     /// Handshakes per source address (token buckets, bounded).
     pub(crate) hs_limiter: crate::limiter::HandshakeLimiter,
+    /// Start of the shard's microsecond clock (message rate limits).
+    epoch: Instant,
+    /// The microsecond clock (wrapping), read once per readiness event.
+    pub(crate) clock_us: u32,
+    /// Connections in the handshake phase.
+    pub(crate) pending_handshakes: usize,
+    /// When a socket was last closed at accept for the pending-handshake cap (the warning
+    /// is logged at most once per [`OVERLOAD_LOG_EVERY`]), and how many since.
+    overload_logged: Option<Instant>,
+    overload_unlogged: u64,
+}
+
+/// Least time between two warnings about sockets closed at accept.
+const OVERLOAD_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Why a socket is closed at accept, unread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AcceptRefusal {
+    /// Refused by `[access]`.
+    Denied,
+    /// The address is at its connection ceiling.
+    AddressCeiling,
+    /// The shard has its share of `limits.max_pending_handshakes` in progress.
+    PendingCap,
 }
 
 impl Shard {
@@ -165,14 +219,89 @@ impl Shard {
             draining: false,
             lifecycle_waker: None,
             hs_limiter,
+            epoch: Instant::now(),
+            clock_us: 0,
+            pending_handshakes: 0,
+            overload_logged: None,
+            overload_unlogged: 0,
+        }
+    }
+
+    /// Advances the shard's microsecond clock to now.
+    pub(crate) fn update_clock(&mut self) {
+        self.clock_us = self.epoch.elapsed().as_micros() as u32;
+    }
+
+    /// The checks on a freshly accepted socket that cost no read: the global IP lists, the
+    /// per-address connection ceiling and the pending-handshake cap. A trusted proxy's peer
+    /// is checked once it names the client ([`crate::net::proxy`]). On `Ok`, the connection
+    /// is counted against its address when `Ok(true)`.
+    fn screen(&mut self, peer: SocketAddr) -> Result<bool, AcceptRefusal> {
+        let cap = self.limits.max_pending_handshakes;
+        if cap > 0 && self.pending_handshakes >= cap {
+            return Err(AcceptRefusal::PendingCap);
+        }
+        let ip = peer.ip();
+        if self.limits.proxies.trusts(ip) {
+            return Ok(false);
+        }
+        if !self.hub.registry.load().access.permits(ip) {
+            return Err(AcceptRefusal::Denied);
+        }
+        match self.hub.ip_conns.acquire(ip) {
+            None => Err(AcceptRefusal::AddressCeiling),
+            Some(_) => Ok(true),
+        }
+    }
+
+    /// Counts and logs a socket closed at accept.
+    fn refused_at_accept(&mut self, peer: SocketAddr, why: AcceptRefusal) {
+        let outcome = match why {
+            AcceptRefusal::Denied => "forbidden",
+            AcceptRefusal::AddressCeiling => "rate_limited",
+            AcceptRefusal::PendingCap => "at_capacity",
+        };
+        ShardStats::add(&self.stats.handshakes[ShardStats::outcome(outcome)], 1);
+        match why {
+            AcceptRefusal::Denied => {
+                debug!(shard = self.id, %peer, "address refused by [access]; closed");
+            }
+            AcceptRefusal::AddressCeiling => debug!(
+                shard = self.id,
+                %peer,
+                "address over its connection ceiling (limits.connections_per_ip + \
+                 handshake_burst_per_ip); closed unread"
+            ),
+            AcceptRefusal::PendingCap => {
+                self.overload_unlogged += 1;
+                let now = Instant::now();
+                if self
+                    .overload_logged
+                    .is_none_or(|at| now.duration_since(at) >= OVERLOAD_LOG_EVERY)
+                {
+                    warn!(
+                        shard = self.id,
+                        pending = self.pending_handshakes,
+                        closed = self.overload_unlogged,
+                        "handshakes in progress at this shard's share of \
+                         limits.max_pending_handshakes; closing new sockets unread"
+                    );
+                    self.overload_logged = Some(now);
+                    self.overload_unlogged = 0;
+                }
+            }
         }
     }
 
     /// Takes a freshly accepted socket: a slot, a generation, a handshake deadline.
-    fn admit(&mut self, fd: i32, peer: SocketAddr) -> (u32, u32) {
+    /// `counted`: the peer is the client and is counted against its address.
+    fn admit(&mut self, fd: i32, peer: SocketAddr, counted: bool) -> (u32, u32) {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
-        let slot = self.conns.insert(Conn::new(fd, generation, peer)) as u32;
+        let mut conn = Conn::new(fd, generation, peer);
+        conn.client_known = counted;
+        let slot = self.conns.insert(conn) as u32;
+        self.pending_handshakes += 1;
         self.handshake_deadlines.push_back(Deadline {
             at: Instant::now() + self.limits.handshake_timeout,
             slot,
@@ -312,6 +441,10 @@ impl Shard {
     fn tick(&mut self, tick: Duration) {
         // Liveness for the watchdog (crate::notify): this shard's loop is still turning.
         ShardStats::add(&self.stats.sweeps, 1);
+        self.stats.pending_handshakes.store(
+            self.pending_handshakes as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         // A drain whose inbox message was lost to a full inbox still happens.
         if !self.draining && self.hub.phase() == crate::hub::Phase::Draining {
             self.start_drain();
@@ -382,6 +515,8 @@ impl Shard {
         let per_tick = (self.hb_carry / hb_ms) as usize;
         self.hb_carry %= hb_ms;
         let mut dead = Vec::new();
+        self.update_clock();
+        let (now_us, stale) = (self.clock_us, self.msg_stale_after());
         for _ in 0..per_tick.min(cap) {
             let slot = self.hb_cursor % cap;
             self.hb_cursor = (slot + 1) % cap;
@@ -390,6 +525,11 @@ impl Shard {
             };
             if c.phase != ConnPhase::Open {
                 continue;
+            }
+            // Keep the message-rate clock of a quiet connection within half the wrap of the
+            // 32-bit microsecond clock (see `Shard::take_message`).
+            if c.msg_tat.wrapping_sub(now_us) > stale {
+                c.msg_tat = now_us;
             }
             if c.ping_outstanding && !c.rx_since_ping {
                 dead.push(slot as u32);
@@ -579,17 +719,20 @@ async fn accept_loop(shard: &Rc<RefCell<Shard>>, listener: &monoio::net::TcpList
             None => return,
             Some(Ok((stream, peer))) => {
                 backoff_logged = false;
-                // Global IP lists: a refused peer costs no read, no buffer and no slot; its
-                // socket is closed without an answer.
-                if !shard.borrow().hub.registry.load().access.permits(peer.ip()) {
-                    let s = shard.borrow();
-                    ShardStats::add(&s.stats.handshakes[ShardStats::outcome("forbidden")], 1);
-                    debug!(shard = s.id, %peer, "address refused by [access]; closed");
-                    drop(stream);
-                    continue;
-                }
+                // A refused peer costs no read, no buffer and no slot; its socket is closed
+                // without an answer.
+                let screened = shard.borrow_mut().screen(peer);
+                let counted = match screened {
+                    Ok(counted) => counted,
+                    Err(why) => {
+                        shard.borrow_mut().refused_at_accept(peer, why);
+                        drop(stream);
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
-                let (slot, generation) = shard.borrow_mut().admit(stream.as_raw_fd(), peer);
+                let (slot, generation) =
+                    shard.borrow_mut().admit(stream.as_raw_fd(), peer, counted);
                 monoio::spawn(conn::drive(shard.clone(), stream, slot, generation));
             }
             Some(Err(e)) => {

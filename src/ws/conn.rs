@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use slab::Slab;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::close::CloseReason;
 use super::frame;
@@ -29,6 +29,7 @@ use super::ops::{self, ErrorCode, Op};
 use super::session::{Event, Flow, Session};
 use crate::auth::{AuthError, Project, Verified};
 use crate::metrics::ShardStats;
+use crate::net::proxy::{self, ProxyHeader};
 use crate::pubsub::{ConnId, Sub, TOPIC_ALL, Topic, topic_permitted};
 use crate::shard::{Deadline, Shard};
 
@@ -79,6 +80,9 @@ pub struct Conn {
     pub ping_outstanding: bool,
     /// Bytes arrived since the last heartbeat ping.
     pub rx_since_ping: bool,
+    /// `peer` is the client (not a trusted proxy yet to name it), and the connection is
+    /// counted against its address (`limits.connections_per_ip`).
+    pub client_known: bool,
     /// Number of implicit subscriptions at the front of `subs`.
     pub nr_implicit: u8,
     /// Error replies so far.
@@ -92,7 +96,10 @@ pub struct Conn {
     /// Bytes in `out` not yet written.
     pub out_bytes: usize,
     /// Bytes of `out[0]` already written.
-    pub out_head: usize,
+    pub out_head: u32,
+    /// Message rate limit: the theoretical arrival time of the next message on the shard's
+    /// microsecond clock (GCRA; a token bucket in four bytes).
+    pub msg_tat: u32,
     /// Frame-layer state.
     pub session: Session,
     /// Peer address.
@@ -118,6 +125,7 @@ impl Conn {
             kill_after_flush: false,
             ping_outstanding: false,
             rx_since_ping: false,
+            client_known: false,
             nr_implicit: 0,
             bad_requests: 0,
             waker: None,
@@ -125,6 +133,7 @@ impl Conn {
             out: VecDeque::new(),
             out_bytes: 0,
             out_head: 0,
+            msg_tat: 0,
             session: Session::default(),
             peer,
             identity: None,
@@ -283,6 +292,10 @@ fn send_vectored(fd: i32, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
+/// `Retry-After` for a refusal over `limits.connections_per_ip`: connections from an address
+/// free up as its clients leave, not at a rate.
+const IP_LIMIT_RETRY_SECS: u32 = 5;
+
 /// Most iovecs per send.
 const MAX_IOV: usize = 64;
 /// Most bytes read for one readiness event before other connections get a turn.
@@ -293,6 +306,7 @@ impl Shard {
     pub(crate) fn on_readable(&mut self, slot: u32) {
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut total = 0;
+        self.update_clock();
         while total < READ_BUDGET {
             let Some(c) = self.conns.get_mut(slot as usize) else {
                 break;
@@ -339,6 +353,34 @@ impl Shard {
         let c = &mut self.conns[slot as usize];
         let mut buf = std::mem::take(&mut c.inbuf);
         buf.extend_from_slice(data);
+        if !c.client_known && self.limits.proxies.proxy_protocol {
+            match proxy::parse_header(&buf) {
+                ProxyHeader::Incomplete if buf.len() <= self.limits.max_handshake_bytes => {
+                    self.conns[slot as usize].inbuf = buf;
+                }
+                ProxyHeader::Incomplete => {
+                    self.refuse(slot, Refusal::bad_request("PROXY protocol header too long"))
+                }
+                ProxyHeader::Invalid(why) => self.refuse(slot, Refusal::bad_request(why)),
+                ProxyHeader::Complete { len, client } => {
+                    let peer = client.unwrap_or(self.conns[slot as usize].peer);
+                    if self.name_client(slot, peer).is_err() {
+                        // Refused by [access], like a direct peer: closed without an answer.
+                        ShardStats::add(
+                            &self.stats.handshakes[ShardStats::outcome("forbidden")],
+                            1,
+                        );
+                        debug!(%peer, "client named by a trusted proxy refused by [access]; closed");
+                        self.kill(slot);
+                        return;
+                    }
+                    if buf.len() > len {
+                        self.on_handshake_bytes(slot, &buf[len..]);
+                    }
+                }
+            }
+            return;
+        }
         match handshake::parse(&buf) {
             Ok(None) if buf.len() > self.limits.max_handshake_bytes => self.refuse(
                 slot,
@@ -357,7 +399,8 @@ impl Shard {
                 )),
             ),
             Ok(Some(up)) => match self
-                .rate_check(slot)
+                .forwarded_check(slot, &up)
+                .and_then(|()| self.rate_check(slot))
                 .and_then(|()| self.authenticate(&up, self.conns[slot as usize].peer))
             {
                 Err(r) => self.refuse(slot, r),
@@ -372,12 +415,55 @@ impl Shard {
         }
     }
 
-    /// The per-address handshake token bucket (429 with `Retry-After` when empty).
+    /// A trusted proxy's connection in `X-Forwarded-For` mode names its client now: the
+    /// address lists and the per-address count apply to the client from here on.
+    fn forwarded_check(&mut self, slot: u32, up: &Upgrade) -> Result<(), Refusal> {
+        let c = &self.conns[slot as usize];
+        if c.client_known {
+            return Ok(());
+        }
+        let proxy = c.peer;
+        let peer = up
+            .forwarded_for
+            .as_deref()
+            .and_then(|v| self.limits.proxies.forwarded_client(v))
+            .map_or(proxy, |ip| SocketAddr::new(ip, 0));
+        self.name_client(slot, peer)
+            .map_err(|()| Refusal::forbidden("this address may not connect"))
+    }
+
+    /// Records the client a trusted proxy named and counts it against its address.
+    ///
+    /// # Errors
+    /// The global `[access]` lists refuse the client (nothing is counted).
+    fn name_client(&mut self, slot: u32, peer: SocketAddr) -> Result<(), ()> {
+        if !self.hub.registry.load().access.permits(peer.ip()) {
+            return Err(());
+        }
+        self.hub.ip_conns.acquire_always(peer.ip());
+        let c = &mut self.conns[slot as usize];
+        c.peer = peer;
+        c.client_known = true;
+        Ok(())
+    }
+
+    /// The per-address handshake token bucket and concurrent-connection limit (429 with
+    /// `Retry-After`).
     fn rate_check(&mut self, slot: u32) -> Result<(), Refusal> {
         let ip = self.conns[slot as usize].peer.ip();
         self.hs_limiter
-            .take(ip, Instant::now())
-            .map_err(|secs| Refusal::rate_limited("too many handshakes from this address", secs))
+            .take(crate::limiter::client_key(ip), Instant::now())
+            .map_err(|secs| Refusal::rate_limited("too many handshakes from this address", secs))?;
+        if self.hub.ip_conns.over_limit(ip) {
+            return Err(Refusal::rate_limited(
+                format!(
+                    "more than {} connections from this address",
+                    self.hub.ip_conns.limit()
+                ),
+                IP_LIMIT_RETRY_SECS,
+            ));
+        }
+        Ok(())
     }
 
     fn authenticate(
@@ -449,6 +535,9 @@ impl Shard {
         );
         self.push_raw(slot, Bytes::from(r.response()));
         let c = &mut self.conns[slot as usize];
+        if c.phase == ConnPhase::Handshake {
+            self.pending_handshakes -= 1;
+        }
         c.phase = ConnPhase::Closing;
         c.kill_after_flush = true;
         self.arm_close_deadline(slot);
@@ -508,7 +597,9 @@ impl Shard {
             .map_or(0, |e| e.saturating_add(project.leeway_secs));
         let c = &mut self.conns[slot as usize];
         c.phase = ConnPhase::Open;
+        self.pending_handshakes -= 1;
         c.expires_at = expires_at;
+        c.msg_tat = self.clock_us;
         c.identity = Some(Box::new(Identity {
             project,
             user: claims.sub.into(),
@@ -529,9 +620,15 @@ impl Shard {
             self.expiries
                 .push(std::cmp::Reverse((expires_at, slot, id.generation)));
         }
-        self.hub.nr_connections.fetch_add(1, Ordering::Relaxed);
+        let node = self.hub.nr_connections.fetch_add(1, Ordering::Relaxed) + 1;
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        project_counter.fetch_add(1, Ordering::Relaxed);
+        let in_project = project_counter.fetch_add(1, Ordering::Relaxed) + 1;
+        let p = &self.conns[slot as usize]
+            .identity
+            .as_ref()
+            .expect("set above")
+            .project;
+        self.watch_caps(node, p, in_project, true);
         ShardStats::add(&self.stats.handshakes[ShardStats::outcome("accepted")], 1);
         debug!(conn = %id, "connection open");
     }
@@ -575,6 +672,22 @@ impl Shard {
     }
 
     fn on_event(&mut self, slot: u32, ev: Event<'_>) -> Flow {
+        if matches!(ev, Event::Ping(_) | Event::Text(_))
+            && self.conns[slot as usize].phase == ConnPhase::Open
+            && !self.take_message(slot)
+        {
+            let c = &self.conns[slot as usize];
+            info!(
+                peer = %c.peer,
+                conn = %ConnId { shard: self.id, slot, generation: c.generation },
+                "message rate limit exceeded; closing 4029"
+            );
+            // Replies to the messages taken before this one go out first (what the socket
+            // takes now); the close then drops only what could not be written.
+            self.flush(slot);
+            self.close_with(slot, CloseReason::RateLimited);
+            return Flow::Stop;
+        }
         let c = &mut self.conns[slot as usize];
         match ev {
             Event::Ping(p) => {
@@ -607,6 +720,37 @@ impl Shard {
             Event::Text(_) if c.phase != ConnPhase::Open => Flow::Stop,
             Event::Text(text) => self.on_text(slot, text),
         }
+    }
+
+    /// The per-connection message limit (GCRA): a message may arrive when the connection's
+    /// theoretical arrival time is at most `msg_tolerance_us` ahead of now; each message moves
+    /// it on by `msg_interval_us`. Times are on the shard's wrapping 32-bit microsecond clock;
+    /// a time further ahead than the limiter can ever put it is stale (the connection was
+    /// quiet), and the sweep refreshes such times long before the clock wraps.
+    pub(crate) fn take_message(&mut self, slot: u32) -> bool {
+        let interval = self.limits.msg_interval_us;
+        if interval == 0 {
+            return true;
+        }
+        let (now, stale) = (self.clock_us, self.msg_stale_after());
+        let c = &mut self.conns[slot as usize];
+        let tat = if c.msg_tat.wrapping_sub(now) > stale {
+            now
+        } else {
+            c.msg_tat
+        };
+        if tat.wrapping_sub(now) > self.limits.msg_tolerance_us {
+            return false;
+        }
+        c.msg_tat = tat.wrapping_add(interval);
+        true
+    }
+
+    /// How far ahead of now a connection's message time can legitimately be.
+    pub(crate) fn msg_stale_after(&self) -> u32 {
+        self.limits
+            .msg_tolerance_us
+            .saturating_add(self.limits.msg_interval_us)
     }
 
     fn on_text(&mut self, slot: u32, text: &str) -> Flow {
@@ -802,7 +946,7 @@ impl Shard {
         let c = &mut self.conns[slot as usize];
         let keep = usize::from(c.out_head > 0);
         c.out.truncate(keep);
-        c.out_bytes = c.out.front().map_or(0, |f| f.len() - c.out_head);
+        c.out_bytes = c.out.front().map_or(0, |f| f.len() - c.out_head as usize);
         if c.out.is_empty() {
             c.out = VecDeque::new();
         }
@@ -850,7 +994,7 @@ impl Shard {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
             for (i, f) in c.out.iter().take(MAX_IOV).enumerate() {
-                iov[i] = IoSlice::new(if i == 0 { &f[c.out_head..] } else { f });
+                iov[i] = IoSlice::new(if i == 0 { &f[c.out_head as usize..] } else { f });
                 n += 1;
             }
             match send_vectored(c.fd, &iov[..n]) {
@@ -858,13 +1002,15 @@ impl Shard {
                     ShardStats::add(&self.stats.bytes_out, written as u64);
                     c.out_bytes -= written;
                     while written > 0 {
-                        let left = c.out[0].len() - c.out_head;
+                        let left = c.out[0].len() - c.out_head as usize;
                         if written >= left {
                             written -= left;
                             c.out.pop_front();
                             c.out_head = 0;
                         } else {
-                            c.out_head += written;
+                            // Below the frame's length, which fits a u32 (message
+                            // sizes are capped far below 4 GiB).
+                            c.out_head += written as u32;
                             written = 0;
                         }
                     }
@@ -904,6 +1050,54 @@ impl Shard {
         }
     }
 
+    /// After a connection opened (`rose`) or closed: logs the 90%-of-cap warnings once per
+    /// rise, and their re-arming below 80% (see [`crate::limiter::cap_rose`]).
+    fn watch_caps(&self, node: usize, p: &Project, in_project: usize, rose: bool) {
+        let check = if rose {
+            crate::limiter::cap_rose
+        } else {
+            crate::limiter::cap_fell
+        };
+        let scopes = [
+            (
+                None,
+                node,
+                self.hub.max_connections,
+                &self.hub.near_cap_warned,
+            ),
+            (
+                Some(&*p.id),
+                in_project,
+                p.max_connections,
+                &p.near_cap_warned,
+            ),
+        ];
+        for (project, count, cap, warned) in scopes {
+            if !check(count, cap, warned) {
+                continue;
+            }
+            let key = match project {
+                None => "server.max_connections",
+                Some(_) => "projects[].max_connections",
+            };
+            if rose {
+                warn!(
+                    project,
+                    connections = count,
+                    cap,
+                    "connections at 90% of {key}; at the cap handshakes get 503"
+                );
+            } else {
+                info!(
+                    project,
+                    connections = count,
+                    cap,
+                    "connections back below 80% of {key}"
+                );
+            }
+        }
+    }
+
     /// Called by the connection's task when it ends: unsubscribes, counts, frees the slot.
     pub(crate) fn remove(&mut self, slot: u32, generation: u32) {
         if self.occupant(slot, generation).is_none() {
@@ -914,10 +1108,18 @@ impl Shard {
             self.unsubscribe_at(slot, last);
         }
         let c = self.conns.remove(slot as usize);
+        if c.phase == ConnPhase::Handshake {
+            self.pending_handshakes -= 1;
+        }
+        if c.client_known {
+            self.hub.ip_conns.release(c.peer.ip());
+        }
         if let Some(id) = &c.identity {
-            self.hub.nr_connections.fetch_sub(1, Ordering::Relaxed);
+            let node = self.hub.nr_connections.fetch_sub(1, Ordering::Relaxed) - 1;
             self.stats.connections.fetch_sub(1, Ordering::Relaxed);
-            id.project.nr_connections.fetch_sub(1, Ordering::Relaxed);
+            let p = &id.project;
+            let in_project = p.nr_connections.fetch_sub(1, Ordering::Relaxed) - 1;
+            self.watch_caps(node, p, in_project, false);
         }
         // Read what the peer still sent so closing does not turn into a reset that could
         // discard our close frame at the peer.

@@ -38,6 +38,9 @@ pub struct Upgrade {
     pub subprotocol: bool,
     /// `Origin`, if sent.
     pub origin: Option<String>,
+    /// Every `X-Forwarded-For` value, in order, joined with `,` (believed only from a trusted
+    /// proxy).
+    pub forwarded_for: Option<String>,
     /// Bytes of the request (the rest of the buffer, if any, is WebSocket frames).
     pub len: usize,
 }
@@ -210,6 +213,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
     let mut subprotocol = false;
     let mut proto_token = None;
     let mut origin = None;
+    let mut forwarded_for: Option<String> = None;
     for h in req.headers.iter() {
         let value = std::str::from_utf8(h.value).unwrap_or("");
         let name = h.name;
@@ -240,6 +244,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
             }
         } else if name.eq_ignore_ascii_case("origin") {
             origin = Some(value.trim().to_owned());
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            match &mut forwarded_for {
+                Some(all) => {
+                    all.push(',');
+                    all.push_str(value);
+                }
+                None => forwarded_for = Some(value.to_owned()),
+            }
         }
     }
     if !upgrade || !connection_upgrade {
@@ -266,6 +278,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
         key,
         subprotocol,
         origin,
+        forwarded_for,
         len,
     }))
 }

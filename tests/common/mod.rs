@@ -64,9 +64,13 @@ pub fn config() -> Config {
     c.server.pin_cores = false;
     c.server.drain_timeout_ms = 1000;
     c.api.admin_key = Some(Secret(ADMIN_KEY.into()));
-    // The tests connect many clients from 127.0.0.1: per-address limits off unless a test
-    // turns them on (tests/protection.rs).
+    // The tests connect many clients from 127.0.0.1 and send and publish in bursts:
+    // per-address, per-connection and per-key limits off unless a test turns them on
+    // (tests/protection.rs).
     c.limits.handshakes_per_ip_per_sec = 0;
+    c.limits.connections_per_ip = 0;
+    c.limits.messages_per_conn_per_sec = 0;
+    c.limits.api_requests_per_key_per_sec = 0;
     c.projects = vec![
         project("shop", SHOP_SECRET, SHOP_API_KEY),
         project("blog", BLOG_SECRET, BLOG_API_KEY),
@@ -271,6 +275,24 @@ pub struct Welcome {
     pub conn: String,
     /// The shard encoded in `conn` (`<shard hex>-<slot hex>-<gen hex>`).
     pub shard: u16,
+}
+
+/// A TCP connection to `addr` from source address `from` (any port).
+pub fn tcp_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .expect("socket");
+    let local: SocketAddr = format!("{from}:0").parse().expect("literal address");
+    s.bind(&local.into())
+        .expect("bind the client to a loopback address");
+    s.connect_timeout(&addr.into(), TIMEOUT)
+        .expect("TCP connect");
+    let s: TcpStream = s.into();
+    set_timeouts(&s);
+    s
 }
 
 /// A TCP connection with read and write timeouts.

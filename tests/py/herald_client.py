@@ -50,7 +50,25 @@ def herald_bin() -> Path:
     return p if p.is_absolute() else REPO / p
 
 
-def config_toml(shards: int = 2, drain_timeout_ms: int = 2000, extra: str = "") -> str:
+#: [limits] of the general suite: it connects thousands of clients from 127.0.0.1 and sends
+#: and publishes in bursts, so per-address, per-connection and per-key limits are off; the
+#: protection tests turn them on through `config_toml(limits=...)`.
+SUITE_LIMITS = {
+    "handshakes_per_ip_per_sec": 0,
+    "connections_per_ip": 0,
+    "messages_per_conn_per_sec": 0,
+    "api_requests_per_key_per_sec": 0,
+}
+
+
+def config_toml(
+    shards: int = 2,
+    drain_timeout_ms: int = 2000,
+    extra: str = "",
+    limits: dict[str, int] | None = None,
+) -> str:
+    merged = {**SUITE_LIMITS, **(limits or {})}
+    limits_toml = "".join(f"{k} = {v}\n" for k, v in merged.items())
     text = f"""\
 [server]
 shards = {shards}
@@ -61,9 +79,7 @@ heartbeat_interval_ms = {HEARTBEAT_MS}
 max_message_bytes = 65536
 
 [limits]
-# The suite connects thousands of clients from 127.0.0.1: per-address limits off.
-handshakes_per_ip_per_sec = 0
-
+{limits_toml}
 [api]
 admin_key = "{ADMIN_KEY}"
 """

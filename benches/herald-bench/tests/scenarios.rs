@@ -42,6 +42,9 @@ api_listen = "127.0.0.1:0"
 shards = 2
 [limits]
 handshakes_per_ip_per_sec = 0
+connections_per_ip = 0
+messages_per_conn_per_sec = 0
+api_requests_per_key_per_sec = 0
 [api]
 admin_key = "test-admin-key-0123456789"
 [log]
