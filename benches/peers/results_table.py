@@ -2,7 +2,8 @@
 """Builds the markdown ratio table of benches/compare from herald-bench's --json files.
 
 Reads DIR/json/<scenario>.<server>.r<round>.json, takes the median over rounds of each figure,
-and prints markdown: the figures of every server, then herald's ratio to each peer.
+and prints markdown: the figures of every server, then the reference server's (`--reference`,
+default herald) ratio to each other one.
 Standard library only.
 """
 
@@ -60,6 +61,14 @@ FIGURES = [
      ("delivery", "latency", "p50_us"), "low"),
     ("gr.l99", "groups", "groups flat out: latency p99", "µs",
      ("delivery", "latency", "p99_us"), "low"),
+    ("hs.rate", "handshake", "handshakes/s (64 loops, flat out)", "/s",
+     ("load", "rate_per_s"), "high"),
+    ("hs.l50", "handshake", "handshake: connect to welcome p50", "µs",
+     ("load", "latency", "p50_us"), "low"),
+    ("hs.l99", "handshake", "handshake: connect to welcome p99", "µs",
+     ("load", "latency", "p99_us"), "low"),
+    ("hs.cpu", "handshake", "handshake: server CPU per handshake", "µs",
+     None, "low"),
 ]
 
 SCENARIO_TEXT = {
@@ -68,6 +77,7 @@ SCENARIO_TEXT = {
     "bcast-flat": "broadcast (flat out)",
     "unicast": "unicast",
     "groups": "groups",
+    "handshake": "handshake",
 }
 
 
@@ -80,6 +90,10 @@ def dig(d, path):
 
 
 def value(doc, key, path):
+    if key == "hs.cpu":
+        cpu = dig(doc, ("cpu", "server_s"))
+        done = dig(doc, ("load", "succeeded"))
+        return cpu / done * 1e6 if cpu is not None and done else None
     if key.endswith(".cpu"):
         cpu = dig(doc, ("cpu", "server_s"))
         delivered = dig(doc, ("delivery", "delivered"))
@@ -143,6 +157,8 @@ def main():
     ap.add_argument("--dir", required=True)
     ap.add_argument("--servers", nargs="+", required=True)
     ap.add_argument("--command", default="benches/compare")
+    ap.add_argument("--reference", default="herald",
+                    help="the server whose ratio to every other one is tabled")
     a = ap.parse_args()
 
     runs = {}  # (scenario, server) -> [doc]
@@ -159,7 +175,8 @@ def main():
         return statistics.median(vals) if vals else None
 
     servers = a.servers
-    peers = [s for s in servers if s != "herald"]
+    ref = a.reference
+    peers = [s for s in servers if s != ref]
     table = {(k, s): med(scen, s, k, path) for (k, scen, _, _, path, _) in FIGURES for s in servers}
     shown = [f for f in FIGURES if any(table[(f[0], s)] is not None for s in servers)]
 
@@ -182,7 +199,8 @@ def main():
              "Scenarios (same herald-bench client options for every server): "
              "`hold -n 5000 --hold-secs 2`; `broadcast -n 2000 -m 100 --rate 50`; "
              "`broadcast -n 2000 -m 100` (flat out, one publisher); `unicast -n 1000 -m 10` "
-             "(4 publishers); `groups -n 1000 -m 50 --group-size 10` (4 publishers); all with "
+             "(4 publishers); `groups -n 1000 -m 50 --group-size 10` (4 publishers); "
+             "`handshake --concurrency 64 --duration-secs 10 --source 127.0.0.2-127.0.0.60`; all with "
              "`--settle-ms 1000 --drain-timeout-secs 5`. herald: 2 shards, generated config, "
              "JWT-authenticated connections; peers: no auth.\n")
     vers = [
@@ -200,13 +218,13 @@ def main():
     vers.append("tokio-tungstenite 0.30 (tokio multi-thread, hyper 1)")
     o.append("Versions: " + ", ".join(vers) + ".\n")
 
-    o.append("## Ratios: herald ÷ peer\n")
-    o.append("✓ = herald at least as good (higher is better for rates, lower for times, memory and "
-             "CPU); ✗ = herald behind.\n")
-    o.append("| figure | better | " + " | ".join(f"herald ÷ {p}" for p in peers) + " |")
+    o.append(f"## Ratios: {ref} ÷ other\n")
+    o.append(f"✓ = {ref} at least as good (higher is better for rates, lower for times, memory and "
+             f"CPU); ✗ = {ref} behind.\n")
+    o.append("| figure | better | " + " | ".join(f"{ref} ÷ {p}" for p in peers) + " |")
     o.append("|---|---|" + "---:|" * len(peers))
     for k, _, label, _, _, better in shown:
-        cells = [ratio(table[(k, "herald")], table[(k, p)], better) for p in peers]
+        cells = [ratio(table[(k, ref)], table[(k, p)], better) for p in peers]
         o.append(f"| {label} | {'higher' if better == 'high' else 'lower'} | " + " | ".join(cells) + " |")
     o.append("")
 
@@ -220,7 +238,7 @@ def main():
     o.append("## Loss, order and failures (all runs summed)\n")
     o.append("| scenario | " + " | ".join(servers) + " |")
     o.append("|---|" + "---|" * len(servers))
-    for scen in ["hold", "bcast-rate", "bcast-flat", "unicast", "groups"]:
+    for scen in ["hold", "bcast-rate", "bcast-flat", "unicast", "groups", "handshake"]:
         if not any((scen, s) in runs for s in servers):
             continue
         o.append(f"| {SCENARIO_TEXT[scen]} | "
