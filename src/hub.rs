@@ -58,6 +58,8 @@ pub struct Hub {
     pub ip_conns: crate::limiter::ConnCounter,
     /// Publishes accepted through the API (written by the API thread only).
     pub api_published: AtomicU64,
+    /// API requests refused 429 for their key's rate (`limits.api_requests_per_key_per_sec`).
+    pub api_rate_limited: AtomicU64,
     phase: AtomicU8,
     /// Publish sequence, for message ids.
     seq: AtomicU64,
@@ -89,6 +91,7 @@ impl Hub {
             near_cap_warned: std::sync::atomic::AtomicBool::new(false),
             ip_conns: crate::limiter::ConnCounter::new(0, 0),
             api_published: AtomicU64::new(0),
+            api_rate_limited: AtomicU64::new(0),
             phase: AtomicU8::new(Phase::Starting as u8),
             seq: AtomicU64::new(0),
             boot_ms: now_ms(),

@@ -253,6 +253,12 @@ impl Collector for HubCollector {
         )?;
         counter(
             &mut enc,
+            "herald_api_rate_limited",
+            "API requests refused 429 for their key's request rate.",
+            read(&hub.api_rate_limited),
+        )?;
+        counter(
+            &mut enc,
             "herald_messages_delivered",
             "Messages queued to a connection.",
             sum(hub, |s| &s.delivered),

@@ -192,6 +192,8 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
         cfg.server.api_listen,
         ApiSettings {
             max_body_bytes: cfg.api.max_body_bytes,
+            requests_per_key_per_sec: cfg.limits.api_requests_per_key_per_sec,
+            burst_per_key: cfg.limits.api_burst_per_key,
         },
     )
     .map_err(|source| StartError::Bind {

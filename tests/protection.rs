@@ -1,5 +1,5 @@
 //! Protection: IP allow/deny lists (global, checked at accept; per project, 403 at the
-//! handshake).
+//! handshake), handshake and message rates, API requests per key.
 
 mod common;
 
@@ -219,4 +219,100 @@ fn messages_at_the_sustained_rate_are_never_limited() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     close(ws);
+}
+
+/// `POST /api/v1/publish` of one message to `project` with `key`.
+fn publish_as(server: &TestServer, key: &str, project: &str) -> HttpResponse {
+    let body = format!(r#"{{"project":"{project}","topic":"news","data":1}}"#);
+    publish(server.api, key, &body)
+}
+
+#[test]
+fn api_requests_over_the_per_key_burst_get_429_with_retry_after() {
+    let server = TestServer::start(|c| {
+        c.limits.api_requests_per_key_per_sec = 1;
+        c.limits.api_burst_per_key = 3;
+    });
+    // Unauthenticated requests are 401 and take no key's tokens.
+    for _ in 0..5 {
+        assert_eq!(publish_as(&server, "wrong-key", "shop").status, 401);
+    }
+    for i in 0..3 {
+        let r = publish_as(&server, SHOP_API_KEY, "shop");
+        assert_eq!(r.status, 200, "request {i} of the burst: {}", r.text());
+    }
+    let r = publish_as(&server, SHOP_API_KEY, "shop");
+    assert_refusal(&r, 429, "rate_limited");
+    let retry: u32 = r
+        .header("Retry-After")
+        .expect("Retry-After on 429")
+        .parse()
+        .expect("Retry-After is whole seconds");
+    assert!(retry > 0, "Retry-After {retry}");
+    // Every authenticated endpoint counts against the same bucket.
+    let r = http_request(server.api, "GET", "/api/v1/connections", SHOP_API_KEY, "");
+    assert_refusal(&r, 429, "rate_limited");
+    // Another project's key and the admin key have their own buckets.
+    assert_eq!(publish_as(&server, BLOG_API_KEY, "blog").status, 200);
+    for i in 0..3 {
+        let r = publish_as(&server, ADMIN_KEY, "shop");
+        assert_eq!(r.status, 200, "admin request {i}: {}", r.text());
+    }
+    assert_refusal(&publish_as(&server, ADMIN_KEY, "shop"), 429, "rate_limited");
+    // A wrong key is still 401 while shop is limited; health and metrics need no key and are
+    // never limited.
+    assert_eq!(publish_as(&server, "wrong-key", "shop").status, 401);
+    for _ in 0..5 {
+        let h = http(
+            server.api,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(h.status, 200);
+        let m = http(
+            server.api,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(m.status, 200);
+    }
+    // At 1 per second, a token is back after a second.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let r = publish_as(&server, SHOP_API_KEY, "shop");
+    assert_eq!(r.status, 200, "after the refill: {}", r.text());
+    assert_refusal(
+        &publish_as(&server, SHOP_API_KEY, "shop"),
+        429,
+        "rate_limited",
+    );
+    // Four refusals in all (shop twice, its listing, the admin key once), in /metrics.
+    let m = http_request(server.api, "GET", "/metrics", "", "").text();
+    assert!(
+        m.lines().any(|l| l == "herald_api_rate_limited_total 4"),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_batch_publish_is_one_api_request() {
+    let server = TestServer::start(|c| {
+        c.limits.api_requests_per_key_per_sec = 1;
+        c.limits.api_burst_per_key = 2;
+    });
+    let item = r#"{"project":"shop","topic":"news","data":1}"#;
+    let batch = format!("[{}]", [item; 10].join(","));
+    let send = || {
+        http_request(
+            server.api,
+            "POST",
+            "/api/v1/publish/batch",
+            SHOP_API_KEY,
+            &batch,
+        )
+    };
+    for _ in 0..2 {
+        let r = send();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["ids"].as_array().map(Vec::len), Some(10));
+    }
+    let r = send();
+    assert_refusal(&r, 429, "rate_limited");
 }

@@ -15,7 +15,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::{ApiError, ApiSettings, Caller, body, caller, json, require_admin};
+use super::{ApiError, ApiSettings, Caller, body, json, require_admin};
 use crate::hub::Hub;
 use crate::metrics::{self, HANDSHAKE_OUTCOMES};
 use crate::pubsub::{ConnId, Topic};
@@ -125,9 +125,9 @@ impl From<ConnInfo> for ConnJson {
 /// listed exactly once however others come and go.
 pub(super) async fn list(
     hub: &Hub,
+    who: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let who = caller(hub, &req)?;
     let (mut project, mut topic, mut user, mut limit, mut cursor) = (None, None, None, None, None);
     for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
         let v = v.into_owned();
@@ -218,10 +218,9 @@ fn no_content() -> Response<Full<Bytes>> {
 /// 403 for another project's connection with a project key.
 pub(super) async fn kick(
     hub: &Hub,
+    who: Caller,
     id: &str,
-    req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let who = caller(hub, &req)?;
     let not_found = || {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -268,9 +267,9 @@ struct DisconnectBody {
 pub(super) async fn disconnect(
     hub: &Hub,
     settings: &ApiSettings,
+    who: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let who = caller(hub, &req)?;
     let bytes = body(req, settings.max_body_bytes).await?;
     let b: DisconnectBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid disconnect body: {e}")))?;
@@ -314,11 +313,8 @@ pub(super) async fn disconnect(
 
 /// `GET /api/v1/stats` (admin key): connections per shard and per project, message counters,
 /// inbox depths. Read from the shards' counters without asking the shards.
-pub(super) async fn stats(
-    hub: &Hub,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
-    require_admin(hub, &req, "node statistics")?;
+pub(super) fn stats(hub: &Hub, who: Caller) -> Result<Response<Full<Bytes>>, ApiError> {
+    require_admin(who, "node statistics")?;
     Ok(json(StatusCode::OK, &stats_json(hub)))
 }
 

@@ -5,10 +5,12 @@
 mod connections;
 mod projects;
 mod publish;
+mod ratelimit;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -22,6 +24,8 @@ use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tracing::{debug, warn};
 
+pub use ratelimit::{KeyId, KeyLimiter};
+
 use crate::admin::Admin;
 use crate::hub::{Hub, Phase};
 
@@ -34,6 +38,8 @@ pub struct ApiError {
     pub error: &'static str,
     /// Human text.
     pub message: String,
+    /// `Retry-After` seconds of a 429 or 503 (`None` = 1).
+    pub retry_after_secs: Option<u32>,
 }
 
 impl ApiError {
@@ -43,6 +49,23 @@ impl ApiError {
             status,
             error,
             message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    /// 429 `rate_limited`: the caller's key is over its request rate; retry in `secs`.
+    fn rate_limited(limiter: &KeyLimiter, secs: u32) -> Self {
+        Self {
+            retry_after_secs: Some(secs),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "this API key is over its {} requests per second (burst {}); retry in {secs} s",
+                    limiter.rate(),
+                    limiter.burst()
+                ),
+            )
         }
     }
 
@@ -65,8 +88,10 @@ impl ApiError {
         );
         match self.status {
             StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
-                r.headers_mut()
-                    .insert(RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+                r.headers_mut().insert(
+                    RETRY_AFTER,
+                    hyper::header::HeaderValue::from(self.retry_after_secs.unwrap_or(1)),
+                );
             }
             StatusCode::UNAUTHORIZED => {
                 r.headers_mut().insert(
@@ -110,8 +135,9 @@ impl Caller {
     }
 }
 
-/// Identifies the bearer key, comparing in constant time against every configured key.
-fn caller(hub: &Hub, req: &Request<Incoming>) -> Result<Caller, ApiError> {
+/// Identifies the bearer key, comparing in constant time against every configured key:
+/// who it is, and whose request-rate bucket it takes from.
+fn caller(hub: &Hub, req: &Request<Incoming>) -> Result<(Caller, KeyId), ApiError> {
     let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
     let header = req
         .headers()
@@ -129,21 +155,51 @@ fn caller(hub: &Hub, req: &Request<Incoming>) -> Result<Caller, ApiError> {
     if let Some(admin) = &registry.admin_key
         && bool::from(admin.as_bytes().ct_eq(key))
     {
-        found = Some(Caller::Admin);
+        found = Some((Caller::Admin, KeyId::Admin));
     }
     for p in registry.projects() {
         if let Some(k) = &p.api_key
             && bool::from(k.as_bytes().ct_eq(key))
         {
-            found = found.or(Some(Caller::Project(p.idx)));
+            found = found.or_else(|| Some((Caller::Project(p.idx), KeyId::Project(p.id.clone()))));
         }
     }
     found.ok_or_else(|| unauthorized("unknown API key"))
 }
 
+/// Authenticates the request (401 as [`caller`]), then takes a token from its key's bucket
+/// (429 `rate_limited` when empty). Every `/api/v1` endpoint starts here; an unauthenticated
+/// request takes no key's token.
+fn admit(ctx: &Ctx, req: &Request<Incoming>) -> Result<Caller, ApiError> {
+    let (who, key) = caller(&ctx.hub, req)?;
+    match ctx.limiter.take(&key, Instant::now()) {
+        Ok(()) => Ok(who),
+        Err(refusal) => {
+            ctx.hub
+                .api_rate_limited
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Some(suppressed) = refusal.log {
+                warn!(
+                    key = %key,
+                    rate = ctx.limiter.rate(),
+                    burst = ctx.limiter.burst(),
+                    retry_after_secs = refusal.retry_after_secs,
+                    suppressed,
+                    "API key over its request rate, answering 429 (logged at most once a second \
+                     per key; `suppressed` refusals since the previous line)"
+                );
+            }
+            Err(ApiError::rate_limited(
+                &ctx.limiter,
+                refusal.retry_after_secs,
+            ))
+        }
+    }
+}
+
 /// Refuses anything but the admin key (403 for a project key), for `what` in the message.
-fn require_admin(hub: &Hub, req: &Request<Incoming>, what: &str) -> Result<(), ApiError> {
-    if caller(hub, req)? != Caller::Admin {
+fn require_admin(who: Caller, what: &str) -> Result<(), ApiError> {
+    if who != Caller::Admin {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -176,6 +232,10 @@ async fn body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
 pub struct ApiSettings {
     /// Largest body.
     pub max_body_bytes: usize,
+    /// Requests one key may make per second (`limits.api_requests_per_key_per_sec`); 0 = off.
+    pub requests_per_key_per_sec: u32,
+    /// Requests one key may make at once (`limits.api_burst_per_key`).
+    pub burst_per_key: u32,
 }
 
 /// What every handler gets.
@@ -184,11 +244,30 @@ struct Ctx {
     hub: Arc<Hub>,
     admin: Arc<Admin>,
     settings: Arc<ApiSettings>,
+    /// Request-rate buckets per API key, shared by every API connection.
+    limiter: Arc<KeyLimiter>,
 }
 
 async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    Ok(match dispatch(&ctx, &method, &path, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(%method, %path, status = e.status.as_u16(), error = e.error, message = %e.message, "API error");
+            e.response()
+        }
+    })
+}
+
+/// Routes a request: health, readiness and metrics answer anyone; every `/api/v1` endpoint
+/// is [`admit`]ted first (401, then 429).
+async fn dispatch(
+    ctx: &Ctx,
+    method: &Method,
+    path: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let not_allowed = || {
         Err(ApiError::new(
@@ -198,32 +277,36 @@ async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>
         ))
     };
     let (hub, settings) = (&ctx.hub, &ctx.settings);
-    let result = match (segments.as_slice(), &method) {
+    match (segments.as_slice(), method) {
         (["healthz"], &Method::GET) => {
             Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
         }
         (["readyz"], &Method::GET) => Ok(readyz(hub)),
         (["metrics"], &Method::GET) => metrics(hub),
-        (["api", "v1", "publish"], &Method::POST) => publish::single(hub, settings, req).await,
-        (["api", "v1", "publish", "batch"], &Method::POST) => {
-            publish::batch(hub, settings, req).await
+        (["api", "v1", "publish"], &Method::POST) => {
+            publish::single(hub, settings, admit(ctx, &req)?, req).await
         }
-        (["api", "v1", "connections"], &Method::GET) => connections::list(hub, req).await,
+        (["api", "v1", "publish", "batch"], &Method::POST) => {
+            publish::batch(hub, settings, admit(ctx, &req)?, req).await
+        }
+        (["api", "v1", "connections"], &Method::GET) => {
+            connections::list(hub, admit(ctx, &req)?, req).await
+        }
         (["api", "v1", "connections", id], &Method::DELETE) => {
-            connections::kick(hub, id, req).await
+            connections::kick(hub, admit(ctx, &req)?, id).await
         }
         (["api", "v1", "disconnect"], &Method::POST) => {
-            connections::disconnect(hub, settings, req).await
+            connections::disconnect(hub, settings, admit(ctx, &req)?, req).await
         }
-        (["api", "v1", "stats"], &Method::GET) => connections::stats(hub, req).await,
+        (["api", "v1", "stats"], &Method::GET) => connections::stats(hub, admit(ctx, &req)?),
         (["api", "v1", "projects"], &Method::POST) => {
-            projects::create(hub, &ctx.admin, settings, req).await
+            projects::create(&ctx.admin, settings, admit(ctx, &req)?, req).await
         }
         (["api", "v1", "projects", project, "keys", kid], &Method::PUT) => {
-            projects::put_key(hub, &ctx.admin, project, kid, req).await
+            projects::put_key(hub, &ctx.admin, admit(ctx, &req)?, project, kid, req).await
         }
         (["api", "v1", "projects", project, "keys", kid], &Method::DELETE) => {
-            projects::delete_key(hub, &ctx.admin, project, kid, req).await
+            projects::delete_key(hub, &ctx.admin, admit(ctx, &req)?, project, kid, &req)
         }
         (["healthz" | "readyz" | "metrics"], _)
         | (
@@ -242,14 +325,7 @@ async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>
             "not_found",
             format!("no route {path}"),
         )),
-    };
-    Ok(match result {
-        Ok(r) => r,
-        Err(e) => {
-            debug!(%method, %path, status = e.status.as_u16(), error = e.error, message = %e.message, "API error");
-            e.response()
-        }
-    })
+    }
 }
 
 /// `GET /metrics`: the Prometheus exposition, built from the counters now. Unauthenticated,
@@ -315,6 +391,10 @@ pub fn start(
     std_listener.set_nonblocking(true)?;
     let addr = std_listener.local_addr()?;
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let limiter = Arc::new(KeyLimiter::new(
+        settings.requests_per_key_per_sec,
+        settings.burst_per_key,
+    ));
     let settings = Arc::new(settings);
     let thread = std::thread::Builder::new()
         .name("herald-api".into())
@@ -346,6 +426,7 @@ pub fn start(
                                 hub: hub.clone(),
                                 admin: admin.clone(),
                                 settings: settings.clone(),
+                                limiter: limiter.clone(),
                             };
                             tokio::spawn(async move {
                                 let service = service_fn(move |req| route(ctx.clone(), req));

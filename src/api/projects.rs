@@ -7,7 +7,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
-use super::{ApiError, ApiSettings, Caller, body, caller, json, require_admin};
+use super::{ApiError, ApiSettings, Caller, body, json, require_admin};
 use crate::admin::{Admin, AdminError};
 use crate::auth::keys::{KeySpec, MAX_KEY_BYTES, spec_from_jwk};
 use crate::config::ProjectConfig;
@@ -57,12 +57,12 @@ fn authorize(hub: &Hub, who: Caller, project: &str) -> Result<(), ApiError> {
 }
 
 pub(super) async fn create(
-    hub: &Hub,
     admin: &Admin,
     settings: &ApiSettings,
+    who: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    require_admin(hub, &req, "creating a project")?;
+    require_admin(who, "creating a project")?;
     let bytes = body(req, settings.max_body_bytes).await?;
     let p: ProjectConfig = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid project: {e}")))?;
@@ -74,11 +74,11 @@ pub(super) async fn create(
 pub(super) async fn put_key(
     hub: &Hub,
     admin: &Admin,
+    who: Caller,
     project: &str,
     kid: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let who = caller(hub, &req)?;
     authorize_or_unknown(hub, who, project)?;
     let bytes = body(req, MAX_KEY_BYTES).await?;
     let value: serde_json::Value = serde_json::from_slice(&bytes)
@@ -115,14 +115,14 @@ fn authorize_or_unknown(hub: &Hub, who: Caller, project: &str) -> Result<(), Api
     Ok(())
 }
 
-pub(super) async fn delete_key(
+pub(super) fn delete_key(
     hub: &Hub,
     admin: &Admin,
+    who: Caller,
     project: &str,
     kid: &str,
-    req: Request<Incoming>,
+    req: &Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let who = caller(hub, &req)?;
     authorize_or_unknown(hub, who, project)?;
     let disconnect = req
         .uri()

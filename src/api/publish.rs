@@ -10,7 +10,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{ApiError, ApiSettings, Caller, body, caller, json};
+use super::{ApiError, ApiSettings, Caller, body, json};
 use crate::hub::{Hub, PublishError};
 use crate::pubsub::Topic;
 
@@ -113,9 +113,9 @@ fn parse_err(e: serde_json::Error) -> ApiError {
 pub(super) async fn single(
     hub: &Hub,
     settings: &ApiSettings,
+    who: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let who = caller(hub, &req)?;
     let bytes = body(req, settings.max_body_bytes).await?;
     let b: PublishBody<'_> = serde_json::from_slice(&bytes).map_err(parse_err)?;
     let checked = check(hub, who, b)?;
@@ -126,9 +126,9 @@ pub(super) async fn single(
 pub(super) async fn batch(
     hub: &Hub,
     settings: &ApiSettings,
+    who: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let who = caller(hub, &req)?;
     let bytes = body(req, settings.max_body_bytes).await?;
     let items: Vec<PublishBody<'_>> = serde_json::from_slice(&bytes).map_err(parse_err)?;
     if items.is_empty() || items.len() > MAX_BATCH {

@@ -10,7 +10,7 @@ import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from herald_client import ADMIN_KEY, PROJECTS, REPO, client, close_all, http_request, run
+from herald_client import ADMIN_KEY, PROJECTS, REPO, client, close_all, config_toml, http_request, run
 
 
 
@@ -141,3 +141,34 @@ def test_every_documented_path_is_served(server):
                              {"Authorization": "Bearer wrong"})
             body = r.body.decode(errors="replace")
             assert not (r.status == 404 and '"not_found"' in body and "no route" in body), (method, template, body)
+
+
+def test_rate_limited_answers_as_documented(servers):
+    """Every authenticated operation documents the 429 its key's request bucket answers."""
+    server = servers.start(config=config_toml(
+        shards=1, limits={"api_requests_per_key_per_sec": 1, "api_burst_per_key": 1}))
+    good = {"project": "shop", "topic": "news", "data": 1}
+    # The admin key's one token.
+    assert check(server, "POST", "/api/v1/publish", good) == 200
+    calls = [
+        ("POST", "/api/v1/publish", good),
+        ("POST", "/api/v1/publish/batch", [good]),
+        ("GET", "/api/v1/connections", None),
+        ("DELETE", "/api/v1/connections/0-0-0", None),
+        ("POST", "/api/v1/disconnect", {"project": "shop", "user": "alice"}),
+        ("GET", "/api/v1/stats", None),
+        ("POST", "/api/v1/projects", {"id": "fresh"}),
+        ("PUT", "/api/v1/projects/shop/keys/k9", {"alg": "HS256", "secret": "a-secret-of-enough-length-0123"}),
+        ("DELETE", "/api/v1/projects/shop/keys/k9", None),
+    ]
+    for method, path, body in calls:
+        status = check(server, method, path, body)
+        if status != 429:
+            # A token came back (one a second) on a slow machine and this call took it.
+            status = check(server, method, path, body)
+        assert status == 429, (method, path, status)
+    r = http_request("GET", f"{server.api_url}/api/v1/stats", None, {"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert r.status == 429 and int(r.headers["Retry-After"]) >= 1, (r.status, r.headers)
+    assert json.loads(r.body)["error"] == "rate_limited"
+    # Unauthenticated requests are 401 as documented, never 429.
+    assert check(server, "GET", "/api/v1/stats", key="wrong") == 401
