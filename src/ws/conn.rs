@@ -78,7 +78,8 @@ pub struct Conn {
     pub kill_after_flush: bool,
     /// A heartbeat ping is unanswered.
     pub ping_outstanding: bool,
-    /// Bytes arrived since the last heartbeat ping.
+    /// A whole frame arrived since the last heartbeat ping (bytes of a frame that never
+    /// completes do not count: a peer trickling one does not stay alive by it).
     pub rx_since_ping: bool,
     /// `peer` is the client (not a trusted proxy yet to name it), and the connection is
     /// counted against its address (`limits.connections_per_ip`).
@@ -321,7 +322,6 @@ impl Shard {
                 }
                 Ok(n) => {
                     total += n;
-                    c.rx_since_ping = true;
                     ShardStats::add(&self.stats.bytes_in, n as u64);
                     self.on_bytes(slot, &mut scratch[..n]);
                     if n < scratch.len() {
@@ -646,6 +646,9 @@ impl Shard {
         let result = session.feed(buf, max, &mut |ev| self.on_event(slot, ev));
         let c = &mut self.conns[slot as usize];
         c.session = session;
+        if matches!(result, Ok(n) if n > 0) {
+            c.rx_since_ping = true;
+        }
         match result {
             Ok(consumed) if !c.kill => {
                 let rest = &buf[consumed..];
@@ -717,7 +720,10 @@ impl Shard {
                 }
                 Flow::Stop
             }
-            Event::Text(_) if c.phase != ConnPhase::Open => Flow::Stop,
+            // Closing: what the peer sent before our close frame reached it is skipped, and
+            // parsing goes on to its close answer (stopping here left that answer unread
+            // behind the skipped frames until the close grace ran out).
+            Event::Text(_) if c.phase != ConnPhase::Open => Flow::Continue,
             Event::Text(text) => self.on_text(slot, text),
         }
     }
