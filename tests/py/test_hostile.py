@@ -16,12 +16,14 @@ so the per-address limits of one never touch the other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import selectors
 import socket
 import struct
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
@@ -420,10 +422,39 @@ def listed(server: Server, user: str) -> list:
     return r.json()["connections"]
 
 
-async def setup(server: Server, name: str, n: int = GOOD_CLIENTS) -> tuple[Goods, RssWatch]:
+class Scene:
+    """One attack: the good clients, the RSS watch, and what the attacker opened (closed at the
+    end whatever happens)."""
+
+    def __init__(self, goods: Goods, rss: RssWatch):
+        self.goods = goods
+        self.rss = rss
+        self.socks: list[socket.socket] = []
+        #: websockets connections or asyncio stream writers.
+        self.conns: list[Any] = []
+
+
+@contextlib.asynccontextmanager
+async def attacked(
+    server: Server, name: str, n: int = GOOD_CLIENTS, verify: bool = True
+) -> AsyncIterator[Scene]:
+    """Connects `n` good clients and starts watching RSS; on leaving the block, asserts (b) and
+    (c) (unless `verify` is False: the test does it itself) and closes everything."""
     goods = await Goods(server, n).connect()
     await asyncio.sleep(0.2)
-    return goods, RssWatch(server, name)
+    sc = Scene(goods, RssWatch(server, name))
+    try:
+        yield sc
+        if verify:
+            await goods.check()
+            sc.rss.check()
+    finally:
+        close_socks(sc.socks)
+        for c in sc.conns:
+            closing = c.close()
+            if asyncio.iscoroutine(closing):
+                await asyncio.gather(closing, return_exceptions=True)
+        await goods.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,9 +486,7 @@ def test_handshake_flood_from_one_address_is_rate_limited(servers):
     shards = 2
 
     async def go():
-        goods, rss = await setup(server, "handshake flood")
-        admitted: list = []
-        try:
+        async with attacked(server, "handshake flood") as sc:
             async def flood():
                 token = mint("flooder")
                 t0 = time.monotonic()
@@ -466,8 +495,8 @@ def test_handshake_flood_from_one_address_is_rate_limited(servers):
                 )
                 return results, time.monotonic() - t0
 
-            results, elapsed = await goods.publish_during(flood())
-            admitted += [w for *_, w in results if w is not None]
+            results, elapsed = await sc.goods.publish_during(flood())
+            sc.conns += [w for *_, w in results if w is not None]
             statuses = [st for st, *_ in results]
             ok = statuses.count(101)
             limited = [(h, b) for st, h, b, _ in results if st == 429]
@@ -484,12 +513,6 @@ def test_handshake_flood_from_one_address_is_rate_limited(servers):
             late = Goods(server, 1)
             await late.connect()
             await late.close()
-            await goods.check()
-            rss.check()
-        finally:
-            for w in admitted:
-                w.close()
-            await goods.close()
 
     run(go())
 
@@ -506,17 +529,15 @@ def test_thousand_half_open_handshakes_are_dropped_at_the_deadline(servers):
     server = servers.start(config=cfg(handshake_timeout_ms=HANDSHAKE_TIMEOUT_MS))
 
     async def go():
-        goods, rss = await setup(server, f"{HALF_OPEN} half-open handshakes")
-        socks: list[socket.socket] = []
-        try:
+        async with attacked(server, f"{HALF_OPEN} half-open handshakes") as sc:
             def attack():
                 t0 = time.monotonic()
-                socks.extend(open_half_open(server, HALF_OPEN))
+                sc.socks.extend(open_half_open(server, HALF_OPEN))
                 opened = time.monotonic() - t0
-                closed = wait_all_closed(socks, opened + HANDSHAKE_TIMEOUT_MS / 1000 + SLACK)
+                closed = wait_all_closed(sc.socks, opened + HANDSHAKE_TIMEOUT_MS / 1000 + SLACK)
                 return opened, closed
 
-            opened, closed = await goods.publish_during(asyncio.to_thread(attack))
+            opened, closed = await sc.goods.publish_during(asyncio.to_thread(attack))
             budget = opened + HANDSHAKE_TIMEOUT_MS / 1000 + SLACK
             assert len(closed) == HALF_OPEN, (
                 f"{HALF_OPEN - len(closed)} of {HALF_OPEN} half-open sockets still open "
@@ -524,11 +545,6 @@ def test_thousand_half_open_handshakes_are_dropped_at_the_deadline(servers):
             )
             last = max(closed.values())
             print(f"half-open: opened in {opened:.2f}s, last closed after {last:.2f}s")
-            await goods.check()
-            rss.check()
-        finally:
-            close_socks(socks)
-            await goods.close()
 
     run(go())
 
@@ -540,24 +556,17 @@ def test_pending_handshake_cap_closes_the_excess_at_accept(servers):
     )
 
     async def go():
-        goods, rss = await setup(server, f"max_pending_handshakes={cap}, {n} half-open")
-        socks: list[socket.socket] = []
-        try:
+        async with attacked(server, f"max_pending_handshakes={cap}, {n} half-open") as sc:
             def attack():
-                socks.extend(open_half_open(server, n))
+                sc.socks.extend(open_half_open(server, n))
                 time.sleep(1.0)
-                return [i for i, s in enumerate(socks) if not is_closed(s)]
+                return [i for i, s in enumerate(sc.socks) if not is_closed(s)]
 
-            still_open = await goods.publish_during(asyncio.to_thread(attack))
+            still_open = await sc.goods.publish_during(asyncio.to_thread(attack))
             # The cap is split evenly over the 2 shards (50 each); a shard that got fewer than
             # 50 holds fewer. Slack of 2 for rounding of the split.
             assert len(still_open) <= cap + 2, f"{len(still_open)} of {n} still open"
             assert len(still_open) >= cap // 2, f"only {len(still_open)} of {n} held open"
-            await goods.check()
-            rss.check()
-        finally:
-            close_socks(socks)
-            await goods.close()
         # Once the held ones time out, handshakes are admitted again.
         deadline = time.monotonic() + 3 + SLACK
         while True:
@@ -576,13 +585,11 @@ def test_connections_per_ip_refuses_the_fourth_with_429(servers):
     server = servers.start(config=cfg({"connections_per_ip": 3}))
 
     async def go():
-        goods, rss = await setup(server, "connections_per_ip=3", n=3)
-        held: list = []
-        try:
+        async with attacked(server, "connections_per_ip=3", n=3) as sc:
             async def attack():
                 for i in range(3):
                     ws = await open_ws(server, "shop", mint(f"a{i}"), local_addr=(attacker(0), 0))
-                    held.append(ws)
+                    sc.conns.append(ws)
                     _, welcome = await recv_json(ws)
                     assert welcome["type"] == "welcome", welcome
                 try:
@@ -593,31 +600,26 @@ def test_connections_per_ip_refuses_the_fourth_with_429(servers):
                     assert_error_body(bytes(r.body), "rate_limited")
                     assert int(r.headers["Retry-After"]) >= 1, r.headers
                 else:
-                    held.append(ws)
+                    sc.conns.append(ws)
                     raise AssertionError("4th concurrent connection from one address accepted")
                 # Another address is still fine.
                 other = await open_ws(server, "shop", mint("b0"), local_addr=(attacker(1), 0))
-                held.append(other)
+                sc.conns.append(other)
                 _, welcome = await recv_json(other)
                 assert welcome["type"] == "welcome", welcome
                 # One of the three leaves: the address may connect again.
-                await held.pop(0).close()
+                await sc.conns.pop(0).close()
                 deadline = time.monotonic() + SLACK
                 while True:
                     try:
                         ws = await open_ws(server, "shop", mint("a4"), local_addr=(attacker(0), 0))
-                        held.append(ws)
+                        sc.conns.append(ws)
                         break
                     except InvalidStatus:
                         assert time.monotonic() < deadline, "address still refused after a close"
                         await asyncio.sleep(0.2)
 
-            await goods.publish_during(attack())
-            await goods.check()
-            rss.check()
-        finally:
-            await asyncio.gather(*(w.close() for w in held), return_exceptions=True)
-            await goods.close()
+            await sc.goods.publish_during(attack())
 
     run(go())
 
@@ -653,27 +655,20 @@ def test_slow_loris_handshake_is_dropped_at_the_deadline(servers):
     timeout = HANDSHAKE_TIMEOUT_MS / 1000
 
     async def go():
-        goods, rss = await setup(server, "slow-loris handshake")
-        socks = []
-        try:
+        async with attacked(server, "slow-loris handshake") as sc:
             def one(i: int) -> float | None:
                 s = raw_connect(server, attacker(i % 4))
-                socks.append(s)
+                sc.socks.append(s)
                 return trickle(s, upgrade_request(mint("slow")), timeout + SLACK)
 
             async def attack():
                 return await asyncio.gather(*(asyncio.to_thread(one, i) for i in range(TRICKLERS)))
 
-            times = await goods.publish_during(attack())
+            times = await sc.goods.publish_during(attack())
             for t in times:
                 assert t is not None, f"a trickled handshake still open after {timeout + SLACK}s"
                 # The deadline counts from accept, which is after the client's connect.
                 assert 0.8 * timeout <= t <= timeout + SLACK, times
-            await goods.check()
-            rss.check()
-        finally:
-            close_socks(socks)
-            await goods.close()
 
     run(go())
 
@@ -689,12 +684,10 @@ def test_frame_trickled_one_byte_per_second_is_dropped_by_the_heartbeat(servers)
     limit = 3 * hb + SLACK
 
     async def go():
-        goods, rss = await setup(server, "frame trickle")
-        socks = []
-        try:
+        async with attacked(server, "frame trickle") as sc:
             def one(i: int) -> float | None:
                 s, rest = raw_ws(server, attacker(i % 4), mint(f"slow{i}"))
-                socks.append(s)
+                sc.socks.append(s)
                 op, payload, _ = read_frame(s, rest)
                 assert op == 1 and json.loads(payload)["type"] == "welcome", payload
                 frame = client_frame(1, json.dumps({"op": "ping", "id": "x" * 100}).encode())
@@ -703,16 +696,11 @@ def test_frame_trickled_one_byte_per_second_is_dropped_by_the_heartbeat(servers)
             async def attack():
                 return await asyncio.gather(*(asyncio.to_thread(one, i) for i in range(TRICKLERS)))
 
-            times = await goods.publish_during(attack())
+            times = await sc.goods.publish_during(attack())
             assert all(t is not None for t in times), (
                 f"peers trickling one frame byte per second still open after {limit}s "
                 f"(heartbeat {hb}s): {times}"
             )
-            await goods.check()
-            rss.check()
-        finally:
-            close_socks(socks)
-            await goods.close()
 
     run(go())
 
@@ -728,8 +716,7 @@ def test_oversized_frames_close_1009(servers):
     server = servers.start(config=cfg())
 
     async def go():
-        goods, rss = await setup(server, "oversized frames")
-        try:
+        async with attacked(server, "oversized frames") as sc:
             async def attack():
                 # A whole text frame one byte over the limit.
                 ws = await open_ws(server, "shop", mint("big"), local_addr=(attacker(0), 0))
@@ -759,11 +746,7 @@ def test_oversized_frames_close_1009(servers):
 
                 await asyncio.to_thread(huge)
 
-            await goods.publish_during(attack())
-            await goods.check()
-            rss.check()
-        finally:
-            await goods.close()
+            await sc.goods.publish_during(attack())
 
     run(go())
 
@@ -812,24 +795,17 @@ def test_invalid_json_storm_closes_each_with_1007(servers):
     server = servers.start(config=cfg())
 
     async def go():
-        goods, rss = await setup(server, f"invalid JSON x{INVALID_JSON_CONNS}")
-        conns: list = []
-        try:
+        async with attacked(server, f"invalid JSON x{INVALID_JSON_CONNS}") as sc:
             async def attack():
-                conns.extend(
+                sc.conns.extend(
                     await asyncio.gather(
                         *(attacker_ws(server, i, f"junk{i}") for i in range(INVALID_JSON_CONNS))
                     )
                 )
-                await asyncio.gather(*(ws.send('{"op": "ping", ') for ws in conns))
-                await asyncio.gather(*(expect_close_soon(ws, 1007) for ws in conns))
+                await asyncio.gather(*(ws.send('{"op": "ping", ') for ws in sc.conns))
+                await asyncio.gather(*(expect_close_soon(ws, 1007) for ws in sc.conns))
 
-            await goods.publish_during(attack())
-            await goods.check()
-            rss.check()
-        finally:
-            await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
-            await goods.close()
+            await sc.goods.publish_during(attack())
 
     run(go())
 
@@ -838,8 +814,7 @@ def test_repeated_bad_requests_close_1008(servers):
     server = servers.start(config=cfg(max_bad_requests=MAX_BAD_REQUESTS))
 
     async def go():
-        goods, rss = await setup(server, "bad requests")
-        try:
+        async with attacked(server, "bad requests") as sc:
             async def attack():
                 ws = await attacker_ws(server, 0, "bad")
                 for i in range(3 * MAX_BAD_REQUESTS):
@@ -892,11 +867,7 @@ def test_repeated_bad_requests_close_1008(servers):
 
                 await asyncio.to_thread(pipelined)
 
-            await goods.publish_during(attack())
-            await goods.check()
-            rss.check()
-        finally:
-            await goods.close()
+            await sc.goods.publish_during(attack())
 
     run(go())
 
@@ -909,8 +880,7 @@ def test_message_flood_closes_4029(servers):
     server = servers.start(config=cfg(limits))
 
     async def go():
-        goods, rss = await setup(server, "message flood")
-        try:
+        async with attacked(server, "message flood") as sc:
             async def attack():
                 ws = await attacker_ws(server, 0, "flood")
                 t0 = time.monotonic()
@@ -929,11 +899,7 @@ def test_message_flood_closes_4029(servers):
                     elapsed,
                 )
 
-            await goods.publish_during(attack())
-            await goods.check()
-            rss.check()
-        finally:
-            await goods.close()
+            await sc.goods.publish_during(attack())
 
     run(go())
 
@@ -952,9 +918,9 @@ def test_reader_that_never_reads_is_closed_4008(servers):
     server = servers.start(config=cfg(max_outbound_queue_bytes=QUEUE_CAP))
 
     async def go():
-        goods, rss = await setup(server, "stalled reader")
-        s, rest = await asyncio.to_thread(raw_ws, server, attacker(0), mint("stalled"), 4096)
-        try:
+        async with attacked(server, "stalled reader", verify=False) as sc:
+            s, rest = await asyncio.to_thread(raw_ws, server, attacker(0), mint("stalled"), 4096)
+            sc.socks.append(s)
             op, payload, rest = await asyncio.to_thread(read_frame, s, rest)
             assert op == 1 and json.loads(payload)["type"] == "welcome", payload
             assert len(await asyncio.to_thread(listed, server, "stalled")) == 1
@@ -962,27 +928,27 @@ def test_reader_that_never_reads_is_closed_4008(servers):
             async def until_dropped():
                 # Publications go out meanwhile (publish_during); stop once it is gone.
                 while await asyncio.to_thread(listed, server, "stalled"):
-                    assert goods.published < MAX_BIG_MESSAGES, (
-                        f"stalled reader still listed after {goods.published} x {BIG} B"
+                    assert sc.goods.published < MAX_BIG_MESSAGES, (
+                        f"stalled reader still listed after {sc.goods.published} x {BIG} B"
                     )
                     await asyncio.sleep(0.05)
-                return goods.published
+                return sc.goods.published
 
-            dropped_after = await goods.publish_during(until_dropped(), pad=BIG)
+            dropped_after = await sc.goods.publish_during(until_dropped(), pad=BIG)
             # More after it is gone, still delivered to everyone else; with these, what went
             # through the node (~100 x 64 KiB) is well above RSS_AFTER_STALL_BOUND_KIB, so
             # keeping the publications (or the stalled queue's frames) alive would show.
-            await goods.publish_during(asyncio.sleep(0), pad=BIG, min_msgs=AFTER_STALL_MESSAGES)
-            await goods.check(pad=BIG)
+            await sc.goods.publish_during(asyncio.sleep(0), pad=BIG, min_msgs=AFTER_STALL_MESSAGES)
+            await sc.goods.check(pad=BIG)
             st = await asyncio.to_thread(stats, server)
             assert st["slow_consumer_closes"] == 1, st
             assert st["closes"]["4008"] == 1, st
-            rss.check()
+            sc.rss.check()
             # Its queue is given back: RSS settles near the baseline.
             await asyncio.sleep(0.5)
             after = rss_kib(server)
-            print(f"RSS after the stalled reader: {after} KiB (baseline {rss.baseline} KiB)")
-            assert after - rss.baseline < RSS_AFTER_STALL_BOUND_KIB, (after, rss.baseline)
+            print(f"RSS after the stalled reader: {after} KiB (baseline {sc.rss.baseline} KiB)")
+            assert after - sc.rss.baseline < RSS_AFTER_STALL_BOUND_KIB, (after, sc.rss.baseline)
 
             # What the stalled reader finally reads: a prefix of the messages in order, then
             # (if the close frame got into the socket) 4008, then EOF.
@@ -1017,8 +983,5 @@ def test_reader_that_never_reads_is_closed_4008(servers):
                 f"stalled reader: dropped after {dropped_after} publications, "
                 f"read {len(msgs)}, close frames {closes}"
             )
-        finally:
-            s.close()
-            await goods.close()
 
     run(go())
