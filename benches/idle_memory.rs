@@ -199,8 +199,8 @@ shards = {shards}
 io_driver = "{driver}"
 
 [ws]
-# One hour: no heartbeat ping touches an idle connection during the run.
-heartbeat_interval_ms = 3600000
+# 30 minutes (the most herald allows): no heartbeat ping touches an idle connection during the run.
+heartbeat_interval_ms = 1800000
 
 [limits]
 # A benchmark opens thousands of connections from a few addresses: no per-IP handshake limit.

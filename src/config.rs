@@ -158,10 +158,10 @@ pub struct LimitsConfig {
     /// Handshakes in progress (accepted, upgrade not finished) across the node; beyond it a
     /// new socket is closed at accept, unread. 0 = off. Default 10000.
     pub max_pending_handshakes: usize,
-    /// Messages (data frames and pings) one connection may send per second; over it the
-    /// connection is closed with 4029. 0 = off. Default 100.
+    /// Frames (all but close: text, fragments, pings, pongs) one connection may send per
+    /// second; over it the connection is closed with 4029. 0 = off. Default 100.
     pub messages_per_conn_per_sec: u32,
-    /// Messages one connection may send at once (bucket size). Default 200.
+    /// Frames one connection may send at once (bucket size). Default 200.
     pub message_burst_per_conn: u32,
     /// API requests one key (a project's, or the admin key) may make per second; over it 429
     /// with `Retry-After`. 0 = off. Default 1000.
@@ -582,8 +582,8 @@ impl Config {
                 "set admin_key or admin_key_file, not both",
             ));
         }
-        if ws.heartbeat_interval_ms > 3_600_000 {
-            return Err(invalid("ws.heartbeat_interval_ms", "at most one hour"));
+        if ws.heartbeat_interval_ms > 1_800_000 {
+            return Err(invalid("ws.heartbeat_interval_ms", "at most 30 minutes"));
         }
         let l = &self.limits;
         if l.messages_per_conn_per_sec > 1_000_000 {
@@ -801,7 +801,7 @@ limiter_max_ips = {lmi}
 connections_per_ip = {cpi}
 # Handshakes in progress across the node; beyond it new sockets are closed unread.
 max_pending_handshakes = {mph}
-# Messages (data frames and pings) per connection per second and burst; over it close 4029.
+# Frames (all but close) per connection per second and burst; over it close 4029.
 messages_per_conn_per_sec = {mpc}
 message_burst_per_conn = {mbc}
 # API requests per key per second and burst; over it 429 with Retry-After.
@@ -966,7 +966,7 @@ mod tests {
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("proxy.trusted[1]"), "{err}");
         let mut c = Config::development();
-        c.ws.heartbeat_interval_ms = 3_600_001;
+        c.ws.heartbeat_interval_ms = 1_800_001;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("ws.heartbeat_interval_ms"), "{err}");
     }

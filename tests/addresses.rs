@@ -258,3 +258,35 @@ fn proxy_protocol_names_the_client_from_a_trusted_proxy_only() {
         ["127.0.0.3", "198.51.100.7", "2001:db8::7"]
     );
 }
+
+#[test]
+fn forwarded_for_that_names_no_client_is_refused_not_trusted_as_the_proxy() {
+    let server = TestServer::start(|c| {
+        c.proxy.trusted = vec!["127.0.0.2".into()];
+        c.access.deny = vec!["198.51.100.66".into()];
+    });
+    // A client-written entry with a non-UTF-8 byte does not hide the entry the proxy appended.
+    let mut s = tcp_from("127.0.0.2", server.listen);
+    let mut req = upgrade("").into_bytes();
+    let end = req.len() - 2;
+    req.splice(
+        end..end,
+        b"X-Forwarded-For: \xff\xfe, 198.51.100.66\r\n"
+            .iter()
+            .copied(),
+    );
+    let _ = s.write_all(&req);
+    let mut got = [0u8; 12];
+    s.read_exact(&mut got).expect("an answer");
+    assert_eq!(
+        &got, b"HTTP/1.1 403",
+        "the denied client behind the bad entry is refused"
+    );
+    // Garbage alone names no client: 400, not the proxy's own address.
+    for bad in ["garbage", "", "1.2.3.4, not-an-address"] {
+        let mut s = tcp_from("127.0.0.2", server.listen);
+        let (status, head) = answer(&mut s, b"", &format!("X-Forwarded-For: {bad}\r\n"));
+        assert_eq!(status, 400, "{bad:?}: {head}");
+    }
+    assert_eq!(server.hub.ip_conns.count(ip("127.0.0.2")), 0);
+}

@@ -316,3 +316,25 @@ fn a_batch_publish_is_one_api_request() {
     let r = send();
     assert_refusal(&r, 429, "rate_limited");
 }
+
+#[test]
+fn fragments_and_pongs_take_tokens_too() {
+    let server = TestServer::start(|c| {
+        c.limits.messages_per_conn_per_sec = 1;
+        c.limits.message_burst_per_conn = 5;
+    });
+    let mask = Some([1, 2, 3, 4]);
+    // A message that never ends: empty continuation frames at line rate.
+    let (mut raw, _) = RawClient::upgrade(server.listen, "shop", &token("shop", "alice").0);
+    raw.send(&encode_frame(false, 0, 1, b"{", mask));
+    for _ in 0..10 {
+        raw.try_send(&encode_frame(false, 0, 0, b"", mask));
+    }
+    assert_eq!(raw.expect_close().0, 4029);
+    // Unsolicited pongs.
+    let (mut raw, _) = RawClient::upgrade(server.listen, "shop", &token("shop", "bob").0);
+    for _ in 0..10 {
+        raw.try_send(&masked(0xA, b""));
+    }
+    assert_eq!(raw.expect_close().0, 4029);
+}

@@ -13,6 +13,7 @@ use libfuzzer_sys::fuzz_target;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Ev {
     Text(String),
+    Fragment,
     Ping(Vec<u8>),
     Pong,
     Close(Option<u16>),
@@ -43,6 +44,7 @@ fn drive(chunks: &[&[u8]], max: usize, stop_on_close: bool) -> Outcome {
         let r = session.feed(&mut inbuf, max, &mut |ev| {
             let (e, flow) = match ev {
                 Event::Text(t) => (Ev::Text(t.to_owned()), Flow::Continue),
+                Event::Fragment => (Ev::Fragment, Flow::Continue),
                 Event::Ping(p) => {
                     assert!(p.len() <= 125);
                     (Ev::Ping(p.to_vec()), Flow::Continue)

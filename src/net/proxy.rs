@@ -55,9 +55,9 @@ impl TrustedProxies {
     }
 
     /// The client named by `X-Forwarded-For` values (every header's, in order): the right-most
-    /// address that is not a trusted proxy, or the left-most if all are. `None` when there is
-    /// no usable entry (the peer's own address stands). An entry that does not parse ends the
-    /// walk: nothing to its left can be trusted.
+    /// address that is not a trusted proxy, or the left-most if all are. `None` when the walk
+    /// meets an entry that does not parse before finding the client (nothing to its left can
+    /// be trusted, and the client is unknown): the caller refuses the request.
     pub fn forwarded_client(&self, values: &str) -> Option<IpAddr> {
         let mut last = None;
         for entry in values.rsplit(',').map(str::trim) {

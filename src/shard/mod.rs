@@ -80,6 +80,11 @@ pub struct Limits {
 impl Limits {
     /// From the config.
     pub fn from_config(c: &Config) -> Self {
+        // Rounded up: the sustained rate never exceeds the configured one.
+        let msg_interval_us = match c.limits.messages_per_conn_per_sec {
+            0 => 0,
+            rate => 1_000_000u32.div_ceil(rate),
+        };
         Self {
             heartbeat: Duration::from_millis(c.ws.heartbeat_interval_ms),
             handshake_timeout: Duration::from_millis(c.ws.handshake_timeout_ms),
@@ -100,18 +105,13 @@ impl Limits {
                 crate::net::proxy::TrustedProxies::new(&c.proxy.trusted, c.proxy.proxy_protocol)
                     .unwrap_or_default(),
             ),
-            msg_interval_us: match c.limits.messages_per_conn_per_sec {
-                0 => 0,
-                rate => (1_000_000 / rate).max(1),
-            },
-            msg_tolerance_us: match c.limits.messages_per_conn_per_sec {
-                0 => 0,
-                rate => {
-                    let burst = u64::from(c.limits.message_burst_per_conn.max(1) - 1);
-                    // Validation bounds the burst to 60 s of the rate, so this fits a u32.
-                    (burst * 1_000_000 / u64::from(rate)).min(u64::from(u32::MAX / 4)) as u32
-                }
-            },
+            msg_interval_us,
+            // Exactly `burst` messages back to back: the first at the bucket's start, then
+            // `burst - 1` intervals ahead. Validation bounds the burst to 60 s of the rate,
+            // so this fits a u32.
+            msg_tolerance_us: (u64::from(c.limits.message_burst_per_conn.max(1) - 1)
+                * u64::from(msg_interval_us))
+            .min(u64::from(u32::MAX / 4)) as u32,
         }
     }
 
@@ -235,22 +235,23 @@ impl Shard {
     /// The checks on a freshly accepted socket that cost no read: the global IP lists, the
     /// per-address connection ceiling and the pending-handshake cap. A trusted proxy's peer
     /// is checked once it names the client ([`crate::net::proxy`]). On `Ok`, the connection
-    /// is counted against its address when `Ok(true)`.
-    fn screen(&mut self, peer: SocketAddr) -> Result<bool, AcceptRefusal> {
+    /// is counted against its address when `Ok(Some(over))`, `over` saying the address is
+    /// now over its limit.
+    fn screen(&mut self, peer: SocketAddr) -> Result<Option<bool>, AcceptRefusal> {
         let cap = self.limits.max_pending_handshakes;
         if cap > 0 && self.pending_handshakes >= cap {
             return Err(AcceptRefusal::PendingCap);
         }
         let ip = peer.ip();
         if self.limits.proxies.trusts(ip) {
-            return Ok(false);
+            return Ok(None);
         }
         if !self.hub.registry.load().access.permits(ip) {
             return Err(AcceptRefusal::Denied);
         }
         match self.hub.ip_conns.acquire(ip) {
             None => Err(AcceptRefusal::AddressCeiling),
-            Some(_) => Ok(true),
+            over => Ok(over),
         }
     }
 
@@ -294,12 +295,13 @@ impl Shard {
     }
 
     /// Takes a freshly accepted socket: a slot, a generation, a handshake deadline.
-    /// `counted`: the peer is the client and is counted against its address.
-    fn admit(&mut self, fd: i32, peer: SocketAddr, counted: bool) -> (u32, u32) {
+    /// `counted`: the peer is the client and is counted against its address (`Some(over)`).
+    fn admit(&mut self, fd: i32, peer: SocketAddr, counted: Option<bool>) -> (u32, u32) {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         let mut conn = Conn::new(fd, generation, peer);
-        conn.client_known = counted;
+        conn.client_known = counted.is_some();
+        conn.over_ip_limit = counted == Some(true);
         let slot = self.conns.insert(conn) as u32;
         self.pending_handshakes += 1;
         self.handshake_deadlines.push_back(Deadline {
@@ -803,5 +805,35 @@ async fn sweep_loop(shard: Rc<RefCell<Shard>>, tick: Duration) {
     loop {
         monoio::time::sleep(tick).await;
         shard.borrow_mut().tick(tick);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GCRA parameters allow exactly `burst` messages back to back and never more than
+    /// `rate` per second sustained, also where 1 s is not a whole number of intervals.
+    #[test]
+    fn message_limit_allows_exactly_the_burst_and_at_most_the_rate() {
+        for (rate, burst) in [
+            (100, 200),
+            (7000, 1000),
+            (300, 18_000),
+            (400_000, 5),
+            (3, 1),
+        ] {
+            let mut c = Config::development();
+            c.limits.messages_per_conn_per_sec = rate;
+            c.limits.message_burst_per_conn = burst;
+            c.validate().unwrap();
+            let l = Limits::from_config(&c);
+            let back_to_back = l.msg_tolerance_us / l.msg_interval_us + 1;
+            assert_eq!(back_to_back, burst, "rate {rate} burst {burst}");
+            assert!(1_000_000 / l.msg_interval_us <= rate, "rate {rate}");
+        }
+        let mut c = Config::development();
+        c.limits.messages_per_conn_per_sec = 0;
+        assert_eq!(Limits::from_config(&c).msg_interval_us, 0);
     }
 }

@@ -84,6 +84,9 @@ pub struct Conn {
     /// `peer` is the client (not a trusted proxy yet to name it), and the connection is
     /// counted against its address (`limits.connections_per_ip`).
     pub client_known: bool,
+    /// When counted, the address already held `limits.connections_per_ip` connections: the
+    /// handshake is answered 429 (decided in arrival order, at accept).
+    pub over_ip_limit: bool,
     /// Number of implicit subscriptions at the front of `subs`.
     pub nr_implicit: u8,
     /// Error replies so far.
@@ -127,6 +130,7 @@ impl Conn {
             ping_outstanding: false,
             rx_since_ping: false,
             client_known: false,
+            over_ip_limit: false,
             nr_implicit: 0,
             bad_requests: 0,
             waker: None,
@@ -422,12 +426,20 @@ impl Shard {
         if c.client_known {
             return Ok(());
         }
-        let proxy = c.peer;
-        let peer = up
-            .forwarded_for
-            .as_deref()
-            .and_then(|v| self.limits.proxies.forwarded_client(v))
-            .map_or(proxy, |ip| SocketAddr::new(ip, 0));
+        // No header: the proxy's own connection. A header that names no usable client is
+        // refused: falling back to the proxy's address would let a client escape its own
+        // address's lists and limits by sending garbage.
+        let peer = match up.forwarded_for.as_deref() {
+            None => c.peer,
+            Some(v) => match self.limits.proxies.forwarded_client(v) {
+                Some(ip) => SocketAddr::new(ip, 0),
+                None => {
+                    return Err(Refusal::bad_request(
+                        "X-Forwarded-For from a trusted proxy names no client address",
+                    ));
+                }
+            },
+        };
         self.name_client(slot, peer)
             .map_err(|()| Refusal::forbidden("this address may not connect"))
     }
@@ -440,10 +452,11 @@ impl Shard {
         if !self.hub.registry.load().access.permits(peer.ip()) {
             return Err(());
         }
-        self.hub.ip_conns.acquire_always(peer.ip());
+        let over = self.hub.ip_conns.acquire_always(peer.ip());
         let c = &mut self.conns[slot as usize];
         c.peer = peer;
         c.client_known = true;
+        c.over_ip_limit = over;
         Ok(())
     }
 
@@ -454,7 +467,7 @@ impl Shard {
         self.hs_limiter
             .take(crate::limiter::client_key(ip), Instant::now())
             .map_err(|secs| Refusal::rate_limited("too many handshakes from this address", secs))?;
-        if self.hub.ip_conns.over_limit(ip) {
+        if self.conns[slot as usize].over_ip_limit {
             return Err(Refusal::rate_limited(
                 format!(
                     "more than {} connections from this address",
@@ -675,7 +688,9 @@ impl Shard {
     }
 
     fn on_event(&mut self, slot: u32, ev: Event<'_>) -> Flow {
-        if matches!(ev, Event::Ping(_) | Event::Text(_))
+        // Every frame but a close takes a token: messages, fragments of one, pings and pongs
+        // (a pong answering our heartbeat costs one token per interval).
+        if !matches!(ev, Event::Close(_))
             && self.conns[slot as usize].phase == ConnPhase::Open
             && !self.take_message(slot)
         {
@@ -723,7 +738,8 @@ impl Shard {
             // Closing: what the peer sent before our close frame reached it is skipped, and
             // parsing goes on to its close answer (stopping here left that answer unread
             // behind the skipped frames until the close grace ran out).
-            Event::Text(_) if c.phase != ConnPhase::Open => Flow::Continue,
+            Event::Text(_) | Event::Fragment if c.phase != ConnPhase::Open => Flow::Continue,
+            Event::Fragment => Flow::Continue,
             Event::Text(text) => self.on_text(slot, text),
         }
     }

@@ -245,12 +245,15 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
         } else if name.eq_ignore_ascii_case("origin") {
             origin = Some(value.trim().to_owned());
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            // Lossy, not all-or-nothing: a client-written entry with a non-UTF-8 byte must
+            // not blank out the entries the proxies appended to its right.
+            let value = String::from_utf8_lossy(h.value);
             match &mut forwarded_for {
                 Some(all) => {
                     all.push(',');
-                    all.push_str(value);
+                    all.push_str(&value);
                 }
-                None => forwarded_for = Some(value.to_owned()),
+                None => forwarded_for = Some(value.into_owned()),
             }
         }
     }

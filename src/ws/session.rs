@@ -17,6 +17,9 @@ use super::close::CloseReason;
 pub enum Event<'a> {
     /// A complete text message.
     Text(&'a str),
+    /// A frame of a text message that is not its last (the message comes as `Text` once
+    /// complete); reported so every frame a peer sends can be counted.
+    Fragment,
     /// A ping; answer with a pong carrying the same payload.
     Ping(&'a [u8]),
     /// A pong.
@@ -152,13 +155,13 @@ impl Session {
                 self.frag = Some(Box::new(Fragments {
                     buf: payload.to_vec(),
                 }));
-                Ok(Flow::Continue)
+                Ok(on(Event::Fragment))
             }
             OpCode::Data(Data::Continue) => {
                 let f = self.frag.as_mut().expect("checked in check_header");
                 f.buf.extend_from_slice(payload);
                 if !h.is_final {
-                    return Ok(Flow::Continue);
+                    return Ok(on(Event::Fragment));
                 }
                 let f = self.frag.take().expect("present above");
                 Ok(on(Event::Text(utf8(&f.buf)?)))
@@ -271,7 +274,8 @@ mod tests {
         bytes.extend(frame(0x80, b"lo"));
         let (r, seen) = run(&mut s, &bytes);
         assert_eq!(r, Ok(bytes.len()));
-        assert_eq!(seen, ["Ping([])", "Text(\"hello\")"]);
+        // Each frame is reported (for counting), the message once it is whole.
+        assert_eq!(seen, ["Fragment", "Ping([])", "Text(\"hello\")"]);
         assert!(!s.is_mid_message());
     }
 
