@@ -88,7 +88,10 @@ pub fn parse_header(buf: &[u8]) -> ProxyHeader {
     }
     match parsed {
         HeaderResult::V2(Ok(h)) => {
+            // Only a proxied TCP stream names a client; LOCAL, UDP and UNIX leave the proxy's.
+            let stream = h.protocol == ppp::v2::Protocol::Stream;
             let client = match (h.command, h.addresses) {
+                _ if !stream => None,
                 (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => {
                     Some(SocketAddr::from((a.source_address, a.source_port)))
                 }
@@ -200,5 +203,22 @@ mod tests {
             }
         );
         assert_eq!(parse_header(&v2[..10]), ProxyHeader::Incomplete);
+        let udp = ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Datagram,
+            (
+                "192.0.2.9:53".parse::<SocketAddr>().unwrap(),
+                "192.0.2.1:53".parse::<SocketAddr>().unwrap(),
+            ),
+        )
+        .build()
+        .unwrap();
+        assert_eq!(
+            parse_header(&udp),
+            ProxyHeader::Complete {
+                len: udp.len(),
+                client: None
+            }
+        );
     }
 }
