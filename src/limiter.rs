@@ -178,13 +178,25 @@ impl ConnCounter {
     /// Counts a new connection from `ip`. `None` (not counted) when the address is at its
     /// ceiling; else whether it is now over the limit (the handshake is to be refused).
     pub fn acquire(&self, ip: IpAddr) -> Option<bool> {
+        self.count_in(ip, self.ceiling)
+    }
+
+    /// Counts a connection from `ip` even at the ceiling (its request has been read already:
+    /// a client named by a trusted proxy). Whether it is now over the limit.
+    pub fn acquire_always(&self, ip: IpAddr) -> bool {
+        self.count_in(ip, u32::MAX).unwrap_or(true)
+    }
+
+    /// Counts a connection from `ip` unless the address holds `ceiling` already (`None`);
+    /// else whether it is now over the limit.
+    fn count_in(&self, ip: IpAddr, ceiling: u32) -> Option<bool> {
         if !self.enabled() {
             return Some(false);
         }
         let key = client_key(ip);
         let mut map = self.stripe(&key);
         let n = map.entry(key).or_insert(0);
-        if *n >= self.ceiling {
+        if *n >= ceiling {
             if *n == 0 {
                 map.remove(&key);
             }
@@ -192,19 +204,6 @@ impl ConnCounter {
         }
         *n += 1;
         Some(*n > self.limit)
-    }
-
-    /// Counts a connection from `ip` even at the ceiling (its request has been read already:
-    /// a client named by a trusted proxy). Whether it is now over the limit.
-    pub fn acquire_always(&self, ip: IpAddr) -> bool {
-        if !self.enabled() {
-            return false;
-        }
-        let key = client_key(ip);
-        let mut map = self.stripe(&key);
-        let n = map.entry(key).or_insert(0);
-        *n += 1;
-        *n > self.limit
     }
 
     /// Connections counted for `ip`.

@@ -184,7 +184,7 @@ const OVERLOAD_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Why a socket is closed at accept, unread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AcceptRefusal {
+pub(crate) enum AcceptRefusal {
     /// Refused by `[access]`.
     Denied,
     /// The address is at its connection ceiling.
@@ -255,8 +255,9 @@ impl Shard {
         }
     }
 
-    /// Counts and logs a socket closed at accept.
-    fn refused_at_accept(&mut self, peer: SocketAddr, why: AcceptRefusal) {
+    /// Counts and logs a socket closed at accept (or, for a client a trusted proxy names in
+    /// a PROXY header, as soon as it is named).
+    pub(crate) fn refused_at_accept(&mut self, peer: SocketAddr, why: AcceptRefusal) {
         let outcome = match why {
             AcceptRefusal::Denied => "forbidden",
             AcceptRefusal::AddressCeiling => "rate_limited",

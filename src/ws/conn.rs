@@ -31,7 +31,7 @@ use crate::auth::{AuthError, Project, Verified};
 use crate::metrics::ShardStats;
 use crate::net::proxy::{self, ProxyHeader};
 use crate::pubsub::{ConnId, Sub, TOPIC_ALL, Topic, topic_permitted};
-use crate::shard::{Deadline, Shard};
+use crate::shard::{AcceptRefusal, Deadline, Shard};
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,11 +370,7 @@ impl Shard {
                     let peer = client.unwrap_or(self.conns[slot as usize].peer);
                     if self.name_client(slot, peer).is_err() {
                         // Refused by [access], like a direct peer: closed without an answer.
-                        ShardStats::add(
-                            &self.stats.handshakes[ShardStats::outcome("forbidden")],
-                            1,
-                        );
-                        debug!(%peer, "client named by a trusted proxy refused by [access]; closed");
+                        self.refused_at_accept(peer, AcceptRefusal::Denied);
                         self.kill(slot);
                         return;
                     }
