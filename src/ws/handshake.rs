@@ -317,11 +317,15 @@ pub fn redact(target: &str) -> String {
     let Some((path, query)) = target.split_once('?') else {
         return target.to_owned();
     };
+    // Keys are compared decoded, as `parse` reads them: `%74oken=` is a token too.
     let q: Vec<String> = query
         .split('&')
-        .map(|kv| match kv.split_once('=') {
-            Some(("token", _)) => "token=REDACTED".to_owned(),
-            _ => kv.to_owned(),
+        .map(|kv| {
+            let key = kv.split_once('=').map_or(kv, |(k, _)| k);
+            match form_urlencoded::parse(key.as_bytes()).next() {
+                Some((k, _)) if k == "token" => "token=REDACTED".to_owned(),
+                _ => kv.to_owned(),
+            }
         })
         .collect();
     format!("{path}?{}", q.join("&"))
@@ -338,6 +342,19 @@ mod tests {
             "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, \
              Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra}\r\n"
         )
+    }
+
+    /// Found by fuzzing: a percent-encoded `token` key was read as the token but logged as
+    /// received, and a bare `token` stayed unredacted.
+    #[test]
+    fn redact_catches_encoded_and_bare_token_keys() {
+        let target = "/ws/shop?%74oken=s3cret&token&t%6Fken=x&a=1&tokens=2";
+        let u = parse(req(target, "").as_bytes()).unwrap().unwrap();
+        assert_eq!(u.token, Some(("s3cret".into(), TokenSource::Query)));
+        assert_eq!(
+            redact(target),
+            "/ws/shop?token=REDACTED&token=REDACTED&token=REDACTED&a=1&tokens=2"
+        );
     }
 
     #[test]
