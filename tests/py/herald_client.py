@@ -1,4 +1,4 @@
-"""Independent client for the herald wire contract (shared/protocol.md).
+"""Independent client for the herald wire contract (docs/protocol.md).
 
 Nothing here uses herald's own code: tokens are minted with PyJWT, WebSockets are the
 `websockets` package's asyncio client, HTTP is the standard library. The server is the real
