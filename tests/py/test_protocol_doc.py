@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -30,8 +29,8 @@ from herald_client import (
     mint,
     now,
     open_ws,
+    http_request,
     publish,
-    publish_raw,
     recv_json,
     run,
 )
@@ -238,19 +237,34 @@ def examples() -> list[Example]:
 EXAMPLES = examples()
 
 
-def example_config(overrides: dict) -> str:
-    text = config_toml(shards=2).replace('id = "shop"\n', 'id = "shop"\nallow_client_publish = true\n')
-    for key, value in overrides.items():
+def example_config(ex: Example) -> str:
+    """The suite's config, `shop` allowing client publishes, with the example's settings:
+    `ws.<key>=<value>`, `limits.<key>=<value>` and `project.<key>=<value>` (its project)."""
+    limits = {k.split(".", 1)[1]: int(v) for k, v in ex.overrides.items() if k.startswith("limits.")}
+    text = config_toml(shards=2, limits=limits)
+    text = text.replace('id = "shop"\n', 'id = "shop"\nallow_client_publish = true\n')
+    for key, value in ex.overrides.items():
         table_name, name = key.split(".")
-        text = text.replace(f"[{table_name}]\n", f"[{table_name}]\n{name} = {value}\n", 1)
+        if table_name == "ws":
+            text = text.replace("[ws]\n", f"[ws]\n{name} = {value}\n", 1)
+        elif table_name == "project":
+            text = text.replace(f'id = "{ex.project}"\n', f'id = "{ex.project}"\n{name} = {value}\n')
+        else:
+            assert table_name == "limits", key
     return text
 
 
-def token_for(project: str, claims: dict) -> tuple[str, int]:
-    """A token with `claims` (`exp`: an hour from now, or `"past"`); returns it and its exp."""
+def token_for(project: str, claims: dict, exp_default: int = 3600) -> tuple[str, int | None]:
+    """A token with `claims`; `exp` is seconds from now (default `exp_default`), `"past"` (an
+    hour ago) or `None`/`"none"` (no exp). Returns the token and its exp."""
     claims = dict(claims)
-    exp = claims.pop("exp", None)
-    exp = now() - 3600 if exp == "past" else now() + 3600 + int(exp or 0)
+    exp = claims.pop("exp", exp_default)
+    if exp in (None, "none"):
+        exp = None
+    elif exp == "past":
+        exp = now() - 3600
+    else:
+        exp = now() + int(exp)
     sub = claims.pop("sub")
     return mint(sub, project, exp=exp, **claims), exp
 
@@ -264,6 +278,7 @@ def assert_matches(expected: dict, got: dict, raw: str, known: dict) -> None:
         v = got[k]
         if (kind, k) == ("welcome", "conn"):
             assert isinstance(v, str) and v, raw
+            known["conn"] = (want, v)
         elif (kind, k) in (("welcome", "exp"), ("ack", "exp")):
             assert v == known["exp"], f"exp {v}, the token says {known['exp']}: {raw}"
         elif (kind, k) == ("message", "id"):
@@ -278,7 +293,7 @@ def assert_matches(expected: dict, got: dict, raw: str, known: dict) -> None:
 
 async def play(server, ex: Example) -> None:
     token, exp = token_for(ex.project, ex.claims)
-    known = {"exp": exp, "mid": None}
+    known = {"exp": exp, "mid": None, "conn": None}
     ws = await open_ws(server, ex.project, token, via="subprotocol")
     assert ws.subprotocol == "herald.v1"
     closed = False
@@ -288,7 +303,7 @@ async def play(server, ex: Example) -> None:
                 text = line[2:]
                 for m in re.finditer(r'"<token ([^>]*)>"', text):
                     claims = dict(kv.split("=", 1) for kv in m.group(1).split())
-                    fresh, known["exp"] = token_for(ex.project, {**claims, "exp": claims.get("exp", 7200)})
+                    fresh, known["exp"] = token_for(ex.project, claims, exp_default=7200)
                     text = text.replace(m.group(0), json.dumps(fresh))
                 await ws.send(text)
                 known["mid"] = None
@@ -305,12 +320,20 @@ async def play(server, ex: Example) -> None:
                 if expected.get("type") == "message":
                     data = re.search(r'"data":(.*),"id":', line).group(1)
                     assert f'"data":{data},' in raw, f"data not passed byte for byte: {raw}"
-            elif line.startswith("POST "):
-                path, body = line[len("POST ") :].split(" ", 1)
-                assert path == "/api/v1/publish", path
-                r = await asyncio.to_thread(publish_raw, server, body, ADMIN_KEY)
-                assert r.status == 200, (r.status, r.body)
-                known["mid"] = r.json()["id"]
+            elif line.startswith(("POST ", "DELETE ")):
+                method, rest = line.split(" ", 1)
+                path, _, body = rest.partition(" ")
+                if known["conn"] is not None:
+                    path = path.replace(*known["conn"])  # the doc's conn is the welcome's
+                r = await asyncio.to_thread(
+                    http_request,
+                    method,
+                    server.api_url + path,
+                    body.encode() or None,
+                    {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
+                )
+                assert r.status in (200, 204), (method, path, r.status, r.body)
+                known["mid"] = r.json().get("id") if path == "/api/v1/publish" else None
             else:
                 raise AssertionError(f"example line not understood: {line!r}")
         if not closed:
@@ -321,7 +344,7 @@ async def play(server, ex: Example) -> None:
 
 @pytest.mark.parametrize("ex", EXAMPLES, ids=[e.name for e in EXAMPLES])
 def test_example_runs_against_the_server(servers, ex):
-    server = servers.start(config=example_config(ex.overrides))
+    server = servers.start(config=example_config(ex))
     run(play(server, ex))
 
 
@@ -401,3 +424,32 @@ ws.addEventListener("close", (e) => {
         proc.wait(timeout=10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_browser_offering_bearer_alone_aborts(server, tmp_path):
+    """Why the browser example offers `herald.v1`: the server selects it only when offered, and
+    a WHATWG WebSocket that offered subprotocols aborts when none is selected."""
+    script = tmp_path / "bearer_alone.js"
+    script.write_text(
+        """
+const ws = new WebSocket(process.argv[2], JSON.parse(process.argv[3]));
+let opened = false;
+const failed = () => { if (!opened) console.log("failed"); process.exit(0); };
+ws.onopen = () => { opened = true; console.log("open " + JSON.stringify(ws.protocol)); ws.close(); };
+ws.onerror = failed;
+ws.onclose = failed;
+"""
+    )
+    url = f"{server.ws_url}/ws/shop"
+    token = mint("alice")
+    node = node_with_websocket()
+    outcomes = []
+    for offered in (["bearer." + token], ["herald.v1", "bearer." + token]):
+        r = subprocess.run(
+            [*node, str(script), url, json.dumps(offered)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        outcomes.append(r.stdout.split("\n")[0])
+    assert outcomes == ["failed", 'open "herald.v1"'], outcomes
