@@ -14,6 +14,7 @@ import json
 import re
 import select
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -356,6 +357,29 @@ def test_examples_cover_every_op_and_error_code():
     for code in (unquote(r[0]) for r in table("Requests", "code")):
         assert f'"code":"{code}"' in got, f"no example shows the error `{code}`"
     assert any(line.startswith("< close ") for e in EXAMPLES for line in e.lines)
+
+
+REFUSALS = re.findall(r"<!-- refusal-example (.*?) -->\n```http\n(.*?)```\n", DOC, re.S)
+
+
+@pytest.mark.parametrize("settings,expected", REFUSALS, ids=[s for s, _ in REFUSALS])
+def test_refusal_example_is_the_server_answer(server, settings, expected):
+    project = re.search(r"project=(\w+)", settings).group(1)
+    claims = json.loads(re.search(r"token=(\{.*?\})(?: |$)", settings).group(1))
+    token, _ = token_for("shop", claims)
+    host, port = server.listen.rsplit(":", 1)
+    request = (
+        f"GET /ws/{project} HTTP/1.1\r\nHost: {server.listen}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request.encode())
+        while chunk := s.recv(65536):  # the server closes after its answer
+            answer += chunk
+    head, body = expected.rstrip("\n").split("\n\n", 1)
+    assert answer.decode() == head.replace("\n", "\r\n") + "\r\n\r\n" + body
 
 
 # --------------------------------------------------------------------------------------------
