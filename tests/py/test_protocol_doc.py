@@ -357,6 +357,8 @@ def test_examples_cover_every_op_and_error_code():
     for code in (unquote(r[0]) for r in table("Requests", "code")):
         assert f'"code":"{code}"' in got, f"no example shows the error `{code}`"
     assert any(line.startswith("< close ") for e in EXAMPLES for line in e.lines)
+    statuses = {int(re.match(r"HTTP/1.1 (\d+)", r).group(1)) for _, r in REFUSALS}
+    assert {401, 404} <= statuses, f"refusal examples: {statuses}"
 
 
 REFUSALS = re.findall(r"<!-- refusal-example (.*?) -->\n```http\n(.*?)```\n", DOC, re.S)
