@@ -19,7 +19,7 @@ use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    Config, ConfigError, KeyConfig, ProjectConfig, read_inline_or_file, read_secret,
+    Config, ConfigError, KeyConfig, ProjectConfig, read_api_key, read_inline_or_file, read_secret,
 };
 use crate::pubsub::ProjectId;
 use crate::store::State;
@@ -157,7 +157,7 @@ impl Registry {
         state: &State,
         prev: Option<&Registry>,
     ) -> Result<Self, RegistryError> {
-        let admin_key = read_secret("api.admin_key", &cfg.api.admin_key, &cfg.api.admin_key_file)?;
+        let admin_key = read_api_key("api.admin_key", &cfg.api.admin_key, &cfg.api.admin_key_file)?;
         let mut by_id: HashMap<Arc<str>, u32> = prev.map(|p| p.by_id.clone()).unwrap_or_default();
         let mut next = by_id.values().map(|i| i + 1).max().unwrap_or(0);
         let mut projects: Vec<Option<Arc<Project>>> = vec![None; next as usize];
@@ -247,7 +247,7 @@ impl Project {
             key: format!("{at}.id"),
             reason: e.to_string(),
         })?;
-        let api_key = read_secret(&format!("{at}.api_key"), &p.api_key, &p.api_key_file)?;
+        let api_key = read_api_key(&format!("{at}.api_key"), &p.api_key, &p.api_key_file)?;
         let key_err = |kid: String, source| RegistryError::Key {
             project: p.id.clone(),
             kid,
@@ -508,5 +508,33 @@ mod tests {
             project().verify(&format!("{h}.{c}.")),
             Err(AuthError::Malformed)
         );
+    }
+
+    /// API and admin keys have a minimum length too, inline or from a file.
+    #[test]
+    fn short_api_and_admin_keys_are_refused() {
+        let err = |cfg: &Config| Registry::from_config(cfg).err().map(|e| e.to_string());
+        let mut cfg = Config::development();
+        cfg.api.admin_key = Some(crate::config::Secret("fifteen-bytes!!".into()));
+        let e = err(&cfg).expect("short admin key refused");
+        assert!(
+            e.contains("api.admin_key") && e.contains("at least 16 bytes"),
+            "{e}"
+        );
+        let mut cfg = Config::development();
+        cfg.projects[0].api_key = Some(crate::config::Secret("short".into()));
+        let e = err(&cfg).expect("short api key refused");
+        assert!(e.contains("projects[0].api_key"), "{e}");
+        let file = std::env::temp_dir().join(format!("herald-key-{}", std::process::id()));
+        std::fs::write(&file, "short-key\n").unwrap();
+        let mut cfg = Config::development();
+        cfg.api.admin_key = None;
+        cfg.api.admin_key_file = Some(file.clone());
+        let e = err(&cfg).expect("short admin key file refused");
+        std::fs::remove_file(&file).unwrap();
+        assert!(e.contains("api.admin_key"), "{e}");
+        let mut cfg = Config::development();
+        cfg.projects[0].api_key = Some(crate::config::Secret("x".repeat(16)));
+        assert!(err(&cfg).is_none(), "16 bytes is enough");
     }
 }
