@@ -126,6 +126,29 @@ pub enum AuthError {
     /// A required claim is absent or a claim has the wrong value (`iss`, `aud`, `sub`).
     #[error("claim check failed: {0}")]
     Claim(&'static str),
+    /// `iat` later than now plus the project's leeway.
+    #[error("token issued in the future (iat)")]
+    IssuedInFuture,
+    /// A `sub` or `device` that could not be addressed as a topic (empty, too long, a control
+    /// character).
+    #[error("claim `{claim}` {reason}")]
+    BadId {
+        /// `sub` or `device`.
+        claim: &'static str,
+        /// The rule it breaks.
+        reason: crate::pubsub::NameError,
+    },
+}
+
+/// The claims as they are decoded: [`Claims`] plus the ones only checked here.
+#[derive(Deserialize)]
+struct Decoded {
+    #[serde(flatten)]
+    claims: Claims,
+    /// Issued-at (a NumericDate: integer or fractional seconds); `jsonwebtoken` does not check
+    /// it.
+    #[serde(default)]
+    iat: Option<serde_json::Value>,
 }
 
 /// Why a registry could not be built.
@@ -320,10 +343,11 @@ impl Project {
             if key.alg != header.alg {
                 continue;
             }
-            match jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation(key.alg)) {
+            match jsonwebtoken::decode::<Decoded>(token, &key.decoding, &self.validation(key.alg)) {
                 Ok(data) => {
+                    self.check_claims(&data.claims)?;
                     return Ok(Verified {
-                        claims: data.claims,
+                        claims: data.claims.claims,
                         kid: key.kid.clone(),
                     });
                 }
@@ -336,6 +360,26 @@ impl Project {
             }
         }
         Err(last)
+    }
+
+    /// What `jsonwebtoken` leaves to us: `iat` not in the future (beyond the leeway), and a
+    /// `sub` (and `device`) that names a reachable topic.
+    fn check_claims(&self, d: &Decoded) -> Result<(), AuthError> {
+        if let Some(iat) = &d.iat {
+            let iat = iat
+                .as_f64()
+                .filter(|t| t.is_finite())
+                .ok_or(AuthError::Claim("iat must be a number"))?;
+            if iat > now_secs().saturating_add(self.leeway_secs) as f64 {
+                return Err(AuthError::IssuedInFuture);
+            }
+        }
+        let bad = |claim| move |reason| AuthError::BadId { claim, reason };
+        crate::pubsub::check_id(&d.claims.sub).map_err(bad("sub"))?;
+        if let Some(device) = &d.claims.device {
+            crate::pubsub::check_id(device).map_err(bad("device"))?;
+        }
+        Ok(())
     }
 
     fn validation(&self, alg: Algorithm) -> Validation {
@@ -536,5 +580,63 @@ mod tests {
         let mut cfg = Config::development();
         cfg.projects[0].api_key = Some(crate::config::Secret("x".repeat(16)));
         assert!(err(&cfg).is_none(), "16 bytes is enough");
+    }
+
+    fn signed(claims: &serde_json::Value) -> String {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("dev".into());
+        let key = jsonwebtoken::EncodingKey::from_secret(crate::config::DEV_SECRET.as_bytes());
+        jsonwebtoken::encode(&header, claims, &key).unwrap()
+    }
+
+    /// `iat` is honoured: later than now plus the leeway (30 s) is refused; a non-number too.
+    #[test]
+    fn iat_in_the_future_is_refused() {
+        use serde_json::json;
+        let p = project();
+        let (now, exp) = (now_secs(), now_secs() + 600);
+        for (iat, want) in [
+            (json!(now), Ok(())),
+            (json!(now + 20), Ok(())),
+            (json!(now as f64 + 0.5), Ok(())),
+            (json!(now + 120), Err(AuthError::IssuedInFuture)),
+            (json!(1e300), Err(AuthError::IssuedInFuture)),
+            (json!("soon"), Err(AuthError::Claim("iat must be a number"))),
+        ] {
+            let t = signed(&json!({"sub": "42", "exp": exp, "iat": iat}));
+            assert_eq!(p.verify(&t).map(|_| ()), want, "iat {iat}");
+        }
+    }
+
+    /// A `sub` (or `device`) that could not be addressed is refused at the handshake.
+    #[test]
+    fn unaddressable_ids_are_refused() {
+        use crate::pubsub::NameError;
+        use serde_json::json;
+        let p = project();
+        let exp = now_secs() + 600;
+        let long = "x".repeat(crate::pubsub::MAX_ID_BYTES + 1);
+        for (sub, want) in [
+            ("", Some(NameError::IdLength)),
+            (long.as_str(), Some(NameError::IdLength)),
+            ("a\u{0}b", Some(NameError::Control('\0'))),
+            ("a\nb", Some(NameError::Control('\n'))),
+            ("auth0|5f1c", None),
+            ("alice@example.com", None),
+            ("José", None),
+        ] {
+            let t = signed(&json!({"sub": sub, "exp": exp}));
+            let got = p.verify(&t).err();
+            let want = want.map(|reason| AuthError::BadId {
+                claim: "sub",
+                reason,
+            });
+            assert_eq!(got, want, "sub {sub:?}");
+        }
+        let t = signed(&json!({"sub": "a", "exp": exp, "device": ""}));
+        assert_eq!(
+            p.verify(&t).err().map(|e| e.to_string()),
+            Some("claim `device` must be 1 to 256 bytes of UTF-8".into())
+        );
     }
 }
