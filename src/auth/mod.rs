@@ -406,11 +406,29 @@ impl Project {
         v
     }
 
-    /// Mints a token with the first HMAC key (for `herald token` and tests).
+    /// Mints a token with the first HMAC key (for `herald token` and tests): `claims` plus
+    /// `iat` (now) and the project's `iss` and `aud` when it requires them, so the project
+    /// accepts it.
     ///
     /// # Errors
     /// The project has no HMAC key.
     pub fn mint(&self, claims: &Claims) -> Result<String, String> {
+        #[derive(Serialize)]
+        struct Minted<'a> {
+            #[serde(flatten)]
+            claims: &'a Claims,
+            iat: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            iss: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            aud: Option<&'a str>,
+        }
+        let minted = Minted {
+            claims,
+            iat: now_secs(),
+            iss: self.issuer.as_deref(),
+            aud: self.audience.as_deref(),
+        };
         let key = self
             .keys
             .iter()
@@ -419,7 +437,7 @@ impl Project {
         let mut header = Header::new(key.alg);
         header.kid = key.kid.as_deref().map(str::to_owned);
         let enc = key.encoding.as_ref().expect("filtered on encoding above");
-        jsonwebtoken::encode(&header, claims, enc).map_err(|e| e.to_string())
+        jsonwebtoken::encode(&header, &minted, enc).map_err(|e| e.to_string())
     }
 
     /// Whether the `Origin` header is acceptable.
@@ -638,5 +656,18 @@ mod tests {
             p.verify(&t).err().map(|e| e.to_string()),
             Some("claim `device` must be 1 to 256 bytes of UTF-8".into())
         );
+    }
+
+    /// A minted token carries the project's `iss` and `aud`, so a project requiring them
+    /// accepts it.
+    #[test]
+    fn minted_tokens_satisfy_issuer_and_audience() {
+        let mut cfg = Config::development();
+        cfg.projects[0].issuer = Some("https://issuer.example".into());
+        cfg.projects[0].audience = Some("herald".into());
+        let r = Registry::from_config(&cfg).unwrap();
+        let p = r.project("demo").unwrap();
+        let c = claims(Some(now_secs() + 60));
+        assert_eq!(p.verify(&p.mint(&c).unwrap()).unwrap().claims, c);
     }
 }
