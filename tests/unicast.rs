@@ -24,6 +24,28 @@ fn subjects() -> Vec<String> {
     .collect()
 }
 
+/// `GET /api/v1/connections?project=shop&user=<user>` (percent-encoded).
+fn list_user(server: &TestServer, user: &str) -> HttpResponse {
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("project", "shop")
+        .append_pair("user", user)
+        .finish();
+    let path = format!("/api/v1/connections?{query}");
+    http_request(server.api, "GET", &path, SHOP_API_KEY, "")
+}
+
+/// `POST /api/v1/disconnect {"project":"shop","user":<user>}`.
+fn disconnect_user(server: &TestServer, user: &str) -> HttpResponse {
+    let body = json!({"project": "shop", "user": user}).to_string();
+    http_request(
+        server.api,
+        "POST",
+        "/api/v1/disconnect",
+        SHOP_API_KEY,
+        &body,
+    )
+}
+
 #[test]
 fn every_accepted_sub_is_reachable_and_can_be_disconnected() {
     let server = TestServer::start(|_| {});
@@ -52,17 +74,7 @@ fn every_accepted_sub_is_reachable_and_can_be_disconnected() {
         );
         assert_eq!(text, exact, "{sub}");
 
-        let query: String = form_urlencoded::Serializer::new(String::new())
-            .append_pair("project", "shop")
-            .append_pair("user", sub)
-            .finish();
-        let r = http_request(
-            server.api,
-            "GET",
-            &format!("/api/v1/connections?{query}"),
-            SHOP_API_KEY,
-            "",
-        );
+        let r = list_user(&server, sub);
         assert_eq!(r.status, 200, "{sub}: {}", r.text());
         let listed = r.json()["connections"].as_array().expect("array").clone();
         assert_eq!(listed.len(), 1, "{sub}: {listed:?}");
@@ -75,14 +87,7 @@ fn every_accepted_sub_is_reachable_and_can_be_disconnected() {
     );
 
     for (sub, ws) in subs.iter().zip(clients.iter_mut()) {
-        let body = json!({"project": "shop", "user": sub}).to_string();
-        let r = http_request(
-            server.api,
-            "POST",
-            "/api/v1/disconnect",
-            SHOP_API_KEY,
-            &body,
-        );
+        let r = disconnect_user(&server, sub);
         assert_eq!(r.status, 200, "{sub}: {}", r.text());
         assert_eq!(r.json(), json!({ "disconnected": 1 }), "{sub}");
         assert_eq!(expect_close(ws).0, 4003, "{sub}");
@@ -105,6 +110,13 @@ fn user_topics_no_sub_could_have_are_400() {
     ] {
         let body = json!({"project": "shop", "topic": topic, "data": 1}).to_string();
         let r = publish(server.api, SHOP_API_KEY, &body);
+        assert_refusal(&r, 400, "bad_request");
+        let m = r.json()["message"].as_str().unwrap_or_default().to_owned();
+        assert!(m.contains(rule), "{topic:?}: {m}");
+        // The same user named to disconnect or list is refused the same way.
+        let user = &topic["user.".len()..];
+        assert_refusal(&disconnect_user(&server, user), 400, "bad_request");
+        let r = list_user(&server, user);
         assert_refusal(&r, 400, "bad_request");
         let m = r.json()["message"].as_str().unwrap_or_default().to_owned();
         assert!(m.contains(rule), "{topic:?}: {m}");
