@@ -235,7 +235,7 @@ pub struct ProjectConfig {
     pub keys: Vec<KeyConfig>,
     /// Refuse tokens without `exp`. Default true.
     pub require_exp: bool,
-    /// Clock leeway for `exp`/`nbf`, in seconds. Default 30.
+    /// Clock leeway for `exp`/`nbf`/`iat`, in seconds, at most 300. Default 30.
     pub leeway_secs: u64,
     /// When set, tokens must carry this `iss`.
     pub issuer: Option<String>,
@@ -582,8 +582,33 @@ impl Config {
                 "set admin_key or admin_key_file, not both",
             ));
         }
-        if ws.heartbeat_interval_ms > 1_800_000 {
-            return Err(invalid("ws.heartbeat_interval_ms", "at most 30 minutes"));
+        let ranges_ms = [
+            (
+                "ws.heartbeat_interval_ms",
+                ws.heartbeat_interval_ms,
+                100,
+                1_800_000,
+            ),
+            (
+                "ws.handshake_timeout_ms",
+                ws.handshake_timeout_ms,
+                100,
+                300_000,
+            ),
+            (
+                "server.drain_timeout_ms",
+                self.server.drain_timeout_ms,
+                0,
+                3_600_000,
+            ),
+        ];
+        for (key, v, min, max) in ranges_ms {
+            if !(min..=max).contains(&v) {
+                return Err(invalid(
+                    key,
+                    format!("must be {min} to {max} milliseconds (is {v})"),
+                ));
+            }
         }
         let l = &self.limits;
         if l.messages_per_conn_per_sec > 1_000_000 {
@@ -625,6 +650,9 @@ impl Config {
     }
 }
 
+/// Largest `projects[].leeway_secs`: more would let a token outlive its `exp` by too much.
+pub const MAX_LEEWAY_SECS: u64 = 300;
+
 /// Checks one project's settings; `at` names it in errors (e.g. `projects[2]`).
 ///
 /// # Errors
@@ -636,6 +664,12 @@ pub fn validate_project(at: &str, p: &ProjectConfig) -> Result<(), ConfigError> 
         return Err(invalid(
             format!("{at}.api_key"),
             "set api_key or api_key_file, not both",
+        ));
+    }
+    if p.leeway_secs > MAX_LEEWAY_SECS {
+        return Err(invalid(
+            format!("{at}.leeway_secs"),
+            format!("at most {MAX_LEEWAY_SECS} seconds (is {})", p.leeway_secs),
         ));
     }
     let mut kids = std::collections::HashSet::new();
@@ -707,6 +741,34 @@ pub fn read_inline_or_file(
         }
         (None, None) => Ok(None),
     }
+}
+
+/// Shortest API or admin key, in bytes: a bearer key is the whole credential, so it must not
+/// be guessable. (`herald genconfig` makes 32-byte keys; the development admin key has 16.)
+pub const MIN_API_KEY_BYTES: usize = 16;
+
+/// Reads an API or admin key given inline or by file, and checks its length.
+///
+/// # Errors
+/// As [`read_secret`], or the key is shorter than [`MIN_API_KEY_BYTES`].
+pub fn read_api_key(
+    key: &str,
+    inline: &Option<Secret>,
+    file: &Option<PathBuf>,
+) -> Result<Option<String>, ConfigError> {
+    let k = read_secret(key, inline, file)?;
+    if let Some(k) = &k
+        && k.len() < MIN_API_KEY_BYTES
+    {
+        return Err(invalid(
+            key,
+            format!(
+                "API keys must be at least {MIN_API_KEY_BYTES} bytes (this one has {})",
+                k.len()
+            ),
+        ));
+    }
+    Ok(k)
 }
 
 /// Reads a secret given inline or by file.
@@ -969,6 +1031,50 @@ mod tests {
         c.ws.heartbeat_interval_ms = 1_800_001;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("ws.heartbeat_interval_ms"), "{err}");
+    }
+
+    /// A huge leeway made every token expired (`now - leeway` wrapped); deadlines out of any
+    /// sane range are refused too, each naming its key.
+    #[test]
+    fn leeway_and_deadlines_are_bounded() {
+        type Tweak = fn(&mut Config);
+        let cases: [(Tweak, &str); 6] = [
+            (
+                |c| c.projects[0].leeway_secs = u64::MAX,
+                "projects[0].leeway_secs",
+            ),
+            (
+                |c| c.projects[0].leeway_secs = 301,
+                "projects[0].leeway_secs",
+            ),
+            (
+                |c| c.ws.handshake_timeout_ms = 300_001,
+                "ws.handshake_timeout_ms",
+            ),
+            (
+                |c| c.ws.handshake_timeout_ms = 99,
+                "ws.handshake_timeout_ms",
+            ),
+            (
+                |c| c.ws.heartbeat_interval_ms = 99,
+                "ws.heartbeat_interval_ms",
+            ),
+            (
+                |c| c.server.drain_timeout_ms = 3_600_001,
+                "server.drain_timeout_ms",
+            ),
+        ];
+        for (tweak, key) in cases {
+            let mut c = Config::development();
+            tweak(&mut c);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let mut c = Config::development();
+        c.projects[0].leeway_secs = 300;
+        c.ws.handshake_timeout_ms = 300_000;
+        c.server.drain_timeout_ms = 3_600_000;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -183,9 +183,10 @@ impl std::fmt::Debug for Hub {
 /// The delivery frame of protocol.md; `data` is copied byte for byte.
 pub fn message_frame(topic: &str, data: &str, id: &str, ts: u64) -> Bytes {
     let mut json = String::with_capacity(64 + topic.len() + data.len() + id.len());
-    json.push_str("{\"type\":\"message\",\"topic\":\"");
-    json.push_str(topic); // topic characters never need escaping
-    json.push_str("\",\"data\":");
+    json.push_str("{\"type\":\"message\",\"topic\":");
+    // A `user.<sub>` topic may hold any character but a control one, `"` and `\\` included.
+    json.push_str(&serde_json::to_string(topic).expect("strings always serialise"));
+    json.push_str(",\"data\":");
     json.push_str(data);
     json.push_str(",\"id\":\"");
     json.push_str(id);
@@ -207,5 +208,12 @@ mod tests {
             text,
             r#"{"type":"message","topic":"news","data":{"b": 1,  "a":[1.50]},"id":"x-1","ts":7}"#
         );
+    }
+
+    #[test]
+    fn message_frame_escapes_a_user_topic() {
+        let f = message_frame(r#"user.a"b\é"#, "1", "x-1", 7);
+        let v: serde_json::Value = serde_json::from_slice(&f[2..]).unwrap();
+        assert_eq!(v["topic"], r#"user.a"b\é"#);
     }
 }

@@ -42,7 +42,8 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
-    /// Print a JWT signed with the project's first HMAC key.
+    /// Print a JWT the server accepts, signed with the project's first HMAC key (projects and
+    /// keys made through the API included).
     Token {
         /// Project id.
         #[arg(long)]
@@ -62,6 +63,10 @@ enum Command {
         /// TOML config file (default: the embedded development default).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// State directory holding the projects and keys made through the API (default: the
+        /// server's, i.e. server.state_dir or its default).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Print a commented production config with fresh random secrets.
     Genconfig,
@@ -187,15 +192,20 @@ fn main() -> ExitCode {
             topics,
             device,
             config,
+            state_dir,
         } => {
             let (cfg, _) = match load_or_report(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            let state_dir = state_dir
+                .or_else(|| cfg.server.state_dir.clone())
+                .unwrap_or_else(herald::store::default_dir);
             let registry = match cfg
                 .validate()
                 .map_err(|e| e.to_string())
-                .and_then(|()| Registry::from_config(&cfg).map_err(|e| e.to_string()))
+                .and_then(|()| herald::store::read_state(&state_dir).map_err(|e| e.to_string()))
+                .and_then(|state| Registry::build(&cfg, &state, None).map_err(|e| e.to_string()))
             {
                 Ok(r) => r,
                 Err(e) => {
@@ -204,9 +214,16 @@ fn main() -> ExitCode {
                 }
             };
             let Some(p) = registry.project(&project) else {
-                eprintln!("herald: no project `{project}` in the config");
+                eprintln!(
+                    "herald: no project `{project}` in the config or in {}",
+                    state_dir.join(herald::store::STATE_FILE).display()
+                );
                 return ExitCode::from(2);
             };
+            if let Err(e) = herald::pubsub::check_id(&sub) {
+                eprintln!("herald: --sub {e}");
+                return ExitCode::from(2);
+            }
             let claims = Claims {
                 sub,
                 exp: Some(now_secs() + ttl),

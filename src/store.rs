@@ -101,6 +101,65 @@ pub fn default_dir() -> PathBuf {
     PathBuf::from("herald-state")
 }
 
+/// Reads the state document of `dir` without locking it (for tools such as `herald token`
+/// beside a running server; the document is replaced atomically, so a read sees a whole one).
+/// No document yet is the empty state. A document that is not a JSON object, or that was
+/// written by a newer herald (`version` above [`STATE_VERSION`]), is refused rather than read
+/// as empty or half understood.
+///
+/// # Errors
+/// [`StoreError::Io`] or [`StoreError::Corrupt`].
+pub fn read_state(dir: &Path) -> Result<State, StoreError> {
+    let path = dir.join(STATE_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(State::default()),
+        Err(source) => {
+            return Err(StoreError::Io {
+                dir: dir.to_owned(),
+                source,
+            });
+        }
+    };
+    let corrupt = |message: String| StoreError::Corrupt {
+        path: path.clone(),
+        message,
+    };
+    // Parsed as a value first: serde reads a struct from an array too (`[]` would be an empty
+    // state), and the version must be checked before the fields it governs.
+    let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+    let Some(root) = doc.as_object() else {
+        return Err(corrupt(format!(
+            "the document must be a JSON object, not {}",
+            json_kind(&doc)
+        )));
+    };
+    if let Some(v) = root.get("version") {
+        match v.as_u64() {
+            Some(v) if v <= u64::from(STATE_VERSION) => {}
+            Some(v) => {
+                return Err(corrupt(format!(
+                    "version {v} was written by a newer herald (this one reads up to \
+                     {STATE_VERSION})"
+                )));
+            }
+            None => return Err(corrupt(format!("`version` must be an integer, not {v}"))),
+        }
+    }
+    serde_json::from_value(doc).map_err(|e| corrupt(e.to_string()))
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
 impl Store {
     /// Opens (creating it, mode 0700) and locks the state directory.
     ///
@@ -144,21 +203,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::Io`] or [`StoreError::Corrupt`].
     pub fn load(&self) -> Result<State, StoreError> {
-        let path = self.dir.join(STATE_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(State::default()),
-            Err(source) => {
-                return Err(StoreError::Io {
-                    dir: self.dir.clone(),
-                    source,
-                });
-            }
-        };
-        serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
-            path,
-            message: e.to_string(),
-        })
+        read_state(&self.dir)
     }
 
     /// Replaces the state atomically and durably.
@@ -227,5 +272,36 @@ mod tests {
         assert_eq!(s.load().unwrap().projects, st.projects);
         std::fs::write(d.join(STATE_FILE), b"{half").unwrap();
         assert!(matches!(s.load(), Err(StoreError::Corrupt { .. })));
+    }
+
+    /// A root that is not an object, or a version from the future, is refused (naming the
+    /// file and what is wrong), not read as an empty state; the file is left as it is.
+    #[test]
+    fn non_object_root_and_future_version_are_refused() {
+        let d = tmp();
+        let s = Store::open(&d).unwrap();
+        for (doc, says) in [
+            ("[]", "must be a JSON object, not an array"),
+            (r#"[{"version":1}]"#, "not an array"),
+            ("null", "not null"),
+            ("7", "not a number"),
+            (
+                r#"{"version":2,"projects":{}}"#,
+                "version 2 was written by a newer herald",
+            ),
+            (r#"{"version":"1"}"#, "`version` must be an integer"),
+        ] {
+            std::fs::write(d.join(STATE_FILE), doc).unwrap();
+            let err = s.load().unwrap_err().to_string();
+            assert!(
+                err.contains(says) && err.contains(STATE_FILE),
+                "{doc}: {err}"
+            );
+            assert_eq!(std::fs::read_to_string(d.join(STATE_FILE)).unwrap(), doc);
+        }
+        std::fs::write(d.join(STATE_FILE), r#"{"version":1,"projects":{}}"#).unwrap();
+        assert_eq!(s.load().unwrap().version, 1);
+        std::fs::write(d.join(STATE_FILE), "{}").unwrap();
+        assert_eq!(s.load().unwrap(), State::default());
     }
 }

@@ -228,3 +228,84 @@ fn handshake_deadline_drops_slow_and_silent_sockets() {
     // A prompt client is unaffected by the short deadline.
     let (_ws, _) = connect_user(server.listen, "shop", "alice");
 }
+
+/// A `sub` that could not be addressed as `user.<sub>` (empty, over 256 bytes, a control
+/// character) and an `iat` later than now plus the leeway are refused with 401 and a reason.
+#[test]
+fn unaddressable_sub_and_future_iat_are_401() {
+    let server = TestServer::start(|_| {});
+    let exp = now_secs() + 3600;
+    let long = "x".repeat(257);
+    let cases = [
+        (
+            json!({"sub": "", "exp": exp}),
+            "claim `sub` must be 1 to 256 bytes of UTF-8",
+        ),
+        (
+            json!({"sub": long, "exp": exp}),
+            "claim `sub` must be 1 to 256 bytes of UTF-8",
+        ),
+        (
+            json!({"sub": "a\u{7}b", "exp": exp}),
+            "claim `sub` control character '\\u{7}' is not allowed",
+        ),
+        (
+            json!({"sub": "alice", "exp": exp, "iat": now_secs() + 600}),
+            "token issued in the future (iat)",
+        ),
+    ];
+    for (claims, message) in &cases {
+        let header = format!("Authorization: Bearer {}\r\n", mint("shop", claims));
+        let r = http(
+            server.listen,
+            upgrade_request("/ws/shop", &header).as_bytes(),
+        );
+        assert_refusal(&r, 401, "unauthorized");
+        assert_eq!(r.json()["message"], *message, "{claims}");
+    }
+    // Within the leeway (30 s) an iat ahead of the clock is fine.
+    let t = mint(
+        "shop",
+        &json!({"sub": "alice", "exp": exp, "iat": now_secs() + 10}),
+    );
+    let (ws, w) = connect(server.listen, "shop", &t);
+    assert!(w.text.contains(r#""user":"alice""#), "{}", w.text);
+    close(ws);
+}
+
+/// Two tokens are ambiguous (which one wins differed by transport): two Authorization
+/// headers, two `token` parameters (also when one key is percent-encoded), two `bearer.`
+/// subprotocols, or tokens in two places are refused with 400 before any token is read.
+#[test]
+fn several_tokens_are_400() {
+    let server = TestServer::start(|_| {});
+    let (a, _) = token("shop", "alice");
+    let (b, _) = token("shop", "bob");
+    let cases = [
+        (
+            "/ws/shop".to_owned(),
+            format!("Authorization: Bearer {a}\r\nAuthorization: Bearer {b}\r\n"),
+        ),
+        (format!("/ws/shop?token={a}&token={b}"), String::new()),
+        (format!("/ws/shop?token={a}&%74oken={b}"), String::new()),
+        (format!("/ws/shop?token={a}&token={a}"), String::new()),
+        (
+            "/ws/shop".to_owned(),
+            format!("Sec-WebSocket-Protocol: herald.v1, bearer.{a}, bearer.{b}\r\n"),
+        ),
+        (
+            format!("/ws/shop?token={a}"),
+            format!("Authorization: Bearer {a}\r\n"),
+        ),
+    ];
+    for (path, headers) in &cases {
+        let r = http(server.listen, upgrade_request(path, headers).as_bytes());
+        assert_refusal(&r, 400, "bad_request");
+        let m = r.json()["message"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            m.contains("send exactly one") || m.contains("send it in exactly one"),
+            "{m}"
+        );
+    }
+    assert_eq!(server.nr_connections(), 0);
+}

@@ -155,8 +155,8 @@ pub(super) async fn list(
         None => None,
     };
     let user = match user {
-        Some(u) if u.is_empty() => return Err(ApiError::bad_request("`user` is empty")),
-        u => u.map(Box::<str>::from),
+        Some(u) => Some(Box::<str>::from(checked_user(u)?)),
+        None => None,
     };
     let limit = match limit {
         None => DEFAULT_LIMIT,
@@ -254,6 +254,15 @@ pub(super) async fn kick(
     }
 }
 
+/// A `user` as the API names one: the token's `sub`, byte for byte, under the rule the
+/// handshake applies to it (so a user no token can carry is a 400, not an empty answer).
+fn checked_user(user: String) -> Result<String, ApiError> {
+    match crate::pubsub::check_id(&user) {
+        Ok(()) => Ok(user),
+        Err(e) => Err(ApiError::bad_request(format!("`user` {e}"))),
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DisconnectBody {
@@ -273,11 +282,8 @@ pub(super) async fn disconnect(
     let bytes = body(req, settings.max_body_bytes).await?;
     let b: DisconnectBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid disconnect body: {e}")))?;
-    if b.user.is_empty() {
-        return Err(ApiError::bad_request("`user` is empty"));
-    }
+    let user: Box<str> = checked_user(b.user)?.into();
     let project = project_scope(hub, who, Some(&b.project))?.expect("a named project resolves");
-    let user: Box<str> = b.user.into();
     // Every shard gets the order before any answer is awaited, so they close concurrently.
     let mut replies = Vec::with_capacity(hub.nr_shards());
     for shard in 0..hub.nr_shards() {

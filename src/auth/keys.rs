@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 /// Largest key document accepted (a PEM, a JWK or a JWKS), in bytes.
 pub const MAX_KEY_BYTES: usize = 64 * 1024;
 
+/// Shortest HMAC key, in bytes, whatever form it comes in (a secret in the config or the API,
+/// or the decoded `k` of an `oct` JWK): shorter keys are guessable offline from one token.
+pub const MIN_HMAC_BYTES: usize = 16;
+
 /// Why a key was refused. The message is safe to return and log: it never contains the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
@@ -39,6 +43,9 @@ pub enum KeyError {
     /// Over [`MAX_KEY_BYTES`].
     #[error("key document over {MAX_KEY_BYTES} bytes")]
     TooLarge,
+    /// An HMAC key under [`MIN_HMAC_BYTES`] (an empty one included).
+    #[error("HMAC keys must be at least {MIN_HMAC_BYTES} bytes (this one has {0})")]
+    ShortHmac(usize),
 }
 
 /// A key as given: serialisable, so the state store can keep what the API registered.
@@ -121,14 +128,10 @@ impl Key {
                     spec.alg
                 )));
             }
-            if secret.len() < 16 {
-                return Err(KeyError::Mismatch(
-                    "HMAC secrets must be at least 16 bytes".into(),
-                ));
-            }
             if secret.len() > MAX_KEY_BYTES {
                 return Err(KeyError::TooLarge);
             }
+            check_hmac_len(secret.len())?;
             (
                 DecodingKey::from_secret(secret.as_bytes()),
                 Some(EncodingKey::from_secret(secret.as_bytes())),
@@ -165,6 +168,9 @@ impl Key {
                     spec.alg
                 )));
             }
+            if family == AlgorithmFamily::Hmac {
+                check_hmac_len(key.try_get_as_bytes().map_or(0, <[u8]>::len))?;
+            }
             probe(&key, alg).map_err(|e| KeyError::BadJwk(e.to_string()))?;
             let encoding = match &jwk.algorithm {
                 AlgorithmParameters::OctetKey(_) => {
@@ -181,6 +187,14 @@ impl Key {
             encoding,
         })
     }
+}
+
+/// The one minimum every HMAC key meets, whatever form it was given in.
+fn check_hmac_len(len: usize) -> Result<(), KeyError> {
+    if len < MIN_HMAC_BYTES {
+        return Err(KeyError::ShortHmac(len));
+    }
+    Ok(())
 }
 
 /// A dummy verification: errors when the key material cannot be used with `alg`.
@@ -281,10 +295,10 @@ mod tests {
             secret: Some("short".into()),
             ..spec("HS256")
         };
-        assert!(matches!(
-            Key::from_spec(None, &short),
-            Err(KeyError::Mismatch(_))
-        ));
+        assert_eq!(
+            Key::from_spec(None, &short).err(),
+            Some(KeyError::ShortHmac(5))
+        );
         let rs_secret = KeySpec {
             secret: Some("0123456789abcdef".into()),
             ..spec("RS256")
@@ -344,5 +358,60 @@ mod tests {
             "x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
         assert_eq!(parse_jwks(no_kid).err(), Some(KeyError::JwksWithoutKid(0)));
         assert!(matches!(parse_jwks("{}"), Err(KeyError::BadJwk(_))));
+    }
+
+    /// The HMAC minimum holds for a JWK too: bare, inside `{"alg","jwk"}`, or in a JWKS,
+    /// and an empty `k` is no exception.
+    #[test]
+    fn hmac_minimum_applies_to_every_form() {
+        use base64::Engine;
+        let b64 = |k: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(k);
+        let oct = |k: &[u8]| -> Jwk {
+            serde_json::from_value(serde_json::json!({"kty":"oct","alg":"HS256","k": b64(k)}))
+                .unwrap()
+        };
+        for (len, expect) in [
+            (0, Some(KeyError::ShortHmac(0))),
+            (8, Some(KeyError::ShortHmac(8))),
+        ]
+        .into_iter()
+        .chain([(15, Some(KeyError::ShortHmac(15))), (16, None)])
+        {
+            let k = vec![b'k'; len];
+            let bare = spec_from_jwk(oct(&k)).unwrap();
+            assert_eq!(
+                Key::from_spec(Some("j"), &bare).err(),
+                expect,
+                "bare JWK, {len} bytes"
+            );
+            let wrapped = KeySpec {
+                jwk: Some(oct(&k)),
+                ..spec("HS256")
+            };
+            assert_eq!(
+                Key::from_spec(Some("j"), &wrapped).err(),
+                expect,
+                "alg+jwk, {len} bytes"
+            );
+            let doc = format!(
+                r#"{{"keys":[{{"kty":"oct","alg":"HS256","kid":"j","k":"{}"}}]}}"#,
+                b64(&k)
+            );
+            let (_, from_set) = parse_jwks(&doc).unwrap().pop().unwrap();
+            assert_eq!(
+                Key::from_spec(Some("j"), &from_set).err(),
+                expect,
+                "JWKS, {len} bytes"
+            );
+            let secret = KeySpec {
+                secret: Some(String::from_utf8(k).unwrap()),
+                ..spec("HS256")
+            };
+            assert_eq!(
+                Key::from_spec(Some("j"), &secret).err(),
+                expect,
+                "secret, {len} bytes"
+            );
+        }
     }
 }

@@ -19,7 +19,7 @@ use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    Config, ConfigError, KeyConfig, ProjectConfig, read_inline_or_file, read_secret,
+    Config, ConfigError, KeyConfig, ProjectConfig, read_api_key, read_inline_or_file, read_secret,
 };
 use crate::pubsub::ProjectId;
 use crate::store::State;
@@ -126,6 +126,29 @@ pub enum AuthError {
     /// A required claim is absent or a claim has the wrong value (`iss`, `aud`, `sub`).
     #[error("claim check failed: {0}")]
     Claim(&'static str),
+    /// `iat` later than now plus the project's leeway.
+    #[error("token issued in the future (iat)")]
+    IssuedInFuture,
+    /// A `sub` or `device` that could not be addressed as a topic (empty, too long, a control
+    /// character).
+    #[error("claim `{claim}` {reason}")]
+    BadId {
+        /// `sub` or `device`.
+        claim: &'static str,
+        /// The rule it breaks.
+        reason: crate::pubsub::NameError,
+    },
+}
+
+/// The claims as they are decoded: [`Claims`] plus the ones only checked here.
+#[derive(Deserialize)]
+struct Decoded {
+    #[serde(flatten)]
+    claims: Claims,
+    /// Issued-at (a NumericDate: integer or fractional seconds); `jsonwebtoken` does not check
+    /// it.
+    #[serde(default)]
+    iat: Option<serde_json::Value>,
 }
 
 /// Why a registry could not be built.
@@ -157,7 +180,7 @@ impl Registry {
         state: &State,
         prev: Option<&Registry>,
     ) -> Result<Self, RegistryError> {
-        let admin_key = read_secret("api.admin_key", &cfg.api.admin_key, &cfg.api.admin_key_file)?;
+        let admin_key = read_api_key("api.admin_key", &cfg.api.admin_key, &cfg.api.admin_key_file)?;
         let mut by_id: HashMap<Arc<str>, u32> = prev.map(|p| p.by_id.clone()).unwrap_or_default();
         let mut next = by_id.values().map(|i| i + 1).max().unwrap_or(0);
         let mut projects: Vec<Option<Arc<Project>>> = vec![None; next as usize];
@@ -247,7 +270,7 @@ impl Project {
             key: format!("{at}.id"),
             reason: e.to_string(),
         })?;
-        let api_key = read_secret(&format!("{at}.api_key"), &p.api_key, &p.api_key_file)?;
+        let api_key = read_api_key(&format!("{at}.api_key"), &p.api_key, &p.api_key_file)?;
         let key_err = |kid: String, source| RegistryError::Key {
             project: p.id.clone(),
             kid,
@@ -320,10 +343,11 @@ impl Project {
             if key.alg != header.alg {
                 continue;
             }
-            match jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation(key.alg)) {
+            match jsonwebtoken::decode::<Decoded>(token, &key.decoding, &self.validation(key.alg)) {
                 Ok(data) => {
+                    self.check_claims(&data.claims)?;
                     return Ok(Verified {
-                        claims: data.claims,
+                        claims: data.claims.claims,
                         kid: key.kid.clone(),
                     });
                 }
@@ -336,6 +360,26 @@ impl Project {
             }
         }
         Err(last)
+    }
+
+    /// What `jsonwebtoken` leaves to us: `iat` not in the future (beyond the leeway), and a
+    /// `sub` (and `device`) that names a reachable topic.
+    fn check_claims(&self, d: &Decoded) -> Result<(), AuthError> {
+        if let Some(iat) = &d.iat {
+            let iat = iat
+                .as_f64()
+                .filter(|t| t.is_finite())
+                .ok_or(AuthError::Claim("iat must be a number"))?;
+            if iat > now_secs().saturating_add(self.leeway_secs) as f64 {
+                return Err(AuthError::IssuedInFuture);
+            }
+        }
+        let bad = |claim| move |reason| AuthError::BadId { claim, reason };
+        crate::pubsub::check_id(&d.claims.sub).map_err(bad("sub"))?;
+        if let Some(device) = &d.claims.device {
+            crate::pubsub::check_id(device).map_err(bad("device"))?;
+        }
+        Ok(())
     }
 
     fn validation(&self, alg: Algorithm) -> Validation {
@@ -362,11 +406,29 @@ impl Project {
         v
     }
 
-    /// Mints a token with the first HMAC key (for `herald token` and tests).
+    /// Mints a token with the first HMAC key (for `herald token` and tests): `claims` plus
+    /// `iat` (now) and the project's `iss` and `aud` when it requires them, so the project
+    /// accepts it.
     ///
     /// # Errors
     /// The project has no HMAC key.
     pub fn mint(&self, claims: &Claims) -> Result<String, String> {
+        #[derive(Serialize)]
+        struct Minted<'a> {
+            #[serde(flatten)]
+            claims: &'a Claims,
+            iat: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            iss: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            aud: Option<&'a str>,
+        }
+        let minted = Minted {
+            claims,
+            iat: now_secs(),
+            iss: self.issuer.as_deref(),
+            aud: self.audience.as_deref(),
+        };
         let key = self
             .keys
             .iter()
@@ -375,7 +437,7 @@ impl Project {
         let mut header = Header::new(key.alg);
         header.kid = key.kid.as_deref().map(str::to_owned);
         let enc = key.encoding.as_ref().expect("filtered on encoding above");
-        jsonwebtoken::encode(&header, claims, enc).map_err(|e| e.to_string())
+        jsonwebtoken::encode(&header, &minted, enc).map_err(|e| e.to_string())
     }
 
     /// Whether the `Origin` header is acceptable.
@@ -508,5 +570,104 @@ mod tests {
             project().verify(&format!("{h}.{c}.")),
             Err(AuthError::Malformed)
         );
+    }
+
+    /// API and admin keys have a minimum length too, inline or from a file.
+    #[test]
+    fn short_api_and_admin_keys_are_refused() {
+        let err = |cfg: &Config| Registry::from_config(cfg).err().map(|e| e.to_string());
+        let mut cfg = Config::development();
+        cfg.api.admin_key = Some(crate::config::Secret("fifteen-bytes!!".into()));
+        let e = err(&cfg).expect("short admin key refused");
+        assert!(
+            e.contains("api.admin_key") && e.contains("at least 16 bytes"),
+            "{e}"
+        );
+        let mut cfg = Config::development();
+        cfg.projects[0].api_key = Some(crate::config::Secret("short".into()));
+        let e = err(&cfg).expect("short api key refused");
+        assert!(e.contains("projects[0].api_key"), "{e}");
+        let file = std::env::temp_dir().join(format!("herald-key-{}", std::process::id()));
+        std::fs::write(&file, "short-key\n").unwrap();
+        let mut cfg = Config::development();
+        cfg.api.admin_key = None;
+        cfg.api.admin_key_file = Some(file.clone());
+        let e = err(&cfg).expect("short admin key file refused");
+        std::fs::remove_file(&file).unwrap();
+        assert!(e.contains("api.admin_key"), "{e}");
+        let mut cfg = Config::development();
+        cfg.projects[0].api_key = Some(crate::config::Secret("x".repeat(16)));
+        assert!(err(&cfg).is_none(), "16 bytes is enough");
+    }
+
+    fn signed(claims: &serde_json::Value) -> String {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("dev".into());
+        let key = jsonwebtoken::EncodingKey::from_secret(crate::config::DEV_SECRET.as_bytes());
+        jsonwebtoken::encode(&header, claims, &key).unwrap()
+    }
+
+    /// `iat` is honoured: later than now plus the leeway (30 s) is refused; a non-number too.
+    #[test]
+    fn iat_in_the_future_is_refused() {
+        use serde_json::json;
+        let p = project();
+        let (now, exp) = (now_secs(), now_secs() + 600);
+        for (iat, want) in [
+            (json!(now), Ok(())),
+            (json!(now + 20), Ok(())),
+            (json!(now as f64 + 0.5), Ok(())),
+            (json!(now + 120), Err(AuthError::IssuedInFuture)),
+            (json!(1e300), Err(AuthError::IssuedInFuture)),
+            (json!("soon"), Err(AuthError::Claim("iat must be a number"))),
+        ] {
+            let t = signed(&json!({"sub": "42", "exp": exp, "iat": iat}));
+            assert_eq!(p.verify(&t).map(|_| ()), want, "iat {iat}");
+        }
+    }
+
+    /// A `sub` (or `device`) that could not be addressed is refused at the handshake.
+    #[test]
+    fn unaddressable_ids_are_refused() {
+        use crate::pubsub::NameError;
+        use serde_json::json;
+        let p = project();
+        let exp = now_secs() + 600;
+        let long = "x".repeat(crate::pubsub::MAX_ID_BYTES + 1);
+        for (sub, want) in [
+            ("", Some(NameError::IdLength)),
+            (long.as_str(), Some(NameError::IdLength)),
+            ("a\u{0}b", Some(NameError::Control('\0'))),
+            ("a\nb", Some(NameError::Control('\n'))),
+            ("auth0|5f1c", None),
+            ("alice@example.com", None),
+            ("José", None),
+        ] {
+            let t = signed(&json!({"sub": sub, "exp": exp}));
+            let got = p.verify(&t).err();
+            let want = want.map(|reason| AuthError::BadId {
+                claim: "sub",
+                reason,
+            });
+            assert_eq!(got, want, "sub {sub:?}");
+        }
+        let t = signed(&json!({"sub": "a", "exp": exp, "device": ""}));
+        assert_eq!(
+            p.verify(&t).err().map(|e| e.to_string()),
+            Some("claim `device` must be 1 to 256 bytes of UTF-8".into())
+        );
+    }
+
+    /// A minted token carries the project's `iss` and `aud`, so a project requiring them
+    /// accepts it.
+    #[test]
+    fn minted_tokens_satisfy_issuer_and_audience() {
+        let mut cfg = Config::development();
+        cfg.projects[0].issuer = Some("https://issuer.example".into());
+        cfg.projects[0].audience = Some("herald".into());
+        let r = Registry::from_config(&cfg).unwrap();
+        let p = r.project("demo").unwrap();
+        let c = claims(Some(now_secs() + 60));
+        assert_eq!(p.verify(&p.mint(&c).unwrap()).unwrap().claims, c);
     }
 }

@@ -24,6 +24,12 @@ pub enum NameError {
     /// Topics may not start with `$` (reserved).
     #[error("topics may not start with `$`")]
     Reserved,
+    /// A user or device id that is empty or longer than [`MAX_ID_BYTES`].
+    #[error("must be 1 to {MAX_ID_BYTES} bytes of UTF-8")]
+    IdLength,
+    /// A user or device id with a control character.
+    #[error("control character {0:?} is not allowed")]
+    Control(char),
 }
 
 /// A project id: `[a-z0-9_-]{1,64}`.
@@ -62,7 +68,27 @@ pub const USER_PREFIX: &str = "user.";
 /// Prefix of the per-device topics (`device.<device>`).
 pub const DEVICE_PREFIX: &str = "device.";
 
-/// A topic name: `[A-Za-z0-9_.:*-]{1,128}`, no leading `$`.
+/// Longest user id (`sub`) or device id, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Checks a user id (a token's `sub`) or a device id: 1 to [`MAX_ID_BYTES`] bytes of UTF-8
+/// without control characters. Every id that passes is addressable, byte for byte, as
+/// `user.<id>` (or `device.<id>`); the handshake refuses the others.
+///
+/// # Errors
+/// [`NameError::IdLength`] or [`NameError::Control`].
+pub fn check_id(id: &str) -> Result<(), NameError> {
+    if id.is_empty() || id.len() > MAX_ID_BYTES {
+        return Err(NameError::IdLength);
+    }
+    match id.chars().find(|c| c.is_control()) {
+        Some(c) => Err(NameError::Control(c)),
+        None => Ok(()),
+    }
+}
+
+/// A topic name: `[A-Za-z0-9_.:*-]{1,128}`, no leading `$`; or `user.<id>` / `device.<id>`
+/// where `<id>` is any id [`check_id`] accepts (a token's `sub` is free text).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Topic(Box<str>);
 
@@ -73,6 +99,13 @@ impl Topic {
     /// # Errors
     /// [`NameError`] naming the rule broken.
     pub fn parse(s: &str) -> Result<Self, NameError> {
+        if let Some(id) = s
+            .strip_prefix(USER_PREFIX)
+            .or_else(|| s.strip_prefix(DEVICE_PREFIX))
+        {
+            check_id(id)?;
+            return Ok(Self(s.into()));
+        }
         if s.is_empty() || s.len() > Self::MAX_LEN {
             return Err(NameError::Length { max: Self::MAX_LEN });
         }
@@ -85,8 +118,8 @@ impl Topic {
         Ok(Self(s.into()))
     }
 
-    /// The per-user topic of `sub`. Subject ids are free text in a token, so characters outside
-    /// the topic set are kept as they are: the name is built by the server, never parsed.
+    /// The per-user topic of `sub` (checked with [`check_id`] at the handshake), byte for
+    /// byte: it is what `Topic::parse("user.<sub>")` gives.
     pub fn user(sub: &str) -> Self {
         Self(format!("{USER_PREFIX}{sub}").into())
     }
@@ -197,6 +230,37 @@ mod tests {
         assert!(Topic::parse("user.42").unwrap().is_implicit_only());
         assert!(Topic::parse("device.x").unwrap().is_implicit_only());
         assert!(!Topic::parse("users").unwrap().is_implicit_only());
+    }
+
+    /// Every id the handshake accepts is addressable as `user.<id>`, byte for byte.
+    #[test]
+    fn user_and_device_topics_take_any_id() {
+        let long = "é".repeat(MAX_ID_BYTES / 2);
+        for id in [
+            "auth0|5f1c",
+            "alice@example.com",
+            "José",
+            "a/b.c d",
+            "\"q\\",
+            &long,
+        ] {
+            assert_eq!(check_id(id), Ok(()), "{id}");
+            let name = format!("user.{id}");
+            assert_eq!(Topic::parse(&name), Ok(Topic::user(id)), "{id}");
+            assert!(Topic::parse(&name).unwrap().is_implicit_only());
+            assert_eq!(Topic::parse(&format!("device.{id}")), Ok(Topic::device(id)));
+        }
+        assert_eq!(Topic::parse("user."), Err(NameError::IdLength));
+        assert_eq!(check_id(""), Err(NameError::IdLength));
+        assert_eq!(check_id(&format!("{long}x")), Err(NameError::IdLength));
+        assert_eq!(check_id("a\nb"), Err(NameError::Control('\n')));
+        assert_eq!(check_id("a\u{85}"), Err(NameError::Control('\u{85}')));
+        assert_eq!(Topic::parse("user.a\tb"), Err(NameError::Control('\t')));
+        // Other topics keep their character set.
+        assert!(matches!(
+            Topic::parse("users.a@b"),
+            Err(NameError::Char('@', _))
+        ));
     }
 
     #[test]

@@ -210,8 +210,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
     let mut version_ok = false;
     let mut key = None;
     let mut bearer = None;
+    let mut nr_authorization = 0;
     let mut subprotocol = false;
-    let mut proto_token = None;
+    let mut proto_tokens = Vec::new();
     let mut origin = None;
     let mut forwarded_for: Option<String> = None;
     for h in req.headers.iter() {
@@ -226,6 +227,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             key = Some(value.trim().to_owned());
         } else if name.eq_ignore_ascii_case("authorization") {
+            nr_authorization += 1;
             let v = value.trim();
             // `get`: a non-ASCII byte may sit inside the first seven (slicing would panic).
             if v.len() > 7
@@ -239,7 +241,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
                 if t == SUBPROTOCOL {
                     subprotocol = true;
                 } else if let Some(jwt) = t.strip_prefix("bearer.") {
-                    proto_token = Some(jwt.to_owned());
+                    proto_tokens.push(jwt.to_owned());
                 }
             }
         } else if name.eq_ignore_ascii_case("origin") {
@@ -268,13 +270,40 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
     let key = key.filter(|k| valid_key(k)).ok_or_else(|| {
         Refusal::bad_request("Sec-WebSocket-Key missing or not 16 base64-encoded bytes")
     })?;
-    let query_token = form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v.into_owned());
-    let token = bearer
-        .map(|t| (t, TokenSource::Header))
-        .or_else(|| query_token.map(|t| (t, TokenSource::Query)))
-        .or_else(|| proto_token.map(|t| (t, TokenSource::Subprotocol)));
+    // Keys are compared decoded: `%74oken=` is a `token` parameter too.
+    let mut query_tokens: Vec<String> = form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+        .collect();
+    if nr_authorization > 1 {
+        return Err(Refusal::bad_request(
+            "more than one Authorization header: send exactly one",
+        ));
+    }
+    if query_tokens.len() > 1 {
+        return Err(Refusal::bad_request(
+            "more than one `token` query parameter: send exactly one",
+        ));
+    }
+    if proto_tokens.len() > 1 {
+        return Err(Refusal::bad_request(
+            "more than one `bearer.` subprotocol: send exactly one",
+        ));
+    }
+    let mut found = [
+        bearer.map(|t| (t, TokenSource::Header)),
+        query_tokens.pop().map(|t| (t, TokenSource::Query)),
+        proto_tokens.pop().map(|t| (t, TokenSource::Subprotocol)),
+    ]
+    .into_iter()
+    .flatten();
+    let token = found.next();
+    if found.next().is_some() {
+        return Err(Refusal::bad_request(
+            "a token in more than one place (Authorization, ?token=, bearer. subprotocol): \
+             send it in exactly one",
+        ));
+    }
     Ok(Some(Upgrade {
         project: project.to_owned(),
         token,
@@ -349,7 +378,11 @@ mod tests {
     #[test]
     fn redact_catches_encoded_and_bare_token_keys() {
         let target = "/ws/shop?%74oken=s3cret&token&t%6Fken=x&a=1&tokens=2";
-        let u = parse(req(target, "").as_bytes()).unwrap().unwrap();
+        // Several `token` keys are ambiguous: refused (and the target still redacts).
+        assert_eq!(parse(req(target, "").as_bytes()).unwrap_err().status, 400);
+        let u = parse(req("/ws/shop?%74oken=s3cret&tokens=2", "").as_bytes())
+            .unwrap()
+            .unwrap();
         assert_eq!(u.token, Some(("s3cret".into(), TokenSource::Query)));
         assert_eq!(
             redact(target),
@@ -381,6 +414,38 @@ mod tests {
         assert!(u.subprotocol);
         let u = parse(req("/ws/shop", "").as_bytes()).unwrap().unwrap();
         assert_eq!(u.token, None);
+    }
+
+    /// Two tokens are ambiguous, whether in the same place or in two: refused with 400.
+    #[test]
+    fn several_tokens_are_refused() {
+        let refused = [
+            req(
+                "/ws/shop",
+                "Authorization: Bearer a\r\nAuthorization: Bearer b\r\n",
+            ),
+            req(
+                "/ws/shop",
+                "Authorization: Bearer a\r\nauthorization: Basic b\r\n",
+            ),
+            req("/ws/shop?token=a&token=b", ""),
+            req("/ws/shop?token=a&%74oken=b", ""),
+            req("/ws/shop?token=a&x=1&token=a", ""),
+            req(
+                "/ws/shop",
+                "Sec-WebSocket-Protocol: herald.v1, bearer.a, bearer.b\r\n",
+            ),
+            req("/ws/shop?token=a", "Authorization: Bearer b\r\n"),
+            req(
+                "/ws/shop",
+                "Authorization: Bearer a\r\nSec-WebSocket-Protocol: bearer.b\r\n",
+            ),
+        ];
+        for r in refused {
+            let e = parse(r.as_bytes()).unwrap_err();
+            assert_eq!((e.status, e.error), (400, "bad_request"), "{r}");
+            assert!(e.message.contains("exactly one"), "{}", e.message);
+        }
     }
 
     #[test]

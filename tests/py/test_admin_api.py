@@ -13,12 +13,14 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from conftest import Servers
-from herald_client import close_all, expect_refusal, herald_bin, run
+from herald_client import ADMIN_KEY, close_all, expect_refusal, herald_bin, run
 from keytools import (
     assert_status,
+    b64url,
     connect_ok,
     create_project,
     delete_key,
+    hmac_token,
     make_key,
     project_toml,
     put_key,
@@ -247,6 +249,69 @@ def test_check_config_names_a_jwks_entry_without_kid(tmp_path):
     p = subprocess.run([str(herald_bin()), "check-config", "--config", str(ok)],
                        capture_output=True, text=True, timeout=20)
     assert p.returncode == 0, (p.stdout, p.stderr)
+
+
+SHORT_HMAC = b"8bytes!!"
+
+
+@pytest.mark.parametrize("form", ["bare-jwk", "alg-and-jwk", "empty-k", "project-jwks"])
+def test_short_oct_jwk_is_refused_in_every_form(admin, form):
+    """An `oct` JWK under the 16-byte HMAC minimum is refused like a short secret, the answer
+    names the kid, and a token signed with it opens nothing."""
+    server = admin["server"]
+    oct_jwk = {"kty": "oct", "alg": "HS256", "k": b64url(SHORT_HMAC)}
+    if form == "project-jwks":
+        r = create_project(
+            server, {"id": "octproj", "jwks": json.dumps({"keys": [{**oct_jwk, "kid": "short"}]})}
+        )
+        project = "octproj"
+    else:
+        body = {
+            "bare-jwk": oct_jwk,
+            "alg-and-jwk": {"alg": "HS256", "jwk": {"kty": "oct", "k": b64url(SHORT_HMAC)}},
+            "empty-k": {"kty": "oct", "alg": "HS256", "k": ""},
+        }[form]
+        r = put_key(server, "shop", "short", body)
+        project = "shop"
+    assert_status(r, 400, "bad_request")
+    message = r.json()["message"]
+    assert "`short`" in message and "at least 16 bytes" in message, message
+    secret = b"" if form == "empty-k" else SHORT_HMAC
+    token = hmac_token(secret, "kim", kid="short")
+    if form == "project-jwks":
+        # The project was not created at all.
+        run(expect_refusal(server, project, token, 404, "unknown_project"), timeout=20)
+    else:
+        run(refused_401(server, project, token), timeout=20)
+    _stored_keys_still_work(admin)
+
+
+def test_check_config_refuses_a_short_oct_jwk_and_short_api_keys(tmp_path):
+    """The same minimum from the config: an inline JWKS with a short `oct` key, and API and
+    admin keys under 16 bytes, each named."""
+    k1 = make_key("HS256").config_toml("k1")
+    short_jwks = json.dumps({"keys": [{"kty": "oct", "alg": "HS256", "kid": "tiny",
+                                       "k": b64url(SHORT_HMAC)}]})
+    cases = {
+        "jwks": (server_toml(project_toml("octcfg", jwks=short_jwks)), "`tiny`"),
+        "api-key": (server_toml(project_toml("shortapi", api_key="fifteen-bytes!!", keys=k1)),
+                    "projects[0].api_key"),
+        "admin-key": (server_toml(project_toml("p", keys=k1)).replace(ADMIN_KEY, "short-admin"),
+                      "api.admin_key"),
+    }
+    for name, (text, named) in cases.items():
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(text)
+        p = subprocess.run([str(herald_bin()), "check-config", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=20)
+        assert p.returncode == 1, (name, p.returncode, p.stdout, p.stderr)
+        assert named in p.stderr and "at least 16 bytes" in p.stderr, (name, p.stderr)
+
+
+def test_created_project_with_short_api_key_is_refused(admin):
+    r = create_project(admin["server"], {"id": "shortkey", "api_key": "fifteen-bytes!!"})
+    assert_status(r, 400, "bad_request")
+    assert "api_key" in r.json()["message"], r.body
 
 
 # --------------------------------------------------------------------------------------------

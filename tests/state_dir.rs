@@ -1,0 +1,172 @@
+//! The state directory as the binary reads it: `herald token` signs tokens the server
+//! accepts for config projects with `issuer`/`audience` and for projects made through the API
+//! (read from the state directory, beside the running server that holds its lock); and a
+//! `state.json` the server cannot understand stops the start, naming the file, without
+//! touching it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+use serde_json::json;
+
+const HERALD: &str = env!("CARGO_BIN_EXE_herald");
+const ISSUER: &str = "https://auth.example.com";
+const AUDIENCE: &str = "herald-tests";
+/// HS256 secret of the project made through the API.
+const MADE_SECRET: &str = "made-through-the-api-0123456789";
+
+/// A fresh, empty directory for one test (removed by the test when it passes).
+fn fresh_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("herald-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+/// Runs the binary to completion; coreutils' `timeout` ends it (status 124) after
+/// [`TIMEOUT`].
+fn herald(args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg(TIMEOUT.as_secs().to_string())
+        .arg(HERALD)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn herald")
+}
+
+/// `shop` requiring `iss` and `aud`, as TOML.
+fn config_toml(state_dir: &Path) -> String {
+    format!(
+        r#"[server]
+state_dir = "{state}"
+
+[api]
+admin_key = "{ADMIN_KEY}"
+
+[[projects]]
+id = "shop"
+api_key = "{SHOP_API_KEY}"
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+
+[[projects.keys]]
+kid = "k1"
+alg = "HS256"
+secret = "{SHOP_SECRET}"
+"#,
+        state = state_dir.display()
+    )
+}
+
+fn token_cmd(config: &Path, extra: &[&str], project: &str, sub: &str) -> Output {
+    let mut args = vec!["token", "--config", config.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--project", project, "--sub", sub]);
+    herald(&args)
+}
+
+fn minted(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "herald token failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout.trim().to_owned()
+}
+
+#[test]
+fn token_command_signs_for_issuer_audience_and_api_made_projects() {
+    let dir = fresh_dir("token-state");
+    let state = dir.join("state");
+    let config = dir.join("herald.toml");
+    std::fs::write(&config, config_toml(&state)).expect("config");
+    let server = TestServer::start(|c| {
+        c.server.state_dir = Some(state.clone());
+        c.projects.truncate(1);
+        c.projects[0].issuer = Some(ISSUER.into());
+        c.projects[0].audience = Some(AUDIENCE.into());
+    });
+    let made = json!({
+        "id": "made",
+        "keys": [{"kid": "m1", "alg": "HS256", "secret": MADE_SECRET}],
+    })
+    .to_string();
+    let r = http_request(server.api, "POST", "/api/v1/projects", ADMIN_KEY, &made);
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    // The state directory named by the config (the server holds its lock meanwhile).
+    let t = minted(&token_cmd(&config, &[], "shop", "alice@example.com"));
+    let (ws, w) = connect(server.listen, "shop", &t);
+    assert!(
+        w.text.contains(r#""user":"alice@example.com""#),
+        "{}",
+        w.text
+    );
+    close(ws);
+    let t = minted(&token_cmd(&config, &[], "made", "auth0|5f1c"));
+    let (ws, w) = connect(server.listen, "made", &t);
+    assert!(w.text.contains(r#""project":"made""#), "{}", w.text);
+    close(ws);
+
+    // --state-dir names it explicitly (over a config that names another one).
+    let elsewhere = dir.join("elsewhere.toml");
+    std::fs::write(&elsewhere, config_toml(&dir.join("empty"))).expect("config");
+    let out = token_cmd(&elsewhere, &[], "made", "bob");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("no project `made`"), "{err}");
+    let state_arg = ["--state-dir", state.to_str().expect("utf-8 path")];
+    let t = minted(&token_cmd(&elsewhere, &state_arg, "made", "bob"));
+    let (ws, _) = connect(server.listen, "made", &t);
+    close(ws);
+
+    // A sub the server would refuse is refused here too.
+    let out = token_cmd(&config, &[], "shop", "");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--sub"));
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_state_file_that_is_not_an_object_or_from_the_future_stops_the_start() {
+    for (name, doc, says) in [
+        ("array", "[]", "must be a JSON object, not an array"),
+        (
+            "future",
+            r#"{"version":99,"projects":{}}"#,
+            "version 99 was written by a newer herald",
+        ),
+    ] {
+        let dir = fresh_dir(&format!("bad-state-{name}"));
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).expect("state dir");
+        let file = state.join("state.json");
+        std::fs::write(&file, doc).expect("state.json");
+        let config = dir.join("herald.toml");
+        std::fs::write(&config, config_toml(&state)).expect("config");
+        let out = herald(&[
+            "serve",
+            "--config",
+            config.to_str().expect("utf-8 path"),
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.contains(&file.display().to_string()) && err.contains(says),
+            "{name}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{name}: never ready");
+        assert_eq!(std::fs::read_to_string(&file).expect("kept"), doc, "{name}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
