@@ -63,7 +63,7 @@ impl LatencyHistogram {
 }
 
 /// Handshake outcomes counted separately.
-pub const HANDSHAKE_OUTCOMES: [&str; 8] = [
+pub const HANDSHAKE_OUTCOMES: [&str; 9] = [
     "accepted",
     "bad_request",
     "unauthorized",
@@ -72,6 +72,8 @@ pub const HANDSHAKE_OUTCOMES: [&str; 8] = [
     "at_capacity",
     "timeout",
     "rate_limited",
+    // Closed unread to make room at `limits.max_pending_handshakes` (the oldest in progress).
+    "evicted",
 ];
 
 /// Counters of one shard.
