@@ -229,8 +229,8 @@ impl Collector for HubCollector {
         gauge(
             &mut enc,
             "herald_client_addresses",
-            "Client addresses holding connections (counted while limits.connections_per_ip \
-             is on).",
+            "Client addresses holding connections or handshakes (counted while \
+             limits.connections_per_ip or limits.max_pending_handshakes_per_ip is on).",
             hub.ip_conns.addresses() as u64,
         )?;
 
