@@ -206,6 +206,7 @@ heartbeat_interval_ms = 1800000
 # A benchmark opens thousands of connections from a few addresses: no per-IP handshake limit.
 handshakes_per_ip_per_sec = 0
 connections_per_ip = 0
+max_pending_handshakes_per_ip = 0
 messages_per_conn_per_sec = 0
 api_requests_per_key_per_sec = 0
 

@@ -155,9 +155,15 @@ pub struct LimitsConfig {
     /// answered; beyond that a socket from the address is closed at accept, unread.
     /// 0 = off. Default 1000.
     pub connections_per_ip: u32,
-    /// Handshakes in progress (accepted, upgrade not finished) across the node; beyond it a
-    /// new socket is closed at accept, unread. 0 = off. Default 10000.
+    /// Handshakes in progress (accepted, upgrade not finished) across the node; at it (each
+    /// shard has an equal share) a new socket is taken and the shard's oldest handshake in
+    /// progress is closed unread to make room. 0 = off. Default 10000.
     pub max_pending_handshakes: usize,
+    /// Handshakes in progress one address (an IPv6 /64) may hold across the node; beyond it a
+    /// socket from the address is closed at accept, unread. Well below
+    /// `max_pending_handshakes`, so a few addresses cannot hold every slot. 0 = off.
+    /// Default 64.
+    pub max_pending_handshakes_per_ip: u32,
     /// Frames (all but close: text, fragments, pings, pongs) one connection may send per
     /// second; over it the connection is closed with 4029. 0 = off. Default 100.
     pub messages_per_conn_per_sec: u32,
@@ -178,6 +184,7 @@ impl Default for LimitsConfig {
             limiter_max_ips: 65536,
             connections_per_ip: 1000,
             max_pending_handshakes: 10_000,
+            max_pending_handshakes_per_ip: 64,
             messages_per_conn_per_sec: 100,
             message_burst_per_conn: 200,
             api_requests_per_key_per_sec: 1000,
@@ -861,8 +868,10 @@ handshake_burst_per_ip = {hbu}
 limiter_max_ips = {lmi}
 # Concurrent connections from one address across the node (0 = off); over it 429.
 connections_per_ip = {cpi}
-# Handshakes in progress across the node; beyond it new sockets are closed unread.
+# Handshakes in progress across the node; at it the oldest is closed to make room.
 max_pending_handshakes = {mph}
+# Handshakes in progress one address (IPv6: one /64) may hold; beyond it closed unread.
+max_pending_handshakes_per_ip = {mpi}
 # Frames (all but close) per connection per second and burst; over it close 4029.
 messages_per_conn_per_sec = {mpc}
 message_burst_per_conn = {mbc}
@@ -927,6 +936,7 @@ secret = "{hmac}"
         lmi = d.limits.limiter_max_ips,
         cpi = d.limits.connections_per_ip,
         mph = d.limits.max_pending_handshakes,
+        mpi = d.limits.max_pending_handshakes_per_ip,
         mpc = d.limits.messages_per_conn_per_sec,
         mbc = d.limits.message_burst_per_conn,
         arp = d.limits.api_requests_per_key_per_sec,
@@ -1006,6 +1016,9 @@ mod tests {
         assert!(l.handshakes_per_ip_per_sec > 0);
         assert!(l.connections_per_ip > 0);
         assert!(l.max_pending_handshakes > 0);
+        // A hundred addresses cannot hold every handshake slot.
+        assert!(l.max_pending_handshakes_per_ip > 0);
+        assert!(l.max_pending_handshakes_per_ip as usize * 100 <= l.max_pending_handshakes);
         assert!(l.messages_per_conn_per_sec > 0);
         assert!(l.api_requests_per_key_per_sec > 0);
         let t = Config::parse(&production_template()).unwrap();

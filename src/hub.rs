@@ -89,7 +89,7 @@ impl Hub {
             nr_connections: AtomicUsize::new(0),
             max_connections,
             near_cap_warned: std::sync::atomic::AtomicBool::new(false),
-            ip_conns: crate::limiter::ConnCounter::new(0, 0),
+            ip_conns: crate::limiter::ConnCounter::new(0, 0, 0),
             api_published: AtomicU64::new(0),
             api_rate_limited: AtomicU64::new(0),
             phase: AtomicU8::new(Phase::Starting as u8),

@@ -130,17 +130,39 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Concurrent connections per client address across the node, handshakes included: striped
-/// maps touched on connect and close only (never per message). An entry exists only while
-/// its address has connections, so the maps are bounded by the connections themselves.
+/// Concurrent connections per client address across the node, handshakes included, and the
+/// handshakes in progress among them: striped maps touched on connect, at the end of the
+/// handshake and on close only (never per message). An entry exists only while its address
+/// has connections, so the maps are bounded by the connections themselves.
 pub struct ConnCounter {
     /// Connections an address may hold; over it the handshake is refused (0 = off).
     limit: u32,
     /// Connections an address may have open or in handshake at all; beyond it a socket is
     /// closed at accept.
     ceiling: u32,
-    stripes: Box<[Mutex<HashMap<IpAddr, u32>>]>,
+    /// Handshakes in progress an address may hold; beyond it a socket is closed at accept
+    /// (0 = off).
+    pending_limit: u32,
+    stripes: Box<[Mutex<HashMap<IpAddr, Held>>]>,
     hasher: DefaultHashBuilder,
+}
+
+/// What one address holds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Held {
+    /// Connections, handshakes included (counted while the connection limit is on).
+    conns: u32,
+    /// Handshakes in progress (counted while the pending limit is on).
+    pending: u32,
+}
+
+/// Why [`ConnCounter::admit`] refused a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressFull {
+    /// The address holds `connections_per_ip + handshake_burst_per_ip` sockets.
+    Ceiling,
+    /// The address holds `max_pending_handshakes_per_ip` handshakes in progress.
+    Pending,
 }
 
 /// Stripes of the connection counter (a power of two).
@@ -148,17 +170,19 @@ const STRIPES: usize = 64;
 
 impl ConnCounter {
     /// `limit` connections per address (0 = off); `slack` more may be accepted and read so
-    /// they can be answered 429.
-    pub fn new(limit: u32, slack: u32) -> Self {
+    /// they can be answered 429; at most `pending_limit` handshakes in progress per address
+    /// (0 = off).
+    pub fn new(limit: u32, slack: u32, pending_limit: u32) -> Self {
         Self {
             limit,
             ceiling: limit.saturating_add(slack),
+            pending_limit,
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
             hasher: DefaultHashBuilder::default(),
         }
     }
 
-    /// Whether the limit is on.
+    /// Whether the connection limit is on.
     pub fn enabled(&self) -> bool {
         self.limit > 0
     }
@@ -168,60 +192,100 @@ impl ConnCounter {
         self.limit
     }
 
-    fn stripe(&self, key: &IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+    /// Whether anything is counted at all.
+    fn counting(&self) -> bool {
+        self.limit > 0 || self.pending_limit > 0
+    }
+
+    fn stripe(&self, key: &IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Held>> {
         let i = self.hasher.hash_one(key) as usize & (STRIPES - 1);
         self.stripes[i]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Counts a new connection from `ip`. `None` (not counted) when the address is at its
-    /// ceiling; else whether it is now over the limit (the handshake is to be refused).
-    pub fn acquire(&self, ip: IpAddr) -> Option<bool> {
-        self.count_in(ip, self.ceiling)
+    /// Counts a new socket from `ip`, in handshake. Refused (not counted) when the address is
+    /// at its connection ceiling or at its pending-handshake limit; else whether it is now
+    /// over the connection limit (the handshake is to be refused).
+    ///
+    /// # Errors
+    /// The address is full: the socket is to be closed unread.
+    pub fn admit(&self, ip: IpAddr) -> Result<bool, AddressFull> {
+        self.count_in(ip, self.ceiling, self.pending_limit)
     }
 
-    /// Counts a connection from `ip` even at the ceiling (its request has been read already:
-    /// a client named by a trusted proxy). Whether it is now over the limit.
-    pub fn acquire_always(&self, ip: IpAddr) -> bool {
-        self.count_in(ip, u32::MAX).unwrap_or(true)
+    /// Counts a socket from `ip`, in handshake, even at the ceilings (its request has been
+    /// read already or is being read: a client named by a trusted proxy). Whether it is now
+    /// over the connection limit.
+    pub fn admit_always(&self, ip: IpAddr) -> bool {
+        self.count_in(ip, u32::MAX, u32::MAX).unwrap_or(true)
     }
 
-    /// Counts a connection from `ip` unless the address holds `ceiling` already (`None`);
-    /// else whether it is now over the limit.
-    fn count_in(&self, ip: IpAddr, ceiling: u32) -> Option<bool> {
-        if !self.enabled() {
-            return Some(false);
+    fn count_in(
+        &self,
+        ip: IpAddr,
+        ceiling: u32,
+        pending_ceiling: u32,
+    ) -> Result<bool, AddressFull> {
+        if !self.counting() {
+            return Ok(false);
         }
         let key = client_key(ip);
         let mut map = self.stripe(&key);
-        let n = map.entry(key).or_insert(0);
-        if *n >= ceiling {
-            if *n == 0 {
-                map.remove(&key);
-            }
-            return None;
+        let held = map.get(&key).copied().unwrap_or_default();
+        if self.limit > 0 && held.conns >= ceiling {
+            return Err(AddressFull::Ceiling);
         }
-        *n += 1;
-        Some(*n > self.limit)
+        if self.pending_limit > 0 && held.pending >= pending_ceiling {
+            return Err(AddressFull::Pending);
+        }
+        let n = map.entry(key).or_default();
+        if self.limit > 0 {
+            n.conns += 1;
+        }
+        if self.pending_limit > 0 {
+            n.pending += 1;
+        }
+        Ok(self.limit > 0 && n.conns > self.limit)
     }
 
     /// Connections counted for `ip`.
     pub fn count(&self, ip: IpAddr) -> u32 {
         let key = client_key(ip);
-        self.stripe(&key).get(&key).copied().unwrap_or(0)
+        self.stripe(&key).get(&key).map_or(0, |h| h.conns)
     }
 
-    /// Uncounts a connection counted by [`ConnCounter::acquire`].
-    pub fn release(&self, ip: IpAddr) {
-        if !self.enabled() {
+    /// Handshakes in progress counted for `ip`.
+    pub fn pending(&self, ip: IpAddr) -> u32 {
+        let key = client_key(ip);
+        self.stripe(&key).get(&key).map_or(0, |h| h.pending)
+    }
+
+    /// A socket counted by [`ConnCounter::admit`] finished its handshake (opened or refused).
+    pub fn handshake_over(&self, ip: IpAddr) {
+        self.uncount(ip, false, true);
+    }
+
+    /// Uncounts a socket counted by [`ConnCounter::admit`]; `in_handshake`: its handshake
+    /// had not finished.
+    pub fn release(&self, ip: IpAddr, in_handshake: bool) {
+        self.uncount(ip, true, in_handshake);
+    }
+
+    fn uncount(&self, ip: IpAddr, conn: bool, pending: bool) {
+        if !self.counting() {
             return;
         }
         let key = client_key(ip);
         let mut map = self.stripe(&key);
         if let Some(n) = map.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
+            if conn {
+                n.conns = n.conns.saturating_sub(1);
+            }
+            if pending {
+                n.pending = n.pending.saturating_sub(1);
+            }
+            if n.conns == 0 && n.pending == 0 {
                 map.remove(&key);
             }
         }
@@ -245,6 +309,7 @@ impl std::fmt::Debug for ConnCounter {
         f.debug_struct("ConnCounter")
             .field("limit", &self.limit)
             .field("ceiling", &self.ceiling)
+            .field("pending_limit", &self.pending_limit)
             .finish_non_exhaustive()
     }
 }
@@ -293,34 +358,35 @@ mod tests {
 
     #[test]
     fn connection_counter_limits_ceiling_and_frees() {
-        let c = ConnCounter::new(2, 1);
+        let c = ConnCounter::new(2, 1, 0);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
-        assert_eq!(c.acquire(a), Some(false));
-        assert_eq!(c.acquire(a), Some(false));
+        assert_eq!(c.admit(a), Ok(false));
+        assert_eq!(c.admit(a), Ok(false));
         // Third: counted (it will be answered 429), over the limit.
-        assert_eq!(c.acquire(a), Some(true));
+        assert_eq!(c.admit(a), Ok(true));
         assert_eq!(c.count(a), 3);
         // Fourth: at the ceiling, not counted.
-        assert_eq!(c.acquire(a), None);
+        assert_eq!(c.admit(a), Err(AddressFull::Ceiling));
         assert_eq!(c.count(a), 3);
         // Other addresses are independent.
-        assert_eq!(c.acquire("10.0.0.2".parse().unwrap()), Some(false));
-        c.release(a);
+        assert_eq!(c.admit("10.0.0.2".parse().unwrap()), Ok(false));
+        c.release(a, true);
         assert_eq!(c.count(a), 2);
-        c.release(a);
-        c.release(a);
-        c.release("10.0.0.2".parse().unwrap());
+        c.release(a, false);
+        c.release(a, false);
+        c.release("10.0.0.2".parse().unwrap(), true);
         assert_eq!(c.addresses(), 0, "entries go with their last connection");
     }
 
     #[test]
     fn ipv6_counts_by_slash_64_and_mapped_v4_as_v4() {
-        let c = ConnCounter::new(1, 0);
-        assert_eq!(c.acquire("2001:db8:1:2::1".parse().unwrap()), Some(false));
-        assert_eq!(c.acquire("2001:db8:1:2::ffff".parse().unwrap()), None);
-        assert_eq!(c.acquire("2001:db8:1:3::1".parse().unwrap()), Some(false));
-        assert_eq!(c.acquire("10.1.1.1".parse().unwrap()), Some(false));
-        assert_eq!(c.acquire("::ffff:10.1.1.1".parse().unwrap()), None);
+        let c = ConnCounter::new(1, 0, 0);
+        assert_eq!(c.admit("2001:db8:1:2::1".parse().unwrap()), Ok(false));
+        let full = Err(AddressFull::Ceiling);
+        assert_eq!(c.admit("2001:db8:1:2::ffff".parse().unwrap()), full);
+        assert_eq!(c.admit("2001:db8:1:3::1".parse().unwrap()), Ok(false));
+        assert_eq!(c.admit("10.1.1.1".parse().unwrap()), Ok(false));
+        assert_eq!(c.admit("::ffff:10.1.1.1".parse().unwrap()), full);
     }
 
     #[test]
@@ -339,11 +405,41 @@ mod tests {
 
     #[test]
     fn zero_limit_counts_nothing() {
-        let c = ConnCounter::new(0, 100);
+        let c = ConnCounter::new(0, 100, 0);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         for _ in 0..1000 {
-            assert_eq!(c.acquire(a), Some(false));
+            assert_eq!(c.admit(a), Ok(false));
         }
         assert_eq!(c.addresses(), 0);
+    }
+
+    #[test]
+    fn pending_handshakes_per_address_are_bounded_and_freed() {
+        // Pending limit on, connection limit off.
+        let c = ConnCounter::new(0, 0, 2);
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8::2".parse().unwrap();
+        assert_eq!(c.admit(a), Ok(false));
+        assert_eq!(c.admit(same_64), Ok(false));
+        assert_eq!(
+            c.admit(a),
+            Err(AddressFull::Pending),
+            "one /64 is one address"
+        );
+        assert_eq!(c.admit("2001:db8:0:1::1".parse().unwrap()), Ok(false));
+        // A finished handshake frees its pending slot; the connection is not counted.
+        c.handshake_over(a);
+        assert_eq!((c.pending(a), c.count(a)), (1, 0));
+        assert_eq!(c.admit(a), Ok(false));
+        // Both on: a socket still in handshake at close gives back both counts.
+        let c = ConnCounter::new(5, 0, 1);
+        assert_eq!(c.admit(a), Ok(false));
+        assert_eq!(c.admit(a), Err(AddressFull::Pending));
+        c.handshake_over(a);
+        assert_eq!(c.admit(a), Ok(false));
+        assert_eq!((c.pending(a), c.count(a)), (1, 2));
+        c.release(a, true);
+        c.release(a, false);
+        assert_eq!(c.addresses(), 0, "entries go with their last socket");
     }
 }

@@ -63,7 +63,7 @@ impl LatencyHistogram {
 }
 
 /// Handshake outcomes counted separately.
-pub const HANDSHAKE_OUTCOMES: [&str; 8] = [
+pub const HANDSHAKE_OUTCOMES: [&str; 9] = [
     "accepted",
     "bad_request",
     "unauthorized",
@@ -72,6 +72,8 @@ pub const HANDSHAKE_OUTCOMES: [&str; 8] = [
     "at_capacity",
     "timeout",
     "rate_limited",
+    // Closed unread to make room at `limits.max_pending_handshakes` (the oldest in progress).
+    "evicted",
 ];
 
 /// Counters of one shard.
@@ -227,8 +229,8 @@ impl Collector for HubCollector {
         gauge(
             &mut enc,
             "herald_client_addresses",
-            "Client addresses holding connections (counted while limits.connections_per_ip \
-             is on).",
+            "Client addresses holding connections or handshakes (counted while \
+             limits.connections_per_ip or limits.max_pending_handshakes_per_ip is on).",
             hub.ip_conns.addresses() as u64,
         )?;
 

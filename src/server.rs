@@ -140,6 +140,7 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
     hub.ip_conns = crate::limiter::ConnCounter::new(
         cfg.limits.connections_per_ip,
         cfg.limits.handshake_burst_per_ip,
+        cfg.limits.max_pending_handshakes_per_ip,
     );
     let hub = Arc::new(hub);
     let cores = if cfg.server.pin_cores {

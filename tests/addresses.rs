@@ -1,6 +1,7 @@
 //! Per-address protection: concurrent connections per address (429, and sockets closed unread
-//! beyond the ceiling), the pending-handshake cap, and client addresses named by trusted
-//! proxies (`X-Forwarded-For`, PROXY protocol v1/v2).
+//! beyond the ceiling), handshakes in progress per address and per node (the oldest evicted at
+//! the cap), handshake tokens taken at accept, and client addresses named by trusted proxies
+//! (`X-Forwarded-For`, PROXY protocol v1/v2).
 
 mod common;
 
@@ -68,6 +69,11 @@ fn closed_unread(s: &mut TcpStream) -> bool {
     }
 }
 
+/// `n` sockets from `from` that send nothing.
+fn idle_sockets(n: usize, from: &str, addr: SocketAddr) -> Vec<TcpStream> {
+    (0..n).map(|_| tcp_from(from, addr)).collect()
+}
+
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("literal address")
 }
@@ -117,9 +123,7 @@ fn beyond_the_address_ceiling_sockets_are_closed_unread() {
     let (status, _, _held) = upgrade_from("127.0.0.2", server.listen, "");
     assert_eq!(status, 101);
     // Two more sockets, request not sent yet: accepted and counted (they will be answered).
-    let mut pending: Vec<TcpStream> = (0..2)
-        .map(|_| tcp_from("127.0.0.2", server.listen))
-        .collect();
+    let mut pending = idle_sockets(2, "127.0.0.2", server.listen);
     wait_until("the pending sockets to be counted", || {
         server.hub.ip_conns.count(ip("127.0.0.2")) == 3
     });
@@ -135,28 +139,139 @@ fn beyond_the_address_ceiling_sockets_are_closed_unread() {
 }
 
 #[test]
-fn pending_handshake_cap_closes_new_sockets_unread() {
+fn at_the_pending_cap_the_oldest_handshake_is_evicted_for_the_newcomer() {
     let server = TestServer::start(|c| {
         c.server.shards = 1;
         c.limits.max_pending_handshakes = 3;
     });
-    let mut half_open: Vec<TcpStream> = (0..3).map(|_| tcp(server.listen)).collect();
-    let i = herald::metrics::ShardStats::outcome("at_capacity");
-    // Until the server has accepted the three, a fourth may still get in: retry until one
-    // is refused.
-    wait_until("a socket beyond the cap to be closed", || {
-        let mut s = tcp(server.listen);
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let mut b = [0u8; 1];
-        matches!(s.read(&mut b), Ok(0))
-    });
-    assert!(server.stat(|s| herald::metrics::read(&s.handshakes[i])) >= 1);
-    // The pending ones finish normally, and the slots free up.
-    let (status, _) = answer(&mut half_open[0], b"", "");
-    assert_eq!(status, 101);
+    // Three idle sockets, oldest first, each from its own address.
+    let mut idle: Vec<TcpStream> = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        idle.push(tcp_from(from, server.listen));
+        wait_until("the socket to be accepted", || {
+            server.stat(|s| herald::metrics::read(&s.sweeps)) > 0
+                && server.hub.stats[0]
+                    .pending_handshakes
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    == idle.len() as u64
+        });
+    }
+    // A newcomer at the cap is served: the oldest handshake makes room.
     let (_ws, welcome) = connect_user(server.listen, "shop", "bob");
     assert!(welcome.text.contains(r#""user":"bob""#), "{}", welcome.text);
+    idle[0]
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(closed_unread(&mut idle[0]), "the oldest is closed unread");
+    let evicted = herald::metrics::ShardStats::outcome("evicted");
+    assert_eq!(
+        server.stat(|s| herald::metrics::read(&s.handshakes[evicted])),
+        1
+    );
+    // The younger ones are still served.
+    for s in &mut idle[1..] {
+        assert_eq!(answer(s, b"", "").0, 101);
+    }
+}
+
+#[test]
+fn pending_handshakes_per_address_are_bounded_at_accept() {
+    let server = TestServer::start(|c| c.limits.max_pending_handshakes_per_ip = 2);
+    let mut idle = idle_sockets(2, "127.0.0.2", server.listen);
+    wait_until("the idle sockets to be counted", || {
+        server.hub.ip_conns.pending(ip("127.0.0.2")) == 2
+    });
+    // A third from the address is closed unread; another address is untouched.
+    let mut third = tcp_from("127.0.0.2", server.listen);
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(closed_unread(&mut third));
+    let limited = herald::metrics::ShardStats::outcome("rate_limited");
+    assert_eq!(
+        server.stat(|s| herald::metrics::read(&s.handshakes[limited])),
+        1
+    );
+    assert_eq!(upgrade_from("127.0.0.3", server.listen, "").0, 101);
+    // A finished handshake frees its place: the address may start another.
+    assert_eq!(answer(&mut idle[0], b"", "").0, 101);
+    wait_until("the finished handshake to be uncounted", || {
+        server.hub.ip_conns.pending(ip("127.0.0.2")) == 1
+    });
+    assert_eq!(upgrade_from("127.0.0.2", server.listen, "").0, 101);
+    drop(idle);
+    wait_until("the address's entry to go", || {
+        server.hub.ip_conns.pending(ip("127.0.0.2")) == 0
+    });
+}
+
+/// Sends `request` from `from` on a fresh socket and reads the answer's head.
+fn send_from(from: &str, addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut s = tcp_from(from, addr);
+    let _ = s.write_all(request);
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head)
+}
+
+/// Rate 1/s, burst 2, one shard: one bucket per address, and a time bound on what refills.
+fn slow_bucket(c: &mut herald::config::Config) {
+    c.server.shards = 1;
+    c.limits.handshakes_per_ip_per_sec = 1;
+    c.limits.handshake_burst_per_ip = 2;
+}
+
+#[test]
+fn sockets_that_send_nothing_still_take_a_handshake_token() {
+    let server = TestServer::start(slow_bucket);
+    let t0 = std::time::Instant::now();
+    // Two idle sockets take the address's whole burst at accept.
+    let _idle = idle_sockets(2, "127.0.0.2", server.listen);
+    let mut served = 0;
+    for _ in 0..3 {
+        let (status, head, _s) = upgrade_from("127.0.0.2", server.listen, "");
+        match status {
+            101 => served += 1,
+            429 => assert!(head.contains("\r\nRetry-After: "), "{head}"),
+            _ => panic!("{head}"),
+        }
+    }
+    // Only what refilled since the idle sockets came (1 a second) can have been served.
+    let refilled = t0.elapsed().as_secs();
+    assert!(served <= refilled, "{served} served after {refilled} s");
+    // Another address has its own bucket.
+    assert_eq!(upgrade_from("127.0.0.3", server.listen, "").0, 101);
+}
+
+#[test]
+fn malformed_requests_count_against_the_address() {
+    let server = TestServer::start(slow_bucket);
+    let t0 = std::time::Instant::now();
+    let garbage = b"\x16\x03\x01garbage\r\n\r\n";
+    let statuses: Vec<u16> = (0..6)
+        .map(|_| send_from("127.0.0.2", server.listen, garbage).0)
+        .collect();
+    let (status, head, _s) = upgrade_from("127.0.0.2", server.listen, "");
+    let refilled = t0.elapsed().as_secs() as usize;
+    let bad = statuses.iter().filter(|s| **s == 400).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(bad + limited, 6, "{statuses:?}");
+    // The burst of 2, then only what refilled: garbage is rate limited like an upgrade...
+    assert!(
+        (2..=2 + refilled).contains(&bad),
+        "{statuses:?} after {refilled} s"
+    );
+    assert_eq!(&statuses[..2], [400, 400]);
+    // ...and it used up the tokens a valid upgrade would have needed.
+    if refilled == 0 {
+        assert_eq!(status, 429, "{head}");
+    }
 }
 
 #[test]

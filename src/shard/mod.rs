@@ -9,6 +9,9 @@
 
 mod control;
 pub mod mailbox;
+mod refusals;
+
+pub(crate) use refusals::REFUSAL_LOG_EVERY;
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
@@ -173,13 +176,15 @@ pub struct Shard {
     pub(crate) clock_us: u32,
     /// Connections in the handshake phase.
     pub(crate) pending_handshakes: usize,
-    /// When a socket was last closed at accept for the pending-handshake cap (the warning
-    /// is logged at most once per [`OVERLOAD_LOG_EVERY`]), and how many since.
+    /// When a handshake was last evicted at the pending-handshake cap (the warning is logged
+    /// at most once per [`OVERLOAD_LOG_EVERY`]), and how many since.
     overload_logged: Option<Instant>,
     overload_unlogged: u64,
+    /// Refused handshakes of the current log interval (one line in full, then a summary).
+    pub(crate) refusals: refusals::RefusalLog,
 }
 
-/// Least time between two warnings about sockets closed at accept.
+/// Least time between two warnings about handshakes evicted at the pending cap.
 const OVERLOAD_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Why a socket is closed at accept, unread.
@@ -189,8 +194,42 @@ pub(crate) enum AcceptRefusal {
     Denied,
     /// The address is at its connection ceiling.
     AddressCeiling,
-    /// The shard has its share of `limits.max_pending_handshakes` in progress.
+    /// The address holds `limits.max_pending_handshakes_per_ip` handshakes in progress.
+    AddressPending,
+    /// The shard has its share of `limits.max_pending_handshakes` in progress and none of
+    /// them can be evicted.
     PendingCap,
+}
+
+impl AcceptRefusal {
+    /// The outcome counted in `herald_handshakes_total`.
+    fn outcome(self) -> &'static str {
+        match self {
+            Self::Denied => "forbidden",
+            Self::AddressCeiling | Self::AddressPending => "rate_limited",
+            Self::PendingCap => "at_capacity",
+        }
+    }
+
+    /// The reason in the refusal log's summary.
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Denied => "closed_unread_denied",
+            Self::AddressCeiling => "closed_unread_address_ceiling",
+            Self::AddressPending => "closed_unread_address_pending",
+            Self::PendingCap => "closed_unread_pending_cap",
+        }
+    }
+}
+
+/// A socket that passed the checks at accept, from a client (not a trusted proxy).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Admitted {
+    /// The address already holds `limits.connections_per_ip` connections: the handshake is
+    /// to be answered 429.
+    over_ip_limit: bool,
+    /// A handshake token of the address was taken at accept.
+    charged: bool,
 }
 
 impl Shard {
@@ -224,6 +263,7 @@ impl Shard {
             pending_handshakes: 0,
             overload_logged: None,
             overload_unlogged: 0,
+            refusals: refusals::RefusalLog::default(),
         }
     }
 
@@ -232,16 +272,12 @@ impl Shard {
         self.clock_us = self.epoch.elapsed().as_micros() as u32;
     }
 
-    /// The checks on a freshly accepted socket that cost no read: the global IP lists, the
-    /// per-address connection ceiling and the pending-handshake cap. A trusted proxy's peer
-    /// is checked once it names the client ([`crate::net::proxy`]). On `Ok`, the connection
-    /// is counted against its address when `Ok(Some(over))`, `over` saying the address is
-    /// now over its limit.
-    fn screen(&mut self, peer: SocketAddr) -> Result<Option<bool>, AcceptRefusal> {
-        let cap = self.limits.max_pending_handshakes;
-        if cap > 0 && self.pending_handshakes >= cap {
-            return Err(AcceptRefusal::PendingCap);
-        }
+    /// The checks on a freshly accepted socket that cost no read: the global IP lists, a
+    /// handshake token of the address (taken here, so a socket that never sends a request,
+    /// or is refused below, costs one too), the per-address connection ceiling and
+    /// pending-handshake limit. A trusted proxy's peer is checked once it names the client
+    /// ([`crate::net::proxy`]). `Ok(None)`: a trusted proxy, not counted.
+    fn screen(&mut self, peer: SocketAddr) -> Result<Option<Admitted>, AcceptRefusal> {
         let ip = peer.ip();
         if self.limits.proxies.trusts(ip) {
             return Ok(None);
@@ -249,60 +285,111 @@ impl Shard {
         if !self.hub.registry.load().access.permits(ip) {
             return Err(AcceptRefusal::Denied);
         }
-        match self.hub.ip_conns.acquire(ip) {
-            None => Err(AcceptRefusal::AddressCeiling),
-            over => Ok(over),
+        let charged = self
+            .hs_limiter
+            .take(crate::limiter::client_key(ip), Instant::now())
+            .is_ok();
+        match self.hub.ip_conns.admit(ip) {
+            Err(crate::limiter::AddressFull::Ceiling) => Err(AcceptRefusal::AddressCeiling),
+            Err(crate::limiter::AddressFull::Pending) => Err(AcceptRefusal::AddressPending),
+            Ok(over_ip_limit) => Ok(Some(Admitted {
+                over_ip_limit,
+                charged,
+            })),
         }
+    }
+
+    /// Makes room for one more handshake at this shard's share of
+    /// `limits.max_pending_handshakes`: the oldest handshake in progress (the front of the
+    /// deadline queue, which is in accept order) is closed unread. False when the cap is
+    /// reached and nothing can be evicted.
+    fn make_room(&mut self) -> bool {
+        let cap = self.limits.max_pending_handshakes;
+        if cap == 0 || self.pending_handshakes < cap {
+            return true;
+        }
+        while let Some(d) = self.handshake_deadlines.pop_front() {
+            let live = self
+                .occupant(d.slot, d.generation)
+                .is_some_and(|c| c.phase == ConnPhase::Handshake && !c.kill);
+            if !live {
+                continue;
+            }
+            self.handshake_over(d.slot);
+            self.conns[d.slot as usize].phase = ConnPhase::Closing;
+            self.kill(d.slot);
+            ShardStats::add(&self.stats.handshakes[ShardStats::outcome("evicted")], 1);
+            self.refusals.note(Instant::now(), "evicted", false);
+            self.overload_unlogged += 1;
+            let now = Instant::now();
+            if self
+                .overload_logged
+                .is_none_or(|at| now.duration_since(at) >= OVERLOAD_LOG_EVERY)
+            {
+                warn!(
+                    shard = self.id,
+                    pending = self.pending_handshakes,
+                    evicted = self.overload_unlogged,
+                    "handshakes in progress at this shard's share of \
+                     limits.max_pending_handshakes; closing the oldest to make room"
+                );
+                self.overload_logged = Some(now);
+                self.overload_unlogged = 0;
+            }
+            return self.pending_handshakes < cap;
+        }
+        false
     }
 
     /// Counts and logs a socket closed at accept (or, for a client a trusted proxy names in
     /// a PROXY header, as soon as it is named).
     pub(crate) fn refused_at_accept(&mut self, peer: SocketAddr, why: AcceptRefusal) {
-        let outcome = match why {
-            AcceptRefusal::Denied => "forbidden",
-            AcceptRefusal::AddressCeiling => "rate_limited",
-            AcceptRefusal::PendingCap => "at_capacity",
-        };
-        ShardStats::add(&self.stats.handshakes[ShardStats::outcome(outcome)], 1);
-        match why {
-            AcceptRefusal::Denied => {
-                debug!(shard = self.id, %peer, "address refused by [access]; closed");
-            }
-            AcceptRefusal::AddressCeiling => debug!(
-                shard = self.id,
-                %peer,
+        ShardStats::add(
+            &self.stats.handshakes[ShardStats::outcome(why.outcome())],
+            1,
+        );
+        self.refusals.note(Instant::now(), why.reason(), false);
+        let what = match why {
+            AcceptRefusal::Denied => "address refused by [access]",
+            AcceptRefusal::AddressCeiling => {
                 "address over its connection ceiling (limits.connections_per_ip + \
-                 handshake_burst_per_ip); closed unread"
-            ),
-            AcceptRefusal::PendingCap => {
-                self.overload_unlogged += 1;
-                let now = Instant::now();
-                if self
-                    .overload_logged
-                    .is_none_or(|at| now.duration_since(at) >= OVERLOAD_LOG_EVERY)
-                {
-                    warn!(
-                        shard = self.id,
-                        pending = self.pending_handshakes,
-                        closed = self.overload_unlogged,
-                        "handshakes in progress at this shard's share of \
-                         limits.max_pending_handshakes; closing new sockets unread"
-                    );
-                    self.overload_logged = Some(now);
-                    self.overload_unlogged = 0;
-                }
+                 handshake_burst_per_ip)"
             }
+            AcceptRefusal::AddressPending => {
+                "address holds limits.max_pending_handshakes_per_ip handshakes in progress"
+            }
+            AcceptRefusal::PendingCap => {
+                "handshakes in progress at this shard's share of limits.max_pending_handshakes"
+            }
+        };
+        debug!(shard = self.id, %peer, "{what}; closed unread");
+    }
+
+    /// Logs the summary of refused handshakes when its interval is over (`force`: now).
+    fn log_refusals(&mut self, force: bool) {
+        if let Some(s) = self.refusals.due(Instant::now(), force) {
+            info!(
+                shard = self.id,
+                more = s.more,
+                reasons = %s.reasons,
+                interval_secs = refusals::REFUSAL_LOG_EVERY.as_secs(),
+                "handshakes refused and not logged one by one (the first of the interval \
+                 is; RUST_LOG=herald=debug logs each)"
+            );
         }
     }
 
     /// Takes a freshly accepted socket: a slot, a generation, a handshake deadline.
-    /// `counted`: the peer is the client and is counted against its address (`Some(over)`).
-    fn admit(&mut self, fd: i32, peer: SocketAddr, counted: Option<bool>) -> (u32, u32) {
+    /// `admitted`: the peer is the client, counted against its address.
+    fn admit(&mut self, fd: i32, peer: SocketAddr, admitted: Option<Admitted>) -> (u32, u32) {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         let mut conn = Conn::new(fd, generation, peer);
-        conn.client_known = counted.is_some();
-        conn.over_ip_limit = counted == Some(true);
+        if let Some(a) = admitted {
+            conn.client_known = true;
+            conn.over_ip_limit = a.over_ip_limit;
+            conn.hs_charged = a.charged;
+        }
         let slot = self.conns.insert(conn) as u32;
         self.pending_handshakes += 1;
         self.handshake_deadlines.push_back(Deadline {
@@ -498,6 +585,7 @@ impl Shard {
         }
         self.heartbeat_slice(tick);
         self.flush_dirty();
+        self.log_refusals(false);
     }
 
     /// Visits the next `capacity × tick / heartbeat` slots, so each slot is visited once per
@@ -700,6 +788,7 @@ async fn run(spec: ShardSpec) {
             }
         }
     }
+    shard.borrow_mut().log_refusals(true);
     // Under io_uring, monoio closes a dropped socket with a `Close` op that is only queued;
     // the runtime submits it when it next parks. Park once more before returning, or the
     // sockets dropped last are never closed: their peers wait for EOF until the process
@@ -724,18 +813,29 @@ async fn accept_loop(shard: &Rc<RefCell<Shard>>, listener: &monoio::net::TcpList
                 backoff_logged = false;
                 // A refused peer costs no read, no buffer and no slot; its socket is closed
                 // without an answer.
-                let screened = shard.borrow_mut().screen(peer);
-                let counted = match screened {
-                    Ok(counted) => counted,
+                let mut s = shard.borrow_mut();
+                let admitted = s.screen(peer).and_then(|a| {
+                    if s.make_room() {
+                        Ok(a)
+                    } else {
+                        if a.is_some() {
+                            s.hub.ip_conns.release(peer.ip(), true);
+                        }
+                        Err(AcceptRefusal::PendingCap)
+                    }
+                });
+                let admitted = match admitted {
+                    Ok(admitted) => admitted,
                     Err(why) => {
-                        shard.borrow_mut().refused_at_accept(peer, why);
+                        s.refused_at_accept(peer, why);
+                        drop(s);
                         drop(stream);
                         continue;
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (slot, generation) =
-                    shard.borrow_mut().admit(stream.as_raw_fd(), peer, counted);
+                let (slot, generation) = s.admit(stream.as_raw_fd(), peer, admitted);
+                drop(s);
                 monoio::spawn(conn::drive(shard.clone(), stream, slot, generation));
             }
             Some(Err(e)) => {

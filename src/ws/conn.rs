@@ -87,6 +87,9 @@ pub struct Conn {
     /// When counted, the address already held `limits.connections_per_ip` connections: the
     /// handshake is answered 429 (decided in arrival order, at accept).
     pub over_ip_limit: bool,
+    /// A handshake token of the client's address was taken for this connection (at accept,
+    /// or when its request was read if the bucket was empty at accept).
+    pub hs_charged: bool,
     /// Number of implicit subscriptions at the front of `subs`.
     pub nr_implicit: u8,
     /// Error replies so far.
@@ -131,6 +134,7 @@ impl Conn {
             rx_since_ping: false,
             client_known: false,
             over_ip_limit: false,
+            hs_charged: false,
             nr_implicit: 0,
             bad_requests: 0,
             waker: None,
@@ -382,7 +386,7 @@ impl Shard {
             return;
         }
         match handshake::parse(&buf) {
-            Ok(None) if buf.len() > self.limits.max_handshake_bytes => self.refuse(
+            Ok(None) if buf.len() > self.limits.max_handshake_bytes => self.refuse_request(
                 slot,
                 Refusal::bad_request(format!(
                     "upgrade request over {} bytes",
@@ -390,8 +394,8 @@ impl Shard {
                 )),
             ),
             Ok(None) => self.conns[slot as usize].inbuf = buf,
-            Err(r) => self.refuse(slot, r),
-            Ok(Some(up)) if up.len > self.limits.max_handshake_bytes => self.refuse(
+            Err(r) => self.refuse_request(slot, r),
+            Ok(Some(up)) if up.len > self.limits.max_handshake_bytes => self.refuse_request(
                 slot,
                 Refusal::bad_request(format!(
                     "upgrade request over {} bytes",
@@ -448,7 +452,7 @@ impl Shard {
         if !self.hub.registry.load().access.permits(peer.ip()) {
             return Err(());
         }
-        let over = self.hub.ip_conns.acquire_always(peer.ip());
+        let over = self.hub.ip_conns.admit_always(peer.ip());
         let c = &mut self.conns[slot as usize];
         c.peer = peer;
         c.client_known = true;
@@ -456,13 +460,34 @@ impl Shard {
         Ok(())
     }
 
-    /// The per-address handshake token bucket and concurrent-connection limit (429 with
-    /// `Retry-After`).
-    fn rate_check(&mut self, slot: u32) -> Result<(), Refusal> {
-        let ip = self.conns[slot as usize].peer.ip();
+    /// The per-address handshake token bucket (unless a token was taken at accept): 429 with
+    /// `Retry-After`. Nothing to take for a trusted proxy's connection whose client is not
+    /// named yet.
+    fn charge(&mut self, slot: u32) -> Result<(), Refusal> {
+        let c = &self.conns[slot as usize];
+        if c.hs_charged || !c.client_known {
+            return Ok(());
+        }
+        let ip = c.peer.ip();
         self.hs_limiter
             .take(crate::limiter::client_key(ip), Instant::now())
             .map_err(|secs| Refusal::rate_limited("too many handshakes from this address", secs))?;
+        self.conns[slot as usize].hs_charged = true;
+        Ok(())
+    }
+
+    /// Refuses a request that was read but cannot be served (malformed, too long): it counts
+    /// against its address's handshake rate like any other, so over the rate the answer is
+    /// 429, not the reason.
+    fn refuse_request(&mut self, slot: u32, r: Refusal) {
+        let r = self.charge(slot).err().unwrap_or(r);
+        self.refuse(slot, r);
+    }
+
+    /// The per-address handshake token bucket and concurrent-connection limit (429 with
+    /// `Retry-After`).
+    fn rate_check(&mut self, slot: u32) -> Result<(), Refusal> {
+        self.charge(slot)?;
         if self.conns[slot as usize].over_ip_limit {
             return Err(Refusal::rate_limited(
                 format!(
@@ -534,22 +559,46 @@ impl Shard {
             _ => "bad_request",
         };
         ShardStats::add(&self.stats.handshakes[ShardStats::outcome(outcome)], 1);
-        let c = &mut self.conns[slot as usize];
-        info!(
-            peer = %c.peer,
-            status = r.status,
-            error = r.error,
-            reason = %r.message,
-            "handshake refused"
-        );
-        self.push_raw(slot, Bytes::from(r.response()));
-        let c = &mut self.conns[slot as usize];
-        if c.phase == ConnPhase::Handshake {
-            self.pending_handshakes -= 1;
+        let peer = self.conns[slot as usize].peer;
+        // A flood of refusals is one line in full and a summary per interval (the sweep
+        // logs it); each one is still there at debug.
+        if self.refusals.note(Instant::now(), outcome, true) {
+            info!(
+                %peer,
+                status = r.status,
+                error = r.error,
+                reason = %r.message,
+                "handshake refused (further refusals in the next {} s are summed up in one line)",
+                crate::shard::REFUSAL_LOG_EVERY.as_secs()
+            );
+        } else {
+            debug!(
+                %peer,
+                status = r.status,
+                error = r.error,
+                reason = %r.message,
+                "handshake refused"
+            );
         }
+        self.push_raw(slot, Bytes::from(r.response()));
+        self.handshake_over(slot);
+        let c = &mut self.conns[slot as usize];
         c.phase = ConnPhase::Closing;
         c.kill_after_flush = true;
         self.arm_close_deadline(slot);
+    }
+
+    /// The handshake of `slot` is over (opened, refused or evicted; the caller moves it out of
+    /// the handshake phase): it no longer counts as in progress, for the shard or its address.
+    pub(crate) fn handshake_over(&mut self, slot: u32) {
+        let c = &self.conns[slot as usize];
+        if c.phase != ConnPhase::Handshake {
+            return;
+        }
+        self.pending_handshakes -= 1;
+        if c.client_known {
+            self.hub.ip_conns.handshake_over(c.peer.ip());
+        }
     }
 
     fn arm_close_deadline(&mut self, slot: u32) {
@@ -604,9 +653,9 @@ impl Shard {
         let expires_at = claims
             .exp
             .map_or(0, |e| e.saturating_add(project.leeway_secs));
+        self.handshake_over(slot);
         let c = &mut self.conns[slot as usize];
         c.phase = ConnPhase::Open;
-        self.pending_handshakes -= 1;
         c.expires_at = expires_at;
         c.msg_tat = self.clock_us;
         c.identity = Some(Box::new(Identity {
@@ -1126,11 +1175,12 @@ impl Shard {
             self.unsubscribe_at(slot, last);
         }
         let c = self.conns.remove(slot as usize);
-        if c.phase == ConnPhase::Handshake {
+        let in_handshake = c.phase == ConnPhase::Handshake;
+        if in_handshake {
             self.pending_handshakes -= 1;
         }
         if c.client_known {
-            self.hub.ip_conns.release(c.peer.ip());
+            self.hub.ip_conns.release(c.peer.ip(), in_handshake);
         }
         if let Some(id) = &c.identity {
             let node = self.hub.nr_connections.fetch_sub(1, Ordering::Relaxed) - 1;

@@ -69,6 +69,7 @@ pub fn config() -> Config {
     // (tests/protection.rs).
     c.limits.handshakes_per_ip_per_sec = 0;
     c.limits.connections_per_ip = 0;
+    c.limits.max_pending_handshakes_per_ip = 0;
     c.limits.messages_per_conn_per_sec = 0;
     c.limits.api_requests_per_key_per_sec = 0;
     c.projects = vec![

@@ -43,6 +43,7 @@ shards = 2
 [limits]
 handshakes_per_ip_per_sec = 0
 connections_per_ip = 0
+max_pending_handshakes_per_ip = 0
 messages_per_conn_per_sec = 0
 api_requests_per_key_per_sec = 0
 [api]
