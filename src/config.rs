@@ -70,6 +70,12 @@ pub struct ServerConfig {
     /// connections are many small allocations, and 2 MiB pages inflate resident memory
     /// (measured in docs/capacity.md). Default false.
     pub transparent_huge_pages: bool,
+    /// Start even when another process already listens on `listen`, and share the port with
+    /// it (SO_REUSEPORT): the kernel then splits new connections between the two. Only for a
+    /// zero-downtime upgrade (start the new node with this, then stop the old one); otherwise
+    /// a second node on the same address is refused at start. `--handover` sets it.
+    /// Default false.
+    pub handover: bool,
     /// Where projects and keys made through the API persist. Default: `$STATE_DIRECTORY`
     /// (systemd's StateDirectory=), else `$XDG_STATE_HOME/herald`, else
     /// `$HOME/.local/state/herald`, else `./herald-state`. `--state-dir` overrides.
@@ -327,6 +333,7 @@ impl Default for ServerConfig {
             max_connections: 0,
             drain_timeout_ms: 5000,
             transparent_huge_pages: false,
+            handover: false,
             state_dir: None,
         }
     }
@@ -483,24 +490,40 @@ impl Config {
     /// Parses TOML text.
     ///
     /// # Errors
-    /// serde's message naming the key.
+    /// Where the error is (line and column), the key when known, and what is wrong; never
+    /// the text of the line or the offending value, which may be a secret (see
+    /// [`describe_toml_error`]).
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| describe_toml_error(text, e))
     }
 
     /// Whether a public development secret is configured anywhere.
     pub fn uses_dev_keys(&self) -> bool {
-        let admin = self
+        !self.dev_key_users().is_empty()
+    }
+
+    /// What uses a public development secret, for the warning: `project `p``, `admin key
+    /// `herald-dev-admin``.
+    pub fn dev_key_users(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .projects
+            .iter()
+            .filter(|p| {
+                p.keys
+                    .iter()
+                    .any(|k| k.secret.as_ref().is_some_and(|s| s.0 == DEV_SECRET))
+            })
+            .map(|p| format!("project `{}`", p.id))
+            .collect();
+        if self
             .api
             .admin_key
             .as_ref()
-            .is_some_and(|k| k.0 == DEV_ADMIN_KEY);
-        let keys = self
-            .projects
-            .iter()
-            .flat_map(|p| &p.keys)
-            .any(|k| k.secret.as_ref().is_some_and(|s| s.0 == DEV_SECRET));
-        admin || keys
+            .is_some_and(|k| k.0 == DEV_ADMIN_KEY)
+        {
+            out.push(format!("admin key `{DEV_ADMIN_KEY}`"));
+        }
+        out
     }
 
     /// Number of shards to start: `server.shards`, or the cores this process may use.
@@ -625,6 +648,53 @@ impl Config {
     }
 }
 
+/// The keys whose value differs between the running config and a re-read one among those a
+/// running node cannot change: everything but the projects, the admin key and the `[access]`
+/// lists (see [`keep_restart_only_settings`]). Dotted names, e.g. `ws.max_message_bytes`.
+pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
+    fn diff<T: Serialize>(section: &str, a: &T, b: &T, skip: &[&str], out: &mut Vec<String>) {
+        let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+            (serde_json::to_value(a), serde_json::to_value(b))
+        else {
+            return;
+        };
+        for (key, value) in &a {
+            if !skip.contains(&key.as_str()) && b.get(key) != Some(value) {
+                out.push(format!("{section}.{key}"));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    diff("server", &running.server, &new.server, &[], &mut out);
+    diff("ws", &running.ws, &new.ws, &[], &mut out);
+    diff("api", &running.api, &new.api, RELOADED_API_KEYS, &mut out);
+    diff("limits", &running.limits, &new.limits, &[], &mut out);
+    diff("proxy", &running.proxy, &new.proxy, &[], &mut out);
+    diff("log", &running.log, &new.log, &[], &mut out);
+    out
+}
+
+/// The `[api]` keys a reload applies.
+const RELOADED_API_KEYS: &[&str] = &["admin_key", "admin_key_file"];
+
+/// Puts the running values of every setting that needs a restart into a re-read config, so
+/// the config in force says what the node really runs with (and a later reload of the same
+/// file names the same pending changes).
+pub fn keep_restart_only_settings(running: &Config, new: &mut Config) {
+    new.server = running.server.clone();
+    new.ws = running.ws.clone();
+    new.limits = running.limits.clone();
+    new.proxy = running.proxy.clone();
+    new.log = running.log.clone();
+    let admin_key = new.api.admin_key.take();
+    let admin_key_file = new.api.admin_key_file.take();
+    new.api = ApiConfig {
+        admin_key,
+        admin_key_file,
+        ..running.api.clone()
+    };
+}
+
 /// Checks one project's settings; `at` names it in errors (e.g. `projects[2]`).
 ///
 /// # Errors
@@ -685,6 +755,97 @@ pub fn validate_project(at: &str, p: &ProjectConfig) -> Result<(), ConfigError> 
         }
     }
     Ok(())
+}
+
+/// A TOML or schema error as `line L, column C, key `K`: what is wrong`.
+///
+/// The toml crate's own rendering quotes the offending source line, and serde's messages
+/// quote the offending value (`invalid type: string "..."`): either may be a secret, and
+/// these messages reach stderr and the journal. This keeps the position, the key (from the
+/// error's path, else the bare key in front of `=` on that line) and the kind of mistake.
+pub fn describe_toml_error(text: &str, mut e: toml::de::Error) -> String {
+    let span = e.span();
+    let message = redact_values(e.message());
+    // Without the input, the crate renders the message and the key path (`in `a.b``) only.
+    e.set_input(None);
+    let rendered = e.to_string();
+    let mut key = rendered
+        .lines()
+        .filter_map(|l| l.strip_prefix("in `")?.strip_suffix('`'))
+        .next_back()
+        .map(str::to_owned);
+    let mut out = String::new();
+    if let Some(span) = span {
+        let start = span.start.min(text.len());
+        let before = &text.as_bytes()[..start];
+        let line_start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = String::from_utf8_lossy(&before[line_start..])
+            .chars()
+            .count()
+            + 1;
+        out = format!("line {line}, column {column}");
+        if key.is_none() {
+            let rest = &text[line_start..];
+            let source_line = rest.split('\n').next().unwrap_or_default();
+            key = source_line
+                .split_once('=')
+                .map(|(k, _)| k.trim())
+                .filter(|k| {
+                    !k.is_empty()
+                        && k.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                })
+                .map(str::to_owned);
+        }
+    }
+    if let Some(key) = key {
+        if !out.is_empty() {
+            out.push_str(", ");
+        }
+        out.push_str(&format!("key `{key}`"));
+    }
+    if out.is_empty() {
+        message
+    } else {
+        format!("{out}: {message}")
+    }
+}
+
+/// serde's messages with the offending value left out: `invalid type: string "hunter2",
+/// expected u64` becomes `invalid type: string, expected u64`, `unknown variant `x`` becomes
+/// `unknown variant`. Key names (`unknown field `x``) are kept: they name the mistake.
+fn redact_values(message: &str) -> String {
+    let message = message.trim_end();
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let (unexpected, expected) = match rest.split_once(", expected ") {
+                Some((u, e)) => (u, Some(e)),
+                None => (rest, None),
+            };
+            let kind: String = unexpected
+                .split(['"', '`', '\''])
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            let mut out = format!("{prefix}{kind}");
+            if let Some(e) = expected {
+                out.push_str(", expected ");
+                out.push_str(e);
+            }
+            return out;
+        }
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `")
+        && let Some((_, tail)) = rest.split_once('`')
+    {
+        return format!("unknown variant{tail}");
+    }
+    message.to_owned()
 }
 
 /// Reads a document (a PEM, a JWKS) given inline or by file, as it is.
@@ -908,6 +1069,60 @@ mod tests {
     fn unknown_key_is_named() {
         let err = Config::parse("[ws]\nmax_mesage_bytes = 3\n").unwrap_err();
         assert!(err.contains("max_mesage_bytes"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_give_the_position_and_key_but_never_the_value() {
+        // A syntax error on a secret's line: the line's text stays out.
+        let err = Config::parse("[api]\nadmin_key = \"hunter2-secret\" x\n").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.starts_with("line 2, column "), "{err}");
+        assert!(err.contains("key `admin_key`"), "{err}");
+        // A type error quoting the value.
+        let text = "[[projects]]\nid = \"p\"\nleeway_secs = \"hunter2-secret\"\n";
+        let err = Config::parse(text).unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("line 3, column 15"), "{err}");
+        assert!(err.contains("invalid type: string, expected u64"), "{err}");
+        assert!(err.contains("leeway_secs"), "{err}");
+        // A secret given as a number.
+        let err = Config::parse("[api]\nadmin_key = 987654321\n").unwrap_err();
+        assert!(!err.contains("987654321"), "{err}");
+        assert!(err.contains("invalid type: integer"), "{err}");
+        // An enum value.
+        let err = Config::parse("[log]\nformat = \"hunter2-secret\"\n").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("unknown variant, expected"), "{err}");
+    }
+
+    #[test]
+    fn restart_only_changes_are_named() {
+        let running = Config::development();
+        let mut new = running.clone();
+        assert!(restart_only_changes(&running, &new).is_empty());
+        new.ws.max_message_bytes += 1;
+        new.server.drain_timeout_ms += 1;
+        new.api.max_body_bytes += 1;
+        new.limits.connections_per_ip += 1;
+        new.log.level = "debug".into();
+        // Applied by a reload: not named.
+        new.api.admin_key = Some(Secret("another-admin-key".into()));
+        new.access.deny = vec!["10.0.0.0/8".into()];
+        new.projects[0].leeway_secs = 5;
+        assert_eq!(
+            restart_only_changes(&running, &new),
+            [
+                "server.drain_timeout_ms",
+                "ws.max_message_bytes",
+                "api.max_body_bytes",
+                "limits.connections_per_ip",
+                "log.level",
+            ]
+        );
+        keep_restart_only_settings(&running, &mut new);
+        assert!(restart_only_changes(&running, &new).is_empty());
+        assert_eq!(new.api.admin_key, Some(Secret("another-admin-key".into())));
+        assert_eq!(new.projects[0].leeway_secs, 5);
     }
 
     #[test]
