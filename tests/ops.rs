@@ -460,3 +460,43 @@ fn the_development_warning_names_the_projects_of_the_config() {
         "{line}"
     );
 }
+
+#[test]
+fn the_readme_production_commands_run_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let block = readme
+        .split("```sh\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .find(|b| b.contains("genconfig"))
+        .expect("a shell block with genconfig");
+    let lines: Vec<&str> = block.lines().collect();
+    assert_eq!(lines[0], "cargo build --release", "{block}");
+    // Every herald command names the binary that line builds, not a `herald` on PATH.
+    let commands = &lines[1..];
+    assert!(commands.len() >= 3, "{block}");
+    for line in commands {
+        assert!(line.starts_with("./target/release/herald "), "{line}");
+    }
+    // Run them (but `serve`) with this build's binary, in a scratch directory.
+    let dir = TempDir::new("readme");
+    for line in commands.iter().filter(|l| !l.contains(" serve ")) {
+        let line = line.replace("./target/release/herald", env!("CARGO_BIN_EXE_herald"));
+        let out = Command::new("sh")
+            .args(["-c", &line])
+            .current_dir(&dir.0)
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{line}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        commands
+            .iter()
+            .any(|l| l.contains(" serve --config herald.toml"))
+    );
+}
