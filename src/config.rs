@@ -648,51 +648,57 @@ impl Config {
     }
 }
 
+/// What a SIGHUP reload applies: whole sections, or single `section.key`s.
+const RELOADED: &[&str] = &["projects", "access", "api.admin_key", "api.admin_key_file"];
+
 /// The keys whose value differs between the running config and a re-read one among those a
 /// running node cannot change: everything but the projects, the admin key and the `[access]`
-/// lists (see [`keep_restart_only_settings`]). Dotted names, e.g. `ws.max_message_bytes`.
+/// lists (see [`keep_restart_only_settings`]). Dotted names, e.g. `ws.max_message_bytes`,
+/// in file order of sections.
 pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
-    fn diff<T: Serialize>(section: &str, a: &T, b: &T, skip: &[&str], out: &mut Vec<String>) {
-        let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
-            (serde_json::to_value(a), serde_json::to_value(b))
-        else {
-            return;
-        };
-        for (key, value) in &a {
-            if !skip.contains(&key.as_str()) && b.get(key) != Some(value) {
-                out.push(format!("{section}.{key}"));
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(running), serde_json::to_value(new))
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    // serde_json's map is sorted; list the sections in the struct's (and genconfig's) order.
+    let order = [
+        "server", "ws", "api", "access", "limits", "proxy", "log", "projects",
+    ];
+    let mut sections: Vec<&String> = a.keys().collect();
+    sections.sort_by_key(|s| order.iter().position(|o| o == s).unwrap_or(order.len()));
+    for section in sections {
+        if RELOADED.contains(&section.as_str()) {
+            continue;
+        }
+        match (&a[section], b.get(section)) {
+            (serde_json::Value::Object(x), Some(serde_json::Value::Object(y))) => {
+                for (key, value) in x {
+                    let name = format!("{section}.{key}");
+                    if !RELOADED.contains(&name.as_str()) && y.get(key) != Some(value) {
+                        out.push(name);
+                    }
+                }
             }
+            (x, y) if Some(x) != y => out.push(section.clone()),
+            _ => {}
         }
     }
-    let mut out = Vec::new();
-    diff("server", &running.server, &new.server, &[], &mut out);
-    diff("ws", &running.ws, &new.ws, &[], &mut out);
-    diff("api", &running.api, &new.api, RELOADED_API_KEYS, &mut out);
-    diff("limits", &running.limits, &new.limits, &[], &mut out);
-    diff("proxy", &running.proxy, &new.proxy, &[], &mut out);
-    diff("log", &running.log, &new.log, &[], &mut out);
     out
 }
 
-/// The `[api]` keys a reload applies.
-const RELOADED_API_KEYS: &[&str] = &["admin_key", "admin_key_file"];
-
-/// Puts the running values of every setting that needs a restart into a re-read config, so
-/// the config in force says what the node really runs with (and a later reload of the same
-/// file names the same pending changes).
+/// Makes a re-read config the one in force: the running config with what a reload applies
+/// (projects, `[access]`, the admin key) taken from the file. Every other setting keeps its
+/// running value, so the config in force says what the node really runs with (and a later
+/// reload of the same file names the same pending changes).
 pub fn keep_restart_only_settings(running: &Config, new: &mut Config) {
-    new.server = running.server.clone();
-    new.ws = running.ws.clone();
-    new.limits = running.limits.clone();
-    new.proxy = running.proxy.clone();
-    new.log = running.log.clone();
-    let admin_key = new.api.admin_key.take();
-    let admin_key_file = new.api.admin_key_file.take();
-    new.api = ApiConfig {
-        admin_key,
-        admin_key_file,
-        ..running.api.clone()
-    };
+    let mut kept = running.clone();
+    kept.projects = std::mem::take(&mut new.projects);
+    kept.access = std::mem::take(&mut new.access);
+    kept.api.admin_key = new.api.admin_key.take();
+    kept.api.admin_key_file = new.api.admin_key_file.take();
+    *new = kept;
 }
 
 /// Checks one project's settings; `at` names it in errors (e.g. `projects[2]`).
@@ -791,14 +797,12 @@ pub fn describe_toml_error(text: &str, mut e: toml::de::Error) -> String {
         if key.is_none() {
             let rest = &text[line_start..];
             let source_line = rest.split('\n').next().unwrap_or_default();
+            // Only a name herald knows: the line may be inside a multi-line string (a PEM,
+            // a secret) whose text merely contains `=`.
             key = source_line
                 .split_once('=')
                 .map(|(k, _)| k.trim())
-                .filter(|k| {
-                    !k.is_empty()
-                        && k.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-                })
+                .filter(|k| is_config_key(k))
                 .map(str::to_owned);
         }
     }
@@ -815,10 +819,33 @@ pub fn describe_toml_error(text: &str, mut e: toml::de::Error) -> String {
     }
 }
 
+/// Whether every dotted part of `name` is a section or key name of the config.
+fn is_config_key(name: &str) -> bool {
+    fn collect(v: &serde_json::Value, names: &mut std::collections::HashSet<String>) {
+        if let serde_json::Value::Object(m) = v {
+            for (k, v) in m {
+                names.insert(k.clone());
+                collect(v, names);
+            }
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    let samples = [
+        serde_json::to_value(Config::default()),
+        serde_json::to_value(ProjectConfig::default()),
+        serde_json::to_value(KeyConfig::default()),
+    ];
+    for v in samples.into_iter().flatten() {
+        collect(&v, &mut names);
+    }
+    !name.is_empty() && name.split('.').all(|part| names.contains(part.trim()))
+}
+
 /// serde's messages with the offending value left out: `invalid type: string "hunter2",
 /// expected u64` becomes `invalid type: string, expected u64`, `unknown variant `x`` becomes
-/// `unknown variant`. Key names (`unknown field `x``) are kept: they name the mistake.
-fn redact_values(message: &str) -> String {
+/// `unknown variant`. Key names (`unknown field `x``) are kept: they name the mistake. Also for
+/// serde_json's messages about documents that may hold keys (a JWKS, the state file).
+pub fn redact_values(message: &str) -> String {
     let message = message.trim_end();
     for prefix in ["invalid type: ", "invalid value: "] {
         if let Some(rest) = message.strip_prefix(prefix) {
@@ -1146,10 +1173,27 @@ mod tests {
         let err = Config::parse("[api]\nadmin_key = 987654321\n").unwrap_err();
         assert!(!err.contains("987654321"), "{err}");
         assert!(err.contains("invalid type: integer"), "{err}");
+        // A line inside a multi-line string is not taken for a key.
+        let text = "[api]\nadmin_key = \"\"\"\nhunter2secret=\\q\n\"\"\"\n";
+        let err = Config::parse(text).unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.starts_with("line 3, column 16: "), "{err}");
         // An enum value.
         let err = Config::parse("[log]\nformat = \"hunter2-secret\"\n").unwrap_err();
         assert!(!err.contains("hunter2"), "{err}");
         assert!(err.contains("unknown variant, expected"), "{err}");
+    }
+
+    #[test]
+    fn serde_json_messages_lose_the_value_too() {
+        let e = serde_json::from_str::<KeyConfig>(r#"{"kid": "k", "secret": 987654321}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("987654321"), "serde quotes it: {e}");
+        let r = redact_values(&e);
+        assert!(!r.contains("987654321"), "{r}");
+        assert!(r.starts_with("invalid type: integer, expected"), "{r}");
+        assert!(r.ends_with("at line 1 column 32"), "{r}");
     }
 
     #[test]

@@ -155,9 +155,10 @@ impl Store {
                 });
             }
         };
+        // serde's message may quote a value, and the state holds API-made keys.
         serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
             path,
-            message: e.to_string(),
+            message: crate::config::redact_values(&e.to_string()),
         })
     }
 
