@@ -228,8 +228,14 @@ impl Report {
              fs.file-max, less {} reserved descriptors)",
             self.reserved
         );
-        if let Some(t) = self.target {
-            let _ = write!(s, "; target {t}");
+        match self.target {
+            Some(t) => {
+                let _ = write!(s, "; target {t}");
+            }
+            None => s.push_str(
+                "; no connection target (--connections N or server.max_connections), so only \
+                 the listen backlog is checked",
+            ),
         }
         let short: Vec<&str> = self
             .rows
@@ -312,6 +318,22 @@ mod tests {
         assert_eq!(somaxconn_for(u64::MAX), 65535);
         assert_eq!(reserved_fds(2), 1024);
         assert_eq!(reserved_fds(1024), 64 + 4 * 1024);
+    }
+
+    #[test]
+    fn without_a_target_the_summary_says_so() {
+        let r = check(&Config::development(), None);
+        assert!(r.target.is_none());
+        assert!(
+            r.summary().contains("no connection target"),
+            "{}",
+            r.summary()
+        );
+        assert!(
+            r.rows
+                .iter()
+                .all(|row| row.needed.is_none() || row.name == "net.core.somaxconn")
+        );
     }
 
     #[test]
