@@ -11,8 +11,8 @@ use tracing::{info, warn};
 
 use crate::auth::{KeyError, KeySpec, Registry, RegistryError};
 use crate::config::{
-    Config, ConfigError, ProjectConfig, keep_restart_only_settings, restart_only_changes,
-    validate_project,
+    Config, ConfigError, Overrides, ProjectConfig, keep_restart_only_settings,
+    restart_only_changes, validate_project,
 };
 use crate::hub::Hub;
 use crate::shard::mailbox::ShardMsg;
@@ -80,8 +80,8 @@ pub struct Admin {
     store: Store,
     /// File to re-read on SIGHUP; `None` for the embedded default.
     config_path: Option<PathBuf>,
-    /// Keys set on the command line: a reload keeps their running values.
-    cli_overrides: Vec<&'static str>,
+    /// Settings given on the command line: they win over the re-read file too.
+    overrides: Overrides,
     inner: Mutex<Inner>,
 }
 
@@ -103,13 +103,13 @@ impl Admin {
         config: Config,
         state: State,
         config_path: Option<PathBuf>,
-        cli_overrides: Vec<&'static str>,
+        overrides: Overrides,
     ) -> Self {
         Self {
             hub,
             store,
             config_path,
-            cli_overrides,
+            overrides,
             inner: Mutex::new(Inner { config, state }),
         }
     }
@@ -255,16 +255,7 @@ impl Admin {
         let running = &inner.config;
         let config = Config::load(path).and_then(|mut c| {
             // Command-line overrides of the running process still apply.
-            for key in &self.cli_overrides {
-                match *key {
-                    "server.listen" => c.server.listen = running.server.listen,
-                    "server.api_listen" => c.server.api_listen = running.server.api_listen,
-                    "server.shards" => c.server.shards = running.server.shards,
-                    "server.state_dir" => c.server.state_dir.clone_from(&running.server.state_dir),
-                    "server.handover" => c.server.handover = running.server.handover,
-                    _ => {}
-                }
-            }
+            self.overrides.apply(&mut c);
             c.validate().map(|()| c)
         });
         let mut config = match config {

@@ -648,6 +648,44 @@ impl Config {
     }
 }
 
+/// Settings given on the command line of `herald serve`: they win over the file, at start and
+/// at every reload.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    /// `--listen`: `server.listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--api-listen`: `server.api_listen`.
+    pub api_listen: Option<SocketAddr>,
+    /// `--shards`: `server.shards`.
+    pub shards: Option<usize>,
+    /// `--state-dir`: `server.state_dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--handover`: `server.handover = true`.
+    pub handover: bool,
+}
+
+impl Overrides {
+    /// Puts the command-line values into `cfg`.
+    pub fn apply(&self, cfg: &mut Config) {
+        let s = &mut cfg.server;
+        if let Some(a) = self.listen {
+            s.listen = a;
+        }
+        if let Some(a) = self.api_listen {
+            s.api_listen = a;
+        }
+        if let Some(n) = self.shards {
+            s.shards = n;
+        }
+        if let Some(d) = &self.state_dir {
+            s.state_dir = Some(d.clone());
+        }
+        if self.handover {
+            s.handover = true;
+        }
+    }
+}
+
 /// What a SIGHUP reload applies: whole sections, or single `section.key`s.
 const RELOADED: &[&str] = &["projects", "access", "api.admin_key", "api.admin_key_file"];
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use herald::auth::{Claims, Registry, now_secs};
-use herald::config::{Config, ConfigError, LogFormat, production_template};
+use herald::config::{Config, ConfigError, LogFormat, Overrides, production_template};
 use tracing::{error, warn};
 
 #[global_allocator]
@@ -136,27 +136,14 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let mut cli_overrides = Vec::new();
-            if let Some(a) = listen {
-                cfg.server.listen = a;
-                cli_overrides.push("server.listen");
-            }
-            if let Some(a) = api_listen {
-                cfg.server.api_listen = a;
-                cli_overrides.push("server.api_listen");
-            }
-            if let Some(n) = shards {
-                cfg.server.shards = n;
-                cli_overrides.push("server.shards");
-            }
-            if let Some(d) = state_dir {
-                cfg.server.state_dir = Some(d);
-                cli_overrides.push("server.state_dir");
-            }
-            if handover {
-                cfg.server.handover = true;
-                cli_overrides.push("server.handover");
-            }
+            let overrides = Overrides {
+                listen,
+                api_listen,
+                shards,
+                state_dir,
+                handover,
+            };
+            overrides.apply(&mut cfg);
             init_logging(&cfg, log_json);
             if !cfg.server.transparent_huge_pages {
                 // SAFETY: prctl with integer arguments only; affects this process's memory map.
@@ -196,7 +183,7 @@ fn main() -> ExitCode {
                 &cfg,
                 herald::server::Options {
                     config_path: config,
-                    cli_overrides,
+                    overrides,
                 },
             )
         }

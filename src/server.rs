@@ -60,9 +60,9 @@ pub enum StartError {
 pub struct Options {
     /// The config file, re-read on SIGHUP (`None` for a config made in code).
     pub config_path: Option<std::path::PathBuf>,
-    /// Keys given on the command line (`server.listen`, `server.api_listen`, `server.shards`,
-    /// `server.state_dir`): a reload keeps their running values instead of the file's.
-    pub cli_overrides: Vec<&'static str>,
+    /// Settings given on the command line, already applied to the config: a reload applies
+    /// them to the re-read file too.
+    pub overrides: crate::config::Overrides,
 }
 
 /// A running node.
@@ -209,7 +209,7 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
         cfg.clone(),
         state,
         opts.config_path,
-        opts.cli_overrides,
+        opts.overrides,
     ));
     let api = api::start(
         hub.clone(),
