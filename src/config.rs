@@ -887,7 +887,8 @@ pub fn redact_values(message: &str) -> String {
     let message = message.trim_end();
     for prefix in ["invalid type: ", "invalid value: "] {
         if let Some(rest) = message.strip_prefix(prefix) {
-            let (unexpected, expected) = match rest.split_once(", expected ") {
+            // The last separator: the quoted value may contain one.
+            let (unexpected, expected) = match rest.rsplit_once(", expected ") {
                 Some((u, e)) => (u, Some(e)),
                 None => (rest, None),
             };
@@ -905,9 +906,11 @@ pub fn redact_values(message: &str) -> String {
             return out;
         }
     }
-    if let Some(rest) = message.strip_prefix("unknown variant `")
-        && let Some((_, tail)) = rest.split_once('`')
-    {
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        let tail = ["`, expected ", "`, there are no variants"]
+            .iter()
+            .find_map(|sep| rest.rfind(sep).map(|i| &rest[i + 1..]))
+            .unwrap_or_default();
         return format!("unknown variant{tail}");
     }
     message.to_owned()
@@ -1232,6 +1235,11 @@ mod tests {
         assert!(!r.contains("987654321"), "{r}");
         assert!(r.starts_with("invalid type: integer, expected"), "{r}");
         assert!(r.ends_with("at line 1 column 32"), "{r}");
+        // A value that looks like the message around it.
+        let r = redact_values(r#"invalid type: string "a, expected b", expected u64"#);
+        assert_eq!(r, "invalid type: string, expected u64");
+        let r = redact_values("unknown variant `a`b, expected c`, expected `text` or `json`");
+        assert_eq!(r, "unknown variant, expected `text` or `json`");
     }
 
     #[test]
