@@ -18,7 +18,8 @@ const HERALD: &str = env!("CARGO_BIN_EXE_herald");
 /// A secret that must never be printed.
 const SECRET: &str = "ops-test-secret-never-printed-0123456789";
 
-/// A config with project `shop` (HS256 key [`SECRET`]) and `extra` inserted in `[server]`.
+/// A config with project `shop` (HS256 key [`SECRET`]), with `server_extra` and `ws_extra`
+/// lines added to `[server]` and `[ws]`.
 fn config_text(dir: &TempDir, server_extra: &str, ws_extra: &str) -> String {
     format!(
         r#"[server]
