@@ -10,7 +10,10 @@ use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 
 use crate::auth::{KeyError, KeySpec, Registry, RegistryError};
-use crate::config::{Config, ConfigError, ProjectConfig, validate_project};
+use crate::config::{
+    Config, ConfigError, Overrides, ProjectConfig, keep_restart_only_settings,
+    restart_only_changes, validate_project,
+};
 use crate::hub::Hub;
 use crate::shard::mailbox::ShardMsg;
 use crate::store::{State, Store, StoreError};
@@ -77,6 +80,8 @@ pub struct Admin {
     store: Store,
     /// File to re-read on SIGHUP; `None` for the embedded default.
     config_path: Option<PathBuf>,
+    /// Settings given on the command line: they win over the re-read file too.
+    overrides: Overrides,
     inner: Mutex<Inner>,
 }
 
@@ -98,11 +103,13 @@ impl Admin {
         config: Config,
         state: State,
         config_path: Option<PathBuf>,
+        overrides: Overrides,
     ) -> Self {
         Self {
             hub,
             store,
             config_path,
+            overrides,
             inner: Mutex::new(Inner { config, state }),
         }
     }
@@ -232,45 +239,48 @@ impl Admin {
         Ok(())
     }
 
-    /// SIGHUP: re-reads the config file and applies its projects and keys. A bad file is
-    /// refused with a log line and everything stays as it was. Listener, shard, limit
-    /// and proxy settings need a restart; a change to them is logged and ignored.
-    pub fn reload(&self) {
+    /// SIGHUP: re-reads the config file and applies what a running node can change: projects
+    /// and keys, the admin key and the IP access lists. Every other setting needs a restart:
+    /// each such key that differs from the running value is logged by name and the running
+    /// value stays. A bad file is refused with a log line and everything stays as it was.
+    ///
+    /// # Errors
+    /// Why the file was refused (already logged), to report to the service manager.
+    pub fn reload(&self) -> Result<(), String> {
         let Some(path) = &self.config_path else {
             info!("SIGHUP: running on the embedded default; nothing to reload");
-            return;
+            return Ok(());
         };
         let mut inner = self.lock();
-        let config = match Config::load(path).and_then(|mut c| {
+        let running = &inner.config;
+        let config = Config::load(path).and_then(|mut c| {
             // Command-line overrides of the running process still apply.
-            let running = &inner.config.server;
-            c.server.listen = running.listen;
-            c.server.api_listen = running.api_listen;
-            c.server.shards = running.shards;
-            c.server.state_dir.clone_from(&running.state_dir);
+            self.overrides.apply(&mut c);
             c.validate().map(|()| c)
-        }) {
+        });
+        let mut config = match config {
             Ok(c) => c,
             Err(e) => {
+                let e = e.to_string();
                 warn!("SIGHUP: reload refused, old settings stay: {e}");
-                return;
+                return Err(e);
             }
         };
-        let c = &inner.config;
-        if config.server != c.server
-            || config.ws != c.ws
-            || config.limits != c.limits
-            || config.proxy != c.proxy
-        {
-            warn!(
-                "SIGHUP: [server], [ws], [limits] and [proxy] changes take effect only after a \
-                 restart"
-            );
+        for key in restart_only_changes(running, &config) {
+            warn!(%key, "SIGHUP: {key} changed; needs a restart to take effect");
         }
+        keep_restart_only_settings(running, &mut config);
         let state = inner.state.clone();
         match self.commit(&mut inner, config, state) {
-            Ok(()) => info!(file = %path.display(), "SIGHUP: projects and keys reloaded"),
-            Err(e) => warn!("SIGHUP: reload refused, old settings stay: {e}"),
+            Ok(()) => {
+                info!(file = %path.display(), "SIGHUP: projects and keys reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                let e = e.to_string();
+                warn!("SIGHUP: reload refused, old settings stay: {e}");
+                Err(e)
+            }
         }
     }
 

@@ -70,6 +70,12 @@ pub struct ServerConfig {
     /// connections are many small allocations, and 2 MiB pages inflate resident memory
     /// (measured in docs/capacity.md). Default false.
     pub transparent_huge_pages: bool,
+    /// Start even when another process already listens on `listen`, and share the port with
+    /// it (SO_REUSEPORT): the kernel then splits new connections between the two. Only for a
+    /// zero-downtime upgrade (start the new node with this, then stop the old one); otherwise
+    /// a second node on the same address is refused at start. `--handover` sets it.
+    /// Default false.
+    pub handover: bool,
     /// Where projects and keys made through the API persist. Default: `$STATE_DIRECTORY`
     /// (systemd's StateDirectory=), else `$XDG_STATE_HOME/herald`, else
     /// `$HOME/.local/state/herald`, else `./herald-state`. `--state-dir` overrides.
@@ -334,6 +340,7 @@ impl Default for ServerConfig {
             max_connections: 0,
             drain_timeout_ms: 5000,
             transparent_huge_pages: false,
+            handover: false,
             state_dir: None,
         }
     }
@@ -490,24 +497,40 @@ impl Config {
     /// Parses TOML text.
     ///
     /// # Errors
-    /// serde's message naming the key.
+    /// Where the error is (line and column), the key when known, and what is wrong; never
+    /// the text of the line or the offending value, which may be a secret (see
+    /// [`describe_toml_error`]).
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| describe_toml_error(text, e))
     }
 
     /// Whether a public development secret is configured anywhere.
     pub fn uses_dev_keys(&self) -> bool {
-        let admin = self
+        !self.dev_key_users().is_empty()
+    }
+
+    /// What uses a public development secret, for the warning: `project `p``, `admin key
+    /// `herald-dev-admin``.
+    pub fn dev_key_users(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .projects
+            .iter()
+            .filter(|p| {
+                p.keys
+                    .iter()
+                    .any(|k| k.secret.as_ref().is_some_and(|s| s.0 == DEV_SECRET))
+            })
+            .map(|p| format!("project `{}`", p.id))
+            .collect();
+        if self
             .api
             .admin_key
             .as_ref()
-            .is_some_and(|k| k.0 == DEV_ADMIN_KEY);
-        let keys = self
-            .projects
-            .iter()
-            .flat_map(|p| &p.keys)
-            .any(|k| k.secret.as_ref().is_some_and(|s| s.0 == DEV_SECRET));
-        admin || keys
+            .is_some_and(|k| k.0 == DEV_ADMIN_KEY)
+        {
+            out.push(format!("admin key `{DEV_ADMIN_KEY}`"));
+        }
+        out
     }
 
     /// Number of shards to start: `server.shards`, or the cores this process may use.
@@ -660,6 +683,97 @@ impl Config {
 /// Largest `projects[].leeway_secs`: more would let a token outlive its `exp` by too much.
 pub const MAX_LEEWAY_SECS: u64 = 300;
 
+/// Settings given on the command line of `herald serve`: they win over the file, at start and
+/// at every reload.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    /// `--listen`: `server.listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--api-listen`: `server.api_listen`.
+    pub api_listen: Option<SocketAddr>,
+    /// `--shards`: `server.shards`.
+    pub shards: Option<usize>,
+    /// `--state-dir`: `server.state_dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--handover`: `server.handover = true`.
+    pub handover: bool,
+}
+
+impl Overrides {
+    /// Puts the command-line values into `cfg`.
+    pub fn apply(&self, cfg: &mut Config) {
+        let s = &mut cfg.server;
+        if let Some(a) = self.listen {
+            s.listen = a;
+        }
+        if let Some(a) = self.api_listen {
+            s.api_listen = a;
+        }
+        if let Some(n) = self.shards {
+            s.shards = n;
+        }
+        if let Some(d) = &self.state_dir {
+            s.state_dir = Some(d.clone());
+        }
+        if self.handover {
+            s.handover = true;
+        }
+    }
+}
+
+/// What a SIGHUP reload applies: whole sections, or single `section.key`s.
+const RELOADED: &[&str] = &["projects", "access", "api.admin_key", "api.admin_key_file"];
+
+/// The keys whose value differs between the running config and a re-read one among those a
+/// running node cannot change: everything but the projects, the admin key and the `[access]`
+/// lists (see [`keep_restart_only_settings`]). Dotted names, e.g. `ws.max_message_bytes`,
+/// in file order of sections.
+pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(running), serde_json::to_value(new))
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    // serde_json's map is sorted; list the sections in the struct's (and genconfig's) order.
+    let order = [
+        "server", "ws", "api", "access", "limits", "proxy", "log", "projects",
+    ];
+    let mut sections: Vec<&String> = a.keys().collect();
+    sections.sort_by_key(|s| order.iter().position(|o| o == s).unwrap_or(order.len()));
+    for section in sections {
+        if RELOADED.contains(&section.as_str()) {
+            continue;
+        }
+        match (&a[section], b.get(section)) {
+            (serde_json::Value::Object(x), Some(serde_json::Value::Object(y))) => {
+                for (key, value) in x {
+                    let name = format!("{section}.{key}");
+                    if !RELOADED.contains(&name.as_str()) && y.get(key) != Some(value) {
+                        out.push(name);
+                    }
+                }
+            }
+            (x, y) if Some(x) != y => out.push(section.clone()),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Makes a re-read config the one in force: the running config with what a reload applies
+/// (projects, `[access]`, the admin key) taken from the file. Every other setting keeps its
+/// running value, so the config in force says what the node really runs with (and a later
+/// reload of the same file names the same pending changes).
+pub fn keep_restart_only_settings(running: &Config, new: &mut Config) {
+    let mut kept = running.clone();
+    kept.projects = std::mem::take(&mut new.projects);
+    kept.access = std::mem::take(&mut new.access);
+    kept.api.admin_key = new.api.admin_key.take();
+    kept.api.admin_key_file = new.api.admin_key_file.take();
+    *new = kept;
+}
+
 /// Checks one project's settings; `at` names it in errors (e.g. `projects[2]`).
 ///
 /// # Errors
@@ -726,6 +840,121 @@ pub fn validate_project(at: &str, p: &ProjectConfig) -> Result<(), ConfigError> 
         }
     }
     Ok(())
+}
+
+/// A TOML or schema error as `line L, column C, key `K`: what is wrong`.
+///
+/// The toml crate's own rendering quotes the offending source line, and serde's messages
+/// quote the offending value (`invalid type: string "..."`): either may be a secret, and
+/// these messages reach stderr and the journal. This keeps the position, the key (from the
+/// error's path, else the bare key in front of `=` on that line) and the kind of mistake.
+pub fn describe_toml_error(text: &str, mut e: toml::de::Error) -> String {
+    let span = e.span();
+    let message = redact_values(e.message());
+    // Without the input, the crate renders the message and the key path (`in `a.b``) only.
+    e.set_input(None);
+    let rendered = e.to_string();
+    let mut key = rendered
+        .lines()
+        .filter_map(|l| l.strip_prefix("in `")?.strip_suffix('`'))
+        .next_back()
+        .map(str::to_owned);
+    let mut out = String::new();
+    if let Some(span) = span {
+        let start = span.start.min(text.len());
+        let before = &text.as_bytes()[..start];
+        let line_start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = String::from_utf8_lossy(&before[line_start..])
+            .chars()
+            .count()
+            + 1;
+        out = format!("line {line}, column {column}");
+        if key.is_none() {
+            let rest = &text[line_start..];
+            let source_line = rest.split('\n').next().unwrap_or_default();
+            // Only a name herald knows: the line may be inside a multi-line string (a PEM,
+            // a secret) whose text merely contains `=`.
+            key = source_line
+                .split_once('=')
+                .map(|(k, _)| k.trim())
+                .filter(|k| is_config_key(k))
+                .map(str::to_owned);
+        }
+    }
+    if let Some(key) = key {
+        if !out.is_empty() {
+            out.push_str(", ");
+        }
+        out.push_str(&format!("key `{key}`"));
+    }
+    if out.is_empty() {
+        message
+    } else {
+        format!("{out}: {message}")
+    }
+}
+
+/// Whether every dotted part of `name` is a section or key name of the config.
+fn is_config_key(name: &str) -> bool {
+    fn collect(v: &serde_json::Value, names: &mut std::collections::HashSet<String>) {
+        if let serde_json::Value::Object(m) = v {
+            for (k, v) in m {
+                names.insert(k.clone());
+                collect(v, names);
+            }
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    let samples = [
+        serde_json::to_value(Config::default()),
+        serde_json::to_value(ProjectConfig::default()),
+        serde_json::to_value(KeyConfig::default()),
+    ];
+    for v in samples.into_iter().flatten() {
+        collect(&v, &mut names);
+    }
+    !name.is_empty() && name.split('.').all(|part| names.contains(part.trim()))
+}
+
+/// serde's messages with the offending value left out: `invalid type: string "hunter2",
+/// expected u64` becomes `invalid type: string, expected u64`, `unknown variant `x`` becomes
+/// `unknown variant`. Key names (`unknown field `x``) are kept: they name the mistake. Also for
+/// serde_json's messages about documents that may hold keys (a JWKS, the state file).
+pub fn redact_values(message: &str) -> String {
+    let message = message.trim_end();
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            // The last separator: the quoted value may contain one.
+            let (unexpected, expected) = match rest.rsplit_once(", expected ") {
+                Some((u, e)) => (u, Some(e)),
+                None => (rest, None),
+            };
+            let kind: String = unexpected
+                .split(['"', '`', '\''])
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            let mut out = format!("{prefix}{kind}");
+            if let Some(e) = expected {
+                out.push_str(", expected ");
+                out.push_str(e);
+            }
+            return out;
+        }
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        let tail = ["`, expected ", "`, there are no variants"]
+            .iter()
+            .find_map(|sep| rest.rfind(sep).map(|i| &rest[i + 1..]))
+            .unwrap_or_default();
+        return format!("unknown variant{tail}");
+    }
+    message.to_owned()
 }
 
 /// Reads a document (a PEM, a JWKS) given inline or by file, as it is.
@@ -810,12 +1039,14 @@ pub fn production_template() -> String {
     let d = Config::default();
     format!(
         r#"# herald configuration (generated by `herald genconfig`).
-# Every key is optional; the value shown is the default unless marked otherwise.
+# Every key is optional. Each value shown is the default, except where a comment says
+# "Chosen here": the public listen address, the secrets and the project.
 # Secrets below are fresh random values: keep this file readable by herald only (0600),
 # or move them to files and use the *_file keys instead.
 
 [server]
 # Client WebSocket address; every shard listens on it with SO_REUSEPORT.
+# Chosen here: every interface (the default, 127.0.0.1:8080, is loopback only).
 listen = "0.0.0.0:8080"
 # HTTP API address for project backends and operators. Keep it off the public internet.
 api_listen = "127.0.0.1:8081"
@@ -831,6 +1062,9 @@ max_connections = 0
 drain_timeout_ms = {drain}
 # Transparent huge pages for herald's heap: off keeps idle connections lean.
 transparent_huge_pages = false
+# Share the client port with a node already listening on it (an upgrade in place); without
+# it, such a start is refused. Prefer `herald serve --handover` for that one start.
+handover = false
 # Where projects and keys created through the API persist (systemd: StateDirectory=herald).
 # state_dir = "/var/lib/herald"
 
@@ -850,6 +1084,7 @@ max_bad_requests = {mbr}
 
 [api]
 # Admin key: acts on every project. Or: admin_key_file = "/etc/herald/admin.key"
+# Chosen here: a fresh random key (default: none, and the admin API refuses every request).
 admin_key = "{admin}"
 max_body_bytes = {mbb}
 
@@ -891,6 +1126,8 @@ proxy_protocol = false
 format = "text"
 level = "info"
 
+# Chosen here: one project, `main` (there is no default project; at least one is required),
+# with a fresh random API key and HMAC key. The other project keys show their defaults.
 [[projects]]
 id = "main"
 # API key for this project's backend (publishes to this project only).
@@ -910,6 +1147,7 @@ allow_ips = []
 deny_ips = []
 # More keys as a JWKS (every key needs a kid): jwks_file = "/etc/herald/main.jwks.json"
 
+# Chosen here: key `k1`, HS256 with a fresh random secret.
 [[projects.keys]]
 kid = "k1"
 alg = "HS256"
@@ -968,6 +1206,54 @@ mod tests {
         assert!(!c.uses_dev_keys());
     }
 
+    /// Every value genconfig writes is the default, or is under a comment saying it is chosen.
+    #[test]
+    fn genconfig_marks_every_value_that_is_not_the_default() {
+        let text = production_template();
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let project = toml::Value::try_from(ProjectConfig::default()).unwrap();
+        let key = toml::Value::try_from(KeyConfig::default()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut section = String::new();
+        // "Chosen here" in the comments right above a value, or right above its section.
+        let mut above = false;
+        let mut section_chosen = false;
+        let mut marked = 0;
+        for line in &lines {
+            let line = line.trim();
+            if line.starts_with('#') {
+                above |= line.contains("Chosen here");
+                continue;
+            }
+            let chosen = std::mem::take(&mut above);
+            if line.is_empty() {
+                continue;
+            }
+            if line.starts_with('[') {
+                section = line.trim_matches(|c| c == '[' || c == ']').to_owned();
+                section_chosen = chosen;
+                continue;
+            }
+            let (k, v) = line.split_once(" = ").expect("key = value");
+            let value: toml::Table = toml::from_str(&format!("v = {v}")).unwrap();
+            let default = match section.as_str() {
+                "projects" => project.get(k),
+                "projects.keys" => key.get(k),
+                s => defaults.get(s).and_then(|t| t.get(k)),
+            };
+            if default != value.get("v") {
+                assert!(
+                    chosen || section_chosen,
+                    "{section}.{k} = {v} is not the default and not marked"
+                );
+                marked += 1;
+            }
+        }
+        // listen, admin_key, the project's id and api_key, the key's kid, alg and secret.
+        assert_eq!(marked, 7);
+        assert!(text.starts_with("# herald configuration"));
+    }
+
     #[test]
     fn partial_sections_keep_defaults() {
         let c = Config::parse("[api]\nadmin_key = \"k\"\n[ws]\nmax_message_bytes = 10\n").unwrap();
@@ -980,6 +1266,82 @@ mod tests {
     fn unknown_key_is_named() {
         let err = Config::parse("[ws]\nmax_mesage_bytes = 3\n").unwrap_err();
         assert!(err.contains("max_mesage_bytes"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_give_the_position_and_key_but_never_the_value() {
+        // A syntax error on a secret's line: the line's text stays out.
+        let err = Config::parse("[api]\nadmin_key = \"hunter2-secret\" x\n").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.starts_with("line 2, column "), "{err}");
+        assert!(err.contains("key `admin_key`"), "{err}");
+        // A type error quoting the value.
+        let text = "[[projects]]\nid = \"p\"\nleeway_secs = \"hunter2-secret\"\n";
+        let err = Config::parse(text).unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("line 3, column 15"), "{err}");
+        assert!(err.contains("invalid type: string, expected u64"), "{err}");
+        assert!(err.contains("leeway_secs"), "{err}");
+        // A secret given as a number.
+        let err = Config::parse("[api]\nadmin_key = 987654321\n").unwrap_err();
+        assert!(!err.contains("987654321"), "{err}");
+        assert!(err.contains("invalid type: integer"), "{err}");
+        // A line inside a multi-line string is not taken for a key.
+        let text = "[api]\nadmin_key = \"\"\"\nhunter2secret=\\q\n\"\"\"\n";
+        let err = Config::parse(text).unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.starts_with("line 3, column 16: "), "{err}");
+        // An enum value.
+        let err = Config::parse("[log]\nformat = \"hunter2-secret\"\n").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("unknown variant, expected"), "{err}");
+    }
+
+    #[test]
+    fn serde_json_messages_lose_the_value_too() {
+        let e = serde_json::from_str::<KeyConfig>(r#"{"kid": "k", "secret": 987654321}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("987654321"), "serde quotes it: {e}");
+        let r = redact_values(&e);
+        assert!(!r.contains("987654321"), "{r}");
+        assert!(r.starts_with("invalid type: integer, expected"), "{r}");
+        assert!(r.ends_with("at line 1 column 32"), "{r}");
+        // A value that looks like the message around it.
+        let r = redact_values(r#"invalid type: string "a, expected b", expected u64"#);
+        assert_eq!(r, "invalid type: string, expected u64");
+        let r = redact_values("unknown variant `a`b, expected c`, expected `text` or `json`");
+        assert_eq!(r, "unknown variant, expected `text` or `json`");
+    }
+
+    #[test]
+    fn restart_only_changes_are_named() {
+        let running = Config::development();
+        let mut new = running.clone();
+        assert!(restart_only_changes(&running, &new).is_empty());
+        new.ws.max_message_bytes += 1;
+        new.server.drain_timeout_ms += 1;
+        new.api.max_body_bytes += 1;
+        new.limits.connections_per_ip += 1;
+        new.log.level = "debug".into();
+        // Applied by a reload: not named.
+        new.api.admin_key = Some(Secret("another-admin-key".into()));
+        new.access.deny = vec!["10.0.0.0/8".into()];
+        new.projects[0].leeway_secs = 5;
+        assert_eq!(
+            restart_only_changes(&running, &new),
+            [
+                "server.drain_timeout_ms",
+                "ws.max_message_bytes",
+                "api.max_body_bytes",
+                "limits.connections_per_ip",
+                "log.level",
+            ]
+        );
+        keep_restart_only_settings(&running, &mut new);
+        assert!(restart_only_changes(&running, &new).is_empty());
+        assert_eq!(new.api.admin_key, Some(Secret("another-admin-key".into())));
+        assert_eq!(new.projects[0].leeway_secs, 5);
     }
 
     #[test]

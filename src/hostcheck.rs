@@ -17,10 +17,23 @@ use std::path::Path;
 
 use crate::config::Config;
 
-/// Descriptors a node uses besides its connections, for `shards` shards.
+/// Descriptors a node uses besides its connections, for `shards` shards: 1024, the reserve of
+/// `tuning/herald-tune`'s rules (so both tools ask for the same limits), or more past 240
+/// shards.
 pub fn reserved_fds(shards: usize) -> u64 {
     // Per shard: listener, eventfd, io_uring ring, spare; plus API, state, logs, std streams.
-    64 + 4 * shards as u64
+    (64 + 4 * shards as u64).max(1024)
+}
+
+/// `net.core.somaxconn` that `target` connections need: herald-tune's rule
+/// `min(65535, max(4096, pow2(N / 16)))`, one second of a reconnect storm spread over 16 s
+/// waiting in each listener's queue.
+pub fn somaxconn_for(target: u64) -> u64 {
+    target
+        .div_ceil(16)
+        .checked_next_power_of_two()
+        .unwrap_or(u64::MAX)
+        .clamp(4096, 65535)
 }
 
 /// The open-files limit (soft, hard).
@@ -159,14 +172,17 @@ pub fn check(cfg: &Config, target: Option<u64>) -> Report {
         short: short_of(file_max, need_fds),
         fix: format!("sysctl fs.file-max (system-wide, shared with other processes): {apply}"),
     });
+    // The backlog herald asks for, and with a target what a reconnect storm of it needs.
+    let need_somaxconn = target.map_or(backlog, |t| somaxconn_for(t).max(backlog));
     rows.push(Row {
         name: "net.core.somaxconn",
         current: somaxconn.map(|v| v.to_string()),
-        needed: Some(backlog.to_string()),
-        short: short_of(somaxconn, Some(backlog)),
+        needed: Some(need_somaxconn.to_string()),
+        short: short_of(somaxconn, Some(need_somaxconn)),
         fix: format!(
-            "the kernel truncates server.listen_backlog ({backlog}) to it: raise \
-             net.core.somaxconn ({apply}) or lower server.listen_backlog"
+            "the accept queue of each listener: the kernel truncates server.listen_backlog \
+             ({backlog}) to it, and a reconnect storm of the target needs \
+             {need_somaxconn}: raise net.core.somaxconn ({apply})"
         ),
     });
     rows.push(Row {
@@ -212,8 +228,14 @@ impl Report {
              fs.file-max, less {} reserved descriptors)",
             self.reserved
         );
-        if let Some(t) = self.target {
-            let _ = write!(s, "; target {t}");
+        match self.target {
+            Some(t) => {
+                let _ = write!(s, "; target {t}");
+            }
+            None => s.push_str(
+                "; no connection target (--connections N or server.max_connections), so only \
+                 the listen backlog is checked",
+            ),
         }
         let short: Vec<&str> = self
             .rows
@@ -284,6 +306,34 @@ mod tests {
         assert_eq!(profile_for(50_000), "c100k");
         assert_eq!(profile_for(100_000), "c100k");
         assert_eq!(profile_for(100_001), "c1m");
+    }
+
+    #[test]
+    fn somaxconn_follows_the_tuning_rule() {
+        // The values of tuning/profiles (c100k: 8192, c1m: 65535) and the 4096 floor.
+        assert_eq!(somaxconn_for(1), 4096);
+        assert_eq!(somaxconn_for(20_000), 4096);
+        assert_eq!(somaxconn_for(100_000), 8192);
+        assert_eq!(somaxconn_for(1_000_000), 65535);
+        assert_eq!(somaxconn_for(u64::MAX), 65535);
+        assert_eq!(reserved_fds(2), 1024);
+        assert_eq!(reserved_fds(1024), 64 + 4 * 1024);
+    }
+
+    #[test]
+    fn without_a_target_the_summary_says_so() {
+        let r = check(&Config::development(), None);
+        assert!(r.target.is_none());
+        assert!(
+            r.summary().contains("no connection target"),
+            "{}",
+            r.summary()
+        );
+        assert!(
+            r.rows
+                .iter()
+                .all(|row| row.needed.is_none() || row.name == "net.core.somaxconn")
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use herald::auth::{Claims, Registry, now_secs};
-use herald::config::{Config, LogFormat, production_template};
+use herald::config::{Config, ConfigError, LogFormat, Overrides, production_template};
 use tracing::{error, warn};
 
 #[global_allocator]
@@ -41,6 +41,10 @@ enum Command {
         /// Where API-made projects and keys persist (overrides server.state_dir).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Share the client port with a node already listening there, for a zero-downtime
+        /// upgrade (sets server.handover); without it such a start is refused.
+        #[arg(long)]
+        handover: bool,
     },
     /// Print a JWT the server accepts, signed with the project's first HMAC key (projects and
     /// keys made through the API included).
@@ -131,23 +135,20 @@ fn main() -> ExitCode {
             shards,
             log_json,
             state_dir,
+            handover,
         } => {
             let (mut cfg, dev) = match load_or_report(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            if let Some(a) = listen {
-                cfg.server.listen = a;
-            }
-            if let Some(a) = api_listen {
-                cfg.server.api_listen = a;
-            }
-            if let Some(n) = shards {
-                cfg.server.shards = n;
-            }
-            if let Some(d) = state_dir {
-                cfg.server.state_dir = Some(d);
-            }
+            let overrides = Overrides {
+                listen,
+                api_listen,
+                shards,
+                state_dir,
+                handover,
+            };
+            overrides.apply(&mut cfg);
             init_logging(&cfg, log_json);
             if !cfg.server.transparent_huge_pages {
                 // SAFETY: prctl with integer arguments only; affects this process's memory map.
@@ -178,12 +179,18 @@ fn main() -> ExitCode {
             }
             if dev || cfg.uses_dev_keys() {
                 warn!(
-                    "!!! DEVELOPMENT MODE: public demo secrets are in use (project `demo`, \
-                     admin key `herald-dev-admin`). Loopback only. Never run this in \
-                     production: generate a config with `herald genconfig` !!!"
+                    "!!! DEVELOPMENT MODE: public development secrets are in use ({}). Loopback only. \
+                     Never run this in production: generate a config with `herald genconfig` !!!",
+                    cfg.dev_key_users().join(", ")
                 );
             }
-            serve(&cfg, config)
+            serve(
+                &cfg,
+                herald::server::Options {
+                    config_path: config,
+                    overrides,
+                },
+            )
         }
         Command::Token {
             project,
@@ -273,6 +280,11 @@ fn main() -> ExitCode {
                         ExitCode::from(1)
                     }
                 },
+                // Read and parse errors name the file themselves.
+                Err(e @ (ConfigError::Read { .. } | ConfigError::Parse { .. })) => {
+                    eprintln!("herald: {e}");
+                    ExitCode::from(1)
+                }
                 Err(e) => {
                     eprintln!("herald: {}: {e}", config.display());
                     ExitCode::from(1)
@@ -282,8 +294,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(cfg: &Config, config_path: Option<PathBuf>) -> ExitCode {
-    let opts = herald::server::Options { config_path };
+fn serve(cfg: &Config, opts: herald::server::Options) -> ExitCode {
     let handle = match herald::server::start_with(cfg, opts) {
         Ok(h) => h,
         Err(e) => {
@@ -304,17 +315,34 @@ fn serve(cfg: &Config, config_path: Option<PathBuf>) -> ExitCode {
     std::thread::Builder::new()
         .name("herald-signals".into())
         .spawn(move || {
+            let mut draining = false;
             for sig in signals.forever() {
                 if sig == libc::SIGHUP {
+                    if draining {
+                        tracing::info!("SIGHUP while draining: ignored");
+                        continue;
+                    }
                     herald::notify::reloading();
-                    admin.reload();
-                    herald::notify::ready("serving (reloaded)");
+                    match admin.reload() {
+                        Ok(()) => herald::notify::reloaded("serving (reloaded)"),
+                        Err(reason) => herald::notify::reload_refused(&reason),
+                    }
                     continue;
+                }
+                if draining {
+                    // A second SIGTERM/SIGINT: the operator does not want to wait for the drain.
+                    error!(
+                        signal = sig,
+                        "second stop signal during the drain: exiting now with status {}, \
+                         without waiting for the clients",
+                        128 + sig
+                    );
+                    std::process::exit(128 + sig);
                 }
                 tracing::info!(signal = sig, "draining: closing every connection with 1001");
                 herald::notify::stopping("draining: closing every connection with 1001");
+                draining = true;
                 hub.drain();
-                break;
             }
         })
         .expect("spawning the signal thread");

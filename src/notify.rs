@@ -1,7 +1,8 @@
 //! systemd service notifications (`sd_notify(3)`), for `Type=notify` units.
 //!
 //! - `READY=1` once every shard listens and the API is up;
-//! - `RELOADING=1` (with `MONOTONIC_USEC`) then `READY=1` around a SIGHUP reload;
+//! - `RELOADING=1` (with `MONOTONIC_USEC`) then `READY=1` around a SIGHUP reload; a refused
+//!   reload's `READY=1` carries `STATUS=reload refused, …` and `ERRNO=22`;
 //! - `STOPPING=1` when a drain starts;
 //! - `WATCHDOG=1` every half `WATCHDOG_USEC`, **only while every shard is responsive**: each
 //!   shard's sweep tick bumps its own `ShardStats::sweeps` counter, and the watchdog thread
@@ -47,6 +48,37 @@ pub fn reloading() {
         ]),
         Err(_) => send(&[NotifyState::Reloading, NotifyState::Status("reloading")]),
     }
+}
+
+/// Closes a refused reload: `READY=1` (the node serves on, with its old settings) with
+/// `STATUS=reload refused: …` and `ERRNO=22` (EINVAL), so `systemctl status` shows that the
+/// new file was not applied instead of a successful reload. A later successful reload sends
+/// `ERRNO=0`.
+pub fn reload_refused(reason: &str) {
+    let status = format!("reload refused, old settings stay: {}", one_line(reason));
+    send(&[
+        NotifyState::Ready,
+        NotifyState::Status(&status),
+        NotifyState::Errno(libc::EINVAL as u32),
+    ]);
+}
+
+/// Closes a successful reload: `READY=1`, a status line and `ERRNO=0` (clears a refusal).
+pub fn reloaded(status: &str) {
+    send(&[
+        NotifyState::Ready,
+        NotifyState::Status(status),
+        NotifyState::Errno(0),
+    ]);
+}
+
+/// A status value is one line of the notification datagram.
+fn one_line(text: &str) -> String {
+    text.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `STOPPING=1` with a status line.

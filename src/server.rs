@@ -13,7 +13,7 @@ use crate::auth::Registry;
 use crate::config::{Config, ConfigError};
 use crate::hub::{Hub, Phase};
 use crate::metrics::ShardStats;
-use crate::net::listener::bind_reuseport;
+use crate::net::listener::{bind_reuseport, probe_free};
 use crate::shard::{self, Limits, ShardSpec, mailbox};
 use crate::store::Store;
 
@@ -40,6 +40,16 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// Another process already listens on the client address.
+    #[error(
+        "cannot listen on {addr}: another process already listens there (another herald?); \
+         stop it, or start with --handover (server.handover = true) to share the port with it \
+         during an upgrade"
+    )]
+    ListenInUse {
+        /// The address.
+        addr: SocketAddr,
+    },
     /// A shard did not start.
     #[error("{0}")]
     Shard(String),
@@ -50,6 +60,9 @@ pub enum StartError {
 pub struct Options {
     /// The config file, re-read on SIGHUP (`None` for a config made in code).
     pub config_path: Option<std::path::PathBuf>,
+    /// Settings given on the command line, already applied to the config: a reload applies
+    /// them to the re-read file too.
+    pub overrides: crate::config::Overrides,
 }
 
 /// A running node.
@@ -109,6 +122,17 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
     let registry = Registry::build(cfg, &state, None)?;
     info!(state_dir = %state_dir.display(), "state directory");
     let nr_shards = cfg.nr_shards();
+    if !cfg.server.handover {
+        probe_free(cfg.server.listen).map_err(|source| match source.kind() {
+            std::io::ErrorKind::AddrInUse => StartError::ListenInUse {
+                addr: cfg.server.listen,
+            },
+            _ => StartError::Bind {
+                addr: cfg.server.listen,
+                source,
+            },
+        })?;
+    }
     let listeners = bind_reuseport(cfg.server.listen, nr_shards, cfg.server.listen_backlog)
         .map_err(|source| StartError::Bind {
             addr: cfg.server.listen,
@@ -186,6 +210,7 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
         cfg.clone(),
         state,
         opts.config_path,
+        opts.overrides,
     ));
     let api = api::start(
         hub.clone(),

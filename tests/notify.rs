@@ -2,30 +2,16 @@
 //! `READY=1` once the node serves, `WATCHDOG=1` repeatedly while the shards tick, `RELOADING=1`
 //! then `READY=1` around SIGHUP, and `STOPPING=1` on SIGTERM, then exit 0.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::TempDir;
+
 const HERALD: &str = env!("CARGO_BIN_EXE_herald");
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("herald-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Receives datagrams until one contains `line` (as a whole line) or `deadline` passes;
 /// returns every datagram seen, the matching one last.

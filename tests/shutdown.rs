@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -16,30 +16,6 @@ use serde_json::Value;
 const HERALD: &str = env!("CARGO_BIN_EXE_herald");
 /// `server.drain_timeout_ms` of the spawned server.
 const DRAIN: Duration = Duration::from_millis(3000);
-
-/// A fresh directory for one test's files, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("herald-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Self(dir)
-    }
-
-    fn write(&self, file: &str, text: &str) -> PathBuf {
-        let path = self.0.join(file);
-        std::fs::write(&path, text).expect("write temp file");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The test projects as a TOML config file.
 fn config_toml(state_dir: &Path) -> String {
@@ -329,44 +305,17 @@ fn in_process_drain_timeout_drops_deaf_clients() {
     join_within(joined, Duration::from_secs(5));
 }
 
-/// Runs the binary to completion with a timeout; returns (status, stdout, stderr).
-fn run(args: &[&str]) -> (ExitStatus, String, String) {
-    let mut child = Command::new(HERALD)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn herald");
-    let (tx, rx) = mpsc::channel();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        let mut o = String::new();
-        let mut e = String::new();
-        let _ = out.read_to_string(&mut o);
-        let _ = err.read_to_string(&mut e);
-        let _ = tx.send((o, e));
-    });
-    let (o, e) = rx.recv_timeout(TIMEOUT * 3).unwrap_or_else(|_| {
-        let _ = child.kill();
-        panic!("herald {args:?} did not finish");
-    });
-    let status = child.wait().expect("wait");
-    (status, o, e)
-}
-
 #[test]
 fn check_config_names_a_mistyped_key() {
     let dir = TempDir::new("typo");
     let good = config_toml(&dir.0.join("state"));
     let path = dir.write("good.toml", &good);
-    let (status, out, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+    let (status, out, err) = run_herald(&["check-config", "--config", path.to_str().unwrap()]);
     assert!(status.success(), "{out}{err}");
 
     let typo = good.replace("drain_timeout_ms", "drain_timout_ms");
     let path = dir.write("typo.toml", &typo);
-    let (status, out, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+    let (status, out, err) = run_herald(&["check-config", "--config", path.to_str().unwrap()]);
     assert!(!status.success(), "accepted a typo: {out}");
     assert!(
         err.contains("drain_timout_ms"),
@@ -375,7 +324,7 @@ fn check_config_names_a_mistyped_key() {
 
     let bad_value = good.replace("alg = \"HS256\"", "alg = \"HS999\"");
     let path = dir.write("alg.toml", &bad_value);
-    let (status, _, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+    let (status, _, err) = run_herald(&["check-config", "--config", path.to_str().unwrap()]);
     assert!(!status.success());
     assert!(err.contains("alg"), "stderr does not name the key: {err}");
 }
@@ -383,13 +332,13 @@ fn check_config_names_a_mistyped_key() {
 #[test]
 fn genconfig_output_passes_check_config() {
     let dir = TempDir::new("genconfig");
-    let (status, generated, err) = run(&["genconfig"]);
+    let (status, generated, err) = run_herald(&["genconfig"]);
     assert!(status.success(), "{err}");
     let path = dir.write("generated.toml", &generated);
-    let (status, out, err) = run(&["check-config", "--config", path.to_str().unwrap()]);
+    let (status, out, err) = run_herald(&["check-config", "--config", path.to_str().unwrap()]);
     assert!(status.success(), "generated config refused: {out}{err}");
     // Two runs make different secrets.
-    let (_, again, _) = run(&["genconfig"]);
+    let (_, again, _) = run_herald(&["genconfig"]);
     assert_ne!(generated, again);
 }
 
@@ -397,7 +346,7 @@ fn genconfig_output_passes_check_config() {
 fn token_command_output_verifies_with_jsonwebtoken() {
     let dir = TempDir::new("token");
     let path = dir.write("herald.toml", &config_toml(&dir.0.join("state")));
-    let (status, out, err) = run(&[
+    let (status, out, err) = run_herald(&[
         "token",
         "--config",
         path.to_str().unwrap(),

@@ -256,7 +256,9 @@ pub fn parse_jwks(text: &str) -> Result<Vec<(String, KeySpec)>, KeyError> {
     if text.len() > MAX_KEY_BYTES {
         return Err(KeyError::TooLarge);
     }
-    let set: JwkSet = serde_json::from_str(text).map_err(|e| KeyError::BadJwk(e.to_string()))?;
+    // serde's message may quote a value of the document, which may be key material.
+    let set: JwkSet = serde_json::from_str(text)
+        .map_err(|e| KeyError::BadJwk(crate::config::redact_values(&e.to_string())))?;
     set.keys
         .into_iter()
         .enumerate()

@@ -190,6 +190,61 @@ pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A fresh directory for one test's files, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// `$TMPDIR/herald-test-<pid>-<name>`, emptied.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("herald-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+
+    /// Writes `text` to `file` in the directory; returns its path.
+    pub fn write(&self, file: &str, text: &str) -> std::path::PathBuf {
+        let path = self.0.join(file);
+        std::fs::write(&path, text).expect("write temp file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the `herald` binary to completion (at most 3 × [`TIMEOUT`]); returns (status, stdout,
+/// stderr).
+pub fn run_herald(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn herald");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        let mut o = String::new();
+        let mut e = String::new();
+        let _ = out.read_to_string(&mut o);
+        let _ = err.read_to_string(&mut e);
+        let _ = tx.send((o, e));
+    });
+    let (o, e) = rx.recv_timeout(TIMEOUT * 3).unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!("herald {args:?} did not finish");
+    });
+    let status = child.wait().expect("wait");
+    (status, o, e)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tokens
 

@@ -138,4 +138,4 @@ def test_sighup_with_an_unchanged_file_claims_no_restart_only_change(servers):
     server = servers.start(config=server_toml(project_toml("hup", keys=key.config_toml("k"))))
     server.proc.send_signal(signal.SIGHUP)
     log = wait_for_log(server, "reloaded")
-    assert "take effect only after a restart" not in log, log
+    assert "needs a restart" not in log, log

@@ -3,7 +3,9 @@ in --dry-run for the global keys. Never changes the host's own values."""
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import secrets
 import shutil
 import subprocess
@@ -229,6 +231,83 @@ def test_check_connections(netns, tmp_path):
     finally:
         netns.tune("revert", *common)
     assert netns.sysctl("net.core.somaxconn") == "128"
+
+
+def _herald_bin() -> Path:
+    return Path(os.environ.get("HERALD_BIN", REPO / "target" / "debug" / "herald")).resolve()
+
+
+# The rows both tools check: herald check-host's name -> herald-tune's.
+SHARED = {
+    "RLIMIT_NOFILE (hard)": "LimitNOFILE",
+    "fs.nr_open": "fs.nr_open",
+    "fs.file-max": "fs.file-max",
+    "net.core.somaxconn": "net.core.somaxconn",
+}
+
+
+def _compare(tmp_path, connections: int):
+    """Runs both checks for `connections` and returns their shared rows, side by side. The
+    descriptor limit herald-tune reads (LimitNOFILE of herald.service) is staged under --root
+    as this process's hard limit, which check-host reads."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    dropin = tmp_path / "etc/systemd/system/herald.service.d/herald-limits.conf"
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text(f"[Service]\nLimitNOFILE={hard}\n")
+    host = _run([str(_herald_bin()), "check-host", "--connections", str(connections)])
+    tune = _run([str(TUNE), "check", "--connections", str(connections), "--root", str(tmp_path)])
+    assert host.returncode in (0, 1) and tune.returncode in (0, 1), host.stderr + tune.stderr
+    hrows = {}
+    for line in host.stdout.splitlines():
+        for name in SHARED:
+            if line.startswith(name + " "):
+                fields = line[len(name):].split()
+                hrows[name] = (fields[0], fields[1], fields[2].upper())
+    trows = {}
+    for line in tune.stdout.splitlines():
+        fields = line.split()
+        if fields and fields[0] in SHARED.values():
+            trows[fields[0]] = (fields[1], fields[2], fields[3].upper())
+    return host, tune, hrows, trows
+
+
+@pytest.mark.parametrize("connections", [1000, 19_000, 50_000, 100_000, 1_000_000])
+def test_check_host_and_tune_check_agree(tmp_path, connections):
+    """`herald check-host` and `herald-tune check` give the same needed value and verdict for
+    every row they share, and a value at or above the need is OK in both."""
+    host, tune, hrows, trows = _compare(tmp_path, connections)
+    assert set(hrows) == set(SHARED), host.stdout
+    assert set(trows) == set(SHARED.values()), tune.stdout
+    for hname, tname in SHARED.items():
+        hcur, hneed, hstatus = hrows[hname]
+        tcur, tneed, tstatus = trows[tname]
+        assert hcur == tcur, (hname, host.stdout, tune.stdout)
+        assert hneed == tneed, (hname, host.stdout, tune.stdout)
+        assert hstatus == tstatus, (hname, host.stdout, tune.stdout)
+        assert hstatus == ("OK" if int(hcur) >= int(hneed) else "SHORT"), (hname, host.stdout)
+    if all(v[2] == "OK" for v in hrows.values()):
+        assert host.returncode == 0, host.stdout
+
+
+def test_tune_check_reports_advice_keys_without_failing(netns, tmp_path):
+    """Keys that are advice rather than capacity (buffer sizes, tcp_tw_reuse,
+    tcp_fin_timeout, the port range) are DIFFERS, never SHORT, whichever side they differ on;
+    a capacity key above its need is OK."""
+    netns.set("net.core.somaxconn", "65535")
+    netns.set("net.ipv4.tcp_max_syn_backlog", "65536")
+    netns.set("net.ipv4.tcp_fin_timeout", "60")
+    netns.set("net.ipv4.tcp_tw_reuse", "2")
+    netns.set("net.ipv4.tcp_rmem", "4096 131072 6291456")
+    netns.set("net.ipv4.ip_local_port_range", "32768 60999")
+    r = netns.tune("check", "--connections", "20000", "--only-net")
+    rows = {line.split()[0]: line.split()[-1] for line in r.stdout.splitlines()[1:] if line.strip()}
+    assert rows["net.core.somaxconn"] == "OK", r.stdout
+    assert rows["net.ipv4.tcp_max_syn_backlog"] == "OK", r.stdout
+    for key in ("net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_tw_reuse", "net.ipv4.tcp_rmem",
+                "net.ipv4.ip_local_port_range"):
+        assert rows[key] == "DIFFERS", (key, r.stdout)
+    assert "SHORT" not in r.stdout, r.stdout
+    assert r.returncode == 0, r.stdout
 
 
 def test_usage_errors():
