@@ -790,6 +790,8 @@ max_handshake_bytes = {mhb}
 # Largest client message; larger closes the connection with 1009.
 max_message_bytes = {mmb}
 # Outbound queue cap per connection; a reader that falls this far behind is closed with 4008.
+# Also the largest message frame: keep it at least api.max_body_bytes + 114, or larger
+# publishes are refused with 413 message_too_large.
 max_outbound_queue_bytes = {moq}
 max_topics_per_connection = {mtc}
 # Error replies before a connection is closed with 1008.
