@@ -97,6 +97,10 @@ pub struct Hub {
     failed: AtomicUsize,
     /// Set once the failure has been handled (readiness off, drain started).
     failure_handled: AtomicBool,
+    /// When a publish refused for a full inbox was last logged (ms since the epoch), and how
+    /// many were refused since without a log line.
+    busy_logged_ms: AtomicU64,
+    busy_unlogged: AtomicU64,
     /// Publish sequence, for message ids.
     seq: AtomicU64,
     /// Start time in ms, prefix of message ids so they stay unique across restarts.
@@ -133,6 +137,8 @@ impl Hub {
             gate: RwLock::new(()),
             failed: AtomicUsize::new(0),
             failure_handled: AtomicBool::new(false),
+            busy_logged_ms: AtomicU64::new(0),
+            busy_unlogged: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             boot_ms: now_ms(),
         }
@@ -253,7 +259,7 @@ impl Hub {
         for shard in route::shards_for_publication(self.nr_shards()) {
             let r = self.mailboxes[shard]
                 .try_reserve(publications.len())
-                .map_err(|_| PublishError::Busy(shard))?;
+                .map_err(|_| self.refused_busy(shard))?;
             reservations.push((shard, r));
         }
         for (shard, r) in &mut reservations {
@@ -264,6 +270,30 @@ impl Hub {
             }
         }
         Ok(())
+    }
+
+    /// Counts and logs (at most once a second) a publish refused for shard `shard`'s full
+    /// inbox.
+    fn refused_busy(&self, shard: usize) -> PublishError {
+        let suppressed = self.busy_unlogged.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let last = self.busy_logged_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .busy_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.busy_unlogged.store(0, Ordering::Relaxed);
+            tracing::warn!(
+                shard,
+                depth = self.mailboxes[shard].depth(),
+                suppressed,
+                "shard inbox full: publish refused with 503 busy, nothing sent (logged at most \
+                 once a second; `suppressed` refusals since the previous line)"
+            );
+        }
+        PublishError::Busy(shard)
     }
 
     /// Asks every shard to drain. Publishes accepted before are ahead of the drain order in
