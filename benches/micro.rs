@@ -289,7 +289,7 @@ fn bench_fanout_local(c: &mut Criterion) {
                 |()| {
                     let t = &mut *table.borrow_mut();
                     for slot in 0..N as u32 {
-                        let r = push_frame(&mut t.conns, &mut t.dirty, slot, &frame, cap);
+                        let r = push_frame(&mut t.conns, &mut t.dirty, slot, &[&frame], cap);
                         debug_assert_eq!(r, Push::Queued);
                     }
                 },
@@ -311,7 +311,8 @@ fn bench_fanout_local(c: &mut Criterion) {
                 let topic = ix.lookup(0, black_box("news")).expect("topic");
                 let mut delivered = 0u64;
                 for &slot in ix.subscribers(topic) {
-                    if push_frame(&mut t.conns, &mut t.dirty, slot, &frame, cap) == Push::Queued {
+                    if push_frame(&mut t.conns, &mut t.dirty, slot, &[&frame], cap) == Push::Queued
+                    {
                         delivered += 1;
                     }
                 }

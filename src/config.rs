@@ -108,7 +108,9 @@ pub struct WsConfig {
     /// Default 65536.
     pub max_message_bytes: usize,
     /// Cap of one connection's outbound queue, in bytes; a connection over it is closed with
-    /// 4008 (slow consumer). Default 1048576.
+    /// 4008 (slow consumer). It is also the largest message frame: a publish whose frame is
+    /// larger is refused with 413. Default 1052672 (1 MiB + 4 KiB: the largest default API
+    /// body and its frame envelope fit).
     pub max_outbound_queue_bytes: usize,
     /// Explicit subscriptions one connection may hold (the implicit ones do not count).
     /// Default 128.
@@ -353,7 +355,7 @@ impl Default for WsConfig {
             handshake_timeout_ms: 10_000,
             max_handshake_bytes: 8192,
             max_message_bytes: 65_536,
-            max_outbound_queue_bytes: 1 << 20,
+            max_outbound_queue_bytes: (1 << 20) + 4096,
             max_topics_per_connection: 128,
             max_bad_requests: 20,
         }
@@ -541,6 +543,20 @@ impl Config {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
+    }
+
+    /// `Some(bytes)` when `api.max_body_bytes` is larger than what `ws.max_outbound_queue_bytes`
+    /// can deliver: publishes whose delivery frame is over the queue cap are then refused with
+    /// 413, and `bytes` is the largest body that is always deliverable. A delivery frame is
+    /// the data and topic the body carries plus at most
+    /// [`crate::hub::MESSAGE_FRAME_OVERHEAD`] bytes, so a body up to the queue cap minus that
+    /// overhead always fits.
+    pub fn largest_deliverable_body(&self) -> Option<usize> {
+        let fits = self
+            .ws
+            .max_outbound_queue_bytes
+            .saturating_sub(crate::hub::MESSAGE_FRAME_OVERHEAD);
+        (self.api.max_body_bytes > fits).then_some(fits)
     }
 
     /// Checks every rule that serde cannot.
@@ -1077,6 +1093,8 @@ max_handshake_bytes = {mhb}
 # Largest client message; larger closes the connection with 1009.
 max_message_bytes = {mmb}
 # Outbound queue cap per connection; a reader that falls this far behind is closed with 4008.
+# Also the largest message frame: keep it at least api.max_body_bytes + 114, or larger
+# publishes are refused with 413 message_too_large.
 max_outbound_queue_bytes = {moq}
 max_topics_per_connection = {mtc}
 # Error replies before a connection is closed with 1008.
@@ -1260,6 +1278,17 @@ mod tests {
         assert_eq!(c.api.max_body_bytes, 1 << 20);
         assert_eq!(c.ws.heartbeat_interval_ms, 25_000);
         assert_eq!(c.ws.max_message_bytes, 10);
+    }
+
+    #[test]
+    fn the_default_body_limit_is_deliverable_through_the_default_queue() {
+        let mut c = Config::default();
+        assert_eq!(c.largest_deliverable_body(), None);
+        c.ws.max_outbound_queue_bytes = 1 << 20;
+        assert_eq!(
+            c.largest_deliverable_body(),
+            Some((1 << 20) - crate::hub::MESSAGE_FRAME_OVERHEAD)
+        );
     }
 
     #[test]

@@ -1,8 +1,15 @@
 //! The node-wide handle shared by every thread: the shards' mailboxes, the registry, the
 //! counters, the lifecycle phase, and publishing (encode once, one message per shard).
+//!
+//! A publish is all or nothing: room is reserved in every shard's inbox before any shard is
+//! sent the message, so a full inbox refuses the whole publish (or batch) and nothing goes
+//! out. The phase check and the sends happen under a shared gate that the drain takes
+//! exclusively to flip the phase and queue its own order: every accepted publish is ahead of
+//! the drain in every inbox, so it reaches the connections open when it was accepted.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -29,16 +36,35 @@ pub enum Phase {
     Stopped = 3,
 }
 
-/// Why a publish failed.
+/// Why a publish failed. In every case nothing was sent.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PublishError {
-    /// A shard's inbox is full (back-pressure): retry later. Shards before it got the message.
-    #[error("shard {0} inbox is full; retry later")]
+    /// A shard's inbox is full (back-pressure): nothing was sent; retry later.
+    #[error("shard {0} inbox is full; nothing was sent, retry later")]
     Busy(usize),
     /// The node is draining.
     #[error("server is draining")]
     Draining,
+    /// The delivery frame is larger than a connection's outbound queue can ever hold.
+    #[error(
+        "message frame of {size} bytes is over ws.max_outbound_queue_bytes ({max}); \
+         no connection could take it"
+    )]
+    TooLarge {
+        /// The frame's size in bytes.
+        size: usize,
+        /// `ws.max_outbound_queue_bytes`.
+        max: usize,
+    },
+    /// A shard thread has died; the node is stopping.
+    #[error("shard {0} has failed; the server is restarting")]
+    Failed(usize),
 }
+
+/// Bytes a delivery frame adds to its topic and data: the WebSocket header (at most 10) and
+/// the JSON envelope with the longest id (33) and timestamp (20).
+pub const MESSAGE_FRAME_OVERHEAD: usize =
+    10 + r#"{"type":"message","topic":"","data":,"id":"","ts":}"#.len() + 33 + 20;
 
 /// Shared by the shards, the API and the signal handler.
 pub struct Hub {
@@ -60,7 +86,21 @@ pub struct Hub {
     pub api_published: AtomicU64,
     /// API requests refused 429 for their key's rate (`limits.api_requests_per_key_per_sec`).
     pub api_rate_limited: AtomicU64,
+    /// Largest delivery frame (`ws.max_outbound_queue_bytes`): what an empty connection
+    /// queue holds. A larger publish is refused, as no connection could take it.
+    pub max_frame_bytes: usize,
     phase: AtomicU8,
+    /// Held shared by publishers across their phase check and sends, and exclusively by the
+    /// drain while it flips the phase and queues its order behind them.
+    gate: RwLock<()>,
+    /// The shard thread that died first, plus one (0 = none).
+    failed: AtomicUsize,
+    /// Set once the failure has been handled (readiness off, drain started).
+    failure_handled: AtomicBool,
+    /// When a publish refused for a full inbox was last logged (ms since the epoch), and how
+    /// many were refused since without a log line.
+    busy_logged_ms: AtomicU64,
+    busy_unlogged: AtomicU64,
     /// Publish sequence, for message ids.
     seq: AtomicU64,
     /// Start time in ms, prefix of message ids so they stay unique across restarts.
@@ -92,7 +132,13 @@ impl Hub {
             ip_conns: crate::limiter::ConnCounter::new(0, 0, 0),
             api_published: AtomicU64::new(0),
             api_rate_limited: AtomicU64::new(0),
+            max_frame_bytes: usize::MAX,
             phase: AtomicU8::new(Phase::Starting as u8),
+            gate: RwLock::new(()),
+            failed: AtomicUsize::new(0),
+            failure_handled: AtomicBool::new(false),
+            busy_logged_ms: AtomicU64::new(0),
+            busy_unlogged: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             boot_ms: now_ms(),
         }
@@ -124,50 +170,150 @@ impl Hub {
         format!("{:x}-{n:x}", self.boot_ms)
     }
 
+    /// The shard whose thread died, if one did.
+    pub fn failed_shard(&self) -> Option<usize> {
+        self.failed.load(Ordering::Acquire).checked_sub(1)
+    }
+
+    /// Records that shard `id`'s thread died (a panic): readiness goes off, publishes are
+    /// refused, and the other shards drain, so the process ends and exits non-zero
+    /// (see `main.rs`). Only the first failure acts.
+    pub fn shard_failed(&self, id: usize) {
+        let _ = self
+            .failed
+            .compare_exchange(0, id + 1, Ordering::AcqRel, Ordering::Acquire);
+        if !self.failure_handled.swap(true, Ordering::AcqRel) {
+            self.drain();
+        }
+    }
+
+    /// Encodes a publication once (a head per topic, one shared body) and checks that its
+    /// largest frame fits an empty connection queue.
+    ///
+    /// # Errors
+    /// [`PublishError::TooLarge`].
+    pub fn prepare(
+        &self,
+        project: u32,
+        topics: &[Topic],
+        data: &RawValue,
+    ) -> Result<(String, Arc<Publication>), PublishError> {
+        let data = data.get();
+        // A topic's length in the frame: `"` and `\\` (allowed in `user.<sub>`) are escaped.
+        let escaped = |t: &Topic| {
+            t.as_str().len()
+                + t.as_str()
+                    .bytes()
+                    .filter(|b| matches!(b, b'"' | b'\\'))
+                    .count()
+        };
+        let longest = topics.iter().map(escaped).max().unwrap_or(0);
+        let size = longest + data.len() + MESSAGE_FRAME_OVERHEAD;
+        if size > self.max_frame_bytes {
+            return Err(PublishError::TooLarge {
+                size,
+                max: self.max_frame_bytes,
+            });
+        }
+        let accepted_at = std::time::Instant::now();
+        let id = self.next_message_id();
+        let body = message_body(data, &id, now_ms());
+        let heads = topics
+            .iter()
+            .map(|t| (t.as_str().into(), message_head(t.as_str(), body.len())))
+            .collect();
+        Ok((
+            id,
+            Arc::new(Publication {
+                project,
+                heads,
+                body,
+                accepted_at,
+            }),
+        ))
+    }
+
     /// Encodes a publication once and sends it to every shard that may have subscribers.
     ///
     /// # Errors
-    /// [`PublishError`].
+    /// [`PublishError`]; nothing was sent.
     pub fn publish(
         &self,
         project: u32,
         topics: &[Topic],
         data: &RawValue,
     ) -> Result<String, PublishError> {
-        if self.phase() == Phase::Draining {
-            return Err(PublishError::Draining);
-        }
-        let accepted_at = std::time::Instant::now();
-        let id = self.next_message_id();
-        let ts = now_ms();
-        let frames = topics
-            .iter()
-            .map(|t| {
-                (
-                    t.as_str().into(),
-                    message_frame(t.as_str(), data.get(), &id, ts),
-                )
-            })
-            .collect();
-        let publication = Arc::new(Publication {
-            project,
-            frames,
-            accepted_at,
-        });
-        for shard in route::shards_for_publication(self.nr_shards()) {
-            self.mailboxes[shard]
-                .send(ShardMsg::Publish(publication.clone()))
-                .map_err(|_| PublishError::Busy(shard))?;
-        }
+        let (id, publication) = self.prepare(project, topics, data)?;
+        self.send(std::slice::from_ref(&publication))?;
         Ok(id)
     }
 
-    /// Asks every shard to drain.
+    /// Sends prepared publications, in order, to every shard: all of them to every shard, or,
+    /// when the node is draining, has failed or a shard lacks room for all of them, none.
+    ///
+    /// # Errors
+    /// [`PublishError::Draining`], [`PublishError::Failed`], [`PublishError::Busy`].
+    pub fn send(&self, publications: &[Arc<Publication>]) -> Result<(), PublishError> {
+        // A poisoned gate only means a publisher panicked between check and send; the phase
+        // it guards is an atomic and stays consistent.
+        let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(shard) = self.failed_shard() {
+            return Err(PublishError::Failed(shard));
+        }
+        if matches!(self.phase(), Phase::Draining | Phase::Stopped) {
+            return Err(PublishError::Draining);
+        }
+        let mut reservations = Vec::with_capacity(self.nr_shards());
+        for shard in route::shards_for_publication(self.nr_shards()) {
+            let r = self.mailboxes[shard]
+                .try_reserve(publications.len())
+                .map_err(|_| self.refused_busy(shard))?;
+            reservations.push((shard, r));
+        }
+        for (shard, r) in &mut reservations {
+            for p in publications {
+                // Only a dead shard refuses reserved room; the failure is then being handled.
+                r.send(ShardMsg::Publish(p.clone()))
+                    .map_err(|_| PublishError::Failed(*shard))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts and logs (at most once a second) a publish refused for shard `shard`'s full
+    /// inbox.
+    fn refused_busy(&self, shard: usize) -> PublishError {
+        let suppressed = self.busy_unlogged.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let last = self.busy_logged_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .busy_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.busy_unlogged.store(0, Ordering::Relaxed);
+            tracing::warn!(
+                shard,
+                depth = self.mailboxes[shard].depth(),
+                suppressed,
+                "shard inbox full: publish refused with 503 busy, nothing sent (logged at most \
+                 once a second; `suppressed` refusals since the previous line)"
+            );
+        }
+        PublishError::Busy(shard)
+    }
+
+    /// Asks every shard to drain. Publishes accepted before are ahead of the drain order in
+    /// every inbox; later ones are refused [`PublishError::Draining`].
     pub fn drain(&self) {
-        self.set_phase(Phase::Draining);
+        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        if self.phase() != Phase::Stopped {
+            self.set_phase(Phase::Draining);
+        }
         for m in &self.mailboxes {
-            // A full inbox still drains: the shard sees the phase on its next tick.
-            let _ = m.send(ShardMsg::Drain);
+            // Past the bound: a full inbox still drains. A dead shard has nothing to drain.
+            let _ = m.send_over_bound(ShardMsg::Drain);
         }
     }
 }
@@ -180,25 +326,218 @@ impl std::fmt::Debug for Hub {
     }
 }
 
-/// The delivery frame of protocol.md; `data` is copied byte for byte.
+/// The delivery frame of protocol.md, in one piece; `data` is copied byte for byte.
 pub fn message_frame(topic: &str, data: &str, id: &str, ts: u64) -> Bytes {
-    let mut json = String::with_capacity(64 + topic.len() + data.len() + id.len());
+    let body = message_body(data, id, ts);
+    let mut f = message_head(topic, body.len()).to_vec();
+    f.extend_from_slice(&body);
+    f.into()
+}
+
+/// The start of a delivery frame for `topic`, up to `"data":`, its WebSocket header
+/// counting `body_len` more bytes.
+pub fn message_head(topic: &str, body_len: usize) -> Bytes {
+    let mut json = String::with_capacity(48 + topic.len());
     json.push_str("{\"type\":\"message\",\"topic\":");
     // A `user.<sub>` topic may hold any character but a control one, `"` and `\\` included.
     json.push_str(&serde_json::to_string(topic).expect("strings always serialise"));
     json.push_str(",\"data\":");
+    frame::text_head(json.as_bytes(), body_len)
+}
+
+/// The end of a delivery frame, the same for every topic: the data, the id and the time.
+pub fn message_body(data: &str, id: &str, ts: u64) -> Bytes {
+    let mut json = String::with_capacity(data.len() + 32 + id.len());
     json.push_str(data);
     json.push_str(",\"id\":\"");
     json.push_str(id);
     json.push_str("\",\"ts\":");
     json.push_str(&ts.to_string());
     json.push('}');
-    frame::text(json.as_bytes())
+    json.into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shard::mailbox::{self, Inbox};
+
+    fn hub(nr_shards: usize, inbox_capacity: usize) -> (Hub, Vec<Inbox>) {
+        let (mailboxes, inboxes) = (0..nr_shards)
+            .map(|_| mailbox::channel(inbox_capacity).unwrap())
+            .unzip();
+        let registry =
+            crate::auth::Registry::from_config(&crate::config::Config::development()).unwrap();
+        let stats = (0..nr_shards).map(|_| Arc::default()).collect();
+        let hub = Hub::new(
+            mailboxes,
+            stats,
+            Arc::new(arc_swap::ArcSwap::from_pointee(registry)),
+            0,
+        );
+        hub.set_phase(Phase::Running);
+        (hub, inboxes)
+    }
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_owned()).unwrap()
+    }
+
+    /// Ids of the publications waiting in `inbox`, up to (not counting) a drain order, and
+    /// whether one was found.
+    fn drain_inbox(inbox: &Inbox) -> (Vec<Arc<Publication>>, bool) {
+        let mut got = Vec::new();
+        while let Some(m) = inbox.try_recv() {
+            match m {
+                ShardMsg::Publish(p) => got.push(p),
+                ShardMsg::Drain => return (got, true),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        (got, false)
+    }
+
+    #[test]
+    fn a_publish_to_64_topics_holds_its_data_once() {
+        let (hub, _inboxes) = hub(1, 16);
+        let topics: Vec<Topic> = (0..64)
+            .map(|i| Topic::parse(&format!("topic-{i}")).unwrap())
+            .collect();
+        let data = format!("\"{}\"", "x".repeat(1 << 20));
+        let (id, p) = hub.prepare(0, &topics, &raw(&data)).unwrap();
+        assert_eq!(p.heads.len(), 64);
+        let heads: usize = p.heads.iter().map(|(_, h)| h.len()).sum();
+        assert!(heads < 64 * 64, "heads hold no data: {heads} B");
+        assert!(
+            p.body.len() < data.len() + 64,
+            "one body: {} B",
+            p.body.len()
+        );
+        // Each topic's frame is its head then the shared body, as one frame would be.
+        for (t, (name, head)) in topics.iter().zip(&p.heads) {
+            assert_eq!(&**name, t.as_str());
+            let ts: u64 = std::str::from_utf8(&p.body)
+                .unwrap()
+                .rsplit_once("\"ts\":")
+                .unwrap()
+                .1
+                .trim_end_matches('}')
+                .parse()
+                .unwrap();
+            let whole = message_frame(t.as_str(), &data, &id, ts);
+            assert_eq!([&head[..], &p.body[..]].concat(), &whole[..]);
+        }
+    }
+
+    #[test]
+    fn a_frame_no_connection_queue_can_hold_is_refused_and_nothing_is_sent() {
+        let (mut hub, inboxes) = hub(2, 16);
+        hub.max_frame_bytes = 1000;
+        let topic = [Topic::parse("news").unwrap()];
+        let fits = 1000 - MESSAGE_FRAME_OVERHEAD - "news".len() - 2;
+        hub.publish(0, &topic, &raw(&format!("\"{}\"", "x".repeat(fits))))
+            .unwrap();
+        let err = hub
+            .publish(0, &topic, &raw(&format!("\"{}\"", "x".repeat(fits + 1))))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            PublishError::TooLarge {
+                size: 1001,
+                max: 1000
+            }
+        );
+        for inbox in &inboxes {
+            assert_eq!(drain_inbox(inbox).0.len(), 1, "only the first publish");
+        }
+    }
+
+    #[test]
+    fn a_publish_or_batch_reaches_every_shard_or_none() {
+        let (hub, inboxes) = hub(3, 4);
+        let topic = [Topic::parse("news").unwrap()];
+        let data = raw("1");
+        // Shard 2's inbox has room for one message only.
+        let held = hub.mailboxes[2].try_reserve(3).unwrap();
+        let batch: Vec<_> = (0..2)
+            .map(|_| hub.prepare(0, &topic, &data).unwrap().1)
+            .collect();
+        assert_eq!(hub.send(&batch), Err(PublishError::Busy(2)));
+        for inbox in &inboxes {
+            assert!(
+                drain_inbox(inbox).0.is_empty(),
+                "a refused batch sends nothing"
+            );
+        }
+        hub.publish(0, &topic, &data).unwrap();
+        assert_eq!(hub.publish(0, &topic, &data), Err(PublishError::Busy(2)));
+        for inbox in &inboxes {
+            assert_eq!(
+                drain_inbox(inbox).0.len(),
+                1,
+                "the first publish, everywhere"
+            );
+        }
+        drop(held);
+        hub.send(&batch).unwrap();
+        for inbox in &inboxes {
+            let (got, _) = drain_inbox(inbox);
+            assert_eq!(got.len(), 2);
+            assert!(Arc::ptr_eq(&got[0], &batch[0]) && Arc::ptr_eq(&got[1], &batch[1]));
+        }
+        assert_eq!(hub.mailboxes[2].depth(), 0, "room given back");
+    }
+
+    /// Publishers racing the drain: every publish answered Ok is ahead of the drain order in
+    /// every inbox, and every later one is refused `Draining`.
+    #[test]
+    fn every_accepted_publish_is_ahead_of_the_drain() {
+        for _ in 0..20 {
+            let (hub, inboxes) = hub(2, 1 << 20);
+            let hub = Arc::new(hub);
+            let publishers: Vec<_> = (0..3)
+                .map(|_| {
+                    let hub = hub.clone();
+                    std::thread::spawn(move || {
+                        let topic = [Topic::parse("news").unwrap()];
+                        let data = raw("1");
+                        let mut accepted = Vec::new();
+                        loop {
+                            match hub.publish(0, &topic, &data) {
+                                Ok(id) => accepted.push(id),
+                                Err(PublishError::Draining) => return accepted,
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            hub.drain();
+            let mut accepted: Vec<String> = publishers
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect();
+            accepted.sort();
+            for inbox in &inboxes {
+                let (got, drained) = drain_inbox(inbox);
+                assert!(drained, "the drain order is queued");
+                let mut ids: Vec<String> = got
+                    .iter()
+                    .map(|p| {
+                        let body = std::str::from_utf8(&p.body).unwrap();
+                        body.split('"').nth(3).unwrap().to_owned()
+                    })
+                    .collect();
+                ids.sort();
+                assert_eq!(
+                    ids, accepted,
+                    "exactly the accepted publishes, before the drain"
+                );
+                assert!(inbox.try_recv().is_none(), "nothing after the drain");
+            }
+        }
+    }
 
     #[test]
     fn message_frame_passes_data_through() {

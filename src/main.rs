@@ -366,7 +366,16 @@ fn serve(cfg: &Config, opts: herald::server::Options) -> ExitCode {
         handle.hub.clone(),
         herald::shard::Limits::from_config(cfg).tick(),
     );
+    let hub = handle.hub.clone();
     handle.join();
+    if let Some(shard) = hub.failed_shard() {
+        error!(
+            shard,
+            "stopped after shard {shard} failed; exiting with status 70"
+        );
+        // EX_SOFTWARE: an internal error; systemd's Restart=on-failure restarts the node.
+        return ExitCode::from(70);
+    }
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

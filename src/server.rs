@@ -17,7 +17,8 @@ use crate::net::listener::{bind_reuseport, probe_free};
 use crate::shard::{self, Limits, ShardSpec, mailbox};
 use crate::store::Store;
 
-/// Capacity of each shard's inbox, in messages; a full inbox answers publishes with 503.
+/// Capacity of each shard's inbox, in messages; a publish (or batch) that does not fit every
+/// shard's inbox is refused whole with 503.
 pub const INBOX_CAPACITY: usize = 65_536;
 
 /// Why the server did not start.
@@ -161,6 +162,16 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
         Arc::new(ArcSwap::from_pointee(registry)),
         cfg.server.max_connections,
     );
+    hub.max_frame_bytes = cfg.ws.max_outbound_queue_bytes;
+    if let Some(largest) = cfg.largest_deliverable_body() {
+        tracing::warn!(
+            api_max_body_bytes = cfg.api.max_body_bytes,
+            ws_max_outbound_queue_bytes = cfg.ws.max_outbound_queue_bytes,
+            "api.max_body_bytes is over what ws.max_outbound_queue_bytes can deliver: a \
+             publish whose frame is over the queue cap is refused with 413 \
+             `message_too_large` (bodies up to {largest} bytes always fit)"
+        );
+    }
     hub.ip_conns = crate::limiter::ConnCounter::new(
         cfg.limits.connections_per_ip,
         cfg.limits.handshake_burst_per_ip,

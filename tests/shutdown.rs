@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -66,7 +67,13 @@ struct Spawned {
 impl Spawned {
     /// Starts the binary and waits for its ready line; returns it with the parsed line.
     fn serve(config: &Path) -> (Self, Value) {
+        Self::serve_with_env(config, &[])
+    }
+
+    /// [`Spawned::serve`] with extra environment variables.
+    fn serve_with_env(config: &Path, env: &[(&str, &Path)]) -> (Self, Value) {
         let mut child = Command::new(HERALD)
+            .envs(env.iter().copied())
             .args(["serve", "--config"])
             .arg(config)
             .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
@@ -242,6 +249,168 @@ fn sigterm_right_after_the_ready_line_drains() {
         let status = server.wait(DRAIN + Duration::from_secs(5));
         assert!(status.success(), "exit status {status:?}");
     }
+}
+
+/// An address of the ready line.
+fn addr(ready: &Value, key: &str) -> std::net::SocketAddr {
+    ready[key]
+        .as_str()
+        .expect("address")
+        .parse()
+        .expect("address")
+}
+
+/// One request on a kept-alive connection; `None` once the server is gone.
+fn keep_alive(s: &mut std::net::TcpStream, request: &[u8]) -> Option<HttpResponse> {
+    use std::io::Write;
+    s.write_all(request).ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(r) = parse_http(&buf) {
+            return Some(r);
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Publishes to `all` of shop as fast as one kept-alive API connection allows until a publish
+/// is refused or the server goes; returns the ids of the publishes answered 200.
+fn publish_until_refused(
+    api: std::net::SocketAddr,
+    publisher: usize,
+    count: &std::sync::atomic::AtomicUsize,
+) -> Vec<String> {
+    let mut s = tcp(api);
+    let mut accepted = Vec::new();
+    for n in 0.. {
+        let body = format!(r#"{{"project":"shop","topic":"all","data":[{publisher},{n}]}}"#);
+        let req = format!(
+            "POST /api/v1/publish HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer \
+             {SHOP_API_KEY}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let Some(r) = keep_alive(&mut s, req.as_bytes()) else {
+            break;
+        };
+        if r.status != 200 {
+            assert_eq!(r.status, 503, "{}", r.text());
+            assert_eq!(r.json()["error"], "draining", "{}", r.text());
+            break;
+        }
+        accepted.push(r.json()["id"].as_str().expect("id").to_owned());
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    accepted
+}
+
+#[test]
+fn every_publish_answered_200_around_sigterm_reaches_every_open_connection() {
+    let dir = TempDir::new("term-race");
+    let config = dir.write("herald.toml", &config_toml(&dir.0.join("state")));
+    for trial in 0..5 {
+        let (mut server, ready) = Spawned::serve(&config);
+        let (listen, api) = (addr(&ready, "listen"), addr(&ready, "api_listen"));
+        // Subscribers (of `all`) read until their close and report the ids they got.
+        let readers: Vec<_> = (0..6)
+            .map(|i| {
+                let (mut ws, _) = connect_user(listen, "shop", &format!("u{i}"));
+                std::thread::spawn(move || {
+                    let (texts, code, reason) = read_until_close(&mut ws);
+                    assert_eq!(code, 1001, "{reason}");
+                    texts
+                        .iter()
+                        .map(|t| split_message(t).2)
+                        .collect::<BTreeSet<String>>()
+                })
+            })
+            .collect();
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let publishers: Vec<_> = (0..3)
+            .map(|p| {
+                let count = count.clone();
+                std::thread::spawn(move || publish_until_refused(api, p, &count))
+            })
+            .collect();
+        // SIGTERM in the middle of the stream of publishes, at a different point each trial.
+        wait_until("publishes to flow", || {
+            count.load(std::sync::atomic::Ordering::Relaxed) >= 50 * (trial + 1)
+        });
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(server.pid(), libc::SIGTERM) }, 0);
+        let accepted: Vec<String> = publishers
+            .into_iter()
+            .flat_map(|t| t.join().expect("publisher"))
+            .collect();
+        for r in readers {
+            let got = r.join().expect("reader");
+            let lost: Vec<&String> = accepted.iter().filter(|id| !got.contains(*id)).collect();
+            assert!(
+                lost.is_empty(),
+                "trial {trial}: {} of {} publishes answered 200 never arrived: {lost:?}",
+                lost.len(),
+                accepted.len()
+            );
+        }
+        let status = server.wait(DRAIN + Duration::from_secs(5));
+        assert!(status.success(), "exit status {status:?}");
+    }
+}
+
+/// `GET path`; `None` once the server is gone.
+fn try_get(addr: std::net::SocketAddr, path: &str) -> Option<HttpResponse> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, TIMEOUT).ok()?;
+    set_timeouts(&s);
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    keep_alive(&mut s, req.as_bytes())
+}
+
+#[test]
+fn a_shard_that_panics_fails_readiness_and_the_process_exits_non_zero() {
+    let dir = TempDir::new("shard-panic");
+    let config = dir.write("herald.toml", &config_toml(&dir.0.join("state")));
+    let trigger = dir.0.join("panic");
+    let (mut server, ready) =
+        Spawned::serve_with_env(&config, &[("HERALD_TEST_PANIC_FILE", &trigger)]);
+    let api: std::net::SocketAddr = addr(&ready, "api_listen");
+    let listen: std::net::SocketAddr = addr(&ready, "listen");
+    let r = try_get(api, "/readyz").expect("readyz");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A client of the surviving shard that never answers its close frame keeps the drain,
+    // and so the process, going for up to the drain timeout.
+    let mut deaf = (0..64)
+        .map(|_| RawClient::upgrade(listen, "shop", &token("shop", "deaf").0))
+        .find(|(_, w)| w.shard == 0)
+        .expect("a connection on shard 0")
+        .0;
+
+    std::fs::write(&trigger, "1").expect("trigger");
+    // Not ready from the failure until the process ends.
+    let start = Instant::now();
+    let mut saw_failed = false;
+    while server.child.try_wait().expect("try_wait").is_none() {
+        assert!(start.elapsed() < TIMEOUT, "still running and ready");
+        if let Some(r) = try_get(api, "/readyz")
+            && r.status == 503
+        {
+            assert_eq!(r.json()["status"], "failed", "{}", r.text());
+            saw_failed = true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(saw_failed, "/readyz never answered 503 `failed`");
+    // The surviving shard's clients are told to go elsewhere.
+    assert_eq!(deaf.expect_close().0, 1001);
+    let status = server.wait(DRAIN + Duration::from_secs(5));
+    assert_eq!(status.code(), Some(70), "exit status {status:?}");
+    let stderr = server.stderr.take().unwrap().join().unwrap();
+    assert!(
+        stderr.contains("shard 1 panics") && stderr.contains("exiting with status 70"),
+        "{stderr}"
+    );
 }
 
 /// Waits for a background join, at most `limit`.

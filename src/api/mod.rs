@@ -3,6 +3,7 @@
 //! mailboxes and reads the shards' counters.
 
 mod connections;
+mod idempotency;
 mod projects;
 mod publish;
 mod ratelimit;
@@ -117,7 +118,7 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
 }
 
 /// Who is calling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Caller {
     /// The admin key: every project.
     Admin,
@@ -246,6 +247,8 @@ struct Ctx {
     settings: Arc<ApiSettings>,
     /// Request-rate buckets per API key, shared by every API connection.
     limiter: Arc<KeyLimiter>,
+    /// Answers of accepted publishes by `Idempotency-Key`.
+    idempotency: Arc<std::sync::Mutex<idempotency::IdempotencyCache>>,
 }
 
 async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -284,10 +287,10 @@ async fn dispatch(
         (["readyz"], &Method::GET) => Ok(readyz(hub)),
         (["metrics"], &Method::GET) => metrics(hub),
         (["api", "v1", "publish"], &Method::POST) => {
-            publish::single(hub, settings, admit(ctx, &req)?, req).await
+            publish::single(hub, settings, &ctx.idempotency, admit(ctx, &req)?, req).await
         }
         (["api", "v1", "publish", "batch"], &Method::POST) => {
-            publish::batch(hub, settings, admit(ctx, &req)?, req).await
+            publish::batch(hub, settings, &ctx.idempotency, admit(ctx, &req)?, req).await
         }
         (["api", "v1", "connections"], &Method::GET) => {
             connections::list(hub, admit(ctx, &req)?, req).await
@@ -347,6 +350,12 @@ fn metrics(hub: &Arc<Hub>) -> Result<Response<Full<Bytes>>, ApiError> {
 }
 
 fn readyz(hub: &Hub) -> Response<Full<Bytes>> {
+    if hub.failed_shard().is_some() {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "status": "failed" }),
+        );
+    }
     let phase = hub.phase();
     let (status, text) = match phase {
         Phase::Running => (StatusCode::OK, "ready"),
@@ -396,6 +405,7 @@ pub fn start(
         settings.burst_per_key,
     ));
     let settings = Arc::new(settings);
+    let idempotency = Arc::default();
     let thread = std::thread::Builder::new()
         .name("herald-api".into())
         .spawn(move || {
@@ -427,6 +437,7 @@ pub fn start(
                                 admin: admin.clone(),
                                 settings: settings.clone(),
                                 limiter: limiter.clone(),
+                                idempotency: Arc::clone(&idempotency),
                             };
                             tokio::spawn(async move {
                                 let service = service_fn(move |req| route(ctx.clone(), req));

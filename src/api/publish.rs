@@ -1,16 +1,24 @@
 //! `POST /api/v1/publish` and `/api/v1/publish/batch`.
 //!
 //! `data` is kept as raw JSON (`RawValue`): validated by the parser, delivered byte for byte.
-//! Everything is checked before anything is sent, so a bad request delivers nothing.
+//! Everything is checked before anything is sent, so a bad request delivers nothing, and a
+//! publish or a whole batch goes to every shard or to none (see [`crate::hub`]): a refusal
+//! means nothing was sent. An `Idempotency-Key` header makes a retry safe
+//! ([`super::idempotency`]).
+
+use std::sync::Mutex;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{ApiError, ApiSettings, Caller, body, json};
+use super::idempotency::{self, Endpoint, IdempotencyCache, Lookup};
+use super::{ApiError, ApiSettings, Caller, body};
 use crate::hub::{Hub, PublishError};
 use crate::pubsub::Topic;
 
@@ -93,42 +101,112 @@ fn check<'a>(hub: &Hub, who: Caller, b: PublishBody<'a>) -> Result<Checked<'a>, 
     })
 }
 
-fn send(hub: &Hub, c: &Checked<'_>) -> Result<String, ApiError> {
-    hub.publish(c.project, &c.topics, c.data)
-        .inspect(|_| crate::metrics::ShardStats::add(&hub.api_published, 1))
-        .map_err(|e| match e {
-            PublishError::Busy(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
-            }
-            PublishError::Draining => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", e.to_string())
-            }
-        })
+/// The API error for a refused publish (nothing was sent in every case).
+fn refused(e: PublishError) -> ApiError {
+    let (status, code) = match e {
+        PublishError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+        PublishError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        PublishError::Failed(_) => (StatusCode::SERVICE_UNAVAILABLE, "failed"),
+        PublishError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "message_too_large"),
+    };
+    ApiError::new(status, code, e.to_string())
 }
 
 fn parse_err(e: serde_json::Error) -> ApiError {
     ApiError::bad_request(format!("invalid publish body: {e}"))
 }
 
+/// The request's `Idempotency-Key`, if it has one.
+fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>, ApiError> {
+    let mut values = req.headers().get_all("idempotency-key").iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "more than one Idempotency-Key header",
+        ));
+    }
+    idempotency::parse_key(v.as_bytes())
+        .map(|k| Some(k.to_owned()))
+        .map_err(ApiError::bad_request)
+}
+
+/// Runs `publish` unless the same `Idempotency-Key` (of this caller, on this endpoint) was
+/// accepted with the same body within the window: then answers that again, publishing nothing.
+fn once(
+    cache: &Mutex<IdempotencyCache>,
+    who: Caller,
+    endpoint: Endpoint,
+    key: Option<String>,
+    bytes: &[u8],
+    publish: impl FnOnce() -> Result<Bytes, ApiError>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let answer = |body: Bytes, replayed: bool| {
+        let mut r = Response::new(Full::new(body));
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if replayed {
+            r.headers_mut()
+                .insert("idempotency-replayed", HeaderValue::from_static("true"));
+        }
+        r
+    };
+    let Some(key) = key else {
+        return publish().map(|b| answer(b, false));
+    };
+    let fp = idempotency::fingerprint(bytes);
+    let now = Instant::now();
+    // Held across the publish (no await inside): a concurrent retry waits and then replays.
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    match cache.lookup(who, endpoint, &key, fp, now) {
+        Lookup::Replay(body) => Ok(answer(body, true)),
+        Lookup::Conflict => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            format!(
+                "Idempotency-Key `{key}` was used with a different body within the last {} s",
+                idempotency::TTL.as_secs()
+            ),
+        )),
+        Lookup::New => {
+            let body = publish()?;
+            cache.remember(who, endpoint, &key, fp, body.clone(), now);
+            Ok(answer(body, false))
+        }
+    }
+}
+
+fn to_body<T: serde::Serialize>(v: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(v).expect("API bodies always serialise"))
+}
+
 pub(super) async fn single(
     hub: &Hub,
     settings: &ApiSettings,
+    cache: &Mutex<IdempotencyCache>,
     who: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
+    let key = idempotency_key(&req)?;
     let bytes = body(req, settings.max_body_bytes).await?;
     let b: PublishBody<'_> = serde_json::from_slice(&bytes).map_err(parse_err)?;
-    let checked = check(hub, who, b)?;
-    let id = send(hub, &checked)?;
-    Ok(json(StatusCode::OK, &serde_json::json!({ "id": id })))
+    let c = check(hub, who, b)?;
+    once(cache, who, Endpoint::Single, key, &bytes, || {
+        let id = hub.publish(c.project, &c.topics, c.data).map_err(refused)?;
+        crate::metrics::ShardStats::add(&hub.api_published, 1);
+        Ok(to_body(&serde_json::json!({ "id": id })))
+    })
 }
 
 pub(super) async fn batch(
     hub: &Hub,
     settings: &ApiSettings,
+    cache: &Mutex<IdempotencyCache>,
     who: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
+    let key = idempotency_key(&req)?;
     let bytes = body(req, settings.max_body_bytes).await?;
     let items: Vec<PublishBody<'_>> = serde_json::from_slice(&bytes).map_err(parse_err)?;
     if items.is_empty() || items.len() > MAX_BATCH {
@@ -136,19 +214,31 @@ pub(super) async fn batch(
             "a batch holds 1 to {MAX_BATCH} publishes"
         )));
     }
+    let item_err = |i: usize| {
+        move |mut e: ApiError| {
+            e.message = format!("item {i}: {}", e.message);
+            e
+        }
+    };
     let checked = items
         .into_iter()
         .enumerate()
-        .map(|(i, b)| {
-            check(hub, who, b).map_err(|mut e| {
-                e.message = format!("item {i}: {}", e.message);
-                e
+        .map(|(i, b)| check(hub, who, b).map_err(item_err(i)))
+        .collect::<Result<Vec<_>, _>>()?;
+    once(cache, who, Endpoint::Batch, key, &bytes, || {
+        let (ids, publications): (Vec<_>, Vec<_>) = checked
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                hub.prepare(c.project, &c.topics, c.data)
+                    .map_err(|e| item_err(i)(refused(e)))
             })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let ids = checked
-        .iter()
-        .map(|c| send(hub, c))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(json(StatusCode::OK, &serde_json::json!({ "ids": ids })))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
+        // Every item to every shard, or none.
+        hub.send(&publications).map_err(refused)?;
+        crate::metrics::ShardStats::add(&hub.api_published, ids.len() as u64);
+        Ok(to_body(&serde_json::json!({ "ids": ids })))
+    })
 }

@@ -1,4 +1,9 @@
-//! The only cross-core API: a bounded crossbeam inbox per shard plus an eventfd wake-up.
+//! The only cross-core API: a bounded inbox per shard plus an eventfd wake-up.
+//!
+//! The bound is a counter of queued messages, not the channel's own: a sender first reserves
+//! room ([`Mailbox::try_reserve`]), then sends, and a send on a reservation cannot fail for
+//! lack of room. A publish therefore reserves on every target shard before it sends to any,
+//! so it reaches all of them or none. The shard gives the room back as it takes each message.
 //!
 //! A sender pushes a [`ShardMsg`] and writes the eventfd only when the inbox was not already
 //! armed, so a burst costs one syscall. The shard waits for the eventfd through the runtime
@@ -6,20 +11,24 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::ws::close::CloseReason;
 
-/// One publish, encoded once: a frame per topic, shared by every recipient on every shard.
+/// One publish, encoded once and shared by every recipient on every shard. The frame for a
+/// topic is its `head` followed by the shared `body`: the payload is held once however many
+/// topics the publish names.
 #[derive(Debug)]
 pub struct Publication {
     /// Registry index of the project.
     pub project: u32,
-    /// (topic, complete WebSocket frame) pairs.
-    pub frames: Vec<(Box<str>, Bytes)>,
+    /// (topic, frame head) pairs: the WebSocket header and the JSON up to `"data":`.
+    pub heads: Vec<(Box<str>, Bytes)>,
+    /// The rest of every frame: the data, the id and the timestamp.
+    pub body: Bytes,
     /// When `Hub::publish` accepted it (for the publish-to-enqueue histogram).
     pub accepted_at: std::time::Instant,
 }
@@ -127,6 +136,10 @@ struct Shared {
     efd: OwnedFd,
     /// True while a wake-up is pending; senders skip the eventfd write then.
     armed: AtomicBool,
+    /// Messages queued or reserved (the inbox's bound applies to this).
+    queued: AtomicUsize,
+    /// Most messages queued or reserved at once.
+    capacity: usize,
 }
 
 /// The sending side, held by the hub (any thread).
@@ -143,7 +156,43 @@ pub struct Inbox {
     shared: Arc<Shared>,
 }
 
-/// A bounded mailbox and its inbox.
+/// Room for messages in one inbox, taken before sending ([`Mailbox::try_reserve`]). Room not
+/// used by [`Reservation::send`] is given back when the reservation is dropped.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    mailbox: &'a Mailbox,
+    left: usize,
+}
+
+impl Reservation<'_> {
+    /// Queues `msg` on reserved room and wakes the shard.
+    ///
+    /// # Errors
+    /// The shard is gone (its thread ended); the message is handed back.
+    ///
+    /// # Panics
+    /// More sends than reserved (a bug in the caller).
+    pub fn send(&mut self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        assert!(self.left > 0, "send beyond the reservation");
+        self.left -= 1;
+        self.mailbox.push(msg).inspect_err(|_| {
+            self.mailbox.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        })
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.left > 0 {
+            self.mailbox
+                .shared
+                .queued
+                .fetch_sub(self.left, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A bounded mailbox and its inbox: at most `capacity` messages queued or reserved.
 ///
 /// # Errors
 /// eventfd creation failed.
@@ -158,8 +207,11 @@ pub fn channel(capacity: usize) -> std::io::Result<(Mailbox, Inbox)> {
     let shared = Arc::new(Shared {
         efd,
         armed: AtomicBool::new(false),
+        queued: AtomicUsize::new(0),
+        capacity,
     });
-    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    // Unbounded: the bound is `Shared::queued`, so a send on reserved room never fails.
+    let (tx, rx) = crossbeam_channel::unbounded();
     Ok((
         Mailbox {
             tx,
@@ -170,18 +222,51 @@ pub fn channel(capacity: usize) -> std::io::Result<(Mailbox, Inbox)> {
 }
 
 impl Mailbox {
+    /// Reserves room for `n` messages.
+    ///
+    /// # Errors
+    /// Less than `n` free: nothing is reserved.
+    pub fn try_reserve(&self, n: usize) -> Result<Reservation<'_>, Full> {
+        let q = &self.shared.queued;
+        let mut cur = q.load(Ordering::Acquire);
+        loop {
+            if cur.saturating_add(n) > self.shared.capacity {
+                return Err(Full);
+            }
+            match q.compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    return Ok(Reservation {
+                        mailbox: self,
+                        left: n,
+                    });
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
     /// Queues `msg` and wakes the shard.
     ///
     /// # Errors
     /// The inbox is full or the shard is gone; the message is handed back.
     pub fn send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
-        self.tx.try_send(msg).map_err(|e| match e {
-            TrySendError::Full(m) | TrySendError::Disconnected(m) => m,
-        })?;
-        if !self.shared.armed.swap(true, Ordering::AcqRel) {
-            wake(self.shared.efd.as_raw_fd());
+        match self.try_reserve(1) {
+            Ok(mut r) => r.send(msg),
+            Err(Full) => Err(msg),
         }
-        Ok(())
+    }
+
+    /// Queues `msg` even over the bound (the drain order, one per shard, must not be lost).
+    ///
+    /// # Errors
+    /// The shard is gone; the message is handed back.
+    pub fn send_over_bound(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        Reservation {
+            mailbox: self,
+            left: 1,
+        }
+        .send(msg)
     }
 
     /// Queues a control message, waiting up to `timeout` for room (control plane only).
@@ -193,20 +278,42 @@ impl Mailbox {
         msg: ShardMsg,
         timeout: std::time::Duration,
     ) -> Result<(), ShardMsg> {
-        self.tx
-            .send_timeout(msg, timeout)
-            .map_err(|e| e.into_inner())?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(mut r) = self.try_reserve(1) {
+                return r.send(msg);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(msg);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Queues on room already counted in `queued`.
+    fn push(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.tx.send(msg).map_err(|e| e.into_inner())?;
         if !self.shared.armed.swap(true, Ordering::AcqRel) {
             wake(self.shared.efd.as_raw_fd());
         }
         Ok(())
     }
 
-    /// Messages waiting.
+    /// Messages waiting (or reserved and about to be sent).
     pub fn depth(&self) -> usize {
-        self.tx.len()
+        self.shared.queued.load(Ordering::Acquire)
+    }
+
+    /// Most messages the inbox holds.
+    pub fn capacity(&self) -> usize {
+        self.shared.capacity
     }
 }
+
+/// The inbox has not the room asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the shard inbox is full")]
+pub struct Full;
 
 fn wake(fd: i32) {
     let one: u64 = 1;
@@ -237,9 +344,11 @@ impl Inbox {
         }
     }
 
-    /// Takes one waiting message.
+    /// Takes one waiting message, giving its room back.
     pub fn try_recv(&self) -> Option<ShardMsg> {
-        self.rx.try_recv().ok()
+        let msg = self.rx.try_recv().ok()?;
+        self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        Some(msg)
     }
 }
 
@@ -256,6 +365,25 @@ mod tests {
         rx.disarm();
         assert!(matches!(rx.try_recv(), Some(ShardMsg::Drain)));
         assert!(rx.try_recv().is_none());
+    }
+
+    #[test]
+    fn a_reservation_is_all_or_nothing_and_gives_back_what_it_did_not_use() {
+        let (tx, rx) = channel(3).unwrap();
+        let mut r = tx.try_reserve(2).unwrap();
+        assert_eq!(tx.try_reserve(2).unwrap_err(), Full, "only one left");
+        assert_eq!(tx.depth(), 2, "a failed reservation takes nothing");
+        r.send(ShardMsg::Drain).unwrap();
+        drop(r);
+        assert_eq!(tx.depth(), 1, "the unused room is given back");
+        tx.send_over_bound(ShardMsg::Drain).unwrap();
+        tx.send_over_bound(ShardMsg::Drain).unwrap();
+        tx.send_over_bound(ShardMsg::Drain).unwrap();
+        assert_eq!(tx.depth(), 4, "the drain order passes the bound");
+        assert!(tx.send(ShardMsg::Drain).is_err());
+        while rx.try_recv().is_some() {}
+        assert_eq!(tx.depth(), 0);
+        assert!(tx.try_reserve(3).is_ok());
     }
 
     #[test]

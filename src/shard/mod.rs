@@ -446,12 +446,13 @@ impl Shard {
         let cap = self.limits.max_outbound_queue_bytes;
         let mut overflow = Vec::new();
         let (mut delivered, mut dropped) = (0u64, 0u64);
-        for (topic, frame) in &p.frames {
+        for (topic, head) in &p.heads {
             let Some(t) = self.topics.lookup(p.project, topic) else {
                 continue;
             };
+            let frame = [head, &p.body];
             for &slot in self.topics.subscribers(t) {
-                match conn::push_frame(&mut self.conns, &mut self.dirty, slot, frame, cap) {
+                match conn::push_frame(&mut self.conns, &mut self.dirty, slot, &frame, cap) {
                     conn::Push::Queued => delivered += 1,
                     conn::Push::Dropped => dropped += 1,
                     conn::Push::Overflow => {
@@ -531,14 +532,16 @@ impl Shard {
     fn tick(&mut self, tick: Duration) {
         // Liveness for the watchdog (crate::notify): this shard's loop is still turning.
         ShardStats::add(&self.stats.sweeps, 1);
+        #[cfg(debug_assertions)]
+        if let Some(path) = std::env::var_os(TEST_PANIC_FILE_ENV)
+            && std::fs::read_to_string(path).is_ok_and(|t| t.trim() == self.id.to_string())
+        {
+            panic!("shard {} panics as {TEST_PANIC_FILE_ENV} asks", self.id);
+        }
         self.stats.pending_handshakes.store(
             self.pending_handshakes as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        // A drain whose inbox message was lost to a full inbox still happens.
-        if !self.draining && self.hub.phase() == crate::hub::Phase::Draining {
-            self.start_drain();
-        }
         let now = Instant::now();
         while let Some(d) = self.handshake_deadlines.front().copied() {
             if d.at > now {
@@ -632,7 +635,7 @@ impl Shard {
                 &mut self.conns,
                 &mut self.dirty,
                 slot as u32,
-                &crate::ws::frame::ping(),
+                &[&crate::ws::frame::ping()],
                 usize::MAX,
             );
         }
@@ -702,6 +705,12 @@ pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("herald-shard-{}", spec.id))
         .spawn(move || {
+            // Dropped last, also when the thread unwinds from a panic: a dead shard fails the
+            // node instead of leaving it half alive.
+            let _failure = FailNode {
+                hub: spec.hub.clone(),
+                id: spec.id,
+            };
             if let Some(core) = spec.core
                 && !core_affinity::set_for_current(core)
             {
@@ -736,6 +745,31 @@ pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
             }
         })
 }
+
+/// Fails the node when a shard thread ends by a panic (see [`Hub::shard_failed`]).
+struct FailNode {
+    hub: Arc<Hub>,
+    id: u16,
+}
+
+impl Drop for FailNode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                shard = self.id,
+                "shard thread panicked (message above); the node is no longer ready, drains the \
+                 other shards and exits with status 70 for its supervisor to restart it"
+            );
+            self.hub.shard_failed(self.id as usize);
+        }
+    }
+}
+
+/// Test-only (debug builds): the file named by this variable holding a shard's id makes that
+/// shard panic at its next sweep, so tests can check how the node fails. Release builds ignore
+/// it.
+#[cfg(debug_assertions)]
+pub const TEST_PANIC_FILE_ENV: &str = "HERALD_TEST_PANIC_FILE";
 
 async fn run(spec: ShardSpec) {
     let ShardSpec {

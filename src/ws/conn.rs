@@ -98,8 +98,8 @@ pub struct Conn {
     pub waker: Option<Waker>,
     /// Unconsumed input (a partial request or frame); empty and unallocated when idle.
     pub inbuf: Vec<u8>,
-    /// Frames waiting to be written; unallocated when empty.
-    pub out: VecDeque<Bytes>,
+    /// Frames waiting to be written, in pieces; unallocated when empty.
+    pub out: VecDeque<OutPart>,
     /// Bytes in `out` not yet written.
     pub out_bytes: usize,
     /// Bytes of `out[0]` already written.
@@ -151,9 +151,51 @@ impl Conn {
         }
     }
 
+    /// Drops the queued frames that have not started to go out; a started frame is kept whole.
+    fn truncate_out(&mut self) {
+        let keep = match self.out.front() {
+            Some(f) if self.out_head > 0 || f.started => self
+                .out
+                .iter()
+                .position(|p| !p.more)
+                .map_or(self.out.len(), |i| i + 1),
+            _ => 0,
+        };
+        self.out.truncate(keep);
+        self.out_bytes =
+            self.out.iter().map(|p| p.bytes.len()).sum::<usize>() - self.out_head as usize;
+        if self.out.is_empty() {
+            self.out = VecDeque::new();
+        }
+    }
+
     fn wake(&mut self) {
         if let Some(w) = self.waker.take() {
             w.wake();
+        }
+    }
+}
+
+/// A piece of a queued frame. A frame may be queued as several pieces (a delivery's head and
+/// the body that every topic of its publish shares), written with one vectored send.
+#[derive(Debug, Clone)]
+pub struct OutPart {
+    /// The bytes.
+    pub bytes: Bytes,
+    /// The next piece continues this frame.
+    pub more: bool,
+    /// Earlier pieces of this frame are written: the frame must finish before anything is
+    /// dropped from the queue.
+    pub started: bool,
+}
+
+impl OutPart {
+    /// A whole frame in one piece.
+    fn whole(bytes: Bytes) -> Self {
+        Self {
+            bytes,
+            more: false,
+            started: false,
         }
     }
 }
@@ -169,13 +211,14 @@ pub enum Push {
     Overflow,
 }
 
-/// Queues a frame to an open connection without flushing (the caller flushes the dirty list
-/// at the end of its batch). A free function so fan-out can borrow the topic index alongside.
+/// Queues a frame, given as its pieces in order, to an open connection without flushing (the
+/// caller flushes the dirty list at the end of its batch). A free function so fan-out can
+/// borrow the topic index alongside. A frame no larger than `cap` always fits an empty queue.
 pub fn push_frame(
     conns: &mut Slab<Conn>,
     dirty: &mut Vec<u32>,
     slot: u32,
-    frame: &Bytes,
+    parts: &[&Bytes],
     cap: usize,
 ) -> Push {
     let Some(c) = conns.get_mut(slot as usize) else {
@@ -184,11 +227,18 @@ pub fn push_frame(
     if c.phase != ConnPhase::Open {
         return Push::Dropped;
     }
-    if c.out_bytes.saturating_add(frame.len()) > cap {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if c.out_bytes.saturating_add(len) > cap {
         return Push::Overflow;
     }
-    c.out_bytes += frame.len();
-    c.out.push_back(frame.clone());
+    c.out_bytes += len;
+    for (i, p) in parts.iter().enumerate() {
+        c.out.push_back(OutPart {
+            bytes: (*p).clone(),
+            more: i + 1 < parts.len(),
+            started: false,
+        });
+    }
     if !c.dirty && !c.want_write {
         c.dirty = true;
         dirty.push(slot);
@@ -614,7 +664,7 @@ impl Shard {
     fn push_raw(&mut self, slot: u32, bytes: Bytes) {
         let c = &mut self.conns[slot as usize];
         c.out_bytes += bytes.len();
-        c.out.push_back(bytes);
+        c.out.push_back(OutPart::whole(bytes));
         if !c.dirty && !c.want_write {
             c.dirty = true;
             self.dirty.push(slot);
@@ -1001,22 +1051,16 @@ impl Shard {
     /// Queues a reply to the connection itself; over the cap it is a slow consumer too.
     fn reply(&mut self, slot: u32, frame: Bytes) {
         let cap = self.limits.max_outbound_queue_bytes;
-        if push_frame(&mut self.conns, &mut self.dirty, slot, &frame, cap) == Push::Overflow {
+        if push_frame(&mut self.conns, &mut self.dirty, slot, &[&frame], cap) == Push::Overflow {
             ShardStats::add(&self.stats.slow_consumer_closes, 1);
             self.close_with(slot, CloseReason::SlowConsumer);
         }
     }
 
     /// Drops queued frames that have not started to go out (a partly written frame must
-    /// finish, or the stream would be corrupt).
+    /// finish, every piece of it, or the stream would be corrupt).
     fn truncate_queue(&mut self, slot: u32) {
-        let c = &mut self.conns[slot as usize];
-        let keep = usize::from(c.out_head > 0);
-        c.out.truncate(keep);
-        c.out_bytes = c.out.front().map_or(0, |f| f.len() - c.out_head as usize);
-        if c.out.is_empty() {
-            c.out = VecDeque::new();
-        }
+        self.conns[slot as usize].truncate_out();
     }
 
     /// Starts the closing handshake with `reason`: unsent messages are dropped, the close
@@ -1035,7 +1079,11 @@ impl Shard {
         }
         c.phase = ConnPhase::Closing;
         ShardStats::add(&self.stats.closes[reason.counter_index()], 1);
-        self.truncate_queue(slot);
+        // A drain sends what was published before it (every publish answered 2xx reaches the
+        // connections open then), then the close; every other close drops the backlog.
+        if reason != CloseReason::GoingAway {
+            self.truncate_queue(slot);
+        }
         self.push_raw(slot, frame::close(reason));
         self.arm_close_deadline(slot);
     }
@@ -1061,6 +1109,7 @@ impl Shard {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
             for (i, f) in c.out.iter().take(MAX_IOV).enumerate() {
+                let f = &f.bytes;
                 iov[i] = IoSlice::new(if i == 0 { &f[c.out_head as usize..] } else { f });
                 n += 1;
             }
@@ -1069,11 +1118,16 @@ impl Shard {
                     ShardStats::add(&self.stats.bytes_out, written as u64);
                     c.out_bytes -= written;
                     while written > 0 {
-                        let left = c.out[0].len() - c.out_head as usize;
+                        let left = c.out[0].bytes.len() - c.out_head as usize;
                         if written >= left {
                             written -= left;
-                            c.out.pop_front();
+                            let done = c.out.pop_front();
                             c.out_head = 0;
+                            if done.is_some_and(|p| p.more)
+                                && let Some(next) = c.out.front_mut()
+                            {
+                                next.started = true;
+                            }
                         } else {
                             // Below the frame's length, which fits a u32 (message
                             // sizes are capped far below 4 GiB).
@@ -1226,6 +1280,68 @@ mod tests {
 
     fn future_size<A, B, C, D, F: Future>(_: fn(A, B, C, D) -> F) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    fn open_conn(conns: &mut Slab<Conn>) -> u32 {
+        let mut c = Conn::new(-1, 1, "127.0.0.1:1".parse().unwrap());
+        c.phase = ConnPhase::Open;
+        conns.insert(c) as u32
+    }
+
+    #[test]
+    fn a_frame_of_the_cap_fits_an_empty_queue_and_no_more() {
+        let mut conns = Slab::new();
+        let mut dirty = Vec::new();
+        let slot = open_conn(&mut conns);
+        let (head, body) = (Bytes::from_static(b"head"), Bytes::from(vec![b'x'; 96]));
+        let push = |conns: &mut Slab<Conn>, dirty: &mut Vec<u32>, cap| {
+            push_frame(conns, dirty, slot, &[&head, &body], cap)
+        };
+        assert_eq!(push(&mut conns, &mut dirty, 99), Push::Overflow);
+        assert_eq!(push(&mut conns, &mut dirty, 100), Push::Queued);
+        assert_eq!(push(&mut conns, &mut dirty, 199), Push::Overflow);
+        assert_eq!(push(&mut conns, &mut dirty, 200), Push::Queued);
+        let c = &conns[slot as usize];
+        assert_eq!((c.out.len(), c.out_bytes), (4, 200));
+        assert!(
+            c.out[1].bytes.as_ptr() == body.as_ptr() && c.out[3].bytes.as_ptr() == body.as_ptr(),
+            "the body is shared, not copied"
+        );
+    }
+
+    #[test]
+    fn truncation_keeps_every_piece_of_a_started_frame() {
+        let mut conns = Slab::new();
+        let mut dirty = Vec::new();
+        let slot = open_conn(&mut conns);
+        let (head, body) = (Bytes::from_static(b"head"), Bytes::from_static(b"body"));
+        for _ in 0..2 {
+            push_frame(&mut conns, &mut dirty, slot, &[&head, &body], 1000);
+        }
+        let c = &mut conns[slot as usize];
+        c.truncate_out();
+        assert_eq!(
+            (c.out.len(), c.out_bytes),
+            (0, 0),
+            "nothing started: all dropped"
+        );
+        for _ in 0..2 {
+            push_frame(&mut conns, &mut dirty, slot, &[&head, &body], 1000);
+        }
+        let c = &mut conns[slot as usize];
+        // The head of the first frame went out; its body must follow.
+        c.out.pop_front();
+        c.out[0].started = true;
+        c.out_bytes -= 4;
+        c.truncate_out();
+        assert_eq!((c.out.len(), c.out_bytes), (1, 4));
+        assert_eq!(&c.out[0].bytes[..], b"body");
+        // Half of a one-piece frame went out.
+        c.out_head = 2;
+        c.out[0].started = false;
+        c.out_bytes = 2;
+        c.truncate_out();
+        assert_eq!((c.out.len(), c.out_bytes), (1, 2));
     }
 
     /// The idle-memory budget (~1 KiB per connection) is dominated by the connection task:

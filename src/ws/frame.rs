@@ -9,17 +9,28 @@ use super::close::CloseReason;
 
 /// Encodes one unfragmented, unmasked frame.
 pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
+    head(opcode, payload, 0)
+}
+
+/// The start of a text frame whose payload is `start` followed by `rest_len` more bytes held
+/// elsewhere (a payload part several frames share, queued after this head).
+pub fn text_head(start: &[u8], rest_len: usize) -> Bytes {
+    head(OpCode::Data(Data::Text), start, rest_len)
+}
+
+/// The header of a frame of `start.len() + rest_len` payload bytes, then `start`.
+fn head(opcode: OpCode, start: &[u8], rest_len: usize) -> Bytes {
     let header = FrameHeader {
         opcode,
         ..FrameHeader::default()
     };
-    let len = payload.len() as u64;
-    let mut out = BytesMut::with_capacity(header.len(len) + payload.len());
+    let len = (start.len() + rest_len) as u64;
+    let mut out = BytesMut::with_capacity(header.len(len) + start.len());
     let mut w = (&mut out).writer();
     header
         .format(len, &mut w)
         .expect("writing to memory cannot fail");
-    out.extend_from_slice(payload);
+    out.extend_from_slice(start);
     out.freeze()
 }
 

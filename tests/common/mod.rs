@@ -889,7 +889,7 @@ pub fn http(addr: SocketAddr, request: &[u8]) -> HttpResponse {
 }
 
 /// A complete response at the start of `buf` (needs Content-Length).
-fn parse_http(buf: &[u8]) -> Option<HttpResponse> {
+pub fn parse_http(buf: &[u8]) -> Option<HttpResponse> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf).expect("well-formed HTTP response") {

@@ -49,9 +49,10 @@ def operation(method: str, path: str) -> dict:
     raise AssertionError(f"{method} {bare} is not in docs/openapi.yaml")
 
 
-def check(server, method: str, path: str, body=None, key: str | None = ADMIN_KEY) -> int:
-    """Calls the server and checks the answer against the document; returns the status."""
-    headers = {}
+def check(server, method: str, path: str, body=None, key: str | None = ADMIN_KEY, extra=None) -> int:
+    """Calls the server (with `extra` headers) and checks the answer against the document;
+    returns the status."""
+    headers = dict(extra or {})
     data = None
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
@@ -96,6 +97,11 @@ def test_every_operation_answers_as_documented(server):
             assert check(server, "POST", "/api/v1/publish", {**good, "project": "nope"}) == 404
             big = {**good, "data": "x" * (2 << 20)}
             assert check(server, "POST", "/api/v1/publish", big) == 413
+            once = {"Idempotency-Key": "openapi-1"}
+            assert check(server, "POST", "/api/v1/publish", good, extra=once) == 200
+            assert check(server, "POST", "/api/v1/publish", good, extra=once) == 200
+            assert check(server, "POST", "/api/v1/publish", {**good, "data": 2}, extra=once) == 422
+            assert check(server, "POST", "/api/v1/publish", good, extra={"Idempotency-Key": "a b"}) == 400
             assert check(server, "POST", "/api/v1/publish/batch", [good, good]) == 200
             assert check(server, "POST", "/api/v1/publish/batch", []) == 400
             # connections
