@@ -18,6 +18,10 @@ pub const DEV_SECRET: &str = "herald-dev-secret-do-not-use-in-production";
 pub const DEV_ADMIN_KEY: &str = "herald-dev-admin";
 /// Project of the embedded development default.
 pub const DEV_PROJECT: &str = "demo";
+/// Default of `projects[].max_token_lifetime_secs`: 30 days.
+pub const DEFAULT_MAX_TOKEN_LIFETIME_SECS: u64 = 30 * 24 * 3600;
+/// Largest `projects[].max_token_lifetime_secs`: 10 years.
+pub const MAX_TOKEN_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// Everything herald reads at start.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -163,6 +167,12 @@ pub struct LimitsConfig {
     pub messages_per_conn_per_sec: u32,
     /// Frames one connection may send at once (bucket size). Default 200.
     pub message_burst_per_conn: u32,
+    /// `refresh` ops one connection may make per minute (they verify a token; a legitimate
+    /// client refreshes once per token lifetime). Over it the op is answered with the error
+    /// `rate_limited` and the connection keeps its token. 0 = off. Default 6.
+    pub refreshes_per_conn_per_min: u32,
+    /// `refresh` ops one connection may make at once (bucket size). Default 3.
+    pub refresh_burst_per_conn: u32,
     /// API requests one key (a project's, or the admin key) may make per second; over it 429
     /// with `Retry-After`. 0 = off. Default 1000.
     pub api_requests_per_key_per_sec: u32,
@@ -180,6 +190,8 @@ impl Default for LimitsConfig {
             max_pending_handshakes: 10_000,
             messages_per_conn_per_sec: 100,
             message_burst_per_conn: 200,
+            refreshes_per_conn_per_min: 6,
+            refresh_burst_per_conn: 3,
             api_requests_per_key_per_sec: 1000,
             api_burst_per_key: 2000,
         }
@@ -237,6 +249,10 @@ pub struct ProjectConfig {
     pub require_exp: bool,
     /// Clock leeway for `exp`/`nbf`, in seconds. Default 30.
     pub leeway_secs: u64,
+    /// Longest token lifetime accepted: a token whose `exp` is more than this (plus
+    /// `leeway_secs`) ahead of now is refused, at the handshake and by `refresh`, in seconds.
+    /// Default 2592000 (30 days); at most 315360000 (10 years).
+    pub max_token_lifetime_secs: u64,
     /// When set, tokens must carry this `iss`.
     pub issuer: Option<String>,
     /// When set, tokens must carry this `aud`.
@@ -374,6 +390,7 @@ impl Default for ProjectConfig {
             keys: Vec::new(),
             require_exp: true,
             leeway_secs: 30,
+            max_token_lifetime_secs: DEFAULT_MAX_TOKEN_LIFETIME_SECS,
             issuer: None,
             audience: None,
             allow_client_publish: false,
@@ -558,6 +575,10 @@ impl Config {
                 self.limits.message_burst_per_conn as usize,
             ),
             (
+                "limits.refresh_burst_per_conn",
+                self.limits.refresh_burst_per_conn as usize,
+            ),
+            (
                 "limits.api_burst_per_key",
                 self.limits.api_burst_per_key as usize,
             ),
@@ -600,6 +621,20 @@ impl Config {
                 "at most 60 seconds' worth of messages_per_conn_per_sec",
             ));
         }
+        if l.refreshes_per_conn_per_min > 60_000 {
+            return Err(invalid(
+                "limits.refreshes_per_conn_per_min",
+                "at most 60000",
+            ));
+        }
+        if l.refreshes_per_conn_per_min > 0
+            && l.refresh_burst_per_conn > l.refreshes_per_conn_per_min.saturating_mul(60)
+        {
+            return Err(invalid(
+                "limits.refresh_burst_per_conn",
+                "at most 60 minutes' worth of refreshes_per_conn_per_min",
+            ));
+        }
         crate::access::IpList::parse(&self.access.allow, &self.access.deny)
             .map_err(|(key, reason)| invalid(format!("access.{key}"), reason))?;
         crate::net::proxy::TrustedProxies::new(&self.proxy.trusted, self.proxy.proxy_protocol)
@@ -636,6 +671,12 @@ pub fn validate_project(at: &str, p: &ProjectConfig) -> Result<(), ConfigError> 
         return Err(invalid(
             format!("{at}.api_key"),
             "set api_key or api_key_file, not both",
+        ));
+    }
+    if !(1..=MAX_TOKEN_LIFETIME_SECS).contains(&p.max_token_lifetime_secs) {
+        return Err(invalid(
+            format!("{at}.max_token_lifetime_secs"),
+            format!("between 1 and {MAX_TOKEN_LIFETIME_SECS} (10 years)"),
         ));
     }
     let mut kids = std::collections::HashSet::new();
@@ -804,6 +845,9 @@ max_pending_handshakes = {mph}
 # Frames (all but close) per connection per second and burst; over it close 4029.
 messages_per_conn_per_sec = {mpc}
 message_burst_per_conn = {mbc}
+# `refresh` ops per connection per minute (0 = off) and burst; over it the error rate_limited.
+refreshes_per_conn_per_min = {rpm}
+refresh_burst_per_conn = {rbc}
 # API requests per key per second and burst; over it 429 with Retry-After.
 api_requests_per_key_per_sec = {arp}
 api_burst_per_key = {abk}
@@ -826,6 +870,8 @@ id = "main"
 api_key = "{api}"
 require_exp = true
 leeway_secs = 30
+# Tokens whose exp is further ahead than this (plus the leeway) are refused; 30 days.
+max_token_lifetime_secs = {mtl}
 # issuer = "https://auth.example.com"
 # audience = "herald"
 allow_client_publish = false
@@ -867,6 +913,9 @@ secret = "{hmac}"
         mph = d.limits.max_pending_handshakes,
         mpc = d.limits.messages_per_conn_per_sec,
         mbc = d.limits.message_burst_per_conn,
+        rpm = d.limits.refreshes_per_conn_per_min,
+        rbc = d.limits.refresh_burst_per_conn,
+        mtl = DEFAULT_MAX_TOKEN_LIFETIME_SECS,
         arp = d.limits.api_requests_per_key_per_sec,
         abk = d.limits.api_burst_per_key,
     )
