@@ -1018,6 +1018,20 @@ mod tests {
         c.ws.heartbeat_interval_ms = 1_800_001;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("ws.heartbeat_interval_ms"), "{err}");
+        let mut c = Config::development();
+        c.limits.refreshes_per_conn_per_min = 2;
+        c.limits.refresh_burst_per_conn = 121;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.refresh_burst_per_conn"), "{err}");
+        c.limits.refresh_burst_per_conn = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.refresh_burst_per_conn"), "{err}");
+        for bad in [0, MAX_TOKEN_LIFETIME_SECS + 1] {
+            let mut c = Config::development();
+            c.projects[0].max_token_lifetime_secs = bad;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("projects[0].max_token_lifetime_secs"), "{err}");
+        }
     }
 
     #[test]

@@ -895,28 +895,49 @@ async fn sweep_loop(shard: Rc<RefCell<Shard>>, tick: Duration) {
 mod tests {
     use super::*;
 
-    /// The GCRA parameters allow exactly `burst` messages back to back and never more than
-    /// `rate` per second sustained, also where 1 s is not a whole number of intervals.
+    /// The GCRA parameters allow exactly `burst` events back to back and never more than
+    /// `rate` per period sustained, also where the period is not a whole number of intervals:
+    /// messages (per second, in microseconds) and refreshes (per minute, in milliseconds).
     #[test]
-    fn message_limit_allows_exactly_the_burst_and_at_most_the_rate() {
-        for (rate, burst) in [
-            (100, 200),
-            (7000, 1000),
-            (300, 18_000),
-            (400_000, 5),
-            (3, 1),
-        ] {
+    fn limits_allow_exactly_the_burst_and_at_most_the_rate() {
+        type Set = fn(&mut Config, u32, u32);
+        type Get = fn(&Limits) -> (u32, u32);
+        let messages: (Set, Get, u32, &[(u32, u32)]) = (
+            |c, rate, burst| {
+                c.limits.messages_per_conn_per_sec = rate;
+                c.limits.message_burst_per_conn = burst;
+            },
+            |l| (l.msg_interval_us, l.msg_tolerance_us),
+            1_000_000,
+            &[
+                (100, 200),
+                (7000, 1000),
+                (300, 18_000),
+                (400_000, 5),
+                (3, 1),
+            ],
+        );
+        let refreshes: (Set, Get, u32, &[(u32, u32)]) = (
+            |c, rate, burst| {
+                c.limits.refreshes_per_conn_per_min = rate;
+                c.limits.refresh_burst_per_conn = burst;
+            },
+            |l| (l.refresh_interval_ms, l.refresh_tolerance_ms),
+            60_000,
+            &[(6, 3), (7, 1), (60_000, 100), (1, 60)],
+        );
+        for (set, get, period, cases) in [messages, refreshes] {
+            for &(rate, burst) in cases {
+                let mut c = Config::development();
+                set(&mut c, rate, burst);
+                c.validate().unwrap();
+                let (interval, tolerance) = get(&Limits::from_config(&c));
+                assert_eq!(tolerance / interval + 1, burst, "rate {rate} burst {burst}");
+                assert!(period / interval <= rate, "rate {rate}");
+            }
             let mut c = Config::development();
-            c.limits.messages_per_conn_per_sec = rate;
-            c.limits.message_burst_per_conn = burst;
-            c.validate().unwrap();
-            let l = Limits::from_config(&c);
-            let back_to_back = l.msg_tolerance_us / l.msg_interval_us + 1;
-            assert_eq!(back_to_back, burst, "rate {rate} burst {burst}");
-            assert!(1_000_000 / l.msg_interval_us <= rate, "rate {rate}");
+            set(&mut c, 0, 1);
+            assert_eq!(get(&Limits::from_config(&c)).0, 0, "0 turns the limit off");
         }
-        let mut c = Config::development();
-        c.limits.messages_per_conn_per_sec = 0;
-        assert_eq!(Limits::from_config(&c).msg_interval_us, 0);
     }
 }

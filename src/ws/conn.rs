@@ -1322,6 +1322,24 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
+    /// Exactly the burst back to back, then the wait until the next; a time the limiter
+    /// could never have set counts as now; the clock may wrap.
+    #[test]
+    fn gcra_burst_wait_and_wrap() {
+        for now in [1000, u32::MAX - 150] {
+            let mut tat = now.wrapping_sub(5000);
+            for _ in 0..3 {
+                assert_eq!(gcra_take(&mut tat, now, 100, 200), Ok(()));
+            }
+            assert_eq!(gcra_take(&mut tat, now, 100, 200), Err(100));
+            assert_eq!(gcra_take(&mut tat, now.wrapping_add(60), 100, 200), Err(40));
+            assert_eq!(gcra_take(&mut tat, now.wrapping_add(100), 100, 200), Ok(()));
+        }
+        assert_eq!(expiry_of(None, 30), 0);
+        assert_eq!(expiry_of(Some(1_000), 30), 1_030);
+        assert_eq!(expiry_of(Some(1 << 40), 30), u32::MAX);
+    }
+
     /// The idle-memory budget (~1 KiB per connection) is dominated by the connection task:
     /// monoio adds a 48 B header, so a future of at most 336 B lands in mimalloc's 384 B size
     /// class (448 B did, in the 512 B class, before `Wait` replaced a three-way `select!`).
