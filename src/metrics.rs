@@ -104,6 +104,8 @@ pub struct ShardStats {
     pub sweeps: AtomicU64,
     /// Handshakes in progress, as of the last sweep tick.
     pub pending_handshakes: AtomicU64,
+    /// Entries in the token-expiry heap (live and stale), as of the last sweep tick.
+    pub expiry_entries: AtomicU64,
 }
 
 impl ShardStats {
@@ -223,6 +225,17 @@ impl Collector for HubCollector {
         for (i, s) in hub.stats.iter().enumerate() {
             m.encode_family(&[("shard", shards[i].as_str())])?
                 .encode_gauge(&read(&s.pending_handshakes))?;
+        }
+        let mut m = enc.encode_descriptor(
+            "herald_expiry_entries",
+            "Token-expiry entries per shard, live and stale (as of its last sweep tick); at most \
+             twice the shard's connections plus 64.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, s) in hub.stats.iter().enumerate() {
+            m.encode_family(&[("shard", shards[i].as_str())])?
+                .encode_gauge(&read(&s.expiry_entries))?;
         }
         gauge(
             &mut enc,

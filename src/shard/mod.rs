@@ -542,6 +542,10 @@ impl Shard {
                 self.close_with(slot, CloseReason::TokenExpired);
             }
         }
+        self.stats.expiry_entries.store(
+            self.expiries.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.heartbeat_slice(tick);
         self.flush_dirty();
     }
