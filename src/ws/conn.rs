@@ -925,6 +925,12 @@ impl Shard {
     /// an `unsubscribed` message, before the ack.
     fn refresh(&mut self, slot: u32, token: &str) -> Result<Reply, (ErrorCode, String)> {
         if let Err(wait_ms) = self.take_refresh(slot) {
+            // Per connection at most `ws.max_bad_requests` of these before it is closed 1008.
+            debug!(
+                conn = %ConnId { shard: self.id, slot, generation: self.conns[slot as usize].generation },
+                wait_ms,
+                "refresh over limits.refreshes_per_conn_per_min; refused"
+            );
             return Err((
                 ErrorCode::RateLimited,
                 format!(
