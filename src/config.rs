@@ -18,6 +18,10 @@ pub const DEV_SECRET: &str = "herald-dev-secret-do-not-use-in-production";
 pub const DEV_ADMIN_KEY: &str = "herald-dev-admin";
 /// Project of the embedded development default.
 pub const DEV_PROJECT: &str = "demo";
+/// Default of `projects[].max_token_lifetime_secs`: 30 days.
+pub const DEFAULT_MAX_TOKEN_LIFETIME_SECS: u64 = 30 * 24 * 3600;
+/// Largest `projects[].max_token_lifetime_secs`: 10 years.
+pub const MAX_TOKEN_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// Everything herald reads at start.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -177,6 +181,12 @@ pub struct LimitsConfig {
     pub messages_per_conn_per_sec: u32,
     /// Frames one connection may send at once (bucket size). Default 200.
     pub message_burst_per_conn: u32,
+    /// `refresh` ops one connection may make per minute (they verify a token; a legitimate
+    /// client refreshes once per token lifetime). Over it the op is answered with the error
+    /// `rate_limited` and the connection keeps its token. 0 = off. Default 6.
+    pub refreshes_per_conn_per_min: u32,
+    /// `refresh` ops one connection may make at once (bucket size). Default 3.
+    pub refresh_burst_per_conn: u32,
     /// API requests one key (a project's, or the admin key) may make per second; over it 429
     /// with `Retry-After`. 0 = off. Default 1000.
     pub api_requests_per_key_per_sec: u32,
@@ -195,6 +205,8 @@ impl Default for LimitsConfig {
             max_pending_handshakes_per_ip: 64,
             messages_per_conn_per_sec: 100,
             message_burst_per_conn: 200,
+            refreshes_per_conn_per_min: 6,
+            refresh_burst_per_conn: 3,
             api_requests_per_key_per_sec: 1000,
             api_burst_per_key: 2000,
         }
@@ -252,6 +264,10 @@ pub struct ProjectConfig {
     pub require_exp: bool,
     /// Clock leeway for `exp`/`nbf`/`iat`, in seconds, at most 300. Default 30.
     pub leeway_secs: u64,
+    /// Longest token lifetime accepted: a token whose `exp` is more than this (plus
+    /// `leeway_secs`) ahead of now is refused, at the handshake and by `refresh`, in seconds.
+    /// Default 2592000 (30 days); at most 315360000 (10 years).
+    pub max_token_lifetime_secs: u64,
     /// When set, tokens must carry this `iss`.
     pub issuer: Option<String>,
     /// When set, tokens must carry this `aud`.
@@ -390,6 +406,7 @@ impl Default for ProjectConfig {
             keys: Vec::new(),
             require_exp: true,
             leeway_secs: 30,
+            max_token_lifetime_secs: DEFAULT_MAX_TOKEN_LIFETIME_SECS,
             issuer: None,
             audience: None,
             allow_client_publish: false,
@@ -604,6 +621,10 @@ impl Config {
                 self.limits.message_burst_per_conn as usize,
             ),
             (
+                "limits.refresh_burst_per_conn",
+                self.limits.refresh_burst_per_conn as usize,
+            ),
+            (
                 "limits.api_burst_per_key",
                 self.limits.api_burst_per_key as usize,
             ),
@@ -669,6 +690,20 @@ impl Config {
             return Err(invalid(
                 "limits.message_burst_per_conn",
                 "at most 60 seconds' worth of messages_per_conn_per_sec",
+            ));
+        }
+        if l.refreshes_per_conn_per_min > 60_000 {
+            return Err(invalid(
+                "limits.refreshes_per_conn_per_min",
+                "at most 60000",
+            ));
+        }
+        if l.refreshes_per_conn_per_min > 0
+            && l.refresh_burst_per_conn > l.refreshes_per_conn_per_min.saturating_mul(60)
+        {
+            return Err(invalid(
+                "limits.refresh_burst_per_conn",
+                "at most 60 minutes' worth of refreshes_per_conn_per_min",
             ));
         }
         crate::access::IpList::parse(&self.access.allow, &self.access.deny)
@@ -807,6 +842,12 @@ pub fn validate_project(at: &str, p: &ProjectConfig) -> Result<(), ConfigError> 
         return Err(invalid(
             format!("{at}.leeway_secs"),
             format!("at most {MAX_LEEWAY_SECS} seconds (is {})", p.leeway_secs),
+        ));
+    }
+    if !(1..=MAX_TOKEN_LIFETIME_SECS).contains(&p.max_token_lifetime_secs) {
+        return Err(invalid(
+            format!("{at}.max_token_lifetime_secs"),
+            format!("between 1 and {MAX_TOKEN_LIFETIME_SECS} (10 years)"),
         ));
     }
     let mut kids = std::collections::HashSet::new();
@@ -1128,6 +1169,9 @@ max_pending_handshakes_per_ip = {mpi}
 # Frames (all but close) per connection per second and burst; over it close 4029.
 messages_per_conn_per_sec = {mpc}
 message_burst_per_conn = {mbc}
+# `refresh` ops per connection per minute (0 = off) and burst; over it the error rate_limited.
+refreshes_per_conn_per_min = {rpm}
+refresh_burst_per_conn = {rbc}
 # API requests per key per second and burst; over it 429 with Retry-After.
 api_requests_per_key_per_sec = {arp}
 api_burst_per_key = {abk}
@@ -1152,6 +1196,8 @@ id = "main"
 api_key = "{api}"
 require_exp = true
 leeway_secs = 30
+# Tokens whose exp is further ahead than this (plus the leeway) are refused; 30 days.
+max_token_lifetime_secs = {mtl}
 # issuer = "https://auth.example.com"
 # audience = "herald"
 allow_client_publish = false
@@ -1195,6 +1241,9 @@ secret = "{hmac}"
         mpi = d.limits.max_pending_handshakes_per_ip,
         mpc = d.limits.messages_per_conn_per_sec,
         mbc = d.limits.message_burst_per_conn,
+        rpm = d.limits.refreshes_per_conn_per_min,
+        rbc = d.limits.refresh_burst_per_conn,
+        mtl = DEFAULT_MAX_TOKEN_LIFETIME_SECS,
         arp = d.limits.api_requests_per_key_per_sec,
         abk = d.limits.api_burst_per_key,
     )
@@ -1435,6 +1484,20 @@ mod tests {
         c.ws.heartbeat_interval_ms = 1_800_001;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("ws.heartbeat_interval_ms"), "{err}");
+        let mut c = Config::development();
+        c.limits.refreshes_per_conn_per_min = 2;
+        c.limits.refresh_burst_per_conn = 121;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.refresh_burst_per_conn"), "{err}");
+        c.limits.refresh_burst_per_conn = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.refresh_burst_per_conn"), "{err}");
+        for bad in [0, MAX_TOKEN_LIFETIME_SECS + 1] {
+            let mut c = Config::development();
+            c.projects[0].max_token_lifetime_secs = bad;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("projects[0].max_token_lifetime_secs"), "{err}");
+        }
     }
 
     /// A huge leeway made every token expired (`now - leeway` wrapped); deadlines out of any

@@ -106,6 +106,8 @@ pub struct ShardStats {
     pub sweeps: AtomicU64,
     /// Handshakes in progress, as of the last sweep tick.
     pub pending_handshakes: AtomicU64,
+    /// Entries in the token-expiry heap (live and stale), as of the last sweep tick.
+    pub expiry_entries: AtomicU64,
 }
 
 impl ShardStats {
@@ -136,6 +138,22 @@ struct HubCollector(Arc<Hub>);
 /// One counter summed over the shards.
 fn sum(hub: &Hub, pick: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
     hub.stats.iter().map(|s| read(pick(s))).sum()
+}
+
+/// A gauge kept by each shard, one sample per shard.
+fn shard_gauge(
+    enc: &mut DescriptorEncoder<'_>,
+    hub: &Hub,
+    name: &str,
+    help: &str,
+    pick: impl Fn(&ShardStats) -> &AtomicU64,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (i, s) in hub.stats.iter().enumerate() {
+        m.encode_family(&[("shard", i.to_string().as_str())])?
+            .encode_gauge(&read(pick(s)))?;
+    }
+    Ok(())
 }
 
 fn counter(
@@ -216,16 +234,21 @@ impl Collector for HubCollector {
             m.encode_family(&[("project", &*p.id)])?
                 .encode_gauge(&u64::from(crate::limiter::near_cap(n, p.max_connections)))?;
         }
-        let mut m = enc.encode_descriptor(
+        shard_gauge(
+            &mut enc,
+            hub,
             "herald_pending_handshakes",
             "Handshakes in progress per shard (as of its last sweep tick).",
-            None,
-            MetricType::Gauge,
+            |s| &s.pending_handshakes,
         )?;
-        for (i, s) in hub.stats.iter().enumerate() {
-            m.encode_family(&[("shard", shards[i].as_str())])?
-                .encode_gauge(&read(&s.pending_handshakes))?;
-        }
+        shard_gauge(
+            &mut enc,
+            hub,
+            "herald_expiry_entries",
+            "Token-expiry entries per shard, live and stale (as of its last sweep tick); at most \
+             twice the shard's connections plus 64.",
+            |s| &s.expiry_entries,
+        )?;
         gauge(
             &mut enc,
             "herald_client_addresses",

@@ -39,6 +39,9 @@ pub struct Project {
     pub require_exp: bool,
     /// Clock leeway, seconds.
     pub leeway_secs: u64,
+    /// Longest accepted token lifetime: `exp` at most this plus the leeway ahead of now,
+    /// seconds.
+    pub max_token_lifetime_secs: u64,
     /// Required `iss`.
     pub issuer: Option<String>,
     /// Required `aud`.
@@ -123,6 +126,12 @@ pub enum AuthError {
     /// Before `nbf`.
     #[error("token not yet valid")]
     NotYetValid,
+    /// `exp` is further ahead than the project's `max_token_lifetime_secs` (and the leeway).
+    #[error("token lifetime too long: exp is more than {max_secs} s ahead")]
+    TooLongLived {
+        /// The project's `max_token_lifetime_secs`.
+        max_secs: u64,
+    },
     /// A required claim is absent or a claim has the wrong value (`iss`, `aud`, `sub`).
     #[error("claim check failed: {0}")]
     Claim(&'static str),
@@ -309,6 +318,7 @@ impl Project {
             keys,
             require_exp: p.require_exp,
             leeway_secs: p.leeway_secs,
+            max_token_lifetime_secs: p.max_token_lifetime_secs,
             issuer: p.issuer.clone(),
             audience: p.audience.clone(),
             allow_client_publish: p.allow_client_publish,
@@ -346,6 +356,7 @@ impl Project {
             match jsonwebtoken::decode::<Decoded>(token, &key.decoding, &self.validation(key.alg)) {
                 Ok(data) => {
                     self.check_claims(&data.claims)?;
+                    self.check_lifetime(data.claims.claims.exp)?;
                     return Ok(Verified {
                         claims: data.claims.claims,
                         kid: key.kid.clone(),
@@ -380,6 +391,20 @@ impl Project {
             crate::pubsub::check_id(device).map_err(bad("device"))?;
         }
         Ok(())
+    }
+
+    /// Refuses an `exp` further ahead than `max_token_lifetime_secs` plus the leeway (an
+    /// issuer's clock may run that far ahead), so no connection outlives the bound.
+    fn check_lifetime(&self, exp: Option<u64>) -> Result<(), AuthError> {
+        let latest = now_secs()
+            .saturating_add(self.max_token_lifetime_secs)
+            .saturating_add(self.leeway_secs);
+        match exp {
+            Some(exp) if exp > latest => Err(AuthError::TooLongLived {
+                max_secs: self.max_token_lifetime_secs,
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn validation(&self, alg: Algorithm) -> Validation {
@@ -519,6 +544,26 @@ mod tests {
         tampered[mid] = if tampered[mid] == b'A' { b'B' } else { b'A' };
         let tampered = String::from_utf8(tampered).unwrap();
         assert_eq!(p.verify(&tampered), Err(AuthError::BadSignature));
+    }
+
+    /// `exp` may be at most `max_token_lifetime_secs` plus the leeway ahead (default 30 days
+    /// and 30 s); `exp` near 2^63 is refused rather than kept for ever.
+    #[test]
+    fn lifetime_is_bounded() {
+        let p = project();
+        let max = crate::config::DEFAULT_MAX_TOKEN_LIFETIME_SECS;
+        assert_eq!(p.max_token_lifetime_secs, max);
+        let at_bound = p.mint(&claims(Some(now_secs() + max))).unwrap();
+        assert!(p.verify(&at_bound).is_ok());
+        let too_far = AuthError::TooLongLived { max_secs: max };
+        for exp in [now_secs() + max + p.leeway_secs + 60, 1 << 63, u64::MAX] {
+            let t = p.mint(&claims(Some(exp))).unwrap();
+            assert_eq!(p.verify(&t), Err(too_far.clone()), "exp {exp}");
+        }
+        assert_eq!(
+            too_far.to_string(),
+            "token lifetime too long: exp is more than 2592000 s ahead"
+        );
     }
 
     #[test]

@@ -73,6 +73,15 @@ pub struct Limits {
     pub msg_interval_us: u32,
     /// How far ahead of the sustained rate a connection may run (the burst), microseconds.
     pub msg_tolerance_us: u32,
+    /// Per-connection `refresh` limit: milliseconds between refreshes at the sustained rate
+    /// (0 = off).
+    pub refresh_interval_ms: u32,
+    /// How far ahead of the sustained refresh rate a connection may run, milliseconds.
+    pub refresh_tolerance_ms: u32,
+    /// `limits.refreshes_per_conn_per_min` and `limits.refresh_burst_per_conn`, for messages.
+    pub refreshes_per_min: u32,
+    /// See `refreshes_per_min`.
+    pub refresh_burst: u32,
     /// Handshakes this shard may have in progress (its share of
     /// `limits.max_pending_handshakes`); 0 = no cap.
     pub max_pending_handshakes: usize,
@@ -87,6 +96,10 @@ impl Limits {
         let msg_interval_us = match c.limits.messages_per_conn_per_sec {
             0 => 0,
             rate => 1_000_000u32.div_ceil(rate),
+        };
+        let refresh_interval_ms = match c.limits.refreshes_per_conn_per_min {
+            0 => 0,
+            rate => 60_000u32.div_ceil(rate),
         };
         Self {
             heartbeat: Duration::from_millis(c.ws.heartbeat_interval_ms),
@@ -115,6 +128,13 @@ impl Limits {
             msg_tolerance_us: (u64::from(c.limits.message_burst_per_conn.max(1) - 1)
                 * u64::from(msg_interval_us))
             .min(u64::from(u32::MAX / 4)) as u32,
+            refresh_interval_ms,
+            // Validation bounds the burst to 60 minutes of the rate: at most 3.6e6 ms.
+            refresh_tolerance_ms: (u64::from(c.limits.refresh_burst_per_conn.max(1) - 1)
+                * u64::from(refresh_interval_ms))
+            .min(u64::from(u32::MAX / 4)) as u32,
+            refreshes_per_min: c.limits.refreshes_per_conn_per_min,
+            refresh_burst: c.limits.refresh_burst_per_conn,
         }
     }
 
@@ -156,8 +176,11 @@ pub struct Shard {
     pub(crate) handshake_deadlines: VecDeque<Deadline>,
     /// Connections waiting for the peer's close frame, in deadline order.
     pub(crate) close_deadlines: VecDeque<Deadline>,
-    /// Token expiries: (close-at seconds, slot, generation); stale entries are skipped.
-    pub(crate) expiries: BinaryHeap<Reverse<(u64, u32, u32)>>,
+    /// Token expiries: (close-at seconds, slot, generation). An entry is live while its
+    /// occupant is open with that `expires_at`; the others (superseded by a refresh, or of a
+    /// connection that left) are skipped when they fall due, and dropped all at once when they
+    /// outnumber the connections ([`Shard::push_expiry`]), so the heap stays O(connections).
+    pub(crate) expiries: BinaryHeap<Reverse<(u32, u32, u32)>>,
     /// Next slot the heartbeat sweep visits.
     hb_cursor: usize,
     /// Heartbeat visits owed but not yet made, in slot·milliseconds (below one interval's
@@ -182,6 +205,19 @@ pub struct Shard {
     overload_unlogged: u64,
     /// Refused handshakes of the current log interval (one line in full, then a summary).
     pub(crate) refusals: refusals::RefusalLog,
+}
+
+/// Expiry-heap entries allowed beyond twice the shard's connections before the stale ones
+/// are dropped (keeps a nearly empty shard from compacting on every push).
+const EXPIRY_SLACK: usize = 64;
+
+/// Gives back a deadline queue's room once it is mostly empty (a burst of handshakes fills
+/// it for one timeout, then it drains): above 1,024 entries of room and under a quarter
+/// used, it shrinks to twice its length.
+fn shrink_idle(q: &mut VecDeque<Deadline>) {
+    if q.capacity() > 1024 && q.len() < q.capacity() / 4 {
+        q.shrink_to(q.len() * 2);
+    }
 }
 
 /// Least time between two warnings about handshakes evicted at the pending cap.
@@ -265,6 +301,11 @@ impl Shard {
             overload_unlogged: 0,
             refusals: refusals::RefusalLog::default(),
         }
+    }
+
+    /// Milliseconds since the shard started, wrapping (the refresh limiter's clock).
+    pub(crate) fn clock_ms(&self) -> u32 {
+        self.epoch.elapsed().as_millis() as u32
     }
 
     /// Advances the shard's microsecond clock to now.
@@ -573,9 +614,14 @@ impl Shard {
                 self.kill(d.slot);
             }
         }
+        // A burst of handshakes or closes leaves its room in the queues once it is over, and
+        // connections that left take their expiry entries' worth with them.
+        shrink_idle(&mut self.handshake_deadlines);
+        shrink_idle(&mut self.close_deadlines);
+        self.bound_expiries();
         let now_secs = crate::auth::now_secs();
         while let Some(&Reverse((at, slot, generation))) = self.expiries.peek() {
-            if at > now_secs {
+            if u64::from(at) > now_secs {
                 break;
             }
             self.expiries.pop();
@@ -586,9 +632,44 @@ impl Shard {
                 self.close_with(slot, CloseReason::TokenExpired);
             }
         }
+        self.stats.expiry_entries.store(
+            self.expiries.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.heartbeat_slice(tick);
         self.flush_dirty();
         self.log_refusals(false);
+    }
+
+    /// Queues a token-expiry check for the occupant of `slot` (whose `expires_at` is `at`).
+    pub(crate) fn push_expiry(&mut self, at: u32, slot: u32, generation: u32) {
+        self.expiries.push(Reverse((at, slot, generation)));
+        self.bound_expiries();
+    }
+
+    /// Keeps the expiry heap within `2 × connections + EXPIRY_SLACK` entries: beyond that it
+    /// is rebuilt from its live entries (at most one per connection), so each rebuild follows
+    /// at least as many pushes as it keeps entries (amortised O(log n) a push), and neither
+    /// churn nor a refresh loop grows it past O(open connections).
+    fn bound_expiries(&mut self) {
+        if self.expiries.len() <= 2 * self.conns.len() + EXPIRY_SLACK {
+            return;
+        }
+        let conns = &self.conns;
+        let mut live: Vec<Reverse<(u32, u32, u32)>> = std::mem::take(&mut self.expiries)
+            .into_vec()
+            .into_iter()
+            .filter(|Reverse((at, slot, generation))| {
+                conns.get(*slot as usize).is_some_and(|c| {
+                    c.generation == *generation && c.expires_at == *at && c.phase == ConnPhase::Open
+                })
+            })
+            .collect();
+        // A refresh back to an earlier `exp` (A, B, A) leaves two live copies of one entry.
+        live.sort_unstable();
+        live.dedup();
+        live.shrink_to_fit();
+        self.expiries = BinaryHeap::from(live);
     }
 
     /// Visits the next `capacity × tick / heartbeat` slots, so each slot is visited once per
@@ -611,6 +692,7 @@ impl Shard {
         let mut dead = Vec::new();
         self.update_clock();
         let (now_us, stale) = (self.clock_us, self.msg_stale_after());
+        let (now_ms, refresh_stale) = (self.clock_ms(), self.refresh_stale_after());
         for _ in 0..per_tick.min(cap) {
             let slot = self.hb_cursor % cap;
             self.hb_cursor = (slot + 1) % cap;
@@ -624,6 +706,10 @@ impl Shard {
             // 32-bit microsecond clock (see `Shard::take_message`).
             if c.msg_tat.wrapping_sub(now_us) > stale {
                 c.msg_tat = now_us;
+            }
+            // Likewise the refresh limiter's 32-bit millisecond clock.
+            if c.refresh_tat.wrapping_sub(now_ms) > refresh_stale {
+                c.refresh_tat = now_ms;
             }
             if c.ping_outstanding && !c.rx_since_ping {
                 dead.push(slot as u32);
@@ -947,28 +1033,49 @@ async fn sweep_loop(shard: Rc<RefCell<Shard>>, tick: Duration) {
 mod tests {
     use super::*;
 
-    /// The GCRA parameters allow exactly `burst` messages back to back and never more than
-    /// `rate` per second sustained, also where 1 s is not a whole number of intervals.
+    /// The GCRA parameters allow exactly `burst` events back to back and never more than
+    /// `rate` per period sustained, also where the period is not a whole number of intervals:
+    /// messages (per second, in microseconds) and refreshes (per minute, in milliseconds).
     #[test]
-    fn message_limit_allows_exactly_the_burst_and_at_most_the_rate() {
-        for (rate, burst) in [
-            (100, 200),
-            (7000, 1000),
-            (300, 18_000),
-            (400_000, 5),
-            (3, 1),
-        ] {
+    fn limits_allow_exactly_the_burst_and_at_most_the_rate() {
+        type Set = fn(&mut Config, u32, u32);
+        type Get = fn(&Limits) -> (u32, u32);
+        let messages: (Set, Get, u32, &[(u32, u32)]) = (
+            |c, rate, burst| {
+                c.limits.messages_per_conn_per_sec = rate;
+                c.limits.message_burst_per_conn = burst;
+            },
+            |l| (l.msg_interval_us, l.msg_tolerance_us),
+            1_000_000,
+            &[
+                (100, 200),
+                (7000, 1000),
+                (300, 18_000),
+                (400_000, 5),
+                (3, 1),
+            ],
+        );
+        let refreshes: (Set, Get, u32, &[(u32, u32)]) = (
+            |c, rate, burst| {
+                c.limits.refreshes_per_conn_per_min = rate;
+                c.limits.refresh_burst_per_conn = burst;
+            },
+            |l| (l.refresh_interval_ms, l.refresh_tolerance_ms),
+            60_000,
+            &[(6, 3), (7, 1), (60_000, 100), (1, 60)],
+        );
+        for (set, get, period, cases) in [messages, refreshes] {
+            for &(rate, burst) in cases {
+                let mut c = Config::development();
+                set(&mut c, rate, burst);
+                c.validate().unwrap();
+                let (interval, tolerance) = get(&Limits::from_config(&c));
+                assert_eq!(tolerance / interval + 1, burst, "rate {rate} burst {burst}");
+                assert!(period / interval <= rate, "rate {rate}");
+            }
             let mut c = Config::development();
-            c.limits.messages_per_conn_per_sec = rate;
-            c.limits.message_burst_per_conn = burst;
-            c.validate().unwrap();
-            let l = Limits::from_config(&c);
-            let back_to_back = l.msg_tolerance_us / l.msg_interval_us + 1;
-            assert_eq!(back_to_back, burst, "rate {rate} burst {burst}");
-            assert!(1_000_000 / l.msg_interval_us <= rate, "rate {rate}");
+            set(&mut c, 0, 1);
+            assert_eq!(get(&Limits::from_config(&c)).0, 0, "0 turns the limit off");
         }
-        let mut c = Config::development();
-        c.limits.messages_per_conn_per_sec = 0;
-        assert_eq!(Limits::from_config(&c).msg_interval_us, 0);
     }
 }

@@ -107,6 +107,9 @@ pub struct Conn {
     /// Message rate limit: the theoretical arrival time of the next message on the shard's
     /// microsecond clock (GCRA; a token bucket in four bytes).
     pub msg_tat: u32,
+    /// `refresh` rate limit: the theoretical arrival time of the next refresh on the shard's
+    /// millisecond clock (GCRA, like `msg_tat`).
+    pub refresh_tat: u32,
     /// Frame-layer state.
     pub session: Session,
     /// Peer address.
@@ -115,8 +118,9 @@ pub struct Conn {
     pub identity: Option<Box<Identity>>,
     /// Subscriptions (implicit first).
     pub subs: Vec<Sub>,
-    /// When the token expires, seconds since the epoch (exp + leeway); 0 = never.
-    pub expires_at: u64,
+    /// When the token expires, seconds since the epoch (exp + leeway; see [`expiry_of`]);
+    /// 0 = never.
+    pub expires_at: u32,
 }
 
 impl Conn {
@@ -143,6 +147,7 @@ impl Conn {
             out_bytes: 0,
             out_head: 0,
             msg_tat: 0,
+            refresh_tat: 0,
             session: Session::default(),
             peer,
             identity: None,
@@ -349,6 +354,39 @@ fn send_vectored(fd: i32, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     } else {
         Ok(n as usize)
     }
+}
+
+/// When a token with `exp` stops being valid (`exp + leeway`), as the seconds since the epoch
+/// a connection stores in 32 bits (enough until 2106, saturating beyond); 0 = never.
+fn expiry_of(exp: Option<u64>, leeway_secs: u64) -> u32 {
+    exp.map_or(0, |e| {
+        u32::try_from(e.saturating_add(leeway_secs))
+            .unwrap_or(u32::MAX)
+            .max(1)
+    })
+}
+
+/// One GCRA step on a wrapping 32-bit clock: an event may happen when its theoretical
+/// arrival time `tat` is at most `tolerance` ahead of `now`; each event moves it on by
+/// `interval`. A `tat` further ahead than `tolerance + interval` can never be reached by the
+/// limiter, so it is stale (the connection was quiet long enough for the clock to lap it) and
+/// counts as `now`; the sweep refreshes such times long before the clock wraps.
+///
+/// # Errors
+/// Over the limit: how long until the event would be allowed, in clock units.
+fn gcra_take(tat: &mut u32, now: u32, interval: u32, tolerance: u32) -> Result<(), u32> {
+    let stale = tolerance.saturating_add(interval);
+    let at = if tat.wrapping_sub(now) > stale {
+        now
+    } else {
+        *tat
+    };
+    let ahead = at.wrapping_sub(now);
+    if ahead > tolerance {
+        return Err(ahead - tolerance);
+    }
+    *tat = at.wrapping_add(interval);
+    Ok(())
 }
 
 /// `Retry-After` for a refusal over `limits.connections_per_ip`: connections from an address
@@ -700,14 +738,14 @@ impl Shard {
         if let Some(d) = &claims.device {
             implicit.push(Topic::device(d));
         }
-        let expires_at = claims
-            .exp
-            .map_or(0, |e| e.saturating_add(project.leeway_secs));
+        let expires_at = expiry_of(claims.exp, project.leeway_secs);
+        let now_ms = self.clock_ms();
         self.handshake_over(slot);
         let c = &mut self.conns[slot as usize];
         c.phase = ConnPhase::Open;
         c.expires_at = expires_at;
         c.msg_tat = self.clock_us;
+        c.refresh_tat = now_ms;
         c.identity = Some(Box::new(Identity {
             project,
             user: claims.sub.into(),
@@ -725,8 +763,7 @@ impl Shard {
         }
         self.conns[slot as usize].nr_implicit = implicit.len() as u8;
         if expires_at > 0 {
-            self.expiries
-                .push(std::cmp::Reverse((expires_at, slot, id.generation)));
+            self.push_expiry(expires_at, slot, id.generation);
         }
         let node = self.hub.nr_connections.fetch_add(1, Ordering::Relaxed) + 1;
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -849,18 +886,15 @@ impl Shard {
         if interval == 0 {
             return true;
         }
-        let (now, stale) = (self.clock_us, self.msg_stale_after());
-        let c = &mut self.conns[slot as usize];
-        let tat = if c.msg_tat.wrapping_sub(now) > stale {
-            now
-        } else {
-            c.msg_tat
-        };
-        if tat.wrapping_sub(now) > self.limits.msg_tolerance_us {
-            return false;
-        }
-        c.msg_tat = tat.wrapping_add(interval);
-        true
+        let now = self.clock_us;
+        let tolerance = self.limits.msg_tolerance_us;
+        gcra_take(
+            &mut self.conns[slot as usize].msg_tat,
+            now,
+            interval,
+            tolerance,
+        )
+        .is_ok()
     }
 
     /// How far ahead of now a connection's message time can legitimately be.
@@ -955,35 +989,7 @@ impl Shard {
                 self.unsubscribe_at(slot, i);
                 Ok(Reply::Ack)
             }
-            Op::Refresh(token) => {
-                let c = &self.conns[slot as usize];
-                let id = c.identity.as_ref().expect("open connections have one");
-                // Verify with the project's keys as they are now (rotated in or revoked since
-                // the connection opened), not as they were at the handshake.
-                let registry = self.hub.registry.load();
-                let Some(project) = registry.project(&id.project.id) else {
-                    return Err((ErrorCode::Forbidden, "the project no longer exists".into()));
-                };
-                let Verified { claims, kid } = project
-                    .verify(token)
-                    .map_err(|e| (ErrorCode::Forbidden, format!("refresh refused: {e}")))?;
-                if *claims.sub != *id.user {
-                    return Err((ErrorCode::Forbidden, "refresh token has another sub".into()));
-                }
-                let expires_at = claims
-                    .exp
-                    .map_or(0, |e| e.saturating_add(project.leeway_secs));
-                let generation = c.generation;
-                let c = &mut self.conns[slot as usize];
-                c.expires_at = expires_at;
-                let id = c.identity.as_mut().expect("checked above");
-                id.kid = kid;
-                if expires_at > 0 {
-                    self.expiries
-                        .push(std::cmp::Reverse((expires_at, slot, generation)));
-                }
-                Ok(Reply::AckExp(claims.exp))
-            }
+            Op::Refresh(token) => self.refresh(slot, token),
             Op::Publish(name, data) => {
                 let topic = Topic::parse(name).map_err(bad)?;
                 let c = &self.conns[slot as usize];
@@ -1008,6 +1014,144 @@ impl Shard {
                     })
                     .map_err(|e| (ErrorCode::Limit, e.to_string()))
             }
+        }
+    }
+
+    /// `refresh`: the new token is verified with the project's keys as they are now (rotated
+    /// in or revoked since the connection opened) and must name the same `sub`; its claims
+    /// then replace the old ones: expiry, `kid`, the `device` topic and the `topics`
+    /// allowlist. Explicit subscriptions the new token does not allow are dropped, each with
+    /// an `unsubscribed` message, before the ack.
+    fn refresh(&mut self, slot: u32, token: &str) -> Result<Reply, (ErrorCode, String)> {
+        if let Err(wait_ms) = self.take_refresh(slot) {
+            // Per connection at most `ws.max_bad_requests` of these before it is closed 1008.
+            debug!(
+                conn = %ConnId { shard: self.id, slot, generation: self.conns[slot as usize].generation },
+                wait_ms,
+                "refresh over limits.refreshes_per_conn_per_min; refused"
+            );
+            return Err((
+                ErrorCode::RateLimited,
+                format!(
+                    "at most {} refreshes per minute (burst {}); retry in {} s",
+                    self.limits.refreshes_per_min,
+                    self.limits.refresh_burst,
+                    wait_ms.div_ceil(1000).max(1)
+                ),
+            ));
+        }
+        let c = &self.conns[slot as usize];
+        let id = c.identity.as_ref().expect("open connections have one");
+        let registry = self.hub.registry.load();
+        let Some(project) = registry.project(&id.project.id) else {
+            return Err((ErrorCode::Forbidden, "the project no longer exists".into()));
+        };
+        let Verified { claims, kid } = project
+            .verify(token)
+            .map_err(|e| (ErrorCode::Forbidden, format!("refresh refused: {e}")))?;
+        if *claims.sub != *id.user {
+            return Err((ErrorCode::Forbidden, "refresh token has another sub".into()));
+        }
+        let expires_at = expiry_of(claims.exp, project.leeway_secs);
+        let (generation, old_expiry) = (c.generation, c.expires_at);
+        self.set_device(slot, claims.device.as_deref());
+        let c = &mut self.conns[slot as usize];
+        c.expires_at = expires_at;
+        let id = c.identity.as_mut().expect("checked above");
+        id.kid = kid;
+        id.topics = claims
+            .topics
+            .map(|t| t.into_iter().map(Into::into).collect());
+        self.drop_disallowed(slot);
+        // The heap's entry for the old expiry is now stale; an unchanged one is still live.
+        if expires_at > 0 && expires_at != old_expiry {
+            self.push_expiry(expires_at, slot, generation);
+        }
+        Ok(Reply::AckExp(claims.exp))
+    }
+
+    /// Takes a token from the connection's refresh bucket (GCRA on the shard's millisecond
+    /// clock).
+    ///
+    /// # Errors
+    /// Over the limit: milliseconds until a refresh is allowed again.
+    fn take_refresh(&mut self, slot: u32) -> Result<(), u32> {
+        let (interval, tolerance) = (
+            self.limits.refresh_interval_ms,
+            self.limits.refresh_tolerance_ms,
+        );
+        if interval == 0 {
+            return Ok(());
+        }
+        let now = self.clock_ms();
+        gcra_take(
+            &mut self.conns[slot as usize].refresh_tat,
+            now,
+            interval,
+            tolerance,
+        )
+    }
+
+    /// How far ahead of now a connection's refresh time can legitimately be.
+    pub(crate) fn refresh_stale_after(&self) -> u32 {
+        self.limits
+            .refresh_tolerance_ms
+            .saturating_add(self.limits.refresh_interval_ms)
+    }
+
+    /// Replaces the connection's implicit `device.<id>` subscription (the last implicit one)
+    /// when a refresh changed or removed the `device` claim.
+    fn set_device(&mut self, slot: u32, device: Option<&str>) {
+        let c = &mut self.conns[slot as usize];
+        let id = c.identity.as_mut().expect("open connections have one");
+        if id.device.as_deref() == device {
+            return;
+        }
+        let project = id.project.idx;
+        let had = id.device.is_some();
+        id.device = device.map(Into::into);
+        if had {
+            c.nr_implicit -= 1;
+            let sub = c.subs.remove(c.nr_implicit as usize);
+            self.release_sub(sub);
+        }
+        if let Some(d) = device {
+            let sub = self
+                .topics
+                .subscribe(project, Topic::device(d).as_str(), slot);
+            let c = &mut self.conns[slot as usize];
+            c.subs.insert(c.nr_implicit as usize, sub);
+            c.nr_implicit += 1;
+        }
+    }
+
+    /// Drops the explicit subscriptions the connection's `topics` allowlist does not allow,
+    /// telling the client about each (in subscription order).
+    fn drop_disallowed(&mut self, slot: u32) {
+        let c = &self.conns[slot as usize];
+        let Some(allowed) = &c.identity.as_ref().expect("open").topics else {
+            return;
+        };
+        let dropped: Vec<(usize, String)> = (c.nr_implicit as usize..c.subs.len())
+            .map(|i| (i, self.topics.name(c.subs[i].topic)))
+            .filter(|(_, name)| *name != TOPIC_ALL && !topic_permitted(allowed, name))
+            .map(|(i, name)| (i, name.to_owned()))
+            .collect();
+        if dropped.is_empty() {
+            return;
+        }
+        debug!(
+            conn = %ConnId { shard: self.id, slot, generation: c.generation },
+            dropped = dropped.len(),
+            "refresh narrowed the token's topics; subscriptions dropped"
+        );
+        // Highest position first: `swap_remove` then only moves kept subscriptions.
+        for (i, _) in dropped.iter().rev() {
+            self.unsubscribe_at(slot, *i);
+        }
+        for (_, name) in &dropped {
+            let msg = ops::unsubscribed(name, ops::DropReason::NotAllowed);
+            self.reply(slot, frame::text(msg.as_bytes()));
         }
     }
 
@@ -1040,6 +1184,12 @@ impl Shard {
     /// whose slot moved into the freed place.
     fn unsubscribe_at(&mut self, slot: u32, i: usize) {
         let sub = self.conns[slot as usize].subs.swap_remove(i);
+        self.release_sub(sub);
+    }
+
+    /// Takes a subscription (already removed from its connection's list) out of the topic
+    /// index and fixes the position record of the connection whose slot moved into its place.
+    fn release_sub(&mut self, sub: Sub) {
         if let Some(moved) = self.topics.unsubscribe(sub)
             && let Some(m) = self.conns.get_mut(moved as usize)
             && let Some(rec) = m.subs.iter_mut().find(|s| s.topic == sub.topic)
@@ -1342,6 +1492,24 @@ mod tests {
         c.out_bytes = 2;
         c.truncate_out();
         assert_eq!((c.out.len(), c.out_bytes), (1, 2));
+    }
+
+    /// Exactly the burst back to back, then the wait until the next; a time the limiter
+    /// could never have set counts as now; the clock may wrap.
+    #[test]
+    fn gcra_burst_wait_and_wrap() {
+        for now in [1000, u32::MAX - 150] {
+            let mut tat = now.wrapping_sub(5000);
+            for _ in 0..3 {
+                assert_eq!(gcra_take(&mut tat, now, 100, 200), Ok(()));
+            }
+            assert_eq!(gcra_take(&mut tat, now, 100, 200), Err(100));
+            assert_eq!(gcra_take(&mut tat, now.wrapping_add(60), 100, 200), Err(40));
+            assert_eq!(gcra_take(&mut tat, now.wrapping_add(100), 100, 200), Ok(()));
+        }
+        assert_eq!(expiry_of(None, 30), 0);
+        assert_eq!(expiry_of(Some(1_000), 30), 1_030);
+        assert_eq!(expiry_of(Some(1 << 40), 30), u32::MAX);
     }
 
     /// The idle-memory budget (~1 KiB per connection) is dominated by the connection task:

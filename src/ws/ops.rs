@@ -101,6 +101,8 @@ pub enum ErrorCode {
     NotFound,
     /// Over a limit.
     Limit,
+    /// Over a rate limit (`refresh`); the same op may succeed later.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -110,6 +112,7 @@ impl ErrorCode {
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::Limit => "limit",
+            Self::RateLimited => "rate_limited",
         }
     }
 }
@@ -131,6 +134,31 @@ pub fn ack(id: Option<&RawValue>, exp: Option<Option<u64>>) -> String {
         None => {}
     }
     s.push('}');
+    s
+}
+
+/// Why the server dropped a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The connection's token (after a `refresh`) no longer allows the topic.
+    NotAllowed,
+}
+
+impl DropReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::NotAllowed => "not_allowed",
+        }
+    }
+}
+
+/// `{"type":"unsubscribed","topic":..,"reason":..}`: the server dropped a subscription.
+pub fn unsubscribed(topic: &str, reason: DropReason) -> String {
+    let mut s = String::from("{\"type\":\"unsubscribed\",\"topic\":");
+    s.push_str(&serde_json::to_string(topic).expect("strings serialise"));
+    s.push_str(",\"reason\":\"");
+    s.push_str(reason.as_str());
+    s.push_str("\"}");
     s
 }
 
@@ -176,6 +204,10 @@ mod tests {
         let r = parse(r#"{"op":"subscribe","topic":"news","id":7}"#).unwrap();
         assert_eq!(r.op, Ok(Op::Subscribe("news")));
         assert_eq!(ack(r.id, None), r#"{"type":"ack","id":7}"#);
+        assert_eq!(
+            unsubscribed("news.eu", DropReason::NotAllowed),
+            r#"{"type":"unsubscribed","topic":"news.eu","reason":"not_allowed"}"#
+        );
         let r = parse(r#"{"op":"ping","id":"a\"b"}"#).unwrap();
         assert_eq!(pong(r.id), r#"{"type":"pong","id":"a\"b"}"#);
         let r = parse(r#"{"op":"publish","topic":"t","data":null}"#).unwrap();

@@ -7,6 +7,7 @@ of `exp` (the tests allow a few seconds)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -16,11 +17,13 @@ from herald_client import (
     assert_delivery,
     close_all,
     expect_close,
+    expect_refusal,
     expect_silence,
     now,
     recv_json,
     request,
     run,
+    subscribe,
 )
 from keytools import (
     assert_status,
@@ -206,3 +209,144 @@ def test_refresh_refuses_a_key_revoked_after_the_connection_opened(expiry):
             await ws.close()
 
     run(go(), timeout=20)
+
+
+# --------------------------------------------------------------------------------------------
+# Token lifetime bound, refresh rate, and what a refresh changes
+# --------------------------------------------------------------------------------------------
+
+DAY = 24 * 3600
+
+
+def test_token_lifetime_is_bounded(servers):
+    """`exp` may be at most `max_token_lifetime_secs` (default 30 days) plus the leeway
+    ahead: beyond it the handshake is 401 and a refresh is refused, so no connection is kept
+    for ever (`exp` up to 2^63 used to be accepted)."""
+    key = make_key("HS256")
+    server = servers.start(
+        config=server_toml(
+            project_toml("dflt", keys=key.config_toml("hs"))
+            + project_toml("short", max_token_lifetime_secs=60, leeway_secs=0, keys=key.config_toml("hs"))
+        )
+    )
+
+    async def go():
+        ws, _ = await connect_ok(server, "dflt", key.token("kim", kid="hs", exp=now() + 29 * DAY), "kim")
+        await ws.close()
+        for exp in (now() + 31 * DAY, 2**63 - 1):
+            r = await expect_refusal(server, "dflt", key.token("kim", kid="hs", exp=exp), 401, "unauthorized")
+            assert json.loads(bytes(r.body))["message"] == (
+                "token lifetime too long: exp is more than 2592000 s ahead"
+            ), bytes(r.body)
+        r = await expect_refusal(server, "short", key.token("kim", kid="hs", exp=now() + 120), 401, "unauthorized")
+        assert json.loads(bytes(r.body))["message"] == "token lifetime too long: exp is more than 60 s ahead"
+        ws, _ = await connect_ok(server, "short", key.token("kim", kid="hs", exp=now() + 50), "kim")
+        try:
+            reply = await request(
+                ws, {"op": "refresh", "token": key.token("kim", kid="hs", exp=now() + 3600), "id": 1}
+            )
+            assert reply == {
+                "type": "error",
+                "id": 1,
+                "code": "forbidden",
+                "message": "refresh refused: token lifetime too long: exp is more than 60 s ahead",
+            }, reply
+        finally:
+            await ws.close()
+
+    run(go(), timeout=20)
+
+
+def test_refresh_has_its_own_rate(servers):
+    """`limits.refreshes_per_conn_per_min` (here 2, burst 2): the third refresh in a row is
+    answered `rate_limited` and changes nothing; other ops are not affected."""
+    key = make_key("HS256")
+    limits = "\n[limits]\nrefreshes_per_conn_per_min = 2\nrefresh_burst_per_conn = 2\n"
+    server = servers.start(config=server_toml(limits + project_toml("exp", leeway_secs=0, keys=key.config_toml("hs"))))
+
+    async def go():
+        exp = now() + 3
+        ws, _ = await connect_ok(server, "exp", key.token("lou", kid="hs", exp=exp), "lou", exp)
+        try:
+            for i in (1, 2):
+                reply = await request(ws, {"op": "refresh", "token": key.token("lou", kid="hs", exp=exp), "id": i})
+                assert reply == {"type": "ack", "id": i, "exp": exp}, reply
+            later = now() + 600
+            reply = await request(ws, {"op": "refresh", "token": key.token("lou", kid="hs", exp=later), "id": 3})
+            assert reply.get("code") == "rate_limited", reply
+            assert reply in [
+                {
+                    "type": "error",
+                    "id": 3,
+                    "code": "rate_limited",
+                    "message": f"at most 2 refreshes per minute (burst 2); retry in {s} s",
+                }
+                for s in (30, 29)
+            ], reply
+            pong = await request(ws, {"op": "ping", "id": 4})
+            assert pong == {"type": "pong", "id": 4}, pong
+            # The refused refresh did not extend the token: the old exp still closes it.
+            await expect_close(ws, 4001, timeout=6)
+        finally:
+            await ws.close()
+
+    run(go(), timeout=20)
+
+
+def test_refresh_applies_the_new_topics_and_device(servers):
+    """A refresh to a token with narrower `topics` drops the explicit subscriptions it no
+    longer allows, one `unsubscribed` message each (in subscription order) before the ack;
+    they get no more publishes and cannot be subscribed again. A changed `device` moves the
+    implicit `device.` subscription; a token without `topics` allows any topic again."""
+    key = make_key("HS256")
+    server = servers.start(config=server_toml(project_toml("exp", keys=key.config_toml("hs"))))
+
+    async def publish_each(topics):
+        return {t: await apublish(server, {"project": "exp", "topic": t, "data": t}) for t in topics}
+
+    async def go():
+        tok = key.token("max", kid="hs", topics=["news.*", "chat"], device="d1")
+        ws, _ = await connect_ok(server, "exp", tok, "max")
+        try:
+            for i, t in enumerate(["news.eu", "chat", "news.us"]):
+                await subscribe(ws, t, rid=i)
+            exp = now() + 900
+            narrower = key.token("max", kid="hs", exp=exp, topics=["news.eu", "sport"], device="d2")
+            await ws.send(json.dumps({"op": "refresh", "token": narrower, "id": "r"}))
+            frames = [(await recv_json(ws))[1] for _ in range(3)]
+            assert frames == [
+                {"type": "unsubscribed", "topic": "chat", "reason": "not_allowed"},
+                {"type": "unsubscribed", "topic": "news.us", "reason": "not_allowed"},
+                {"type": "ack", "id": "r", "exp": exp},
+            ], frames
+            reply = await request(ws, {"op": "subscribe", "topic": "chat", "id": 5})
+            assert reply == {
+                "type": "error",
+                "id": 5,
+                "code": "forbidden",
+                "message": "the token does not allow `chat`",
+            }, reply
+            reply = await request(ws, {"op": "subscribe", "topic": "news.us", "id": 6})
+            assert reply.get("code") == "forbidden", reply
+            await subscribe(ws, "sport", rid=7)
+            # Dropped topics and the old device first, then what must still arrive.
+            await publish_each(["chat", "news.us", "device.d1"])
+            ids = await publish_each(["news.eu", "sport", "device.d2", "user.max"])
+            for t, mid in ids.items():
+                _, msg = await recv_json(ws)
+                assert_delivery(msg, t, t, mid)
+            await expect_silence(ws)
+            # No `topics` claim: any topic again; no `device`: no device topic.
+            reply = await request(ws, {"op": "refresh", "token": key.token("max", kid="hs", exp=exp), "id": 8})
+            assert reply == {"type": "ack", "id": 8, "exp": exp}, reply
+            await subscribe(ws, "chat", rid=9)
+            await publish_each(["device.d2"])
+            ids = await publish_each(["chat", "news.eu"])
+            for t, mid in ids.items():
+                _, msg = await recv_json(ws)
+                assert_delivery(msg, t, t, mid)
+            await expect_silence(ws)
+        finally:
+            await ws.close()
+
+    run(go(), timeout=30)

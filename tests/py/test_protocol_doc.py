@@ -306,6 +306,8 @@ async def play(server, ex: Example) -> None:
                 text = line[2:]
                 for m in re.finditer(r'"<token ([^>]*)>"', text):
                     claims = dict(kv.split("=", 1) for kv in m.group(1).split())
+                    # A list value (`topics=["news"]`) is JSON; the others are strings.
+                    claims = {k: json.loads(v) if v.startswith("[") else v for k, v in claims.items()}
                     fresh, known["exp"] = token_for(ex.project, claims, exp_default=7200)
                     text = text.replace(m.group(0), json.dumps(fresh))
                 await ws.send(text)
