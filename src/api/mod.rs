@@ -6,11 +6,12 @@ mod connections;
 mod projects;
 mod publish;
 mod ratelimit;
+mod serve;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -19,7 +20,7 @@ use hyper::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tracing::{debug, warn};
@@ -209,21 +210,41 @@ fn require_admin(who: Caller, what: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Reads a body up to `max` bytes.
-async fn body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(req.into_body(), max).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e)
+/// Reads a body up to `max` bytes. A declared `Content-Length` over `max` is refused 413
+/// before a byte of the body is read; a body not complete within `api.body_read_timeout_ms`
+/// (`deadline`) is refused 408.
+async fn body(req: Request<Incoming>, max: usize, deadline: Duration) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("body over {max} bytes"),
+        )
+    };
+    // hyper has parsed Content-Length into the body's exact size.
+    if hyper::body::Body::size_hint(req.body())
+        .upper()
+        .is_some_and(|n| n > max as u64)
+    {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(deadline, Limited::new(req.into_body(), max).collect()).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the body did not arrive within {} ms (api.body_read_timeout_ms)",
+                deadline.as_millis()
+            ),
+        )),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e))
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("body over {max} bytes"),
-            ))
+            Err(too_large())
         }
-        Err(e) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
+        Ok(Err(e)) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
     }
 }
 
@@ -236,6 +257,15 @@ pub struct ApiSettings {
     pub requests_per_key_per_sec: u32,
     /// Requests one key may make at once (`limits.api_burst_per_key`).
     pub burst_per_key: u32,
+    /// Open API connections at most (`api.max_connections`).
+    pub max_connections: usize,
+    /// Time to receive a request head, counted from when the connection starts waiting for
+    /// one (`api.header_read_timeout_ms`).
+    pub header_read_timeout: Duration,
+    /// Time without a byte moved before a connection is closed (`api.idle_timeout_ms`).
+    pub idle_timeout: Duration,
+    /// Time to receive a whole request body (`api.body_read_timeout_ms`).
+    pub body_read_timeout: Duration,
 }
 
 /// What every handler gets.
@@ -303,7 +333,16 @@ async fn dispatch(
             projects::create(&ctx.admin, settings, admit(ctx, &req)?, req).await
         }
         (["api", "v1", "projects", project, "keys", kid], &Method::PUT) => {
-            projects::put_key(hub, &ctx.admin, admit(ctx, &req)?, project, kid, req).await
+            projects::put_key(
+                hub,
+                &ctx.admin,
+                settings,
+                admit(ctx, &req)?,
+                project,
+                kid,
+                req,
+            )
+            .await
         }
         (["api", "v1", "projects", project, "keys", kid], &Method::DELETE) => {
             projects::delete_key(hub, &ctx.admin, admit(ctx, &req)?, project, kid, &req)
@@ -396,6 +435,8 @@ pub fn start(
         settings.burst_per_key,
     ));
     let settings = Arc::new(settings);
+    let conns = serve::Conns::new(settings.max_connections);
+    let parse_log = Arc::new(serve::LogThrottle::default());
     let thread = std::thread::Builder::new()
         .name("herald-api".into())
         .spawn(move || {
@@ -417,22 +458,65 @@ pub fn start(
                         return;
                     }
                 };
+                let accept_log = serve::LogThrottle::default();
                 loop {
                     tokio::select! {
                         _ = &mut stop_rx => break,
                         accepted = listener.accept() => {
-                            let Ok((stream, _)) = accepted else { continue };
+                            let stream = match accepted {
+                                Ok((stream, _)) => stream,
+                                Err(e) => {
+                                    if let Some(suppressed) = accept_log.allow() {
+                                        warn!(
+                                            error = %e,
+                                            open = conns.len(),
+                                            suppressed,
+                                            "API accept failed (logged at most once a second)"
+                                        );
+                                    }
+                                    // Out of descriptors: let connections close before retrying.
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                    continue;
+                                }
+                            };
+                            let serve::Admission::Admitted(slot) = conns.admit() else {
+                                drop(stream);
+                                continue;
+                            };
+                            let slot = Arc::new(slot);
                             let ctx = Ctx {
                                 hub: hub.clone(),
                                 admin: admin.clone(),
                                 settings: settings.clone(),
                                 limiter: limiter.clone(),
                             };
+                            let io = serve::ApiIo::new(stream, settings.idle_timeout, parse_log.clone());
+                            let header_read_timeout = settings.header_read_timeout;
                             tokio::spawn(async move {
-                                let service = service_fn(move |req| route(ctx.clone(), req));
-                                let _ = http1::Builder::new()
-                                    .serve_connection(TokioIo::new(stream), service)
-                                    .await;
+                                let evict = slot.evict.clone();
+                                let service = service_fn(move |req| {
+                                    let busy = slot.busy();
+                                    let ctx = ctx.clone();
+                                    async move {
+                                        let r = route(ctx, req).await;
+                                        drop(busy);
+                                        r
+                                    }
+                                });
+                                let conn = http1::Builder::new()
+                                    .timer(TokioTimer::new())
+                                    .header_read_timeout(header_read_timeout)
+                                    .serve_connection(TokioIo::new(io), service);
+                                tokio::select! {
+                                    r = conn => {
+                                        if let Err(e) = r {
+                                            debug!(error = %e, "API connection ended with an error");
+                                        }
+                                    }
+                                    () = evict.notified() => {
+                                        debug!("API connection closed to admit a newer one");
+                                    }
+                                }
                             });
                         }
                     }

@@ -63,7 +63,7 @@ pub(super) async fn create(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     require_admin(who, "creating a project")?;
-    let bytes = body(req, settings.max_body_bytes).await?;
+    let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let p: ProjectConfig = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid project: {e}")))?;
     let id = p.id.clone();
@@ -74,13 +74,14 @@ pub(super) async fn create(
 pub(super) async fn put_key(
     hub: &Hub,
     admin: &Admin,
+    settings: &ApiSettings,
     who: Caller,
     project: &str,
     kid: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     authorize_or_unknown(hub, who, project)?;
-    let bytes = body(req, MAX_KEY_BYTES).await?;
+    let bytes = body(req, MAX_KEY_BYTES, settings.body_read_timeout).await?;
     let value: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid key body: {e}")))?;
     let is_jwk = value.get("kty").is_some();

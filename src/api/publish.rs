@@ -116,7 +116,7 @@ pub(super) async fn single(
     who: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let bytes = body(req, settings.max_body_bytes).await?;
+    let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let b: PublishBody<'_> = serde_json::from_slice(&bytes).map_err(parse_err)?;
     let checked = check(hub, who, b)?;
     let id = send(hub, &checked)?;
@@ -129,7 +129,7 @@ pub(super) async fn batch(
     who: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let bytes = body(req, settings.max_body_bytes).await?;
+    let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let items: Vec<PublishBody<'_>> = serde_json::from_slice(&bytes).map_err(parse_err)?;
     if items.is_empty() || items.len() > MAX_BATCH {
         return Err(ApiError::bad_request(format!(

@@ -75,6 +75,26 @@ pub struct Limits {
     pub max_pending_handshakes: usize,
     /// Trusted reverse proxies.
     pub proxies: Arc<crate::net::proxy::TrustedProxies>,
+    /// A client socket whose descriptor number is at or above this is closed at accept:
+    /// the descriptors above it are the API's ([`client_fd_ceiling`]). `None`: no limit known.
+    pub max_client_fd: Option<u64>,
+}
+
+/// Descriptors kept free of client connections besides the API's: listeners, inbox
+/// eventfds, io_uring rings, the state and log files, and a margin for the runtime.
+pub const FD_HEADROOM: u64 = 256;
+
+/// The first descriptor number client sockets may not use, for an open-files limit of
+/// `nofile` and `api_max_connections` API connections: `nofile - api_max_connections -`
+/// [`FD_HEADROOM`]. The kernel hands out the lowest free descriptor, so a client socket
+/// numbered at or above it means at least that many descriptors are open; closing it keeps
+/// the top `api_max_connections + FD_HEADROOM` descriptors for the API, whatever the
+/// clients do.
+pub fn client_fd_ceiling(nofile: u64, api_max_connections: u64) -> u64 {
+    nofile
+        .saturating_sub(api_max_connections)
+        .saturating_sub(FD_HEADROOM)
+        .max(1)
 }
 
 impl Limits {
@@ -105,6 +125,8 @@ impl Limits {
                 crate::net::proxy::TrustedProxies::new(&c.proxy.trusted, c.proxy.proxy_protocol)
                     .unwrap_or_default(),
             ),
+            max_client_fd: crate::hostcheck::nofile()
+                .map(|(soft, _)| client_fd_ceiling(soft, c.api.max_connections as u64)),
             msg_interval_us,
             // Exactly `burst` messages back to back: the first at the bucket's start, then
             // `burst - 1` intervals ahead. Validation bounds the burst to 60 s of the rate,
@@ -191,6 +213,8 @@ pub(crate) enum AcceptRefusal {
     AddressCeiling,
     /// The shard has its share of `limits.max_pending_handshakes` in progress.
     PendingCap,
+    /// The socket's descriptor is among those kept for the API ([`client_fd_ceiling`]).
+    FdReserve,
 }
 
 impl Shard {
@@ -261,7 +285,7 @@ impl Shard {
         let outcome = match why {
             AcceptRefusal::Denied => "forbidden",
             AcceptRefusal::AddressCeiling => "rate_limited",
-            AcceptRefusal::PendingCap => "at_capacity",
+            AcceptRefusal::PendingCap | AcceptRefusal::FdReserve => "at_capacity",
         };
         ShardStats::add(&self.stats.handshakes[ShardStats::outcome(outcome)], 1);
         match why {
@@ -274,19 +298,25 @@ impl Shard {
                 "address over its connection ceiling (limits.connections_per_ip + \
                  handshake_burst_per_ip); closed unread"
             ),
-            AcceptRefusal::PendingCap => {
+            AcceptRefusal::PendingCap | AcceptRefusal::FdReserve => {
                 self.overload_unlogged += 1;
                 let now = Instant::now();
                 if self
                     .overload_logged
                     .is_none_or(|at| now.duration_since(at) >= OVERLOAD_LOG_EVERY)
                 {
+                    let why = if why == AcceptRefusal::FdReserve {
+                        "open descriptors near RLIMIT_NOFILE, the rest are kept for the API \
+                         (api.max_connections)"
+                    } else {
+                        "handshakes in progress at this shard's share of \
+                         limits.max_pending_handshakes"
+                    };
                     warn!(
                         shard = self.id,
                         pending = self.pending_handshakes,
                         closed = self.overload_unlogged,
-                        "handshakes in progress at this shard's share of \
-                         limits.max_pending_handshakes; closing new sockets unread"
+                        "{why}; closing new sockets unread"
                     );
                     self.overload_logged = Some(now);
                     self.overload_unlogged = 0;
@@ -722,6 +752,14 @@ async fn accept_loop(shard: &Rc<RefCell<Shard>>, listener: &monoio::net::TcpList
             None => return,
             Some(Ok((stream, peer))) => {
                 backoff_logged = false;
+                let reserved = shard.borrow().limits.max_client_fd;
+                if reserved.is_some_and(|max| stream.as_raw_fd() as u64 >= max) {
+                    shard
+                        .borrow_mut()
+                        .refused_at_accept(peer, AcceptRefusal::FdReserve);
+                    drop(stream);
+                    continue;
+                }
                 // A refused peer costs no read, no buffer and no slot; its socket is closed
                 // without an answer.
                 let screened = shard.borrow_mut().screen(peer);
