@@ -60,6 +60,8 @@ pub struct Hub {
     pub api_published: AtomicU64,
     /// API requests refused 429 for their key's rate (`limits.api_requests_per_key_per_sec`).
     pub api_rate_limited: AtomicU64,
+    /// Open API connections (bounded by `api.max_connections`; written by the API thread).
+    pub api_connections: AtomicU64,
     phase: AtomicU8,
     /// Publish sequence, for message ids.
     seq: AtomicU64,
@@ -92,6 +94,7 @@ impl Hub {
             ip_conns: crate::limiter::ConnCounter::new(0, 0),
             api_published: AtomicU64::new(0),
             api_rate_limited: AtomicU64::new(0),
+            api_connections: AtomicU64::new(0),
             phase: AtomicU8::new(Phase::Starting as u8),
             seq: AtomicU64::new(0),
             boot_ms: now_ms(),

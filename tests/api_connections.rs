@@ -149,6 +149,13 @@ fn at_the_connection_cap_the_longest_idle_connection_makes_room() {
             s
         })
         .collect();
+    assert_eq!(
+        server
+            .hub
+            .api_connections
+            .load(std::sync::atomic::Ordering::Relaxed),
+        8
+    );
     // An operator's health check still gets through, and so does a WebSocket client.
     let r = http(
         server.api,

@@ -312,7 +312,7 @@ async fn dispatch(
             Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
         }
         (["readyz"], &Method::GET) => Ok(readyz(hub)),
-        (["metrics"], &Method::GET) => metrics(hub),
+        (["metrics"], &Method::GET) => metrics(hub, &req),
         (["api", "v1", "publish"], &Method::POST) => {
             publish::single(hub, settings, admit(ctx, &req)?, req).await
         }
@@ -369,8 +369,14 @@ async fn dispatch(
 
 /// `GET /metrics`: the Prometheus exposition, built from the counters now. Unauthenticated,
 /// like `/healthz`, so a scraper needs no key.
-fn metrics(hub: &Arc<Hub>) -> Result<Response<Full<Bytes>>, ApiError> {
-    let text = crate::metrics::encode(hub).map_err(|_| {
+/// The format follows `Accept` ([`crate::metrics::Format::negotiate`]).
+fn metrics(hub: &Arc<Hub>, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let accept = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let format = crate::metrics::Format::negotiate(accept);
+    let text = crate::metrics::encode_as(hub, format).map_err(|_| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -380,7 +386,11 @@ fn metrics(hub: &Arc<Hub>) -> Result<Response<Full<Bytes>>, ApiError> {
     let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(
         CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        hyper::header::HeaderValue::from_static(format.content_type()),
+    );
+    r.headers_mut().insert(
+        hyper::header::VARY,
+        hyper::header::HeaderValue::from_static("accept"),
     );
     Ok(r)
 }
@@ -435,7 +445,7 @@ pub fn start(
         settings.burst_per_key,
     ));
     let settings = Arc::new(settings);
-    let conns = serve::Conns::new(settings.max_connections);
+    let conns = serve::Conns::new(settings.max_connections, hub.clone());
     let parse_log = Arc::new(serve::LogThrottle::default());
     let thread = std::thread::Builder::new()
         .name("herald-api".into())

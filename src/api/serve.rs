@@ -67,6 +67,8 @@ struct Table {
 /// The open API connections, bounded by `api.max_connections`.
 pub(super) struct Conns {
     max: usize,
+    /// Where the count is published (`herald_api_connections`).
+    hub: Arc<crate::hub::Hub>,
     table: Mutex<Table>,
     /// Throttles the "at the cap" lines.
     log: LogThrottle,
@@ -90,12 +92,19 @@ pub(super) struct ConnSlot {
 
 impl Conns {
     /// A table for at most `max` connections (at least 1).
-    pub(super) fn new(max: usize) -> Arc<Self> {
+    pub(super) fn new(max: usize, hub: Arc<crate::hub::Hub>) -> Arc<Self> {
         Arc::new(Self {
             max: max.max(1),
+            hub,
             table: Mutex::new(Table::default()),
             log: LogThrottle::default(),
         })
+    }
+
+    fn publish_count(&self, t: &Table) {
+        self.hub
+            .api_connections
+            .store(t.live.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -155,6 +164,7 @@ impl Conns {
                 evict: evict.clone(),
             },
         );
+        self.publish_count(&t);
         Admission::Admitted(ConnSlot {
             conns: self.clone(),
             id,
@@ -178,7 +188,9 @@ impl ConnSlot {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.conns.lock().live.remove(&self.id);
+        let mut t = self.conns.lock();
+        t.live.remove(&self.id);
+        self.conns.publish_count(&t);
     }
 }
 
