@@ -276,6 +276,8 @@ struct Ctx {
     settings: Arc<ApiSettings>,
     /// Request-rate buckets per API key, shared by every API connection.
     limiter: Arc<KeyLimiter>,
+    /// One management change (project or key) at a time, each on a blocking thread.
+    management: Arc<tokio::sync::Mutex<()>>,
 }
 
 async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -330,22 +332,13 @@ async fn dispatch(
         }
         (["api", "v1", "stats"], &Method::GET) => connections::stats(hub, admit(ctx, &req)?),
         (["api", "v1", "projects"], &Method::POST) => {
-            projects::create(&ctx.admin, settings, admit(ctx, &req)?, req).await
+            projects::create(ctx, admit(ctx, &req)?, req).await
         }
         (["api", "v1", "projects", project, "keys", kid], &Method::PUT) => {
-            projects::put_key(
-                hub,
-                &ctx.admin,
-                settings,
-                admit(ctx, &req)?,
-                project,
-                kid,
-                req,
-            )
-            .await
+            projects::put_key(ctx, admit(ctx, &req)?, project, kid, req).await
         }
         (["api", "v1", "projects", project, "keys", kid], &Method::DELETE) => {
-            projects::delete_key(hub, &ctx.admin, admit(ctx, &req)?, project, kid, &req)
+            projects::delete_key(ctx, admit(ctx, &req)?, project, kid, &req).await
         }
         (["healthz" | "readyz" | "metrics"], _)
         | (
@@ -447,6 +440,7 @@ pub fn start(
     let settings = Arc::new(settings);
     let conns = serve::Conns::new(settings.max_connections, hub.clone());
     let parse_log = Arc::new(serve::LogThrottle::default());
+    let management = Arc::new(tokio::sync::Mutex::new(()));
     let thread = std::thread::Builder::new()
         .name("herald-api".into())
         .spawn(move || {
@@ -499,6 +493,7 @@ pub fn start(
                                 admin: admin.clone(),
                                 settings: settings.clone(),
                                 limiter: limiter.clone(),
+                                management: management.clone(),
                             };
                             let io = serve::ApiIo::new(stream, settings.idle_timeout, parse_log.clone());
                             let header_read_timeout = settings.header_read_timeout;

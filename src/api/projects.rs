@@ -7,11 +7,15 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
-use super::{ApiError, ApiSettings, Caller, body, json, require_admin};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{ApiError, ApiSettings, Caller, Ctx, body, json, require_admin};
 use crate::admin::{Admin, AdminError};
 use crate::auth::keys::{KeySpec, MAX_KEY_BYTES, spec_from_jwk};
 use crate::config::ProjectConfig;
 use crate::hub::Hub;
+use crate::shard::mailbox::ShardMsg;
 
 fn map(e: AdminError) -> ApiError {
     let msg = e.to_string();
@@ -25,9 +29,29 @@ fn map(e: AdminError) -> ApiError {
         AdminError::TooLarge(_) => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", msg)
         }
-        AdminError::Store(_) | AdminError::Busy(_) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg)
-        }
+        AdminError::Store(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg),
+    }
+}
+
+/// How long a disconnect order may wait for room in a full shard inbox.
+const REVOKE_SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs a management change on a blocking thread, one change at a time: key parsing, probe
+/// signatures and the state file's fsync never run on the API runtime, so publishes and
+/// health checks go on meanwhile. Waiting for the turn is asynchronous.
+async fn off_runtime<T: Send + 'static>(
+    ctx: &Ctx,
+    change: impl FnOnce(&Admin) -> Result<T, AdminError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let _turn = ctx.management.lock().await;
+    let admin = Arc::clone(&ctx.admin);
+    match tokio::task::spawn_blocking(move || change(&admin)).await {
+        Ok(r) => r.map_err(map),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the management change failed: {e}"),
+        )),
     }
 }
 
@@ -57,30 +81,29 @@ fn authorize(hub: &Hub, who: Caller, project: &str) -> Result<(), ApiError> {
 }
 
 pub(super) async fn create(
-    admin: &Admin,
-    settings: &ApiSettings,
+    ctx: &Ctx,
     who: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     require_admin(who, "creating a project")?;
+    let settings = &ctx.settings;
     let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let p: ProjectConfig = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid project: {e}")))?;
     let id = p.id.clone();
-    admin.create_project(p).map_err(map)?;
+    off_runtime(ctx, move |admin| admin.create_project(p)).await?;
     Ok(json(StatusCode::CREATED, &serde_json::json!({ "id": id })))
 }
 
 pub(super) async fn put_key(
-    hub: &Hub,
-    admin: &Admin,
-    settings: &ApiSettings,
+    ctx: &Ctx,
     who: Caller,
     project: &str,
     kid: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    authorize_or_unknown(hub, who, project)?;
+    let settings: &ApiSettings = &ctx.settings;
+    authorize_or_unknown(&ctx.hub, who, project)?;
     let bytes = body(req, MAX_KEY_BYTES, settings.body_read_timeout).await?;
     let value: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid key body: {e}")))?;
@@ -102,7 +125,8 @@ pub(super) async fn put_key(
             ))
         })?
     };
-    admin.put_key(project, kid, spec).map_err(map)?;
+    let (project, kid) = (project.to_owned(), kid.to_owned());
+    off_runtime(ctx, move |admin| admin.put_key(&project, &kid, spec)).await?;
     Ok(no_content())
 }
 
@@ -116,14 +140,14 @@ fn authorize_or_unknown(hub: &Hub, who: Caller, project: &str) -> Result<(), Api
     Ok(())
 }
 
-pub(super) fn delete_key(
-    hub: &Hub,
-    admin: &Admin,
+pub(super) async fn delete_key(
+    ctx: &Ctx,
     who: Caller,
     project: &str,
     kid: &str,
     req: &Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
+    let hub = &ctx.hub;
     authorize_or_unknown(hub, who, project)?;
     let disconnect = req
         .uri()
@@ -133,6 +157,42 @@ pub(super) fn delete_key(
                 .any(|(k, v)| k == "disconnect" && matches!(&*v, "true" | "1"))
         })
         .unwrap_or(false);
-    admin.delete_key(project, kid, disconnect).map_err(map)?;
+    let (p, k) = (project.to_owned(), kid.to_owned());
+    let idx = off_runtime(ctx, move |admin| admin.delete_key(&p, &k)).await?;
+    if disconnect {
+        order_revoke(hub, idx, kid.into()).await?;
+    }
     Ok(no_content())
+}
+
+/// Tells every shard to close the connections a revoked key verified (4003): a
+/// non-blocking send per shard, retried asynchronously while its inbox is full, up to
+/// [`REVOKE_SEND_TIMEOUT`].
+///
+/// # Errors
+/// 503 `busy` naming the shard whose inbox stayed full (the key is revoked for new
+/// handshakes all the same).
+async fn order_revoke(hub: &Hub, project: u32, kid: Arc<str>) -> Result<(), ApiError> {
+    for (shard, mailbox) in hub.mailboxes.iter().enumerate() {
+        let deadline = Instant::now() + REVOKE_SEND_TIMEOUT;
+        let mut msg = ShardMsg::RevokeKey {
+            project,
+            kid: kid.clone(),
+        };
+        while let Err(back) = mailbox.send(msg) {
+            if Instant::now() >= deadline {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    format!(
+                        "key revoked, but shard {shard} did not take the disconnect order \
+                         within {REVOKE_SEND_TIMEOUT:?}; retry the DELETE"
+                    ),
+                ));
+            }
+            msg = back;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,150 @@
+//! Project and key management through the API: a change builds only the project it
+//! touches, and runs off the API runtime, so publishes and health checks of every tenant
+//! are answered while keys churn.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use herald::config::{KeyConfig, ProjectConfig, Secret};
+use p256::pkcs8::EncodePublicKey as _;
+use rsa::pkcs8::LineEnding;
+use rsa::rand_core::OsRng;
+
+/// An ES256 public key in PEM.
+fn es256_public_pem() -> String {
+    p256::SecretKey::random(&mut OsRng)
+        .public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .expect("P-256 public PEM")
+}
+
+fn put_key(api: std::net::SocketAddr, bearer: &str, project: &str, kid: &str) -> HttpResponse {
+    http_request(
+        api,
+        "PUT",
+        &format!("/api/v1/projects/{project}/keys/{kid}"),
+        bearer,
+        r#"{"alg":"HS256","secret":"a-secret-of-enough-length-0123"}"#,
+    )
+}
+
+#[test]
+fn a_key_change_rebuilds_only_its_project() {
+    let server = TestServer::start(|_| {});
+    let before = server.hub.registry.load_full();
+    let r = put_key(server.api, SHOP_API_KEY, "shop", "k2");
+    assert_eq!(r.status, 204, "{}", r.text());
+    let after = server.hub.registry.load_full();
+    assert!(
+        Arc::ptr_eq(
+            before.project("blog").expect("blog"),
+            after.project("blog").expect("blog")
+        ),
+        "blog's keys were rebuilt for a change to shop"
+    );
+    let shop = after.project("shop").expect("shop");
+    assert!(!Arc::ptr_eq(before.project("shop").expect("shop"), shop));
+    assert!(shop.keys.iter().any(|k| k.kid.as_deref() == Some("k2")));
+
+    let r = http_request(
+        server.api,
+        "DELETE",
+        "/api/v1/projects/shop/keys/k2?disconnect=true",
+        SHOP_API_KEY,
+        "",
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let last = server.hub.registry.load_full();
+    assert!(Arc::ptr_eq(
+        after.project("blog").expect("blog"),
+        last.project("blog").expect("blog")
+    ));
+    assert!(
+        !last
+            .project("shop")
+            .expect("shop")
+            .keys
+            .iter()
+            .any(|k| k.kid.as_deref() == Some("k2"))
+    );
+}
+
+#[test]
+fn publishes_and_health_checks_are_answered_while_keys_churn() {
+    // Many projects with public keys, so building every project's keys is real work.
+    let pem = es256_public_pem();
+    let server = TestServer::start(|c| {
+        for i in 0..150 {
+            c.projects.push(ProjectConfig {
+                id: format!("tenant{i}"),
+                api_key: Some(Secret(format!("tenant-{i}-api-key"))),
+                keys: (0..2)
+                    .map(|k| KeyConfig {
+                        kid: Some(format!("e{k}")),
+                        alg: "ES256".into(),
+                        pem: Some(pem.clone()),
+                        ..KeyConfig::default()
+                    })
+                    .collect(),
+                ..ProjectConfig::default()
+            });
+        }
+    });
+    let api = server.api;
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn: Vec<_> = (0..3)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let r = put_key(api, SHOP_API_KEY, "shop", &format!("churn{t}"));
+                    assert_eq!(r.status, 204, "{}", r.text());
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let (mut health, mut published) = (0, 0);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let t = Instant::now();
+        let r = http(
+            api,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!((r.status, r.text()), (200, r#"{"status":"ok"}"#.to_owned()));
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "/healthz took {:?}",
+            t.elapsed()
+        );
+        health += 1;
+        let t = Instant::now();
+        let r = publish(
+            api,
+            BLOG_API_KEY,
+            r#"{"project":"blog","topic":"news","data":1}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.json()["id"].as_str().is_some_and(|id| !id.is_empty()));
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "publish took {:?}",
+            t.elapsed()
+        );
+        published += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let puts: usize = churn
+        .into_iter()
+        .map(|h| h.join().expect("churn thread"))
+        .sum();
+    assert!(puts >= 3, "the key loop made {puts} changes");
+    assert!(health > 0 && published > 0);
+}
