@@ -148,3 +148,90 @@ fn publishes_and_health_checks_are_answered_while_keys_churn() {
     assert!(puts >= 3, "the key loop made {puts} changes");
     assert!(health > 0 && published > 0);
 }
+
+#[test]
+fn projects_and_keys_can_be_read_back_without_secrets() {
+    let server = TestServer::start(|_| {});
+    let api = server.api;
+    let get = |key: &str, path: &str| http_request(api, "GET", path, key, "");
+    let hs = serde_json::json!([{"kid": "k1", "alg": "HS256", "kind": "hmac"}]);
+
+    let r = get(ADMIN_KEY, "/api/v1/projects");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("Content-Type"), Some("application/json"));
+    let all = r.json();
+    let projects = all["projects"].as_array().expect("projects");
+    let ids: Vec<&str> = projects.iter().filter_map(|p| p["id"].as_str()).collect();
+    assert_eq!(ids, ["blog", "shop"]);
+    for p in projects {
+        assert_eq!(p["keys"], hs, "{p}");
+        assert_eq!(p["source"], "config");
+        assert_eq!(p["enabled"], true);
+    }
+    for secret in [
+        SHOP_SECRET,
+        BLOG_SECRET,
+        SHOP_API_KEY,
+        BLOG_API_KEY,
+        ADMIN_KEY,
+    ] {
+        assert!(!r.text().contains(secret), "a secret in {}", r.text());
+    }
+
+    // A project key sees its own project only.
+    let own = get(SHOP_API_KEY, "/api/v1/projects").json();
+    let ids: Vec<&str> = own["projects"]
+        .as_array()
+        .expect("projects")
+        .iter()
+        .filter_map(|p| p["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["shop"]);
+    assert_eq!(
+        get(SHOP_API_KEY, "/api/v1/projects/shop").json()["keys"],
+        hs
+    );
+    assert_refusal(
+        &get(SHOP_API_KEY, "/api/v1/projects/blog"),
+        403,
+        "forbidden",
+    );
+    assert_refusal(
+        &get(ADMIN_KEY, "/api/v1/projects/nope"),
+        404,
+        "unknown_project",
+    );
+    let r = get("wrong", "/api/v1/projects");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"], "unauthorized");
+
+    // What the API created shows up, with the kind of each key.
+    let r = http_request(
+        api,
+        "POST",
+        "/api/v1/projects",
+        ADMIN_KEY,
+        r#"{"id":"fresh"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let pem = es256_public_pem();
+    let body = serde_json::json!({"alg": "ES256", "pem": pem}).to_string();
+    let r = http_request(
+        api,
+        "PUT",
+        "/api/v1/projects/fresh/keys/e1",
+        ADMIN_KEY,
+        &body,
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let fresh = get(ADMIN_KEY, "/api/v1/projects/fresh");
+    assert_eq!(fresh.status, 200, "{}", fresh.text());
+    let fresh = fresh.json();
+    assert_eq!(fresh["id"], "fresh");
+    assert_eq!(fresh["source"], "api");
+    assert_eq!(
+        fresh["keys"],
+        serde_json::json!([{"kid": "e1", "alg": "ES256", "kind": "ec"}])
+    );
+    assert!(!fresh.to_string().contains("BEGIN PUBLIC KEY"));
+}

@@ -331,6 +331,10 @@ async fn dispatch(
             connections::disconnect(hub, settings, admit(ctx, &req)?, req).await
         }
         (["api", "v1", "stats"], &Method::GET) => connections::stats(hub, admit(ctx, &req)?),
+        (["api", "v1", "projects"], &Method::GET) => Ok(projects::list(hub, admit(ctx, &req)?)),
+        (["api", "v1", "projects", project], &Method::GET) => {
+            projects::show(hub, admit(ctx, &req)?, project)
+        }
         (["api", "v1", "projects"], &Method::POST) => {
             projects::create(ctx, admit(ctx, &req)?, req).await
         }
@@ -349,7 +353,7 @@ async fn dispatch(
             ],
             _,
         )
-        | (["api", "v1", "connections", _], _)
+        | (["api", "v1", "connections" | "projects", _], _)
         | (["api", "v1", "publish", "batch"], _)
         | (["api", "v1", "projects", _, "keys", _], _) => not_allowed(),
         _ => Err(ApiError::new(

@@ -1,5 +1,7 @@
 //! Project and key management endpoints: `POST /api/v1/projects`,
-//! `PUT|DELETE /api/v1/projects/{project}/keys/{kid}`. The work is done by
+//! `PUT|DELETE /api/v1/projects/{project}/keys/{kid}`, and reading them back:
+//! `GET /api/v1/projects`, `GET /api/v1/projects/{project}` (settings and keys' kid, alg and
+//! kind; never an API key or key material). The work is done by
 //! [`crate::admin::Admin`]; this maps HTTP to it and its errors to statuses.
 
 use bytes::Bytes;
@@ -78,6 +80,63 @@ fn authorize(hub: &Hub, who: Caller, project: &str) -> Result<(), ApiError> {
             }
         }
     }
+}
+
+/// A project as `GET` shows it: settings and its keys, no secret.
+fn project_json(p: &crate::auth::Project) -> serde_json::Value {
+    let keys: Vec<serde_json::Value> = p
+        .keys
+        .iter()
+        .map(|k| {
+            serde_json::json!({
+                "kid": k.kid.as_deref(),
+                "alg": format!("{:?}", k.alg),
+                "kind": k.kind(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "id": &*p.id,
+        "source": if p.from_api { "api" } else { "config" },
+        "enabled": p.enabled,
+        "connections": p.nr_connections.load(std::sync::atomic::Ordering::Relaxed),
+        "max_connections": p.max_connections,
+        "require_exp": p.require_exp,
+        "leeway_secs": p.leeway_secs,
+        "issuer": p.issuer,
+        "audience": p.audience,
+        "allow_client_publish": p.allow_client_publish,
+        "allowed_origins": p.allowed_origins,
+        "keys": keys,
+    })
+}
+
+/// `GET /api/v1/projects`: every project the caller acts on (all for the admin key, its own
+/// for a project key), in id order.
+pub(super) fn list(hub: &Hub, who: Caller) -> Response<Full<Bytes>> {
+    let registry = hub.registry.load();
+    let mut projects: Vec<&std::sync::Arc<crate::auth::Project>> = registry
+        .projects()
+        .filter(|p| who.may_act_on(p.idx))
+        .collect();
+    projects.sort_by(|a, b| a.id.cmp(&b.id));
+    let projects: Vec<serde_json::Value> = projects.into_iter().map(|p| project_json(p)).collect();
+    json(StatusCode::OK, &serde_json::json!({ "projects": projects }))
+}
+
+/// `GET /api/v1/projects/{project}`: 403 for another project's key, 404 for an unknown
+/// project (admin key).
+pub(super) fn show(
+    hub: &Hub,
+    who: Caller,
+    project: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    authorize_or_unknown(hub, who, project)?;
+    let registry = hub.registry.load();
+    let p = registry
+        .project(project)
+        .ok_or_else(|| map(AdminError::UnknownProject(project.into())))?;
+    Ok(json(StatusCode::OK, &project_json(p)))
 }
 
 pub(super) async fn create(

@@ -264,7 +264,16 @@ pub(super) struct ApiIo<T> {
     rewrite: Option<(Vec<u8>, usize)>,
     /// Throttles the malformed-request lines (shared by every connection).
     log: Arc<LogThrottle>,
+    /// Set once the write side is shut: until then what the peer still sends is read and
+    /// dropped (see [`LINGER`]).
+    linger: Option<Pin<Box<Sleep>>>,
 }
+
+/// How long a closing connection reads and drops what the peer still sends after the last
+/// answer (a body refused 413 before it was read, say). Closing a socket with unread bytes
+/// makes the kernel send a reset, and a reset can destroy the answer before the client
+/// reads it.
+const LINGER: Duration = Duration::from_secs(2);
 
 impl<T> ApiIo<T> {
     /// Wraps `inner`; `idle` without a byte moved fails the connection.
@@ -275,6 +284,7 @@ impl<T> ApiIo<T> {
             deadline: Box::pin(tokio::time::sleep(idle)),
             rewrite: None,
             log,
+            linger: None,
         }
     }
 
@@ -313,7 +323,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ApiIo<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for ApiIo<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ApiIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -367,8 +377,28 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ApiIo<T> {
         Poll::Ready(Ok(()))
     }
 
+    /// Shuts the write side, then reads and drops what the peer still sends until it
+    /// closes, or for [`LINGER`] at most.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        let mut scratch = [0u8; 4096];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    if let Some(linger) = &mut this.linger {
+                        ready!(linger.as_mut().poll(cx));
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
     }
 
     // Not vectored: hyper then writes a head as one buffer, which the parse-error rewrite

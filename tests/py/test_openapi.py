@@ -165,6 +165,13 @@ def test_every_operation_answers_as_documented(server):
             assert check(server, "PUT", "/api/v1/projects/shop/keys/k9", {"alg": "HS256"}) == 400
             assert check(server, "DELETE", "/api/v1/projects/shop/keys/k9?disconnect=true") == 204
             assert check(server, "DELETE", "/api/v1/projects/shop/keys/k9") == 404
+            assert check(server, "GET", "/api/v1/projects") == 200
+            assert check(server, "GET", "/api/v1/projects", key=shop_key) == 200
+            assert check(server, "GET", "/api/v1/projects/fresh") == 200
+            assert check(server, "GET", "/api/v1/projects/shop", key=shop_key) == 200
+            assert check(server, "GET", "/api/v1/projects/blog", key=shop_key) == 403
+            assert check(server, "GET", "/api/v1/projects/nope") == 404
+            assert check(server, "GET", "/api/v1/projects", key="wrong") == 401
         finally:
             await close_all([ws for ws, _ in conns])
 
@@ -201,6 +208,8 @@ def test_rate_limited_answers_as_documented(servers):
         ("POST", "/api/v1/projects", {"id": "fresh"}),
         ("PUT", "/api/v1/projects/shop/keys/k9", {"alg": "HS256", "secret": "a-secret-of-enough-length-0123"}),
         ("DELETE", "/api/v1/projects/shop/keys/k9", None),
+        ("GET", "/api/v1/projects", None),
+        ("GET", "/api/v1/projects/shop", None),
     ]
     for method, path, body in calls:
         status = check(server, method, path, body)
