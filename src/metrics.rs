@@ -104,6 +104,9 @@ pub struct ShardStats {
     pub sweeps: AtomicU64,
     /// Handshakes in progress, as of the last sweep tick.
     pub pending_handshakes: AtomicU64,
+    /// Connection entries the listing (`GET /api/v1/connections`) has looked at: what a
+    /// page costs the shard, for tests and debugging.
+    pub list_visited: AtomicU64,
 }
 
 impl ShardStats {

@@ -12,7 +12,7 @@ pub mod mailbox;
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -165,6 +165,10 @@ pub struct Shard {
     pub(crate) conns: Slab<Conn>,
     /// Local subscriptions.
     pub(crate) topics: TopicIndex,
+    /// Open connections per project (by registry index), in slot order: a listing of one
+    /// project walks its own connections from the cursor, never the whole slab. A few bytes
+    /// per connection (a B-tree of `u32`s).
+    pub(crate) by_project: Vec<BTreeSet<u32>>,
     /// Next generation handed to a new occupant.
     next_generation: u32,
     /// Read buffer shared by every connection of the shard.
@@ -232,6 +236,7 @@ impl Shard {
             stats,
             conns: Slab::new(),
             topics: TopicIndex::default(),
+            by_project: Vec::new(),
             next_generation: 1,
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
             dirty: Vec::new(),
