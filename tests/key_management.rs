@@ -14,6 +14,10 @@ use p256::pkcs8::EncodePublicKey as _;
 use rsa::pkcs8::LineEnding;
 use rsa::rand_core::OsRng;
 
+/// A 4096-bit RSA public key (made once with `openssl genrsa 4096`): heavy to load and
+/// probe, so building many of them is real work.
+const RSA_4096_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMIICIjANBgkqhkiG9w0BAQEFAAOCAg8AMIICCgKCAgEAxvVLGA7Wa3ha2JRdfNz+\nPSigQgDYOfnSEoo0lwbLon+T/wJeyT+6NfHjDUVB36IjwO6eaSgpPxjeLCuv4TB6\nASfSBnc9ULvtZqf81ndhZ0s5+nAm3kVr4xMPzTL/xh9SN/SPs9vsdc8XUMreT5s+\n2kcvuR3ZOW/xQ2LN6mXM7CuGBSU4p/npBN1TXBrJeV4QHWEkyKYzI2W6pGUIssuu\nDjipm57q8DCHkhp0r8l33/g5GR6h0GRRu9ilLtvWOST/x6LqTDFAwTYa+CYjwaIP\nQi33uT2GuojGJcdS/IXB1FPl21QFw9eAEbKJ9j3+fbEjm3nYHnkfHfJRJXwXIe/A\nqzsCpziW+3EZJsdqPFCB+BgXm8WPxi4GSi1nQQMAHf92EUeesXLCzv1BHSZvF8T2\nuo7t9boIiWE6t3bEjjVQLYvPYp8NqGxEw3ivdnoN6t73clZ6jiAAq3/z4qQaHuvD\nEHwNBRvM0gd29t/B/8JYLE3203JTaQJMjGW1MHHacHzmqxTe+kdj8k9m/zhlGpPG\ne/AUwfzHYOCvzPVbhz4+ZEemzEpF9EiBYbyWvNfMZw7u+ZYVH44FnMXTRZm0vJFw\nOQI2/aA7oe63mpu2q9Tk2OlltlNDwrXWuE4FdAC3ooE05W9Vw86kpDziefD2DzRk\nUlKLIquHK03YOIwUzHXM2gECAwEAAQ==\n-----END PUBLIC KEY-----\n";
+
 /// An ES256 public key in PEM.
 fn es256_public_pem() -> String {
     p256::SecretKey::random(&mut OsRng)
@@ -75,18 +79,17 @@ fn a_key_change_rebuilds_only_its_project() {
 
 #[test]
 fn publishes_and_health_checks_are_answered_while_keys_churn() {
-    // Many projects with public keys, so building every project's keys is real work.
-    let pem = es256_public_pem();
+    // Many projects with big public keys, so building every project's keys is real work.
     let server = TestServer::start(|c| {
-        for i in 0..150 {
+        for i in 0..3000 {
             c.projects.push(ProjectConfig {
                 id: format!("tenant{i}"),
                 api_key: Some(Secret(format!("tenant-{i}-api-key"))),
-                keys: (0..2)
+                keys: (0..3)
                     .map(|k| KeyConfig {
                         kid: Some(format!("e{k}")),
-                        alg: "ES256".into(),
-                        pem: Some(pem.clone()),
+                        alg: "RS256".into(),
+                        pem: Some(RSA_4096_PUBLIC.into()),
                         ..KeyConfig::default()
                     })
                     .collect(),
