@@ -445,6 +445,7 @@ pub fn start(
     let conns = serve::Conns::new(settings.max_connections, hub.clone());
     let parse_log = Arc::new(serve::LogThrottle::default());
     let management = Arc::new(tokio::sync::Mutex::new(()));
+    let timeout_log = Arc::new(serve::LogThrottle::default());
     let thread = std::thread::Builder::new()
         .name("herald-api".into())
         .spawn(move || {
@@ -501,6 +502,7 @@ pub fn start(
                             };
                             let io = serve::ApiIo::new(stream, settings.idle_timeout, parse_log.clone());
                             let header_read_timeout = settings.header_read_timeout;
+                            let timeout_log = timeout_log.clone();
                             tokio::spawn(async move {
                                 let evict = slot.evict.clone();
                                 let service = service_fn(move |req| {
@@ -519,7 +521,7 @@ pub fn start(
                                 tokio::select! {
                                     r = conn => {
                                         if let Err(e) = r {
-                                            debug!(error = %e, "API connection ended with an error");
+                                            serve::log_connection_error(&e, &timeout_log);
                                         }
                                     }
                                     () = evict.notified() => {

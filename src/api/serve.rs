@@ -209,6 +209,31 @@ impl Drop for BusyGuard {
     }
 }
 
+/// Logs why an API connection ended with an error: a timeout (`api.header_read_timeout_ms`
+/// or `api.idle_timeout_ms`) at warn level, at most once a second across connections (a
+/// slow-client flood is one line a second); anything else (a peer reset, a malformed
+/// request, already logged) at debug level.
+pub(super) fn log_connection_error(e: &hyper::Error, log: &LogThrottle) {
+    let idle = std::iter::successors(std::error::Error::source(e), |s| s.source())
+        .filter_map(|s| s.downcast_ref::<io::Error>())
+        .any(|io| io.kind() == io::ErrorKind::TimedOut);
+    let why = if idle {
+        "no byte moved within api.idle_timeout_ms"
+    } else if e.is_timeout() {
+        "request head not complete within api.header_read_timeout_ms"
+    } else {
+        tracing::debug!(error = %e, "API connection ended with an error");
+        return;
+    };
+    if let Some(suppressed) = log.allow() {
+        warn!(
+            suppressed,
+            "API connection closed: {why} (logged at most once a second; `suppressed` such \
+             closes since the previous line)"
+        );
+    }
+}
+
 /// The automatic answers hyper writes for a request it cannot parse, and what the API says
 /// instead: status line, `error` code, message.
 const PARSE_ERRORS: [(&str, &str, &str); 3] = [
