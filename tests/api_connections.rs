@@ -218,3 +218,61 @@ fn malformed_requests_get_json_errors() {
     many.push_str("\r\n");
     malformed(api, many.as_bytes(), 431, "headers_too_large");
 }
+
+#[test]
+fn connections_stalling_their_bodies_do_not_hold_the_cap() {
+    let server = TestServer::start(|c| {
+        c.api.max_connections = 4;
+        c.api.body_read_timeout_ms = 600_000;
+        c.api.idle_timeout_ms = 600_000;
+    });
+    // The cap's worth of authenticated requests whose bodies never finish.
+    let mut stalled: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = tcp(server.api);
+            s.write_all(
+                format!(
+                    "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \
+                     {ADMIN_KEY}\r\nContent-Length: 100\r\n\r\n{{"
+                )
+                .as_bytes(),
+            )
+            .expect("write");
+            s
+        })
+        .collect();
+    wait_until("the stalled requests are admitted", || {
+        server
+            .hub
+            .api_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 4
+    });
+    // Health checks on kept-alive connections: each new one finds the cap full.
+    let _checks: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = tcp(server.api);
+            assert_eq!(healthz_on(&mut s), "HTTP/1.1 200 OK");
+            s
+        })
+        .collect();
+    // Three of the stalled connections made room; the fourth still waits for its body.
+    let closed = stalled
+        .iter_mut()
+        .map(closed_by_server)
+        .filter(|c| *c)
+        .count();
+    assert_eq!(closed, 3);
+}
+
+/// Whether the server has closed `s` (EOF or reset) within 2 s.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("read timeout");
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Err(e) => e.kind() == ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}

@@ -228,6 +228,10 @@ async fn body(req: Request<Incoming>, max: usize, deadline: Duration) -> Result<
     {
         return Err(too_large());
     }
+    let _evictable = req
+        .extensions()
+        .get::<serve::SlotHandle>()
+        .map(serve::SlotHandle::awaiting_body);
     match tokio::time::timeout(deadline, Limited::new(req.into_body(), max).collect()).await {
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
@@ -505,8 +509,9 @@ pub fn start(
                             let timeout_log = timeout_log.clone();
                             tokio::spawn(async move {
                                 let evict = slot.evict.clone();
-                                let service = service_fn(move |req| {
+                                let service = service_fn(move |mut req: Request<Incoming>| {
                                     let busy = slot.busy();
+                                    req.extensions_mut().insert(serve::SlotHandle(slot.clone()));
                                     let ctx = ctx.clone();
                                     async move {
                                         let r = route(ctx, req).await;

@@ -4,7 +4,8 @@
 //! - [`Conns`] bounds the open API connections (`api.max_connections`). At the cap, the
 //!   connection that has waited longest for a request head is closed to admit the new one,
 //!   so a flood of idle or trickling connections cannot lock an operator's health check out;
-//!   only when every connection is inside a request is the new one closed at accept.
+//!   a connection awaiting a request body counts as waiting too. Only when every connection
+//!   is inside a request (being handled) is the new one closed at accept.
 //! - [`ApiIo`] wraps each socket: no byte moved in either direction for `api.idle_timeout_ms`
 //!   fails the connection, and hyper's own answer to a malformed request (a bare 400, 414 or
 //!   431 with no body) is rewritten into the API's `{"error","message"}` JSON.
@@ -176,12 +177,20 @@ impl Conns {
 impl ConnSlot {
     /// Marks the connection inside a request until the returned guard drops.
     pub(super) fn busy(&self) -> BusyGuard {
-        if let Some(e) = self.conns.lock().live.get_mut(&self.id) {
-            e.busy = true;
-        }
+        self.set_busy(true);
         BusyGuard {
             conns: self.conns.clone(),
             id: self.id,
+        }
+    }
+
+    /// Inside a request (not evicted) or waiting (evictable, oldest wait first).
+    fn set_busy(&self, busy: bool) {
+        if let Some(e) = self.conns.lock().live.get_mut(&self.id) {
+            e.busy = busy;
+            if !busy {
+                e.waiting_since = Instant::now();
+            }
         }
     }
 }
@@ -191,6 +200,29 @@ impl Drop for ConnSlot {
         let mut t = self.conns.lock();
         t.live.remove(&self.id);
         self.conns.publish_count(&t);
+    }
+}
+
+/// A request's connection, found by the body reader in the request's extensions: while a
+/// body is awaited, the connection may be evicted like an idle one (a client that stalls
+/// its body must not hold a slot the cap needs).
+#[derive(Clone)]
+pub(super) struct SlotHandle(pub(super) Arc<ConnSlot>);
+
+impl SlotHandle {
+    /// Marks the connection evictable until the guard drops (then inside a request again).
+    pub(super) fn awaiting_body(&self) -> BodyWait {
+        self.0.set_busy(false);
+        BodyWait(self.0.clone())
+    }
+}
+
+/// See [`SlotHandle::awaiting_body`].
+pub(super) struct BodyWait(Arc<ConnSlot>);
+
+impl Drop for BodyWait {
+    fn drop(&mut self) {
+        self.0.set_busy(true);
     }
 }
 
