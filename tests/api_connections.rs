@@ -43,6 +43,17 @@ fn healthz_on(s: &mut TcpStream) -> String {
         .to_owned()
 }
 
+/// `n` connections, each answered one `/healthz` and kept open (idle).
+fn served_connections(api: SocketAddr, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = tcp(api);
+            assert_eq!(healthz_on(&mut s), "HTTP/1.1 200 OK");
+            s
+        })
+        .collect()
+}
+
 #[test]
 fn a_trickled_head_is_closed_by_the_header_timeout() {
     let server = TestServer::start(|c| c.api.header_read_timeout_ms = 500);
@@ -152,13 +163,7 @@ fn at_the_connection_cap_the_longest_idle_connection_makes_room() {
         c.api.idle_timeout_ms = 600_000;
     });
     // The cap's worth of idle connections, each known to be served (and now idle).
-    let mut idle: Vec<TcpStream> = (0..8)
-        .map(|_| {
-            let mut s = tcp(server.api);
-            assert_eq!(healthz_on(&mut s), "HTTP/1.1 200 OK");
-            s
-        })
-        .collect();
+    let mut idle = served_connections(server.api, 8);
     assert_eq!(
         server
             .hub
@@ -249,13 +254,7 @@ fn connections_stalling_their_bodies_do_not_hold_the_cap() {
             == 4
     });
     // Health checks on kept-alive connections: each new one finds the cap full.
-    let _checks: Vec<TcpStream> = (0..3)
-        .map(|_| {
-            let mut s = tcp(server.api);
-            assert_eq!(healthz_on(&mut s), "HTTP/1.1 200 OK");
-            s
-        })
-        .collect();
+    let _checks = served_connections(server.api, 3);
     // Three of the stalled connections made room; the fourth still waits for its body.
     let closed = stalled
         .iter_mut()
