@@ -290,6 +290,11 @@ const PARSE_ERRORS: [(&str, &str, &str); 3] = [
 /// a status of [`PARSE_ERRORS`] with an empty body and no content type. The API's own
 /// error responses always carry a JSON body, so they never match.
 fn rewrite_parse_error(head: &[u8]) -> Option<(Vec<u8>, &'static str)> {
+    // hyper's bare answer is a short head alone in its write; anything else is passed on
+    // without a look.
+    if head.len() > 512 || !head.starts_with(b"HTTP/1.1 4") {
+        return None;
+    }
     let text = std::str::from_utf8(head).ok()?;
     let rest = text.strip_prefix("HTTP/1.1 ")?;
     let (status, error, message) = PARSE_ERRORS
