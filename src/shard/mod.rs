@@ -86,15 +86,15 @@ pub const FD_HEADROOM: u64 = 256;
 
 /// The first descriptor number client sockets may not use, for an open-files limit of
 /// `nofile` and `api_max_connections` API connections: `nofile - api_max_connections -`
-/// [`FD_HEADROOM`]. The kernel hands out the lowest free descriptor, so a client socket
+/// [`FD_HEADROOM`], the reserve being at most half of `nofile` (a small limit still leaves
+/// clients half). The kernel hands out the lowest free descriptor, so a client socket
 /// numbered at or above it means at least that many descriptors are open; closing it keeps
-/// the top `api_max_connections + FD_HEADROOM` descriptors for the API, whatever the
-/// clients do.
+/// the top descriptors for the API, whatever the clients do.
 pub fn client_fd_ceiling(nofile: u64, api_max_connections: u64) -> u64 {
-    nofile
-        .saturating_sub(api_max_connections)
-        .saturating_sub(FD_HEADROOM)
-        .max(1)
+    let reserve = api_max_connections
+        .saturating_add(FD_HEADROOM)
+        .min(nofile / 2);
+    nofile - reserve
 }
 
 impl Limits {
@@ -855,6 +855,14 @@ async fn sweep_loop(shard: Rc<RefCell<Shard>>, tick: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_api_keeps_its_descriptors_but_never_more_than_half() {
+        assert_eq!(client_fd_ceiling(20_000, 1024), 20_000 - 1024 - 256);
+        assert_eq!(client_fd_ceiling(1_048_576, 1024), 1_048_576 - 1280);
+        assert_eq!(client_fd_ceiling(1024, 1024), 512);
+        assert_eq!(client_fd_ceiling(0, 1024), 0);
+    }
 
     /// The GCRA parameters allow exactly `burst` messages back to back and never more than
     /// `rate` per second sustained, also where 1 s is not a whole number of intervals.
