@@ -554,6 +554,17 @@ fn a_page_costs_the_page_not_the_shard() {
     let cost = visited() - before;
     assert!(cost <= 11, "a page of `all` visited {cost} entries");
 
+    // The same across every project, with the admin key.
+    let before = visited();
+    let r = get(
+        server.api,
+        ADMIN_KEY,
+        "/api/v1/connections?topic=all&limit=10",
+    );
+    assert_eq!(r.json()["connections"].as_array().map(Vec::len), Some(10));
+    let cost = visited() - before;
+    assert!(cost <= 11, "an admin page of `all` visited {cost} entries");
+
     // One user: their topic's subscribers only.
     let before = visited();
     let r = get(server.api, BLOG_API_KEY, "/api/v1/connections?user=u7");

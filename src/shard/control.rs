@@ -17,13 +17,12 @@ impl Shard {
     ///
     /// - one project, no topic or user: its own connections in slot order
     ///   ([`Shard::by_project`]), from the cursor on;
-    /// - a topic (or a user's `user.<sub>` topic): that topic's subscribers. A topic held by
-    ///   few (`k² ≤ limit·n` for a project of `n` connections here) is taken whole, and the
+    /// - the admin key, no project: the slab from the cursor's slot instead;
+    /// - a topic (or a user's `user.<sub>` topic) with `k` subscribers among the `n`
+    ///   connections above: a topic held by few (`k² ≤ limit·n`) is taken whole, and the
     ///   `limit` lowest after the cursor are selected (no sort of all of them); a dense one
-    ///   (like `all`) is read by walking the project's connections from the cursor, where
-    ///   about one in `n/k` matches. Either way at most about `√(limit·n)` entries;
-    /// - the admin key, no filter: the slab from the cursor's slot (nearly every slot
-    ///   matches).
+    ///   (like `all`) is read by walking those `n` connections from the cursor, where about
+    ///   one in `n/k` matches. Either way about `√(limit·n)` entries at most.
     ///
     /// Every entry looked at is counted in `list_visited`.
     pub(crate) fn list(&self, q: &ListQuery) -> Vec<ConnInfo> {
@@ -39,78 +38,79 @@ impl Shard {
             (None, None) => None,
         };
         let mut visited = 0u64;
-        let mut walk = |slots: &mut dyn Iterator<Item = u32>, topic: Option<TopicId>| {
-            for slot in slots {
+        // The connections a walk may visit, in slot order from the cursor: one project's own,
+        // or (the admin key, no project) the slab's.
+        let ordered = |project: Option<u32>| -> Box<dyn Iterator<Item = u32> + '_> {
+            match project {
+                Some(p) => Box::new(
+                    self.by_project
+                        .get(p as usize)
+                        .into_iter()
+                        .flat_map(move |s| s.range(start..))
+                        .copied(),
+                ),
+                None => Box::new(
+                    (start as usize..self.conns.capacity())
+                        .filter(|&i| self.conns.contains(i))
+                        .map(|i| i as u32),
+                ),
+            }
+        };
+        let topics: Vec<TopicId> = match &narrowing {
+            None => Vec::new(),
+            Some(name) => {
+                let projects: Vec<u32> = match q.project {
+                    Some(p) => vec![p],
+                    None => self.hub.registry.load().projects().map(|p| p.idx).collect(),
+                };
+                projects
+                    .iter()
+                    .filter_map(|&p| self.topics.lookup(p, name))
+                    .collect()
+            }
+        };
+        let k: usize = topics
+            .iter()
+            .map(|&t| self.topics.subscribers(t).len())
+            .sum();
+        let n = match q.project {
+            Some(p) => self.by_project.get(p as usize).map_or(0, BTreeSet::len),
+            None => self.conns.len(),
+        };
+        let dense = k.saturating_mul(k) > q.limit.saturating_mul(n);
+        if narrowing.is_none() || dense {
+            for slot in ordered(q.project) {
                 if out.len() >= q.limit {
                     break;
                 }
                 visited += 1;
-                if self.matches(slot, q, topic) {
+                if self.matches(slot, q, &topics) {
                     out.push(self.info(slot));
                 }
             }
-        };
-        match (narrowing, q.project) {
-            (None, Some(p)) => {
-                let open = self.by_project.get(p as usize);
-                walk(
-                    &mut open.into_iter().flat_map(|s| s.range(start..)).copied(),
-                    None,
-                );
+        } else {
+            visited += k as u64;
+            let mut slots: Vec<u32> = topics
+                .iter()
+                .flat_map(|&t| self.topics.subscribers(t))
+                .copied()
+                .filter(|&slot| slot >= start && self.matches(slot, q, &[]))
+                .collect();
+            if slots.len() > q.limit {
+                slots.select_nth_unstable(q.limit);
+                slots.truncate(q.limit);
             }
-            (None, None) => walk(
-                &mut (start as usize..self.conns.capacity())
-                    .filter(|&i| self.conns.contains(i))
-                    .map(|i| i as u32),
-                None,
-            ),
-            (Some(name), project) => {
-                let projects: Vec<u32> = match project {
-                    Some(p) => vec![p],
-                    None => self.hub.registry.load().projects().map(|p| p.idx).collect(),
-                };
-                let topics: Vec<TopicId> = projects
-                    .iter()
-                    .filter_map(|&p| self.topics.lookup(p, &name))
-                    .collect();
-                let k: usize = topics
-                    .iter()
-                    .map(|&t| self.topics.subscribers(t).len())
-                    .sum();
-                let dense = match (project, topics.as_slice()) {
-                    (Some(p), &[t]) => {
-                        let n = self.by_project.get(p as usize).map_or(0, BTreeSet::len);
-                        (k.saturating_mul(k) > q.limit.saturating_mul(n)).then_some((p, t))
-                    }
-                    _ => None,
-                };
-                if let Some((p, t)) = dense {
-                    let open = &self.by_project[p as usize];
-                    walk(&mut open.range(start..).copied(), Some(t));
-                } else {
-                    visited += k as u64;
-                    let mut slots: Vec<u32> = topics
-                        .iter()
-                        .flat_map(|&t| self.topics.subscribers(t))
-                        .copied()
-                        .filter(|&slot| slot >= start && self.matches(slot, q, None))
-                        .collect();
-                    if slots.len() > q.limit {
-                        slots.select_nth_unstable(q.limit);
-                        slots.truncate(q.limit);
-                    }
-                    slots.sort_unstable();
-                    out.extend(slots.into_iter().map(|slot| self.info(slot)));
-                }
-            }
+            slots.sort_unstable();
+            out.extend(slots.into_iter().map(|slot| self.info(slot)));
         }
         ShardStats::add(&self.stats.list_visited, visited);
         out
     }
 
     /// Whether the connection in `slot` is listed for `q`: open, after the cursor, of the
-    /// project and user asked for, and (with `topic`) subscribed to it.
-    fn matches(&self, slot: u32, q: &ListQuery, topic: Option<TopicId>) -> bool {
+    /// project and user asked for, and (unless `topics` is empty) subscribed to one of
+    /// `topics`.
+    fn matches(&self, slot: u32, q: &ListQuery, topics: &[TopicId]) -> bool {
         let Some(c) = self.conns.get(slot as usize) else {
             return false;
         };
@@ -122,7 +122,7 @@ impl Shard {
         };
         q.project.is_none_or(|p| p == id.project.idx)
             && q.user.as_deref().is_none_or(|u| u == &*id.user)
-            && topic.is_none_or(|t| c.subs.iter().any(|s| s.topic == t))
+            && (topics.is_empty() || c.subs.iter().any(|s| topics.contains(&s.topic)))
     }
 
     /// What the listing says about the (open) connection in `slot`.
