@@ -2,7 +2,10 @@
 //! of the state, a new registry is built from it (which loads and checks every key), the state
 //! is persisted atomically, and only then is the registry swapped in. A change that fails at
 //! any step leaves both the running registry and the stored state as they were. Changes are
-//! serialised by one mutex: this is the control plane, never the hot path.
+//! serialised by one mutex: this is the control plane, never the hot path. A change builds
+//! only the project it touches (other projects' parsed keys are shared with the running
+//! registry); a reload builds them all. Every method here may parse keys and fsync: the API
+//! calls them on a blocking thread, never on its runtime.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -15,6 +18,7 @@ use crate::config::{
     restart_only_changes, validate_project,
 };
 use crate::hub::Hub;
+#[cfg(doc)]
 use crate::shard::mailbox::ShardMsg;
 use crate::store::{State, Store, StoreError};
 
@@ -44,9 +48,6 @@ pub enum AdminError {
     /// The state could not be persisted (503; nothing changed).
     #[error("cannot persist the change: {0}")]
     Store(#[from] StoreError),
-    /// A shard could not be told (503; the registry change itself is in effect).
-    #[error("{0}")]
-    Busy(String),
 }
 
 impl From<RegistryError> for AdminError {
@@ -120,10 +121,18 @@ impl Admin {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Builds, persists and swaps in `state` (with `config`).
-    fn commit(&self, inner: &mut Inner, config: Config, state: State) -> Result<(), AdminError> {
+    /// Builds, persists and swaps in `state` (with `config`). `changed` names the one
+    /// project the change touches: only it is rebuilt, the others are shared with the
+    /// running registry; `None` rebuilds every project (a reload).
+    fn commit(
+        &self,
+        inner: &mut Inner,
+        config: Config,
+        state: State,
+        changed: Option<&str>,
+    ) -> Result<(), AdminError> {
         let current = self.hub.registry.load_full();
-        let registry = Registry::build(&config, &state, Some(&current))?;
+        let registry = Registry::build_changed(&config, &state, Some(&current), changed)?;
         if state != inner.state {
             self.store.save(&state)?;
         }
@@ -163,7 +172,7 @@ impl Admin {
         entry.keys.clear();
         entry.revoked.clear();
         let config = inner.config.clone();
-        self.commit(&mut inner, config, state)?;
+        self.commit(&mut inner, config, state, Some(&id))?;
         info!(project = %id, "project created");
         Ok(())
     }
@@ -187,18 +196,18 @@ impl Admin {
         entry.keys.insert(kid.into(), spec);
         entry.revoked.remove(kid);
         let config = inner.config.clone();
-        self.commit(&mut inner, config, state)?;
+        self.commit(&mut inner, config, state, Some(project))?;
         info!(project, kid, "key registered");
         Ok(())
     }
 
-    /// `DELETE /api/v1/projects/{project}/keys/{kid}`: revokes a key; with `disconnect`, its
-    /// connections are closed with 4003 on every shard. Returns once every shard was told.
+    /// `DELETE /api/v1/projects/{project}/keys/{kid}`: revokes a key for new handshakes.
+    /// Returns the project's index, for the caller to tell the shards to close the key's
+    /// connections if asked ([`ShardMsg::RevokeKey`]); this never waits on a shard.
     ///
     /// # Errors
-    /// 404 unknown project or key; 503 if a shard inbox stayed full (the key is revoked for
-    /// new handshakes all the same).
-    pub fn delete_key(&self, project: &str, kid: &str, disconnect: bool) -> Result<(), AdminError> {
+    /// 404 unknown project or key.
+    pub fn delete_key(&self, project: &str, kid: &str) -> Result<u32, AdminError> {
         let mut inner = self.lock();
         let registry = self.hub.registry.load_full();
         let Some(p) = registry.project(project) else {
@@ -216,27 +225,9 @@ impl Admin {
         entry.keys.remove(kid);
         entry.revoked.insert(kid.into());
         let config = inner.config.clone();
-        self.commit(&mut inner, config, state)?;
-        info!(project, kid, disconnect, "key revoked");
-        drop(inner);
-        if disconnect {
-            let kid: Arc<str> = kid.into();
-            for (shard, m) in self.hub.mailboxes.iter().enumerate() {
-                m.send_timeout(
-                    ShardMsg::RevokeKey {
-                        project: idx,
-                        kid: kid.clone(),
-                    },
-                    std::time::Duration::from_secs(2),
-                )
-                .map_err(|_| {
-                    AdminError::Busy(format!(
-                        "key revoked, but shard {shard} did not take the disconnect order"
-                    ))
-                })?;
-            }
-        }
-        Ok(())
+        self.commit(&mut inner, config, state, Some(project))?;
+        info!(project, kid, "key revoked");
+        Ok(idx)
     }
 
     /// SIGHUP: re-reads the config file and applies what a running node can change: projects
@@ -271,7 +262,7 @@ impl Admin {
         }
         keep_restart_only_settings(running, &mut config);
         let state = inner.state.clone();
-        match self.commit(&mut inner, config, state) {
+        match self.commit(&mut inner, config, state, None) {
             Ok(()) => {
                 info!(file = %path.display(), "SIGHUP: projects and keys reloaded");
                 Ok(())

@@ -131,8 +131,22 @@ pub struct ApiConfig {
     pub admin_key: Option<Secret>,
     /// File holding the admin key (trailing whitespace ignored).
     pub admin_key_file: Option<PathBuf>,
-    /// Largest request body, in bytes; larger is refused with 413. Default 1048576.
+    /// Largest request body, in bytes; larger is refused with 413 (from `Content-Length`,
+    /// before the body is read). Default 1048576.
     pub max_body_bytes: usize,
+    /// Open API connections at most. At the cap, the connection that has waited longest
+    /// for a request is closed to admit a new one. Descriptors for this many connections
+    /// are kept out of the client port's reach. Default 1024.
+    pub max_connections: usize,
+    /// Time for a request head to arrive, counted from when the connection starts waiting
+    /// for one (on connect and after each response), in ms; then the connection is closed.
+    /// Default 10000.
+    pub header_read_timeout_ms: u64,
+    /// Time without a byte read or written before a connection is closed, in ms.
+    /// Default 60000.
+    pub idle_timeout_ms: u64,
+    /// Time for a whole request body to arrive, in ms; then 408. Default 10000.
+    pub body_read_timeout_ms: u64,
 }
 
 /// Node-wide IP access lists, checked right after accept, before a byte is read: a refused
@@ -330,6 +344,10 @@ impl fmt::Debug for ApiConfig {
             .field("admin_key", &self.admin_key)
             .field("admin_key_file", &self.admin_key_file)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_connections", &self.max_connections)
+            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
+            .field("body_read_timeout_ms", &self.body_read_timeout_ms)
             .finish()
     }
 }
@@ -384,6 +402,10 @@ impl Default for ApiConfig {
             admin_key: None,
             admin_key_file: None,
             max_body_bytes: 1 << 20,
+            max_connections: 1024,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            body_read_timeout_ms: 10_000,
         }
     }
 }
@@ -610,6 +632,16 @@ impl Config {
             ("ws.max_message_bytes", ws.max_message_bytes),
             ("ws.max_outbound_queue_bytes", ws.max_outbound_queue_bytes),
             ("api.max_body_bytes", self.api.max_body_bytes),
+            ("api.max_connections", self.api.max_connections),
+            (
+                "api.header_read_timeout_ms",
+                self.api.header_read_timeout_ms as usize,
+            ),
+            ("api.idle_timeout_ms", self.api.idle_timeout_ms as usize),
+            (
+                "api.body_read_timeout_ms",
+                self.api.body_read_timeout_ms as usize,
+            ),
             ("server.listen_backlog", self.server.listen_backlog as usize),
             (
                 "limits.handshake_burst_per_ip",

@@ -89,6 +89,8 @@ pub struct Hub {
     /// Largest delivery frame (`ws.max_outbound_queue_bytes`): what an empty connection
     /// queue holds. A larger publish is refused, as no connection could take it.
     pub max_frame_bytes: usize,
+    /// Open API connections (bounded by `api.max_connections`; written by the API thread).
+    pub api_connections: AtomicU64,
     phase: AtomicU8,
     /// Held shared by publishers across their phase check and sends, and exclusively by the
     /// drain while it flips the phase and queues its order behind them.
@@ -133,6 +135,7 @@ impl Hub {
             api_published: AtomicU64::new(0),
             api_rate_limited: AtomicU64::new(0),
             max_frame_bytes: usize::MAX,
+            api_connections: AtomicU64::new(0),
             phase: AtomicU8::new(Phase::Starting as u8),
             gate: RwLock::new(()),
             failed: AtomicUsize::new(0),

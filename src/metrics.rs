@@ -108,6 +108,9 @@ pub struct ShardStats {
     pub pending_handshakes: AtomicU64,
     /// Entries in the token-expiry heap (live and stale), as of the last sweep tick.
     pub expiry_entries: AtomicU64,
+    /// Connection entries the listing (`GET /api/v1/connections`) has looked at: what a
+    /// page costs the shard, for tests and debugging.
+    pub list_visited: AtomicU64,
 }
 
 impl ShardStats {
@@ -251,6 +254,12 @@ impl Collector for HubCollector {
         )?;
         gauge(
             &mut enc,
+            "herald_api_connections",
+            "Open API connections (bounded by api.max_connections).",
+            read(&hub.api_connections),
+        )?;
+        gauge(
+            &mut enc,
             "herald_client_addresses",
             "Client addresses holding connections or handshakes (counted while \
              limits.connections_per_ip or limits.max_pending_handshakes_per_ip is on).",
@@ -352,6 +361,110 @@ impl Collector for HubCollector {
     }
 }
 
+/// The two text formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text (`application/openmetrics-text`), what prometheus-client writes.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (`text/plain; version=0.0.4`).
+    PrometheusText,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for: the supported media range with the highest
+    /// `q` (`application/openmetrics-text`, or `text/plain`); on a tie, OpenMetrics. With no
+    /// `Accept`, or one naming neither (`*/*`), OpenMetrics.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let mut best = (0.0f32, Self::OpenMetrics);
+        for range in accept.unwrap_or_default().split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            let format = match media.as_str() {
+                "application/openmetrics-text" => Self::OpenMetrics,
+                "text/plain" => Self::PrometheusText,
+                _ => continue,
+            };
+            if q > best.0 || (q == best.0 && format == Self::OpenMetrics && q > 0.0) {
+                best = (q, format);
+            }
+        }
+        best.1
+    }
+
+    /// The `Content-Type` of an answer in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::OpenMetrics => CONTENT_TYPE,
+            Self::PrometheusText => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// The exposition of the node's counters, read now, in `format`.
+///
+/// # Errors
+/// Formatting failed (never, for a `String`).
+pub fn encode_as(hub: &Arc<Hub>, format: Format) -> Result<String, std::fmt::Error> {
+    let text = encode(hub)?;
+    Ok(match format {
+        Format::OpenMetrics => text,
+        Format::PrometheusText => openmetrics_to_prometheus_text(&text),
+    })
+}
+
+/// Rewrites prometheus-client's OpenMetrics text as the Prometheus text format 0.0.4, which
+/// prometheus-client does not write: a counter family is named after its samples (`x_total`,
+/// where OpenMetrics names it `x`), `# UNIT` lines, `_created` samples and the `# EOF`
+/// terminator go, `unknown` is `untyped`. Everything else (label escaping, histograms, gauges,
+/// sample lines) is the same in both formats.
+fn openmetrics_to_prometheus_text(om: &str) -> String {
+    let lines: Vec<&str> = om.lines().collect();
+    let mut out = String::with_capacity(om.len());
+    let mut counters = std::collections::HashSet::new();
+    for l in &lines {
+        if let Some(rest) = l.strip_prefix("# TYPE ")
+            && let Some((name, "counter")) = rest.split_once(' ')
+        {
+            counters.insert(name);
+        }
+    }
+    for l in lines {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| l.strip_prefix(p).map(|rest| (p, rest)));
+        if let Some((prefix, rest)) = meta {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            let tail = if prefix == "# TYPE " && tail == "unknown" {
+                "untyped"
+            } else {
+                tail
+            };
+            let suffix = if counters.contains(name) {
+                "_total"
+            } else {
+                ""
+            };
+            out.push_str(&format!("{prefix}{name}{suffix} {tail}\n"));
+            continue;
+        }
+        let name = l.split(['{', ' ']).next().unwrap_or_default();
+        if name.ends_with("_created") {
+            continue;
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
 /// The Prometheus (OpenMetrics text) exposition of the node's counters, read now.
 ///
 /// # Errors
@@ -385,5 +498,45 @@ mod tests {
         assert_eq!(buckets[7], (0.005, 1));
         assert_eq!(*buckets.last().unwrap(), (f64::INFINITY, 1));
         assert!((sum - 2.003_015).abs() < 1e-9, "{sum}");
+    }
+
+    #[test]
+    fn accept_picks_the_format() {
+        use Format::*;
+        assert_eq!(Format::negotiate(None), OpenMetrics);
+        assert_eq!(Format::negotiate(Some("*/*")), OpenMetrics);
+        assert_eq!(
+            Format::negotiate(Some("text/plain;version=0.0.4")),
+            PrometheusText
+        );
+        assert_eq!(Format::negotiate(Some("text/plain")), PrometheusText);
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text; version=1.0.0")),
+            OpenMetrics
+        );
+        // What Prometheus sends: OpenMetrics preferred.
+        assert_eq!(
+            Format::negotiate(Some(
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                 version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+            )),
+            OpenMetrics
+        );
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;q=0.2, text/plain;q=0.9")),
+            PrometheusText
+        );
+    }
+
+    #[test]
+    fn openmetrics_becomes_prometheus_text() {
+        let om = "# HELP a_x Things.\n# TYPE a_x counter\na_x_total{k=\"v\"} 3\n\
+                  a_x_created 1.5\n# HELP g A gauge.\n# TYPE g gauge\n# UNIT g seconds\ng 2\n\
+                  # HELP u U.\n# TYPE u unknown\nu 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus_text(om),
+            "# HELP a_x_total Things.\n# TYPE a_x_total counter\na_x_total{k=\"v\"} 3\n\
+             # HELP g A gauge.\n# TYPE g gauge\ng 2\n# HELP u U.\n# TYPE u untyped\nu 1\n"
+        );
     }
 }

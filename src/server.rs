@@ -231,6 +231,10 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
             max_body_bytes: cfg.api.max_body_bytes,
             requests_per_key_per_sec: cfg.limits.api_requests_per_key_per_sec,
             burst_per_key: cfg.limits.api_burst_per_key,
+            max_connections: cfg.api.max_connections,
+            header_read_timeout: Duration::from_millis(cfg.api.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(cfg.api.idle_timeout_ms),
+            body_read_timeout: Duration::from_millis(cfg.api.body_read_timeout_ms),
         },
     )
     .map_err(|source| StartError::Bind {

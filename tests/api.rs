@@ -521,3 +521,58 @@ fn readyz_is_503_while_draining() {
     assert_eq!(expect_close(&mut ws).0, 1001);
     join.join().expect("server joined");
 }
+
+#[test]
+fn a_page_costs_the_page_not_the_shard() {
+    let server = TestServer::start(|c| c.server.shards = 1);
+    let visited = || server.stat(|s| herald::metrics::read(&s.list_visited));
+    // Shop's three connections around many of blog's, all on the one shard.
+    let mut conns = vec![connect_user(server.listen, "shop", "s0")];
+    for i in 0..200 {
+        conns.push(connect_user(server.listen, "blog", &format!("u{i}")));
+    }
+    conns.push(connect_user(server.listen, "shop", "s1"));
+    conns.push(connect_user(server.listen, "shop", "s2"));
+
+    // Shop's connections, two a page (each request asks for a page plus one).
+    let before = visited();
+    let ids = list_all(server.api, SHOP_API_KEY, "", 2);
+    assert_eq!(ids.len(), 3);
+    let cost = visited() - before;
+    assert!(cost <= 6, "two pages of shop visited {cost} entries");
+
+    // Blog's `all` subscribers, ten: one page, not every subscriber.
+    let before = visited();
+    let r = get(
+        server.api,
+        BLOG_API_KEY,
+        "/api/v1/connections?topic=all&limit=10",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let page = r.json()["connections"].as_array().expect("page").len();
+    assert_eq!(page, 10);
+    let cost = visited() - before;
+    assert!(cost <= 11, "a page of `all` visited {cost} entries");
+
+    // The same across every project, with the admin key.
+    let before = visited();
+    let r = get(
+        server.api,
+        ADMIN_KEY,
+        "/api/v1/connections?topic=all&limit=10",
+    );
+    assert_eq!(r.json()["connections"].as_array().map(Vec::len), Some(10));
+    let cost = visited() - before;
+    assert!(cost <= 11, "an admin page of `all` visited {cost} entries");
+
+    // One user: their topic's subscribers only.
+    let before = visited();
+    let r = get(server.api, BLOG_API_KEY, "/api/v1/connections?user=u7");
+    assert_eq!(r.json()["connections"].as_array().map(Vec::len), Some(1));
+    let cost = visited() - before;
+    assert!(cost <= 1, "one user's listing visited {cost} entries");
+
+    for (ws, _) in conns {
+        close(ws);
+    }
+}

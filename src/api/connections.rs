@@ -279,7 +279,7 @@ pub(super) async fn disconnect(
     who: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let bytes = body(req, settings.max_body_bytes).await?;
+    let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let b: DisconnectBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid disconnect body: {e}")))?;
     let user: Box<str> = checked_user(b.user)?.into();

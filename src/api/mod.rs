@@ -7,11 +7,12 @@ mod idempotency;
 mod projects;
 mod publish;
 mod ratelimit;
+mod serve;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -20,7 +21,7 @@ use hyper::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tracing::{debug, warn};
@@ -210,21 +211,45 @@ fn require_admin(who: Caller, what: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Reads a body up to `max` bytes.
-async fn body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(req.into_body(), max).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e)
+/// Reads a body up to `max` bytes. A declared `Content-Length` over `max` is refused 413
+/// before a byte of the body is read; a body not complete within `api.body_read_timeout_ms`
+/// (`deadline`) is refused 408.
+async fn body(req: Request<Incoming>, max: usize, deadline: Duration) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("body over {max} bytes"),
+        )
+    };
+    // hyper has parsed Content-Length into the body's exact size.
+    if hyper::body::Body::size_hint(req.body())
+        .upper()
+        .is_some_and(|n| n > max as u64)
+    {
+        return Err(too_large());
+    }
+    let _evictable = req
+        .extensions()
+        .get::<serve::SlotHandle>()
+        .map(serve::SlotHandle::awaiting_body);
+    match tokio::time::timeout(deadline, Limited::new(req.into_body(), max).collect()).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the body did not arrive within {} ms (api.body_read_timeout_ms)",
+                deadline.as_millis()
+            ),
+        )),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e))
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("body over {max} bytes"),
-            ))
+            Err(too_large())
         }
-        Err(e) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
+        Ok(Err(e)) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
     }
 }
 
@@ -237,6 +262,15 @@ pub struct ApiSettings {
     pub requests_per_key_per_sec: u32,
     /// Requests one key may make at once (`limits.api_burst_per_key`).
     pub burst_per_key: u32,
+    /// Open API connections at most (`api.max_connections`).
+    pub max_connections: usize,
+    /// Time to receive a request head, counted from when the connection starts waiting for
+    /// one (`api.header_read_timeout_ms`).
+    pub header_read_timeout: Duration,
+    /// Time without a byte moved before a connection is closed (`api.idle_timeout_ms`).
+    pub idle_timeout: Duration,
+    /// Time to receive a whole request body (`api.body_read_timeout_ms`).
+    pub body_read_timeout: Duration,
 }
 
 /// What every handler gets.
@@ -249,6 +283,8 @@ struct Ctx {
     limiter: Arc<KeyLimiter>,
     /// Answers of accepted publishes by `Idempotency-Key`.
     idempotency: Arc<std::sync::Mutex<idempotency::IdempotencyCache>>,
+    /// One management change (project or key) at a time, each on a blocking thread.
+    management: Arc<tokio::sync::Mutex<()>>,
 }
 
 async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -285,7 +321,7 @@ async fn dispatch(
             Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
         }
         (["readyz"], &Method::GET) => Ok(readyz(hub)),
-        (["metrics"], &Method::GET) => metrics(hub),
+        (["metrics"], &Method::GET) => metrics(hub, &req),
         (["api", "v1", "publish"], &Method::POST) => {
             publish::single(hub, settings, &ctx.idempotency, admit(ctx, &req)?, req).await
         }
@@ -302,14 +338,18 @@ async fn dispatch(
             connections::disconnect(hub, settings, admit(ctx, &req)?, req).await
         }
         (["api", "v1", "stats"], &Method::GET) => connections::stats(hub, admit(ctx, &req)?),
+        (["api", "v1", "projects"], &Method::GET) => Ok(projects::list(hub, admit(ctx, &req)?)),
+        (["api", "v1", "projects", project], &Method::GET) => {
+            projects::show(hub, admit(ctx, &req)?, project)
+        }
         (["api", "v1", "projects"], &Method::POST) => {
-            projects::create(&ctx.admin, settings, admit(ctx, &req)?, req).await
+            projects::create(ctx, admit(ctx, &req)?, req).await
         }
         (["api", "v1", "projects", project, "keys", kid], &Method::PUT) => {
-            projects::put_key(hub, &ctx.admin, admit(ctx, &req)?, project, kid, req).await
+            projects::put_key(ctx, admit(ctx, &req)?, project, kid, req).await
         }
         (["api", "v1", "projects", project, "keys", kid], &Method::DELETE) => {
-            projects::delete_key(hub, &ctx.admin, admit(ctx, &req)?, project, kid, &req)
+            projects::delete_key(ctx, admit(ctx, &req)?, project, kid, &req).await
         }
         (["healthz" | "readyz" | "metrics"], _)
         | (
@@ -320,7 +360,7 @@ async fn dispatch(
             ],
             _,
         )
-        | (["api", "v1", "connections", _], _)
+        | (["api", "v1", "connections" | "projects", _], _)
         | (["api", "v1", "publish", "batch"], _)
         | (["api", "v1", "projects", _, "keys", _], _) => not_allowed(),
         _ => Err(ApiError::new(
@@ -333,8 +373,14 @@ async fn dispatch(
 
 /// `GET /metrics`: the Prometheus exposition, built from the counters now. Unauthenticated,
 /// like `/healthz`, so a scraper needs no key.
-fn metrics(hub: &Arc<Hub>) -> Result<Response<Full<Bytes>>, ApiError> {
-    let text = crate::metrics::encode(hub).map_err(|_| {
+/// The format follows `Accept` ([`crate::metrics::Format::negotiate`]).
+fn metrics(hub: &Arc<Hub>, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let accept = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let format = crate::metrics::Format::negotiate(accept);
+    let text = crate::metrics::encode_as(hub, format).map_err(|_| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -344,7 +390,11 @@ fn metrics(hub: &Arc<Hub>) -> Result<Response<Full<Bytes>>, ApiError> {
     let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(
         CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        hyper::header::HeaderValue::from_static(format.content_type()),
+    );
+    r.headers_mut().insert(
+        hyper::header::VARY,
+        hyper::header::HeaderValue::from_static("accept"),
     );
     Ok(r)
 }
@@ -406,6 +456,10 @@ pub fn start(
     ));
     let settings = Arc::new(settings);
     let idempotency = Arc::default();
+    let conns = serve::Conns::new(settings.max_connections, hub.clone());
+    let parse_log = Arc::new(serve::LogThrottle::default());
+    let management = Arc::new(tokio::sync::Mutex::new(()));
+    let timeout_log = Arc::new(serve::LogThrottle::default());
     let thread = std::thread::Builder::new()
         .name("herald-api".into())
         .spawn(move || {
@@ -427,23 +481,69 @@ pub fn start(
                         return;
                     }
                 };
+                let accept_log = serve::LogThrottle::default();
                 loop {
                     tokio::select! {
                         _ = &mut stop_rx => break,
                         accepted = listener.accept() => {
-                            let Ok((stream, _)) = accepted else { continue };
+                            let stream = match accepted {
+                                Ok((stream, _)) => stream,
+                                Err(e) => {
+                                    if let Some(suppressed) = accept_log.allow() {
+                                        warn!(
+                                            error = %e,
+                                            open = conns.len(),
+                                            suppressed,
+                                            "API accept failed (logged at most once a second)"
+                                        );
+                                    }
+                                    // Out of descriptors: let connections close before retrying.
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                    continue;
+                                }
+                            };
+                            let serve::Admission::Admitted(slot) = conns.admit() else {
+                                drop(stream);
+                                continue;
+                            };
+                            let slot = Arc::new(slot);
                             let ctx = Ctx {
                                 hub: hub.clone(),
                                 admin: admin.clone(),
                                 settings: settings.clone(),
                                 limiter: limiter.clone(),
                                 idempotency: Arc::clone(&idempotency),
+                                management: management.clone(),
                             };
+                            let io = serve::ApiIo::new(stream, settings.idle_timeout, parse_log.clone());
+                            let header_read_timeout = settings.header_read_timeout;
+                            let timeout_log = timeout_log.clone();
                             tokio::spawn(async move {
-                                let service = service_fn(move |req| route(ctx.clone(), req));
-                                let _ = http1::Builder::new()
-                                    .serve_connection(TokioIo::new(stream), service)
-                                    .await;
+                                let evict = slot.evict.clone();
+                                let service = service_fn(move |mut req: Request<Incoming>| {
+                                    let busy = slot.busy();
+                                    req.extensions_mut().insert(serve::SlotHandle(slot.clone()));
+                                    let ctx = ctx.clone();
+                                    async move {
+                                        let r = route(ctx, req).await;
+                                        drop(busy);
+                                        r
+                                    }
+                                });
+                                let conn = http1::Builder::new()
+                                    .timer(TokioTimer::new())
+                                    .header_read_timeout(header_read_timeout)
+                                    .serve_connection(TokioIo::new(io), service);
+                                tokio::select! {
+                                    r = conn => {
+                                        if let Err(e) = r {
+                                            serve::log_connection_error(&e, &timeout_log);
+                                        }
+                                    }
+                                    () = evict.notified() => {
+                                        debug!("API connection closed to admit a newer one");
+                                    }
+                                }
                             });
                         }
                     }

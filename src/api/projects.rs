@@ -1,5 +1,7 @@
 //! Project and key management endpoints: `POST /api/v1/projects`,
-//! `PUT|DELETE /api/v1/projects/{project}/keys/{kid}`. The work is done by
+//! `PUT|DELETE /api/v1/projects/{project}/keys/{kid}`, and reading them back:
+//! `GET /api/v1/projects`, `GET /api/v1/projects/{project}` (settings and keys' kid, alg and
+//! kind; never an API key or key material). The work is done by
 //! [`crate::admin::Admin`]; this maps HTTP to it and its errors to statuses.
 
 use bytes::Bytes;
@@ -7,11 +9,15 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
-use super::{ApiError, ApiSettings, Caller, body, json, require_admin};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{ApiError, ApiSettings, Caller, Ctx, body, json, require_admin};
 use crate::admin::{Admin, AdminError};
 use crate::auth::keys::{KeySpec, MAX_KEY_BYTES, spec_from_jwk};
 use crate::config::ProjectConfig;
 use crate::hub::Hub;
+use crate::shard::mailbox::ShardMsg;
 
 fn map(e: AdminError) -> ApiError {
     let msg = e.to_string();
@@ -25,9 +31,29 @@ fn map(e: AdminError) -> ApiError {
         AdminError::TooLarge(_) => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", msg)
         }
-        AdminError::Store(_) | AdminError::Busy(_) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg)
-        }
+        AdminError::Store(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg),
+    }
+}
+
+/// How long a disconnect order may wait for room in a full shard inbox.
+const REVOKE_SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs a management change on a blocking thread, one change at a time: key parsing, probe
+/// signatures and the state file's fsync never run on the API runtime, so publishes and
+/// health checks go on meanwhile. Waiting for the turn is asynchronous.
+async fn off_runtime<T: Send + 'static>(
+    ctx: &Ctx,
+    change: impl FnOnce(&Admin) -> Result<T, AdminError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let _turn = ctx.management.lock().await;
+    let admin = Arc::clone(&ctx.admin);
+    match tokio::task::spawn_blocking(move || change(&admin)).await {
+        Ok(r) => r.map_err(map),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the management change failed: {e}"),
+        )),
     }
 }
 
@@ -56,31 +82,88 @@ fn authorize(hub: &Hub, who: Caller, project: &str) -> Result<(), ApiError> {
     }
 }
 
+/// A project as `GET` shows it: settings and its keys, no secret.
+fn project_json(p: &crate::auth::Project) -> serde_json::Value {
+    let keys: Vec<serde_json::Value> = p
+        .keys
+        .iter()
+        .map(|k| {
+            serde_json::json!({
+                "kid": k.kid.as_deref(),
+                "alg": format!("{:?}", k.alg),
+                "kind": k.kind(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "id": &*p.id,
+        "source": if p.from_api { "api" } else { "config" },
+        "enabled": p.enabled,
+        "connections": p.nr_connections.load(std::sync::atomic::Ordering::Relaxed),
+        "max_connections": p.max_connections,
+        "require_exp": p.require_exp,
+        "leeway_secs": p.leeway_secs,
+        "issuer": p.issuer,
+        "audience": p.audience,
+        "allow_client_publish": p.allow_client_publish,
+        "allowed_origins": p.allowed_origins,
+        "keys": keys,
+    })
+}
+
+/// `GET /api/v1/projects`: every project the caller acts on (all for the admin key, its own
+/// for a project key), in id order.
+pub(super) fn list(hub: &Hub, who: Caller) -> Response<Full<Bytes>> {
+    let registry = hub.registry.load();
+    let mut projects: Vec<&std::sync::Arc<crate::auth::Project>> = registry
+        .projects()
+        .filter(|p| who.may_act_on(p.idx))
+        .collect();
+    projects.sort_by(|a, b| a.id.cmp(&b.id));
+    let projects: Vec<serde_json::Value> = projects.into_iter().map(|p| project_json(p)).collect();
+    json(StatusCode::OK, &serde_json::json!({ "projects": projects }))
+}
+
+/// `GET /api/v1/projects/{project}`: 403 for another project's key, 404 for an unknown
+/// project (admin key).
+pub(super) fn show(
+    hub: &Hub,
+    who: Caller,
+    project: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    authorize_or_unknown(hub, who, project)?;
+    let registry = hub.registry.load();
+    let p = registry
+        .project(project)
+        .ok_or_else(|| map(AdminError::UnknownProject(project.into())))?;
+    Ok(json(StatusCode::OK, &project_json(p)))
+}
+
 pub(super) async fn create(
-    admin: &Admin,
-    settings: &ApiSettings,
+    ctx: &Ctx,
     who: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     require_admin(who, "creating a project")?;
-    let bytes = body(req, settings.max_body_bytes).await?;
+    let settings = &ctx.settings;
+    let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let p: ProjectConfig = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid project: {e}")))?;
     let id = p.id.clone();
-    admin.create_project(p).map_err(map)?;
+    off_runtime(ctx, move |admin| admin.create_project(p)).await?;
     Ok(json(StatusCode::CREATED, &serde_json::json!({ "id": id })))
 }
 
 pub(super) async fn put_key(
-    hub: &Hub,
-    admin: &Admin,
+    ctx: &Ctx,
     who: Caller,
     project: &str,
     kid: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    authorize_or_unknown(hub, who, project)?;
-    let bytes = body(req, MAX_KEY_BYTES).await?;
+    let settings: &ApiSettings = &ctx.settings;
+    authorize_or_unknown(&ctx.hub, who, project)?;
+    let bytes = body(req, MAX_KEY_BYTES, settings.body_read_timeout).await?;
     let value: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid key body: {e}")))?;
     let is_jwk = value.get("kty").is_some();
@@ -101,7 +184,8 @@ pub(super) async fn put_key(
             ))
         })?
     };
-    admin.put_key(project, kid, spec).map_err(map)?;
+    let (project, kid) = (project.to_owned(), kid.to_owned());
+    off_runtime(ctx, move |admin| admin.put_key(&project, &kid, spec)).await?;
     Ok(no_content())
 }
 
@@ -115,14 +199,14 @@ fn authorize_or_unknown(hub: &Hub, who: Caller, project: &str) -> Result<(), Api
     Ok(())
 }
 
-pub(super) fn delete_key(
-    hub: &Hub,
-    admin: &Admin,
+pub(super) async fn delete_key(
+    ctx: &Ctx,
     who: Caller,
     project: &str,
     kid: &str,
     req: &Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
+    let hub = &ctx.hub;
     authorize_or_unknown(hub, who, project)?;
     let disconnect = req
         .uri()
@@ -132,6 +216,42 @@ pub(super) fn delete_key(
                 .any(|(k, v)| k == "disconnect" && matches!(&*v, "true" | "1"))
         })
         .unwrap_or(false);
-    admin.delete_key(project, kid, disconnect).map_err(map)?;
+    let (p, k) = (project.to_owned(), kid.to_owned());
+    let idx = off_runtime(ctx, move |admin| admin.delete_key(&p, &k)).await?;
+    if disconnect {
+        order_revoke(hub, idx, kid.into()).await?;
+    }
     Ok(no_content())
+}
+
+/// Tells every shard to close the connections a revoked key verified (4003): a
+/// non-blocking send per shard, retried asynchronously while its inbox is full, up to
+/// [`REVOKE_SEND_TIMEOUT`].
+///
+/// # Errors
+/// 503 `busy` naming the shard whose inbox stayed full (the key is revoked for new
+/// handshakes all the same).
+async fn order_revoke(hub: &Hub, project: u32, kid: Arc<str>) -> Result<(), ApiError> {
+    for (shard, mailbox) in hub.mailboxes.iter().enumerate() {
+        let deadline = Instant::now() + REVOKE_SEND_TIMEOUT;
+        let mut msg = ShardMsg::RevokeKey {
+            project,
+            kid: kid.clone(),
+        };
+        while let Err(back) = mailbox.send(msg) {
+            if Instant::now() >= deadline {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    format!(
+                        "key revoked, but shard {shard} did not take the disconnect order \
+                         within {REVOKE_SEND_TIMEOUT:?}; retry the DELETE"
+                    ),
+                ));
+            }
+            msg = back;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(())
 }

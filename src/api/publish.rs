@@ -189,7 +189,7 @@ pub(super) async fn single(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let key = idempotency_key(&req)?;
-    let bytes = body(req, settings.max_body_bytes).await?;
+    let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let b: PublishBody<'_> = serde_json::from_slice(&bytes).map_err(parse_err)?;
     let c = check(hub, who, b)?;
     once(cache, who, Endpoint::Single, key, &bytes, || {
@@ -207,7 +207,7 @@ pub(super) async fn batch(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let key = idempotency_key(&req)?;
-    let bytes = body(req, settings.max_body_bytes).await?;
+    let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let items: Vec<PublishBody<'_>> = serde_json::from_slice(&bytes).map_err(parse_err)?;
     if items.is_empty() || items.len() > MAX_BATCH {
         return Err(ApiError::bad_request(format!(

@@ -104,6 +104,17 @@ fn family_name(f: AlgorithmFamily) -> &'static str {
 }
 
 impl Key {
+    /// The kind of key material: `hmac` (a shared secret), `rsa`, `ec` or `ed25519` (public
+    /// keys).
+    pub fn kind(&self) -> &'static str {
+        match self.alg.family() {
+            AlgorithmFamily::Hmac => "hmac",
+            AlgorithmFamily::Rsa => "rsa",
+            AlgorithmFamily::Ec => "ec",
+            AlgorithmFamily::Ed => "ed25519",
+        }
+    }
+
     /// Builds and probes a key.
     ///
     /// # Errors

@@ -189,6 +189,22 @@ impl Registry {
         state: &State,
         prev: Option<&Registry>,
     ) -> Result<Self, RegistryError> {
+        Self::build_changed(cfg, state, prev, None)
+    }
+
+    /// As [`Registry::build`], but when `changed` names a project, only that project is
+    /// built (its keys parsed and probed); every other project already in `prev` is shared
+    /// as it is (the same `Arc`), which is right when only `changed`'s settings or keys in
+    /// `state` differ from what built `prev`.
+    ///
+    /// # Errors
+    /// As [`Registry::build`].
+    pub fn build_changed(
+        cfg: &Config,
+        state: &State,
+        prev: Option<&Registry>,
+        changed: Option<&str>,
+    ) -> Result<Self, RegistryError> {
         let admin_key = read_api_key("api.admin_key", &cfg.api.admin_key, &cfg.api.admin_key_file)?;
         let mut by_id: HashMap<Arc<str>, u32> = prev.map(|p| p.by_id.clone()).unwrap_or_default();
         let mut next = by_id.values().map(|i| i + 1).max().unwrap_or(0);
@@ -208,8 +224,14 @@ impl Registry {
             if projects.len() <= idx as usize {
                 projects.resize(idx as usize + 1, None);
             }
-            let shared = prev
-                .and_then(|p| p.project(&pc.id))
+            let before = prev.and_then(|p| p.project(&pc.id));
+            if let (Some(before), Some(changed)) = (before, changed)
+                && changed != pc.id
+            {
+                projects[idx as usize] = Some(before.clone());
+                continue;
+            }
+            let shared = before
                 .map(|p| (p.nr_connections.clone(), p.near_cap_warned.clone()))
                 .unwrap_or_default();
             let project = Project::build(idx, i, pc, state, shared, api)?;
@@ -578,6 +600,30 @@ mod tests {
         let t = other.mint(&claims(Some(now_secs() + 60))).unwrap();
         assert!(other.verify(&t).is_ok());
         assert_eq!(demo.verify(&t), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn a_change_to_one_project_rebuilds_only_that_project() {
+        let mut cfg = Config::development();
+        let mut other = cfg.projects[0].clone();
+        other.id = "other".into();
+        cfg.projects.push(other);
+        let r1 = Registry::from_config(&cfg).unwrap();
+        let r2 = Registry::build_changed(&cfg, &State::default(), Some(&r1), Some("demo")).unwrap();
+        assert!(Arc::ptr_eq(
+            r1.project("other").unwrap(),
+            r2.project("other").unwrap()
+        ));
+        assert!(!Arc::ptr_eq(
+            r1.project("demo").unwrap(),
+            r2.project("demo").unwrap()
+        ));
+        // A full build (a reload) rebuilds every project.
+        let r3 = Registry::build(&cfg, &State::default(), Some(&r2)).unwrap();
+        assert!(!Arc::ptr_eq(
+            r2.project("other").unwrap(),
+            r3.project("other").unwrap()
+        ));
     }
 
     #[test]

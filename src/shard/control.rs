@@ -2,100 +2,149 @@
 //! disconnect a user. Each runs on the shard's own thread from its inbox and answers through
 //! the reply channel carried by the message; none of them touches another shard.
 
+use std::collections::BTreeSet;
+
 use super::Shard;
 use super::mailbox::{ConnInfo, KickOutcome, ListQuery};
-use crate::pubsub::{ConnId, Topic};
+use crate::metrics::ShardStats;
+use crate::pubsub::{ConnId, Topic, TopicId};
 use crate::ws::close::CloseReason;
 use crate::ws::conn::ConnPhase;
 
 impl Shard {
     /// Open connections matching `q`, in slot order, strictly after `q.after`, at most
-    /// `q.limit`.
+    /// `q.limit`. What a page costs is proportional to the page, not to the shard:
     ///
-    /// With a `topic` or `user` filter only that topic's subscribers are visited (a unicast
-    /// topic has a handful), otherwise the slab is walked from the cursor's slot.
+    /// - one project, no topic or user: its own connections in slot order
+    ///   ([`Shard::by_project`]), from the cursor on;
+    /// - the admin key, no project: the slab from the cursor's slot instead;
+    /// - a topic (or a user's `user.<sub>` topic) with `k` subscribers among the `n`
+    ///   connections above: a topic held by few (`k² ≤ limit·n`) is taken whole, and the
+    ///   `limit` lowest after the cursor are selected (no sort of all of them); a dense one
+    ///   (like `all`) is read by walking those `n` connections from the cursor, where about
+    ///   one in `n/k` matches. Either way about `√(limit·n)` entries at most.
+    ///
+    /// Every entry looked at is counted in `list_visited`.
     pub(crate) fn list(&self, q: &ListQuery) -> Vec<ConnInfo> {
         let mut out = Vec::new();
         if q.limit == 0 {
             return out;
         }
-        let after = |slot: u32, generation: u32| match q.after {
-            None => true,
-            Some(pos) => (slot, generation) > pos,
-        };
+        let start = q.after.map_or(0, |(slot, _)| slot);
         // A topic filter (or the user's own topic) narrows the candidates to its subscribers.
         let narrowing = match (&q.topic, &q.user) {
             (Some(t), _) => Some(t.to_string()),
             (None, Some(u)) => Some(Topic::user(u).as_str().to_owned()),
             (None, None) => None,
         };
-        let candidates: Box<dyn Iterator<Item = u32> + '_> = match narrowing {
+        let mut visited = 0u64;
+        // The connections a walk may visit, in slot order from the cursor: one project's own,
+        // or (the admin key, no project) the slab's.
+        let ordered = |project: Option<u32>| -> Box<dyn Iterator<Item = u32> + '_> {
+            match project {
+                Some(p) => Box::new(
+                    self.by_project
+                        .get(p as usize)
+                        .into_iter()
+                        .flat_map(move |s| s.range(start..))
+                        .copied(),
+                ),
+                None => Box::new(
+                    (start as usize..self.conns.capacity())
+                        .filter(|&i| self.conns.contains(i))
+                        .map(|i| i as u32),
+                ),
+            }
+        };
+        let topics: Vec<TopicId> = match &narrowing {
+            None => Vec::new(),
             Some(name) => {
-                let mut slots = Vec::new();
                 let projects: Vec<u32> = match q.project {
                     Some(p) => vec![p],
                     None => self.hub.registry.load().projects().map(|p| p.idx).collect(),
                 };
-                for p in projects {
-                    if let Some(t) = self.topics.lookup(p, &name) {
-                        slots.extend_from_slice(self.topics.subscribers(t));
-                    }
-                }
-                slots.sort_unstable();
-                slots.dedup();
-                Box::new(slots.into_iter())
-            }
-            None => {
-                let start = q.after.map_or(0, |(slot, _)| slot as usize);
-                Box::new(
-                    (start..self.conns.capacity())
-                        .filter(|&i| self.conns.contains(i))
-                        .map(|i| i as u32),
-                )
+                projects
+                    .iter()
+                    .filter_map(|&p| self.topics.lookup(p, name))
+                    .collect()
             }
         };
-        for slot in candidates {
-            if out.len() >= q.limit {
-                break;
+        let k: usize = topics
+            .iter()
+            .map(|&t| self.topics.subscribers(t).len())
+            .sum();
+        let n = match q.project {
+            Some(p) => self.by_project.get(p as usize).map_or(0, BTreeSet::len),
+            None => self.conns.len(),
+        };
+        let dense = k.saturating_mul(k) > q.limit.saturating_mul(n);
+        if narrowing.is_none() || dense {
+            for slot in ordered(q.project) {
+                if out.len() >= q.limit {
+                    break;
+                }
+                visited += 1;
+                if self.matches(slot, q, &topics) {
+                    out.push(self.info(slot));
+                }
             }
-            let Some(c) = self.conns.get(slot as usize) else {
-                continue;
-            };
-            if c.phase != ConnPhase::Open || !after(slot, c.generation) {
-                continue;
+        } else {
+            visited += k as u64;
+            let mut slots: Vec<u32> = topics
+                .iter()
+                .flat_map(|&t| self.topics.subscribers(t))
+                .copied()
+                .filter(|&slot| slot >= start && self.matches(slot, q, &[]))
+                .collect();
+            if slots.len() > q.limit {
+                slots.select_nth_unstable(q.limit);
+                slots.truncate(q.limit);
             }
-            let Some(id) = c.identity.as_ref() else {
-                continue;
-            };
-            if q.project.is_some_and(|p| p != id.project.idx)
-                || q.user.as_deref().is_some_and(|u| u != &*id.user)
-            {
-                continue;
-            }
-            let topics: Vec<Box<str>> = c
+            slots.sort_unstable();
+            out.extend(slots.into_iter().map(|slot| self.info(slot)));
+        }
+        ShardStats::add(&self.stats.list_visited, visited);
+        out
+    }
+
+    /// Whether the connection in `slot` is listed for `q`: open, after the cursor, of the
+    /// project and user asked for, and (unless `topics` is empty) subscribed to one of
+    /// `topics`.
+    fn matches(&self, slot: u32, q: &ListQuery, topics: &[TopicId]) -> bool {
+        let Some(c) = self.conns.get(slot as usize) else {
+            return false;
+        };
+        if c.phase != ConnPhase::Open || q.after.is_some_and(|pos| (slot, c.generation) <= pos) {
+            return false;
+        }
+        let Some(id) = c.identity.as_ref() else {
+            return false;
+        };
+        q.project.is_none_or(|p| p == id.project.idx)
+            && q.user.as_deref().is_none_or(|u| u == &*id.user)
+            && (topics.is_empty() || c.subs.iter().any(|s| topics.contains(&s.topic)))
+    }
+
+    /// What the listing says about the (open) connection in `slot`.
+    fn info(&self, slot: u32) -> ConnInfo {
+        let c = &self.conns[slot as usize];
+        let id = c.identity.as_ref().expect("listed connections are open");
+        ConnInfo {
+            id: ConnId {
+                shard: self.id,
+                slot,
+                generation: c.generation,
+            },
+            project: id.project.id.clone(),
+            user: id.user.clone(),
+            peer: c.peer,
+            connected_at: id.connected_at,
+            topics: c
                 .subs
                 .iter()
                 .map(|s| self.topics.name(s.topic).into())
-                .collect();
-            if let Some(t) = &q.topic
-                && !topics.iter().any(|n| n == t)
-            {
-                continue;
-            }
-            out.push(ConnInfo {
-                id: ConnId {
-                    shard: self.id,
-                    slot,
-                    generation: c.generation,
-                },
-                project: id.project.id.clone(),
-                user: id.user.clone(),
-                peer: c.peer,
-                connected_at: id.connected_at,
-                topics,
-            });
+                .collect(),
         }
-        out
     }
 
     /// Closes one open connection with 4003 if it still has `generation` (and belongs to

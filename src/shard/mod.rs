@@ -15,7 +15,7 @@ pub(crate) use refusals::REFUSAL_LOG_EVERY;
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -87,6 +87,26 @@ pub struct Limits {
     pub max_pending_handshakes: usize,
     /// Trusted reverse proxies.
     pub proxies: Arc<crate::net::proxy::TrustedProxies>,
+    /// A client socket whose descriptor number is at or above this is closed at accept:
+    /// the descriptors above it are the API's ([`client_fd_ceiling`]). `None`: no limit known.
+    pub max_client_fd: Option<u64>,
+}
+
+/// Descriptors kept free of client connections besides the API's: listeners, inbox
+/// eventfds, io_uring rings, the state and log files, and a margin for the runtime.
+pub const FD_HEADROOM: u64 = 256;
+
+/// The first descriptor number client sockets may not use, for an open-files limit of
+/// `nofile` and `api_max_connections` API connections: `nofile - api_max_connections -`
+/// [`FD_HEADROOM`], the reserve being at most half of `nofile` (a small limit still leaves
+/// clients half). The kernel hands out the lowest free descriptor, so a client socket
+/// numbered at or above it means at least that many descriptors are open; closing it keeps
+/// the top descriptors for the API, whatever the clients do.
+pub fn client_fd_ceiling(nofile: u64, api_max_connections: u64) -> u64 {
+    let reserve = api_max_connections
+        .saturating_add(FD_HEADROOM)
+        .min(nofile / 2);
+    nofile - reserve
 }
 
 impl Limits {
@@ -121,6 +141,8 @@ impl Limits {
                 crate::net::proxy::TrustedProxies::new(&c.proxy.trusted, c.proxy.proxy_protocol)
                     .unwrap_or_default(),
             ),
+            max_client_fd: crate::hostcheck::nofile()
+                .map(|(soft, _)| client_fd_ceiling(soft, c.api.max_connections as u64)),
             msg_interval_us,
             // Exactly `burst` messages back to back: the first at the bucket's start, then
             // `burst - 1` intervals ahead. Validation bounds the burst to 60 s of the rate,
@@ -166,6 +188,10 @@ pub struct Shard {
     pub(crate) conns: Slab<Conn>,
     /// Local subscriptions.
     pub(crate) topics: TopicIndex,
+    /// Open connections per project (by registry index), in slot order: a listing of one
+    /// project walks its own connections from the cursor, never the whole slab. A few bytes
+    /// per connection (a B-tree of `u32`s).
+    pub(crate) by_project: Vec<BTreeSet<u32>>,
     /// Next generation handed to a new occupant.
     next_generation: u32,
     /// Read buffer shared by every connection of the shard.
@@ -235,6 +261,8 @@ pub(crate) enum AcceptRefusal {
     /// The shard has its share of `limits.max_pending_handshakes` in progress and none of
     /// them can be evicted.
     PendingCap,
+    /// The socket's descriptor is among those kept for the API ([`client_fd_ceiling`]).
+    FdReserve,
 }
 
 impl AcceptRefusal {
@@ -243,7 +271,7 @@ impl AcceptRefusal {
         match self {
             Self::Denied => "forbidden",
             Self::AddressCeiling | Self::AddressPending => "rate_limited",
-            Self::PendingCap => "at_capacity",
+            Self::PendingCap | Self::FdReserve => "at_capacity",
         }
     }
 
@@ -254,6 +282,7 @@ impl AcceptRefusal {
             Self::AddressCeiling => "closed_unread_address_ceiling",
             Self::AddressPending => "closed_unread_address_pending",
             Self::PendingCap => "closed_unread_pending_cap",
+            Self::FdReserve => "closed_unread_fd_reserve",
         }
     }
 }
@@ -283,6 +312,7 @@ impl Shard {
             stats,
             conns: Slab::new(),
             topics: TopicIndex::default(),
+            by_project: Vec::new(),
             next_generation: 1,
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
             dirty: Vec::new(),
@@ -402,7 +432,28 @@ impl Shard {
             AcceptRefusal::PendingCap => {
                 "handshakes in progress at this shard's share of limits.max_pending_handshakes"
             }
+            AcceptRefusal::FdReserve => {
+                "open descriptors near RLIMIT_NOFILE, the rest are kept for the API \
+                 (api.max_connections)"
+            }
         };
+        if why == AcceptRefusal::FdReserve {
+            // An operator must hear of this one: the node is out of client descriptors.
+            self.overload_unlogged += 1;
+            let now = Instant::now();
+            if self
+                .overload_logged
+                .is_none_or(|at| now.duration_since(at) >= OVERLOAD_LOG_EVERY)
+            {
+                warn!(
+                    shard = self.id,
+                    closed = self.overload_unlogged,
+                    "{what}; closing new sockets unread"
+                );
+                self.overload_logged = Some(now);
+                self.overload_unlogged = 0;
+            }
+        }
         debug!(shard = self.id, %peer, "{what}; closed unread");
     }
 
@@ -931,6 +982,14 @@ async fn accept_loop(shard: &Rc<RefCell<Shard>>, listener: &monoio::net::TcpList
             None => return,
             Some(Ok((stream, peer))) => {
                 backoff_logged = false;
+                let reserved = shard.borrow().limits.max_client_fd;
+                if reserved.is_some_and(|max| stream.as_raw_fd() as u64 >= max) {
+                    shard
+                        .borrow_mut()
+                        .refused_at_accept(peer, AcceptRefusal::FdReserve);
+                    drop(stream);
+                    continue;
+                }
                 // A refused peer costs no read, no buffer and no slot; its socket is closed
                 // without an answer.
                 let mut s = shard.borrow_mut();
@@ -1032,6 +1091,14 @@ async fn sweep_loop(shard: Rc<RefCell<Shard>>, tick: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_api_keeps_its_descriptors_but_never_more_than_half() {
+        assert_eq!(client_fd_ceiling(20_000, 1024), 20_000 - 1024 - 256);
+        assert_eq!(client_fd_ceiling(1_048_576, 1024), 1_048_576 - 1280);
+        assert_eq!(client_fd_ceiling(1024, 1024), 512);
+        assert_eq!(client_fd_ceiling(0, 1024), 0);
+    }
 
     /// The GCRA parameters allow exactly `burst` events back to back and never more than
     /// `rate` per period sustained, also where the period is not a whole number of intervals:

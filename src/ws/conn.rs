@@ -762,6 +762,11 @@ impl Shard {
             self.conns[slot as usize].subs.push(sub);
         }
         self.conns[slot as usize].nr_implicit = implicit.len() as u8;
+        let p = project_idx as usize;
+        if self.by_project.len() <= p {
+            self.by_project.resize_with(p + 1, Default::default);
+        }
+        self.by_project[p].insert(slot);
         if expires_at > 0 {
             self.push_expiry(expires_at, slot, id.generation);
         }
@@ -1390,6 +1395,9 @@ impl Shard {
             let node = self.hub.nr_connections.fetch_sub(1, Ordering::Relaxed) - 1;
             self.stats.connections.fetch_sub(1, Ordering::Relaxed);
             let p = &id.project;
+            if let Some(open) = self.by_project.get_mut(p.idx as usize) {
+                open.remove(&slot);
+            }
             let in_project = p.nr_connections.fetch_sub(1, Ordering::Relaxed) - 1;
             self.watch_caps(node, p, in_project, false);
         }

@@ -2,8 +2,10 @@
 paths, must have a status the document lists for the operation and a body matching its
 schema (JSON Schema 2020-12, as OpenAPI 3.1 uses)."""
 
+import http.client
 import json
 import re
+import socket
 
 import jsonschema
 import yaml
@@ -77,6 +79,45 @@ def check(server, method: str, path: str, body=None, key: str | None = ADMIN_KEY
     return r.status
 
 
+def check_raw(server, method: str, path: str, raw: bytes) -> int:
+    """Sends `raw` as is (for `method path` of the document) and checks the answer."""
+    host, port = server.api_listen.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(raw)
+        r = http.client.HTTPResponse(s, method=method)
+        r.begin()
+        body = r.read()
+    responses = operation(method, path)["responses"]
+    status = str(r.status)
+    assert status in responses, f"{method} {path} answered {status}, not documented: {body!r}"
+    content = resolve(responses[status])["content"]
+    ctype = (r.getheader("Content-Type") or "").split(";")[0].strip()
+    assert ctype in content, f"{method} {path} {status}: content type {ctype!r} not documented"
+    validator = jsonschema.Draft202012Validator(content[ctype]["schema"], registry=REGISTRY)
+    errors = [e.message for e in validator.iter_errors(json.loads(body))]
+    assert not errors, f"{method} {path} {status}: {errors} in {body!r}"
+    return r.status
+
+
+def test_malformed_requests_answer_as_documented(servers):
+    """Requests refused before routing (unparsable, oversized, or a body that never comes)
+    get the documented status and a JSON error body."""
+    server = servers.start(
+        config=config_toml(shards=1).replace("[api]\n", "[api]\nbody_read_timeout_ms = 500\n", 1))
+    head = "POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ADMIN_KEY + "\r\n"
+    assert check_raw(server, "POST", "/api/v1/publish", (head + "Content-Length: -5\r\n\r\n").encode()) == 400
+    assert check_raw(server, "POST", "/api/v1/publish",
+                     (head + "Content-Length: 5\r\nContent-Length: 7\r\n\r\n").encode()) == 400
+    assert check_raw(server, "GET", "/healthz", b"GET /health\xffz HTTP/1.1\r\nHost: x\r\n\r\n") == 400
+    long = "GET /api/v1/connections?user=" + "a" * 100_000 + " HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert check_raw(server, "GET", "/api/v1/connections", long.encode()) == 414
+    many = "".join(f"X-H{i}: v\r\n" for i in range(200))
+    assert check_raw(server, "POST", "/api/v1/publish", (head + many + "Content-Length: 2\r\n\r\n{}").encode()) == 431
+    assert check_raw(server, "POST", "/api/v1/publish", (head + "Content-Length: 100\r\n\r\n{").encode()) == 408
+    assert check_raw(server, "POST", "/api/v1/publish",
+                     (head + "Content-Length: 100000000000\r\n\r\n").encode()) == 413
+
+
 def test_every_operation_answers_as_documented(server):
     shop_key = PROJECTS["shop"]["api_key"]
     blog_key = PROJECTS["blog"]["api_key"]
@@ -130,6 +171,13 @@ def test_every_operation_answers_as_documented(server):
             assert check(server, "PUT", "/api/v1/projects/shop/keys/k9", {"alg": "HS256"}) == 400
             assert check(server, "DELETE", "/api/v1/projects/shop/keys/k9?disconnect=true") == 204
             assert check(server, "DELETE", "/api/v1/projects/shop/keys/k9") == 404
+            assert check(server, "GET", "/api/v1/projects") == 200
+            assert check(server, "GET", "/api/v1/projects", key=shop_key) == 200
+            assert check(server, "GET", "/api/v1/projects/fresh") == 200
+            assert check(server, "GET", "/api/v1/projects/shop", key=shop_key) == 200
+            assert check(server, "GET", "/api/v1/projects/blog", key=shop_key) == 403
+            assert check(server, "GET", "/api/v1/projects/nope") == 404
+            assert check(server, "GET", "/api/v1/projects", key="wrong") == 401
         finally:
             await close_all([ws for ws, _ in conns])
 
@@ -166,6 +214,8 @@ def test_rate_limited_answers_as_documented(servers):
         ("POST", "/api/v1/projects", {"id": "fresh"}),
         ("PUT", "/api/v1/projects/shop/keys/k9", {"alg": "HS256", "secret": "a-secret-of-enough-length-0123"}),
         ("DELETE", "/api/v1/projects/shop/keys/k9", None),
+        ("GET", "/api/v1/projects", None),
+        ("GET", "/api/v1/projects/shop", None),
     ]
     for method, path, body in calls:
         status = check(server, method, path, body)

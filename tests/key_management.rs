@@ -1,0 +1,240 @@
+//! Project and key management through the API: a change builds only the project it
+//! touches, and runs off the API runtime, so publishes and health checks of every tenant
+//! are answered while keys churn.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use herald::config::{KeyConfig, ProjectConfig, Secret};
+use p256::pkcs8::EncodePublicKey as _;
+use rsa::pkcs8::LineEnding;
+use rsa::rand_core::OsRng;
+
+/// A 4096-bit RSA public key (made once with `openssl genrsa 4096`): heavy to load and
+/// probe, so building many of them is real work.
+const RSA_4096_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMIICIjANBgkqhkiG9w0BAQEFAAOCAg8AMIICCgKCAgEAxvVLGA7Wa3ha2JRdfNz+\nPSigQgDYOfnSEoo0lwbLon+T/wJeyT+6NfHjDUVB36IjwO6eaSgpPxjeLCuv4TB6\nASfSBnc9ULvtZqf81ndhZ0s5+nAm3kVr4xMPzTL/xh9SN/SPs9vsdc8XUMreT5s+\n2kcvuR3ZOW/xQ2LN6mXM7CuGBSU4p/npBN1TXBrJeV4QHWEkyKYzI2W6pGUIssuu\nDjipm57q8DCHkhp0r8l33/g5GR6h0GRRu9ilLtvWOST/x6LqTDFAwTYa+CYjwaIP\nQi33uT2GuojGJcdS/IXB1FPl21QFw9eAEbKJ9j3+fbEjm3nYHnkfHfJRJXwXIe/A\nqzsCpziW+3EZJsdqPFCB+BgXm8WPxi4GSi1nQQMAHf92EUeesXLCzv1BHSZvF8T2\nuo7t9boIiWE6t3bEjjVQLYvPYp8NqGxEw3ivdnoN6t73clZ6jiAAq3/z4qQaHuvD\nEHwNBRvM0gd29t/B/8JYLE3203JTaQJMjGW1MHHacHzmqxTe+kdj8k9m/zhlGpPG\ne/AUwfzHYOCvzPVbhz4+ZEemzEpF9EiBYbyWvNfMZw7u+ZYVH44FnMXTRZm0vJFw\nOQI2/aA7oe63mpu2q9Tk2OlltlNDwrXWuE4FdAC3ooE05W9Vw86kpDziefD2DzRk\nUlKLIquHK03YOIwUzHXM2gECAwEAAQ==\n-----END PUBLIC KEY-----\n";
+
+/// An ES256 public key in PEM.
+fn es256_public_pem() -> String {
+    p256::SecretKey::random(&mut OsRng)
+        .public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .expect("P-256 public PEM")
+}
+
+fn put_key(api: std::net::SocketAddr, bearer: &str, project: &str, kid: &str) -> HttpResponse {
+    http_request(
+        api,
+        "PUT",
+        &format!("/api/v1/projects/{project}/keys/{kid}"),
+        bearer,
+        r#"{"alg":"HS256","secret":"a-secret-of-enough-length-0123"}"#,
+    )
+}
+
+#[test]
+fn a_key_change_rebuilds_only_its_project() {
+    let server = TestServer::start(|_| {});
+    let before = server.hub.registry.load_full();
+    let r = put_key(server.api, SHOP_API_KEY, "shop", "k2");
+    assert_eq!(r.status, 204, "{}", r.text());
+    let after = server.hub.registry.load_full();
+    assert!(
+        Arc::ptr_eq(
+            before.project("blog").expect("blog"),
+            after.project("blog").expect("blog")
+        ),
+        "blog's keys were rebuilt for a change to shop"
+    );
+    let shop = after.project("shop").expect("shop");
+    assert!(!Arc::ptr_eq(before.project("shop").expect("shop"), shop));
+    assert!(shop.keys.iter().any(|k| k.kid.as_deref() == Some("k2")));
+
+    let r = http_request(
+        server.api,
+        "DELETE",
+        "/api/v1/projects/shop/keys/k2?disconnect=true",
+        SHOP_API_KEY,
+        "",
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let last = server.hub.registry.load_full();
+    assert!(Arc::ptr_eq(
+        after.project("blog").expect("blog"),
+        last.project("blog").expect("blog")
+    ));
+    assert!(
+        !last
+            .project("shop")
+            .expect("shop")
+            .keys
+            .iter()
+            .any(|k| k.kid.as_deref() == Some("k2"))
+    );
+}
+
+#[test]
+fn publishes_and_health_checks_are_answered_while_keys_churn() {
+    // Many projects with big public keys, so building every project's keys is real work.
+    let server = TestServer::start(|c| {
+        for i in 0..3000 {
+            c.projects.push(ProjectConfig {
+                id: format!("tenant{i}"),
+                api_key: Some(Secret(format!("tenant-{i}-api-key"))),
+                keys: (0..3)
+                    .map(|k| KeyConfig {
+                        kid: Some(format!("e{k}")),
+                        alg: "RS256".into(),
+                        pem: Some(RSA_4096_PUBLIC.into()),
+                        ..KeyConfig::default()
+                    })
+                    .collect(),
+                ..ProjectConfig::default()
+            });
+        }
+    });
+    let api = server.api;
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn: Vec<_> = (0..3)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let r = put_key(api, SHOP_API_KEY, "shop", &format!("churn{t}"));
+                    assert_eq!(r.status, 204, "{}", r.text());
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let (mut health, mut published) = (0, 0);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let t = Instant::now();
+        let r = http(
+            api,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!((r.status, r.text()), (200, r#"{"status":"ok"}"#.to_owned()));
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "/healthz took {:?}",
+            t.elapsed()
+        );
+        health += 1;
+        let t = Instant::now();
+        let r = publish(
+            api,
+            BLOG_API_KEY,
+            r#"{"project":"blog","topic":"news","data":1}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.json()["id"].as_str().is_some_and(|id| !id.is_empty()));
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "publish took {:?}",
+            t.elapsed()
+        );
+        published += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let puts: usize = churn
+        .into_iter()
+        .map(|h| h.join().expect("churn thread"))
+        .sum();
+    assert!(puts >= 3, "the key loop made {puts} changes");
+    assert!(health > 0 && published > 0);
+}
+
+#[test]
+fn projects_and_keys_can_be_read_back_without_secrets() {
+    let server = TestServer::start(|_| {});
+    let api = server.api;
+    let get = |key: &str, path: &str| http_request(api, "GET", path, key, "");
+    let hs = serde_json::json!([{"kid": "k1", "alg": "HS256", "kind": "hmac"}]);
+
+    let r = get(ADMIN_KEY, "/api/v1/projects");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("Content-Type"), Some("application/json"));
+    let all = r.json();
+    let projects = all["projects"].as_array().expect("projects");
+    let ids: Vec<&str> = projects.iter().filter_map(|p| p["id"].as_str()).collect();
+    assert_eq!(ids, ["blog", "shop"]);
+    for p in projects {
+        assert_eq!(p["keys"], hs, "{p}");
+        assert_eq!(p["source"], "config");
+        assert_eq!(p["enabled"], true);
+    }
+    for secret in [
+        SHOP_SECRET,
+        BLOG_SECRET,
+        SHOP_API_KEY,
+        BLOG_API_KEY,
+        ADMIN_KEY,
+    ] {
+        assert!(!r.text().contains(secret), "a secret in {}", r.text());
+    }
+
+    // A project key sees its own project only.
+    let own = get(SHOP_API_KEY, "/api/v1/projects").json();
+    let ids: Vec<&str> = own["projects"]
+        .as_array()
+        .expect("projects")
+        .iter()
+        .filter_map(|p| p["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["shop"]);
+    assert_eq!(
+        get(SHOP_API_KEY, "/api/v1/projects/shop").json()["keys"],
+        hs
+    );
+    assert_refusal(
+        &get(SHOP_API_KEY, "/api/v1/projects/blog"),
+        403,
+        "forbidden",
+    );
+    assert_refusal(
+        &get(ADMIN_KEY, "/api/v1/projects/nope"),
+        404,
+        "unknown_project",
+    );
+    let r = get("wrong", "/api/v1/projects");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"], "unauthorized");
+
+    // What the API created shows up, with the kind of each key.
+    let r = http_request(
+        api,
+        "POST",
+        "/api/v1/projects",
+        ADMIN_KEY,
+        r#"{"id":"fresh"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let pem = es256_public_pem();
+    let body = serde_json::json!({"alg": "ES256", "pem": pem}).to_string();
+    let r = http_request(
+        api,
+        "PUT",
+        "/api/v1/projects/fresh/keys/e1",
+        ADMIN_KEY,
+        &body,
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let fresh = get(ADMIN_KEY, "/api/v1/projects/fresh");
+    assert_eq!(fresh.status, 200, "{}", fresh.text());
+    let fresh = fresh.json();
+    assert_eq!(fresh["id"], "fresh");
+    assert_eq!(fresh["source"], "api");
+    assert_eq!(
+        fresh["keys"],
+        serde_json::json!([{"kid": "e1", "alg": "ES256", "kind": "ec"}])
+    );
+    assert!(!fresh.to_string().contains("BEGIN PUBLIC KEY"));
+}
