@@ -136,7 +136,9 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Open API connections at most. At the cap, the connection that has waited longest
     /// for a request is closed to admit a new one. Descriptors for this many connections
-    /// are kept out of the client port's reach. Default 1024.
+    /// are kept out of the client port's reach (with 256 more for the node itself; see
+    /// `hostcheck::reserved_fds`). Default 768, so the reserve is the 1024 descriptors the
+    /// tuning profiles allow for.
     pub max_connections: usize,
     /// Time for a request head to arrive, counted from when the connection starts waiting
     /// for one (on connect and after each response), in ms; then the connection is closed.
@@ -402,7 +404,7 @@ impl Default for ApiConfig {
             admin_key: None,
             admin_key_file: None,
             max_body_bytes: 1 << 20,
-            max_connections: 1024,
+            max_connections: 768,
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             body_read_timeout_ms: 10_000,
@@ -1177,7 +1179,16 @@ max_bad_requests = {mbr}
 # Admin key: acts on every project. Or: admin_key_file = "/etc/herald/admin.key"
 # Chosen here: a fresh random key (default: none, and the admin API refuses every request).
 admin_key = "{admin}"
+# Largest request body; a larger Content-Length is answered 413 before the body is read.
 max_body_bytes = {mbb}
+# Open API connections at most (at the cap the one waiting longest for a request is closed);
+# their descriptors, and 256 more, are kept out of the client port's reach.
+max_connections = {amc}
+# Deadlines: a request head (also closes idle keep-alive connections), no byte moved at
+# all, a whole body (408 after it).
+header_read_timeout_ms = {hrt}
+idle_timeout_ms = {ito}
+body_read_timeout_ms = {brt}
 
 [access]
 # Node-wide IP lists (CIDR or single addresses, IPv4 and IPv6), checked right after accept:
@@ -1265,6 +1276,10 @@ secret = "{hmac}"
         mtc = d.ws.max_topics_per_connection,
         mbr = d.ws.max_bad_requests,
         mbb = d.api.max_body_bytes,
+        amc = d.api.max_connections,
+        hrt = d.api.header_read_timeout_ms,
+        ito = d.api.idle_timeout_ms,
+        brt = d.api.body_read_timeout_ms,
         hps = d.limits.handshakes_per_ip_per_sec,
         hbu = d.limits.handshake_burst_per_ip,
         lmi = d.limits.limiter_max_ips,

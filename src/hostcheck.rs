@@ -17,12 +17,30 @@ use std::path::Path;
 
 use crate::config::Config;
 
-/// Descriptors a node uses besides its connections, for `shards` shards: 1024, the reserve of
-/// `tuning/herald-tune`'s rules (so both tools ask for the same limits), or more past 240
-/// shards.
-pub fn reserved_fds(shards: usize) -> u64 {
-    // Per shard: listener, eventfd, io_uring ring, spare; plus API, state, logs, std streams.
-    (64 + 4 * shards as u64).max(1024)
+/// Descriptors a node keeps from its client connections: `api.max_connections` API
+/// connections plus [`FD_HEADROOM`] (listeners, eventfds, io_uring rings, state, logs, std
+/// streams), at least 4 per shard plus 64, and never less than 1024, the reserve of
+/// `tuning/herald-tune`'s rules (with the default `api.max_connections` of 768 the two are
+/// equal, so both tools ask for the same limits). Client sockets are refused above
+/// `RLIMIT_NOFILE` less this ([`client_fd_ceiling`]), so what `check-host` reports as the
+/// ceiling is where clients are cut.
+pub fn reserved_fds(cfg: &Config) -> u64 {
+    let shards = 64 + 4 * cfg.nr_shards() as u64;
+    let api = (cfg.api.max_connections as u64).saturating_add(FD_HEADROOM);
+    api.max(shards).max(1024)
+}
+
+/// Descriptors beyond the API's connections that the node itself needs.
+pub const FD_HEADROOM: u64 = 256;
+
+/// The highest descriptor a client socket may have, out of `nofile` (RLIMIT_NOFILE), with
+/// `reserve` ([`reserved_fds`]) kept for the node, the reserve being at most half of `nofile`
+/// (a small limit still leaves clients half). The kernel hands out the lowest free
+/// descriptor, so a client socket numbered at or above it means at least that many
+/// descriptors are open; closing it keeps the top descriptors for the API, whatever the
+/// clients do.
+pub fn client_fd_ceiling(nofile: u64, reserve: u64) -> u64 {
+    nofile - reserve.min(nofile / 2)
 }
 
 /// `net.core.somaxconn` that `target` connections need: herald-tune's rule
@@ -120,7 +138,7 @@ pub fn profile_for(target: u64) -> &'static str {
 pub fn check(cfg: &Config, target: Option<u64>) -> Report {
     let target =
         target.or((cfg.server.max_connections > 0).then_some(cfg.server.max_connections as u64));
-    let reserved = reserved_fds(cfg.nr_shards());
+    let reserved = reserved_fds(cfg);
     let need_fds = target.map(|t| t + reserved);
     let profile = profile_for(target.unwrap_or(100_000));
     let apply = format!(
@@ -316,8 +334,26 @@ mod tests {
         assert_eq!(somaxconn_for(100_000), 8192);
         assert_eq!(somaxconn_for(1_000_000), 65535);
         assert_eq!(somaxconn_for(u64::MAX), 65535);
-        assert_eq!(reserved_fds(2), 1024);
-        assert_eq!(reserved_fds(1024), 64 + 4 * 1024);
+        let mut c = Config::development();
+        c.server.shards = 2;
+        assert_eq!(
+            reserved_fds(&c),
+            1024,
+            "the default is herald-tune's reserve"
+        );
+        c.server.shards = 1024;
+        assert_eq!(reserved_fds(&c), 64 + 4 * 1024);
+        c.server.shards = 2;
+        c.api.max_connections = 4096;
+        assert_eq!(reserved_fds(&c), 4096 + FD_HEADROOM);
+    }
+
+    #[test]
+    fn the_api_keeps_its_descriptors_but_never_more_than_half() {
+        assert_eq!(client_fd_ceiling(20_000, 1024), 20_000 - 1024);
+        assert_eq!(client_fd_ceiling(1_048_576, 1280), 1_048_576 - 1280);
+        assert_eq!(client_fd_ceiling(1024, 1024), 512);
+        assert_eq!(client_fd_ceiling(0, 1024), 0);
     }
 
     #[test]

@@ -88,25 +88,8 @@ pub struct Limits {
     /// Trusted reverse proxies.
     pub proxies: Arc<crate::net::proxy::TrustedProxies>,
     /// A client socket whose descriptor number is at or above this is closed at accept:
-    /// the descriptors above it are the API's ([`client_fd_ceiling`]). `None`: no limit known.
+    /// the descriptors above it are the API's ([`crate::hostcheck::client_fd_ceiling`]). `None`: no limit known.
     pub max_client_fd: Option<u64>,
-}
-
-/// Descriptors kept free of client connections besides the API's: listeners, inbox
-/// eventfds, io_uring rings, the state and log files, and a margin for the runtime.
-pub const FD_HEADROOM: u64 = 256;
-
-/// The first descriptor number client sockets may not use, for an open-files limit of
-/// `nofile` and `api_max_connections` API connections: `nofile - api_max_connections -`
-/// [`FD_HEADROOM`], the reserve being at most half of `nofile` (a small limit still leaves
-/// clients half). The kernel hands out the lowest free descriptor, so a client socket
-/// numbered at or above it means at least that many descriptors are open; closing it keeps
-/// the top descriptors for the API, whatever the clients do.
-pub fn client_fd_ceiling(nofile: u64, api_max_connections: u64) -> u64 {
-    let reserve = api_max_connections
-        .saturating_add(FD_HEADROOM)
-        .min(nofile / 2);
-    nofile - reserve
 }
 
 impl Limits {
@@ -141,8 +124,9 @@ impl Limits {
                 crate::net::proxy::TrustedProxies::new(&c.proxy.trusted, c.proxy.proxy_protocol)
                     .unwrap_or_default(),
             ),
-            max_client_fd: crate::hostcheck::nofile()
-                .map(|(soft, _)| client_fd_ceiling(soft, c.api.max_connections as u64)),
+            max_client_fd: crate::hostcheck::nofile().map(|(soft, _)| {
+                crate::hostcheck::client_fd_ceiling(soft, crate::hostcheck::reserved_fds(c))
+            }),
             msg_interval_us,
             // Exactly `burst` messages back to back: the first at the bucket's start, then
             // `burst - 1` intervals ahead. Validation bounds the burst to 60 s of the rate,
@@ -261,7 +245,7 @@ pub(crate) enum AcceptRefusal {
     /// The shard has its share of `limits.max_pending_handshakes` in progress and none of
     /// them can be evicted.
     PendingCap,
-    /// The socket's descriptor is among those kept for the API ([`client_fd_ceiling`]).
+    /// The socket's descriptor is among those kept for the API ([`crate::hostcheck::client_fd_ceiling`]).
     FdReserve,
 }
 
@@ -1091,14 +1075,6 @@ async fn sweep_loop(shard: Rc<RefCell<Shard>>, tick: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_api_keeps_its_descriptors_but_never_more_than_half() {
-        assert_eq!(client_fd_ceiling(20_000, 1024), 20_000 - 1024 - 256);
-        assert_eq!(client_fd_ceiling(1_048_576, 1024), 1_048_576 - 1280);
-        assert_eq!(client_fd_ceiling(1024, 1024), 512);
-        assert_eq!(client_fd_ceiling(0, 1024), 0);
-    }
 
     /// The GCRA parameters allow exactly `burst` events back to back and never more than
     /// `rate` per period sustained, also where the period is not a whole number of intervals:
