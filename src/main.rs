@@ -231,6 +231,18 @@ fn main() -> ExitCode {
                 eprintln!("herald: --sub {e}");
                 return ExitCode::from(2);
             }
+            if let Some(Err(e)) = device.as_deref().map(herald::pubsub::check_id) {
+                eprintln!("herald: --device {e}");
+                return ExitCode::from(2);
+            }
+            if ttl > p.max_token_lifetime_secs {
+                eprintln!(
+                    "herald: --ttl {ttl} is longer than project `{project}`'s \
+                     max_token_lifetime_secs ({}): the server would refuse the token",
+                    p.max_token_lifetime_secs
+                );
+                return ExitCode::from(2);
+            }
             let claims = Claims {
                 sub,
                 exp: Some(now_secs() + ttl),

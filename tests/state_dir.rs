@@ -125,10 +125,22 @@ fn token_command_signs_for_issuer_audience_and_api_made_projects() {
     let (ws, _) = connect(server.listen, "made", &t);
     close(ws);
 
-    // A sub the server would refuse is refused here too.
+    // A sub, a device or a lifetime the server would refuse is refused here too.
     let out = token_cmd(&config, &[], "shop", "");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sub"));
+    let out = token_cmd(&config, &["--device", ""], "shop", "alice");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--device"));
+    let too_long = (30 * 86_400 + 1).to_string();
+    let out = token_cmd(&config, &["--ttl", &too_long], "shop", "alice");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("max_token_lifetime_secs (2592000)"), "{err}");
+    let longest = (30 * 86_400).to_string();
+    let t = minted(&token_cmd(&config, &["--ttl", &longest], "shop", "alice"));
+    let (ws, _) = connect(server.listen, "shop", &t);
+    close(ws);
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
