@@ -14,8 +14,8 @@ use tracing::{info, warn};
 
 use crate::auth::{KeyError, KeySpec, Registry, RegistryError};
 use crate::config::{
-    Config, ConfigError, Overrides, ProjectConfig, keep_restart_only_settings,
-    restart_only_changes, validate_project,
+    Config, ConfigError, MAX_KEYS_PER_PROJECT, Overrides, ProjectConfig,
+    keep_restart_only_settings, restart_only_changes, validate_project,
 };
 use crate::hub::Hub;
 #[cfg(doc)]
@@ -180,7 +180,8 @@ impl Admin {
     /// `PUT /api/v1/projects/{project}/keys/{kid}`: adds or replaces a key.
     ///
     /// # Errors
-    /// 404 unknown project, 400 bad kid or key, 413 key too large.
+    /// 404 unknown project, 400 bad kid or key, 409 the project has
+    /// [`MAX_KEYS_PER_PROJECT`] keys and `kid` is a new one, 413 key too large.
     pub fn put_key(&self, project: &str, kid: &str, spec: KeySpec) -> Result<(), AdminError> {
         if !valid_kid(kid) {
             return Err(AdminError::BadRequest(
@@ -188,8 +189,18 @@ impl Admin {
             ));
         }
         let mut inner = self.lock();
-        if self.hub.registry.load().project(project).is_none() {
+        let Some(nr_keys) = self.hub.registry.load().project(project).map(|p| {
+            let replaces = p.keys.iter().any(|k| k.kid.as_deref() == Some(kid));
+            p.keys.len() + usize::from(!replaces)
+        }) else {
             return Err(AdminError::UnknownProject(project.into()));
+        };
+        if nr_keys > MAX_KEYS_PER_PROJECT {
+            return Err(AdminError::Conflict(format!(
+                "project `{project}` has {} keys, the most a project may have; \
+                 delete one before adding `{kid}`",
+                nr_keys - 1
+            )));
         }
         let mut state = inner.state.clone();
         let entry = state.projects.entry(project.into()).or_default();

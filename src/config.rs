@@ -274,7 +274,8 @@ pub struct ProjectConfig {
     pub api_key: Option<Secret>,
     /// File holding the API key.
     pub api_key_file: Option<PathBuf>,
-    /// Token verification keys; several may be valid at once (chosen by `kid`).
+    /// Token verification keys; several may be valid at once (chosen by `kid`). At most 32
+    /// per project, counting the JWKS and keys added through the API.
     pub keys: Vec<KeyConfig>,
     /// Refuse tokens without `exp`. Default true.
     pub require_exp: bool,
@@ -314,7 +315,8 @@ pub struct ProjectConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct KeyConfig {
     /// Key id matched against the token header's `kid`. A token without `kid` is tried
-    /// against every key of its algorithm.
+    /// against every key of its algorithm, when the project has at most 4 of them; with more,
+    /// it is refused (401).
     pub kid: Option<String>,
     /// `HS256/384/512` (secret), `RS256/384/512`, `PS256/384/512`, `ES256/384`, `EdDSA`
     /// (public key PEM).
@@ -765,6 +767,25 @@ impl Config {
     }
 }
 
+/// Most verification keys one project may have, counting its config `keys`, its JWKS and the
+/// keys added through the API: each key costs a parse and a probe on every change to the
+/// project and room in the state file, and 32 leave room for rotations across many issuers.
+pub const MAX_KEYS_PER_PROJECT: usize = 32;
+
+/// The development config with `nr_keys` keys in its project (`dev`, then copies of it as
+/// `k1`, `k2`...), for tests of the key cap.
+#[cfg(test)]
+pub(crate) fn development_with_keys(nr_keys: usize) -> Config {
+    let mut c = Config::development();
+    let base = c.projects[0].keys[0].clone();
+    for n in 1..nr_keys {
+        let mut k = base.clone();
+        k.kid = Some(format!("k{n}"));
+        c.projects[0].keys.push(k);
+    }
+    c
+}
+
 /// Largest `projects[].leeway_secs`: more would let a token outlive its `exp` by too much.
 pub const MAX_LEEWAY_SECS: u64 = 300;
 
@@ -882,6 +903,16 @@ pub fn validate_project(at: &str, p: &ProjectConfig) -> Result<(), ConfigError> 
         return Err(invalid(
             format!("{at}.max_token_lifetime_secs"),
             format!("between 1 and {MAX_TOKEN_LIFETIME_SECS} (10 years)"),
+        ));
+    }
+    if p.keys.len() > MAX_KEYS_PER_PROJECT {
+        return Err(invalid(
+            format!("{at}.keys"),
+            format!(
+                "{} keys, more than {MAX_KEYS_PER_PROJECT} (the most a project may have, with \
+                 its JWKS and the keys added through the API)",
+                p.keys.len()
+            ),
         ));
     }
     let mut kids = std::collections::HashSet::new();
@@ -1549,6 +1580,21 @@ mod tests {
 
     /// A huge leeway made every token expired (`now - leeway` wrapped); deadlines out of any
     /// sane range are refused too, each naming its key.
+    #[test]
+    fn a_project_has_at_most_32_keys() {
+        let mut c = development_with_keys(MAX_KEYS_PER_PROJECT);
+        assert!(c.validate().is_ok());
+        let one_more = c.projects[0].keys[0].clone();
+        c.projects[0].keys.push(one_more);
+        assert_eq!(
+            c.validate().err().map(|e| e.to_string()).as_deref(),
+            Some(
+                "invalid `projects[0].keys`: 33 keys, more than 32 (the most a project may \
+                 have, with its JWKS and the keys added through the API)"
+            )
+        );
+    }
+
     #[test]
     fn leeway_and_deadlines_are_bounded() {
         type Tweak = fn(&mut Config);

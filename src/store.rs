@@ -144,7 +144,12 @@ pub fn read_state(dir: &Path) -> Result<State, StoreError> {
                      {STATE_VERSION})"
                 )));
             }
-            None => return Err(corrupt(format!("`version` must be an integer, not {v}"))),
+            None => {
+                return Err(corrupt(format!(
+                    "`version` must be an integer, not {}",
+                    json_kind(v)
+                )));
+            }
         }
     }
     serde_json::from_value(doc).map_err(|e| corrupt(crate::config::redact_values(&e.to_string())))

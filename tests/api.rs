@@ -576,3 +576,57 @@ fn a_page_costs_the_page_not_the_shard() {
         close(ws);
     }
 }
+
+/// The query is form-encoded: a `+` in a `sub` is sent as `%2B`; a bare `+` is a space.
+#[test]
+fn a_user_with_a_plus_is_listed_when_the_plus_is_percent_encoded() {
+    let server = TestServer::start(|_| {});
+    let (ws, welcome) = connect_user(server.listen, "shop", "alice+tag@example.com");
+    server.wait_connections(1);
+    let users = |query: &str| -> Vec<(String, String)> {
+        let r = get(
+            server.api,
+            SHOP_API_KEY,
+            &format!("/api/v1/connections?{query}"),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["connections"]
+            .as_array()
+            .expect("connections")
+            .iter()
+            .map(|c| {
+                (
+                    c["id"].as_str().expect("id").to_owned(),
+                    c["user"].as_str().expect("user").to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        users("user=alice%2Btag@example.com"),
+        [(welcome.conn.clone(), "alice+tag@example.com".to_owned())]
+    );
+    assert_eq!(users("user=alice+tag@example.com"), []);
+    close(ws);
+}
+
+/// A wrongly typed field's value (it may be a secret) is not echoed by `POST /api/v1/projects`.
+#[test]
+fn an_invalid_project_body_does_not_echo_its_values() {
+    let server = TestServer::start(|_| {});
+    let secret = "sk-live-do-not-echo-0123456789";
+    for body in [
+        format!(r#"{{"id":"fresh","max_connections":"{secret}"}}"#),
+        format!(r#"{{"id":"fresh","enabled":"{secret}"}}"#),
+        format!(r#"{{"id":"fresh","leeway_secs":"{secret}"}}"#),
+    ] {
+        let r = http_request(server.api, "POST", "/api/v1/projects", ADMIN_KEY, &body);
+        assert_refusal(&r, 400, "bad_request");
+        let message = r.json()["message"].as_str().expect("message").to_owned();
+        assert!(
+            message.starts_with("invalid project: invalid type: "),
+            "{message}"
+        );
+        assert!(!r.text().contains("sk-live"), "{body}: {message}");
+    }
+}

@@ -36,6 +36,11 @@ fn put_key(api: std::net::SocketAddr, bearer: &str, project: &str, kid: &str) ->
     )
 }
 
+fn delete_key(api: std::net::SocketAddr, bearer: &str, project: &str, kid: &str) -> HttpResponse {
+    let path = format!("/api/v1/projects/{project}/keys/{kid}");
+    http_request(api, "DELETE", &path, bearer, "")
+}
+
 #[test]
 fn a_key_change_rebuilds_only_its_project() {
     let server = TestServer::start(|_| {});
@@ -170,6 +175,8 @@ fn projects_and_keys_can_be_read_back_without_secrets() {
         assert_eq!(p["keys"], hs, "{p}");
         assert_eq!(p["source"], "config");
         assert_eq!(p["enabled"], true);
+        assert_eq!(p["max_token_lifetime_secs"], 2_592_000);
+        assert_eq!(p["revoked_kids"], serde_json::json!([]));
     }
     for secret in [
         SHOP_SECRET,
@@ -237,4 +244,154 @@ fn projects_and_keys_can_be_read_back_without_secrets() {
         serde_json::json!([{"kid": "e1", "alg": "ES256", "kind": "ec"}])
     );
     assert!(!fresh.to_string().contains("BEGIN PUBLIC KEY"));
+
+    // A revoked kid is listed, in order, until a key of that kid is put again.
+    let r = delete_key(api, ADMIN_KEY, "fresh", "e1");
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = delete_key(api, ADMIN_KEY, "shop", "k1");
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(
+        get(ADMIN_KEY, "/api/v1/projects/fresh").json()["revoked_kids"],
+        serde_json::json!(["e1"])
+    );
+    assert_eq!(
+        get(SHOP_API_KEY, "/api/v1/projects/shop").json()["revoked_kids"],
+        serde_json::json!(["k1"])
+    );
+    let r = put_key(api, SHOP_API_KEY, "shop", "k1");
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(
+        get(SHOP_API_KEY, "/api/v1/projects/shop").json()["revoked_kids"],
+        serde_json::json!([])
+    );
+}
+
+/// A project holds at most 32 keys: a new kid beyond is 409 and nothing changes; replacing a
+/// kid at the cap still works, and so does a new kid once one is deleted.
+#[test]
+fn a_project_holds_at_most_32_keys() {
+    let server = TestServer::start(|_| {});
+    let api = server.api;
+    // Shop has one config key (k1): 31 more fill it.
+    for i in 0..31 {
+        let r = put_key(api, SHOP_API_KEY, "shop", &format!("x{i}"));
+        assert_eq!(r.status, 204, "key {i}: {}", r.text());
+    }
+    let r = put_key(api, SHOP_API_KEY, "shop", "one-too-many");
+    assert_refusal(&r, 409, "conflict");
+    assert_eq!(
+        r.json()["message"],
+        "project `shop` has 32 keys, the most a project may have; delete one before adding \
+         `one-too-many`"
+    );
+    let keys = |server: &TestServer| {
+        server
+            .hub
+            .registry
+            .load()
+            .project("shop")
+            .map(|p| p.keys.len())
+    };
+    assert_eq!(keys(&server), Some(32));
+    let r = put_key(api, SHOP_API_KEY, "shop", "x3");
+    assert_eq!(r.status, 204, "replacing a kid at the cap: {}", r.text());
+    let r = delete_key(api, SHOP_API_KEY, "shop", "x3");
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = put_key(api, SHOP_API_KEY, "shop", "one-too-many");
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(keys(&server), Some(32));
+}
+
+/// A token without a `kid` header, signed with `secret` (HS256).
+fn kidless_token(secret: &str) -> String {
+    let claims = serde_json::json!({"sub": "alice", "exp": now_secs() + 600});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("claims encode")
+}
+
+/// The handshake's answer to `token` on /ws/shop.
+fn handshake_with(server: &TestServer, token: &str) -> HttpResponse {
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    http(server.listen, upgrade_request("/ws/shop", &auth).as_bytes())
+}
+
+/// A token without a `kid` is tried against the project's keys of its alg only while there
+/// are at most 4 of them; with more it is refused before any signature check.
+#[test]
+fn a_kidless_token_is_refused_when_more_than_4_keys_share_its_alg() {
+    let server = TestServer::start(|_| {});
+    // k1 (the config key) and three more HS256 keys: a kid-less token still finds its key.
+    for i in 0..3 {
+        let r = put_key(server.api, SHOP_API_KEY, "shop", &format!("h{i}"));
+        assert_eq!(r.status, 204, "{}", r.text());
+    }
+    let good = kidless_token(SHOP_SECRET);
+    let (ws, _) = connect(server.listen, "shop", &good);
+    close(ws);
+    // A fifth: every kid-less HS256 token is refused, whatever its signature.
+    let r = put_key(server.api, SHOP_API_KEY, "shop", "h3");
+    assert_eq!(r.status, 204, "{}", r.text());
+    let forged = kidless_token("not-any-key-of-this-project-0123");
+    for token in [&good, &forged] {
+        let r = handshake_with(&server, token);
+        assert_refusal(&r, 401, "unauthorized");
+        assert_eq!(
+            r.json()["message"],
+            "token has no kid and the project has 5 keys of this alg; a token must name its \
+             key (kid) when more than 4 share its alg"
+        );
+    }
+    // A token naming its key still verifies.
+    let (ws, _) = connect_user(server.listen, "shop", "alice");
+    close(ws);
+}
+
+/// A key change through the API reads no file: an admin key written to disk for the next
+/// reload takes effect on that reload, not when a tenant changes a key.
+#[test]
+fn a_key_change_keeps_the_admin_key_read_at_start() {
+    let dir = TempDir::new("admin-key-file");
+    let key_file = dir.write("admin.key", "admin-key-read-at-start-0123\n");
+    let mut cfg = config();
+    cfg.server.state_dir = Some(dir.0.join("state"));
+    cfg.api.admin_key = None;
+    cfg.api.admin_key_file = Some(key_file.clone());
+    let config_file = dir.write(
+        "herald.toml",
+        &toml::to_string(&cfg).expect("config as TOML"),
+    );
+    let handle = herald::server::start_with(
+        &cfg,
+        herald::server::Options {
+            config_path: Some(config_file),
+            ..Default::default()
+        },
+    )
+    .expect("server starts");
+    let api = handle.api_listen;
+    let projects = |key: &str| http_request(api, "GET", "/api/v1/projects", key, "").status;
+    assert_eq!(projects("admin-key-read-at-start-0123"), 200);
+
+    std::fs::write(&key_file, "admin-key-for-the-next-reload\n").expect("new key file");
+    let r = put_key(api, SHOP_API_KEY, "shop", "k9");
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(projects("admin-key-read-at-start-0123"), 200);
+    assert_eq!(projects("admin-key-for-the-next-reload"), 401);
+
+    // An unreadable file does not refuse a tenant's change either.
+    std::fs::remove_file(&key_file).expect("remove key file");
+    let r = put_key(api, SHOP_API_KEY, "shop", "k10");
+    assert_eq!(r.status, 204, "{}", r.text());
+    std::fs::write(&key_file, "admin-key-for-the-next-reload\n").expect("new key file");
+
+    // The reload (what SIGHUP runs) reads it.
+    handle.admin.reload().expect("reload");
+    assert_eq!(projects("admin-key-for-the-next-reload"), 200);
+    assert_eq!(projects("admin-key-read-at-start-0123"), 401);
+    handle.shutdown();
+    handle.join();
 }

@@ -154,6 +154,11 @@ fn a_state_file_that_is_not_an_object_or_from_the_future_stops_the_start() {
             r#"{"version":99,"projects":{}}"#,
             "version 99 was written by a newer herald",
         ),
+        (
+            "version-string",
+            r#"{"version":"sk-live-do-not-echo","projects":{}}"#,
+            "`version` must be an integer, not a string",
+        ),
     ] {
         let dir = fresh_dir(&format!("bad-state-{name}"));
         let state = dir.join("state");
@@ -176,6 +181,10 @@ fn a_state_file_that_is_not_an_object_or_from_the_future_stops_the_start() {
         assert!(
             err.contains(&file.display().to_string()) && err.contains(says),
             "{name}: {err}"
+        );
+        assert!(
+            !err.contains("sk-live"),
+            "{name}: the value is not echoed: {err}"
         );
         assert!(out.stdout.is_empty(), "{name}: never ready");
         assert_eq!(std::fs::read_to_string(&file).expect("kept"), doc, "{name}");

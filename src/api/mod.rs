@@ -293,7 +293,7 @@ async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>
     Ok(match dispatch(&ctx, &method, &path, req).await {
         Ok(r) => r,
         Err(e) => {
-            debug!(%method, %path, status = e.status.as_u16(), error = e.error, message = %e.message, "API error");
+            debug!(%method, %path, status = e.status.as_u16(), error = e.error, message = ?e.message, "API error");
             e.response()
         }
     })

@@ -103,11 +103,13 @@ fn project_json(p: &crate::auth::Project) -> serde_json::Value {
         "max_connections": p.max_connections,
         "require_exp": p.require_exp,
         "leeway_secs": p.leeway_secs,
+        "max_token_lifetime_secs": p.max_token_lifetime_secs,
         "issuer": p.issuer,
         "audience": p.audience,
         "allow_client_publish": p.allow_client_publish,
         "allowed_origins": p.allowed_origins,
         "keys": keys,
+        "revoked_kids": p.revoked,
     })
 }
 
@@ -147,8 +149,11 @@ pub(super) async fn create(
     require_admin(who, "creating a project")?;
     let settings = &ctx.settings;
     let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
-    let p: ProjectConfig = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid project: {e}")))?;
+    let p: ProjectConfig = serde_json::from_slice(&bytes).map_err(|e| {
+        // serde quotes the offending value, which may be a secret in the wrong field.
+        let e = crate::config::redact_values(&e.to_string());
+        ApiError::bad_request(format!("invalid project: {e}"))
+    })?;
     let id = p.id.clone();
     off_runtime(ctx, move |admin| admin.create_project(p)).await?;
     Ok(json(StatusCode::CREATED, &serde_json::json!({ "id": id })))

@@ -19,7 +19,8 @@ use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    Config, ConfigError, KeyConfig, ProjectConfig, read_api_key, read_inline_or_file, read_secret,
+    Config, ConfigError, KeyConfig, MAX_KEYS_PER_PROJECT, ProjectConfig, read_api_key,
+    read_inline_or_file, read_secret,
 };
 use crate::pubsub::ProjectId;
 use crate::store::State;
@@ -33,8 +34,13 @@ pub struct Project {
     pub id: Arc<str>,
     /// The backend's API key.
     pub api_key: Option<String>,
-    /// Verification keys.
+    /// Verification keys: at most [`crate::config::MAX_KEYS_PER_PROJECT`].
     pub keys: Vec<Key>,
+    /// Kids revoked through the API, in order.
+    pub revoked: Vec<String>,
+    /// The API key and the config's keys (`keys`, `jwks`) as read at start or the last
+    /// reload: a change made through the API reuses them instead of re-reading files.
+    config_material: ConfigMaterial,
     /// Tokens must carry `exp`.
     pub require_exp: bool,
     /// Clock leeway, seconds.
@@ -63,6 +69,20 @@ pub struct Project {
     /// Created through the API (not in the config file).
     pub from_api: bool,
 }
+
+/// What a project's config section yields once its files are read.
+#[derive(Clone)]
+struct ConfigMaterial {
+    /// The backend's API key.
+    api_key: Option<String>,
+    /// (kid, spec) of the config keys, then of the config JWKS, in order.
+    specs: Vec<(Option<String>, KeySpec)>,
+}
+
+/// Most keys of one algorithm a token without a `kid` is tried against. With more, such a
+/// token is refused ([`AuthError::KidRequired`]) rather than checked against each of them:
+/// anyone may send a kid-less token, and each try is a signature check on the shard thread.
+pub const MAX_KIDLESS_KEYS: usize = 4;
 
 /// All projects and the admin key.
 pub struct Registry {
@@ -120,6 +140,15 @@ pub enum AuthError {
     /// Signature check failed.
     #[error("bad signature")]
     BadSignature,
+    /// No `kid` in the token and more than [`MAX_KIDLESS_KEYS`] keys of its algorithm.
+    #[error(
+        "token has no kid and the project has {nr_keys} keys of this alg; \
+         a token must name its key (kid) when more than {MAX_KIDLESS_KEYS} share its alg"
+    )]
+    KidRequired {
+        /// The project's keys of the token's algorithm.
+        nr_keys: usize,
+    },
     /// Past `exp`.
     #[error("token expired")]
     Expired,
@@ -205,7 +234,13 @@ impl Registry {
         prev: Option<&Registry>,
         changed: Option<&str>,
     ) -> Result<Self, RegistryError> {
-        let admin_key = read_api_key("api.admin_key", &cfg.api.admin_key, &cfg.api.admin_key_file)?;
+        // A change to one project reads no file: the admin key and every file-based secret
+        // stay as read at start or the last reload (a file staged for the next reload must
+        // not take effect early, nor an unreadable one refuse a tenant's change).
+        let admin_key = match (changed, prev) {
+            (Some(_), Some(prev)) => prev.admin_key.clone(),
+            _ => read_api_key("api.admin_key", &cfg.api.admin_key, &cfg.api.admin_key_file)?,
+        };
         let mut by_id: HashMap<Arc<str>, u32> = prev.map(|p| p.by_id.clone()).unwrap_or_default();
         let mut next = by_id.values().map(|i| i + 1).max().unwrap_or(0);
         let mut projects: Vec<Option<Arc<Project>>> = vec![None; next as usize];
@@ -234,7 +269,11 @@ impl Registry {
             let shared = before
                 .map(|p| (p.nr_connections.clone(), p.near_cap_warned.clone()))
                 .unwrap_or_default();
-            let project = Project::build(idx, i, pc, state, shared, api)?;
+            // Only a single-project change reuses what was read from files.
+            let material = before
+                .filter(|_| changed.is_some())
+                .map(|p| p.config_material.clone());
+            let project = Project::build(idx, i, pc, state, shared, api, material)?;
             projects[idx as usize] = Some(Arc::new(project));
         }
         let access = crate::access::IpList::parse(&cfg.access.allow, &cfg.access.deny).map_err(
@@ -291,6 +330,7 @@ impl Project {
         state: &State,
         (nr_connections, near_cap_warned): (Arc<AtomicUsize>, Arc<std::sync::atomic::AtomicBool>),
         from_api: bool,
+        material: Option<ConfigMaterial>,
     ) -> Result<Self, RegistryError> {
         let at = if from_api {
             format!("project `{}` (API)", p.id)
@@ -301,24 +341,32 @@ impl Project {
             key: format!("{at}.id"),
             reason: e.to_string(),
         })?;
-        let api_key = read_api_key(&format!("{at}.api_key"), &p.api_key, &p.api_key_file)?;
         let key_err = |kid: String, source| RegistryError::Key {
             project: p.id.clone(),
             kid,
             source,
         };
+        let material = match material {
+            Some(m) => m,
+            None => {
+                let api_key = read_api_key(&format!("{at}.api_key"), &p.api_key, &p.api_key_file)?;
+                let mut specs = Vec::new();
+                for (j, k) in p.keys.iter().enumerate() {
+                    specs.push((k.kid.clone(), key_spec(&format!("{at}.keys[{j}]"), k)?));
+                }
+                if let Some(doc) = read_inline_or_file(&p.jwks, &p.jwks_file)? {
+                    for (kid, spec) in
+                        keys::parse_jwks(&doc).map_err(|e| key_err("jwks".into(), e))?
+                    {
+                        specs.push((Some(kid), spec));
+                    }
+                }
+                ConfigMaterial { api_key, specs }
+            }
+        };
         // (kid, spec) in order: config keys, the config JWKS, then keys registered through the
         // API (which replace a config key of the same kid); revoked kids are left out.
-        let mut specs: Vec<(Option<String>, KeySpec)> = Vec::new();
-        for (j, k) in p.keys.iter().enumerate() {
-            specs.push((k.kid.clone(), key_spec(&format!("{at}.keys[{j}]"), k)?));
-        }
-        let jwks = read_inline_or_file(&p.jwks, &p.jwks_file)?;
-        if let Some(doc) = jwks {
-            for (kid, spec) in keys::parse_jwks(&doc).map_err(|e| key_err("jwks".into(), e))? {
-                specs.push((Some(kid), spec));
-            }
-        }
+        let mut specs = material.specs.clone();
         let ps = state.projects.get(&p.id);
         if let Some(ps) = ps {
             for (kid, spec) in &ps.keys {
@@ -326,6 +374,17 @@ impl Project {
                 specs.push((Some(kid.clone()), spec.clone()));
             }
             specs.retain(|(k, _)| !k.as_ref().is_some_and(|k| ps.revoked.contains(k)));
+        }
+        if specs.len() > MAX_KEYS_PER_PROJECT {
+            return Err(ConfigError::Invalid {
+                key: format!("{at}.keys"),
+                reason: format!(
+                    "{} keys (config keys, JWKS and keys added through the API), more than \
+                     {MAX_KEYS_PER_PROJECT}",
+                    specs.len()
+                ),
+            }
+            .into());
         }
         let mut keys = Vec::with_capacity(specs.len());
         for (j, (kid, spec)) in specs.iter().enumerate() {
@@ -336,8 +395,12 @@ impl Project {
         Ok(Self {
             idx,
             id: id.as_str().into(),
-            api_key,
+            api_key: material.api_key.clone(),
             keys,
+            revoked: ps
+                .map(|ps| ps.revoked.iter().cloned().collect())
+                .unwrap_or_default(),
+            config_material: material,
             require_exp: p.require_exp,
             leeway_secs: p.leeway_secs,
             max_token_lifetime_secs: p.max_token_lifetime_secs,
@@ -365,12 +428,19 @@ impl Project {
     /// [`AuthError`] saying why (never containing the token).
     pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        if header.kid.is_none() {
+            let nr_keys = self.keys.iter().filter(|k| k.alg == header.alg).count();
+            if nr_keys > MAX_KIDLESS_KEYS {
+                return Err(AuthError::KidRequired { nr_keys });
+            }
+        }
         let candidates = self.keys.iter().filter(|k| match &header.kid {
             Some(kid) => k.kid.as_deref() == Some(kid.as_str()),
             None => true,
         });
         let mut last = AuthError::UnknownKey;
-        // With a kid there is at most one candidate; without, try each key of the same alg.
+        // With a kid there is at most one candidate; without, try each key of the same alg
+        // (at most MAX_KIDLESS_KEYS, checked above).
         for key in candidates {
             if key.alg != header.alg {
                 continue;
@@ -746,6 +816,80 @@ mod tests {
         assert_eq!(
             p.verify(&t).err().map(|e| e.to_string()),
             Some("claim `device` must be 1 to 256 bytes of UTF-8".into())
+        );
+    }
+
+    /// A kid-less token is tried against at most [`MAX_KIDLESS_KEYS`] keys of its alg; with
+    /// more it is refused, whatever its signature. Tokens naming a kid are not affected.
+    #[test]
+    fn kidless_tokens_are_tried_against_at_most_4_keys() {
+        let kidless = |secret: &str| {
+            let c = serde_json::json!({"sub": "42", "exp": now_secs() + 600});
+            let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &c, &key).unwrap()
+        };
+        let mut cfg = Config::development();
+        let base = cfg.projects[0].keys[0].clone();
+        for n in 2..=MAX_KIDLESS_KEYS + 1 {
+            let mut k = base.clone();
+            k.kid = Some(format!("k{n}"));
+            k.secret = Some(crate::config::Secret(format!(
+                "secret-number-{n}-0123456789"
+            )));
+            cfg.projects[0].keys.push(k);
+            let r = Registry::from_config(&cfg).unwrap();
+            let p = r.project("demo").unwrap();
+            let last = kidless(&format!("secret-number-{n}-0123456789"));
+            if n <= MAX_KIDLESS_KEYS {
+                assert_eq!(
+                    p.verify(&last).map(|v| v.kid),
+                    Ok(Some(format!("k{n}").into()))
+                );
+            } else {
+                assert_eq!(p.verify(&last), Err(AuthError::KidRequired { nr_keys: n }));
+                assert!(
+                    p.verify(&signed(
+                        &serde_json::json!({"sub": "42", "exp": now_secs() + 600})
+                    ))
+                    .is_ok()
+                );
+            }
+        }
+    }
+
+    /// A project's keys are capped, counting the config keys, the JWKS and the API's.
+    #[test]
+    fn a_project_has_at_most_32_keys() {
+        let cfg = crate::config::development_with_keys(MAX_KEYS_PER_PROJECT);
+        assert!(Registry::from_config(&cfg).is_ok());
+        let mut state = State::default();
+        let ps = state.projects.entry("demo".into()).or_default();
+        let spec = KeySpec {
+            alg: "HS256".into(),
+            secret: Some(crate::config::DEV_SECRET.into()),
+            pem: None,
+            jwk: None,
+        };
+        ps.keys.insert("k1".into(), spec.clone());
+        assert!(
+            Registry::build(&cfg, &state, None).is_ok(),
+            "a replacement adds none"
+        );
+        state
+            .projects
+            .get_mut("demo")
+            .unwrap()
+            .keys
+            .insert("api".into(), spec);
+        let e = Registry::build(&cfg, &state, None)
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some(
+                "invalid `projects[0].keys`: 33 keys (config keys, JWKS and keys added through the API), \
+                 more than 32"
+            )
         );
     }
 

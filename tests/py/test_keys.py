@@ -38,8 +38,9 @@ BY_FILE = {"RS384", "ES384", "EdDSA"}
 @pytest.fixture(scope="module")
 def algs(tmp_path_factory):
     """One server with project `algs`: a config key (`cfg-<alg>`) and an inline-JWKS key
-    (`jwks-<alg>`) for every algorithm, and project `algsfile` whose keys come from a JWKS
-    file. API keys are PUT by the tests themselves."""
+    (`jwks-<alg>`) for every algorithm, project `algsfile` whose keys come from a JWKS
+    file, and project `algsapi` for the keys the tests PUT themselves (a project holds at
+    most 32 keys)."""
     work = tmp_path_factory.mktemp("algs")
     cfg_keys = {a: make_key(a) for a in ALGS}
     jwks_keys = {a: make_key(a) for a in ALGS}
@@ -66,6 +67,7 @@ def algs(tmp_path_factory):
     config = server_toml(
         project_toml("algs", jwks=json.dumps(jwks), keys=keys_toml)
         + project_toml("algsfile", jwks_file=str(jwks_file))
+        + project_toml("algsapi")
     )
     servers = Servers(work)
     server = servers.start(config=config)
@@ -107,8 +109,8 @@ def test_api_put_pem_or_secret_accepted(algs, alg):
     server = algs["server"]
     key = make_key(alg)
     kid = f"api-{alg}"
-    assert_status(put_key(server, "algs", kid, key.spec()), 204)
-    _accepted(server, "algs", key, kid, f"api-user-{alg}")
+    assert_status(put_key(server, "algsapi", kid, key.spec()), 204)
+    _accepted(server, "algsapi", key, kid, f"api-user-{alg}")
 
 
 @pytest.mark.parametrize("alg", ALGS)
@@ -119,8 +121,8 @@ def test_api_put_bare_jwk_accepted(algs, alg):
     key = make_key(alg)
     kid = f"jwk-{alg}"
     jwk = key.jwk(kid if ALGS.index(alg) % 2 else None, with_alg=alg not in IMPLIED)
-    assert_status(put_key(server, "algs", kid, jwk), 204)
-    _accepted(server, "algs", key, kid, f"jwk-user-{alg}")
+    assert_status(put_key(server, "algsapi", kid, jwk), 204)
+    _accepted(server, "algsapi", key, kid, f"jwk-user-{alg}")
 
 
 def test_token_without_kid_is_tried_against_every_key_of_its_alg(servers):

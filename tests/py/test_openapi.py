@@ -178,6 +178,15 @@ def test_every_operation_answers_as_documented(server):
             assert check(server, "GET", "/api/v1/projects/blog", key=shop_key) == 403
             assert check(server, "GET", "/api/v1/projects/nope") == 404
             assert check(server, "GET", "/api/v1/projects", key="wrong") == 401
+            r = http_request("GET", f"{server.api_url}/api/v1/projects", None,
+                             {"Authorization": f"Bearer {shop_key}"})
+            (shop,) = json.loads(r.body)["projects"]
+            assert shop["max_token_lifetime_secs"] == 2592000, shop
+            assert shop["revoked_kids"] == ["k9"], shop
+            # A project's 32 keys are all in use: a new kid is 409.
+            for i in range(32 - len(shop["keys"])):
+                assert check(server, "PUT", f"/api/v1/projects/shop/keys/n{i}", key, key=shop_key) == 204
+            assert check(server, "PUT", "/api/v1/projects/shop/keys/n99", key, key=shop_key) == 409
         finally:
             await close_all([ws for ws, _ in conns])
 
