@@ -350,48 +350,86 @@ fn a_kidless_token_is_refused_when_more_than_4_keys_share_its_alg() {
     close(ws);
 }
 
-/// A key change through the API reads no file: an admin key written to disk for the next
-/// reload takes effect on that reload, not when a tenant changes a key.
+/// A key change through the API reads no file: an admin key, a project's API key or a key
+/// secret written to disk for the next reload takes effect on that reload, not when a tenant
+/// changes a key; an unreadable file does not refuse the change either.
 #[test]
-fn a_key_change_keeps_the_admin_key_read_at_start() {
-    let dir = TempDir::new("admin-key-file");
-    let key_file = dir.write("admin.key", "admin-key-read-at-start-0123\n");
+fn a_key_change_keeps_the_secrets_read_from_files_at_start() {
+    let dir = TempDir::new("secret-files");
+    let admin_file = dir.write("admin.key", "admin-key-read-at-start-0123\n");
+    let shop_key_file = dir.write("shop.key", &format!("{SHOP_API_KEY}\n"));
+    let shop_secret_file = dir.write("shop.secret", &format!("{SHOP_SECRET}\n"));
     let mut cfg = config();
     cfg.server.state_dir = Some(dir.0.join("state"));
     cfg.api.admin_key = None;
-    cfg.api.admin_key_file = Some(key_file.clone());
-    let config_file = dir.write(
-        "herald.toml",
-        &toml::to_string(&cfg).expect("config as TOML"),
-    );
-    let handle = herald::server::start_with(
-        &cfg,
-        herald::server::Options {
-            config_path: Some(config_file),
-            ..Default::default()
-        },
-    )
-    .expect("server starts");
+    cfg.api.admin_key_file = Some(admin_file.clone());
+    let shop = &mut cfg.projects[0];
+    shop.api_key = None;
+    shop.api_key_file = Some(shop_key_file.clone());
+    shop.keys[0].secret = None;
+    shop.keys[0].secret_file = Some(shop_secret_file.clone());
+    let toml = toml::to_string(&cfg).expect("config as TOML");
+    let options = herald::server::Options {
+        config_path: Some(dir.write("herald.toml", &toml)),
+        ..Default::default()
+    };
+    let handle = herald::server::start_with(&cfg, options).expect("server starts");
     let api = handle.api_listen;
-    let projects = |key: &str| http_request(api, "GET", "/api/v1/projects", key, "").status;
-    assert_eq!(projects("admin-key-read-at-start-0123"), 200);
+    let status = |key: &str, path: &str| http_request(api, "GET", path, key, "").status;
+    let (old_admin, new_admin) = (
+        "admin-key-read-at-start-0123",
+        "admin-key-for-the-next-reload",
+    );
+    let (new_shop_key, new_shop_secret) = (
+        "shop-key-for-the-next-reload",
+        "shop-secret-for-the-next-reload",
+    );
+    let claims = serde_json::json!({"sub": "alice", "exp": now_secs() + 600});
+    assert_eq!(status(old_admin, "/api/v1/projects"), 200);
+    let files = [
+        (&admin_file, new_admin),
+        (&shop_key_file, new_shop_key),
+        (&shop_secret_file, new_shop_secret),
+    ];
+    // What an operator writes for the next reload.
+    let stage_new_files = || {
+        for (file, text) in files {
+            std::fs::write(file, text).expect("write staged file");
+        }
+    };
 
-    std::fs::write(&key_file, "admin-key-for-the-next-reload\n").expect("new key file");
+    // The admin key, shop's API key and shop's k1 secret work; the stale keys do not.
+    let in_force = |[admin, shop_key, secret]: [&str; 3],
+                    [stale_admin, stale_shop_key]: [&str; 2]| {
+        assert_eq!(status(admin, "/api/v1/projects"), 200);
+        assert_eq!(status(stale_admin, "/api/v1/projects"), 401);
+        assert_eq!(status(shop_key, "/api/v1/projects/shop"), 200);
+        assert_eq!(status(stale_shop_key, "/api/v1/projects/shop"), 401);
+        let (ws, _) = connect(handle.listen, "shop", &mint_with(secret, &claims));
+        close(ws);
+    };
+
+    stage_new_files();
     let r = put_key(api, SHOP_API_KEY, "shop", "k9");
     assert_eq!(r.status, 204, "{}", r.text());
-    assert_eq!(projects("admin-key-read-at-start-0123"), 200);
-    assert_eq!(projects("admin-key-for-the-next-reload"), 401);
+    in_force(
+        [old_admin, SHOP_API_KEY, SHOP_SECRET],
+        [new_admin, new_shop_key],
+    );
 
-    // An unreadable file does not refuse a tenant's change either.
-    std::fs::remove_file(&key_file).expect("remove key file");
+    for (file, _) in files {
+        std::fs::remove_file(file).expect("remove file");
+    }
     let r = put_key(api, SHOP_API_KEY, "shop", "k10");
-    assert_eq!(r.status, 204, "{}", r.text());
-    std::fs::write(&key_file, "admin-key-for-the-next-reload\n").expect("new key file");
+    assert_eq!(r.status, 204, "unreadable files: {}", r.text());
+    stage_new_files();
 
-    // The reload (what SIGHUP runs) reads it.
+    // The reload (what SIGHUP runs) reads them.
     handle.admin.reload().expect("reload");
-    assert_eq!(projects("admin-key-for-the-next-reload"), 200);
-    assert_eq!(projects("admin-key-read-at-start-0123"), 401);
+    in_force(
+        [new_admin, new_shop_key, new_shop_secret],
+        [old_admin, SHOP_API_KEY],
+    );
     handle.shutdown();
     handle.join();
 }

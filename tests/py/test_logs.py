@@ -3,7 +3,7 @@ reaches the logs, for a refused or an accepted handshake, even at the most verbo
 
 import json
 
-from herald_client import expect_refusal, mint, open_ws, recv_json, run
+from herald_client import ADMIN_KEY, expect_refusal, http_request, mint, open_ws, recv_json, run
 
 
 def test_json_logs_parse_and_never_hold_the_query_token(servers, monkeypatch):
@@ -47,3 +47,20 @@ def test_text_logs_to_a_file_carry_no_colour_codes(servers):
     text = server.stderr_path.read_text(errors="replace")
     assert "handshake refused" in text
     assert "\x1b[" not in text
+
+
+def test_api_error_messages_cannot_forge_log_lines(servers, monkeypatch):
+    # An API error's message quotes the caller's input (here a topic with a newline); the
+    # text log shows it escaped, on its own line.
+    monkeypatch.setenv("RUST_LOG", "debug")
+    server = servers.start()
+    body = json.dumps({"project": "shop", "topic": "news\nFORGED INFO herald: all good", "data": "x"})
+    r = http_request("POST", f"{server.api_url}/api/v1/publish", body.encode(),
+                     {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"})
+    assert r.status == 400, r.body
+    server.stop()
+    server.stopped_by_test = True
+    text = server.stderr_path.read_text(errors="replace")
+    errors = [line for line in text.splitlines() if "API error" in line]
+    assert len(errors) == 1 and "\\nFORGED INFO" in errors[0], text[-2000:]
+    assert not any(line.startswith("FORGED") for line in text.splitlines()), text[-2000:]
