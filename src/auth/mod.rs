@@ -224,7 +224,8 @@ impl Registry {
     /// As [`Registry::build`], but when `changed` names a project, only that project is
     /// built (its keys parsed and probed); every other project already in `prev` is shared
     /// as it is (the same `Arc`), which is right when only `changed`'s settings or keys in
-    /// `state` differ from what built `prev`.
+    /// `state` differ from what built `prev`. Such a change reads no file: the admin key and
+    /// the changed project's API key and config keys are those `prev` was built with.
     ///
     /// # Errors
     /// As [`Registry::build`].
