@@ -241,6 +241,21 @@ impl Admin {
         Ok(idx)
     }
 
+    /// The index of `project` when `kid` is one of its revoked keys (revoked, not registered
+    /// again): a revoke may be retried to send its disconnect orders again.
+    pub fn revoked_key(&self, project: &str, kid: &str) -> Option<u32> {
+        let inner = self.lock();
+        let revoked = inner
+            .state
+            .projects
+            .get(project)
+            .is_some_and(|p| p.revoked.contains(kid));
+        let registry = self.hub.registry.load();
+        let p = registry.project(project)?;
+        let registered = p.keys.iter().any(|k| k.kid.as_deref() == Some(kid));
+        (revoked && !registered).then_some(p.idx)
+    }
+
     /// SIGHUP: re-reads the config file and applies what a running node can change: projects
     /// and keys, the admin key and the IP access lists. Every other setting needs a restart:
     /// each such key that differs from the running value is logged by name and the running

@@ -43,6 +43,24 @@ pub fn client_fd_ceiling(nofile: u64, reserve: u64) -> u64 {
     nofile - reserve.min(nofile / 2)
 }
 
+/// The fewest API connections allowed however small `RLIMIT_NOFILE` is: an operator's
+/// health checks and a few management calls.
+pub const MIN_API_CONNECTIONS: usize = 16;
+
+/// The API connections the node may hold with `nofile` (RLIMIT_NOFILE; `None`: unknown) and
+/// `reserve` ([`reserved_fds`]): `configured` (`api.max_connections`), lowered to what the
+/// reserve actually granted ([`client_fd_ceiling`] keeps at most half of `nofile`) less
+/// [`FD_HEADROOM`], but never below [`MIN_API_CONNECTIONS`] for it. Above it, API connections would
+/// take descriptors the client port counts on.
+pub fn api_connection_cap(nofile: Option<u64>, reserve: u64, configured: usize) -> usize {
+    let Some(nofile) = nofile else {
+        return configured;
+    };
+    let granted = nofile - client_fd_ceiling(nofile, reserve);
+    let fits = usize::try_from(granted.saturating_sub(FD_HEADROOM)).unwrap_or(usize::MAX);
+    configured.min(fits.max(MIN_API_CONNECTIONS))
+}
+
 /// `net.core.somaxconn` that `target` connections need: herald-tune's rule
 /// `min(65535, max(4096, pow2(N / 16)))`, one second of a reconnect storm spread over 16 s
 /// waiting in each listener's queue.
@@ -354,6 +372,24 @@ mod tests {
         assert_eq!(client_fd_ceiling(1_048_576, 1280), 1_048_576 - 1280);
         assert_eq!(client_fd_ceiling(1024, 1024), 512);
         assert_eq!(client_fd_ceiling(0, 1024), 0);
+    }
+
+    #[test]
+    fn api_connections_fit_the_reserve_granted() {
+        // Reserve granted in full: the configured cap stands.
+        assert_eq!(api_connection_cap(Some(20_000), 1024, 768), 768);
+        assert_eq!(api_connection_cap(Some(1_048_576), 4096 + 256, 4096), 4096);
+        // A limit of 1024 grants 512 of the 1024 asked: 256 connections after the headroom.
+        assert_eq!(api_connection_cap(Some(1024), 1024, 768), 256);
+        assert_eq!(api_connection_cap(Some(1024), 1024, 100), 100);
+        // Tiny limits still leave the minimum; an unknown limit changes nothing.
+        assert_eq!(
+            api_connection_cap(Some(256), 1024, 768),
+            MIN_API_CONNECTIONS
+        );
+        assert_eq!(api_connection_cap(Some(0), 1024, 768), MIN_API_CONNECTIONS);
+        assert_eq!(api_connection_cap(None, 1024, 768), 768);
+        assert_eq!(api_connection_cap(Some(256), 1024, 8), 8);
     }
 
     #[test]

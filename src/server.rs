@@ -223,6 +223,20 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
         opts.config_path,
         opts.overrides,
     ));
+    let api_max_connections = crate::hostcheck::api_connection_cap(
+        crate::hostcheck::nofile().map(|(soft, _)| soft),
+        crate::hostcheck::reserved_fds(cfg),
+        cfg.api.max_connections,
+    );
+    if api_max_connections < cfg.api.max_connections {
+        tracing::warn!(
+            configured = cfg.api.max_connections,
+            effective = api_max_connections,
+            "api.max_connections lowered to fit the descriptors the open-files limit leaves \
+             the API (at most half of RLIMIT_NOFILE, less 256 for the node itself); raise \
+             the limit to allow more"
+        );
+    }
     let api = api::start(
         hub.clone(),
         admin.clone(),
@@ -231,7 +245,7 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
             max_body_bytes: cfg.api.max_body_bytes,
             requests_per_key_per_sec: cfg.limits.api_requests_per_key_per_sec,
             burst_per_key: cfg.limits.api_burst_per_key,
-            max_connections: cfg.api.max_connections,
+            max_connections: api_max_connections,
             header_read_timeout: Duration::from_millis(cfg.api.header_read_timeout_ms),
             idle_timeout: Duration::from_millis(cfg.api.idle_timeout_ms),
             body_read_timeout: Duration::from_millis(cfg.api.body_read_timeout_ms),

@@ -155,13 +155,16 @@ fn a_large_content_length_is_answered_413_before_the_body() {
     }
 }
 
+/// At most `max` API connections, and no timeout closes one during a test.
+fn patient_cap(c: &mut herald::config::Config, max: usize) {
+    c.api.max_connections = max;
+    c.api.header_read_timeout_ms = 600_000;
+    c.api.idle_timeout_ms = 600_000;
+}
+
 #[test]
 fn at_the_connection_cap_the_longest_idle_connection_makes_room() {
-    let server = TestServer::start(|c| {
-        c.api.max_connections = 8;
-        c.api.header_read_timeout_ms = 600_000;
-        c.api.idle_timeout_ms = 600_000;
-    });
+    let server = TestServer::start(|c| patient_cap(c, 8));
     // The cap's worth of idle connections, each known to be served (and now idle).
     let mut idle = served_connections(server.api, 8);
     assert_eq!(
@@ -274,4 +277,55 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
         Err(e) => e.kind() == ErrorKind::ConnectionReset,
         Ok(_) => false,
     }
+}
+
+#[test]
+fn a_connection_writing_its_answer_is_not_evicted() {
+    let server = TestServer::start(|c| {
+        patient_cap(c, 4);
+        // Enough projects that listing them is an answer the socket buffers cannot hold.
+        for i in 0..20_000 {
+            c.projects.push(herald::config::ProjectConfig {
+                id: format!("tenant{i}-with-a-long-enough-name-to-make-the-list-big"),
+                issuer: Some(format!("https://issuer-{i}.example.com/a/long/issuer/path")),
+                audience: Some(format!("audience-of-tenant-{i}-0123456789")),
+                ..herald::config::ProjectConfig::default()
+            });
+        }
+    });
+    // A reader too slow to take the answer: it is written while the connection waits.
+    let mut slow = tcp(server.api);
+    slow.write_all(
+        format!(
+            "GET /api/v1/projects HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .expect("write");
+    std::thread::sleep(Duration::from_millis(1000));
+    // Then the cap fills with idle connections, and one more arrives.
+    let mut idle = served_connections(server.api, 3);
+    let r = http(
+        server.api,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The longest idle made room, not the connection inside its answer.
+    assert!(read_to_close(&mut idle[0]).is_empty());
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let answer = loop {
+        if let Some(r) = parse_http(&got) {
+            break r;
+        }
+        let n = slow.read(&mut buf).expect("the answer goes on");
+        assert!(n > 0, "closed after {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+    };
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.json()["projects"].as_array().map(Vec::len),
+        Some(20_002)
+    );
+    assert!(got.len() > 4 << 20, "the answer is {} bytes", got.len());
 }

@@ -433,3 +433,177 @@ fn a_key_change_keeps_the_secrets_read_from_files_at_start() {
     handle.shutdown();
     handle.join();
 }
+
+/// Adds `n` big public keys to project `shop`: every change to shop rebuilds them all, so
+/// each takes a while.
+fn heavy_shop(c: &mut herald::config::Config, n: usize) {
+    let shop = c
+        .projects
+        .iter_mut()
+        .find(|p| p.id == "shop")
+        .expect("shop");
+    shop.keys.extend((0..n).map(|i| KeyConfig {
+        kid: Some(format!("heavy{i}")),
+        alg: "RS256".into(),
+        pem: Some(RSA_4096_PUBLIC.into()),
+        ..KeyConfig::default()
+    }));
+}
+
+/// Sends `request` on a new connection and reads until the server closes it; returns the
+/// status line and the body's `error` code, or empty strings when nothing was answered.
+fn answer_to(api: std::net::SocketAddr, request: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = tcp(api);
+    let _ = s.write_all(request.as_bytes());
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    let status = text.lines().next().unwrap_or_default().to_owned();
+    let error = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(body).ok())
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    (status, error)
+}
+
+fn put_key_request(kid: &str, keep_alive: bool) -> String {
+    let body = r#"{"alg":"HS256","secret":"a-secret-of-enough-length-0123"}"#;
+    let connection = if keep_alive {
+        ""
+    } else {
+        "Connection: close\r\n"
+    };
+    format!(
+        "PUT /api/v1/projects/shop/keys/{kid} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \
+         {SHOP_API_KEY}\r\nContent-Length: {}\r\n{connection}\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn one_key_queueing_changes_cannot_lock_health_checks_out() {
+    let server = TestServer::start(|c| {
+        c.api.max_connections = 8;
+        heavy_shop(c, 100);
+    });
+    let (api, stop) = (server.api, Arc::new(AtomicBool::new(false)));
+    let answers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let flood: Vec<_> = (0..16)
+        .map(|t| {
+            let (stop, answers) = (stop.clone(), answers.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let answer = answer_to(api, &put_key_request(&format!("x{t}"), false));
+                    answers.lock().unwrap().push(answer);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut unanswered = 0;
+    for _ in 0..20 {
+        let (status, _) = answer_to(
+            api,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        if status != "HTTP/1.1 200 OK" {
+            unanswered += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in flood {
+        t.join().expect("flood thread");
+    }
+    assert_eq!(unanswered, 0, "health checks got no answer");
+    // Beyond its few queued changes, the key is told to come back later.
+    let answers = answers.lock().unwrap();
+    assert!(
+        answers.iter().any(|a| a
+            == &(
+                "HTTP/1.1 429 Too Many Requests".to_owned(),
+                "busy".to_owned()
+            )),
+        "{answers:?}"
+    );
+    for (status, error) in answers.iter().filter(|(s, _)| !s.is_empty()) {
+        assert!(
+            status == "HTTP/1.1 204 No Content"
+                || (status == "HTTP/1.1 429 Too Many Requests" && error == "busy"),
+            "{status} {error}"
+        );
+    }
+}
+
+#[test]
+fn a_change_handled_longer_than_the_idle_timeout_is_answered() {
+    let server = TestServer::start(|c| {
+        c.api.idle_timeout_ms = 150;
+        heavy_shop(c, 6000);
+    });
+    let (api, started) = (server.api, Instant::now());
+    // Keep-alive requests, each handled (queued, then built) for longer than the timeout.
+    let puts: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut s = tcp(api);
+                s.write_all(put_key_request(&format!("x{t}"), true).as_bytes())
+                    .expect("write");
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).unwrap_or(0);
+                String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+        })
+        .collect();
+    let answers: Vec<String> = puts.into_iter().map(|t| t.join().expect("put")).collect();
+    eprintln!("4 changes in {:?}", started.elapsed());
+    assert_eq!(answers, vec!["HTTP/1.1 204 No Content"; 4]);
+}
+
+/// An HS256 token of `shop` for `sub`, signed with `secret` under key id `kid`.
+fn token_with_kid(kid: &str, secret: &str, sub: &str) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(
+        &header,
+        &serde_json::json!({"sub": sub, "exp": now_secs() + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("token")
+}
+
+/// `DELETE` of a key of shop, as shop.
+fn revoke(api: std::net::SocketAddr, path: &str) -> HttpResponse {
+    http_request(api, "DELETE", path, SHOP_API_KEY, "")
+}
+
+#[test]
+fn a_retried_revoke_closes_the_keys_connections() {
+    let server = TestServer::start(|_| {});
+    let api = server.api;
+    let r = put_key(api, SHOP_API_KEY, "shop", "k2");
+    assert_eq!(r.status, 204, "{}", r.text());
+    let token = token_with_kid("k2", "a-secret-of-enough-length-0123", "ann");
+    let (mut ws, _) = connect(server.listen, "shop", &token);
+    // Revoked (as when the disconnect orders did not all go out): the connection stays.
+    let r = revoke(api, "/api/v1/projects/shop/keys/k2");
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(request(&mut ws, r#"{"op":"ping","id":1}"#)["type"], "pong");
+    // The retry with disconnect=true sends the orders again.
+    let r = revoke(api, "/api/v1/projects/shop/keys/k2?disconnect=true");
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert!(r.body.is_empty());
+    assert_eq!(expect_close(&mut ws).0, 4003);
+    // Without disconnect there is nothing left to do; a key never registered is unknown.
+    let r = revoke(api, "/api/v1/projects/shop/keys/k2");
+    assert_refusal(&r, 404, "not_found");
+    let r = revoke(api, "/api/v1/projects/shop/keys/never?disconnect=true");
+    assert_refusal(&r, 404, "not_found");
+}

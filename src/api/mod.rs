@@ -283,8 +283,9 @@ struct Ctx {
     limiter: Arc<KeyLimiter>,
     /// Answers of accepted publishes by `Idempotency-Key`.
     idempotency: Arc<std::sync::Mutex<idempotency::IdempotencyCache>>,
-    /// One management change (project or key) at a time, each on a blocking thread.
-    management: Arc<tokio::sync::Mutex<()>>,
+    /// One management change (project or key) at a time, each on a blocking thread; a
+    /// bounded number waiting.
+    management: Arc<projects::Management>,
 }
 
 async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -458,7 +459,7 @@ pub fn start(
     let idempotency = Arc::default();
     let conns = serve::Conns::new(settings.max_connections, hub.clone());
     let parse_log = Arc::new(serve::LogThrottle::default());
-    let management = Arc::new(tokio::sync::Mutex::new(()));
+    let management = Arc::new(projects::Management::default());
     let timeout_log = Arc::new(serve::LogThrottle::default());
     let thread = std::thread::Builder::new()
         .name("herald-api".into())
@@ -515,19 +516,27 @@ pub fn start(
                                 idempotency: Arc::clone(&idempotency),
                                 management: management.clone(),
                             };
-                            let io = serve::ApiIo::new(stream, settings.idle_timeout, parse_log.clone());
+                            let io = serve::ApiIo::new(
+                                stream,
+                                settings.idle_timeout,
+                                parse_log.clone(),
+                                slot.clone(),
+                            );
                             let header_read_timeout = settings.header_read_timeout;
                             let timeout_log = timeout_log.clone();
                             tokio::spawn(async move {
                                 let evict = slot.evict.clone();
                                 let service = service_fn(move |mut req: Request<Incoming>| {
-                                    let busy = slot.busy();
+                                    slot.request_started();
                                     req.extensions_mut().insert(serve::SlotHandle(slot.clone()));
                                     let ctx = ctx.clone();
+                                    let slot = slot.clone();
                                     async move {
-                                        let r = route(ctx, req).await;
-                                        drop(busy);
-                                        r
+                                        // Inside the request until the answer is written out.
+                                        let r = route(ctx, req).await?;
+                                        Ok::<_, Infallible>(
+                                            r.map(|b| serve::AnswerBody::new(b, slot)),
+                                        )
                                     }
                                 });
                                 let conn = http1::Builder::new()
@@ -545,6 +554,11 @@ pub fn start(
                                     }
                                 }
                             });
+                            // Let the new connection read its request before more are
+                            // accepted: under a flood of connects, a fresh one (an operator's
+                            // health check) would otherwise be the longest waiting before it
+                            // was read, and be evicted unanswered.
+                            tokio::task::yield_now().await;
                         }
                     }
                 }

@@ -9,9 +9,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::warn;
+
+use super::serve::{LogThrottle, SlotHandle};
 use super::{ApiError, ApiSettings, Caller, Ctx, body, json, require_admin};
 use crate::admin::{Admin, AdminError};
 use crate::auth::keys::{KeySpec, MAX_KEY_BYTES, spec_from_jwk};
@@ -35,17 +39,114 @@ fn map(e: AdminError) -> ApiError {
     }
 }
 
-/// How long a disconnect order may wait for room in a full shard inbox.
+/// How long the disconnect orders of a revoke may wait for room in full shard inboxes, all
+/// shards together.
 const REVOKE_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Runs a management change on a blocking thread, one change at a time: key parsing, probe
-/// signatures and the state file's fsync never run on the API runtime, so publishes and
-/// health checks go on meanwhile. Waiting for the turn is asynchronous.
+/// Management changes one API key may have queued or running at once; beyond, 429 `busy`.
+/// A change costs a registry build and an fsync, so a few in a row already keep the
+/// management thread busy.
+pub(super) const MAX_MANAGEMENT_PER_KEY: usize = 4;
+
+/// Management changes queued or running at once, all keys together; beyond, 503 `busy`.
+/// Each holds an API connection, so this stays far below `api.max_connections`.
+pub(super) const MAX_MANAGEMENT_QUEUED: usize = 16;
+
+/// Management changes: one at a time (a change reads and replaces the whole state), and a
+/// bounded number waiting, per API key and in all, so that no key can fill the API's
+/// connections with requests waiting their turn.
+#[derive(Default)]
+pub(super) struct Management {
+    turn: tokio::sync::Mutex<()>,
+    /// Changes queued or running, per caller.
+    waiting: std::sync::Mutex<HashMap<Caller, usize>>,
+    /// Throttles the "busy" lines.
+    log: LogThrottle,
+}
+
+/// A place among the changes queued or running; given back on drop.
+struct Ticket<'a> {
+    management: &'a Management,
+    who: Caller,
+}
+
+impl Management {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<Caller, usize>> {
+        // Plain counts updated in single statements: a panic cannot leave them half-changed.
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for `who`'s change, or 429 `busy` when `who` has
+    /// [`MAX_MANAGEMENT_PER_KEY`] queued or running, 503 `busy` when all keys together have
+    /// [`MAX_MANAGEMENT_QUEUED`].
+    fn ticket(&self, who: Caller) -> Result<Ticket<'_>, ApiError> {
+        let mut waiting = self.waiting();
+        let total: usize = waiting.values().sum();
+        let mine = waiting.get(&who).copied().unwrap_or(0);
+        let refusal = if mine >= MAX_MANAGEMENT_PER_KEY {
+            Some((
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "this API key has {MAX_MANAGEMENT_PER_KEY} project or key changes queued                      or in progress; retry when one is done"
+                ),
+            ))
+        } else if total >= MAX_MANAGEMENT_QUEUED {
+            Some((
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{MAX_MANAGEMENT_QUEUED} project or key changes are queued or in progress;                      retry when one is done"
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((status, message)) = refusal {
+            drop(waiting);
+            if let Some(suppressed) = self.log.allow() {
+                warn!(
+                    caller = ?who,
+                    status = status.as_u16(),
+                    suppressed,
+                    "management change refused: {message} (logged at most once a second)"
+                );
+            }
+            return Err(ApiError::new(status, "busy", message));
+        }
+        *waiting.entry(who).or_default() += 1;
+        Ok(Ticket {
+            management: self,
+            who,
+        })
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.management.waiting();
+        if let Some(n) = waiting.get_mut(&self.who) {
+            *n -= 1;
+            if *n == 0 {
+                waiting.remove(&self.who);
+            }
+        }
+    }
+}
+
+/// Runs `who`'s management change on a blocking thread, one change at a time: key parsing,
+/// probe signatures and the state file's fsync never run on the API runtime, so publishes
+/// and health checks go on meanwhile. Waiting for the turn is asynchronous, bounded
+/// ([`Management::ticket`]), and leaves the connection evictable (`slot`).
 async fn off_runtime<T: Send + 'static>(
     ctx: &Ctx,
+    who: Caller,
+    slot: Option<&SlotHandle>,
     change: impl FnOnce(&Admin) -> Result<T, AdminError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let _turn = ctx.management.lock().await;
+    let _ticket = ctx.management.ticket(who)?;
+    let _turn = {
+        let _queued = slot.map(SlotHandle::queued);
+        ctx.management.turn.lock().await
+    };
     let admin = Arc::clone(&ctx.admin);
     match tokio::task::spawn_blocking(move || change(&admin)).await {
         Ok(r) => r.map_err(map),
@@ -148,6 +249,7 @@ pub(super) async fn create(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     require_admin(who, "creating a project")?;
     let settings = &ctx.settings;
+    let slot = req.extensions().get::<SlotHandle>().cloned();
     let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let p: ProjectConfig = serde_json::from_slice(&bytes).map_err(|e| {
         // serde quotes the offending value, which may be a secret in the wrong field.
@@ -155,7 +257,10 @@ pub(super) async fn create(
         ApiError::bad_request(format!("invalid project: {e}"))
     })?;
     let id = p.id.clone();
-    off_runtime(ctx, move |admin| admin.create_project(p)).await?;
+    off_runtime(ctx, who, slot.as_ref(), move |admin| {
+        admin.create_project(p)
+    })
+    .await?;
     Ok(json(StatusCode::CREATED, &serde_json::json!({ "id": id })))
 }
 
@@ -168,6 +273,7 @@ pub(super) async fn put_key(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let settings: &ApiSettings = &ctx.settings;
     authorize_or_unknown(&ctx.hub, who, project)?;
+    let slot = req.extensions().get::<SlotHandle>().cloned();
     let bytes = body(req, MAX_KEY_BYTES, settings.body_read_timeout).await?;
     let value: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid key body: {e}")))?;
@@ -190,7 +296,10 @@ pub(super) async fn put_key(
         })?
     };
     let (project, kid) = (project.to_owned(), kid.to_owned());
-    off_runtime(ctx, move |admin| admin.put_key(&project, &kid, spec)).await?;
+    off_runtime(ctx, who, slot.as_ref(), move |admin| {
+        admin.put_key(&project, &kid, spec)
+    })
+    .await?;
     Ok(no_content())
 }
 
@@ -222,7 +331,20 @@ pub(super) async fn delete_key(
         })
         .unwrap_or(false);
     let (p, k) = (project.to_owned(), kid.to_owned());
-    let idx = off_runtime(ctx, move |admin| admin.delete_key(&p, &k)).await?;
+    let slot = req.extensions().get::<SlotHandle>();
+    let idx = off_runtime(ctx, who, slot, move |admin| {
+        match admin.delete_key(&p, &k) {
+            // A retried revoke (its disconnect orders did not all go out): send them again.
+            Err(AdminError::UnknownKey { .. }) if disconnect => {
+                admin.revoked_key(&p, &k).ok_or(AdminError::UnknownKey {
+                    project: p.clone(),
+                    kid: k.clone(),
+                })
+            }
+            other => other,
+        }
+    })
+    .await?;
     if disconnect {
         order_revoke(hub, idx, kid.into()).await?;
     }
@@ -231,14 +353,14 @@ pub(super) async fn delete_key(
 
 /// Tells every shard to close the connections a revoked key verified (4003): a
 /// non-blocking send per shard, retried asynchronously while its inbox is full, up to
-/// [`REVOKE_SEND_TIMEOUT`].
+/// [`REVOKE_SEND_TIMEOUT`] for all shards together.
 ///
 /// # Errors
 /// 503 `busy` naming the shard whose inbox stayed full (the key is revoked for new
 /// handshakes all the same).
 async fn order_revoke(hub: &Hub, project: u32, kid: Arc<str>) -> Result<(), ApiError> {
+    let deadline = Instant::now() + REVOKE_SEND_TIMEOUT;
     for (shard, mailbox) in hub.mailboxes.iter().enumerate() {
-        let deadline = Instant::now() + REVOKE_SEND_TIMEOUT;
         let mut msg = ShardMsg::RevokeKey {
             project,
             kid: kid.clone(),
@@ -250,7 +372,7 @@ async fn order_revoke(hub: &Hub, project: u32, kid: Arc<str>) -> Result<(), ApiE
                     "busy",
                     format!(
                         "key revoked, but shard {shard} did not take the disconnect order \
-                         within {REVOKE_SEND_TIMEOUT:?}; retry the DELETE"
+                         within {REVOKE_SEND_TIMEOUT:?}; retry the DELETE with disconnect=true"
                     ),
                 ));
             }

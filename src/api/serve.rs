@@ -4,10 +4,12 @@
 //! - [`Conns`] bounds the open API connections (`api.max_connections`). At the cap, the
 //!   connection that has waited longest for a request head is closed to admit the new one,
 //!   so a flood of idle or trickling connections cannot lock an operator's health check out;
-//!   a connection awaiting a request body counts as waiting too. Only when every connection
-//!   is inside a request (being handled) is the new one closed at accept.
+//!   a connection awaiting a request body, or a request waiting its turn, counts as waiting
+//!   too. Only when every connection is inside a request (its work running, or its answer
+//!   being written) is the new one closed at accept.
 //! - [`ApiIo`] wraps each socket: no byte moved in either direction for `api.idle_timeout_ms`
-//!   fails the connection, and hyper's own answer to a malformed request (a bare 400, 414 or
+//!   while the connection waits for a request head or body, or while an answer's write is
+//!   stuck, fails the connection (a request being handled is not idle), and hyper's own answer to a malformed request (a bare 400, 414 or
 //!   431 with no body) is rewritten into the API's `{"error","message"}` JSON.
 //!
 //! It must not know routes: the router in `mod.rs` does.
@@ -15,6 +17,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -51,7 +54,8 @@ impl LogThrottle {
 }
 
 struct Entry {
-    /// A request is being handled: the connection is not evicted.
+    /// Work for a request is running (or its answer is being written): the connection is
+    /// not evicted.
     busy: bool,
     /// Since when the connection has waited for a request head.
     waiting_since: Instant,
@@ -89,6 +93,12 @@ pub(super) struct ConnSlot {
     id: u64,
     /// Notified when the connection is evicted to admit a newer one.
     pub(super) evict: Arc<Notify>,
+    /// A request was received and its answer is not all written: [`ApiIo`] does not count
+    /// the time as idle, except while a body is awaited.
+    handling: AtomicBool,
+    /// The answer's body has ended: the request is over once hyper has written out what it
+    /// buffered (its next flush of the socket).
+    answered: AtomicBool,
 }
 
 impl Conns {
@@ -170,18 +180,37 @@ impl Conns {
             conns: self.clone(),
             id,
             evict,
+            handling: AtomicBool::new(false),
+            answered: AtomicBool::new(false),
         })
     }
 }
 
 impl ConnSlot {
-    /// Marks the connection inside a request until the returned guard drops.
-    pub(super) fn busy(&self) -> BusyGuard {
+    /// A request head arrived: the connection is inside a request (neither evicted nor idle)
+    /// until its answer is written out ([`ConnSlot::answer_ended`], then the next flush).
+    pub(super) fn request_started(&self) {
+        self.answered.store(false, Ordering::Relaxed);
+        self.handling.store(true, Ordering::Relaxed);
         self.set_busy(true);
-        BusyGuard {
-            conns: self.conns.clone(),
-            id: self.id,
+    }
+
+    /// The answer's body has ended (hyper dropped it); see [`ConnSlot::request_started`].
+    pub(super) fn answer_ended(&self) {
+        self.answered.store(true, Ordering::Relaxed);
+    }
+
+    /// hyper flushed the socket with nothing left in its buffer: an ended answer is all out.
+    fn flushed(&self) {
+        if self.answered.swap(false, Ordering::Relaxed) {
+            self.handling.store(false, Ordering::Relaxed);
+            self.set_busy(false);
         }
+    }
+
+    /// Inside a request and not waiting for its body: idle time does not count.
+    fn handling(&self) -> bool {
+        self.handling.load(Ordering::Relaxed)
     }
 
     /// Inside a request (not evicted) or waiting (evictable, oldest wait first).
@@ -203,41 +232,87 @@ impl Drop for ConnSlot {
     }
 }
 
-/// A request's connection, found by the body reader in the request's extensions: while a
-/// body is awaited, the connection may be evicted like an idle one (a client that stalls
-/// its body must not hold a slot the cap needs).
+/// A request's connection, found by handlers in the request's extensions.
 #[derive(Clone)]
 pub(super) struct SlotHandle(pub(super) Arc<ConnSlot>);
 
 impl SlotHandle {
-    /// Marks the connection evictable until the guard drops (then inside a request again).
-    pub(super) fn awaiting_body(&self) -> BodyWait {
+    /// While a body is awaited, the connection may be evicted like an idle one (a client
+    /// that stalls its body must not hold a slot the cap needs) and `api.idle_timeout_ms`
+    /// counts; when the guard drops it is inside the request again.
+    pub(super) fn awaiting_body(&self) -> Waiting {
+        self.0.handling.store(false, Ordering::Relaxed);
         self.0.set_busy(false);
-        BodyWait(self.0.clone())
-    }
-}
-
-/// See [`SlotHandle::awaiting_body`].
-pub(super) struct BodyWait(Arc<ConnSlot>);
-
-impl Drop for BodyWait {
-    fn drop(&mut self) {
-        self.0.set_busy(true);
-    }
-}
-
-/// A request in progress on a connection (see [`ConnSlot::busy`]).
-pub(super) struct BusyGuard {
-    conns: Arc<Conns>,
-    id: u64,
-}
-
-impl Drop for BusyGuard {
-    fn drop(&mut self) {
-        if let Some(e) = self.conns.lock().live.get_mut(&self.id) {
-            e.busy = false;
-            e.waiting_since = Instant::now();
+        Waiting {
+            slot: self.0.clone(),
+            body: true,
         }
+    }
+
+    /// While a request waits its turn (a queued management change), the connection may be
+    /// evicted: only work actually running holds a slot. Idle time does not count: the
+    /// request is well-formed and in progress.
+    pub(super) fn queued(&self) -> Waiting {
+        self.0.set_busy(false);
+        Waiting {
+            slot: self.0.clone(),
+            body: false,
+        }
+    }
+}
+
+/// See [`SlotHandle::awaiting_body`] and [`SlotHandle::queued`].
+pub(super) struct Waiting {
+    slot: Arc<ConnSlot>,
+    /// Awaiting a body: idle time counted meanwhile.
+    body: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.body {
+            self.slot.handling.store(true, Ordering::Relaxed);
+        }
+        self.slot.set_busy(true);
+    }
+}
+
+/// An answer's body that tells its connection when it ends (see [`ConnSlot::answer_ended`]):
+/// until then, and until hyper has written it out, the connection is inside the request.
+pub(super) struct AnswerBody<B> {
+    inner: B,
+    slot: Arc<ConnSlot>,
+}
+
+impl<B> AnswerBody<B> {
+    pub(super) fn new(inner: B, slot: Arc<ConnSlot>) -> Self {
+        Self { inner, slot }
+    }
+}
+
+impl<B> Drop for AnswerBody<B> {
+    fn drop(&mut self) {
+        self.slot.answer_ended();
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for AnswerBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -329,6 +404,12 @@ pub(super) struct ApiIo<T> {
     /// Set once the write side is shut: until then what the peer still sends is read and
     /// dropped (see [`LINGER`]).
     linger: Option<Pin<Box<Sleep>>>,
+    /// The connection's slot: whether a request is being handled (no idle deadline then),
+    /// and told when hyper's writes are all out.
+    slot: Arc<ConnSlot>,
+    /// The idle deadline was skipped because a request was being handled: it restarts from
+    /// the next wait.
+    paused: bool,
 }
 
 /// How long a closing connection reads and drops what the peer still sends after the last
@@ -338,8 +419,14 @@ pub(super) struct ApiIo<T> {
 const LINGER: Duration = Duration::from_secs(2);
 
 impl<T> ApiIo<T> {
-    /// Wraps `inner`; `idle` without a byte moved fails the connection.
-    pub(super) fn new(inner: T, idle: Duration, log: Arc<LogThrottle>) -> Self {
+    /// Wraps `inner`; `idle` without a byte moved, outside the handling of a request, fails
+    /// the connection.
+    pub(super) fn new(
+        inner: T,
+        idle: Duration,
+        log: Arc<LogThrottle>,
+        slot: Arc<ConnSlot>,
+    ) -> Self {
         Self {
             inner,
             idle,
@@ -347,6 +434,8 @@ impl<T> ApiIo<T> {
             rewrite: None,
             log,
             linger: None,
+            slot,
+            paused: false,
         }
     }
 
@@ -380,7 +469,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for ApiIo<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => self.check_idle(cx).map(Err),
+            // hyper polls the socket while a handler runs: that wait is not idleness.
+            Poll::Pending if self.slot.handling() => {
+                self.paused = true;
+                Poll::Pending
+            }
+            Poll::Pending => {
+                if self.paused {
+                    // The wait for the next request starts now.
+                    self.paused = false;
+                    self.touch();
+                }
+                self.check_idle(cx).map(Err)
+            }
         }
     }
 }
@@ -436,6 +537,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ApiIo<T> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        // hyper flushes the socket once its buffer is all written.
+        self.slot.flushed();
         Poll::Ready(Ok(()))
     }
 
