@@ -176,6 +176,58 @@ fn client_close_is_echoed_and_the_socket_closed() {
 }
 
 #[test]
+fn a_close_pipelined_behind_the_upgrade_gets_the_101_and_welcome_first() {
+    let server = server();
+    let mut c = RawClient::connect(server.listen);
+    let mut bytes = upgrade_request(
+        "/ws/shop",
+        &format!("Authorization: Bearer {}\r\n", token("shop", "alice").0),
+    )
+    .into_bytes();
+    bytes.extend_from_slice(&masked(op::CLOSE, &1000u16.to_be_bytes()));
+    c.send(&bytes);
+    let head = c.read_http_head();
+    assert!(
+        head.starts_with("HTTP/1.1 101 "),
+        "expected 101, got {head}"
+    );
+    let f = c.read_frame().expect("welcome frame");
+    assert_eq!(f.opcode, op::TEXT);
+    let welcome: Value = serde_json::from_slice(&f.payload).expect("JSON welcome");
+    assert_eq!(welcome["type"], "welcome");
+    assert_eq!(c.expect_close().0, 1000);
+    c.expect_eof();
+    server.wait_connections(0);
+}
+
+#[test]
+fn unsubscribed_messages_follow_subscription_order_after_an_unsubscribe() {
+    let server = TestServer::start(|_| {});
+    let exp = now_secs() + 3600;
+    let tok = mint("shop", &json!({"sub": "u1", "exp": exp}));
+    let (mut ws, _) = connect(server.listen, "shop", &tok);
+    for t in ["a", "b", "c", "d"] {
+        subscribe(&mut ws, t);
+    }
+    let r = request(&mut ws, r#"{"op":"unsubscribe","topic":"a","id":"u"}"#);
+    assert_eq!(r["type"], "ack", "{r}");
+    let narrow = mint("shop", &json!({"sub": "u1", "exp": exp, "topics": ["c"]}));
+    send_text(
+        &mut ws,
+        &format!(r#"{{"op":"refresh","token":"{narrow}","id":"r"}}"#),
+    );
+    let got: Vec<Value> = (0..3).map(|_| recv_json(&mut ws)).collect();
+    assert_eq!(
+        got,
+        [
+            json!({"type": "unsubscribed", "topic": "b", "reason": "not_allowed"}),
+            json!({"type": "unsubscribed", "topic": "d", "reason": "not_allowed"}),
+            json!({"type": "ack", "id": "r", "exp": exp}),
+        ]
+    );
+}
+
+#[test]
 fn error_replies_keep_the_connection_open() {
     let server = TestServer::start(|_| {});
     let (mut ws, _) = connect_user(server.listen, "shop", "alice");
