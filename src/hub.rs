@@ -180,13 +180,19 @@ impl Hub {
 
     /// Records that shard `id`'s thread died (a panic): readiness goes off, publishes are
     /// refused, and the other shards drain, so the process ends and exits non-zero
-    /// (see `main.rs`). Only the first failure acts.
+    /// (see `main.rs`). Only the first failure drains.
+    ///
+    /// The dying shard calls this before its inbox is dropped, and it returns only once no
+    /// publish is between its checks and its sends (it takes the gate): every publish then
+    /// either reached every inbox before, or sees the failure and sends nothing.
     pub fn shard_failed(&self, id: usize) {
         let _ = self
             .failed
             .compare_exchange(0, id + 1, Ordering::AcqRel, Ordering::Acquire);
         if !self.failure_handled.swap(true, Ordering::AcqRel) {
             self.drain();
+        } else {
+            drop(self.gate.write().unwrap_or_else(|e| e.into_inner()));
         }
     }
 
@@ -276,7 +282,10 @@ impl Hub {
         }
         for (shard, r) in &mut reservations {
             for p in publications {
-                // Only a dead shard refuses reserved room; the failure is then being handled.
+                // Only a dead shard refuses reserved room, and none dies between the checks
+                // above and here: a panicking shard fails the node under the gate before its
+                // inbox goes (`shard_failed`), and a drained one ends after the phase turned.
+                // So this is not reached after an earlier shard took the publish.
                 r.send(ShardMsg::Publish(p.clone()))
                     .map_err(|_| PublishError::Failed(*shard))?;
             }

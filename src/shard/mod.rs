@@ -826,12 +826,6 @@ pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("herald-shard-{}", spec.id))
         .spawn(move || {
-            // Dropped last, also when the thread unwinds from a panic: a dead shard fails the
-            // node instead of leaving it half alive.
-            let _failure = FailNode {
-                hub: spec.hub.clone(),
-                id: spec.id,
-            };
             if let Some(core) = spec.core
                 && !core_affinity::set_for_current(core)
             {
@@ -843,11 +837,20 @@ pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
             }
             let ready = spec.ready.clone();
             let id = spec.id;
+            // A dead shard fails the node instead of leaving it half alive. The guard is made
+            // inside each runtime's closure, after the runtime, so a panic fails the node
+            // before the runtime drops its tasks and with them this shard's inbox: a publish
+            // never finds the inbox gone while the node still takes publishes.
+            let hub = spec.hub.clone();
+            let fail_first = move || FailNode { hub, id };
             let result = match spec.driver {
                 IoDriver::Legacy => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                     .enable_timer()
                     .build()
-                    .map(|mut rt| rt.block_on(run(spec))),
+                    .map(|mut rt| {
+                        let _failure = fail_first();
+                        rt.block_on(run(spec))
+                    }),
                 IoDriver::Auto => {
                     if id == 0 && !monoio::utils::detect_uring() {
                         warn!(
@@ -858,7 +861,10 @@ pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
                         .with_entries(4096)
                         .enable_timer()
                         .build()
-                        .map(|mut rt| rt.block_on(run(spec)))
+                        .map(|mut rt| {
+                            let _failure = fail_first();
+                            rt.block_on(run(spec))
+                        })
                 }
             };
             if let Err(e) = result {
