@@ -201,7 +201,7 @@ fn a_close_pipelined_behind_the_upgrade_gets_the_101_and_welcome_first() {
 }
 
 #[test]
-fn unsubscribed_messages_follow_subscription_order_after_an_unsubscribe() {
+fn the_listing_and_unsubscribed_messages_keep_subscription_order_after_an_unsubscribe() {
     let server = TestServer::start(|_| {});
     let exp = now_secs() + 3600;
     let tok = mint("shop", &json!({"sub": "u1", "exp": exp}));
@@ -211,6 +211,19 @@ fn unsubscribed_messages_follow_subscription_order_after_an_unsubscribe() {
     }
     let r = request(&mut ws, r#"{"op":"unsubscribe","topic":"a","id":"u"}"#);
     assert_eq!(r["type"], "ack", "{r}");
+    // The connection listing keeps the order too: implicit topics, then explicit ones.
+    let r = http_request(
+        server.api,
+        "GET",
+        "/api/v1/connections?user=u1",
+        ADMIN_KEY,
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["connections"][0]["topics"],
+        json!(["all", "user.u1", "b", "c", "d"])
+    );
     let narrow = mint("shop", &json!({"sub": "u1", "exp": exp, "topics": ["c"]}));
     send_text(
         &mut ws,
