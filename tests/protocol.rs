@@ -176,27 +176,34 @@ fn client_close_is_echoed_and_the_socket_closed() {
 }
 
 #[test]
-fn a_close_pipelined_behind_the_upgrade_gets_the_101_and_welcome_first() {
+fn a_close_or_bad_frame_pipelined_behind_the_upgrade_gets_the_101_and_welcome_first() {
     let server = server();
-    let mut c = RawClient::connect(server.listen);
-    let mut bytes = upgrade_request(
-        "/ws/shop",
-        &format!("Authorization: Bearer {}\r\n", token("shop", "alice").0),
-    )
-    .into_bytes();
-    bytes.extend_from_slice(&masked(op::CLOSE, &1000u16.to_be_bytes()));
-    c.send(&bytes);
-    let head = c.read_http_head();
-    assert!(
-        head.starts_with("HTTP/1.1 101 "),
-        "expected 101, got {head}"
-    );
-    let f = c.read_frame().expect("welcome frame");
-    assert_eq!(f.opcode, op::TEXT);
-    let welcome: Value = serde_json::from_slice(&f.payload).expect("JSON welcome");
-    assert_eq!(welcome["type"], "welcome");
-    assert_eq!(c.expect_close().0, 1000);
-    c.expect_eof();
+    // A close (echoed 1000), and an unmasked frame (a protocol error, 1002).
+    let cases = [
+        (masked(op::CLOSE, &1000u16.to_be_bytes()), 1000),
+        (encode_frame(true, 0, op::TEXT, b"{}", None), 1002),
+    ];
+    for (frame, code) in cases {
+        let mut c = RawClient::connect(server.listen);
+        let mut bytes = upgrade_request(
+            "/ws/shop",
+            &format!("Authorization: Bearer {}\r\n", token("shop", "alice").0),
+        )
+        .into_bytes();
+        bytes.extend_from_slice(&frame);
+        c.send(&bytes);
+        let head = c.read_http_head();
+        assert!(
+            head.starts_with("HTTP/1.1 101 "),
+            "expected 101, got {head}"
+        );
+        let f = c.read_frame().expect("welcome frame");
+        assert_eq!(f.opcode, op::TEXT);
+        let welcome: Value = serde_json::from_slice(&f.payload).expect("JSON welcome");
+        assert_eq!(welcome["type"], "welcome");
+        assert_eq!(c.expect_close().0, code);
+        c.expect_eof();
+    }
     server.wait_connections(0);
 }
 
