@@ -180,13 +180,19 @@ impl Hub {
 
     /// Records that shard `id`'s thread died (a panic): readiness goes off, publishes are
     /// refused, and the other shards drain, so the process ends and exits non-zero
-    /// (see `main.rs`). Only the first failure acts.
+    /// (see `main.rs`). Only the first failure drains.
+    ///
+    /// The dying shard calls this before its inbox is dropped, and it returns only once no
+    /// publish is between its checks and its sends (it takes the gate): every publish then
+    /// either reached every inbox before, or sees the failure and sends nothing.
     pub fn shard_failed(&self, id: usize) {
         let _ = self
             .failed
             .compare_exchange(0, id + 1, Ordering::AcqRel, Ordering::Acquire);
         if !self.failure_handled.swap(true, Ordering::AcqRel) {
             self.drain();
+        } else {
+            drop(self.gate.write().unwrap_or_else(|e| e.into_inner()));
         }
     }
 
@@ -266,16 +272,20 @@ impl Hub {
         if matches!(self.phase(), Phase::Draining | Phase::Stopped) {
             return Err(PublishError::Draining);
         }
+        let nr_bytes = publications.iter().map(|p| p.nr_bytes()).sum();
         let mut reservations = Vec::with_capacity(self.nr_shards());
         for shard in route::shards_for_publication(self.nr_shards()) {
             let r = self.mailboxes[shard]
-                .try_reserve(publications.len())
+                .try_reserve(publications.len(), nr_bytes)
                 .map_err(|_| self.refused_busy(shard))?;
             reservations.push((shard, r));
         }
         for (shard, r) in &mut reservations {
             for p in publications {
-                // Only a dead shard refuses reserved room; the failure is then being handled.
+                // Only a dead shard refuses reserved room, and none dies between the checks
+                // above and here: a panicking shard fails the node under the gate before its
+                // inbox goes (`shard_failed`), and a drained one ends after the phase turned.
+                // So this is not reached after an earlier shard took the publish.
                 r.send(ShardMsg::Publish(p.clone()))
                     .map_err(|_| PublishError::Failed(*shard))?;
             }
@@ -299,6 +309,7 @@ impl Hub {
             tracing::warn!(
                 shard,
                 depth = self.mailboxes[shard].depth(),
+                depth_bytes = self.mailboxes[shard].depth_bytes(),
                 suppressed,
                 "shard inbox full: publish refused with 503 busy, nothing sent (logged at most \
                  once a second; `suppressed` refusals since the previous line)"
@@ -366,8 +377,16 @@ mod tests {
     use crate::shard::mailbox::{self, Inbox};
 
     fn hub(nr_shards: usize, inbox_capacity: usize) -> (Hub, Vec<Inbox>) {
+        hub_with_bytes(nr_shards, inbox_capacity, 1 << 30)
+    }
+
+    fn hub_with_bytes(
+        nr_shards: usize,
+        inbox_capacity: usize,
+        inbox_bytes: usize,
+    ) -> (Hub, Vec<Inbox>) {
         let (mailboxes, inboxes) = (0..nr_shards)
-            .map(|_| mailbox::channel(inbox_capacity).unwrap())
+            .map(|_| mailbox::channel(inbox_capacity, inbox_bytes).unwrap())
             .unzip();
         let registry =
             crate::auth::Registry::from_config(&crate::config::Config::development()).unwrap();
@@ -461,7 +480,7 @@ mod tests {
         let topic = [Topic::parse("news").unwrap()];
         let data = raw("1");
         // Shard 2's inbox has room for one message only.
-        let held = hub.mailboxes[2].try_reserve(3).unwrap();
+        let held = hub.mailboxes[2].try_reserve(3, 0).unwrap();
         let batch: Vec<_> = (0..2)
             .map(|_| hub.prepare(0, &topic, &data).unwrap().1)
             .collect();
@@ -489,6 +508,36 @@ mod tests {
             assert!(Arc::ptr_eq(&got[0], &batch[0]) && Arc::ptr_eq(&got[1], &batch[1]));
         }
         assert_eq!(hub.mailboxes[2].depth(), 0, "room given back");
+    }
+
+    /// A lagging shard holds back at most its inbox's bytes: a publish or batch over them is
+    /// refused whole, and the room comes back as the shard takes the messages.
+    #[test]
+    fn an_inbox_is_bounded_in_bytes_all_or_nothing() {
+        let topic = [Topic::parse("news").unwrap()];
+        let data = raw(&format!("\"{}\"", "x".repeat(1000)));
+        let one = hub(1, 4).0.prepare(0, &topic, &data).unwrap().1.nr_bytes();
+        // Room for the bytes of three such publishes, messages for a hundred.
+        let (hub, inboxes) = hub_with_bytes(2, 100, 3 * one + one / 2);
+        let batch: Vec<_> = (0..2)
+            .map(|_| hub.prepare(0, &topic, &data).unwrap().1)
+            .collect();
+        hub.send(&batch).unwrap();
+        hub.publish(0, &topic, &data).unwrap();
+        assert_eq!(hub.publish(0, &topic, &data), Err(PublishError::Busy(0)));
+        assert_eq!(hub.send(&batch), Err(PublishError::Busy(0)));
+        for m in &hub.mailboxes {
+            assert_eq!((m.depth(), m.depth_bytes()), (3, 3 * one));
+        }
+        // Shard 1 lags; shard 0 takes its messages and its room comes back.
+        assert_eq!(drain_inbox(&inboxes[0]).0.len(), 3);
+        assert_eq!(hub.publish(0, &topic, &data), Err(PublishError::Busy(1)));
+        assert_eq!(drain_inbox(&inboxes[0]).0.len(), 0, "nothing sent");
+        assert_eq!(drain_inbox(&inboxes[1]).0.len(), 3);
+        hub.send(&batch).unwrap();
+        for inbox in &inboxes {
+            assert_eq!(drain_inbox(inbox).0.len(), 2);
+        }
     }
 
     /// Publishers racing the drain: every publish answered Ok is ahead of the drain order in

@@ -20,6 +20,11 @@ use crate::store::Store;
 /// Capacity of each shard's inbox, in messages; a publish (or batch) that does not fit every
 /// shard's inbox is refused whole with 503.
 pub const INBOX_CAPACITY: usize = 65_536;
+/// Capacity of each shard's inbox in bytes of publications (their data, envelopes and
+/// topics): what a lagging shard may hold back (an empty inbox still takes one publish or
+/// batch of any size). Past it a publish is refused whole with 503 `busy`, as at
+/// [`INBOX_CAPACITY`].
+pub const INBOX_MAX_BYTES: usize = 256 << 20;
 
 /// Why the server did not start.
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +153,7 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
     let mut mailboxes = Vec::new();
     let mut inboxes = Vec::new();
     for _ in 0..nr_shards {
-        let (m, i) = mailbox::channel(INBOX_CAPACITY)
+        let (m, i) = mailbox::channel(INBOX_CAPACITY, INBOX_MAX_BYTES)
             .map_err(|e| StartError::Shard(format!("eventfd: {e}")))?;
         mailboxes.push(m);
         inboxes.push(i);

@@ -176,6 +176,78 @@ fn client_close_is_echoed_and_the_socket_closed() {
 }
 
 #[test]
+fn a_close_or_bad_frame_pipelined_behind_the_upgrade_gets_the_101_and_welcome_first() {
+    let server = server();
+    // A close (echoed 1000), and an unmasked frame (a protocol error, 1002).
+    let cases = [
+        (masked(op::CLOSE, &1000u16.to_be_bytes()), 1000),
+        (encode_frame(true, 0, op::TEXT, b"{}", None), 1002),
+    ];
+    for (frame, code) in cases {
+        let mut c = RawClient::connect(server.listen);
+        let mut bytes = upgrade_request(
+            "/ws/shop",
+            &format!("Authorization: Bearer {}\r\n", token("shop", "alice").0),
+        )
+        .into_bytes();
+        bytes.extend_from_slice(&frame);
+        c.send(&bytes);
+        let head = c.read_http_head();
+        assert!(
+            head.starts_with("HTTP/1.1 101 "),
+            "expected 101, got {head}"
+        );
+        let f = c.read_frame().expect("welcome frame");
+        assert_eq!(f.opcode, op::TEXT);
+        let welcome: Value = serde_json::from_slice(&f.payload).expect("JSON welcome");
+        assert_eq!(welcome["type"], "welcome");
+        assert_eq!(c.expect_close().0, code);
+        c.expect_eof();
+    }
+    server.wait_connections(0);
+}
+
+#[test]
+fn the_listing_and_unsubscribed_messages_keep_subscription_order_after_an_unsubscribe() {
+    let server = TestServer::start(|_| {});
+    let exp = now_secs() + 3600;
+    let tok = mint("shop", &json!({"sub": "u1", "exp": exp}));
+    let (mut ws, _) = connect(server.listen, "shop", &tok);
+    for t in ["a", "b", "c", "d"] {
+        subscribe(&mut ws, t);
+    }
+    let r = request(&mut ws, r#"{"op":"unsubscribe","topic":"a","id":"u"}"#);
+    assert_eq!(r["type"], "ack", "{r}");
+    // The connection listing keeps the order too: implicit topics, then explicit ones.
+    let r = http_request(
+        server.api,
+        "GET",
+        "/api/v1/connections?user=u1",
+        ADMIN_KEY,
+        "",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["connections"][0]["topics"],
+        json!(["all", "user.u1", "b", "c", "d"])
+    );
+    let narrow = mint("shop", &json!({"sub": "u1", "exp": exp, "topics": ["c"]}));
+    send_text(
+        &mut ws,
+        &format!(r#"{{"op":"refresh","token":"{narrow}","id":"r"}}"#),
+    );
+    let got: Vec<Value> = (0..3).map(|_| recv_json(&mut ws)).collect();
+    assert_eq!(
+        got,
+        [
+            json!({"type": "unsubscribed", "topic": "b", "reason": "not_allowed"}),
+            json!({"type": "unsubscribed", "topic": "d", "reason": "not_allowed"}),
+            json!({"type": "ack", "id": "r", "exp": exp}),
+        ]
+    );
+}
+
+#[test]
 fn error_replies_keep_the_connection_open() {
     let server = TestServer::start(|_| {});
     let (mut ws, _) = connect_user(server.listen, "shop", "alice");

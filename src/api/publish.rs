@@ -132,15 +132,18 @@ fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>, ApiError> 
         .map_err(ApiError::bad_request)
 }
 
-/// Runs `publish` unless the same `Idempotency-Key` (of this caller, on this endpoint) was
-/// accepted with the same body within the window: then answers that again, publishing nothing.
+/// Runs `publish` (which answers the message ids) unless the same `Idempotency-Key` (of this
+/// caller, on this endpoint) was accepted with the same body within the window: then answers
+/// that again, publishing nothing. A new key the cache has no room for is refused, 503 `busy`,
+/// before anything is published.
 fn once(
     cache: &Mutex<IdempotencyCache>,
     who: Caller,
     endpoint: Endpoint,
     key: Option<String>,
     bytes: &[u8],
-    publish: impl FnOnce() -> Result<Bytes, ApiError>,
+    nr_ids: usize,
+    publish: impl FnOnce() -> Result<Vec<String>, ApiError>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let answer = |body: Bytes, replayed: bool| {
         let mut r = Response::new(Full::new(body));
@@ -153,13 +156,14 @@ fn once(
         r
     };
     let Some(key) = key else {
-        return publish().map(|b| answer(b, false));
+        return publish().map(|ids| answer(idempotency::answer(endpoint, &ids), false));
     };
     let fp = idempotency::fingerprint(bytes);
-    let now = Instant::now();
     // Held across the publish (no await inside): a concurrent retry waits and then replays.
     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-    match cache.lookup(who, endpoint, &key, fp, now) {
+    // Taken under the lock, so the cache sees its keys in age order.
+    let now = Instant::now();
+    match cache.lookup(who, endpoint, &key, fp, nr_ids, now) {
         Lookup::Replay(body) => Ok(answer(body, true)),
         Lookup::Conflict => Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -169,16 +173,25 @@ fn once(
                 idempotency::TTL.as_secs()
             ),
         )),
+        Lookup::Full { retry_after_secs } => Err(ApiError {
+            retry_after_secs: Some(retry_after_secs),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                format!(
+                    "the node remembers all the Idempotency-Keys it may ({} MiB of the last {} s); \
+                     nothing was sent, retry in {retry_after_secs} s",
+                    idempotency::MAX_BYTES >> 20,
+                    idempotency::TTL.as_secs()
+                ),
+            )
+        }),
         Lookup::New => {
-            let body = publish()?;
-            cache.remember(who, endpoint, &key, fp, body.clone(), now);
-            Ok(answer(body, false))
+            let ids = publish()?;
+            cache.remember(who, endpoint, &key, fp, &ids, now);
+            Ok(answer(idempotency::answer(endpoint, &ids), false))
         }
     }
-}
-
-fn to_body<T: serde::Serialize>(v: &T) -> Bytes {
-    Bytes::from(serde_json::to_vec(v).expect("API bodies always serialise"))
 }
 
 pub(super) async fn single(
@@ -192,10 +205,10 @@ pub(super) async fn single(
     let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let b: PublishBody<'_> = serde_json::from_slice(&bytes).map_err(parse_err)?;
     let c = check(hub, who, b)?;
-    once(cache, who, Endpoint::Single, key, &bytes, || {
+    once(cache, who, Endpoint::Single, key, &bytes, 1, || {
         let id = hub.publish(c.project, &c.topics, c.data).map_err(refused)?;
         crate::metrics::ShardStats::add(&hub.api_published, 1);
-        Ok(to_body(&serde_json::json!({ "id": id })))
+        Ok(vec![id])
     })
 }
 
@@ -225,20 +238,28 @@ pub(super) async fn batch(
         .enumerate()
         .map(|(i, b)| check(hub, who, b).map_err(item_err(i)))
         .collect::<Result<Vec<_>, _>>()?;
-    once(cache, who, Endpoint::Batch, key, &bytes, || {
-        let (ids, publications): (Vec<_>, Vec<_>) = checked
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                hub.prepare(c.project, &c.topics, c.data)
-                    .map_err(|e| item_err(i)(refused(e)))
-            })
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .unzip();
-        // Every item to every shard, or none.
-        hub.send(&publications).map_err(refused)?;
-        crate::metrics::ShardStats::add(&hub.api_published, ids.len() as u64);
-        Ok(to_body(&serde_json::json!({ "ids": ids })))
-    })
+    once(
+        cache,
+        who,
+        Endpoint::Batch,
+        key,
+        &bytes,
+        checked.len(),
+        || {
+            let (ids, publications): (Vec<_>, Vec<_>) = checked
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    hub.prepare(c.project, &c.topics, c.data)
+                        .map_err(|e| item_err(i)(refused(e)))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .unzip();
+            // Every item to every shard, or none.
+            hub.send(&publications).map_err(refused)?;
+            crate::metrics::ShardStats::add(&hub.api_published, ids.len() as u64);
+            Ok(ids)
+        },
+    )
 }

@@ -1,9 +1,10 @@
 //! The only cross-core API: a bounded inbox per shard plus an eventfd wake-up.
 //!
-//! The bound is a counter of queued messages, not the channel's own: a sender first reserves
-//! room ([`Mailbox::try_reserve`]), then sends, and a send on a reservation cannot fail for
-//! lack of room. A publish therefore reserves on every target shard before it sends to any,
-//! so it reaches all of them or none. The shard gives the room back as it takes each message.
+//! The bound is two counters, of queued messages and of their publications' bytes, not the
+//! channel's own: a sender first reserves room in both ([`Mailbox::try_reserve`]), then
+//! sends, and a send on a reservation cannot fail for lack of room. A publish therefore
+//! reserves on every target shard before it sends to any, so it reaches all of them or none.
+//! The shard gives the room back as it takes each message.
 //!
 //! A sender pushes a [`ShardMsg`] and writes the eventfd only when the inbox was not already
 //! armed, so a burst costs one syscall. The shard waits for the eventfd through the runtime
@@ -31,6 +32,18 @@ pub struct Publication {
     pub body: Bytes,
     /// When `Hub::publish` accepted it (for the publish-to-enqueue histogram).
     pub accepted_at: std::time::Instant,
+}
+
+impl Publication {
+    /// The bytes it holds (its heads, topics and shared body), as an inbox counts them.
+    pub fn nr_bytes(&self) -> usize {
+        self.body.len()
+            + self
+                .heads
+                .iter()
+                .map(|(t, h)| t.len() + h.len())
+                .sum::<usize>()
+    }
 }
 
 /// Work for a shard.
@@ -84,6 +97,17 @@ pub enum ShardMsg {
         /// Where the shard answers.
         reply: tokio::sync::oneshot::Sender<usize>,
     },
+}
+
+impl ShardMsg {
+    /// The bytes it counts against an inbox's byte bound: a publication's, 0 for the rest
+    /// (small, and bounded by the message count).
+    pub fn nr_bytes(&self) -> usize {
+        match self {
+            Self::Publish(p) => p.nr_bytes(),
+            _ => 0,
+        }
+    }
 }
 
 /// A filter for [`ShardMsg::List`].
@@ -140,6 +164,11 @@ struct Shared {
     queued: AtomicUsize,
     /// Most messages queued or reserved at once.
     capacity: usize,
+    /// Bytes of the messages queued or reserved ([`ShardMsg::nr_bytes`]).
+    queued_bytes: AtomicUsize,
+    /// Most bytes queued or reserved at once (an empty inbox still takes one reservation of
+    /// any size, so a publication larger than this is not refused forever).
+    max_bytes: usize,
 }
 
 /// The sending side, held by the hub (any thread).
@@ -162,6 +191,7 @@ pub struct Inbox {
 pub struct Reservation<'a> {
     mailbox: &'a Mailbox,
     left: usize,
+    left_bytes: usize,
 }
 
 impl Reservation<'_> {
@@ -171,32 +201,43 @@ impl Reservation<'_> {
     /// The shard is gone (its thread ended); the message is handed back.
     ///
     /// # Panics
-    /// More sends than reserved (a bug in the caller).
+    /// More sends (or bytes) than reserved (a bug in the caller).
     pub fn send(&mut self, msg: ShardMsg) -> Result<(), ShardMsg> {
-        assert!(self.left > 0, "send beyond the reservation");
+        let nr_bytes = msg.nr_bytes();
+        assert!(
+            self.left > 0 && nr_bytes <= self.left_bytes,
+            "send beyond the reservation"
+        );
         self.left -= 1;
-        self.mailbox.push(msg).inspect_err(|_| {
-            self.mailbox.shared.queued.fetch_sub(1, Ordering::AcqRel);
-        })
+        self.left_bytes -= nr_bytes;
+        self.mailbox
+            .push(msg)
+            .inspect_err(|_| self.mailbox.shared.give_back(1, nr_bytes))
     }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        if self.left > 0 {
-            self.mailbox
-                .shared
-                .queued
-                .fetch_sub(self.left, Ordering::AcqRel);
+        if self.left > 0 || self.left_bytes > 0 {
+            self.mailbox.shared.give_back(self.left, self.left_bytes);
         }
     }
 }
 
-/// A bounded mailbox and its inbox: at most `capacity` messages queued or reserved.
+impl Shared {
+    /// Frees room for `n` messages of `nr_bytes` bytes.
+    fn give_back(&self, n: usize, nr_bytes: usize) {
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+        self.queued_bytes.fetch_sub(nr_bytes, Ordering::AcqRel);
+    }
+}
+
+/// A bounded mailbox and its inbox: at most `capacity` messages and `max_bytes` bytes queued
+/// or reserved.
 ///
 /// # Errors
 /// eventfd creation failed.
-pub fn channel(capacity: usize) -> std::io::Result<(Mailbox, Inbox)> {
+pub fn channel(capacity: usize, max_bytes: usize) -> std::io::Result<(Mailbox, Inbox)> {
     // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
     let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
     if fd < 0 {
@@ -209,6 +250,8 @@ pub fn channel(capacity: usize) -> std::io::Result<(Mailbox, Inbox)> {
         armed: AtomicBool::new(false),
         queued: AtomicUsize::new(0),
         capacity,
+        queued_bytes: AtomicUsize::new(0),
+        max_bytes,
     });
     // Unbounded: the bound is `Shared::queued`, so a send on reserved room never fails.
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -222,27 +265,27 @@ pub fn channel(capacity: usize) -> std::io::Result<(Mailbox, Inbox)> {
 }
 
 impl Mailbox {
-    /// Reserves room for `n` messages.
+    /// Reserves room for `n` messages of `nr_bytes` bytes in all.
     ///
     /// # Errors
-    /// Less than `n` free: nothing is reserved.
-    pub fn try_reserve(&self, n: usize) -> Result<Reservation<'_>, Full> {
-        let q = &self.shared.queued;
-        let mut cur = q.load(Ordering::Acquire);
-        loop {
-            if cur.saturating_add(n) > self.shared.capacity {
-                return Err(Full);
-            }
-            match q.compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    return Ok(Reservation {
-                        mailbox: self,
-                        left: n,
-                    });
-                }
-                Err(now) => cur = now,
-            }
-        }
+    /// Less than `n` messages or `nr_bytes` bytes free (bytes are always free in an inbox
+    /// that holds none): nothing is reserved.
+    pub fn try_reserve(&self, n: usize, nr_bytes: usize) -> Result<Reservation<'_>, Full> {
+        let shared = &self.shared;
+        take(&shared.queued, n, |cur| {
+            cur.saturating_add(n) <= shared.capacity
+        })?;
+        take(&shared.queued_bytes, nr_bytes, |cur| {
+            cur == 0 || cur.saturating_add(nr_bytes) <= shared.max_bytes
+        })
+        .inspect_err(|_| {
+            shared.queued.fetch_sub(n, Ordering::AcqRel);
+        })?;
+        Ok(Reservation {
+            mailbox: self,
+            left: n,
+            left_bytes: nr_bytes,
+        })
     }
 
     /// Queues `msg` and wakes the shard.
@@ -250,7 +293,7 @@ impl Mailbox {
     /// # Errors
     /// The inbox is full or the shard is gone; the message is handed back.
     pub fn send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
-        match self.try_reserve(1) {
+        match self.try_reserve(1, msg.nr_bytes()) {
             Ok(mut r) => r.send(msg),
             Err(Full) => Err(msg),
         }
@@ -261,33 +304,17 @@ impl Mailbox {
     /// # Errors
     /// The shard is gone; the message is handed back.
     pub fn send_over_bound(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        let nr_bytes = msg.nr_bytes();
         self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        self.shared
+            .queued_bytes
+            .fetch_add(nr_bytes, Ordering::AcqRel);
         Reservation {
             mailbox: self,
             left: 1,
+            left_bytes: nr_bytes,
         }
         .send(msg)
-    }
-
-    /// Queues a control message, waiting up to `timeout` for room (control plane only).
-    ///
-    /// # Errors
-    /// Still full at the timeout, or the shard is gone; the message is handed back.
-    pub fn send_timeout(
-        &self,
-        msg: ShardMsg,
-        timeout: std::time::Duration,
-    ) -> Result<(), ShardMsg> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Ok(mut r) = self.try_reserve(1) {
-                return r.send(msg);
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(msg);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
     }
 
     /// Queues on room already counted in `queued`.
@@ -307,6 +334,25 @@ impl Mailbox {
     /// Most messages the inbox holds.
     pub fn capacity(&self) -> usize {
         self.shared.capacity
+    }
+
+    /// Bytes of the messages waiting (or reserved and about to be sent).
+    pub fn depth_bytes(&self) -> usize {
+        self.shared.queued_bytes.load(Ordering::Acquire)
+    }
+}
+
+/// Adds `n` to `counter` if `fits` the current value; all or nothing.
+fn take(counter: &AtomicUsize, n: usize, fits: impl Fn(usize) -> bool) -> Result<(), Full> {
+    let mut cur = counter.load(Ordering::Acquire);
+    loop {
+        if !fits(cur) {
+            return Err(Full);
+        }
+        match counter.compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Ok(()),
+            Err(now) => cur = now,
+        }
     }
 }
 
@@ -347,7 +393,7 @@ impl Inbox {
     /// Takes one waiting message, giving its room back.
     pub fn try_recv(&self) -> Option<ShardMsg> {
         let msg = self.rx.try_recv().ok()?;
-        self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        self.shared.give_back(1, msg.nr_bytes());
         Some(msg)
     }
 }
@@ -358,7 +404,7 @@ mod tests {
 
     #[test]
     fn bounded_and_hands_back() {
-        let (tx, rx) = channel(1).unwrap();
+        let (tx, rx) = channel(1, 1 << 20).unwrap();
         tx.send(ShardMsg::Drain).unwrap();
         assert!(matches!(tx.send(ShardMsg::Drain), Err(ShardMsg::Drain)));
         assert_eq!(tx.depth(), 1);
@@ -369,9 +415,9 @@ mod tests {
 
     #[test]
     fn a_reservation_is_all_or_nothing_and_gives_back_what_it_did_not_use() {
-        let (tx, rx) = channel(3).unwrap();
-        let mut r = tx.try_reserve(2).unwrap();
-        assert_eq!(tx.try_reserve(2).unwrap_err(), Full, "only one left");
+        let (tx, rx) = channel(3, 1 << 20).unwrap();
+        let mut r = tx.try_reserve(2, 0).unwrap();
+        assert_eq!(tx.try_reserve(2, 0).unwrap_err(), Full, "only one left");
         assert_eq!(tx.depth(), 2, "a failed reservation takes nothing");
         r.send(ShardMsg::Drain).unwrap();
         drop(r);
@@ -383,12 +429,45 @@ mod tests {
         assert!(tx.send(ShardMsg::Drain).is_err());
         while rx.try_recv().is_some() {}
         assert_eq!(tx.depth(), 0);
-        assert!(tx.try_reserve(3).is_ok());
+        assert!(tx.try_reserve(3, 0).is_ok());
+    }
+
+    fn publication(nr_bytes: usize) -> Arc<Publication> {
+        Arc::new(Publication {
+            project: 0,
+            heads: Vec::new(),
+            body: Bytes::from(vec![b'x'; nr_bytes]),
+            accepted_at: std::time::Instant::now(),
+        })
+    }
+
+    #[test]
+    fn bytes_are_bounded_too_and_given_back_as_the_shard_takes_them() {
+        let (tx, rx) = channel(100, 1000).unwrap();
+        tx.send(ShardMsg::Publish(publication(600))).unwrap();
+        assert_eq!(tx.depth_bytes(), 600);
+        // Room for messages, not for bytes: refused whole, nothing taken.
+        assert_eq!(tx.try_reserve(2, 500).unwrap_err(), Full);
+        assert!(tx.send(ShardMsg::Publish(publication(401))).is_err());
+        assert_eq!((tx.depth(), tx.depth_bytes()), (1, 600));
+        let mut r = tx.try_reserve(2, 400).unwrap();
+        r.send(ShardMsg::Publish(publication(300))).unwrap();
+        drop(r);
+        assert_eq!(
+            (tx.depth(), tx.depth_bytes()),
+            (2, 900),
+            "unused bytes given back"
+        );
+        while rx.try_recv().is_some() {}
+        assert_eq!((tx.depth(), tx.depth_bytes()), (0, 0));
+        // An empty inbox takes one publication larger than the bound.
+        tx.send(ShardMsg::Publish(publication(5000))).unwrap();
+        assert!(tx.send(ShardMsg::Publish(publication(1))).is_err());
     }
 
     #[test]
     fn one_wakeup_per_burst() {
-        let (tx, rx) = channel(8).unwrap();
+        let (tx, rx) = channel(8, 1 << 20).unwrap();
         for _ in 0..3 {
             tx.send(ShardMsg::Drain).unwrap();
         }

@@ -92,6 +92,27 @@ pub struct Limits {
     pub max_client_fd: Option<u64>,
 }
 
+/// A shard's share of `limits.max_pending_handshakes` (0 = no cap), and at most of half the
+/// client descriptors: idle unauthenticated sockets then never hold every client descriptor,
+/// and the eviction at the cap keeps serving newcomers (sockets evicted in a burst close a
+/// little later, in the other half).
+fn pending_share(c: &Config, max_client_fd: Option<u64>) -> usize {
+    let nr_shards = c.nr_shards().max(1);
+    let share = c.limits.max_pending_handshakes.div_ceil(nr_shards);
+    let Some(max_fd) = max_client_fd else {
+        return share;
+    };
+    let fd_share = usize::try_from(max_fd / 2)
+        .unwrap_or(usize::MAX)
+        .div_ceil(nr_shards)
+        .max(1);
+    if share == 0 {
+        fd_share
+    } else {
+        share.min(fd_share)
+    }
+}
+
 impl Limits {
     /// From the config.
     pub fn from_config(c: &Config) -> Self {
@@ -100,6 +121,9 @@ impl Limits {
             0 => 0,
             rate => 1_000_000u32.div_ceil(rate),
         };
+        let max_client_fd = crate::hostcheck::nofile().map(|(soft, _)| {
+            crate::hostcheck::client_fd_ceiling(soft, crate::hostcheck::reserved_fds(c))
+        });
         let refresh_interval_ms = match c.limits.refreshes_per_conn_per_min {
             0 => 0,
             rate => 60_000u32.div_ceil(rate),
@@ -116,17 +140,12 @@ impl Limits {
             handshakes_per_ip_per_sec: c.limits.handshakes_per_ip_per_sec,
             handshake_burst_per_ip: c.limits.handshake_burst_per_ip,
             limiter_max_ips: c.limits.limiter_max_ips,
-            max_pending_handshakes: c
-                .limits
-                .max_pending_handshakes
-                .div_ceil(c.nr_shards().max(1)),
+            max_pending_handshakes: pending_share(c, max_client_fd),
             proxies: Arc::new(
                 crate::net::proxy::TrustedProxies::new(&c.proxy.trusted, c.proxy.proxy_protocol)
                     .unwrap_or_default(),
             ),
-            max_client_fd: crate::hostcheck::nofile().map(|(soft, _)| {
-                crate::hostcheck::client_fd_ceiling(soft, crate::hostcheck::reserved_fds(c))
-            }),
+            max_client_fd,
             msg_interval_us,
             // Exactly `burst` messages back to back: the first at the bucket's start, then
             // `burst - 1` intervals ahead. Validation bounds the burst to 60 s of the rate,
@@ -209,10 +228,11 @@ pub struct Shard {
     pub(crate) clock_us: u32,
     /// Connections in the handshake phase.
     pub(crate) pending_handshakes: usize,
-    /// When a handshake was last evicted at the pending-handshake cap (the warning is logged
-    /// at most once per [`OVERLOAD_LOG_EVERY`]), and how many since.
-    overload_logged: Option<Instant>,
-    overload_unlogged: u64,
+    /// Handshakes evicted at the pending-handshake cap (a warning at most once per
+    /// [`OVERLOAD_LOG_EVERY`]).
+    evictions: Throttled,
+    /// New sockets at the descriptor ceiling (its own warning, as often).
+    fd_ceiling: Throttled,
     /// Refused handshakes of the current log interval (one line in full, then a summary).
     pub(crate) refusals: refusals::RefusalLog,
 }
@@ -232,6 +252,32 @@ fn shrink_idle(q: &mut VecDeque<Deadline>) {
 
 /// Least time between two warnings about handshakes evicted at the pending cap.
 const OVERLOAD_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Descriptors above the client ceiling (of the API's reserve, `api.max_connections` + 256)
+/// a new socket may hold while the handshake evicted for it closes.
+const CEILING_SLACK: u64 = 64;
+
+/// Events of one kind, warned about at most once per [`OVERLOAD_LOG_EVERY`].
+#[derive(Debug, Default)]
+struct Throttled {
+    logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Throttled {
+    /// Counts one event; when a warning is due, the events it covers.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        if self
+            .logged
+            .is_some_and(|at| now.duration_since(at) < OVERLOAD_LOG_EVERY)
+        {
+            return None;
+        }
+        self.logged = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
 
 /// Why a socket is closed at accept, unread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,8 +357,8 @@ impl Shard {
             epoch: Instant::now(),
             clock_us: 0,
             pending_handshakes: 0,
-            overload_logged: None,
-            overload_unlogged: 0,
+            evictions: Throttled::default(),
+            fd_ceiling: Throttled::default(),
             refusals: refusals::RefusalLog::default(),
         }
     }
@@ -363,6 +409,43 @@ impl Shard {
         if cap == 0 || self.pending_handshakes < cap {
             return true;
         }
+        if !self.evict_oldest_handshake() {
+            return false;
+        }
+        if let Some(evicted) = self.evictions.note(Instant::now()) {
+            warn!(
+                shard = self.id,
+                pending = self.pending_handshakes,
+                evicted,
+                "handshakes in progress at this shard's share of \
+                 limits.max_pending_handshakes; closing the oldest to make room"
+            );
+        }
+        self.pending_handshakes < cap
+    }
+
+    /// Makes room for a new socket whose descriptor `fd` is at or above the client ceiling
+    /// `max` (the descriptors above are the API's): the oldest handshake in progress is closed
+    /// for it, as at the pending-handshake cap, so idle unauthenticated sockets cannot hold
+    /// every client descriptor. False (close the new socket) when there is none, or when the
+    /// new socket's descriptor is past the slack the closing one is allowed.
+    fn make_room_at_fd_ceiling(&mut self, fd: u64, max: u64) -> bool {
+        let evicted = fd < max.saturating_add(CEILING_SLACK) && self.evict_oldest_handshake();
+        if let Some(n) = self.fd_ceiling.note(Instant::now()) {
+            warn!(
+                shard = self.id,
+                new_sockets = n,
+                pending = self.pending_handshakes,
+                "open descriptors near RLIMIT_NOFILE, the rest are kept for the API \
+                 (api.max_connections); for each new socket the oldest handshake in progress \
+                 is closed, or the new socket when there is none"
+            );
+        }
+        evicted
+    }
+
+    /// Closes the oldest handshake in progress unread; false when there is none.
+    fn evict_oldest_handshake(&mut self) -> bool {
         while let Some(d) = self.handshake_deadlines.pop_front() {
             let live = self
                 .occupant(d.slot, d.generation)
@@ -375,23 +458,7 @@ impl Shard {
             self.kill(d.slot);
             ShardStats::add(&self.stats.handshakes[ShardStats::outcome("evicted")], 1);
             self.refusals.note(Instant::now(), "evicted", false);
-            self.overload_unlogged += 1;
-            let now = Instant::now();
-            if self
-                .overload_logged
-                .is_none_or(|at| now.duration_since(at) >= OVERLOAD_LOG_EVERY)
-            {
-                warn!(
-                    shard = self.id,
-                    pending = self.pending_handshakes,
-                    evicted = self.overload_unlogged,
-                    "handshakes in progress at this shard's share of \
-                     limits.max_pending_handshakes; closing the oldest to make room"
-                );
-                self.overload_logged = Some(now);
-                self.overload_unlogged = 0;
-            }
-            return self.pending_handshakes < cap;
+            return true;
         }
         false
     }
@@ -421,23 +488,6 @@ impl Shard {
                  (api.max_connections)"
             }
         };
-        if why == AcceptRefusal::FdReserve {
-            // An operator must hear of this one: the node is out of client descriptors.
-            self.overload_unlogged += 1;
-            let now = Instant::now();
-            if self
-                .overload_logged
-                .is_none_or(|at| now.duration_since(at) >= OVERLOAD_LOG_EVERY)
-            {
-                warn!(
-                    shard = self.id,
-                    closed = self.overload_unlogged,
-                    "{what}; closing new sockets unread"
-                );
-                self.overload_logged = Some(now);
-                self.overload_unlogged = 0;
-            }
-        }
         debug!(shard = self.id, %peer, "{what}; closed unread");
     }
 
@@ -826,12 +876,6 @@ pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("herald-shard-{}", spec.id))
         .spawn(move || {
-            // Dropped last, also when the thread unwinds from a panic: a dead shard fails the
-            // node instead of leaving it half alive.
-            let _failure = FailNode {
-                hub: spec.hub.clone(),
-                id: spec.id,
-            };
             if let Some(core) = spec.core
                 && !core_affinity::set_for_current(core)
             {
@@ -843,11 +887,20 @@ pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
             }
             let ready = spec.ready.clone();
             let id = spec.id;
+            // A dead shard fails the node instead of leaving it half alive. The guard is made
+            // inside each runtime's closure, after the runtime, so a panic fails the node
+            // before the runtime drops its tasks and with them this shard's inbox: a publish
+            // never finds the inbox gone while the node still takes publishes.
+            let hub = spec.hub.clone();
+            let fail_first = move || FailNode { hub, id };
             let result = match spec.driver {
                 IoDriver::Legacy => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                     .enable_timer()
                     .build()
-                    .map(|mut rt| rt.block_on(run(spec))),
+                    .map(|mut rt| {
+                        let _failure = fail_first();
+                        rt.block_on(run(spec))
+                    }),
                 IoDriver::Auto => {
                     if id == 0 && !monoio::utils::detect_uring() {
                         warn!(
@@ -858,7 +911,10 @@ pub fn spawn(spec: ShardSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
                         .with_entries(4096)
                         .enable_timer()
                         .build()
-                        .map(|mut rt| rt.block_on(run(spec)))
+                        .map(|mut rt| {
+                            let _failure = fail_first();
+                            rt.block_on(run(spec))
+                        })
                 }
             };
             if let Err(e) = result {
@@ -966,25 +1022,23 @@ async fn accept_loop(shard: &Rc<RefCell<Shard>>, listener: &monoio::net::TcpList
             None => return,
             Some(Ok((stream, peer))) => {
                 backoff_logged = false;
-                let reserved = shard.borrow().limits.max_client_fd;
-                if reserved.is_some_and(|max| stream.as_raw_fd() as u64 >= max) {
-                    shard
-                        .borrow_mut()
-                        .refused_at_accept(peer, AcceptRefusal::FdReserve);
-                    drop(stream);
-                    continue;
-                }
+                let fd = stream.as_raw_fd() as u64;
+                let ceiling = shard.borrow().limits.max_client_fd.filter(|max| fd >= *max);
                 // A refused peer costs no read, no buffer and no slot; its socket is closed
                 // without an answer.
                 let mut s = shard.borrow_mut();
                 let admitted = s.screen(peer).and_then(|a| {
-                    if s.make_room() {
+                    let (room, why) = match ceiling {
+                        Some(max) => (s.make_room_at_fd_ceiling(fd, max), AcceptRefusal::FdReserve),
+                        None => (s.make_room(), AcceptRefusal::PendingCap),
+                    };
+                    if room {
                         Ok(a)
                     } else {
                         if a.is_some() {
                             s.hub.ip_conns.release(peer.ip(), true);
                         }
-                        Err(AcceptRefusal::PendingCap)
+                        Err(why)
                     }
                 });
                 let admitted = match admitted {
@@ -1120,5 +1174,32 @@ mod tests {
             set(&mut c, 0, 1);
             assert_eq!(get(&Limits::from_config(&c)).0, 0, "0 turns the limit off");
         }
+    }
+
+    #[test]
+    fn handshakes_in_progress_take_at_most_half_the_client_descriptors() {
+        let mut c = Config::development();
+        c.server.shards = 2;
+        c.limits.max_pending_handshakes = 10_000;
+        assert_eq!(pending_share(&c, None), 5_000);
+        assert_eq!(pending_share(&c, Some(1_000_000)), 5_000);
+        assert_eq!(pending_share(&c, Some(600)), 150);
+        c.limits.max_pending_handshakes = 0;
+        assert_eq!(pending_share(&c, None), 0, "no cap");
+        assert_eq!(pending_share(&c, Some(600)), 150);
+    }
+
+    #[test]
+    fn each_warning_is_throttled_on_its_own() {
+        let (mut evictions, mut ceiling) = (Throttled::default(), Throttled::default());
+        let t0 = Instant::now();
+        assert_eq!(evictions.note(t0), Some(1));
+        assert_eq!(evictions.note(t0), None);
+        assert_eq!(
+            ceiling.note(t0),
+            Some(1),
+            "not held back by the eviction warning"
+        );
+        assert_eq!(evictions.note(t0 + OVERLOAD_LOG_EVERY), Some(2));
     }
 }

@@ -700,9 +700,14 @@ impl Shard {
 
     /// Queues bytes regardless of phase and cap (handshake answers, close frames).
     fn push_raw(&mut self, slot: u32, bytes: Bytes) {
+        self.push_part(slot, OutPart::whole(bytes));
+    }
+
+    /// Queues one piece regardless of phase and cap.
+    fn push_part(&mut self, slot: u32, part: OutPart) {
         let c = &mut self.conns[slot as usize];
-        c.out_bytes += bytes.len();
-        c.out.push_back(OutPart::whole(bytes));
+        c.out_bytes += part.bytes.len();
+        c.out.push_back(part);
         if !c.dirty && !c.want_write {
             c.dirty = true;
             self.dirty.push(slot);
@@ -728,11 +733,20 @@ impl Shard {
             heartbeat: hb_secs,
         };
         let welcome = serde_json::to_string(&welcome).expect("welcome serialises");
-        self.push_raw(
+        // The 101 and the welcome go out as one pinned unit, marked started: a close caused
+        // by bytes pipelined behind the upgrade truncates the queue, and must not take the
+        // HTTP answer (or the welcome) with it.
+        let answer = Bytes::from(handshake::accept_response(&up.key, up.subprotocol));
+        let welcome = frame::text(welcome.as_bytes());
+        self.push_part(
             slot,
-            Bytes::from(handshake::accept_response(&up.key, up.subprotocol)),
+            OutPart {
+                bytes: answer,
+                more: true,
+                started: true,
+            },
         );
-        self.push_raw(slot, frame::text(welcome.as_bytes()));
+        self.push_raw(slot, welcome);
         let project_idx = project.idx;
         let mut implicit = vec![Topic::all(), Topic::user(&claims.sub)];
         if let Some(d) = &claims.device {
@@ -1150,7 +1164,7 @@ impl Shard {
             dropped = dropped.len(),
             "refresh narrowed the token's topics; subscriptions dropped"
         );
-        // Highest position first: `swap_remove` then only moves kept subscriptions.
+        // Highest position first: the positions still to remove do not shift.
         for (i, _) in dropped.iter().rev() {
             self.unsubscribe_at(slot, *i);
         }
@@ -1185,10 +1199,12 @@ impl Shard {
         Ok(())
     }
 
-    /// Removes `subs[i]` of a connection and fixes the position record of the connection
-    /// whose slot moved into the freed place.
+    /// Removes `subs[i]` of a connection, keeping the others in subscription order (the
+    /// `unsubscribed` messages and the connection listing follow it; a list holds at most the
+    /// implicit topics and `max_topics_per_connection`, so the shift is short), and fixes the
+    /// position record of the connection whose slot moved into the freed place.
     fn unsubscribe_at(&mut self, slot: u32, i: usize) {
-        let sub = self.conns[slot as usize].subs.swap_remove(i);
+        let sub = self.conns[slot as usize].subs.remove(i);
         self.release_sub(sub);
     }
 
