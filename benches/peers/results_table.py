@@ -49,6 +49,18 @@ FIGURES = [
      ("delivery", "latency", "p99_us"), "low"),
     ("br.cpu", "bcast-rate", "broadcast 50/s: server CPU per 1M deliveries", "s",
      None, "low"),
+    ("b5.dps", "bcast-5k", "broadcast 100/s to 5,000: delivered msgs/s", "/s",
+     ("delivery", "delivered_per_s"), "high"),
+    ("b5.c50", "bcast-5k", "broadcast 100/s to 5,000: completion p50", "µs",
+     ("delivery", "completion", "p50_us"), "low"),
+    ("b5.cmax", "bcast-5k", "broadcast 100/s to 5,000: completion max", "µs",
+     ("delivery", "completion", "max_us"), "low"),
+    ("b5.l50", "bcast-5k", "broadcast 100/s to 5,000: latency p50", "µs",
+     ("delivery", "latency", "p50_us"), "low"),
+    ("b5.l99", "bcast-5k", "broadcast 100/s to 5,000: latency p99", "µs",
+     ("delivery", "latency", "p99_us"), "low"),
+    ("b5.cpu", "bcast-5k", "broadcast 100/s to 5,000: server CPU per 1M deliveries", "s",
+     None, "low"),
     ("uc.dps", "unicast", "unicast flat out: delivered msgs/s", "/s",
      ("delivery", "delivered_per_s"), "high"),
     ("uc.l50", "unicast", "unicast flat out: latency p50", "µs",
@@ -75,6 +87,7 @@ SCENARIO_TEXT = {
     "hold": "hold",
     "bcast-rate": "broadcast (50 publishes/s)",
     "bcast-flat": "broadcast (flat out)",
+    "bcast-5k": "broadcast (100 publishes/s to 5,000)",
     "unicast": "unicast",
     "groups": "groups",
     "handshake": "handshake",
@@ -198,7 +211,8 @@ def main():
     o.append(f"Each figure is the median of {rounds} run(s); each run is a fresh server process. "
              "Scenarios (same herald-bench client options for every server): "
              "`hold -n 5000 --hold-secs 2`; `broadcast -n 2000 -m 100 --rate 50`; "
-             "`broadcast -n 2000 -m 100` (flat out, one publisher); `unicast -n 1000 -m 10` "
+             "`broadcast -n 2000 -m 100` (flat out, one publisher); "
+             "`broadcast -n 5000 -m 500 --rate 100`; `unicast -n 1000 -m 10` "
              "(4 publishers); `groups -n 1000 -m 50 --group-size 10` (4 publishers); "
              "`handshake --concurrency 64 --duration-secs 10 --source 127.0.0.2-127.0.0.60`; all with "
              "`--settle-ms 1000 --drain-timeout-secs 5`. herald: 2 shards, generated config, "
@@ -238,7 +252,7 @@ def main():
     o.append("## Loss, order and failures (all runs summed)\n")
     o.append("| scenario | " + " | ".join(servers) + " |")
     o.append("|---|" + "---|" * len(servers))
-    for scen in ["hold", "bcast-rate", "bcast-flat", "unicast", "groups", "handshake"]:
+    for scen in ["hold", "bcast-rate", "bcast-flat", "bcast-5k", "unicast", "groups", "handshake"]:
         if not any((scen, s) in runs for s in servers):
             continue
         o.append(f"| {SCENARIO_TEXT[scen]} | "
@@ -248,7 +262,7 @@ def main():
     o.append("## Server CPU seconds in the measured phase (median)\n")
     o.append("| scenario | " + " | ".join(servers) + " |")
     o.append("|---|" + "---:|" * len(servers))
-    for scen in ["bcast-rate", "bcast-flat", "unicast", "groups"]:
+    for scen in ["bcast-rate", "bcast-flat", "bcast-5k", "unicast", "groups"]:
         cells = []
         for s in servers:
             docs = runs.get((scen, s), [])
