@@ -10,27 +10,6 @@ use std::net::SocketAddr;
 use common::*;
 use serde_json::Value;
 
-/// Connects as `user` until the connections cover both shards and number at least `min`.
-fn connect_spread(
-    addr: SocketAddr,
-    project: &str,
-    user: &str,
-    min: usize,
-) -> Vec<(Client, Welcome)> {
-    let mut conns = Vec::new();
-    for _ in 0..64 {
-        let shards: BTreeSet<u16> = conns
-            .iter()
-            .map(|(_, w): &(Client, Welcome)| w.shard)
-            .collect();
-        if conns.len() >= min && shards.len() >= 2 {
-            return conns;
-        }
-        conns.push(connect_user(addr, project, user));
-    }
-    panic!("64 connections did not cover both shards");
-}
-
 fn get(api: SocketAddr, key: &str, path: &str) -> HttpResponse {
     http_request(api, "GET", path, key, "")
 }

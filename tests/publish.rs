@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use common::*;
@@ -26,17 +25,7 @@ fn body_to(topic: &str, data: &str) -> String {
 
 /// Subscribers of `shop` (so of `all`) on every one of the server's two shards.
 fn subscribers_on_both_shards(server: &TestServer) -> Vec<Client> {
-    let mut subs: Vec<(Client, Welcome)> = Vec::new();
-    while subs
-        .iter()
-        .map(|(_, w)| w.shard)
-        .collect::<BTreeSet<_>>()
-        .len()
-        < 2
-    {
-        assert!(subs.len() < 64, "64 connections did not cover both shards");
-        subs.push(connect_user(server.listen, "shop", "u"));
-    }
+    let subs = connect_spread(server.listen, "shop", "u", 1);
     server.wait_connections(subs.len());
     subs.into_iter().map(|(c, _)| c).collect()
 }

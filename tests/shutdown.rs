@@ -502,11 +502,8 @@ fn in_process_drain(driver: herald::config::IoDriver) {
         c.server.io_driver = driver;
         c.server.drain_timeout_ms = DRAIN.as_millis() as u64;
     });
-    let mut clients: Vec<(Client, Welcome)> = (0..8)
-        .map(|i| connect_user(server.listen, "shop", &format!("u{i}")))
-        .collect();
-    let shards: std::collections::BTreeSet<u16> = clients.iter().map(|(_, w)| w.shard).collect();
-    assert_eq!(shards.len(), 2, "both shards hold clients");
+    // Both shards hold clients.
+    let mut clients = connect_spread(server.listen, "shop", "u", 8);
     let hub = server.hub.clone();
     let joined = server.drain_in_background();
     // Each client gets 1001, answers, and sees the server close the socket (EOF).

@@ -456,6 +456,26 @@ pub fn connect_user(addr: SocketAddr, project: &str, user: &str) -> (Client, Wel
     connect(addr, project, &token(project, user).0)
 }
 
+/// Connects as `user` until the connections cover both shards of a two-shard server and
+/// number at least `min` (the kernel spreads accepts by a hash, so a few connections may all
+/// land on one shard).
+pub fn connect_spread(
+    addr: SocketAddr,
+    project: &str,
+    user: &str,
+    min: usize,
+) -> Vec<(Client, Welcome)> {
+    let mut conns: Vec<(Client, Welcome)> = Vec::new();
+    for _ in 0..64 {
+        let shards: std::collections::BTreeSet<u16> = conns.iter().map(|(_, w)| w.shard).collect();
+        if conns.len() >= min && shards.len() >= 2 {
+            return conns;
+        }
+        conns.push(connect_user(addr, project, user));
+    }
+    panic!("64 connections did not cover both shards");
+}
+
 /// The next text frame; pings and pongs are skipped (tungstenite answers pings itself).
 /// Panics on a close, an error or a timeout.
 pub fn recv_text(ws: &mut Client) -> String {
