@@ -25,6 +25,7 @@ pub mod access;
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod broker;
 pub mod config;
 pub mod hostcheck;
 pub mod hub;
