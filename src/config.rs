@@ -1513,6 +1513,23 @@ mod tests {
         assert!(err.contains("server.listen"), "{err}");
     }
 
+    /// One bit per shard in the interest table's masks.
+    #[test]
+    fn at_most_64_shards() {
+        let mut c = Config::development();
+        c.server.shards = 64;
+        c.validate().unwrap();
+        assert_eq!(c.nr_shards(), 64);
+        c.server.shards = 65;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("server.shards") && err.contains("at most 64"),
+            "{err}"
+        );
+        c.server.shards = 0;
+        assert!((1..=64).contains(&c.nr_shards()));
+    }
+
     #[test]
     fn bad_alg_is_named() {
         let mut c = Config::development();
