@@ -204,7 +204,7 @@ impl Hub {
     ///
     /// The dying shard calls this before its inbox is dropped, and it returns only once no
     /// publish is between its checks and its sends (it takes the gate): every publish then
-    /// either reached every inbox before, or sees the failure and sends nothing.
+    /// either reached every inbox it targets before, or sees the failure and sends nothing.
     pub fn shard_failed(&self, id: usize) {
         let _ = self
             .failed
