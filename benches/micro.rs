@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use herald::auth::{Claims, Registry};
 use herald::config::{Config, KeyConfig, ProjectConfig, Secret};
-use herald::pubsub::{Sub, TopicIndex};
+use herald::pubsub::{Sub, TopicIndex, Unsubscribed};
 use herald::ws::conn::{Conn, ConnPhase, Push, push_frame};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use slab::Slab;
@@ -198,7 +198,7 @@ fn bench_topic_index(c: &mut Criterion) {
     g.bench_function("user_topics_10k/subscribe+unsubscribe", |b| {
         b.iter(|| {
             for (slot, name) in names.iter().enumerate() {
-                subs.push(ix.subscribe(0, name, slot as u32));
+                subs.push(ix.subscribe(0, name, slot as u32).sub);
             }
             for s in subs.drain(..) {
                 black_box(ix.unsubscribe(s));
@@ -211,16 +211,18 @@ fn bench_topic_index(c: &mut Criterion) {
     // subscribe, with the position fix-up the shard does). 10k churn ops per iteration,
     // walking the subscribers in a scattered order.
     let mut ix = TopicIndex::default();
-    let mut subs: Vec<Sub> = (0..N).map(|s| ix.subscribe(0, "news", s as u32)).collect();
+    let mut subs: Vec<Sub> = (0..N)
+        .map(|s| ix.subscribe(0, "news", s as u32).sub)
+        .collect();
     let order: Vec<u32> = (0..N).map(|i| ((i * 7919) % N) as u32).collect();
     g.bench_function("one_topic_10k_subs/churn", |b| {
         b.iter(|| {
             for &slot in &order {
                 let s = subs[slot as usize];
-                if let Some(moved) = ix.unsubscribe(s) {
+                if let Unsubscribed::Remaining(Some(moved)) = ix.unsubscribe(s) {
                     subs[moved as usize].pos = s.pos;
                 }
-                subs[slot as usize] = ix.subscribe(0, black_box("news"), slot);
+                subs[slot as usize] = ix.subscribe(0, black_box("news"), slot).sub;
             }
         });
     });

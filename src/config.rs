@@ -54,8 +54,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// HTTP API address. Default `127.0.0.1:8081`.
     pub api_listen: SocketAddr,
-    /// Number of shards (one pinned thread each). 0 = the number of cores this process may
-    /// run on. Default 0.
+    /// Number of shards (one pinned thread each), at most 64. 0 = the number of cores this
+    /// process may run on (at most 64). Default 0.
     pub shards: usize,
     /// Pin each shard thread to one core. Default true.
     pub pin_cores: bool,
@@ -578,7 +578,8 @@ impl Config {
         out
     }
 
-    /// Number of shards to start: `server.shards`, or the cores this process may use.
+    /// Number of shards to start: `server.shards`, or the cores this process may use, at most
+    /// [`crate::route::MAX_SHARDS`] (one bit each in the interest table's masks).
     pub fn nr_shards(&self) -> usize {
         if self.server.shards > 0 {
             return self.server.shards;
@@ -586,6 +587,7 @@ impl Config {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
+            .min(crate::route::MAX_SHARDS)
     }
 
     /// `Some(bytes)` when `api.max_body_bytes` is larger than what `ws.max_outbound_queue_bytes`
@@ -623,8 +625,11 @@ impl Config {
                 }
             }
         }
-        if self.server.shards > 1024 {
-            return Err(invalid("server.shards", "at most 1024 shards"));
+        if self.server.shards > crate::route::MAX_SHARDS {
+            return Err(invalid(
+                "server.shards",
+                "at most 64 shards (one bit each in the interest table)",
+            ));
         }
         let ws = &self.ws;
         let positive = [
@@ -1172,7 +1177,7 @@ pub fn production_template() -> String {
 listen = "0.0.0.0:8080"
 # HTTP API address for project backends and operators. Keep it off the public internet.
 api_listen = "127.0.0.1:8081"
-# Shards (pinned threads, one io_uring runtime each). 0 = one per available core.
+# Shards (pinned threads, one io_uring runtime each), at most 64. 0 = one per available core.
 shards = 0
 pin_cores = true
 # "auto" = io_uring (falls back to epoll with a warning), or "legacy" = always epoll.
@@ -1506,6 +1511,23 @@ mod tests {
         c.server.listen = "0.0.0.0:8080".parse().unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("server.listen"), "{err}");
+    }
+
+    /// One bit per shard in the interest table's masks.
+    #[test]
+    fn at_most_64_shards() {
+        let mut c = Config::development();
+        c.server.shards = 64;
+        c.validate().unwrap();
+        assert_eq!(c.nr_shards(), 64);
+        c.server.shards = 65;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("server.shards") && err.contains("at most 64"),
+            "{err}"
+        );
+        c.server.shards = 0;
+        assert!((1..=64).contains(&c.nr_shards()));
     }
 
     #[test]

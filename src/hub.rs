@@ -1,11 +1,15 @@
 //! The node-wide handle shared by every thread: the shards' mailboxes, the registry, the
-//! counters, the lifecycle phase, and publishing (encode once, one message per shard).
+//! counters, the lifecycle phase, the broker and the interest table, and publishing (encode
+//! once, one message per interested shard).
 //!
-//! A publish is all or nothing: room is reserved in every shard's inbox before any shard is
-//! sent the message, so a full inbox refuses the whole publish (or batch) and nothing goes
-//! out. The phase check and the sends happen under a shared gate that the drain takes
+//! A publish goes through the [`Broker`]; what reaches this node comes back through
+//! [`Deliver::deliver`], which sends it only to the shards the [`Interest`] table names for its
+//! topics. Delivery is all or nothing: room is reserved in every target shard's inbox before
+//! any is sent the message, so a full inbox refuses the whole publish (or batch) and nothing
+//! goes out. The phase check and the sends happen under a shared gate that the drain takes
 //! exclusively to flip the phase and queue its own order: every accepted publish is ahead of
-//! the drain in every inbox, so it reaches the connections open when it was accepted.
+//! the drain in every inbox it was sent to, so it reaches the connections subscribed when it
+//! was accepted.
 
 use std::sync::Arc;
 use std::sync::RwLock;
@@ -16,6 +20,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use crate::auth::SharedRegistry;
+use crate::broker::{Broker, Deliver, Interest, LocalBroker};
 use crate::metrics::ShardStats;
 use crate::pubsub::Topic;
 use crate::route;
@@ -72,6 +77,10 @@ pub struct Hub {
     pub mailboxes: Vec<Mailbox>,
     /// Counters per shard.
     pub stats: Vec<Arc<ShardStats>>,
+    /// Which shards hold subscribers of which topics; routes deliveries.
+    pub interest: Arc<Interest>,
+    /// Where publications go and where shards declare their interest.
+    pub broker: Box<dyn Broker>,
     /// Projects and keys.
     pub registry: SharedRegistry,
     /// Authenticated connections on the node (checked against `server.max_connections`).
@@ -117,16 +126,27 @@ pub fn now_ms() -> u64 {
 }
 
 impl Hub {
-    /// A hub over the given mailboxes.
+    /// A hub over the given mailboxes, with the local broker.
+    ///
+    /// # Panics
+    /// With more than [`route::MAX_SHARDS`] mailboxes (the config refuses more shards).
     pub fn new(
         mailboxes: Vec<Mailbox>,
         stats: Vec<Arc<ShardStats>>,
         registry: SharedRegistry,
         max_connections: usize,
     ) -> Self {
+        assert!(
+            mailboxes.len() <= route::MAX_SHARDS,
+            "at most {} shards",
+            route::MAX_SHARDS
+        );
+        let interest = Arc::new(Interest::default());
         Self {
             mailboxes,
             stats,
+            broker: Box::new(LocalBroker::new(interest.clone())),
+            interest,
             registry,
             nr_connections: AtomicUsize::new(0),
             max_connections,
@@ -184,7 +204,7 @@ impl Hub {
     ///
     /// The dying shard calls this before its inbox is dropped, and it returns only once no
     /// publish is between its checks and its sends (it takes the gate): every publish then
-    /// either reached every inbox before, or sees the failure and sends nothing.
+    /// either reached every inbox it targets before, or sees the failure and sends nothing.
     pub fn shard_failed(&self, id: usize) {
         let _ = self
             .failed
@@ -242,7 +262,7 @@ impl Hub {
         ))
     }
 
-    /// Encodes a publication once and sends it to every shard that may have subscribers.
+    /// Encodes a publication once and sends it to every shard that has subscribers.
     ///
     /// # Errors
     /// [`PublishError`]; nothing was sent.
@@ -257,8 +277,9 @@ impl Hub {
         Ok(id)
     }
 
-    /// Sends prepared publications, in order, to every shard: all of them to every shard, or,
-    /// when the node is draining, has failed or a shard lacks room for all of them, none.
+    /// Publishes prepared publications, in order, through the broker: all of them to every
+    /// shard holding subscribers of their topics, or, when the node is draining, has failed or
+    /// such a shard lacks room for all of them, none.
     ///
     /// # Errors
     /// [`PublishError::Draining`], [`PublishError::Failed`], [`PublishError::Busy`].
@@ -272,25 +293,7 @@ impl Hub {
         if matches!(self.phase(), Phase::Draining | Phase::Stopped) {
             return Err(PublishError::Draining);
         }
-        let nr_bytes = publications.iter().map(|p| p.nr_bytes()).sum();
-        let mut reservations = Vec::with_capacity(self.nr_shards());
-        for shard in route::shards_for_publication(self.nr_shards()) {
-            let r = self.mailboxes[shard]
-                .try_reserve(publications.len(), nr_bytes)
-                .map_err(|_| self.refused_busy(shard))?;
-            reservations.push((shard, r));
-        }
-        for (shard, r) in &mut reservations {
-            for p in publications {
-                // Only a dead shard refuses reserved room, and none dies between the checks
-                // above and here: a panicking shard fails the node under the gate before its
-                // inbox goes (`shard_failed`), and a drained one ends after the phase turned.
-                // So this is not reached after an earlier shard took the publish.
-                r.send(ShardMsg::Publish(p.clone()))
-                    .map_err(|_| PublishError::Failed(*shard))?;
-            }
-        }
-        Ok(())
+        self.broker.publish(self, publications)
     }
 
     /// Counts and logs (at most once a second) a publish refused for shard `shard`'s full
@@ -337,6 +340,36 @@ impl std::fmt::Debug for Hub {
         f.debug_struct("Hub")
             .field("nr_shards", &self.nr_shards())
             .finish_non_exhaustive()
+    }
+}
+
+impl Deliver for Hub {
+    /// Routes by the interest table, reserves room in every target inbox, then sends. Called
+    /// by the broker under the publish gate ([`Hub::send`]).
+    fn deliver(&self, publications: &[Arc<Publication>]) -> Result<(), PublishError> {
+        let targets = route::shards_for_publication(publications.iter().map(|p| {
+            self.interest
+                .route(p.project, p.heads.iter().map(|(topic, _)| &**topic))
+        }));
+        let nr_bytes = publications.iter().map(|p| p.nr_bytes()).sum();
+        let mut reservations = Vec::with_capacity(targets.count_ones() as usize);
+        for shard in route::shards(targets) {
+            let r = self.mailboxes[shard]
+                .try_reserve(publications.len(), nr_bytes)
+                .map_err(|_| self.refused_busy(shard))?;
+            reservations.push((shard, r));
+        }
+        for (shard, r) in &mut reservations {
+            for p in publications {
+                // Only a dead shard refuses reserved room, and none dies between the checks
+                // in `send` and here: a panicking shard fails the node under the gate before
+                // its inbox goes (`shard_failed`), and a drained one ends after the phase
+                // turned. So this is not reached after an earlier shard took the publish.
+                r.send(ShardMsg::Publish(p.clone()))
+                    .map_err(|_| PublishError::Failed(*shard))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -398,7 +431,46 @@ mod tests {
             0,
         );
         hub.set_phase(Phase::Running);
+        // Every shard has a subscriber of `news` in project 0.
+        for shard in 0..nr_shards {
+            hub.broker.subscribe(shard, 0, "news");
+        }
         (hub, inboxes)
+    }
+
+    /// A publish goes only to the shards holding subscribers of one of its topics, and the
+    /// all-or-nothing reservation covers only those.
+    #[test]
+    fn a_publish_reaches_only_the_interested_shards() {
+        let (hub, inboxes) = hub(4, 4);
+        let news = Topic::parse("news").unwrap();
+        let alice = Topic::parse("user.alice").unwrap();
+        let nobody = Topic::parse("user.nobody").unwrap();
+        hub.broker.subscribe(2, 0, "user.alice");
+        let data = raw("1");
+        hub.publish(0, std::slice::from_ref(&alice), &data).unwrap();
+        hub.publish(0, std::slice::from_ref(&nobody), &data)
+            .unwrap();
+        let got: Vec<usize> = inboxes.iter().map(|i| drain_inbox(i).0.len()).collect();
+        assert_eq!(
+            got,
+            [0, 0, 1, 0],
+            "a unicast wakes one shard; no subscriber, none"
+        );
+        // Shard 0's full inbox does not refuse a publish that does not go there.
+        let held = hub.mailboxes[0].try_reserve(4, 0).unwrap();
+        hub.publish(0, std::slice::from_ref(&alice), &data).unwrap();
+        assert_eq!(
+            hub.publish(0, &[alice.clone(), news], &data),
+            Err(PublishError::Busy(0))
+        );
+        drop(held);
+        let got: Vec<usize> = inboxes.iter().map(|i| drain_inbox(i).0.len()).collect();
+        assert_eq!(got, [0, 0, 1, 0]);
+        hub.broker.unsubscribe(2, 0, "user.alice");
+        hub.publish(0, std::slice::from_ref(&alice), &data).unwrap();
+        assert!(inboxes.iter().all(|i| drain_inbox(i).0.is_empty()));
+        assert_eq!(hub.interest.len(), 1, "only `news` is left");
     }
 
     fn raw(json: &str) -> Box<RawValue> {

@@ -5,7 +5,9 @@
 //! - [`config`]: the one configuration struct; load → parse → validate.
 //! - [`server`]: starts the shards and the API; the [`server::ServerHandle`].
 //! - [`hub`]: the node-wide handle every thread shares: mailboxes, registry, counters, phase,
-//!   and publishing (encode once, one message per shard).
+//!   and publishing (encode once, one message per interested shard).
+//! - [`broker`]: the broker seam: publish, first/last topic interest per shard, deliveries
+//!   back into the node; the local broker and the node's interest table (topic → shards).
 //! - [`shard`]: one pinned thread + monoio runtime per core owning its connections;
 //!   [`shard::mailbox`] is the only cross-core API.
 //! - [`net`]: the per-shard SO_REUSEPORT listeners.
@@ -13,7 +15,7 @@
 //!   frame encoding, close codes, and the per-connection I/O driver.
 //! - [`auth`]: projects, keys, token verification.
 //! - [`pubsub`]: parsed names (project, topic, connection id) and the per-shard topic index.
-//! - [`route`]: which shards a command goes to.
+//! - [`route`]: which shards a publication goes to: the union of its topics' interest masks.
 //! - [`api`]: the HTTP API on hyper.
 //! - [`admin`]: project and key management (API and SIGHUP): build, persist, swap.
 //! - [`metrics`]: per-shard counters.
@@ -25,6 +27,7 @@ pub mod access;
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod broker;
 pub mod config;
 pub mod hostcheck;
 pub mod hub;

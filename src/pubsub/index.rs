@@ -8,6 +8,10 @@
 //! Memory matters here (every connection has its own `user.<sub>` topic): a topic's name is
 //! stored once, in its entry; the per-project name table holds only topic ids and hashes the
 //! entry's name; a list of up to two subscribers lives inline, without a heap allocation.
+//!
+//! It reports a topic's first local subscriber ([`Subscribed::first`]) and its last local
+//! unsubscribe ([`Unsubscribed::Last`]): the shard turns those into the node's interest (see
+//! [`crate::broker`]), so a publish goes only to the shards holding subscribers of its topics.
 
 use std::hash::BuildHasher;
 
@@ -49,6 +53,31 @@ pub struct Sub {
     pub pos: u32,
 }
 
+/// What [`TopicIndex::subscribe`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subscribed {
+    /// The record to keep for undoing it.
+    pub sub: Sub,
+    /// The topic had no local subscriber before: the shard's interest in it starts here.
+    pub first: bool,
+}
+
+/// What [`TopicIndex::unsubscribe`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unsubscribed {
+    /// Other subscribers remain; the slot that moved into the freed position, if any (its
+    /// record for this topic must be updated to the freed position).
+    Remaining(Option<u32>),
+    /// That was the topic's last local subscriber: the topic is gone from the index and the
+    /// shard's interest in it ends.
+    Last {
+        /// The topic's project.
+        project: u32,
+        /// The topic's name, handed back from the removed entry.
+        name: Box<str>,
+    },
+}
+
 impl TopicIndex {
     fn hash(&self, name: &str) -> u64 {
         self.hasher.hash_one(name)
@@ -79,13 +108,13 @@ impl TopicIndex {
 
     /// Adds `slot` to a topic, creating it if needed. The caller must not subscribe a slot
     /// twice to one topic (it keeps the list of its [`Sub`]s and checks first).
-    pub fn subscribe(&mut self, project: u32, name: &str, slot: u32) -> Sub {
+    pub fn subscribe(&mut self, project: u32, name: &str, slot: u32) -> Subscribed {
         let p = project as usize;
         if self.by_name.len() <= p {
             self.by_name.resize_with(p + 1, HashTable::new);
         }
-        let topic = match self.lookup(project, name) {
-            Some(t) => t,
+        let (topic, first) = match self.lookup(project, name) {
+            Some(t) => (t, false),
             None => {
                 let entry = Entry {
                     project,
@@ -97,20 +126,23 @@ impl TopicIndex {
                 let (topics, hasher) = (&self.topics, &self.hasher);
                 self.by_name[p]
                     .insert_unique(hash, t, |&t| hasher.hash_one(&*topics[t as usize].name));
-                t
+                (t, true)
             }
         };
         let subs = &mut self.topics[topic as usize].subs;
         subs.push(slot);
-        Sub {
-            topic,
-            pos: (subs.len() - 1) as u32,
+        Subscribed {
+            sub: Sub {
+                topic,
+                pos: (subs.len() - 1) as u32,
+            },
+            first,
         }
     }
 
-    /// Removes the subscription `sub`. Returns the slot that moved into `sub.pos` (its record
-    /// for this topic must be updated to `sub.pos`), if any.
-    pub fn unsubscribe(&mut self, sub: Sub) -> Option<u32> {
+    /// Removes the subscription `sub`: either other subscribers remain (and one may have moved
+    /// into `sub.pos`), or it was the last and the topic is gone.
+    pub fn unsubscribe(&mut self, sub: Sub) -> Unsubscribed {
         let entry = &mut self.topics[sub.topic as usize];
         entry.subs.swap_remove(sub.pos as usize);
         if entry.subs.is_empty() {
@@ -121,12 +153,15 @@ impl TopicIndex {
             {
                 e.remove();
             }
-            return None;
+            return Unsubscribed::Last {
+                project: entry.project,
+                name: entry.name,
+            };
         }
         if entry.subs.capacity() > 64 && entry.subs.len() < entry.subs.capacity() / 4 {
             entry.subs.shrink_to_fit();
         }
-        entry.subs.get(sub.pos as usize).copied()
+        Unsubscribed::Remaining(entry.subs.get(sub.pos as usize).copied())
     }
 }
 
@@ -141,27 +176,47 @@ mod tests {
         let b = ix.subscribe(0, "news", 11);
         let c = ix.subscribe(0, "news", 12);
         let other = ix.subscribe(1, "news", 13);
+        assert!(
+            a.first && !b.first && !c.first,
+            "only the first local subscriber"
+        );
+        assert!(other.first, "a topic of another project is another topic");
+        let (a, b, other) = (a.sub, b.sub, other.sub);
         assert_ne!(a.topic, other.topic, "projects never share a topic");
         let t = ix.lookup(0, "news").unwrap();
         assert_eq!(ix.subscribers(t), &[10, 11, 12]);
         // Removing the first moves the last into its place.
-        assert_eq!(ix.unsubscribe(a), Some(12));
+        assert_eq!(ix.unsubscribe(a), Unsubscribed::Remaining(Some(12)));
         assert_eq!(ix.subscribers(t), &[12, 11]);
-        assert_eq!(ix.unsubscribe(b), None);
+        assert_eq!(ix.unsubscribe(b), Unsubscribed::Remaining(None));
         assert_eq!(ix.subscribers(t), &[12]);
-        assert_eq!(ix.unsubscribe(Sub { topic: t, pos: 0 }), None);
-        let _ = c;
+        assert_eq!(
+            ix.unsubscribe(Sub { topic: t, pos: 0 }),
+            Unsubscribed::Last {
+                project: 0,
+                name: "news".into()
+            },
+            "the last local unsubscribe hands the name back"
+        );
         assert_eq!(ix.lookup(0, "news"), None);
         assert_eq!(ix.lookup(1, "news"), Some(other.topic));
         assert_eq!(ix.nr_topics(), 1);
         assert_eq!(ix.name(other.topic), "news");
+        // Interest starts again with the next subscriber.
+        let again = ix.subscribe(0, "news", 14);
+        assert!(again.first);
+        assert!(!ix.subscribe(0, "news", 15).first);
     }
 
     #[test]
     fn many_topics_grow_and_shrink() {
         let mut ix = TopicIndex::default();
         let subs: Vec<Sub> = (0..5000)
-            .map(|i| ix.subscribe(0, &format!("user.{i}"), i))
+            .map(|i| {
+                let s = ix.subscribe(0, &format!("user.{i}"), i);
+                assert!(s.first);
+                s.sub
+            })
             .collect();
         assert_eq!(ix.nr_topics(), 5000);
         for i in (0..5000).step_by(7) {
@@ -170,8 +225,14 @@ mod tests {
                 &[i]
             );
         }
-        for s in subs {
-            assert_eq!(ix.unsubscribe(s), None);
+        for (i, s) in subs.into_iter().enumerate() {
+            assert_eq!(
+                ix.unsubscribe(s),
+                Unsubscribed::Last {
+                    project: 0,
+                    name: format!("user.{i}").into()
+                }
+            );
         }
         assert_eq!(ix.nr_topics(), 0);
         assert_eq!(ix.lookup(0, "user.1"), None);

@@ -5,7 +5,7 @@
 
 mod index;
 
-pub use index::{Sub, TopicId, TopicIndex};
+pub use index::{Sub, Subscribed, TopicId, TopicIndex, Unsubscribed};
 
 use std::fmt;
 

@@ -30,7 +30,7 @@ use super::session::{Event, Flow, Session};
 use crate::auth::{AuthError, Project, Verified};
 use crate::metrics::ShardStats;
 use crate::net::proxy::{self, ProxyHeader};
-use crate::pubsub::{ConnId, Sub, TOPIC_ALL, Topic, topic_permitted};
+use crate::pubsub::{ConnId, Sub, TOPIC_ALL, Topic, Unsubscribed, topic_permitted};
 use crate::shard::{AcceptRefusal, Deadline, Shard};
 
 /// Where a connection is in its life.
@@ -735,7 +735,9 @@ impl Shard {
         let welcome = serde_json::to_string(&welcome).expect("welcome serialises");
         // The 101 and the welcome go out as one pinned unit, marked started: a close caused
         // by bytes pipelined behind the upgrade truncates the queue, and must not take the
-        // HTTP answer (or the welcome) with it.
+        // HTTP answer (or the welcome) with it. Both are only queued: nothing is written before
+        // this function returns, after the implicit subscriptions below are in the node's
+        // interest table, so a publish accepted once the client has the welcome reaches it.
         let answer = Bytes::from(handshake::accept_response(&up.key, up.subprotocol));
         let welcome = frame::text(welcome.as_bytes());
         self.push_part(
@@ -772,7 +774,7 @@ impl Shard {
         }));
         self.conns[slot as usize].subs = Vec::with_capacity(implicit.len());
         for t in &implicit {
-            let sub = self.topics.subscribe(project_idx, t.as_str(), slot);
+            let sub = self.subscribe_slot(project_idx, t.as_str(), slot);
             self.conns[slot as usize].subs.push(sub);
         }
         self.conns[slot as usize].nr_implicit = implicit.len() as u8;
@@ -979,7 +981,9 @@ impl Shard {
                         ),
                     ));
                 }
-                let sub = self.topics.subscribe(project, topic.as_str(), slot);
+                // The ack is queued after this returns, so the interest table has the shard's
+                // bit before the client can see it.
+                let sub = self.subscribe_slot(project, topic.as_str(), slot);
                 self.conns[slot as usize].subs.push(sub);
                 Ok(Reply::Ack)
             }
@@ -1135,9 +1139,7 @@ impl Shard {
             self.release_sub(sub);
         }
         if let Some(d) = device {
-            let sub = self
-                .topics
-                .subscribe(project, Topic::device(d).as_str(), slot);
+            let sub = self.subscribe_slot(project, Topic::device(d).as_str(), slot);
             let c = &mut self.conns[slot as usize];
             c.subs.insert(c.nr_implicit as usize, sub);
             c.nr_implicit += 1;
@@ -1208,14 +1210,37 @@ impl Shard {
         self.release_sub(sub);
     }
 
+    /// Adds `slot` to a topic of the index. The topic's first local subscriber declares the
+    /// shard's interest to the broker, which returns once the node's interest table has the
+    /// shard's bit: whatever the caller queues afterwards (an ack, the welcome) reaches the
+    /// client only when publishes of the topic are routed here.
+    fn subscribe_slot(&mut self, project: u32, name: &str, slot: u32) -> Sub {
+        let s = self.topics.subscribe(project, name, slot);
+        if s.first {
+            self.hub.broker.subscribe(self.id as usize, project, name);
+        }
+        s.sub
+    }
+
     /// Takes a subscription (already removed from its connection's list) out of the topic
     /// index and fixes the position record of the connection whose slot moved into its place.
+    /// The topic's last local unsubscribe withdraws the shard's interest; a publication
+    /// already routed here still arrives and finds no subscriber.
     fn release_sub(&mut self, sub: Sub) {
-        if let Some(moved) = self.topics.unsubscribe(sub)
-            && let Some(m) = self.conns.get_mut(moved as usize)
-            && let Some(rec) = m.subs.iter_mut().find(|s| s.topic == sub.topic)
-        {
-            rec.pos = sub.pos;
+        match self.topics.unsubscribe(sub) {
+            Unsubscribed::Remaining(Some(moved)) => {
+                if let Some(m) = self.conns.get_mut(moved as usize)
+                    && let Some(rec) = m.subs.iter_mut().find(|s| s.topic == sub.topic)
+                {
+                    rec.pos = sub.pos;
+                }
+            }
+            Unsubscribed::Remaining(None) => {}
+            Unsubscribed::Last { project, name } => {
+                self.hub
+                    .broker
+                    .unsubscribe(self.id as usize, project, &name);
+            }
         }
     }
 
