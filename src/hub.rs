@@ -24,6 +24,7 @@ use crate::broker::{Broker, Deliver, Interest, LocalBroker};
 use crate::metrics::ShardStats;
 use crate::pubsub::Topic;
 use crate::route;
+use crate::shard::fanout::Shards;
 use crate::shard::mailbox::{Mailbox, Publication, ShardMsg};
 use crate::ws::frame;
 
@@ -170,6 +171,12 @@ impl Hub {
     /// Number of shards.
     pub fn nr_shards(&self) -> usize {
         self.mailboxes.len()
+    }
+
+    /// The shards, to send orders and questions to ([`Shards`]: the one way off-shard code
+    /// talks to them).
+    pub fn shards(&self) -> Shards<'_> {
+        Shards::new(&self.mailboxes)
     }
 
     /// Current phase.
@@ -328,10 +335,8 @@ impl Hub {
         if self.phase() != Phase::Stopped {
             self.set_phase(Phase::Draining);
         }
-        for m in &self.mailboxes {
-            // Past the bound: a full inbox still drains. A dead shard has nothing to drain.
-            let _ = m.send_over_bound(ShardMsg::Drain);
-        }
+        // Past the bound: a full inbox still drains.
+        self.shards().order_all_over_bound(|_| ShardMsg::Drain);
     }
 }
 

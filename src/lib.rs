@@ -9,7 +9,8 @@
 //! - [`broker`]: the broker seam: publish, first/last topic interest per shard, deliveries
 //!   back into the node; the local broker and the node's interest table (topic → shards).
 //! - [`shard`]: one pinned thread + monoio runtime per core owning its connections;
-//!   [`shard::mailbox`] is the only cross-core API.
+//!   [`shard::mailbox`] is the only cross-core API, and [`shard::fanout`] the one way
+//!   off-shard code sends orders and questions through it.
 //! - [`net`]: the per-shard SO_REUSEPORT listeners.
 //! - [`ws`]: the WebSocket side: handshake, session (frames, sans-IO), ops (client protocol),
 //!   frame encoding, close codes, and the per-connection I/O driver.

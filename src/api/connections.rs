@@ -2,18 +2,15 @@
 //! `GET /api/v1/connections`, `DELETE /api/v1/connections/{id}`, `POST /api/v1/disconnect`,
 //! and the node's `GET /api/v1/stats`.
 //!
-//! The API thread never blocks on a shard: a command goes in with a non-blocking send (a full
-//! inbox answers 503 `busy`) and its answer comes back on a tokio oneshot, awaited with a
-//! deadline.
-
-use std::time::Duration;
+//! The API thread never blocks on a shard: every command goes through [`Hub::shards`] (a
+//! non-blocking send retried while an inbox is full, the answer on a tokio oneshot, one overall
+//! deadline; a shard late at either answers 503 `busy`).
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 
 use super::{ApiError, ApiSettings, Caller, body, json, require_admin};
 use crate::hub::Hub;
@@ -26,16 +23,6 @@ use crate::ws::close::CLOSE_CODES;
 const DEFAULT_LIMIT: usize = 100;
 /// Largest page.
 const MAX_LIMIT: usize = 1000;
-/// How long a shard may take to answer a control command.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn busy(shard: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "busy",
-        format!("shard {shard} inbox is full; retry later"),
-    )
-}
 
 fn forbidden(project: &str) -> ApiError {
     ApiError::new(
@@ -45,30 +32,16 @@ fn forbidden(project: &str) -> ApiError {
     )
 }
 
-/// Sends a command carrying a reply channel to `shard` and awaits the answer.
+/// Asks `shard` a question and awaits the answer ([`Hub::shards`]).
 async fn ask<T>(
     hub: &Hub,
     shard: usize,
-    make: impl FnOnce(oneshot::Sender<T>) -> ShardMsg,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> ShardMsg,
 ) -> Result<T, ApiError> {
-    let (tx, rx) = oneshot::channel();
-    hub.mailboxes[shard]
-        .send(make(tx))
-        .map_err(|_| busy(shard))?;
-    match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
-        Ok(Ok(v)) => Ok(v),
-        // The shard dropped the command: it has stopped (draining ended).
-        Ok(Err(_)) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            format!("shard {shard} has stopped"),
-        )),
-        Err(_) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            format!("shard {shard} did not answer within {REPLY_TIMEOUT:?}"),
-        )),
-    }
+    hub.shards()
+        .ask_one(shard, make)
+        .await?
+        .ok_or_else(|| ApiError::shard_stopped(shard))
 }
 
 /// Resolves the project a request names: a project key defaults to (and may only name) its
@@ -285,32 +258,16 @@ pub(super) async fn disconnect(
     let user: Box<str> = checked_user(b.user)?.into();
     let project = project_scope(hub, who, Some(&b.project))?.expect("a named project resolves");
     // Every shard gets the order before any answer is awaited, so they close concurrently.
-    let mut replies = Vec::with_capacity(hub.nr_shards());
-    for shard in 0..hub.nr_shards() {
-        let (tx, rx) = oneshot::channel();
-        hub.mailboxes[shard]
-            .send(ShardMsg::DisconnectUser {
-                project,
-                user: user.clone(),
-                reply: tx,
-            })
-            .map_err(|_| busy(shard))?;
-        replies.push(rx);
-    }
-    let mut n = 0;
-    for (shard, rx) in replies.into_iter().enumerate() {
-        n += match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
-            Ok(Ok(k)) => k,
-            Ok(Err(_)) => 0, // a stopped shard has no connection left
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "busy",
-                    format!("shard {shard} did not answer within {REPLY_TIMEOUT:?}"),
-                ));
-            }
-        };
-    }
+    let answers = hub
+        .shards()
+        .ask_all(|_, reply| ShardMsg::DisconnectUser {
+            project,
+            user: user.clone(),
+            reply,
+        })
+        .await?;
+    // A stopped shard has no connection left.
+    let n: usize = answers.into_iter().filter_map(|(_, k)| k).sum();
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({ "disconnected": n }),

@@ -44,6 +44,13 @@ pub struct ApiError {
     pub retry_after_secs: Option<u32>,
 }
 
+/// A shard that did not take an order or answer a question in time: 503 `busy`.
+impl From<crate::shard::fanout::FanoutError> for ApiError {
+    fn from(e: crate::shard::fanout::FanoutError) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
+    }
+}
+
 impl ApiError {
     /// An error with a status, a code and a message.
     pub fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
@@ -69,6 +76,15 @@ impl ApiError {
                 ),
             )
         }
+    }
+
+    /// 503 `draining`: `shard` has stopped (its drain ended) and answers no more.
+    fn shard_stopped(shard: usize) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            format!("shard {shard} has stopped"),
+        )
     }
 
     fn bad_request(message: impl Into<String>) -> Self {

@@ -11,7 +11,6 @@ use hyper::{Request, Response, StatusCode};
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use tracing::warn;
 
@@ -38,10 +37,6 @@ fn map(e: AdminError) -> ApiError {
         AdminError::Store(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg),
     }
 }
-
-/// How long the disconnect orders of a revoke may wait for room in full shard inboxes, all
-/// shards together.
-const REVOKE_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Management changes one API key may have queued or running at once; beyond, 429 `busy`.
 /// A change costs a registry build and an fsync, so a few in a row already keep the
@@ -351,34 +346,26 @@ pub(super) async fn delete_key(
     Ok(no_content())
 }
 
-/// Tells every shard to close the connections a revoked key verified (4003): a
-/// non-blocking send per shard, retried asynchronously while its inbox is full, up to
-/// [`REVOKE_SEND_TIMEOUT`] for all shards together.
+/// Tells every shard to close the connections a revoked key verified (4003), through
+/// [`Hub::shards`]: a non-blocking send per shard, retried asynchronously while its inbox is
+/// full, up to [`crate::shard::fanout::ORDER_WITHIN`] for all shards together.
 ///
 /// # Errors
-/// 503 `busy` naming the shard whose inbox stayed full (the key is revoked for new
+/// 503 `busy` naming the shards whose inbox stayed full (the key is revoked for new
 /// handshakes all the same).
 async fn order_revoke(hub: &Hub, project: u32, kid: Arc<str>) -> Result<(), ApiError> {
-    let deadline = Instant::now() + REVOKE_SEND_TIMEOUT;
-    for (shard, mailbox) in hub.mailboxes.iter().enumerate() {
-        let mut msg = ShardMsg::RevokeKey {
+    hub.shards()
+        .send_all(|_| ShardMsg::RevokeKey {
             project,
             kid: kid.clone(),
-        };
-        while let Err(back) = mailbox.send(msg) {
-            if Instant::now() >= deadline {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "busy",
-                    format!(
-                        "key revoked, but shard {shard} did not take the disconnect order \
-                         within {REVOKE_SEND_TIMEOUT:?}; retry the DELETE with disconnect=true"
-                    ),
-                ));
-            }
-            msg = back;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    Ok(())
+        })
+        .await
+        .map_err(|e| {
+            let mut e = ApiError::from(e);
+            e.message = format!(
+                "key revoked, but {}; retry the DELETE with disconnect=true",
+                e.message
+            );
+            e
+        })
 }

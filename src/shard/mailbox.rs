@@ -17,8 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::ws::close::CloseReason;
-
 /// One publish, encoded once and shared by every recipient on every shard. The frame for a
 /// topic is its `head` followed by the shared `body`: the payload is held once however many
 /// topics the publish names.
@@ -51,15 +49,6 @@ impl Publication {
 pub enum ShardMsg {
     /// Deliver to local subscribers.
     Publish(Arc<Publication>),
-    /// Close one connection if its id still matches.
-    Close {
-        /// Slab slot.
-        slot: u32,
-        /// Generation it must still have.
-        generation: u32,
-        /// Why.
-        reason: CloseReason,
-    },
     /// Close (4003) every connection of `project` whose token was verified by key `kid`.
     RevokeKey {
         /// Registry index of the project.

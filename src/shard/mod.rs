@@ -8,6 +8,7 @@
 //! ([`crate::ws::conn::drive`]) that waits for readiness and owns no buffer while idle.
 
 mod control;
+pub mod fanout;
 pub mod mailbox;
 mod refusals;
 
@@ -530,19 +531,6 @@ impl Shard {
     fn handle(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Publish(p) => self.deliver(&p),
-            ShardMsg::Close {
-                slot,
-                generation,
-                reason,
-            } => {
-                if self
-                    .conns
-                    .get(slot as usize)
-                    .is_some_and(|c| c.generation == generation)
-                {
-                    self.close_with(slot, reason);
-                }
-            }
             ShardMsg::RevokeKey { project, kid } => self.revoke_key(project, &kid),
             ShardMsg::Drain => self.start_drain(),
             ShardMsg::List { query, reply } => {
