@@ -266,6 +266,50 @@ fn kick_one_connection_and_stale_ids() {
 }
 
 #[test]
+fn disconnect_waits_for_a_full_inbox_until_its_deadline_then_names_the_shard() {
+    let server = TestServer::start(|_| {});
+    let mut frank = connect_spread(server.listen, "shop", "frank", 3);
+    server.wait_connections(frank.len());
+    let inbox = &server.hub.mailboxes[1];
+    let fill = || loop {
+        // The whole inbox at once: this succeeds only once the shard has taken every
+        // message, so nothing it takes afterwards can free room.
+        if let Ok(r) = inbox.try_reserve(inbox.capacity(), 0) {
+            break r;
+        }
+    };
+    // Room comes back while the API retries: every shard gets the order.
+    let r = std::thread::scope(|t| {
+        let held = fill();
+        t.spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let body = r#"{"project":"shop","user":"frank"}"#;
+        http_request(server.api, "POST", "/api/v1/disconnect", ADMIN_KEY, body)
+    });
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!({ "disconnected": frank.len() }));
+    for (ws, _) in frank.iter_mut() {
+        assert_eq!(expect_close(ws).0, 4003);
+    }
+    // Full past the deadline: 503 `busy` naming the shard.
+    let held = fill();
+    let body = r#"{"project":"shop","user":"grace"}"#;
+    let r = http_request(server.api, "POST", "/api/v1/disconnect", ADMIN_KEY, body);
+    assert_refusal(&r, 503, "busy");
+    assert_eq!(
+        r.json()["message"],
+        "shard [1] inbox stayed full for 5s",
+        "{}",
+        r.text()
+    );
+    drop(held);
+    let r = http_request(server.api, "POST", "/api/v1/disconnect", ADMIN_KEY, body);
+    assert_eq!(r.json(), serde_json::json!({ "disconnected": 0 }));
+}
+
+#[test]
 fn disconnect_user_closes_exactly_their_connections() {
     let server = TestServer::start(|_| {});
     let mut frank = connect_spread(server.listen, "shop", "frank", 3);
