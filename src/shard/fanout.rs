@@ -13,8 +13,10 @@
 //! - A question carries a tokio oneshot for the answer. It is sent to every shard first (as
 //!   above), then the answers are awaited under one overall deadline for the whole call
 //!   ([`Shards::ask_within`], counted from the call); the shards that did not answer by then are
-//!   reported ([`FanoutError::NoAnswer`], 503 `busy`). A shard that dropped the question has
-//!   stopped (its drain ended): its answer is `None`.
+//!   reported ([`FanoutError::NoAnswer`], 503 `busy`).
+//! - A shard that has stopped (its drain ended, its inbox dropped) holds no connection: an
+//!   order to it is moot and counts as taken, and its answer to a question is `None`; it is
+//!   neither waited for nor reported.
 //!
 //! Two sends keep their own rule, outside this module's calls: a publish reserves room on all
 //! its target shards before it sends to any (all or none, `Hub::deliver`), and the drain order
@@ -37,7 +39,7 @@ pub const ASK_WITHIN: Duration = Duration::from_secs(5);
 /// Why a call to shards failed; each names the shards concerned, in ascending order.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FanoutError {
-    /// These shards' inboxes stayed full (or the shards were gone) until the deadline.
+    /// These shards' inboxes stayed full until the deadline.
     #[error("shard {shards:?} inbox stayed full for {within:?}")]
     NotTaken {
         /// The shards that did not take the message.
@@ -210,7 +212,12 @@ impl<'a> Shards<'a> {
         loop {
             pending = pending
                 .into_iter()
-                .filter_map(|(s, msg)| self.mailboxes[s].send(msg).err().map(|m| (s, m)))
+                .filter_map(|(s, msg)| match self.mailboxes[s].send(msg) {
+                    // A stopped shard: the message (and any reply sender in it) is dropped.
+                    Err(_) if self.mailboxes[s].is_gone() => None,
+                    Err(msg) => Some((s, msg)),
+                    Ok(()) => None,
+                })
                 .collect();
             if pending.is_empty() {
                 return Ok(());
@@ -330,6 +337,24 @@ mod tests {
             runtime().block_on(s.ask_one(1, question))
         });
         assert_eq!(one, Ok(Some(7)));
+        // A shard whose inbox is gone: an order counts as taken, a question answers `None`,
+        // neither waits for the deadline.
+        let s = Shards {
+            order_within: Duration::from_secs(30),
+            ..s
+        };
+        let mut inboxes = inboxes;
+        drop(inboxes.remove(2));
+        let started = Instant::now();
+        let rt = runtime();
+        let answers = std::thread::scope(|t| {
+            t.spawn(|| serve(&inboxes[0], |r| r.send(1)));
+            t.spawn(|| serve(&inboxes[1], |r| r.send(2)));
+            rt.block_on(s.ask_all(|_, reply| question(reply)))
+        });
+        assert_eq!(answers, Ok(vec![(0, Some(1)), (1, Some(2)), (2, None)]));
+        assert_eq!(rt.block_on(s.send_one(2, ShardMsg::Drain)), Ok(()));
+        assert!(started.elapsed() < Duration::from_secs(30));
     }
 
     #[test]

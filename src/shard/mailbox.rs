@@ -149,6 +149,8 @@ struct Shared {
     efd: OwnedFd,
     /// True while a wake-up is pending; senders skip the eventfd write then.
     armed: AtomicBool,
+    /// True once the inbox is dropped (its shard has stopped): nothing sent arrives.
+    gone: AtomicBool,
     /// Messages queued or reserved (the inbox's bound applies to this).
     queued: AtomicUsize,
     /// Most messages queued or reserved at once.
@@ -237,6 +239,7 @@ pub fn channel(capacity: usize, max_bytes: usize) -> std::io::Result<(Mailbox, I
     let shared = Arc::new(Shared {
         efd,
         armed: AtomicBool::new(false),
+        gone: AtomicBool::new(false),
         queued: AtomicUsize::new(0),
         capacity,
         queued_bytes: AtomicUsize::new(0),
@@ -329,6 +332,12 @@ impl Mailbox {
     pub fn depth_bytes(&self) -> usize {
         self.shared.queued_bytes.load(Ordering::Acquire)
     }
+
+    /// Whether the shard has stopped (its inbox is dropped), so a refused send is not a
+    /// full inbox.
+    pub fn is_gone(&self) -> bool {
+        self.shared.gone.load(Ordering::Acquire)
+    }
 }
 
 /// Adds `n` to `counter` if `fits` the current value; all or nothing.
@@ -355,6 +364,12 @@ fn wake(fd: i32) {
     // SAFETY: writes 8 bytes from a live u64 to an eventfd. EAGAIN (counter saturated) still
     // leaves it readable, which is all we need.
     unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.shared.gone.store(true, Ordering::Release);
+    }
 }
 
 impl Inbox {
