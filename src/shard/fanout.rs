@@ -157,10 +157,9 @@ impl<'a> Shards<'a> {
         mut make: impl FnMut(usize, oneshot::Sender<T>) -> ShardMsg,
     ) -> Result<Vec<(usize, Option<T>)>, FanoutError> {
         let deadline = Instant::now() + self.ask_within;
-        let shards: Vec<usize> = shards.into_iter().collect();
-        let mut replies = Vec::with_capacity(shards.len());
+        let mut replies = Vec::new();
         self.deliver(
-            shards.iter().copied(),
+            shards,
             |shard| {
                 let (tx, rx) = oneshot::channel();
                 replies.push((shard, rx));
