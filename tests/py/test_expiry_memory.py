@@ -24,7 +24,15 @@ import time
 import pytest
 
 from herald_client import ADMIN_KEY, config_toml, http_request, mint, now
-from test_hostile import client_frame, parse_frame, parse_http, raw_connect, rss_kib, upgrade_request
+from test_hostile import (
+    client_frame,
+    parse_frame,
+    parse_http,
+    raw_connect,
+    raw_ws,
+    rss_kib,
+    upgrade_request,
+)
 
 #: RSS allowed above the baseline once the load is over, KiB. Measured with the heap kept
 #: bounded (debug build, 2 shards, mimalloc): refresh loop within +/-100 KiB; churn +0.1 to
@@ -83,19 +91,6 @@ def settled_rss(server, seconds: float = 4.0) -> int:
     return min(samples)
 
 
-def open_raw(server, token: str) -> tuple[socket.socket, bytes]:
-    s = raw_connect(server, SRC)
-    s.sendall(upgrade_request(token))
-    buf = b""
-    while (r := parse_http(buf)) is None:
-        chunk = s.recv(65536)
-        assert chunk, f"EOF during the upgrade; got {buf!r}"
-        buf += chunk
-    status, _, body, rest = r
-    assert status == 101, (status, body)
-    return s, rest
-
-
 def read_texts(s: socket.socket, buf: bytes, n: int) -> tuple[list[bytes], bytes]:
     """The next `n` text frames (pings skipped); returns them and the bytes left over."""
     texts: list[bytes] = []
@@ -144,7 +139,7 @@ def test_refresh_loop_leaves_no_memory_behind(server):
         )
         for u in users
     ]
-    conns = [list(open_raw(server, mint(u, exp=exps[0]))) for u in users]
+    conns = [list(raw_ws(server, SRC, mint(u, exp=exps[0]))) for u in users]
     for c in conns:
         (welcome,), c[1] = read_texts(c[0], c[1], 1)
         assert json.loads(welcome)["type"] == "welcome", welcome
