@@ -594,13 +594,13 @@ impl Config {
     /// can deliver: publishes whose delivery frame is over the queue cap are then refused with
     /// 413, and `bytes` is the largest body that is always deliverable. A delivery frame is
     /// the data and topic the body carries plus at most
-    /// [`crate::hub::MESSAGE_FRAME_OVERHEAD`] bytes, so a body up to the queue cap minus that
+    /// [`crate::ws::frame::MESSAGE_FRAME_OVERHEAD`] bytes, so a body up to the queue cap minus that
     /// overhead always fits.
     pub fn largest_deliverable_body(&self) -> Option<usize> {
         let fits = self
             .ws
             .max_outbound_queue_bytes
-            .saturating_sub(crate::hub::MESSAGE_FRAME_OVERHEAD);
+            .saturating_sub(crate::ws::frame::MESSAGE_FRAME_OVERHEAD);
         (self.api.max_body_bytes > fits).then_some(fits)
     }
 
@@ -719,34 +719,26 @@ impl Config {
             }
         }
         let l = &self.limits;
-        if l.messages_per_conn_per_sec > 1_000_000 {
-            return Err(invalid(
+        // Both per-connection limiters: a bounded rate, and a burst of at most 60 periods'
+        // worth of it (keeps the GCRA tolerance far from its clock's wrap).
+        rate_and_burst(
+            (
                 "limits.messages_per_conn_per_sec",
-                "at most 1000000",
-            ));
-        }
-        if l.messages_per_conn_per_sec > 0
-            && l.message_burst_per_conn > l.messages_per_conn_per_sec.saturating_mul(60)
-        {
-            return Err(invalid(
-                "limits.message_burst_per_conn",
-                "at most 60 seconds' worth of messages_per_conn_per_sec",
-            ));
-        }
-        if l.refreshes_per_conn_per_min > 60_000 {
-            return Err(invalid(
+                l.messages_per_conn_per_sec,
+                1_000_000,
+            ),
+            ("limits.message_burst_per_conn", l.message_burst_per_conn),
+            "60 seconds' worth of messages_per_conn_per_sec",
+        )?;
+        rate_and_burst(
+            (
                 "limits.refreshes_per_conn_per_min",
-                "at most 60000",
-            ));
-        }
-        if l.refreshes_per_conn_per_min > 0
-            && l.refresh_burst_per_conn > l.refreshes_per_conn_per_min.saturating_mul(60)
-        {
-            return Err(invalid(
-                "limits.refresh_burst_per_conn",
-                "at most 60 minutes' worth of refreshes_per_conn_per_min",
-            ));
-        }
+                l.refreshes_per_conn_per_min,
+                60_000,
+            ),
+            ("limits.refresh_burst_per_conn", l.refresh_burst_per_conn),
+            "60 minutes' worth of refreshes_per_conn_per_min",
+        )?;
         crate::access::IpList::parse(&self.access.allow, &self.access.deny)
             .map_err(|(key, reason)| invalid(format!("access.{key}"), reason))?;
         crate::net::proxy::TrustedProxies::new(&self.proxy.trusted, self.proxy.proxy_protocol)
@@ -885,6 +877,22 @@ pub fn keep_restart_only_settings(running: &Config, new: &mut Config) {
     *new = kept;
 }
 
+/// A limiter's rate (`(key, value, max)`) is at most `max`, and its burst (`(key, value)`) at
+/// most 60 periods of the rate (`window` says so in the error) when the rate is on.
+fn rate_and_burst(
+    (rate_key, rate, max): (&str, u32, u32),
+    (burst_key, burst): (&str, u32),
+    window: &str,
+) -> Result<(), ConfigError> {
+    if rate > max {
+        return Err(invalid(rate_key, format!("at most {max}")));
+    }
+    if rate > 0 && burst > rate.saturating_mul(60) {
+        return Err(invalid(burst_key, format!("at most {window}")));
+    }
+    Ok(())
+}
+
 /// Checks one project's settings; `at` names it in errors (e.g. `projects[2]`).
 ///
 /// # Errors
@@ -977,7 +985,7 @@ pub fn validate_project(at: &str, p: &ProjectConfig) -> Result<(), ConfigError> 
 /// error's path, else the bare key in front of `=` on that line) and the kind of mistake.
 pub fn describe_toml_error(text: &str, mut e: toml::de::Error) -> String {
     let span = e.span();
-    let message = redact_values(e.message());
+    let message = crate::redact::redact_values(e.message());
     // Without the input, the crate renders the message and the key path (`in `a.b``) only.
     e.set_input(None);
     let rendered = e.to_string();
@@ -1045,43 +1053,6 @@ fn is_config_key(name: &str) -> bool {
         collect(&v, &mut names);
     }
     !name.is_empty() && name.split('.').all(|part| names.contains(part.trim()))
-}
-
-/// serde's messages with the offending value left out: `invalid type: string "hunter2",
-/// expected u64` becomes `invalid type: string, expected u64`, `unknown variant `x`` becomes
-/// `unknown variant`. Key names (`unknown field `x``) are kept: they name the mistake. Also for
-/// serde_json's messages about documents that may hold keys (a JWKS, the state file).
-pub fn redact_values(message: &str) -> String {
-    let message = message.trim_end();
-    for prefix in ["invalid type: ", "invalid value: "] {
-        if let Some(rest) = message.strip_prefix(prefix) {
-            // The last separator: the quoted value may contain one.
-            let (unexpected, expected) = match rest.rsplit_once(", expected ") {
-                Some((u, e)) => (u, Some(e)),
-                None => (rest, None),
-            };
-            let kind: String = unexpected
-                .split(['"', '`', '\''])
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_owned();
-            let mut out = format!("{prefix}{kind}");
-            if let Some(e) = expected {
-                out.push_str(", expected ");
-                out.push_str(e);
-            }
-            return out;
-        }
-    }
-    if let Some(rest) = message.strip_prefix("unknown variant `") {
-        let tail = ["`, expected ", "`, there are no variants"]
-            .iter()
-            .find_map(|sep| rest.rfind(sep).map(|i| &rest[i + 1..]))
-            .unwrap_or_default();
-        return format!("unknown variant{tail}");
-    }
-    message.to_owned()
 }
 
 /// Reads a document (a PEM, a JWKS) given inline or by file, as it is.
@@ -1419,7 +1390,7 @@ mod tests {
         c.ws.max_outbound_queue_bytes = 1 << 20;
         assert_eq!(
             c.largest_deliverable_body(),
-            Some((1 << 20) - crate::hub::MESSAGE_FRAME_OVERHEAD)
+            Some((1 << 20) - crate::ws::frame::MESSAGE_FRAME_OVERHEAD)
         );
     }
 
@@ -1464,14 +1435,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("987654321"), "serde quotes it: {e}");
-        let r = redact_values(&e);
+        let r = crate::redact::redact_values(&e);
         assert!(!r.contains("987654321"), "{r}");
         assert!(r.starts_with("invalid type: integer, expected"), "{r}");
         assert!(r.ends_with("at line 1 column 32"), "{r}");
         // A value that looks like the message around it.
-        let r = redact_values(r#"invalid type: string "a, expected b", expected u64"#);
+        let r =
+            crate::redact::redact_values(r#"invalid type: string "a, expected b", expected u64"#);
         assert_eq!(r, "invalid type: string, expected u64");
-        let r = redact_values("unknown variant `a`b, expected c`, expected `text` or `json`");
+        let r = crate::redact::redact_values(
+            "unknown variant `a`b, expected c`, expected `text` or `json`",
+        );
         assert_eq!(r, "unknown variant, expected `text` or `json`");
     }
 

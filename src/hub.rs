@@ -20,6 +20,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use crate::auth::SharedRegistry;
+pub use crate::broker::PublishError;
 use crate::broker::{Broker, Deliver, Interest, LocalBroker};
 use crate::metrics::ShardStats;
 use crate::pubsub::Topic;
@@ -27,6 +28,7 @@ use crate::route;
 use crate::shard::fanout::Shards;
 use crate::shard::mailbox::{Mailbox, Publication, ShardMsg};
 use crate::ws::frame;
+pub use crate::ws::frame::MESSAGE_FRAME_OVERHEAD;
 
 /// Lifecycle of the node, observable by `/readyz`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,36 +43,6 @@ pub enum Phase {
     /// Done.
     Stopped = 3,
 }
-
-/// Why a publish failed. In every case nothing was sent.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum PublishError {
-    /// A shard's inbox is full (back-pressure): nothing was sent; retry later.
-    #[error("shard {0} inbox is full; nothing was sent, retry later")]
-    Busy(usize),
-    /// The node is draining.
-    #[error("server is draining")]
-    Draining,
-    /// The delivery frame is larger than a connection's outbound queue can ever hold.
-    #[error(
-        "message frame of {size} bytes is over ws.max_outbound_queue_bytes ({max}); \
-         no connection could take it"
-    )]
-    TooLarge {
-        /// The frame's size in bytes.
-        size: usize,
-        /// `ws.max_outbound_queue_bytes`.
-        max: usize,
-    },
-    /// A shard thread has died; the node is stopping.
-    #[error("shard {0} has failed; the server is restarting")]
-    Failed(usize),
-}
-
-/// Bytes a delivery frame adds to its topic and data: the WebSocket header (at most 10) and
-/// the JSON envelope with the longest id (33) and timestamp (20).
-pub const MESSAGE_FRAME_OVERHEAD: usize =
-    10 + r#"{"type":"message","topic":"","data":,"id":"","ts":}"#.len() + 33 + 20;
 
 /// Shared by the shards, the API and the signal handler.
 pub struct Hub {

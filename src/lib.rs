@@ -20,6 +20,7 @@
 //! - [`api`]: the HTTP API on hyper.
 //! - [`admin`]: project and key management (API and SIGHUP): build, persist, swap.
 //! - [`metrics`]: per-shard counters.
+//! - [`redact`]: error messages with the quoted values (possible secrets) left out.
 //! - [`store`]: the persisted API state (projects and keys), replaced atomically.
 //! - [`notify`]: systemd readiness, reload, stop and watchdog notifications.
 //! - [`hostcheck`]: the connection ceiling the host allows (open files, sysctls).
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod net;
 pub mod notify;
 pub mod pubsub;
+pub mod redact;
 pub mod route;
 pub mod server;
 pub mod shard;

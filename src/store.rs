@@ -128,7 +128,7 @@ pub fn read_state(dir: &Path) -> Result<State, StoreError> {
     // Parsed as a value first: serde reads a struct from an array too (`[]` would be an empty
     // state), and the version must be checked before the fields it governs.
     let doc: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| corrupt(crate::config::redact_values(&e.to_string())))?;
+        .map_err(|e| corrupt(crate::redact::redact_values(&e.to_string())))?;
     let Some(root) = doc.as_object() else {
         return Err(corrupt(format!(
             "the document must be a JSON object, not {}",
@@ -152,7 +152,7 @@ pub fn read_state(dir: &Path) -> Result<State, StoreError> {
             }
         }
     }
-    serde_json::from_value(doc).map_err(|e| corrupt(crate::config::redact_values(&e.to_string())))
+    serde_json::from_value(doc).map_err(|e| corrupt(crate::redact::redact_values(&e.to_string())))
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {

@@ -248,7 +248,7 @@ pub(super) async fn create(
     let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let p: ProjectConfig = serde_json::from_slice(&bytes).map_err(|e| {
         // serde quotes the offending value, which may be a secret in the wrong field.
-        let e = crate::config::redact_values(&e.to_string());
+        let e = crate::redact::redact_values(&e.to_string());
         ApiError::bad_request(format!("invalid project: {e}"))
     })?;
     let id = p.id.clone();

@@ -269,7 +269,7 @@ pub fn parse_jwks(text: &str) -> Result<Vec<(String, KeySpec)>, KeyError> {
     }
     // serde's message may quote a value of the document, which may be key material.
     let set: JwkSet = serde_json::from_str(text)
-        .map_err(|e| KeyError::BadJwk(crate::config::redact_values(&e.to_string())))?;
+        .map_err(|e| KeyError::BadJwk(crate::redact::redact_values(&e.to_string())))?;
     set.keys
         .into_iter()
         .enumerate()

@@ -22,8 +22,32 @@ pub use interest::{ENTRY_BYTES, Interest, NR_STRIPES};
 
 use std::sync::Arc;
 
-use crate::hub::PublishError;
 use crate::shard::mailbox::Publication;
+
+/// Why a publish failed. In every case nothing was sent.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PublishError {
+    /// A shard's inbox is full (back-pressure): nothing was sent; retry later.
+    #[error("shard {0} inbox is full; nothing was sent, retry later")]
+    Busy(usize),
+    /// The node is draining.
+    #[error("server is draining")]
+    Draining,
+    /// The delivery frame is larger than a connection's outbound queue can ever hold.
+    #[error(
+        "message frame of {size} bytes is over ws.max_outbound_queue_bytes ({max}); \
+         no connection could take it"
+    )]
+    TooLarge {
+        /// The frame's size in bytes.
+        size: usize,
+        /// `ws.max_outbound_queue_bytes`.
+        max: usize,
+    },
+    /// A shard thread has died; the node is stopping.
+    #[error("shard {0} has failed; the server is restarting")]
+    Failed(usize),
+}
 
 /// The node's delivery path: sends publications to the shards holding their subscribers.
 pub trait Deliver {

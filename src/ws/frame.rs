@@ -7,6 +7,11 @@ use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
 use super::close::CloseReason;
 
+/// Bytes a delivery frame adds to its topic and data: the WebSocket header (at most 10) and
+/// the JSON envelope with the longest id (33) and timestamp (20).
+pub const MESSAGE_FRAME_OVERHEAD: usize =
+    10 + r#"{"type":"message","topic":"","data":,"id":"","ts":}"#.len() + 33 + 20;
+
 /// Encodes one unfragmented, unmasked frame.
 pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
     head(opcode, payload, 0)
