@@ -19,7 +19,9 @@
 //! - [`route`]: which shards a publication goes to: the union of its topics' interest masks.
 //! - [`api`]: the HTTP API on hyper.
 //! - [`admin`]: project and key management (API and SIGHUP): build, persist, swap.
-//! - [`metrics`]: per-shard counters.
+//! - [`metrics`]: per-shard counters (written by the owning shard, summed by readers).
+//! - [`exposition`]: the Prometheus exposition of those counters (`GET /metrics`), read on
+//!   scrape.
 //! - [`redact`]: error messages with the quoted values (possible secrets) left out.
 //! - [`store`]: the persisted API state (projects and keys), replaced atomically.
 //! - [`notify`]: systemd readiness, reload, stop and watchdog notifications.
@@ -31,6 +33,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod exposition;
 pub mod hostcheck;
 pub mod hub;
 pub mod limiter;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::KeySpec;
+use crate::auth::keys::KeySpec;
 use crate::config::ProjectConfig;
 
 /// File name of the state document.

@@ -390,14 +390,14 @@ async fn dispatch(
 
 /// `GET /metrics`: the Prometheus exposition, built from the counters now. Unauthenticated,
 /// like `/healthz`, so a scraper needs no key.
-/// The format follows `Accept` ([`crate::metrics::Format::negotiate`]).
+/// The format follows `Accept` ([`crate::exposition::Format::negotiate`]).
 fn metrics(hub: &Arc<Hub>, req: &Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     let accept = req
         .headers()
         .get(hyper::header::ACCEPT)
         .and_then(|v| v.to_str().ok());
-    let format = crate::metrics::Format::negotiate(accept);
-    let text = crate::metrics::encode_as(hub, format).map_err(|_| {
+    let format = crate::exposition::Format::negotiate(accept);
+    let text = crate::exposition::encode_as(hub, format).map_err(|_| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
