@@ -609,6 +609,17 @@ impl Config {
     /// # Errors
     /// The first broken rule, naming its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_parsing_proxies().map(drop)
+    }
+
+    /// [`Config::validate`], handing back the trusted proxies it parsed on the way, so that
+    /// [`crate::settings::Settings::from_config`] does not parse them a second time.
+    ///
+    /// # Errors
+    /// The first broken rule, naming its key.
+    pub(crate) fn validate_parsing_proxies(
+        &self,
+    ) -> Result<crate::net::proxy::TrustedProxies, ConfigError> {
         if self.uses_dev_keys() {
             for (key, addr) in [
                 ("server.listen", self.server.listen),
@@ -741,8 +752,9 @@ impl Config {
         )?;
         crate::access::IpList::parse(&self.access.allow, &self.access.deny)
             .map_err(|(key, reason)| invalid(format!("access.{key}"), reason))?;
-        crate::net::proxy::TrustedProxies::new(&self.proxy.trusted, self.proxy.proxy_protocol)
-            .map_err(|(key, reason)| invalid(format!("proxy.{key}"), reason))?;
+        let proxies =
+            crate::net::proxy::TrustedProxies::new(&self.proxy.trusted, self.proxy.proxy_protocol)
+                .map_err(|(key, reason)| invalid(format!("proxy.{key}"), reason))?;
         if self.projects.is_empty() {
             return Err(invalid(
                 "projects",
@@ -760,7 +772,7 @@ impl Config {
                 ));
             }
         }
-        Ok(())
+        Ok(proxies)
     }
 }
 

@@ -1,4 +1,8 @@
-//! Starting and stopping a node: shards, listeners, the API, and the drain.
+//! Wiring a node: from its [`Settings`] (and the projects and keys of its config), bind the
+//! listeners, start the shards, wait for each to accept, start the API, and hand back the
+//! [`ServerHandle`]. It computes nothing from the config itself ([`crate::settings`] does)
+//! and knows nothing of signals, systemd or the process ([`crate::lifecycle`],
+//! [`crate::process`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,13 +12,14 @@ use arc_swap::ArcSwap;
 use tracing::info;
 
 use crate::admin::Admin;
-use crate::api::{self, ApiHandle, ApiSettings};
+use crate::api::{self, ApiHandle};
 use crate::auth::Registry;
 use crate::config::{Config, ConfigError};
 use crate::hub::{Hub, Phase};
 use crate::metrics::ShardStats;
 use crate::net::listener::{bind_reuseport, probe_free};
-use crate::shard::{self, Limits, ShardSpec, mailbox};
+use crate::settings::Settings;
+use crate::shard::{self, ShardSpec, mailbox};
 use crate::store::Store;
 
 /// Capacity of each shard's inbox, in messages; a publish (or batch) that does not fit every
@@ -112,44 +117,42 @@ pub fn start(cfg: &Config) -> Result<ServerHandle, StartError> {
     start_with(cfg, Options::default())
 }
 
-/// [`start`] with [`Options`].
+/// [`start`] with [`Options`]: builds the [`Settings`] and [`wire`]s the node.
 ///
 /// # Errors
 /// [`StartError`].
 pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartError> {
-    cfg.validate()?;
-    let state_dir = cfg
-        .server
-        .state_dir
-        .clone()
-        .unwrap_or_else(crate::store::default_dir);
-    let store = Store::open(&state_dir)?;
+    let settings = Settings::from_config(cfg)?;
+    wire(cfg, &settings, opts)
+}
+
+/// Starts a node with `settings` (built from `cfg`): the projects and keys from `cfg` and the
+/// state directory, the listeners, the shards, the API. Returns once every shard listens and
+/// the API is up; the phase is then Running.
+///
+/// # Errors
+/// [`StartError`].
+pub fn wire(cfg: &Config, settings: &Settings, opts: Options) -> Result<ServerHandle, StartError> {
+    let store = Store::open(&settings.state_dir)?;
     let state = store.load()?;
     let registry = Registry::build(cfg, &state, None)?;
-    info!(state_dir = %state_dir.display(), "state directory");
-    let nr_shards = cfg.nr_shards();
-    if !cfg.server.handover {
-        probe_free(cfg.server.listen).map_err(|source| match source.kind() {
+    info!(state_dir = %settings.state_dir.display(), "state directory");
+    let nr_shards = settings.nr_shards;
+    let listen_error = |source| StartError::Bind {
+        addr: settings.listen,
+        source,
+    };
+    if !settings.handover {
+        probe_free(settings.listen).map_err(|source| match source.kind() {
             std::io::ErrorKind::AddrInUse => StartError::ListenInUse {
-                addr: cfg.server.listen,
+                addr: settings.listen,
             },
-            _ => StartError::Bind {
-                addr: cfg.server.listen,
-                source,
-            },
+            _ => listen_error(source),
         })?;
     }
-    let listeners = bind_reuseport(cfg.server.listen, nr_shards, cfg.server.listen_backlog)
-        .map_err(|source| StartError::Bind {
-            addr: cfg.server.listen,
-            source,
-        })?;
-    let listen = listeners[0]
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: cfg.server.listen,
-            source,
-        })?;
+    let listeners = bind_reuseport(settings.listen, nr_shards, settings.listen_backlog)
+        .map_err(listen_error)?;
+    let listen = listeners[0].local_addr().map_err(listen_error)?;
     let mut mailboxes = Vec::new();
     let mut inboxes = Vec::new();
     for _ in 0..nr_shards {
@@ -165,30 +168,21 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
         mailboxes,
         stats,
         Arc::new(ArcSwap::from_pointee(registry)),
-        cfg.server.max_connections,
+        settings.max_connections,
     );
-    hub.max_frame_bytes = cfg.ws.max_outbound_queue_bytes;
-    if let Some(largest) = cfg.largest_deliverable_body() {
-        tracing::warn!(
-            api_max_body_bytes = cfg.api.max_body_bytes,
-            ws_max_outbound_queue_bytes = cfg.ws.max_outbound_queue_bytes,
-            "api.max_body_bytes is over what ws.max_outbound_queue_bytes can deliver: a \
-             publish whose frame is over the queue cap is refused with 413 \
-             `message_too_large` (bodies up to {largest} bytes always fit)"
-        );
-    }
+    hub.max_frame_bytes = settings.limits.max_outbound_queue_bytes;
+    settings.log_adjustments();
     hub.ip_conns = crate::limiter::ConnCounter::new(
-        cfg.limits.connections_per_ip,
-        cfg.limits.handshake_burst_per_ip,
-        cfg.limits.max_pending_handshakes_per_ip,
+        settings.per_ip.connections,
+        settings.per_ip.handshake_burst,
+        settings.per_ip.max_pending_handshakes,
     );
     let hub = Arc::new(hub);
-    let cores = if cfg.server.pin_cores {
+    let cores = if settings.pin_cores {
         core_affinity::get_core_ids()
     } else {
         None
     };
-    let limits = Limits::from_config(cfg);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut shards = Vec::new();
     for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
@@ -199,11 +193,11 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
         let spec = ShardSpec {
             id: id as u16,
             hub: hub.clone(),
-            limits: limits.clone(),
+            limits: settings.limits.clone(),
             listener,
             inbox,
             core,
-            driver: cfg.server.io_driver,
+            driver: settings.io_driver,
             ready: ready_tx.clone(),
         };
         shards
@@ -228,36 +222,14 @@ pub fn start_with(cfg: &Config, opts: Options) -> Result<ServerHandle, StartErro
         opts.config_path,
         opts.overrides,
     ));
-    let api_max_connections = crate::hostcheck::api_connection_cap(
-        crate::hostcheck::nofile().map(|(soft, _)| soft),
-        crate::hostcheck::reserved_fds(cfg),
-        cfg.api.max_connections,
-    );
-    if api_max_connections < cfg.api.max_connections {
-        tracing::warn!(
-            configured = cfg.api.max_connections,
-            effective = api_max_connections,
-            "api.max_connections lowered to fit the descriptors the open-files limit leaves \
-             the API (at most half of RLIMIT_NOFILE, less 256 for the node itself); raise \
-             the limit to allow more"
-        );
-    }
     let api = api::start(
         hub.clone(),
         admin.clone(),
-        cfg.server.api_listen,
-        ApiSettings {
-            max_body_bytes: cfg.api.max_body_bytes,
-            requests_per_key_per_sec: cfg.limits.api_requests_per_key_per_sec,
-            burst_per_key: cfg.limits.api_burst_per_key,
-            max_connections: api_max_connections,
-            header_read_timeout: Duration::from_millis(cfg.api.header_read_timeout_ms),
-            idle_timeout: Duration::from_millis(cfg.api.idle_timeout_ms),
-            body_read_timeout: Duration::from_millis(cfg.api.body_read_timeout_ms),
-        },
+        settings.api_listen,
+        settings.api.clone(),
     )
     .map_err(|source| StartError::Bind {
-        addr: cfg.server.api_listen,
+        addr: settings.api_listen,
         source,
     })?;
     let api_listen = api.addr;

@@ -29,10 +29,11 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, IoDriver};
+use crate::config::IoDriver;
 use crate::hub::Hub;
 use crate::metrics::ShardStats;
 use crate::pubsub::TopicIndex;
+use crate::settings::Limits;
 use crate::ws::close::CloseReason;
 use crate::ws::conn::{self, Conn, ConnPhase};
 use mailbox::{Inbox, ShardMsg};
@@ -43,132 +44,6 @@ pub const SCRATCH_BYTES: usize = 64 * 1024;
 const INBOX_BUDGET: usize = 1024;
 /// How long a closing connection may take to answer our close frame.
 pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(5);
-
-/// Limits and timings a shard applies, taken from the config once.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Heartbeat interval.
-    pub heartbeat: Duration,
-    /// Handshake deadline.
-    pub handshake_timeout: Duration,
-    /// Largest upgrade request.
-    pub max_handshake_bytes: usize,
-    /// Largest client message.
-    pub max_message_bytes: usize,
-    /// Outbound queue cap per connection.
-    pub max_outbound_queue_bytes: usize,
-    /// Explicit subscriptions per connection.
-    pub max_topics_per_connection: usize,
-    /// Error replies before 1008.
-    pub max_bad_requests: u32,
-    /// Drain grace period.
-    pub drain_timeout: Duration,
-    /// Handshakes per second per address (0 = off).
-    pub handshakes_per_ip_per_sec: u32,
-    /// Handshake burst per address.
-    pub handshake_burst_per_ip: u32,
-    /// Addresses the handshake limiter remembers.
-    pub limiter_max_ips: usize,
-    /// Per-connection message limit: microseconds between messages at the sustained rate
-    /// (0 = off).
-    pub msg_interval_us: u32,
-    /// How far ahead of the sustained rate a connection may run (the burst), microseconds.
-    pub msg_tolerance_us: u32,
-    /// Per-connection `refresh` limit: milliseconds between refreshes at the sustained rate
-    /// (0 = off).
-    pub refresh_interval_ms: u32,
-    /// How far ahead of the sustained refresh rate a connection may run, milliseconds.
-    pub refresh_tolerance_ms: u32,
-    /// `limits.refreshes_per_conn_per_min` and `limits.refresh_burst_per_conn`, for messages.
-    pub refreshes_per_min: u32,
-    /// See `refreshes_per_min`.
-    pub refresh_burst: u32,
-    /// Handshakes this shard may have in progress (its share of
-    /// `limits.max_pending_handshakes`); 0 = no cap.
-    pub max_pending_handshakes: usize,
-    /// Trusted reverse proxies.
-    pub proxies: Arc<crate::net::proxy::TrustedProxies>,
-    /// A client socket whose descriptor number is at or above this is closed at accept:
-    /// the descriptors above it are the API's ([`crate::hostcheck::client_fd_ceiling`]). `None`: no limit known.
-    pub max_client_fd: Option<u64>,
-}
-
-/// A shard's share of `limits.max_pending_handshakes` (0 = no cap), and at most of half the
-/// client descriptors: idle unauthenticated sockets then never hold every client descriptor,
-/// and the eviction at the cap keeps serving newcomers (sockets evicted in a burst close a
-/// little later, in the other half).
-fn pending_share(c: &Config, max_client_fd: Option<u64>) -> usize {
-    let nr_shards = c.nr_shards().max(1);
-    let share = c.limits.max_pending_handshakes.div_ceil(nr_shards);
-    let Some(max_fd) = max_client_fd else {
-        return share;
-    };
-    let fd_share = usize::try_from(max_fd / 2)
-        .unwrap_or(usize::MAX)
-        .div_ceil(nr_shards)
-        .max(1);
-    if share == 0 {
-        fd_share
-    } else {
-        share.min(fd_share)
-    }
-}
-
-impl Limits {
-    /// From the config.
-    pub fn from_config(c: &Config) -> Self {
-        // Rounded up: the sustained rate never exceeds the configured one.
-        let msg_interval_us = match c.limits.messages_per_conn_per_sec {
-            0 => 0,
-            rate => 1_000_000u32.div_ceil(rate),
-        };
-        let max_client_fd = crate::hostcheck::nofile().map(|(soft, _)| {
-            crate::hostcheck::client_fd_ceiling(soft, crate::hostcheck::reserved_fds(c))
-        });
-        let refresh_interval_ms = match c.limits.refreshes_per_conn_per_min {
-            0 => 0,
-            rate => 60_000u32.div_ceil(rate),
-        };
-        Self {
-            heartbeat: Duration::from_millis(c.ws.heartbeat_interval_ms),
-            handshake_timeout: Duration::from_millis(c.ws.handshake_timeout_ms),
-            max_handshake_bytes: c.ws.max_handshake_bytes,
-            max_message_bytes: c.ws.max_message_bytes,
-            max_outbound_queue_bytes: c.ws.max_outbound_queue_bytes,
-            max_topics_per_connection: c.ws.max_topics_per_connection,
-            max_bad_requests: c.ws.max_bad_requests,
-            drain_timeout: Duration::from_millis(c.server.drain_timeout_ms),
-            handshakes_per_ip_per_sec: c.limits.handshakes_per_ip_per_sec,
-            handshake_burst_per_ip: c.limits.handshake_burst_per_ip,
-            limiter_max_ips: c.limits.limiter_max_ips,
-            max_pending_handshakes: pending_share(c, max_client_fd),
-            proxies: Arc::new(
-                crate::net::proxy::TrustedProxies::new(&c.proxy.trusted, c.proxy.proxy_protocol)
-                    .unwrap_or_default(),
-            ),
-            max_client_fd,
-            msg_interval_us,
-            // Exactly `burst` messages back to back: the first at the bucket's start, then
-            // `burst - 1` intervals ahead. Validation bounds the burst to 60 s of the rate,
-            // so this fits a u32.
-            msg_tolerance_us: (u64::from(c.limits.message_burst_per_conn.max(1) - 1)
-                * u64::from(msg_interval_us))
-            .min(u64::from(u32::MAX / 4)) as u32,
-            refresh_interval_ms,
-            // Validation bounds the burst to 60 minutes of the rate: at most 3.6e6 ms.
-            refresh_tolerance_ms: (u64::from(c.limits.refresh_burst_per_conn.max(1) - 1)
-                * u64::from(refresh_interval_ms))
-            .min(u64::from(u32::MAX / 4)) as u32,
-            refreshes_per_min: c.limits.refreshes_per_conn_per_min,
-            refresh_burst: c.limits.refresh_burst_per_conn,
-        }
-    }
-
-    /// Period of the sweep timer.
-    pub fn tick(&self) -> Duration {
-        (self.heartbeat / 8).clamp(Duration::from_millis(20), Duration::from_secs(1))
-    }
-}
 
 /// A deadline for one connection occupant.
 #[derive(Debug, Clone, Copy)]
@@ -1117,65 +992,6 @@ async fn sweep_loop(shard: Rc<RefCell<Shard>>, tick: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The GCRA parameters allow exactly `burst` events back to back and never more than
-    /// `rate` per period sustained, also where the period is not a whole number of intervals:
-    /// messages (per second, in microseconds) and refreshes (per minute, in milliseconds).
-    #[test]
-    fn limits_allow_exactly_the_burst_and_at_most_the_rate() {
-        type Set = fn(&mut Config, u32, u32);
-        type Get = fn(&Limits) -> (u32, u32);
-        let messages: (Set, Get, u32, &[(u32, u32)]) = (
-            |c, rate, burst| {
-                c.limits.messages_per_conn_per_sec = rate;
-                c.limits.message_burst_per_conn = burst;
-            },
-            |l| (l.msg_interval_us, l.msg_tolerance_us),
-            1_000_000,
-            &[
-                (100, 200),
-                (7000, 1000),
-                (300, 18_000),
-                (400_000, 5),
-                (3, 1),
-            ],
-        );
-        let refreshes: (Set, Get, u32, &[(u32, u32)]) = (
-            |c, rate, burst| {
-                c.limits.refreshes_per_conn_per_min = rate;
-                c.limits.refresh_burst_per_conn = burst;
-            },
-            |l| (l.refresh_interval_ms, l.refresh_tolerance_ms),
-            60_000,
-            &[(6, 3), (7, 1), (60_000, 100), (1, 60)],
-        );
-        for (set, get, period, cases) in [messages, refreshes] {
-            for &(rate, burst) in cases {
-                let mut c = Config::development();
-                set(&mut c, rate, burst);
-                c.validate().unwrap();
-                let (interval, tolerance) = get(&Limits::from_config(&c));
-                assert_eq!(tolerance / interval + 1, burst, "rate {rate} burst {burst}");
-                assert!(period / interval <= rate, "rate {rate}");
-            }
-            let mut c = Config::development();
-            set(&mut c, 0, 1);
-            assert_eq!(get(&Limits::from_config(&c)).0, 0, "0 turns the limit off");
-        }
-    }
-
-    #[test]
-    fn handshakes_in_progress_take_at_most_half_the_client_descriptors() {
-        let mut c = Config::development();
-        c.server.shards = 2;
-        c.limits.max_pending_handshakes = 10_000;
-        assert_eq!(pending_share(&c, None), 5_000);
-        assert_eq!(pending_share(&c, Some(1_000_000)), 5_000);
-        assert_eq!(pending_share(&c, Some(600)), 150);
-        c.limits.max_pending_handshakes = 0;
-        assert_eq!(pending_share(&c, None), 0, "no cap");
-        assert_eq!(pending_share(&c, Some(600)), 150);
-    }
 
     #[test]
     fn each_warning_is_throttled_on_its_own() {
