@@ -2,7 +2,9 @@
 //!
 //! Flow is `load → parse → validate`: [`Config::load`] reads TOML, serde rejects unknown keys
 //! (so a typo names itself), and [`Config::validate`] checks cross-field rules and turns the raw
-//! strings into parsed values the core never re-checks. Secrets may come from files; they are
+//! strings into parsed values the core never re-checks. What the running node applies is derived
+//! from a validated config once, in [`crate::settings`] (which takes the trusted proxies the
+//! validation parsed rather than parsing them again). Secrets may come from files; they are
 //! never logged (see the `Debug` impl of [`Secret`]).
 
 use std::fmt;

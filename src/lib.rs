@@ -3,7 +3,16 @@
 //! # Layout
 //!
 //! - [`config`]: the one configuration struct; load → parse → validate.
-//! - [`server`]: starts the shards and the API; the [`server::ServerHandle`].
+//! - [`settings`]: what the node applies, derived once from the validated config (the shards'
+//!   limits, the API's settings, the trusted proxies, listeners, node-wide bounds).
+//! - [`server`]: wires a node from its settings: listeners, shards, the API; the
+//!   [`server::ServerHandle`].
+//! - [`lifecycle`]: a served node's life: process setup, settings, wiring, signals (drain,
+//!   SIGHUP reload), readiness and systemd notifications, the outcome.
+//! - [`process`]: what the process sets up about itself before serving (huge pages, the
+//!   open-files limit, the host check's log line, the development-mode warning).
+//! - [`commands`]: the binary's one-shot subcommands (token, genconfig, check-config,
+//!   check-host).
 //! - [`hub`]: the node-wide handle every thread shares: mailboxes, registry, counters, phase,
 //!   and publishing (encode once, one message per interested shard).
 //! - [`broker`]: the broker seam: publish, first/last topic interest per shard, deliveries

@@ -7,9 +7,9 @@
 //! what it is given and no other module reads these keys from the config again. Nothing here
 //! logs or starts anything: [`Settings::log_adjustments`] says what was lowered, once, at start.
 //!
-//! A SIGHUP reload builds settings from the re-read file with the same function (a file they
-//! cannot be built from is refused) and applies none of them: every key they come from needs a
-//! restart (`config::restart_only_changes`).
+//! A SIGHUP reload validates the re-read file with the same rules ([`Config::validate`]) and
+//! changes none of these: every key they come from needs a restart
+//! ([`crate::config::restart_only_changes`]), so the settings built at start stay in force.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
