@@ -4,14 +4,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::TempDir;
-
-const HERALD: &str = env!("CARGO_BIN_EXE_herald");
+use common::{HeraldProcess, TempDir};
 
 /// Receives datagrams until one contains `line` (as a whole line) or `deadline` passes;
 /// returns every datagram seen, the matching one last.
@@ -49,15 +45,12 @@ fn ready_watchdog_reload_stopping() {
     let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    let config = dir.0.join("herald.toml");
-    std::fs::write(
-        &config,
+    let config = format!(
         r#"[server]
-listen = "127.0.0.1:0"
-api_listen = "127.0.0.1:0"
 shards = 2
 pin_cores = false
 drain_timeout_ms = 1000
+state_dir = "{state}"
 
 [ws]
 heartbeat_interval_ms = 1000
@@ -77,35 +70,16 @@ kid = "k1"
 alg = "HS256"
 secret = "notify-test-secret-0123456789abcdef0123"
 "#,
-    )
-    .unwrap();
-    let mut child = Command::new(HERALD)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(dir.0.join("state"))
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "200000")
-        .env_remove("WATCHDOG_PID")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn herald");
-    let pid = child.id() as libc::pid_t;
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
-
-    let kill = |sig| {
-        // SAFETY: signalling our own child.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-    };
-    let guard = scopeguard(pid);
+        state = dir.0.join("state").display(),
+    );
+    let (mut server, ready) = HeraldProcess::start(
+        &dir,
+        &config,
+        &[
+            ("NOTIFY_SOCKET", sock_path.as_os_str()),
+            ("WATCHDOG_USEC", "200000".as_ref()),
+        ],
+    );
 
     let first = recv_until(&sock, "READY=1", Duration::from_secs(20));
     assert_eq!(
@@ -130,7 +104,7 @@ secret = "notify-test-secret-0123456789abcdef0123"
     }
     assert!(pings >= 3, "expected several WATCHDOG=1, got {pings}");
 
-    kill(libc::SIGHUP);
+    server.signal(libc::SIGHUP);
     let reload = recv_until(&sock, "RELOADING=1", Duration::from_secs(10));
     let reloading = reload.last().unwrap();
     assert!(
@@ -139,40 +113,13 @@ secret = "notify-test-secret-0123456789abcdef0123"
     );
     recv_until(&sock, "READY=1", Duration::from_secs(10));
 
-    kill(libc::SIGTERM);
+    server.signal(libc::SIGTERM);
     recv_until(&sock, "STOPPING=1", Duration::from_secs(10));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "herald did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    std::mem::forget(guard);
+    let status = server.wait(Duration::from_secs(15));
     assert!(status.success(), "exit status {status:?}");
-    let out = reader.join().unwrap();
-    assert!(
-        out.first().is_some_and(|l| l.contains("\"ready\"")),
-        "ready line on stdout: {out:?}"
+    assert_eq!(
+        ready.line["event"], "ready",
+        "ready line on stdout: {}",
+        ready.line
     );
-}
-
-/// Kills the child if the test panics before it exited.
-struct KillOnDrop(libc::pid_t);
-
-fn scopeguard(pid: libc::pid_t) -> KillOnDrop {
-    KillOnDrop(pid)
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child (a panic path only).
-        unsafe {
-            libc::kill(self.0, libc::SIGKILL);
-        }
-    }
 }

@@ -4,17 +4,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{RawClient, TIMEOUT, TempDir, run_herald};
+use common::{HeraldProcess, RawClient, TIMEOUT, TempDir, run_herald, write_config};
 
-const HERALD: &str = env!("CARGO_BIN_EXE_herald");
 /// A secret that must never be printed.
 const SECRET: &str = "ops-test-secret-never-printed-0123456789";
 
@@ -50,119 +45,6 @@ secret = "{SECRET}"
 "#,
         state = dir.0.join("state").display(),
     )
-}
-
-/// A spawned `herald serve`, killed on drop if still running.
-struct Node {
-    child: Child,
-    stdout: mpsc::Receiver<String>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Node {
-    fn spawn(args: &[&str], env: &[(&str, &Path)]) -> Self {
-        let mut cmd = Command::new(HERALD);
-        cmd.arg("serve").args(args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn herald");
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let sink = stderr.clone();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Self {
-            child,
-            stdout: rx,
-            stderr,
-        }
-    }
-
-    /// The client address of the ready line.
-    fn ready(&self) -> std::net::SocketAddr {
-        let line = self
-            .stdout
-            .recv_timeout(TIMEOUT * 3)
-            .unwrap_or_else(|_| panic!("no ready line; stderr: {}", self.stderr()));
-        let v: serde_json::Value = serde_json::from_str(&line).expect("ready line is JSON");
-        v["listen"].as_str().unwrap().parse().unwrap()
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().join("\n")
-    }
-
-    /// Waits until stderr has a line containing `needle` after the first `after` lines;
-    /// returns that line.
-    fn wait_log(&self, needle: &str, after: usize) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(l) = self.stderr.lock().unwrap()[after..]
-                .iter()
-                .find(|l| l.contains(needle))
-            {
-                return l.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no `{needle}` in the log:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_len(&self) -> usize {
-        self.stderr.lock().unwrap().len()
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-
-    /// Waits for the exit, at most `limit`.
-    fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                // Let the reader threads take the last lines.
-                std::thread::sleep(Duration::from_millis(100));
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running after {limit:?}; log:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// The config with a syntax error on the secret's own line (line 25).
@@ -217,10 +99,8 @@ fn a_config_error_names_line_column_and_key_but_never_the_secret() {
     assert!(err.contains("unknown variant, expected"), "{err}");
 
     // SIGHUP with the broken file: the log names the place, not the line.
-    let config = dir.write("herald.toml", &good);
-    let node = Node::spawn(&["--config", config.to_str().unwrap()], &[]);
-    node.ready();
-    std::fs::write(&config, broken_secret_line(&good)).unwrap();
+    let (node, _) = HeraldProcess::start(&dir, &good, &[]);
+    write_config(&dir, &broken_secret_line(&good));
     let at = node.log_len();
     node.signal(libc::SIGHUP);
     let line = node.wait_log("reload refused", at);
@@ -236,9 +116,8 @@ fn a_config_error_names_line_column_and_key_but_never_the_secret() {
 #[test]
 fn a_second_node_on_the_same_client_address_is_refused_unless_handing_over() {
     let dir = TempDir::new("second");
-    let config = dir.write("herald.toml", &config_text(&dir, "", ""));
-    let first = Node::spawn(&["--config", config.to_str().unwrap()], &[]);
-    let listen = first.ready();
+    let (_first, ready) = HeraldProcess::start(&dir, &config_text(&dir, "", ""), &[]);
+    let (config, listen) = (dir.0.join("herald.toml"), ready.listen);
 
     let addr = listen.to_string();
     let state2 = dir.0.join("state2");
@@ -252,7 +131,7 @@ fn a_second_node_on_the_same_client_address_is_refused_unless_handing_over() {
         "--state-dir",
         state2.to_str().unwrap(),
     ];
-    let mut second = Node::spawn(&args, &[]);
+    let mut second = HeraldProcess::spawn(&args, &[]);
     let status = second.wait(TIMEOUT * 3);
     assert_eq!(status.code(), Some(1), "{}", second.stderr());
     let err = second.stderr();
@@ -267,8 +146,8 @@ fn a_second_node_on_the_same_client_address_is_refused_unless_handing_over() {
     // The explicit hand-over shares the port.
     let mut with = args.to_vec();
     with.push("--handover");
-    let third = Node::spawn(&with, &[]);
-    assert_eq!(third.ready(), listen);
+    let third = HeraldProcess::spawn(&with, &[]);
+    assert_eq!(third.ready().listen, listen);
 }
 
 /// Receives notify datagrams until one has the line `line`; returns every datagram seen.
@@ -297,12 +176,8 @@ fn sighup_names_every_setting_that_needs_a_restart_and_reports_a_refusal() {
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let good = config_text(&dir, "", "");
-    let config = dir.write("herald.toml", &good);
-    let node = Node::spawn(
-        &["--config", config.to_str().unwrap()],
-        &[("NOTIFY_SOCKET", &sock_path)],
-    );
-    node.ready();
+    let (node, _) = HeraldProcess::start(&dir, &good, &[("NOTIFY_SOCKET", sock_path.as_os_str())]);
+    let config = dir.0.join("herald.toml");
     recv_until(&sock, "READY=1");
 
     // Restart-only settings changed, plus a key a reload applies (the project's leeway).
@@ -321,7 +196,7 @@ fn sighup_names_every_setting_that_needs_a_restart_and_reports_a_refusal() {
     assert!(done.contains("STATUS=serving (reloaded)"), "{done}");
     assert!(done.lines().any(|l| l == "ERRNO=0"), "{done}");
     node.wait_log("projects and keys reloaded", at);
-    let log = node.stderr.lock().unwrap()[at..].join("\n");
+    let log = node.log_since(at);
     let named: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("needs a restart to take effect"))
@@ -346,7 +221,7 @@ fn sighup_names_every_setting_that_needs_a_restart_and_reports_a_refusal() {
     let at = node.log_len();
     node.signal(libc::SIGHUP);
     node.wait_log("projects and keys reloaded", at);
-    let again = node.stderr.lock().unwrap()[at..].join("\n");
+    let again = node.log_since(at);
     assert_eq!(
         again.matches("needs a restart to take effect").count(),
         3,
@@ -375,13 +250,10 @@ fn sighup_names_every_setting_that_needs_a_restart_and_reports_a_refusal() {
 fn a_second_stop_signal_during_a_drain_exits_at_once() {
     let dir = TempDir::new("second-term");
     // A drain that would wait a minute for a client that never answers the close.
-    let config = dir.write(
-        "herald.toml",
-        &config_text(&dir, "drain_timeout_ms = 60000", ""),
-    );
+    let config = config_text(&dir, "drain_timeout_ms = 60000", "");
     for sig in [libc::SIGTERM, libc::SIGINT] {
-        let mut node = Node::spawn(&["--config", config.to_str().unwrap()], &[]);
-        let listen = node.ready();
+        let (mut node, ready) = HeraldProcess::start(&dir, &config, &[]);
+        let listen = ready.listen;
         let jwt = common::mint_with(
             SECRET,
             &serde_json::json!({"sub": "deaf", "exp": common::now_secs() + 600}),
@@ -431,9 +303,7 @@ fn the_development_warning_names_the_projects_of_the_config() {
     let text = config_text(&dir, "", "")
         .replace("id = \"shop\"", "id = \"acme\"")
         .replace(SECRET, herald::config::DEV_SECRET);
-    let config = dir.write("herald.toml", &text);
-    let node = Node::spawn(&["--config", config.to_str().unwrap()], &[]);
-    node.ready();
+    let (node, _) = HeraldProcess::start(&dir, &text, &[]);
     let line = node.wait_log("DEVELOPMENT MODE", 0);
     assert!(line.contains("project `acme`"), "{line}");
     assert!(!line.contains("demo"), "{line}");
@@ -441,7 +311,7 @@ fn the_development_warning_names_the_projects_of_the_config() {
 
     // The embedded default: its own project and admin key.
     let state = dir.0.join("state-dev");
-    let node = Node::spawn(
+    let node = HeraldProcess::spawn(
         &[
             "--listen",
             "127.0.0.1:0",

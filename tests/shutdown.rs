@@ -4,17 +4,14 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
-const HERALD: &str = env!("CARGO_BIN_EXE_herald");
 /// `server.drain_timeout_ms` of the spawned server.
 const DRAIN: Duration = Duration::from_millis(3000);
 
@@ -56,110 +53,11 @@ secret = "{BLOG_SECRET}"
     )
 }
 
-/// A spawned `herald serve`, killed on drop if it is still running.
-struct Spawned {
-    child: Child,
-    stderr: Option<std::thread::JoinHandle<String>>,
-    /// Lines of stdout, as they come.
-    stdout: mpsc::Receiver<String>,
-}
-
-impl Spawned {
-    /// Starts the binary and waits for its ready line; returns it with the parsed line.
-    fn serve(config: &Path) -> (Self, Value) {
-        Self::serve_with_env(config, &[])
-    }
-
-    /// [`Spawned::serve`] with extra environment variables.
-    fn serve_with_env(config: &Path, env: &[(&str, &Path)]) -> (Self, Value) {
-        let mut child = Command::new(HERALD)
-            .envs(env.iter().copied())
-            .args(["serve", "--config"])
-            .arg(config)
-            .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn herald");
-        // Drain stderr on a thread so logging can never block the server on a full pipe.
-        let mut err = child.stderr.take().expect("piped stderr");
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut spawned = Self {
-            child,
-            stderr: Some(stderr),
-            stdout: rx,
-        };
-        let line = match spawned.stdout.recv_timeout(TIMEOUT * 3) {
-            Ok(line) => line,
-            other => {
-                let _ = spawned.child.kill();
-                let _ = spawned.child.wait();
-                panic!(
-                    "no ready line ({other:?}); stderr: {}",
-                    spawned.stderr.take().unwrap().join().unwrap()
-                );
-            }
-        };
-        let ready: Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: ready line {line}"));
-        (spawned, ready)
-    }
-
-    /// Lines printed on stdout after the ready line, once the process has exited.
-    fn extra_stdout(&self) -> Vec<String> {
-        let mut lines = Vec::new();
-        while let Ok(line) = self.stdout.recv_timeout(TIMEOUT) {
-            lines.push(line);
-        }
-        lines
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// Waits for the exit, at most `limit`.
-    fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                start.elapsed() < limit,
-                "still running after {limit:?}; stderr so far is in the child"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 #[test]
 fn sigterm_closes_every_client_with_1001_and_exits_0() {
     let dir = TempDir::new("sigterm");
-    let config = dir.write("herald.toml", &config_toml(&dir.0.join("state")));
-    let (mut server, ready) = Spawned::serve(&config);
+    let (mut server, ready) = HeraldProcess::start(&dir, &config_toml(&dir.0.join("state")), &[]);
+    let (listen, api, ready) = (ready.listen, ready.api, ready.line);
 
     // The one ready line: exactly these fields, real ports.
     let obj = ready.as_object().expect("JSON object");
@@ -168,8 +66,6 @@ fn sigterm_closes_every_client_with_1001_and_exits_0() {
     assert_eq!(keys, ["api_listen", "event", "listen", "shards"], "{ready}");
     assert_eq!(ready["event"], "ready");
     assert_eq!(ready["shards"], 2);
-    let listen: std::net::SocketAddr = ready["listen"].as_str().unwrap().parse().unwrap();
-    let api: std::net::SocketAddr = ready["api_listen"].as_str().unwrap().parse().unwrap();
     assert!(listen.ip().is_loopback() && listen.port() != 0, "{ready}");
     assert!(
         api.ip().is_loopback() && api.port() != 0 && api != listen,
@@ -221,9 +117,8 @@ fn sigterm_closes_every_client_with_1001_and_exits_0() {
 #[test]
 fn drain_exits_even_when_clients_do_not_answer() {
     let dir = TempDir::new("deaf");
-    let config = dir.write("herald.toml", &config_toml(&dir.0.join("state")));
-    let (mut server, ready) = Spawned::serve(&config);
-    let listen: std::net::SocketAddr = ready["listen"].as_str().unwrap().parse().unwrap();
+    let (mut server, ready) = HeraldProcess::start(&dir, &config_toml(&dir.0.join("state")), &[]);
+    let listen = ready.listen;
     // A raw client that never answers the close frame.
     let (mut deaf, _) = RawClient::upgrade(listen, "shop", &token("shop", "deaf").0);
     // SAFETY: kill(2) on our own child's pid.
@@ -240,24 +135,15 @@ fn sigterm_right_after_the_ready_line_drains() {
     // drain and exit 0, not kill the process with the default signal action. Repeated, since
     // a window between the ready line and the signal handlers is narrow.
     let dir = TempDir::new("early-term");
-    let config = dir.write("herald.toml", &config_toml(&dir.0.join("state")));
+    let config = config_toml(&dir.0.join("state"));
     for _ in 0..25 {
-        let (mut server, ready) = Spawned::serve(&config);
-        assert_eq!(ready["event"], "ready");
+        let (mut server, ready) = HeraldProcess::start(&dir, &config, &[]);
+        assert_eq!(ready.line["event"], "ready");
         // SAFETY: kill(2) on our own child's pid.
         assert_eq!(unsafe { libc::kill(server.pid(), libc::SIGTERM) }, 0);
         let status = server.wait(DRAIN + Duration::from_secs(5));
         assert!(status.success(), "exit status {status:?}");
     }
-}
-
-/// An address of the ready line.
-fn addr(ready: &Value, key: &str) -> std::net::SocketAddr {
-    ready[key]
-        .as_str()
-        .expect("address")
-        .parse()
-        .expect("address")
 }
 
 /// One request on a kept-alive connection; `None` once the server is gone.
@@ -344,10 +230,10 @@ fn start_publishers(
 #[test]
 fn every_publish_answered_200_around_sigterm_reaches_every_open_connection() {
     let dir = TempDir::new("term-race");
-    let config = dir.write("herald.toml", &config_toml(&dir.0.join("state")));
+    let config = config_toml(&dir.0.join("state"));
     for trial in 0..5 {
-        let (mut server, ready) = Spawned::serve(&config);
-        let (listen, api) = (addr(&ready, "listen"), addr(&ready, "api_listen"));
+        let (mut server, ready) = HeraldProcess::start(&dir, &config, &[]);
+        let (listen, api) = (ready.listen, ready.api);
         // Subscribers (of `all`) read until their close and report the ids they got.
         let readers: Vec<_> = (0..6)
             .map(|i| read_ids_until_1001(connect_user(listen, "shop", &format!("u{i}")).0))
@@ -389,12 +275,13 @@ fn try_get(addr: std::net::SocketAddr, path: &str) -> Option<HttpResponse> {
 #[test]
 fn a_shard_that_panics_fails_readiness_and_the_process_exits_non_zero() {
     let dir = TempDir::new("shard-panic");
-    let config = dir.write("herald.toml", &config_toml(&dir.0.join("state")));
     let trigger = dir.0.join("panic");
-    let (mut server, ready) =
-        Spawned::serve_with_env(&config, &[("HERALD_TEST_PANIC_FILE", &trigger)]);
-    let api: std::net::SocketAddr = addr(&ready, "api_listen");
-    let listen: std::net::SocketAddr = addr(&ready, "listen");
+    let (mut server, ready) = HeraldProcess::start(
+        &dir,
+        &config_toml(&dir.0.join("state")),
+        &[("HERALD_TEST_PANIC_FILE", trigger.as_os_str())],
+    );
+    let (listen, api) = (ready.listen, ready.api);
     let r = try_get(api, "/readyz").expect("readyz");
     assert_eq!(r.status, 200, "{}", r.text());
     // A client of the surviving shard that never answers its close frame keeps the drain,
@@ -424,7 +311,7 @@ fn a_shard_that_panics_fails_readiness_and_the_process_exits_non_zero() {
     assert_eq!(deaf.expect_close().0, 1001);
     let status = server.wait(DRAIN + Duration::from_secs(5));
     assert_eq!(status.code(), Some(70), "exit status {status:?}");
-    let stderr = server.stderr.take().unwrap().join().unwrap();
+    let stderr = server.stderr();
     assert!(
         stderr.contains("shard 1 panics") && stderr.contains("exiting with status 70"),
         "{stderr}"
@@ -437,13 +324,16 @@ fn a_shard_that_panics_fails_readiness_and_the_process_exits_non_zero() {
 #[test]
 fn a_publish_refused_around_a_shard_panic_reached_no_connection() {
     let dir = TempDir::new("panic-race");
-    let config = dir.write("herald.toml", &config_toml(&dir.0.join("state")));
+    let config = config_toml(&dir.0.join("state"));
     let trigger = dir.0.join("panic");
     for trial in 0..3 {
         let _ = std::fs::remove_file(&trigger);
-        let (mut server, ready) =
-            Spawned::serve_with_env(&config, &[("HERALD_TEST_PANIC_FILE", &trigger)]);
-        let (listen, api) = (addr(&ready, "listen"), addr(&ready, "api_listen"));
+        let (mut server, ready) = HeraldProcess::start(
+            &dir,
+            &config,
+            &[("HERALD_TEST_PANIC_FILE", trigger.as_os_str())],
+        );
+        let (listen, api) = (ready.listen, ready.api);
         // Subscribers (of `all`) on shard 0, which survives, read until their close.
         let mut on_shard_0 = Vec::new();
         for i in 0..64 {

@@ -6,37 +6,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::ExitStatus;
 
 use common::*;
 use serde_json::json;
 
-const HERALD: &str = env!("CARGO_BIN_EXE_herald");
 const ISSUER: &str = "https://auth.example.com";
 const AUDIENCE: &str = "herald-tests";
 /// HS256 secret of the project made through the API.
 const MADE_SECRET: &str = "made-through-the-api-0123456789";
-
-/// A fresh, empty directory for one test (removed by the test when it passes).
-fn fresh_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("herald-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
-
-/// Runs the binary to completion; coreutils' `timeout` ends it (status 124) after
-/// [`TIMEOUT`].
-fn herald(args: &[&str]) -> Output {
-    Command::new("timeout")
-        .arg(TIMEOUT.as_secs().to_string())
-        .arg(HERALD)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn herald")
-}
 
 /// `shop` requiring `iss` and `aud`, as TOML.
 fn config_toml(state_dir: &Path) -> String {
@@ -62,29 +41,29 @@ secret = "{SHOP_SECRET}"
     )
 }
 
-fn token_cmd(config: &Path, extra: &[&str], project: &str, sub: &str) -> Output {
+/// `herald token` run to completion ([`run_herald`]): (status, stdout, stderr).
+fn token_cmd(
+    config: &Path,
+    extra: &[&str],
+    project: &str,
+    sub: &str,
+) -> (ExitStatus, String, String) {
     let mut args = vec!["token", "--config", config.to_str().expect("utf-8 path")];
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--project", project, "--sub", sub]);
-    herald(&args)
+    run_herald(&args)
 }
 
-fn minted(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "herald token failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn minted((status, stdout, stderr): &(ExitStatus, String, String)) -> String {
+    assert!(status.success(), "herald token failed: {stderr}");
     stdout.trim().to_owned()
 }
 
 #[test]
 fn token_command_signs_for_issuer_audience_and_api_made_projects() {
-    let dir = fresh_dir("token-state");
-    let state = dir.join("state");
-    let config = dir.join("herald.toml");
-    std::fs::write(&config, config_toml(&state)).expect("config");
+    let dir = TempDir::new("token-state");
+    let state = dir.0.join("state");
+    let config = write_config(&dir, &config_toml(&state));
     let server = TestServer::start(|c| {
         c.server.state_dir = Some(state.clone());
         c.projects.truncate(1);
@@ -114,11 +93,9 @@ fn token_command_signs_for_issuer_audience_and_api_made_projects() {
     close(ws);
 
     // --state-dir names it explicitly (over a config that names another one).
-    let elsewhere = dir.join("elsewhere.toml");
-    std::fs::write(&elsewhere, config_toml(&dir.join("empty"))).expect("config");
-    let out = token_cmd(&elsewhere, &[], "made", "bob");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let elsewhere = dir.write("elsewhere.toml", &config_toml(&dir.0.join("empty")));
+    let (status, _, err) = token_cmd(&elsewhere, &[], "made", "bob");
+    assert_eq!(status.code(), Some(2));
     assert!(err.contains("no project `made`"), "{err}");
     let state_arg = ["--state-dir", state.to_str().expect("utf-8 path")];
     let t = minted(&token_cmd(&elsewhere, &state_arg, "made", "bob"));
@@ -126,23 +103,21 @@ fn token_command_signs_for_issuer_audience_and_api_made_projects() {
     close(ws);
 
     // A sub, a device or a lifetime the server would refuse is refused here too.
-    let out = token_cmd(&config, &[], "shop", "");
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--sub"));
-    let out = token_cmd(&config, &["--device", ""], "shop", "alice");
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--device"));
+    let (status, _, err) = token_cmd(&config, &[], "shop", "");
+    assert_eq!(status.code(), Some(2));
+    assert!(err.contains("--sub"));
+    let (status, _, err) = token_cmd(&config, &["--device", ""], "shop", "alice");
+    assert_eq!(status.code(), Some(2));
+    assert!(err.contains("--device"));
     let too_long = (30 * 86_400 + 1).to_string();
-    let out = token_cmd(&config, &["--ttl", &too_long], "shop", "alice");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let (status, _, err) = token_cmd(&config, &["--ttl", &too_long], "shop", "alice");
+    assert_eq!(status.code(), Some(2));
     assert!(err.contains("max_token_lifetime_secs (2592000)"), "{err}");
     let longest = (30 * 86_400).to_string();
     let t = minted(&token_cmd(&config, &["--ttl", &longest], "shop", "alice"));
     let (ws, _) = connect(server.listen, "shop", &t);
     close(ws);
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -160,24 +135,15 @@ fn a_state_file_that_is_not_an_object_or_from_the_future_stops_the_start() {
             "`version` must be an integer, not a string",
         ),
     ] {
-        let dir = fresh_dir(&format!("bad-state-{name}"));
-        let state = dir.join("state");
+        let dir = TempDir::new(&format!("bad-state-{name}"));
+        let state = dir.0.join("state");
         std::fs::create_dir_all(&state).expect("state dir");
         let file = state.join("state.json");
         std::fs::write(&file, doc).expect("state.json");
-        let config = dir.join("herald.toml");
-        std::fs::write(&config, config_toml(&state)).expect("config");
-        let out = herald(&[
-            "serve",
-            "--config",
-            config.to_str().expect("utf-8 path"),
-            "--listen",
-            "127.0.0.1:0",
-            "--api-listen",
-            "127.0.0.1:0",
-        ]);
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        let mut server = HeraldProcess::spawn_on(&dir, &config_toml(&state), &[]);
+        let status = server.wait(TIMEOUT);
+        let err = server.stderr();
+        assert_eq!(status.code(), Some(1), "{name}: {err}");
         assert!(
             err.contains(&file.display().to_string()) && err.contains(says),
             "{name}: {err}"
@@ -186,8 +152,7 @@ fn a_state_file_that_is_not_an_object_or_from_the_future_stops_the_start() {
             !err.contains("sk-live"),
             "{name}: the value is not echoed: {err}"
         );
-        assert!(out.stdout.is_empty(), "{name}: never ready");
+        assert!(server.stdout.try_recv().is_err(), "{name}: never ready");
         assert_eq!(std::fs::read_to_string(&file).expect("kept"), doc, "{name}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

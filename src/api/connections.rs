@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, ApiSettings, Caller, body, json, require_admin};
+use super::{ApiError, ApiSettings, Caller, authorize, json, read_json, require_admin};
 use crate::hub::Hub;
 use crate::metrics::{self, HANDSHAKE_OUTCOMES};
 use crate::pubsub::{ConnId, Topic};
@@ -23,14 +23,6 @@ use crate::ws::close::CLOSE_CODES;
 const DEFAULT_LIMIT: usize = 100;
 /// Largest page.
 const MAX_LIMIT: usize = 1000;
-
-fn forbidden(project: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::FORBIDDEN,
-        "forbidden",
-        format!("this API key does not act on project `{project}`"),
-    )
-}
 
 /// Asks `shard` a question and awaits the answer ([`Hub::shards`]).
 async fn ask<T>(
@@ -44,26 +36,13 @@ async fn ask<T>(
         .ok_or_else(|| ApiError::shard_stopped(shard))
 }
 
-/// Resolves the project a request names: a project key defaults to (and may only name) its
-/// own; the admin key may name any known project or none.
+/// Resolves the project a request names ([`authorize`]); a project key that names none
+/// means its own, the admin key naming none means every project.
 fn project_scope(hub: &Hub, who: Caller, named: Option<&str>) -> Result<Option<u32>, ApiError> {
-    let registry = hub.registry.load();
     match (who, named) {
+        (_, Some(name)) => Ok(Some(authorize(hub, who, name)?)),
         (Caller::Project(idx), None) => Ok(Some(idx)),
-        (Caller::Project(idx), Some(name)) => match registry.project(name) {
-            Some(p) if p.idx == idx => Ok(Some(idx)),
-            _ => Err(forbidden(name)),
-        },
         (Caller::Admin, None) => Ok(None),
-        (Caller::Admin, Some(name)) => {
-            registry.project(name).map(|p| Some(p.idx)).ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "unknown_project",
-                    format!("no project `{name}`"),
-                )
-            })
-        }
     }
 }
 
@@ -194,13 +173,7 @@ pub(super) async fn kick(
     who: Caller,
     id: &str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let not_found = || {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no open connection `{id}`"),
-        )
-    };
+    let not_found = || ApiError::not_found(format!("no open connection `{id}`"));
     let conn = ConnId::parse(id).ok_or_else(not_found)?;
     if conn.shard as usize >= hub.nr_shards() {
         return Err(not_found());
@@ -219,11 +192,9 @@ pub(super) async fn kick(
     match outcome {
         KickOutcome::Closed => Ok(no_content()),
         KickOutcome::NotFound => Err(not_found()),
-        KickOutcome::OtherProject => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("connection `{id}` belongs to another project"),
-        )),
+        KickOutcome::OtherProject => Err(ApiError::forbidden(format!(
+            "connection `{id}` belongs to another project"
+        ))),
     }
 }
 
@@ -252,11 +223,9 @@ pub(super) async fn disconnect(
     who: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
-    let b: DisconnectBody = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid disconnect body: {e}")))?;
+    let b: DisconnectBody = read_json(settings, req, "disconnect body").await?;
     let user: Box<str> = checked_user(b.user)?.into();
-    let project = project_scope(hub, who, Some(&b.project))?.expect("a named project resolves");
+    let project = authorize(hub, who, &b.project)?;
     // Every shard gets the order before any answer is awaited, so they close concurrently.
     let answers = hub
         .shards()

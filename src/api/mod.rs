@@ -3,6 +3,7 @@
 //! mailboxes and reads the shards' counters.
 
 mod connections;
+mod error;
 mod idempotency;
 mod projects;
 mod publish;
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -26,102 +27,13 @@ use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tracing::{debug, warn};
 
+pub use error::ApiError;
 pub use ratelimit::{KeyId, KeyLimiter};
+
+use error::{AuthError, BodyError, RateLimited};
 
 use crate::admin::Admin;
 use crate::hub::{Hub, Phase};
-
-/// An API error: a status and the `{"error","message"}` body of protocol.md.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// `error` code.
-    pub error: &'static str,
-    /// Human text.
-    pub message: String,
-    /// `Retry-After` seconds of a 429 or 503 (`None` = 1).
-    pub retry_after_secs: Option<u32>,
-}
-
-/// A shard that did not take an order or answer a question in time: 503 `busy`.
-impl From<crate::shard::fanout::FanoutError> for ApiError {
-    fn from(e: crate::shard::fanout::FanoutError) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
-    }
-}
-
-impl ApiError {
-    /// An error with a status, a code and a message.
-    pub fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            error,
-            message: message.into(),
-            retry_after_secs: None,
-        }
-    }
-
-    /// 429 `rate_limited`: the caller's key is over its request rate; retry in `secs`.
-    fn rate_limited(limiter: &KeyLimiter, secs: u32) -> Self {
-        Self {
-            retry_after_secs: Some(secs),
-            ..Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!(
-                    "this API key is over its {} requests per second (burst {}); retry in {secs} s",
-                    limiter.rate(),
-                    limiter.burst()
-                ),
-            )
-        }
-    }
-
-    /// 503 `draining`: `shard` has stopped (its drain ended) and answers no more.
-    fn shard_stopped(shard: usize) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            format!("shard {shard} has stopped"),
-        )
-    }
-
-    fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-
-    fn response(&self) -> Response<Full<Bytes>> {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            error: &'a str,
-            message: &'a str,
-        }
-        let mut r = json(
-            self.status,
-            &Body {
-                error: self.error,
-                message: &self.message,
-            },
-        );
-        match self.status {
-            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
-                r.headers_mut().insert(
-                    RETRY_AFTER,
-                    hyper::header::HeaderValue::from(self.retry_after_secs.unwrap_or(1)),
-                );
-            }
-            StatusCode::UNAUTHORIZED => {
-                r.headers_mut().insert(
-                    hyper::header::WWW_AUTHENTICATE,
-                    hyper::header::HeaderValue::from_static("Bearer"),
-                );
-            }
-            _ => {}
-        }
-        r
-    }
-}
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
     let bytes = serde_json::to_vec(body).expect("API bodies always serialise");
@@ -155,17 +67,16 @@ impl Caller {
 
 /// Identifies the bearer key, comparing in constant time against every configured key:
 /// who it is, and whose request-rate bucket it takes from.
-fn caller(hub: &Hub, req: &Request<Incoming>) -> Result<(Caller, KeyId), ApiError> {
-    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+fn caller(hub: &Hub, req: &Request<Incoming>) -> Result<(Caller, KeyId), AuthError> {
     let header = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| unauthorized("missing Authorization: Bearer <key>"))?;
+        .ok_or(AuthError::Missing)?;
     let key = header
         .strip_prefix("Bearer ")
         .or_else(|| header.strip_prefix("bearer "))
-        .ok_or_else(|| unauthorized("Authorization must be Bearer <key>"))?
+        .ok_or(AuthError::NotBearer)?
         .trim()
         .as_bytes();
     let registry = hub.registry.load();
@@ -182,7 +93,7 @@ fn caller(hub: &Hub, req: &Request<Incoming>) -> Result<(Caller, KeyId), ApiErro
             found = found.or_else(|| Some((Caller::Project(p.idx), KeyId::Project(p.id.clone()))));
         }
     }
-    found.ok_or_else(|| unauthorized("unknown API key"))
+    found.ok_or(AuthError::UnknownKey)
 }
 
 /// Authenticates the request (401 as [`caller`]), then takes a token from its key's bucket
@@ -207,66 +118,121 @@ fn admit(ctx: &Ctx, req: &Request<Incoming>) -> Result<Caller, ApiError> {
                      per key; `suppressed` refusals since the previous line)"
                 );
             }
-            Err(ApiError::rate_limited(
-                &ctx.limiter,
-                refusal.retry_after_secs,
-            ))
+            Err(RateLimited {
+                rate: ctx.limiter.rate(),
+                burst: ctx.limiter.burst(),
+                retry_after_secs: refusal.retry_after_secs,
+            }
+            .into())
         }
     }
 }
 
 /// Refuses anything but the admin key (403 for a project key), for `what` in the message.
-fn require_admin(who: Caller, what: &str) -> Result<(), ApiError> {
-    if who != Caller::Admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("{what} needs the admin key"),
-        ));
+fn require_admin(who: Caller, what: &'static str) -> Result<(), AuthError> {
+    match who {
+        Caller::Admin => Ok(()),
+        Caller::Project(_) => Err(AuthError::AdminOnly(what)),
     }
-    Ok(())
 }
 
-/// Reads a body up to `max` bytes. A declared `Content-Length` over `max` is refused 413
-/// before a byte of the body is read; a body not complete within `api.body_read_timeout_ms`
-/// (`deadline`) is refused 408.
-async fn body(req: Request<Incoming>, max: usize, deadline: Duration) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("body over {max} bytes"),
-        )
-    };
-    // hyper has parsed Content-Length into the body's exact size.
-    if hyper::body::Body::size_hint(req.body())
-        .upper()
-        .is_some_and(|n| n > max as u64)
-    {
-        return Err(too_large());
+/// The one rule for "may this key act on this project": the admin key acts on every
+/// project, a project's API key on its own only. Answers the project's registry index.
+///
+/// # Errors
+/// [`AuthError::OtherProject`] (403) for a project key naming any project but its own,
+/// known or not, so that a project key never learns which other projects exist;
+/// [`AuthError::UnknownProject`] (404) for the admin key naming a project that does not
+/// exist.
+fn authorize(hub: &Hub, who: Caller, project: &str) -> Result<u32, AuthError> {
+    let idx = hub.registry.load().project(project).map(|p| p.idx);
+    match (idx, who) {
+        (Some(idx), who) if who.may_act_on(idx) => Ok(idx),
+        (_, Caller::Project(_)) => Err(AuthError::OtherProject(project.to_owned())),
+        (_, Caller::Admin) => Err(AuthError::UnknownProject(project.to_owned())),
     }
-    let _evictable = req
-        .extensions()
-        .get::<serve::SlotHandle>()
-        .map(serve::SlotHandle::awaiting_body);
-    match tokio::time::timeout(deadline, Limited::new(req.into_body(), max).collect()).await {
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            format!(
-                "the body did not arrive within {} ms (api.body_read_timeout_ms)",
-                deadline.as_millis()
-            ),
-        )),
-        Ok(Ok(b)) => Ok(b.to_bytes()),
-        Ok(Err(e))
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
+}
+
+/// A request body read whole: at most `max` bytes, within the body deadline.
+struct JsonBody(Bytes);
+
+impl JsonBody {
+    /// Reads the body of `req`, up to `max` bytes. A declared `Content-Length` over `max` is
+    /// refused before a byte of the body is read; a body not complete within
+    /// `api.body_read_timeout_ms` (`deadline`) is refused.
+    ///
+    /// # Errors
+    /// [`BodyError::TooLarge`] (413), [`BodyError::Timeout`] (408), [`BodyError::Read`] (400).
+    async fn read(
+        req: Request<Incoming>,
+        max: usize,
+        deadline: Duration,
+    ) -> Result<Self, BodyError> {
+        // hyper has parsed Content-Length into the body's exact size.
+        if hyper::body::Body::size_hint(req.body())
+            .upper()
+            .is_some_and(|n| n > max as u64)
         {
-            Err(too_large())
+            return Err(BodyError::TooLarge { max });
         }
-        Ok(Err(e)) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
+        let _evictable = req
+            .extensions()
+            .get::<serve::SlotHandle>()
+            .map(serve::SlotHandle::awaiting_body);
+        match tokio::time::timeout(deadline, Limited::new(req.into_body(), max).collect()).await {
+            Err(_) => Err(BodyError::Timeout { within: deadline }),
+            Ok(Ok(b)) => Ok(Self(b.to_bytes())),
+            Ok(Err(e))
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                Err(BodyError::TooLarge { max })
+            }
+            Ok(Err(e)) => Err(BodyError::Read(e.to_string())),
+        }
     }
+
+    /// The body's bytes, as they came.
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Parses the body as JSON of type `T`, which may borrow from it; `what` names the
+    /// document in the error.
+    ///
+    /// # Errors
+    /// [`BodyError::Json`] (400) with the parser's message; for a document that may hold
+    /// secrets (`redact`), without the offending value.
+    fn parse<'a, T: serde::Deserialize<'a>>(
+        &'a self,
+        what: &'static str,
+        redact: bool,
+    ) -> Result<T, BodyError> {
+        serde_json::from_slice(&self.0).map_err(|e| {
+            let detail = if redact {
+                // serde quotes the offending value, which may be a secret in the wrong field.
+                crate::redact::redact_values(&e.to_string())
+            } else {
+                e.to_string()
+            };
+            BodyError::Json { what, detail }
+        })
+    }
+}
+
+/// Reads a JSON body of type `T` ([`JsonBody::read`] with the API's body limit, then
+/// [`JsonBody::parse`]).
+///
+/// # Errors
+/// Every [`BodyError`].
+async fn read_json<T: serde::de::DeserializeOwned>(
+    settings: &ApiSettings,
+    req: Request<Incoming>,
+    what: &'static str,
+) -> Result<T, BodyError> {
+    JsonBody::read(req, settings.max_body_bytes, settings.body_read_timeout)
+        .await?
+        .parse(what, false)
 }
 
 /// Settings of the API.
@@ -325,13 +291,7 @@ async fn dispatch(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let not_allowed = || {
-        Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{method} is not allowed on {path}"),
-        ))
-    };
+    let not_allowed = || Err(ApiError::method_not_allowed(method, path));
     let (hub, settings) = (&ctx.hub, &ctx.settings);
     match (segments.as_slice(), method) {
         (["healthz"], &Method::GET) => {
@@ -380,11 +340,7 @@ async fn dispatch(
         | (["api", "v1", "connections" | "projects", _], _)
         | (["api", "v1", "publish", "batch"], _)
         | (["api", "v1", "projects", _, "keys", _], _) => not_allowed(),
-        _ => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no route {path}"),
-        )),
+        _ => Err(ApiError::not_found(format!("no route {path}"))),
     }
 }
 
@@ -397,13 +353,8 @@ fn metrics(hub: &Arc<Hub>, req: &Request<Incoming>) -> Result<Response<Full<Byte
         .get(hyper::header::ACCEPT)
         .and_then(|v| v.to_str().ok());
     let format = crate::exposition::Format::negotiate(accept);
-    let text = crate::exposition::encode_as(hub, format).map_err(|_| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "metrics encoding failed",
-        )
-    })?;
+    let text = crate::exposition::encode_as(hub, format)
+        .map_err(|_| ApiError::internal("metrics encoding failed"))?;
     let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(
         CONTENT_TYPE,

@@ -14,29 +14,14 @@ use std::sync::Arc;
 
 use tracing::warn;
 
+use super::error::{AuthError, ManagementBusy};
 use super::serve::{LogThrottle, SlotHandle};
-use super::{ApiError, ApiSettings, Caller, Ctx, body, json, require_admin};
+use super::{ApiError, ApiSettings, Caller, Ctx, JsonBody, authorize, json, require_admin};
 use crate::admin::{Admin, AdminError};
 use crate::auth::keys::{KeySpec, MAX_KEY_BYTES, spec_from_jwk};
 use crate::config::ProjectConfig;
 use crate::hub::Hub;
 use crate::shard::mailbox::ShardMsg;
-
-fn map(e: AdminError) -> ApiError {
-    let msg = e.to_string();
-    match e {
-        AdminError::BadRequest(_) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", msg),
-        AdminError::UnknownProject(_) => {
-            ApiError::new(StatusCode::NOT_FOUND, "unknown_project", msg)
-        }
-        AdminError::UnknownKey { .. } => ApiError::new(StatusCode::NOT_FOUND, "not_found", msg),
-        AdminError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", msg),
-        AdminError::TooLarge(_) => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", msg)
-        }
-        AdminError::Store(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg),
-    }
-}
 
 /// Management changes one API key may have queued or running at once; beyond, 429 `busy`.
 /// A change costs a registry build and an fsync, so a few in a row already keep the
@@ -79,33 +64,25 @@ impl Management {
         let total: usize = waiting.values().sum();
         let mine = waiting.get(&who).copied().unwrap_or(0);
         let refusal = if mine >= MAX_MANAGEMENT_PER_KEY {
-            Some((
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "this API key has {MAX_MANAGEMENT_PER_KEY} project or key changes queued                      or in progress; retry when one is done"
-                ),
-            ))
+            Some(ManagementBusy::PerKey(MAX_MANAGEMENT_PER_KEY))
         } else if total >= MAX_MANAGEMENT_QUEUED {
-            Some((
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "{MAX_MANAGEMENT_QUEUED} project or key changes are queued or in progress;                      retry when one is done"
-                ),
-            ))
+            Some(ManagementBusy::Total(MAX_MANAGEMENT_QUEUED))
         } else {
             None
         };
-        if let Some((status, message)) = refusal {
+        if let Some(refusal) = refusal {
             drop(waiting);
+            let e = ApiError::from(refusal);
             if let Some(suppressed) = self.log.allow() {
                 warn!(
                     caller = ?who,
-                    status = status.as_u16(),
+                    status = e.status.as_u16(),
                     suppressed,
-                    "management change refused: {message} (logged at most once a second)"
+                    "management change refused: {} (logged at most once a second)",
+                    e.message
                 );
             }
-            return Err(ApiError::new(status, "busy", message));
+            return Err(e);
         }
         *waiting.entry(who).or_default() += 1;
         Ok(Ticket {
@@ -144,12 +121,10 @@ async fn off_runtime<T: Send + 'static>(
     };
     let admin = Arc::clone(&ctx.admin);
     match tokio::task::spawn_blocking(move || change(&admin)).await {
-        Ok(r) => r.map_err(map),
-        Err(e) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("the management change failed: {e}"),
-        )),
+        Ok(r) => Ok(r?),
+        Err(e) => Err(ApiError::internal(format!(
+            "the management change failed: {e}"
+        ))),
     }
 }
 
@@ -157,25 +132,6 @@ fn no_content() -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::NO_CONTENT;
     r
-}
-
-/// The caller may manage `project` (admin, or that project's own key).
-fn authorize(hub: &Hub, who: Caller, project: &str) -> Result<(), ApiError> {
-    match who {
-        Caller::Admin => Ok(()),
-        Caller::Project(idx) => {
-            let registry = hub.registry.load();
-            if registry.project(project).is_some_and(|p| p.idx == idx) {
-                Ok(())
-            } else {
-                Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    format!("this API key does not act on project `{project}`"),
-                ))
-            }
-        }
-    }
 }
 
 /// A project as `GET` shows it: settings and its keys, no secret.
@@ -229,11 +185,12 @@ pub(super) fn show(
     who: Caller,
     project: &str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    authorize_or_unknown(hub, who, project)?;
+    authorize(hub, who, project)?;
     let registry = hub.registry.load();
+    // Loaded again: the project may have gone since.
     let p = registry
         .project(project)
-        .ok_or_else(|| map(AdminError::UnknownProject(project.into())))?;
+        .ok_or_else(|| AuthError::UnknownProject(project.into()))?;
     Ok(json(StatusCode::OK, &project_json(p)))
 }
 
@@ -245,12 +202,9 @@ pub(super) async fn create(
     require_admin(who, "creating a project")?;
     let settings = &ctx.settings;
     let slot = req.extensions().get::<SlotHandle>().cloned();
-    let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
-    let p: ProjectConfig = serde_json::from_slice(&bytes).map_err(|e| {
-        // serde quotes the offending value, which may be a secret in the wrong field.
-        let e = crate::redact::redact_values(&e.to_string());
-        ApiError::bad_request(format!("invalid project: {e}"))
-    })?;
+    let body = JsonBody::read(req, settings.max_body_bytes, settings.body_read_timeout).await?;
+    // Redacted: serde quotes the offending value, which may be a secret in the wrong field.
+    let p: ProjectConfig = body.parse("project", true)?;
     let id = p.id.clone();
     off_runtime(ctx, who, slot.as_ref(), move |admin| {
         admin.create_project(p)
@@ -267,11 +221,11 @@ pub(super) async fn put_key(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let settings: &ApiSettings = &ctx.settings;
-    authorize_or_unknown(&ctx.hub, who, project)?;
+    authorize(&ctx.hub, who, project)?;
     let slot = req.extensions().get::<SlotHandle>().cloned();
-    let bytes = body(req, MAX_KEY_BYTES, settings.body_read_timeout).await?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid key body: {e}")))?;
+    let value: serde_json::Value = JsonBody::read(req, MAX_KEY_BYTES, settings.body_read_timeout)
+        .await?
+        .parse("key body", false)?;
     let is_jwk = value.get("kty").is_some();
     let spec = if is_jwk {
         let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(value)
@@ -298,16 +252,6 @@ pub(super) async fn put_key(
     Ok(no_content())
 }
 
-/// Authorizes, but answers 404 for an unknown project to the admin (a project key gets 403
-/// for any project but its own, known or not).
-fn authorize_or_unknown(hub: &Hub, who: Caller, project: &str) -> Result<(), ApiError> {
-    authorize(hub, who, project)?;
-    if hub.registry.load().project(project).is_none() {
-        return Err(map(AdminError::UnknownProject(project.into())));
-    }
-    Ok(())
-}
-
 pub(super) async fn delete_key(
     ctx: &Ctx,
     who: Caller,
@@ -316,7 +260,7 @@ pub(super) async fn delete_key(
     req: &Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let hub = &ctx.hub;
-    authorize_or_unknown(hub, who, project)?;
+    authorize(hub, who, project)?;
     let disconnect = req
         .uri()
         .query()

@@ -13,19 +13,22 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::error::IdempotencyError;
 use super::idempotency::{self, Endpoint, IdempotencyCache, Lookup};
-use super::{ApiError, ApiSettings, Caller, body};
-use crate::hub::{Hub, PublishError};
+use super::{ApiError, ApiSettings, Caller, JsonBody, authorize};
+use crate::hub::Hub;
 use crate::pubsub::Topic;
 
 /// Most topics in one publish.
 const MAX_TOPICS: usize = 64;
 /// Most publishes in one batch.
 const MAX_BATCH: usize = 1000;
+/// The document a publish body is, in its errors.
+const PUBLISH_BODY: &str = "publish body";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,26 +54,7 @@ struct Checked<'a> {
 }
 
 fn check<'a>(hub: &Hub, who: Caller, b: PublishBody<'a>) -> Result<Checked<'a>, ApiError> {
-    let registry = hub.registry.load();
-    let project = registry.project(&b.project).map(|p| p.idx);
-    let project = match (project, who) {
-        (Some(idx), who) if who.may_act_on(idx) => idx,
-        (_, Caller::Project(_)) => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("this API key does not act on project `{}`", b.project),
-            ));
-        }
-        (None, Caller::Admin) => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_project",
-                format!("no project `{}`", b.project),
-            ));
-        }
-        (Some(_), Caller::Admin) => unreachable!("admin acts on every project"),
-    };
+    let project = authorize(hub, who, &b.project)?;
     let names = match (b.topic, b.topics) {
         (Some(t), None) => vec![t],
         (None, Some(ts)) if !ts.is_empty() && ts.len() <= MAX_TOPICS => ts,
@@ -101,35 +85,18 @@ fn check<'a>(hub: &Hub, who: Caller, b: PublishBody<'a>) -> Result<Checked<'a>, 
     })
 }
 
-/// The API error for a refused publish (nothing was sent in every case).
-fn refused(e: PublishError) -> ApiError {
-    let (status, code) = match e {
-        PublishError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
-        PublishError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
-        PublishError::Failed(_) => (StatusCode::SERVICE_UNAVAILABLE, "failed"),
-        PublishError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "message_too_large"),
-    };
-    ApiError::new(status, code, e.to_string())
-}
-
-fn parse_err(e: serde_json::Error) -> ApiError {
-    ApiError::bad_request(format!("invalid publish body: {e}"))
-}
-
 /// The request's `Idempotency-Key`, if it has one.
-fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>, ApiError> {
+fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>, IdempotencyError> {
     let mut values = req.headers().get_all("idempotency-key").iter();
     let Some(v) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(ApiError::bad_request(
-            "more than one Idempotency-Key header",
-        ));
+        return Err(IdempotencyError::Repeated);
     }
     idempotency::parse_key(v.as_bytes())
         .map(|k| Some(k.to_owned()))
-        .map_err(ApiError::bad_request)
+        .map_err(IdempotencyError::BadKey)
 }
 
 /// Runs `publish` (which answers the message ids) unless the same `Idempotency-Key` (of this
@@ -165,27 +132,10 @@ fn once(
     let now = Instant::now();
     match cache.lookup(who, endpoint, &key, fp, nr_ids, now) {
         Lookup::Replay(body) => Ok(answer(body, true)),
-        Lookup::Conflict => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "idempotency_key_reused",
-            format!(
-                "Idempotency-Key `{key}` was used with a different body within the last {} s",
-                idempotency::TTL.as_secs()
-            ),
-        )),
-        Lookup::Full { retry_after_secs } => Err(ApiError {
-            retry_after_secs: Some(retry_after_secs),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "busy",
-                format!(
-                    "the node remembers all the Idempotency-Keys it may ({} MiB of the last {} s); \
-                     nothing was sent, retry in {retry_after_secs} s",
-                    idempotency::MAX_BYTES >> 20,
-                    idempotency::TTL.as_secs()
-                ),
-            )
-        }),
+        Lookup::Conflict => Err(IdempotencyError::Reused(key).into()),
+        Lookup::Full { retry_after_secs } => {
+            Err(IdempotencyError::Full { retry_after_secs }.into())
+        }
         Lookup::New => {
             let ids = publish()?;
             cache.remember(who, endpoint, &key, fp, &ids, now);
@@ -202,11 +152,10 @@ pub(super) async fn single(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let key = idempotency_key(&req)?;
-    let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
-    let b: PublishBody<'_> = serde_json::from_slice(&bytes).map_err(parse_err)?;
-    let c = check(hub, who, b)?;
-    once(cache, who, Endpoint::Single, key, &bytes, 1, || {
-        let id = hub.publish(c.project, &c.topics, c.data).map_err(refused)?;
+    let body = JsonBody::read(req, settings.max_body_bytes, settings.body_read_timeout).await?;
+    let c = check(hub, who, body.parse(PUBLISH_BODY, false)?)?;
+    once(cache, who, Endpoint::Single, key, body.bytes(), 1, || {
+        let id = hub.publish(c.project, &c.topics, c.data)?;
         crate::metrics::ShardStats::add(&hub.api_published, 1);
         Ok(vec![id])
     })
@@ -220,8 +169,8 @@ pub(super) async fn batch(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let key = idempotency_key(&req)?;
-    let bytes = body(req, settings.max_body_bytes, settings.body_read_timeout).await?;
-    let items: Vec<PublishBody<'_>> = serde_json::from_slice(&bytes).map_err(parse_err)?;
+    let body = JsonBody::read(req, settings.max_body_bytes, settings.body_read_timeout).await?;
+    let items: Vec<PublishBody<'_>> = body.parse(PUBLISH_BODY, false)?;
     if items.is_empty() || items.len() > MAX_BATCH {
         return Err(ApiError::bad_request(format!(
             "a batch holds 1 to {MAX_BATCH} publishes"
@@ -243,7 +192,7 @@ pub(super) async fn batch(
         who,
         Endpoint::Batch,
         key,
-        &bytes,
+        body.bytes(),
         checked.len(),
         || {
             let (ids, publications): (Vec<_>, Vec<_>) = checked
@@ -251,13 +200,13 @@ pub(super) async fn batch(
                 .enumerate()
                 .map(|(i, c)| {
                     hub.prepare(c.project, &c.topics, c.data)
-                        .map_err(|e| item_err(i)(refused(e)))
+                        .map_err(|e| item_err(i)(e.into()))
                 })
                 .collect::<Result<Vec<_>, _>>()?
                 .into_iter()
                 .unzip();
             // Every item to every shard, or none.
-            hub.send(&publications).map_err(refused)?;
+            hub.send(&publications)?;
             crate::metrics::ShardStats::add(&hub.api_published, ids.len() as u64);
             Ok(ids)
         },

@@ -7,6 +7,8 @@
 //! - [`connect`] and friends: a real tungstenite client over a std `TcpStream`.
 //! - [`RawClient`]: hand-made frames (masked or not) and the server's frames as raw bytes.
 //! - [`http`]: a tiny HTTP/1.1 client for the API and for refused handshakes.
+//! - [`HeraldProcess`]: the real binary, `herald serve` on a config file ([`write_config`]),
+//!   with its ready line and log; [`run_herald`] runs a CLI command to completion.
 //!
 //! Every blocking read has a timeout ([`TIMEOUT`]); nothing sleeps to synchronise.
 
@@ -216,17 +218,27 @@ impl Drop for TempDir {
     }
 }
 
-/// Runs the `herald` binary to completion (at most 3 × [`TIMEOUT`]); returns (status, stdout,
-/// stderr).
-pub fn run_herald(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+/// Spawns the `herald` binary with `args`, `env` added to the environment (the test
+/// runner's own systemd variables are never passed on), stdin empty, stdout and stderr piped.
+fn spawn_herald(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> std::process::Child {
     use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+    Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(args)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn herald");
+        .expect("spawn herald")
+}
+
+/// Runs the `herald` binary to completion (at most 3 × [`TIMEOUT`]); returns (status, stdout,
+/// stderr).
+pub fn run_herald(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let mut child = spawn_herald(args, &[]);
     let (tx, rx) = std::sync::mpsc::channel();
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
@@ -243,6 +255,203 @@ pub fn run_herald(args: &[&str]) -> (std::process::ExitStatus, String, String) {
     });
     let status = child.wait().expect("wait");
     (status, o, e)
+}
+
+/// Writes `toml` as `herald.toml` in `dir`; returns its path.
+pub fn write_config(dir: &TempDir, toml: &str) -> std::path::PathBuf {
+    dir.write("herald.toml", toml)
+}
+
+/// The addresses of a ready line: `{"event":"ready","listen":..,"api_listen":..,..}`.
+pub struct Ready {
+    /// The whole line.
+    pub line: Value,
+    /// The client (WebSocket) address.
+    pub listen: SocketAddr,
+    /// The API address.
+    pub api: SocketAddr,
+}
+
+/// A `herald serve` process, killed on drop if it is still running. Its stdout (the ready
+/// line, then anything else) and its log (stderr) are read on threads, so the process never
+/// blocks on a full pipe.
+pub struct HeraldProcess {
+    /// The process.
+    pub child: std::process::Child,
+    /// Lines of stdout not yet taken, as they come.
+    pub stdout: std::sync::mpsc::Receiver<String>,
+    /// Lines of stderr so far.
+    stderr: Arc<std::sync::Mutex<Vec<String>>>,
+    /// The threads reading stdout and stderr; they end with the process.
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl HeraldProcess {
+    /// Writes `config_toml` to `herald.toml` in `dir` ([`write_config`]; the config names its
+    /// own state directory), starts `herald serve` on it with port 0 for clients and the API
+    /// and `env` added to the environment, and waits for the ready line.
+    pub fn start(
+        dir: &TempDir,
+        config_toml: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> (Self, Ready) {
+        let process = Self::spawn_on(dir, config_toml, env);
+        let ready = process.ready();
+        (process, ready)
+    }
+
+    /// [`HeraldProcess::start`] without waiting for the ready line: for a start that is
+    /// expected to fail.
+    pub fn spawn_on(dir: &TempDir, config_toml: &str, env: &[(&str, &std::ffi::OsStr)]) -> Self {
+        let config = write_config(dir, config_toml);
+        Self::spawn(
+            &[
+                "--config",
+                config.to_str().expect("utf-8 path"),
+                "--listen",
+                "127.0.0.1:0",
+                "--api-listen",
+                "127.0.0.1:0",
+            ],
+            env,
+        )
+    }
+
+    /// Spawns `herald serve <args>` ([`spawn_herald`]); does not wait for anything.
+    pub fn spawn(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = spawn_herald(&[&["serve"], args].concat(), env);
+        let (tx, stdout) = std::sync::mpsc::channel();
+        let out = child.stdout.take().expect("piped stdout");
+        let stderr = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = stderr.clone();
+        let err = child.stderr.take().expect("piped stderr");
+        let readers = vec![
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            }),
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(line);
+                }
+            }),
+        ];
+        Self {
+            child,
+            stdout,
+            stderr,
+            readers,
+        }
+    }
+
+    /// Waits for the next line of stdout, at most 3 × [`TIMEOUT`], and reads it as the ready
+    /// line; panics with the log if none comes.
+    pub fn ready(&self) -> Ready {
+        let line = self
+            .stdout
+            .recv_timeout(TIMEOUT * 3)
+            .unwrap_or_else(|e| panic!("no ready line ({e:?}); stderr: {}", self.stderr()));
+        let line: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: ready line {line}"));
+        let addr = |key: &str| -> SocketAddr {
+            line[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("no `{key}` in the ready line {line}"))
+                .parse()
+                .expect("an address")
+        };
+        Ready {
+            listen: addr("listen"),
+            api: addr("api_listen"),
+            line,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends signal `sig` to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    /// The log so far, one line per line.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// The log after its first `at` lines, one line per line.
+    pub fn log_since(&self, at: usize) -> String {
+        self.stderr.lock().unwrap()[at..].join("\n")
+    }
+
+    /// Lines of the log so far.
+    pub fn log_len(&self) -> usize {
+        self.stderr.lock().unwrap().len()
+    }
+
+    /// Waits (at most [`TIMEOUT`]) until the log has a line containing `needle` after its
+    /// first `after` lines; returns that line.
+    pub fn wait_log(&self, needle: &str, after: usize) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(l) = self.stderr.lock().unwrap()[after..]
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return l.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` in the log:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the exit, at most `limit`, then for the last lines of stdout and stderr.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {limit:?}; log:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        status
+    }
+
+    /// Lines printed on stdout and not yet taken, once the process has exited.
+    pub fn extra_stdout(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = self.stdout.recv_timeout(TIMEOUT) {
+            lines.push(line);
+        }
+        lines
+    }
+}
+
+impl Drop for HeraldProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

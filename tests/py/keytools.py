@@ -1,4 +1,4 @@
-"""Keys, tokens and management-API helpers for the issue-4 tests (keys, rotation, expiry).
+"""Keys, tokens and management-API helpers for the key, rotation and expiry tests.
 
 Key pairs are generated in the test with `cryptography`; tokens are minted with PyJWT, except
 the hostile ones (`alg: none`, HS/RS confusion), which are assembled by hand because PyJWT

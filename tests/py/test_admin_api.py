@@ -1,4 +1,4 @@
-"""Issue 4: bad input to the key and project API (exact status and `{"error","message"}`),
+"""Bad input to the key and project API (exact status and `{"error","message"}`),
 nothing stored lost after any of it; a JWKS without kid in the config; and the per-project
 handshake gates (disabled, Origin, connection cap)."""
 

@@ -1,4 +1,4 @@
-"""Issue 4: token expiry during a connection (close 4001) and the `refresh` op.
+"""Token expiry during a connection (close 4001) and the `refresh` op.
 
 The project has `leeway_secs = 0`, so a connection must be closed when `exp` passes; herald's
 sweep ticks at most every second with the default heartbeat, so the close comes within ~1 s

@@ -1,4 +1,4 @@
-"""The hostile-input suite (issue 7, Protection): attacks against the real binary.
+"""The hostile-input suite (protection): attacks against the real binary.
 
 For every scenario three things are asserted:
 

@@ -1,6 +1,6 @@
-"""Issue 4: verification keys of every algorithm, from the config (PEM, PEM file, inline JWKS,
+"""Verification keys of every algorithm, from the config (PEM, PEM file, inline JWKS,
 JWKS file) and from the API (PEM/secret body, bare JWK), tokens minted by PyJWT with keys
-generated here; every refusal (401) the issue lists; the same kid in two projects."""
+generated here; every refusal (401) of a bad token; the same kid in two projects."""
 
 from __future__ import annotations
 

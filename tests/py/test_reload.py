@@ -1,4 +1,4 @@
-"""Issue 4: SIGHUP re-reads the config file. Keys and projects change without dropping any
+"""SIGHUP re-reads the config file. Keys and projects change without dropping any
 connection; a bad file is refused with a log line and the old settings stay."""
 
 from __future__ import annotations

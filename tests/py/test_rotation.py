@@ -1,4 +1,4 @@
-"""Issue 4: key rotation with two live kids, revocation with and without disconnect,
+"""Key rotation with two live kids, revocation with and without disconnect,
 persistence of API changes across a restart of the real process, and isolation between two
 projects with the same topic, user and kid."""
 
