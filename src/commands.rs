@@ -128,7 +128,7 @@ pub fn check_host(config: Option<&Path>, connections: Option<u64>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let report = crate::hostcheck::check(&cfg, connections);
+    let report = crate::system::hostcheck::check(&cfg, connections);
     print!("{}", report.table());
     if report.short() {
         ExitCode::from(1)

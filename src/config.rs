@@ -621,7 +621,7 @@ impl Config {
     /// The first broken rule, naming its key.
     pub(crate) fn validate_parsing_proxies(
         &self,
-    ) -> Result<crate::net::proxy::TrustedProxies, ConfigError> {
+    ) -> Result<crate::protection::proxy::TrustedProxies, ConfigError> {
         if self.uses_dev_keys() {
             for (key, addr) in [
                 ("server.listen", self.server.listen),
@@ -752,11 +752,13 @@ impl Config {
             ("limits.refresh_burst_per_conn", l.refresh_burst_per_conn),
             "60 minutes' worth of refreshes_per_conn_per_min",
         )?;
-        crate::access::IpList::parse(&self.access.allow, &self.access.deny)
+        crate::protection::access::IpList::parse(&self.access.allow, &self.access.deny)
             .map_err(|(key, reason)| invalid(format!("access.{key}"), reason))?;
-        let proxies =
-            crate::net::proxy::TrustedProxies::new(&self.proxy.trusted, self.proxy.proxy_protocol)
-                .map_err(|(key, reason)| invalid(format!("proxy.{key}"), reason))?;
+        let proxies = crate::protection::proxy::TrustedProxies::new(
+            &self.proxy.trusted,
+            self.proxy.proxy_protocol,
+        )
+        .map_err(|(key, reason)| invalid(format!("proxy.{key}"), reason))?;
         if self.projects.is_empty() {
             return Err(invalid(
                 "projects",
@@ -974,12 +976,14 @@ pub fn validate_project(at: &str, p: &ProjectConfig) -> Result<(), ConfigError> 
             "set jwks or jwks_file, not both",
         ));
     }
-    crate::access::IpList::parse(&p.allow_ips, &p.deny_ips).map_err(|(key, reason)| {
-        let key = key
-            .replacen("allow", "allow_ips", 1)
-            .replacen("deny[", "deny_ips[", 1);
-        invalid(format!("{at}.{key}"), reason)
-    })?;
+    crate::protection::access::IpList::parse(&p.allow_ips, &p.deny_ips).map_err(
+        |(key, reason)| {
+            let key = key
+                .replacen("allow", "allow_ips", 1)
+                .replacen("deny[", "deny_ips[", 1);
+            invalid(format!("{at}.{key}"), reason)
+        },
+    )?;
     for (j, o) in p.allowed_origins.iter().enumerate() {
         if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
             return Err(invalid(

@@ -94,7 +94,10 @@ impl Collector for HubCollector {
             &mut enc,
             "herald_connections_near_cap",
             "1 while open connections are at or above 90% of server.max_connections.",
-            u64::from(crate::limiter::near_cap(node, hub.max_connections)),
+            u64::from(crate::protection::limiter::near_cap(
+                node,
+                hub.max_connections,
+            )),
         )?;
         let registry = hub.registry.load();
         let mut m = enc.encode_descriptor(
@@ -116,7 +119,10 @@ impl Collector for HubCollector {
         for p in registry.projects() {
             let n = p.nr_connections.load(Ordering::Relaxed);
             m.encode_family(&[("project", &*p.id)])?
-                .encode_gauge(&u64::from(crate::limiter::near_cap(n, p.max_connections)))?;
+                .encode_gauge(&u64::from(crate::protection::limiter::near_cap(
+                    n,
+                    p.max_connections,
+                )))?;
         }
         shard_gauge(
             &mut enc,

@@ -63,7 +63,7 @@ pub struct Hub {
     /// The 90%-of-cap warning was logged (re-armed below 80%).
     pub near_cap_warned: std::sync::atomic::AtomicBool,
     /// Concurrent connections per client address (`limits.connections_per_ip`).
-    pub ip_conns: crate::limiter::ConnCounter,
+    pub ip_conns: crate::protection::limiter::ConnCounter,
     /// Publishes accepted through the API (written by the API thread only).
     pub api_published: AtomicU64,
     /// API requests refused 429 for their key's rate (`limits.api_requests_per_key_per_sec`).
@@ -124,7 +124,7 @@ impl Hub {
             nr_connections: AtomicUsize::new(0),
             max_connections,
             near_cap_warned: std::sync::atomic::AtomicBool::new(false),
-            ip_conns: crate::limiter::ConnCounter::new(0, 0, 0),
+            ip_conns: crate::protection::limiter::ConnCounter::new(0, 0, 0),
             api_published: AtomicU64::new(0),
             api_rate_limited: AtomicU64::new(0),
             max_frame_bytes: usize::MAX,

@@ -9,8 +9,6 @@
 //!   [`server::ServerHandle`].
 //! - [`lifecycle`]: a served node's life: process setup, settings, wiring, signals (drain,
 //!   SIGHUP reload), readiness and systemd notifications, the outcome.
-//! - [`process`]: what the process sets up about itself before serving (huge pages, the
-//!   open-files limit, the host check's log line, the development-mode warning).
 //! - [`commands`]: the binary's one-shot subcommands (token, genconfig, check-config,
 //!   check-host).
 //! - [`hub`]: the node-wide handle every thread shares: mailboxes, registry, counters, phase,
@@ -33,10 +31,15 @@
 //!   scrape.
 //! - [`redact`]: error messages with the quoted values (possible secrets) left out.
 //! - [`store`]: the persisted API state (projects and keys), replaced atomically.
-//! - [`notify`]: systemd readiness, reload, stop and watchdog notifications.
-//! - [`hostcheck`]: the connection ceiling the host allows (open files, sysctls).
+//! - [`protection`]: IP deny lists ([`protection::access`]), per-address handshake and
+//!   connection limits ([`protection::limiter`]), the API's per-key request buckets
+//!   ([`protection::ratelimit`]), the PROXY header and trusted proxies
+//!   ([`protection::proxy`]).
+//! - [`system`]: the node and its host: process setup before serving
+//!   ([`system::process`]: huge pages, the open-files limit, the host check's log line, the
+//!   development-mode warning), the connection ceiling the host allows
+//!   ([`system::hostcheck`]), systemd notifications ([`system::notify`]).
 
-pub mod access;
 pub mod admin;
 pub mod api;
 pub mod auth;
@@ -44,14 +47,11 @@ pub mod broker;
 pub mod commands;
 pub mod config;
 pub mod exposition;
-pub mod hostcheck;
 pub mod hub;
 pub mod lifecycle;
-pub mod limiter;
 pub mod metrics;
 pub mod net;
-pub mod notify;
-pub mod process;
+pub mod protection;
 pub mod pubsub;
 pub mod redact;
 pub mod route;
@@ -59,4 +59,5 @@ pub mod server;
 pub mod settings;
 pub mod shard;
 pub mod store;
+pub mod system;
 pub mod ws;

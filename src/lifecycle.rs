@@ -1,5 +1,5 @@
 //! A served node's life, from process setup to exit: prepare the process
-//! ([`crate::process`]), build the [`Settings`], wire the node ([`crate::server::wire`]),
+//! ([`crate::system::process`]), build the [`Settings`], wire the node ([`crate::server::wire`]),
 //! install the signal handlers, announce readiness (the `ready` line on stdout, then systemd's
 //! `READY=1` and its watchdog), and wait for the end.
 //!
@@ -15,9 +15,9 @@ use tracing::{error, info};
 
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::notify;
 use crate::server::{self, Options, StartError};
 use crate::settings::Settings;
+use crate::system::notify;
 
 /// How a served node ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +45,7 @@ pub enum RunError {
 /// # Errors
 /// [`RunError`]: nothing was served.
 pub fn run(cfg: &Config, opts: Options) -> Result<Outcome, RunError> {
-    crate::process::prepare(cfg, opts.config_path.is_none());
+    crate::system::process::prepare(cfg, opts.config_path.is_none());
     let settings = Settings::from_config(cfg).map_err(StartError::from)?;
     let handle = server::wire(cfg, &settings, opts)?;
     let hub = handle.hub.clone();

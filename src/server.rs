@@ -2,7 +2,7 @@
 //! listeners, start the shards, wait for each to accept, start the API, and hand back the
 //! [`ServerHandle`]. It computes nothing from the config itself ([`crate::settings`] does)
 //! and knows nothing of signals, systemd or the process ([`crate::lifecycle`],
-//! [`crate::process`]).
+//! [`crate::system::process`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -172,7 +172,7 @@ pub fn wire(cfg: &Config, settings: &Settings, opts: Options) -> Result<ServerHa
     );
     hub.max_frame_bytes = settings.limits.max_outbound_queue_bytes;
     settings.log_adjustments();
-    hub.ip_conns = crate::limiter::ConnCounter::new(
+    hub.ip_conns = crate::protection::limiter::ConnCounter::new(
         settings.per_ip.connections,
         settings.per_ip.handshake_burst,
         settings.per_ip.max_pending_handshakes,

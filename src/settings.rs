@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use crate::api::ApiSettings;
 use crate::config::{Config, ConfigError, IoDriver};
-use crate::hostcheck;
-use crate::net::proxy::TrustedProxies;
+use crate::protection::proxy::TrustedProxies;
+use crate::system::hostcheck;
 
 /// What the node applies, from one validated config.
 #[derive(Debug, Clone)]
@@ -116,7 +116,7 @@ pub struct Limits {
     /// Trusted reverse proxies.
     pub proxies: Arc<TrustedProxies>,
     /// A client socket whose descriptor number is at or above this is closed at accept:
-    /// the descriptors above it are the API's ([`crate::hostcheck::client_fd_ceiling`]). `None`: no limit known.
+    /// the descriptors above it are the API's ([`crate::system::hostcheck::client_fd_ceiling`]). `None`: no limit known.
     pub max_client_fd: Option<u64>,
 }
 

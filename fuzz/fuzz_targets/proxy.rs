@@ -2,7 +2,7 @@
 //! `X-Forwarded-For` values. Arbitrary bytes must yield a consistent answer, never a panic.
 #![no_main]
 
-use herald::net::proxy::{ProxyHeader, TrustedProxies, parse_header};
+use herald::protection::proxy::{ProxyHeader, TrustedProxies, parse_header};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

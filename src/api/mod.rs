@@ -7,7 +7,7 @@ mod error;
 mod idempotency;
 mod projects;
 mod publish;
-mod ratelimit;
+
 mod serve;
 
 use std::convert::Infallible;
@@ -27,8 +27,8 @@ use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tracing::{debug, warn};
 
+pub use crate::protection::ratelimit::{KeyId, KeyLimiter};
 pub use error::ApiError;
-pub use ratelimit::{KeyId, KeyLimiter};
 
 use error::{AuthError, BodyError, RateLimited};
 

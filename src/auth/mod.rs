@@ -61,7 +61,7 @@ pub struct Project {
     /// Allowed `Origin`s; empty = any.
     pub allowed_origins: Vec<String>,
     /// Client IP allow/deny lists (403 `forbidden`).
-    pub ip_access: crate::access::IpList,
+    pub ip_access: crate::protection::access::IpList,
     /// Open connections of this project on the node; survives registry swaps.
     pub nr_connections: Arc<AtomicUsize>,
     /// The 90%-of-cap warning was logged (re-armed below 80%); survives registry swaps.
@@ -93,7 +93,7 @@ pub struct Registry {
     /// Admin API key.
     pub admin_key: Option<String>,
     /// Node-wide IP lists (`[access]`), checked right after accept.
-    pub access: crate::access::IpList,
+    pub access: crate::protection::access::IpList,
 }
 
 /// The registry every shard and the API read; replaced whole on change.
@@ -277,12 +277,11 @@ impl Registry {
             let project = Project::build(idx, i, pc, state, shared, api, material)?;
             projects[idx as usize] = Some(Arc::new(project));
         }
-        let access = crate::access::IpList::parse(&cfg.access.allow, &cfg.access.deny).map_err(
-            |(key, reason)| ConfigError::Invalid {
+        let access = crate::protection::access::IpList::parse(&cfg.access.allow, &cfg.access.deny)
+            .map_err(|(key, reason)| ConfigError::Invalid {
                 key: format!("access.{key}"),
                 reason,
-            },
-        )?;
+            })?;
         Ok(Self {
             projects,
             by_id,
@@ -411,12 +410,11 @@ impl Project {
             enabled: p.enabled,
             max_connections: p.max_connections,
             allowed_origins: p.allowed_origins.clone(),
-            ip_access: crate::access::IpList::parse(&p.allow_ips, &p.deny_ips).map_err(
-                |(key, reason)| ConfigError::Invalid {
+            ip_access: crate::protection::access::IpList::parse(&p.allow_ips, &p.deny_ips)
+                .map_err(|(key, reason)| ConfigError::Invalid {
                     key: format!("{at}.{key}_ips"),
                     reason,
-                },
-            )?,
+                })?,
             nr_connections,
             near_cap_warned,
             from_api,

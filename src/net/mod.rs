@@ -1,4 +1,3 @@
 //! Sockets: the per-shard client listeners.
 
 pub mod listener;
-pub mod proxy;

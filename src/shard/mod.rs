@@ -97,7 +97,7 @@ pub struct Shard {
     /// Wakes the accept loop (on drain) or the drain waiter (when empty).
     lifecycle_waker: Option<Waker>,
     /// Handshakes per source address (token buckets, bounded).
-    pub(crate) hs_limiter: crate::limiter::HandshakeLimiter,
+    pub(crate) hs_limiter: crate::protection::limiter::HandshakeLimiter,
     /// Start of the shard's microsecond clock (message rate limits).
     epoch: Instant,
     /// The microsecond clock (wrapping), read once per readiness event.
@@ -167,7 +167,7 @@ pub(crate) enum AcceptRefusal {
     /// The shard has its share of `limits.max_pending_handshakes` in progress and none of
     /// them can be evicted.
     PendingCap,
-    /// The socket's descriptor is among those kept for the API ([`crate::hostcheck::client_fd_ceiling`]).
+    /// The socket's descriptor is among those kept for the API ([`crate::system::hostcheck::client_fd_ceiling`]).
     FdReserve,
 }
 
@@ -206,7 +206,7 @@ pub(crate) struct Admitted {
 impl Shard {
     fn new(id: u16, hub: Arc<Hub>, limits: Limits) -> Self {
         let stats = hub.stats[id as usize].clone();
-        let hs_limiter = crate::limiter::HandshakeLimiter::new(
+        let hs_limiter = crate::protection::limiter::HandshakeLimiter::new(
             limits.handshakes_per_ip_per_sec,
             limits.handshake_burst_per_ip,
             limits.limiter_max_ips,
@@ -253,7 +253,7 @@ impl Shard {
     /// handshake token of the address (taken here, so a socket that never sends a request,
     /// or is refused below, costs one too), the per-address connection ceiling and
     /// pending-handshake limit. A trusted proxy's peer is checked once it names the client
-    /// ([`crate::net::proxy`]). `Ok(None)`: a trusted proxy, not counted.
+    /// ([`crate::protection::proxy`]). `Ok(None)`: a trusted proxy, not counted.
     fn screen(&mut self, peer: SocketAddr) -> Result<Option<Admitted>, AcceptRefusal> {
         let ip = peer.ip();
         if self.limits.proxies.trusts(ip) {
@@ -264,11 +264,15 @@ impl Shard {
         }
         let charged = self
             .hs_limiter
-            .take(crate::limiter::client_key(ip), Instant::now())
+            .take(crate::protection::limiter::client_key(ip), Instant::now())
             .is_ok();
         match self.hub.ip_conns.admit(ip) {
-            Err(crate::limiter::AddressFull::Ceiling) => Err(AcceptRefusal::AddressCeiling),
-            Err(crate::limiter::AddressFull::Pending) => Err(AcceptRefusal::AddressPending),
+            Err(crate::protection::limiter::AddressFull::Ceiling) => {
+                Err(AcceptRefusal::AddressCeiling)
+            }
+            Err(crate::protection::limiter::AddressFull::Pending) => {
+                Err(AcceptRefusal::AddressPending)
+            }
             Ok(over_ip_limit) => Ok(Some(Admitted {
                 over_ip_limit,
                 charged,
@@ -519,7 +523,7 @@ impl Shard {
 
     /// The sweep: deadlines, expiries and one slice of the heartbeat round.
     fn tick(&mut self, tick: Duration) {
-        // Liveness for the watchdog (crate::notify): this shard's loop is still turning.
+        // Liveness for the watchdog (crate::system::notify): this shard's loop is still turning.
         ShardStats::add(&self.stats.sweeps, 1);
         #[cfg(debug_assertions)]
         if let Some(path) = std::env::var_os(TEST_PANIC_FILE_ENV)

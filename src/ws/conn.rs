@@ -29,7 +29,7 @@ use super::ops::{self, ErrorCode, Op};
 use super::session::{Event, Flow, Session};
 use crate::auth::{AuthError, Project, Verified};
 use crate::metrics::ShardStats;
-use crate::net::proxy::{self, ProxyHeader};
+use crate::protection::proxy::{self, ProxyHeader};
 use crate::pubsub::{ConnId, Sub, TOPIC_ALL, Topic, Unsubscribed, topic_permitted};
 use crate::shard::{AcceptRefusal, Deadline, Shard};
 
@@ -558,7 +558,7 @@ impl Shard {
         }
         let ip = c.peer.ip();
         self.hs_limiter
-            .take(crate::limiter::client_key(ip), Instant::now())
+            .take(crate::protection::limiter::client_key(ip), Instant::now())
             .map_err(|secs| Refusal::rate_limited("too many handshakes from this address", secs))?;
         self.conns[slot as usize].hs_charged = true;
         Ok(())
@@ -1368,12 +1368,12 @@ impl Shard {
     }
 
     /// After a connection opened (`rose`) or closed: logs the 90%-of-cap warnings once per
-    /// rise, and their re-arming below 80% (see [`crate::limiter::cap_rose`]).
+    /// rise, and their re-arming below 80% (see [`crate::protection::limiter::cap_rose`]).
     fn watch_caps(&self, node: usize, p: &Project, in_project: usize, rose: bool) {
         let check = if rose {
-            crate::limiter::cap_rose
+            crate::protection::limiter::cap_rose
         } else {
-            crate::limiter::cap_fell
+            crate::protection::limiter::cap_fell
         };
         let scopes = [
             (

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::access::IpList;
+use crate::protection::access::IpList;
 
 /// The `[proxy]` settings in the form the shards use.
 #[derive(Debug, Clone, Default)]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 
-use crate::limiter::RateLimiter;
+use crate::protection::limiter::RateLimiter;
 
 /// Keys remembered at most. Only authenticated keys get an entry (a project key or the admin
 /// key), so this is reached only by a node with more projects than this; at the cap the

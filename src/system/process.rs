@@ -7,7 +7,7 @@
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::hostcheck;
+use crate::system::hostcheck;
 
 /// Prepares this process for `cfg`. `development` says the config is the embedded development
 /// default (no file given). Call it before [`crate::settings::Settings::from_config`], which
