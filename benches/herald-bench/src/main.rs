@@ -208,7 +208,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = rt.block_on(run::run(sc));
+    let common = sc.common.clone();
+    let result = rt
+        .block_on(run::run(sc))
+        .and_then(|r| report::write_all(&r, &common));
     // Connection tasks may still be winding down: do not wait for them.
     rt.shutdown_timeout(Duration::from_secs(1));
     match result {

@@ -1,6 +1,6 @@
 //! The parent: resolves the target, starts the server if asked, starts the workers, drives
-//! the scenario's phases, publishes, measures the server, merges the workers' reports and
-//! writes the results.
+//! the scenario's phases, publishes, measures the server and merges the workers' reports into
+//! the results (which `main` writes).
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -17,7 +17,6 @@ use crate::cli::{Common, TargetKind};
 use crate::fleet::Fleet;
 use crate::plan::{Kind, Plan, split};
 use crate::publish::{self, PublishOpts, PublishReport, PublishStats};
-use crate::report;
 use crate::server;
 use crate::stats::{Counts, Summary, add_counts, merge, new_hist, record_ns, total};
 use crate::sys::{self, KernelTcp, Machine, ProcMemory, mono_ns};
@@ -1032,6 +1031,5 @@ pub async fn run(sc: Scenario) -> Result<Results> {
         problems,
         hists,
     };
-    report::write_all(&results, common)?;
     Ok(results)
 }
