@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::ApiSettings;
 use crate::config::{Config, ConfigError, IoDriver};
 use crate::protection::proxy::TrustedProxies;
 use crate::system::hostcheck;
@@ -118,6 +117,26 @@ pub struct Limits {
     /// A client socket whose descriptor number is at or above this is closed at accept:
     /// the descriptors above it are the API's ([`crate::system::hostcheck::client_fd_ceiling`]). `None`: no limit known.
     pub max_client_fd: Option<u64>,
+}
+
+/// Settings of the API.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Largest body.
+    pub max_body_bytes: usize,
+    /// Requests one key may make per second (`limits.api_requests_per_key_per_sec`); 0 = off.
+    pub requests_per_key_per_sec: u32,
+    /// Requests one key may make at once (`limits.api_burst_per_key`).
+    pub burst_per_key: u32,
+    /// Open API connections at most (`api.max_connections`).
+    pub max_connections: usize,
+    /// Time to receive a request head, counted from when the connection starts waiting for
+    /// one (`api.header_read_timeout_ms`).
+    pub header_read_timeout: Duration,
+    /// Time without a byte moved before a connection is closed (`api.idle_timeout_ms`).
+    pub idle_timeout: Duration,
+    /// Time to receive a whole request body (`api.body_read_timeout_ms`).
+    pub body_read_timeout: Duration,
 }
 
 impl Settings {

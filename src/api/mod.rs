@@ -34,6 +34,7 @@ use error::{AuthError, BodyError, RateLimited};
 
 use crate::admin::Admin;
 use crate::hub::{Hub, Phase};
+pub use crate::settings::ApiSettings;
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
     let bytes = serde_json::to_vec(body).expect("API bodies always serialise");
@@ -233,26 +234,6 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     JsonBody::read(req, settings.max_body_bytes, settings.body_read_timeout)
         .await?
         .parse(what, false)
-}
-
-/// Settings of the API.
-#[derive(Debug, Clone)]
-pub struct ApiSettings {
-    /// Largest body.
-    pub max_body_bytes: usize,
-    /// Requests one key may make per second (`limits.api_requests_per_key_per_sec`); 0 = off.
-    pub requests_per_key_per_sec: u32,
-    /// Requests one key may make at once (`limits.api_burst_per_key`).
-    pub burst_per_key: u32,
-    /// Open API connections at most (`api.max_connections`).
-    pub max_connections: usize,
-    /// Time to receive a request head, counted from when the connection starts waiting for
-    /// one (`api.header_read_timeout_ms`).
-    pub header_read_timeout: Duration,
-    /// Time without a byte moved before a connection is closed (`api.idle_timeout_ms`).
-    pub idle_timeout: Duration,
-    /// Time to receive a whole request body (`api.body_read_timeout_ms`).
-    pub body_read_timeout: Duration,
 }
 
 /// What every handler gets.
