@@ -275,15 +275,12 @@ impl From<IdempotencyError> for ApiError {
 pub enum ManagementBusy {
     /// This key has `.0` changes queued or in progress.
     #[error(
-        "this API key has {0} project or key changes queued                      or in \
-         progress; retry when one is done"
+        "this API key has {0} project or key changes queued or in progress; retry when one is \
+         done"
     )]
     PerKey(usize),
     /// `.0` changes are queued or in progress, all keys together.
-    #[error(
-        "{0} project or key changes are queued or in progress;                      retry \
-         when one is done"
-    )]
+    #[error("{0} project or key changes are queued or in progress; retry when one is done")]
     Total(usize),
 }
 
@@ -442,6 +439,15 @@ mod tests {
     fn management_busy() {
         assert_eq!(wire(ManagementBusy::PerKey(4)), retry(429, "busy", 1));
         assert_eq!(wire(ManagementBusy::Total(16)), retry(503, "busy", 1));
+        assert_eq!(
+            ApiError::from(ManagementBusy::PerKey(4)).message,
+            "this API key has 4 project or key changes queued or in progress; retry when one is \
+             done"
+        );
+        assert_eq!(
+            ApiError::from(ManagementBusy::Total(16)).message,
+            "16 project or key changes are queued or in progress; retry when one is done"
+        );
     }
 
     #[test]
