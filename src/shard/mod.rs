@@ -35,6 +35,7 @@ use crate::metrics::ShardStats;
 use crate::pubsub::TopicIndex;
 use crate::ws::close::CloseReason;
 use crate::ws::conn::{self, Conn, ConnPhase};
+use crate::ws::handshake::HandshakeOutcome;
 use mailbox::{Inbox, ShardMsg};
 
 /// Size of the per-shard read buffer every connection reads into.
@@ -298,11 +299,11 @@ pub(crate) enum AcceptRefusal {
 
 impl AcceptRefusal {
     /// The outcome counted in `herald_handshakes_total`.
-    fn outcome(self) -> &'static str {
+    fn outcome(self) -> HandshakeOutcome {
         match self {
-            Self::Denied => "forbidden",
-            Self::AddressCeiling | Self::AddressPending => "rate_limited",
-            Self::PendingCap | Self::FdReserve => "at_capacity",
+            Self::Denied => HandshakeOutcome::Forbidden,
+            Self::AddressCeiling | Self::AddressPending => HandshakeOutcome::RateLimited,
+            Self::PendingCap | Self::FdReserve => HandshakeOutcome::AtCapacity,
         }
     }
 
@@ -457,8 +458,9 @@ impl Shard {
             self.handshake_over(d.slot);
             self.conns[d.slot as usize].phase = ConnPhase::Closing;
             self.kill(d.slot);
-            ShardStats::add(&self.stats.handshakes[ShardStats::outcome("evicted")], 1);
-            self.refusals.note(Instant::now(), "evicted", false);
+            self.stats.handshake(HandshakeOutcome::Evicted);
+            self.refusals
+                .note(Instant::now(), HandshakeOutcome::Evicted.label(), false);
             return true;
         }
         false
@@ -467,10 +469,7 @@ impl Shard {
     /// Counts and logs a socket closed at accept (or, for a client a trusted proxy names in
     /// a PROXY header, as soon as it is named).
     pub(crate) fn refused_at_accept(&mut self, peer: SocketAddr, why: AcceptRefusal) {
-        ShardStats::add(
-            &self.stats.handshakes[ShardStats::outcome(why.outcome())],
-            1,
-        );
+        self.stats.handshake(why.outcome());
         self.refusals.note(Instant::now(), why.reason(), false);
         let what = match why {
             AcceptRefusal::Denied => "address refused by [access]",
@@ -666,7 +665,7 @@ impl Shard {
                 .occupant(d.slot, d.generation)
                 .is_some_and(|c| c.phase == ConnPhase::Handshake)
             {
-                ShardStats::add(&self.stats.handshakes[ShardStats::outcome("timeout")], 1);
+                self.stats.handshake(HandshakeOutcome::Timeout);
                 debug!(
                     shard = self.id,
                     slot = d.slot,

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::close::CloseReason;
 use super::frame;
-use super::handshake::{self, Refusal, Upgrade};
+use super::handshake::{self, HandshakeOutcome, Refusal, Upgrade};
 use super::ops::{self, ErrorCode, Op};
 use super::session::{Event, Flow, Session};
 use crate::auth::{AuthError, Project, Verified};
@@ -638,19 +638,12 @@ impl Shard {
 
     /// Answers a refused handshake and closes once the answer is written.
     fn refuse(&mut self, slot: u32, r: Refusal) {
-        let outcome = match r.status {
-            401 => "unauthorized",
-            403 => "forbidden",
-            429 => "rate_limited",
-            404 if r.error == "unknown_project" => "unknown_project",
-            503 => "at_capacity",
-            _ => "bad_request",
-        };
-        ShardStats::add(&self.stats.handshakes[ShardStats::outcome(outcome)], 1);
+        let outcome = r.outcome();
+        self.stats.handshake(outcome);
         let peer = self.conns[slot as usize].peer;
         // A flood of refusals is one line in full and a summary per interval (the sweep
         // logs it); each one is still there at debug.
-        if self.refusals.note(Instant::now(), outcome, true) {
+        if self.refusals.note(Instant::now(), outcome.label(), true) {
             info!(
                 %peer,
                 status = r.status,
@@ -795,7 +788,7 @@ impl Shard {
             .expect("set above")
             .project;
         self.watch_caps(node, p, in_project, true);
-        ShardStats::add(&self.stats.handshakes[ShardStats::outcome("accepted")], 1);
+        self.stats.handshake(HandshakeOutcome::Accepted);
         debug!(conn = %id, "connection open");
     }
 
