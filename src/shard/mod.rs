@@ -5,10 +5,12 @@
 //! Three long-lived tasks per shard: the accept loop (its own SO_REUSEPORT listener), the inbox
 //! loop (cross-core work, woken by an eventfd) and the sweep (one timer for the whole shard:
 //! heartbeats, handshake and close deadlines, token expiry). Each connection is one task
-//! ([`crate::ws::conn::drive`]) that waits for readiness and owns no buffer while idle.
+//! ([`io::drive`]) that waits for readiness and owns no buffer while idle.
 
 mod control;
+mod driver;
 pub mod fanout;
+pub mod io;
 pub mod mailbox;
 mod refusals;
 
@@ -1040,7 +1042,7 @@ async fn accept_loop(shard: &Rc<RefCell<Shard>>, listener: &monoio::net::TcpList
                 let _ = stream.set_nodelay(true);
                 let (slot, generation) = s.admit(stream.as_raw_fd(), peer, admitted);
                 drop(s);
-                monoio::spawn(conn::drive(shard.clone(), stream, slot, generation));
+                monoio::spawn(io::drive(shard.clone(), stream, slot, generation));
             }
             Some(Err(e)) => {
                 let out_of_fds = matches!(

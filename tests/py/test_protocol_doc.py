@@ -184,7 +184,7 @@ def test_every_token_refusal_message_is_documented():
 
 
 def test_welcome_and_message_fields_are_documented():
-    conn_rs = source("ws/conn.rs")
+    conn_rs = source("shard/driver.rs")
     welcome = conn_rs[conn_rs.index("struct Welcome") :]
     welcome = welcome[: welcome.index("\n}\n")]
     fields = set(re.findall(r"^\s+(\w+):", welcome, re.M)) - {"kind"} | {"type"}
