@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use super::{SCRATCH_BYTES, Shard};
 use crate::metrics::ShardStats;
 use crate::ws::conn::ConnPhase;
+use crate::ws::machine;
 
 /// Most iovecs per send.
 const MAX_IOV: usize = 64;
@@ -133,7 +134,7 @@ impl Shard {
     pub(crate) fn on_readable(&mut self, slot: u32) {
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut total = 0;
-        self.update_clock();
+        let now = self.now();
         while total < READ_BUDGET {
             let Some(c) = self.conns.get_mut(slot as usize) else {
                 break;
@@ -149,7 +150,7 @@ impl Shard {
                 Ok(n) => {
                     total += n;
                     ShardStats::add(&self.stats.bytes_in, n as u64);
-                    self.on_bytes(slot, &mut scratch[..n]);
+                    machine::on_bytes(&mut self.host(slot), now, &mut scratch[..n]);
                     if n < scratch.len() {
                         break;
                     }
@@ -253,15 +254,12 @@ impl Shard {
         if self.occupant(slot, generation).is_none() {
             return;
         }
-        while !self.conns[slot as usize].subs.is_empty() {
-            let last = self.conns[slot as usize].subs.len() - 1;
-            self.unsubscribe_at(slot, last);
+        while let Some(sub) = self.conns[slot as usize].subs.pop() {
+            self.release_sub(sub);
         }
+        let in_handshake = self.conns[slot as usize].phase == ConnPhase::Handshake;
+        self.set_phase(slot, None);
         let c = self.conns.remove(slot as usize);
-        let in_handshake = c.phase == ConnPhase::Handshake;
-        if in_handshake {
-            self.pending_handshakes -= 1;
-        }
         if c.client_known {
             self.hub.ip_conns.release(c.peer.ip(), in_handshake);
         }

@@ -1,7 +1,7 @@
 //! One connection's state as its shard holds it: the life phase, the identity, the
 //! subscriptions, the frame-layer and limiter state, and the outbound queue of shared frames.
-//! Data only: the shard's I/O driver (`crate::shard`) reads and writes the socket, and the
-//! connection's protocol runs over this state.
+//! Data only: the connection machine (`super::machine`) runs the protocol over it, and the
+//! shard's I/O driver (`crate::shard`) reads and writes the socket.
 //!
 //! An idle connection owns no read buffer and no timer. Per-connection buffers exist only
 //! while a partial frame or a queued message is in flight.
@@ -14,6 +14,7 @@ use std::task::Waker;
 use bytes::Bytes;
 use slab::Slab;
 
+use super::codec::Codec;
 use super::session::Session;
 use crate::auth::Project;
 use crate::pubsub::Sub;
@@ -77,6 +78,8 @@ pub struct Conn {
     pub hs_charged: bool,
     /// Number of implicit subscriptions at the front of `subs`.
     pub nr_implicit: u8,
+    /// The client protocol the connection speaks (chosen at the handshake).
+    pub codec: Codec,
     /// Error replies so far.
     pub bad_requests: u32,
     /// The task's waker while it waits.
@@ -125,6 +128,7 @@ impl Conn {
             over_ip_limit: false,
             hs_charged: false,
             nr_implicit: 0,
+            codec: Codec::default(),
             bad_requests: 0,
             waker: None,
             inbuf: Vec::new(),

@@ -3,8 +3,10 @@
 //! close (codes as data) and conn (the I/O driver tying them to a shard).
 
 pub mod close;
+pub mod codec;
 pub mod conn;
 pub mod frame;
 pub mod handshake;
+pub mod machine;
 pub mod ops;
 pub mod session;
