@@ -897,36 +897,39 @@ pub fn heartbeat(c: &mut Conn, rules: &Rules, now: Now) -> Beat {
     Beat::Ping
 }
 
-#[cfg(test)]
-mod tests {
+/// A host that records what the machine does, for driving it without a shard: the unit
+/// tests and the `machine` fuzz target.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod recorder {
+    #![allow(missing_docs)]
     use super::*;
-    use crate::auth::{Claims, Registry};
+    pub use crate::auth::{Claims, Registry};
     use crate::config::Config;
     use slab::Slab;
 
     /// A shard stand-in: one connection, a topic list, and a record of every action.
-    struct TestHost {
-        conns: Slab<Conn>,
-        dirty: Vec<u32>,
-        rules: Rules,
-        project: Arc<Project>,
+    pub struct TestHost {
+        pub conns: Slab<Conn>,
+        pub dirty: Vec<u32>,
+        pub rules: Rules,
+        pub project: Arc<Project>,
         /// Tokens that verify, with their claims.
-        tokens: Vec<(&'static str, Claims)>,
+        pub tokens: Vec<(&'static str, Claims)>,
         /// The topic index: a topic's id is its position.
-        topics: Vec<String>,
-        queue_cap: usize,
-        phases: Vec<ConnPhase>,
-        outcomes: Vec<HandshakeOutcome>,
-        closes: Vec<CloseReason>,
-        close_deadlines: Vec<Instant>,
-        expiries: Vec<u32>,
-        released: Vec<String>,
-        published: Vec<String>,
-        killed: bool,
-        opened: bool,
+        pub topics: Vec<String>,
+        pub queue_cap: usize,
+        pub phases: Vec<ConnPhase>,
+        pub outcomes: Vec<HandshakeOutcome>,
+        pub closes: Vec<CloseReason>,
+        pub close_deadlines: Vec<Instant>,
+        pub expiries: Vec<u32>,
+        pub released: Vec<String>,
+        pub published: Vec<String>,
+        pub killed: bool,
+        pub opened: bool,
     }
 
-    const BASE_SECS: u64 = 1_000_000;
+    pub const BASE_SECS: u64 = 1_000_000;
 
     fn origin() -> Instant {
         static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -934,7 +937,7 @@ mod tests {
     }
 
     /// `ms` milliseconds after the test's start, on every clock.
-    fn at_ms(ms: u64) -> Now {
+    pub fn at_ms(ms: u64) -> Now {
         Now {
             at: origin() + Duration::from_millis(ms),
             us: (ms * 1000) as u32,
@@ -943,7 +946,7 @@ mod tests {
         }
     }
 
-    fn claims(exp: Option<u64>, topics: Option<&[&str]>) -> Claims {
+    pub fn claims(exp: Option<u64>, topics: Option<&[&str]>) -> Claims {
         Claims {
             sub: "42".into(),
             exp,
@@ -952,8 +955,14 @@ mod tests {
         }
     }
 
+    impl Default for TestHost {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
     impl TestHost {
-        fn new() -> Self {
+        pub fn new() -> Self {
             let mut cfg = Config::development();
             cfg.projects[0].leeway_secs = 30;
             cfg.projects[0].allow_client_publish = true;
@@ -1009,7 +1018,7 @@ mod tests {
         }
 
         /// A host whose connection has opened with `token` at time 0.
-        fn open(token: &str) -> Self {
+        pub fn open(token: &str) -> Self {
             let mut h = Self::new();
             let req = format!(
                 "GET /ws/demo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: \
@@ -1023,17 +1032,17 @@ mod tests {
             h
         }
 
-        fn c(&mut self) -> &mut Conn {
+        pub fn c(&mut self) -> &mut Conn {
             &mut self.conns[0]
         }
 
         /// Feeds client bytes at `now`.
-        fn feed(&mut self, now: Now, bytes: &[u8]) {
+        pub fn feed(&mut self, now: Now, bytes: &[u8]) {
             on_bytes(self, now, &mut bytes.to_vec());
         }
 
         /// Takes the frames queued so far (after the HTTP answer, if any): (opcode, payload).
-        fn sent(&mut self) -> Vec<(u8, Vec<u8>)> {
+        pub fn sent(&mut self) -> Vec<(u8, Vec<u8>)> {
             let c = self.c();
             let mut bytes: Vec<u8> = c.out.iter().flat_map(|p| p.bytes.to_vec()).collect();
             c.out.clear();
@@ -1060,7 +1069,7 @@ mod tests {
         }
 
         /// The text of every text frame queued so far.
-        fn texts(&mut self) -> Vec<String> {
+        pub fn texts(&mut self) -> Vec<String> {
             self.sent()
                 .into_iter()
                 .filter(|(op, _)| *op == 1)
@@ -1069,7 +1078,7 @@ mod tests {
         }
 
         /// The code of the close frame queued last, if any.
-        fn close_code(&mut self) -> Option<u16> {
+        pub fn close_code(&mut self) -> Option<u16> {
             self.sent()
                 .into_iter()
                 .rev()
@@ -1079,7 +1088,7 @@ mod tests {
     }
 
     /// A masked client frame.
-    fn frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    pub fn frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
         let mask = [1, 2, 3, 4];
         let mut f = vec![opcode | if fin { 0x80 } else { 0 }];
         match payload.len() {
@@ -1094,7 +1103,7 @@ mod tests {
         f
     }
 
-    fn text(s: &str) -> Vec<u8> {
+    pub fn text(s: &str) -> Vec<u8> {
         frame(1, true, s.as_bytes())
     }
 
@@ -1221,6 +1230,12 @@ mod tests {
             Ok(())
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::recorder::*;
+    use super::*;
 
     fn subscribed(h: &mut TestHost) -> Vec<String> {
         let subs = h.c().subs.clone();
