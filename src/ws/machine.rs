@@ -803,7 +803,7 @@ fn check_topic_allowed<H: Host>(h: &mut H, topic: &Topic) -> Result<(), OpError>
 /// Removes `subs[i]` of a connection, keeping the others in subscription order (the
 /// `unsubscribed` messages and the connection listing follow it; a list holds at most the
 /// implicit topics and `max_topics_per_connection`, so the shift is short).
-pub fn unsubscribe_at<H: Host>(h: &mut H, i: usize) {
+fn unsubscribe_at<H: Host>(h: &mut H, i: usize) {
     let sub = h.conn().subs.remove(i);
     h.release(sub);
 }
