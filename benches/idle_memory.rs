@@ -534,10 +534,10 @@ fn type_sizes() -> Vec<(&'static str, usize)> {
             "Rc<RefCell<Shard>>",
             size_of::<Rc<RefCell<herald::shard::Shard>>>(),
         ),
-        ("drive() future", future_size(&herald::ws::conn::drive)),
+        ("drive() future", future_size(&herald::shard::io::drive)),
         (
             "drive() task (future + 48: monoio 0.2 header, trailer, stage)",
-            future_size(&herald::ws::conn::drive) + 48,
+            future_size(&herald::shard::io::drive) + 48,
         ),
         (
             "monoio TcpStream (inside drive)",

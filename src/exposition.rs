@@ -12,8 +12,9 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::hub::Hub;
-use crate::metrics::{HANDSHAKE_OUTCOMES, ShardStats, read};
+use crate::metrics::{ShardStats, read};
 use crate::ws::close::CLOSE_CODES;
+use crate::ws::handshake::HandshakeOutcome;
 
 /// The `/metrics` collector: reads the hub's counters on each scrape.
 #[derive(Debug)]
@@ -159,9 +160,9 @@ impl Collector for HubCollector {
             None,
             MetricType::Counter,
         )?;
-        for (i, outcome) in HANDSHAKE_OUTCOMES.iter().enumerate() {
-            let v = sum(hub, |s| &s.handshakes[i]);
-            m.encode_family(&[("outcome", *outcome)])?
+        for outcome in HandshakeOutcome::ALL {
+            let v = sum(hub, |s| &s.handshakes[outcome.index()]);
+            m.encode_family(&[("outcome", outcome.label())])?
                 .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
         }
 

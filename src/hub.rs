@@ -27,7 +27,7 @@ use crate::pubsub::Topic;
 use crate::route;
 use crate::shard::fanout::Shards;
 use crate::shard::mailbox::{Mailbox, Publication, ShardMsg};
-use crate::ws::frame;
+use crate::ws::codec::Codec;
 pub use crate::ws::frame::MESSAGE_FRAME_OVERHEAD;
 
 /// Lifecycle of the node, observable by `/readyz`.
@@ -225,10 +225,15 @@ impl Hub {
         }
         let accepted_at = std::time::Instant::now();
         let id = self.next_message_id();
-        let body = message_body(data, &id, now_ms());
+        let body = Codec::HeraldV1.message_body(data, &id, now_ms());
         let heads = topics
             .iter()
-            .map(|t| (t.as_str().into(), message_head(t.as_str(), body.len())))
+            .map(|t| {
+                (
+                    t.as_str().into(),
+                    Codec::HeraldV1.message_head(t.as_str(), body.len()),
+                )
+            })
             .collect();
         Ok((
             id,
@@ -352,33 +357,10 @@ impl Deliver for Hub {
 
 /// The delivery frame of protocol.md, in one piece; `data` is copied byte for byte.
 pub fn message_frame(topic: &str, data: &str, id: &str, ts: u64) -> Bytes {
-    let body = message_body(data, id, ts);
-    let mut f = message_head(topic, body.len()).to_vec();
+    let body = Codec::HeraldV1.message_body(data, id, ts);
+    let mut f = Codec::HeraldV1.message_head(topic, body.len()).to_vec();
     f.extend_from_slice(&body);
     f.into()
-}
-
-/// The start of a delivery frame for `topic`, up to `"data":`, its WebSocket header
-/// counting `body_len` more bytes.
-pub fn message_head(topic: &str, body_len: usize) -> Bytes {
-    let mut json = String::with_capacity(48 + topic.len());
-    json.push_str("{\"type\":\"message\",\"topic\":");
-    // A `user.<sub>` topic may hold any character but a control one, `"` and `\\` included.
-    json.push_str(&serde_json::to_string(topic).expect("strings always serialise"));
-    json.push_str(",\"data\":");
-    frame::text_head(json.as_bytes(), body_len)
-}
-
-/// The end of a delivery frame, the same for every topic: the data, the id and the time.
-pub fn message_body(data: &str, id: &str, ts: u64) -> Bytes {
-    let mut json = String::with_capacity(data.len() + 32 + id.len());
-    json.push_str(data);
-    json.push_str(",\"id\":\"");
-    json.push_str(id);
-    json.push_str("\",\"ts\":");
-    json.push_str(&ts.to_string());
-    json.push('}');
-    json.into()
 }
 
 #[cfg(test)]

@@ -16,11 +16,12 @@
 //! - [`broker`]: the broker seam: publish, first/last topic interest per shard, deliveries
 //!   back into the node; the local broker and the node's interest table (topic → shards).
 //! - [`shard`]: one pinned thread + monoio runtime per core owning its connections;
-//!   [`shard::mailbox`] is the only cross-core API, and [`shard::fanout`] the one way
-//!   off-shard code sends orders and questions through it.
+//!   [`shard::mailbox`] is the only cross-core API, [`shard::fanout`] the one way
+//!   off-shard code sends orders and questions through it, and [`shard::io`] the I/O driver
+//!   of the shard's connections.
 //! - [`net`]: the per-shard SO_REUSEPORT listeners.
 //! - [`ws`]: the WebSocket side: handshake, session (frames, sans-IO), ops (client protocol),
-//!   frame encoding, close codes, and the per-connection I/O driver.
+//!   frame encoding, close codes, and the connection's state; it never imports [`shard`].
 //! - [`auth`]: projects, keys, token verification.
 //! - [`pubsub`]: parsed names (project, topic, connection id) and the per-shard topic index.
 //! - [`route`]: which shards a publication goes to: the union of its topics' interest masks.

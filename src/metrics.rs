@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::ws::close::CLOSE_CODES;
+use crate::ws::handshake::HandshakeOutcome;
 
 /// Upper bounds (seconds) of the publish-to-enqueue latency histogram buckets: from a few
 /// microseconds (an idle shard) to a second (a shard far behind its inbox).
@@ -54,28 +55,14 @@ impl LatencyHistogram {
     }
 }
 
-/// Handshake outcomes counted separately.
-pub const HANDSHAKE_OUTCOMES: [&str; 9] = [
-    "accepted",
-    "bad_request",
-    "unauthorized",
-    "forbidden",
-    "unknown_project",
-    "at_capacity",
-    "timeout",
-    "rate_limited",
-    // Closed unread to make room at `limits.max_pending_handshakes` (the oldest in progress).
-    "evicted",
-];
-
 /// Counters of one shard.
 #[derive(Debug, Default)]
 #[repr(align(128))]
 pub struct ShardStats {
     /// Open (authenticated) connections now.
     pub connections: AtomicI64,
-    /// Handshakes by outcome, indexed like [`HANDSHAKE_OUTCOMES`].
-    pub handshakes: [AtomicU64; HANDSHAKE_OUTCOMES.len()],
+    /// Handshakes by outcome, indexed by [`HandshakeOutcome::index`].
+    pub handshakes: [AtomicU64; HandshakeOutcome::ALL.len()],
     /// Client publishes (the `publish` op) made on this shard.
     pub published: AtomicU64,
     /// Publications taken from the inbox.
@@ -112,12 +99,10 @@ impl ShardStats {
         c.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Index of a handshake outcome name.
-    pub fn outcome(name: &str) -> usize {
-        HANDSHAKE_OUTCOMES
-            .iter()
-            .position(|o| *o == name)
-            .unwrap_or(0)
+    /// Counts one handshake that ended with `outcome` (owner thread only; relaxed).
+    #[inline]
+    pub fn handshake(&self, outcome: HandshakeOutcome) {
+        Self::add(&self.handshakes[outcome.index()], 1);
     }
 }
 

@@ -101,7 +101,7 @@ fn connections_per_address_over_the_limit_get_429_and_free_up() {
     let (status, head, _) = upgrade_from("127.0.0.2", server.listen, "");
     assert_eq!(status, 429, "{head}");
     assert!(head.contains("\r\nRetry-After: 5"), "{head}");
-    let i = herald::metrics::ShardStats::outcome("rate_limited");
+    let i = herald::ws::handshake::HandshakeOutcome::RateLimited.index();
     assert_eq!(server.stat(|s| herald::metrics::read(&s.handshakes[i])), 1);
     // Another address is unaffected.
     assert_eq!(upgrade_from("127.0.0.3", server.listen, "").0, 101);
@@ -163,7 +163,7 @@ fn at_the_pending_cap_the_oldest_handshake_is_evicted_for_the_newcomer() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     assert!(closed_unread(&mut idle[0]), "the oldest is closed unread");
-    let evicted = herald::metrics::ShardStats::outcome("evicted");
+    let evicted = herald::ws::handshake::HandshakeOutcome::Evicted.index();
     assert_eq!(
         server.stat(|s| herald::metrics::read(&s.handshakes[evicted])),
         1
@@ -187,7 +187,7 @@ fn pending_handshakes_per_address_are_bounded_at_accept() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     assert!(closed_unread(&mut third));
-    let limited = herald::metrics::ShardStats::outcome("rate_limited");
+    let limited = herald::ws::handshake::HandshakeOutcome::RateLimited.index();
     assert_eq!(
         server.stat(|s| herald::metrics::read(&s.handshakes[limited])),
         1

@@ -42,7 +42,7 @@ fn exchange(from: &str, addr: SocketAddr, project: &str) -> Vec<u8> {
 }
 
 fn forbidden_count(server: &TestServer) -> u64 {
-    let i = herald::metrics::ShardStats::outcome("forbidden");
+    let i = herald::ws::handshake::HandshakeOutcome::Forbidden.index();
     server.stat(|s| herald::metrics::read(&s.handshakes[i]))
 }
 
@@ -160,7 +160,7 @@ fn handshake_burst_per_address_gets_429_with_retry_after() {
     let (status, retry) = status_of("127.0.0.2", server.listen);
     assert!(status.starts_with("HTTP/1.1 429 "), "{status}");
     assert_eq!(retry.as_deref(), Some("1"));
-    let i = herald::metrics::ShardStats::outcome("rate_limited");
+    let i = herald::ws::handshake::HandshakeOutcome::RateLimited.index();
     assert_eq!(server.stat(|s| herald::metrics::read(&s.handshakes[i])), 1);
     // Another source address has its own bucket.
     assert!(

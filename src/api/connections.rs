@@ -14,10 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiSettings, Caller, authorize, json, read_json, require_admin};
 use crate::hub::Hub;
-use crate::metrics::{self, HANDSHAKE_OUTCOMES};
+use crate::metrics;
 use crate::pubsub::{ConnId, Topic};
 use crate::shard::mailbox::{ConnInfo, KickOutcome, ListQuery, ShardMsg};
 use crate::ws::close::CLOSE_CODES;
+use crate::ws::handshake::HandshakeOutcome;
 
 /// Page size when `limit` is not given.
 const DEFAULT_LIMIT: usize = 100;
@@ -257,7 +258,7 @@ pub fn stats_json(hub: &Hub) -> serde_json::Value {
     let mut shards = Vec::new();
     let (mut published_client, mut delivered, mut dropped, mut slow) = (0, 0, 0, 0);
     let (mut bytes_in, mut bytes_out, mut connections) = (0, 0, 0i64);
-    let mut handshakes = [0u64; HANDSHAKE_OUTCOMES.len()];
+    let mut handshakes = [0u64; HandshakeOutcome::ALL.len()];
     let mut closes = [0u64; CLOSE_CODES.len()];
     for (i, s) in hub.stats.iter().enumerate() {
         let conns = s
@@ -293,10 +294,10 @@ pub fn stats_json(hub: &Hub) -> serde_json::Value {
             json!({ "connections": p.nr_connections.load(std::sync::atomic::Ordering::Relaxed) }),
         );
     }
-    let handshakes: Map<String, Value> = HANDSHAKE_OUTCOMES
+    let handshakes: Map<String, Value> = HandshakeOutcome::ALL
         .iter()
         .zip(handshakes)
-        .map(|(k, v)| ((*k).to_owned(), v.into()))
+        .map(|(k, v)| (k.label().to_owned(), v.into()))
         .collect();
     let closes: Map<String, Value> = CLOSE_CODES
         .iter()

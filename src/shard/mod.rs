@@ -5,10 +5,12 @@
 //! Three long-lived tasks per shard: the accept loop (its own SO_REUSEPORT listener), the inbox
 //! loop (cross-core work, woken by an eventfd) and the sweep (one timer for the whole shard:
 //! heartbeats, handshake and close deadlines, token expiry). Each connection is one task
-//! ([`crate::ws::conn::drive`]) that waits for readiness and owns no buffer while idle.
+//! ([`io::drive`]) that waits for readiness and owns no buffer while idle.
 
 mod control;
+mod driver;
 pub mod fanout;
+pub mod io;
 pub mod mailbox;
 mod refusals;
 
@@ -36,14 +38,14 @@ use crate::pubsub::TopicIndex;
 use crate::settings::Limits;
 use crate::ws::close::CloseReason;
 use crate::ws::conn::{self, Conn, ConnPhase};
+use crate::ws::handshake::HandshakeOutcome;
+use crate::ws::machine::{self, Beat, CLOSE_GRACE, Rules};
 use mailbox::{Inbox, ShardMsg};
 
 /// Size of the per-shard read buffer every connection reads into.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
 /// Inbox messages handled before other tasks get a turn.
 const INBOX_BUDGET: usize = 1024;
-/// How long a closing connection may take to answer our close frame.
-pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// A deadline for one connection occupant.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +63,8 @@ pub struct Shard {
     pub hub: Arc<Hub>,
     /// Limits.
     pub limits: Limits,
+    /// The connection machine's rules (from `limits`).
+    pub(crate) rules: Rules,
     /// This shard's counters.
     pub stats: Arc<ShardStats>,
     /// Connections, by slot.
@@ -98,10 +102,9 @@ pub struct Shard {
     lifecycle_waker: Option<Waker>,
     /// Handshakes per source address (token buckets, bounded).
     pub(crate) hs_limiter: crate::protection::limiter::HandshakeLimiter,
-    /// Start of the shard's microsecond clock (message rate limits).
-    epoch: Instant,
-    /// The microsecond clock (wrapping), read once per readiness event.
-    pub(crate) clock_us: u32,
+    /// Start of the shard's wrapping microsecond and millisecond clocks (the connections'
+    /// message and refresh limits).
+    pub(crate) epoch: Instant,
     /// Connections in the handshake phase.
     pub(crate) pending_handshakes: usize,
     /// Handshakes evicted at the pending-handshake cap (a warning at most once per
@@ -173,11 +176,11 @@ pub(crate) enum AcceptRefusal {
 
 impl AcceptRefusal {
     /// The outcome counted in `herald_handshakes_total`.
-    fn outcome(self) -> &'static str {
+    fn outcome(self) -> HandshakeOutcome {
         match self {
-            Self::Denied => "forbidden",
-            Self::AddressCeiling | Self::AddressPending => "rate_limited",
-            Self::PendingCap | Self::FdReserve => "at_capacity",
+            Self::Denied => HandshakeOutcome::Forbidden,
+            Self::AddressCeiling | Self::AddressPending => HandshakeOutcome::RateLimited,
+            Self::PendingCap | Self::FdReserve => HandshakeOutcome::AtCapacity,
         }
     }
 
@@ -214,6 +217,7 @@ impl Shard {
         Self {
             id,
             hub,
+            rules: driver::rules(&limits),
             limits,
             stats,
             conns: Slab::new(),
@@ -231,22 +235,11 @@ impl Shard {
             lifecycle_waker: None,
             hs_limiter,
             epoch: Instant::now(),
-            clock_us: 0,
             pending_handshakes: 0,
             evictions: Throttled::default(),
             fd_ceiling: Throttled::default(),
             refusals: refusals::RefusalLog::default(),
         }
-    }
-
-    /// Milliseconds since the shard started, wrapping (the refresh limiter's clock).
-    pub(crate) fn clock_ms(&self) -> u32 {
-        self.epoch.elapsed().as_millis() as u32
-    }
-
-    /// Advances the shard's microsecond clock to now.
-    pub(crate) fn update_clock(&mut self) {
-        self.clock_us = self.epoch.elapsed().as_micros() as u32;
     }
 
     /// The checks on a freshly accepted socket that cost no read: the global IP lists, a
@@ -333,11 +326,11 @@ impl Shard {
             if !live {
                 continue;
             }
-            self.handshake_over(d.slot);
-            self.conns[d.slot as usize].phase = ConnPhase::Closing;
+            self.set_phase(d.slot, Some(ConnPhase::Closing));
             self.kill(d.slot);
-            ShardStats::add(&self.stats.handshakes[ShardStats::outcome("evicted")], 1);
-            self.refusals.note(Instant::now(), "evicted", false);
+            self.stats.handshake(HandshakeOutcome::Evicted);
+            self.refusals
+                .note(Instant::now(), HandshakeOutcome::Evicted.label(), false);
             return true;
         }
         false
@@ -346,10 +339,7 @@ impl Shard {
     /// Counts and logs a socket closed at accept (or, for a client a trusted proxy names in
     /// a PROXY header, as soon as it is named).
     pub(crate) fn refused_at_accept(&mut self, peer: SocketAddr, why: AcceptRefusal) {
-        ShardStats::add(
-            &self.stats.handshakes[ShardStats::outcome(why.outcome())],
-            1,
-        );
+        self.stats.handshake(why.outcome());
         self.refusals.note(Instant::now(), why.reason(), false);
         let what = match why {
             AcceptRefusal::Denied => "address refused by [access]",
@@ -397,7 +387,7 @@ impl Shard {
             conn.hs_charged = a.charged;
         }
         let slot = self.conns.insert(conn) as u32;
-        self.pending_handshakes += 1;
+        self.set_phase(slot, Some(ConnPhase::Handshake));
         self.handshake_deadlines.push_back(Deadline {
             at: Instant::now() + self.limits.handshake_timeout,
             slot,
@@ -459,7 +449,6 @@ impl Shard {
         ShardStats::add(&self.stats.dropped, dropped);
         self.stats.publish_enqueue.observe(p.accepted_at.elapsed());
         for slot in overflow {
-            ShardStats::add(&self.stats.slow_consumer_closes, 1);
             self.close_with(slot, CloseReason::SlowConsumer);
         }
     }
@@ -535,35 +524,23 @@ impl Shard {
             self.pending_handshakes as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        let now = Instant::now();
+        let now = self.now();
         while let Some(d) = self.handshake_deadlines.front().copied() {
-            if d.at > now {
+            if d.at > now.at {
                 break;
             }
             self.handshake_deadlines.pop_front();
-            if self
-                .occupant(d.slot, d.generation)
-                .is_some_and(|c| c.phase == ConnPhase::Handshake)
-            {
-                ShardStats::add(&self.stats.handshakes[ShardStats::outcome("timeout")], 1);
-                debug!(
-                    shard = self.id,
-                    slot = d.slot,
-                    "handshake deadline passed; dropping"
-                );
-                self.kill(d.slot);
+            if self.occupant(d.slot, d.generation).is_some() {
+                machine::on_handshake_deadline(&mut self.host(d.slot));
             }
         }
         while let Some(d) = self.close_deadlines.front().copied() {
-            if d.at > now {
+            if d.at > now.at {
                 break;
             }
             self.close_deadlines.pop_front();
-            if self
-                .occupant(d.slot, d.generation)
-                .is_some_and(|c| c.phase == ConnPhase::Closing)
-            {
-                self.kill(d.slot);
+            if self.occupant(d.slot, d.generation).is_some() {
+                machine::on_close_deadline(&mut self.host(d.slot));
             }
         }
         // A burst of handshakes or closes leaves its room in the queues once it is over, and
@@ -571,24 +548,20 @@ impl Shard {
         shrink_idle(&mut self.handshake_deadlines);
         shrink_idle(&mut self.close_deadlines);
         self.bound_expiries();
-        let now_secs = crate::auth::now_secs();
         while let Some(&Reverse((at, slot, generation))) = self.expiries.peek() {
-            if u64::from(at) > now_secs {
+            if u64::from(at) > now.unix_secs() {
                 break;
             }
             self.expiries.pop();
-            if self
-                .occupant(slot, generation)
-                .is_some_and(|c| c.expires_at == at && c.phase == ConnPhase::Open)
-            {
-                self.close_with(slot, CloseReason::TokenExpired);
+            if self.occupant(slot, generation).is_some() {
+                machine::on_expiry(&mut self.host(slot), now, at);
             }
         }
         self.stats.expiry_entries.store(
             self.expiries.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        self.heartbeat_slice(tick);
+        self.heartbeat_slice(tick, now);
         self.flush_dirty();
         self.log_refusals(false);
     }
@@ -627,7 +600,7 @@ impl Shard {
     /// Visits the next `capacity × tick / heartbeat` slots, so each slot is visited once per
     /// heartbeat interval: a peer that sent nothing since the last ping is dropped, the others
     /// are pinged.
-    fn heartbeat_slice(&mut self, tick: Duration) {
+    fn heartbeat_slice(&mut self, tick: Duration, now: machine::Now) {
         let cap = self.conns.capacity();
         if cap == 0 {
             return;
@@ -642,40 +615,25 @@ impl Shard {
         let per_tick = (self.hb_carry / hb_ms) as usize;
         self.hb_carry %= hb_ms;
         let mut dead = Vec::new();
-        self.update_clock();
-        let (now_us, stale) = (self.clock_us, self.msg_stale_after());
-        let (now_ms, refresh_stale) = (self.clock_ms(), self.refresh_stale_after());
         for _ in 0..per_tick.min(cap) {
             let slot = self.hb_cursor % cap;
             self.hb_cursor = (slot + 1) % cap;
             let Some(c) = self.conns.get_mut(slot) else {
                 continue;
             };
-            if c.phase != ConnPhase::Open {
-                continue;
+            match machine::heartbeat(c, &self.rules, now) {
+                Beat::Skip => {}
+                Beat::Dead => dead.push(slot as u32),
+                Beat::Ping => {
+                    let _ = conn::push_frame(
+                        &mut self.conns,
+                        &mut self.dirty,
+                        slot as u32,
+                        &[&crate::ws::frame::ping()],
+                        usize::MAX,
+                    );
+                }
             }
-            // Keep the message-rate clock of a quiet connection within half the wrap of the
-            // 32-bit microsecond clock (see `Shard::take_message`).
-            if c.msg_tat.wrapping_sub(now_us) > stale {
-                c.msg_tat = now_us;
-            }
-            // Likewise the refresh limiter's 32-bit millisecond clock.
-            if c.refresh_tat.wrapping_sub(now_ms) > refresh_stale {
-                c.refresh_tat = now_ms;
-            }
-            if c.ping_outstanding && !c.rx_since_ping {
-                dead.push(slot as u32);
-                continue;
-            }
-            c.ping_outstanding = true;
-            c.rx_since_ping = false;
-            let _ = conn::push_frame(
-                &mut self.conns,
-                &mut self.dirty,
-                slot as u32,
-                &[&crate::ws::frame::ping()],
-                usize::MAX,
-            );
         }
         for slot in dead {
             debug!(shard = self.id, slot, "no answer to heartbeat; dropping");
@@ -920,7 +878,7 @@ async fn accept_loop(shard: &Rc<RefCell<Shard>>, listener: &monoio::net::TcpList
                 let _ = stream.set_nodelay(true);
                 let (slot, generation) = s.admit(stream.as_raw_fd(), peer, admitted);
                 drop(s);
-                monoio::spawn(conn::drive(shard.clone(), stream, slot, generation));
+                monoio::spawn(io::drive(shard.clone(), stream, slot, generation));
             }
             Some(Err(e)) => {
                 let out_of_fds = matches!(

@@ -45,6 +45,65 @@ pub struct Upgrade {
     pub len: usize,
 }
 
+/// How a handshake ended: the one name shared by the refusal, its log line and the
+/// `herald_handshakes_total{outcome}` counter (whose label values are [`Self::label`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeOutcome {
+    /// `101`: the connection is open.
+    Accepted,
+    /// 400 (or 404 for a path outside `/ws/`): the request cannot be served.
+    BadRequest,
+    /// 401: no token, or a token that does not verify.
+    Unauthorized,
+    /// 403: refused by an address list, a disabled project or its `Origin` rules.
+    Forbidden,
+    /// 404: no such project.
+    UnknownProject,
+    /// 503: a connection cap, the pending-handshake cap, the descriptor reserve or a drain.
+    AtCapacity,
+    /// The upgrade request did not arrive within `ws.handshake_timeout_ms`.
+    Timeout,
+    /// 429: a per-address rate or connection limit.
+    RateLimited,
+    /// Closed unread to make room at `limits.max_pending_handshakes` (the oldest in progress).
+    Evicted,
+}
+
+impl HandshakeOutcome {
+    /// Every outcome, in counter order.
+    pub const ALL: [Self; 9] = [
+        Self::Accepted,
+        Self::BadRequest,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::UnknownProject,
+        Self::AtCapacity,
+        Self::Timeout,
+        Self::RateLimited,
+        Self::Evicted,
+    ];
+
+    /// The `outcome` label in `/metrics` and the key in the stats document.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::UnknownProject => "unknown_project",
+            Self::AtCapacity => "at_capacity",
+            Self::Timeout => "timeout",
+            Self::RateLimited => "rate_limited",
+            Self::Evicted => "evicted",
+        }
+    }
+
+    /// Index of its counter (its place in [`Self::ALL`]).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// A refusal before the upgrade: an HTTP status and the JSON error body of protocol.md.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -116,6 +175,18 @@ impl Refusal {
             error: "at_capacity",
             message: message.into(),
             retry_after: Some(5),
+        }
+    }
+
+    /// The outcome it is counted as.
+    pub fn outcome(&self) -> HandshakeOutcome {
+        match self.status {
+            401 => HandshakeOutcome::Unauthorized,
+            403 => HandshakeOutcome::Forbidden,
+            429 => HandshakeOutcome::RateLimited,
+            404 if self.error == "unknown_project" => HandshakeOutcome::UnknownProject,
+            503 => HandshakeOutcome::AtCapacity,
+            _ => HandshakeOutcome::BadRequest,
         }
     }
 
@@ -470,6 +541,41 @@ mod tests {
             parse(b"\x16\x03\x01garbage\r\n\r\n").unwrap_err().status,
             400
         );
+    }
+
+    /// Each refusal is counted under its own outcome; a path outside `/ws/` (404 without a
+    /// project) is a bad request, not an unknown project. Labels are the metric's.
+    #[test]
+    fn refusals_are_counted_by_outcome() {
+        use HandshakeOutcome as O;
+        let cases = [
+            (Refusal::bad_request("x"), O::BadRequest, "bad_request"),
+            (Refusal::unauthorized("x"), O::Unauthorized, "unauthorized"),
+            (Refusal::forbidden("x"), O::Forbidden, "forbidden"),
+            (
+                Refusal::unknown_project("p"),
+                O::UnknownProject,
+                "unknown_project",
+            ),
+            (
+                Refusal::rate_limited("x", 1),
+                O::RateLimited,
+                "rate_limited",
+            ),
+            (Refusal::at_capacity("x"), O::AtCapacity, "at_capacity"),
+            (
+                parse(req("/other", "").as_bytes()).unwrap_err(),
+                O::BadRequest,
+                "bad_request",
+            ),
+        ];
+        for (r, outcome, label) in cases {
+            assert_eq!(r.outcome(), outcome, "{r:?}");
+            assert_eq!(outcome.label(), label);
+        }
+        for (i, o) in HandshakeOutcome::ALL.iter().enumerate() {
+            assert_eq!(o.index(), i, "{o:?}");
+        }
     }
 
     #[test]

@@ -184,14 +184,14 @@ def test_every_token_refusal_message_is_documented():
 
 
 def test_welcome_and_message_fields_are_documented():
-    conn_rs = source("ws/conn.rs")
+    conn_rs = source("ws/codec/herald_v1.rs")
     welcome = conn_rs[conn_rs.index("struct Welcome") :]
     welcome = welcome[: welcome.index("\n}\n")]
     fields = set(re.findall(r"^\s+(\w+):", welcome, re.M)) - {"kind"} | {"type"}
     assert {unquote(r[0]) for r in table("Welcome", "field")} == fields
-    hub_rs = source("hub.rs")
+    v1_rs = source("ws/codec/herald_v1.rs")
     # The frame is a per-topic head and a body shared by every topic.
-    frame = fn_body(hub_rs, "pub fn message_head(") + fn_body(hub_rs, "pub fn message_body(")
+    frame = fn_body(v1_rs, "pub fn message_head(") + fn_body(v1_rs, "pub fn message_body(")
     fields = set(re.findall(r'\\"(\w+)\\":', frame))
     assert {unquote(r[0]) for r in table("Delivered messages", "field")} == fields
 

@@ -1,0 +1,384 @@
+//! The shard side of the connection machine ([`crate::ws::machine`]): [`ShardHost`] hands the
+//! machine one connection of the shard with the facts only the shard knows (the registry, the
+//! key sets tokens verify with, the caps, the topic index) and executes the actions it takes
+//! on the shard's state. [`Shard::set_phase`] is the one place a connection changes phase.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tracing::{debug, info, warn};
+
+use super::{AcceptRefusal, Deadline, Limits, Shard};
+use crate::auth::{AuthError, Project, Verified};
+use crate::metrics::ShardStats;
+use crate::pubsub::{ConnId, Sub, Topic, TopicId, Unsubscribed};
+use crate::ws::close::CloseReason;
+use crate::ws::conn::{Conn, ConnPhase, OutPart, Push, push_frame};
+use crate::ws::handshake::{HandshakeOutcome, Refusal};
+use crate::ws::machine::{self, Host, Now, Rate, Rules};
+
+/// The machine's rules from the shard's limits.
+pub(super) fn rules(l: &Limits) -> Rules {
+    Rules {
+        max_handshake_bytes: l.max_handshake_bytes,
+        max_message_bytes: l.max_message_bytes,
+        max_topics_per_connection: l.max_topics_per_connection,
+        max_bad_requests: l.max_bad_requests,
+        messages: Rate {
+            interval: l.msg_interval_us,
+            tolerance: l.msg_tolerance_us,
+        },
+        refreshes: Rate {
+            interval: l.refresh_interval_ms,
+            tolerance: l.refresh_tolerance_ms,
+        },
+        refreshes_per_min: l.refreshes_per_min,
+        refresh_burst: l.refresh_burst,
+        heartbeat_secs: l.heartbeat.as_millis().div_ceil(1000) as u64,
+        proxy_protocol: l.proxies.proxy_protocol,
+    }
+}
+
+/// One connection of a shard, as the machine's [`Host`].
+pub(crate) struct ShardHost<'a> {
+    shard: &'a mut Shard,
+    slot: u32,
+}
+
+impl Shard {
+    /// The machine's host for the connection in `slot` (which must be occupied).
+    pub(crate) fn host(&mut self, slot: u32) -> ShardHost<'_> {
+        ShardHost { shard: self, slot }
+    }
+
+    /// The time of the event being handled, on every clock the machine uses.
+    pub(crate) fn now(&self) -> Now {
+        let at = Instant::now();
+        let since = at.duration_since(self.epoch);
+        Now {
+            at,
+            // Wrapping on purpose: the limiters compare these clocks modulo 2^32.
+            us: since.as_micros() as u32,
+            ms: since.as_millis() as u32,
+            unix_ms: crate::hub::now_ms(),
+        }
+    }
+
+    /// The one place a connection's phase changes (Handshake → Open → Closing → gone, `None`),
+    /// and with it the count of handshakes in progress: the shard's, and its address's when
+    /// the connection leaves the handshake for another phase (a connection that is gone gives
+    /// its address back when it is removed). A new connection enters the handshake here.
+    pub(crate) fn set_phase(&mut self, slot: u32, to: Option<ConnPhase>) {
+        let c = &mut self.conns[slot as usize];
+        match (c.phase, to) {
+            (_, Some(ConnPhase::Handshake)) => self.pending_handshakes += 1,
+            (ConnPhase::Handshake, to) => {
+                self.pending_handshakes -= 1;
+                if to.is_some() && c.client_known {
+                    self.hub.ip_conns.handshake_over(c.peer.ip());
+                }
+            }
+            _ => {}
+        }
+        if let Some(to) = to {
+            c.phase = to;
+        }
+    }
+
+    /// Starts the closing handshake of the connection in `slot`, if any, with `reason` (see
+    /// [`machine::close`]).
+    pub(crate) fn close_with(&mut self, slot: u32, reason: CloseReason) {
+        if self.conns.contains(slot as usize) {
+            let now = self.now();
+            machine::close(&mut self.host(slot), now, reason);
+        }
+    }
+
+    /// Adds `slot` to a topic of the index. The topic's first local subscriber declares the
+    /// shard's interest to the broker, which returns once the node's interest table has the
+    /// shard's bit: whatever the caller queues afterwards (an ack, the welcome) reaches the
+    /// client only when publishes of the topic are routed here.
+    pub(super) fn subscribe_slot(&mut self, project: u32, name: &str, slot: u32) -> Sub {
+        let s = self.topics.subscribe(project, name, slot);
+        if s.first {
+            self.hub.broker.subscribe(self.id as usize, project, name);
+        }
+        s.sub
+    }
+
+    /// Takes a subscription (already removed from its connection's list) out of the topic
+    /// index and fixes the position record of the connection whose slot moved into its place.
+    /// The topic's last local unsubscribe withdraws the shard's interest; a publication
+    /// already routed here still arrives and finds no subscriber.
+    pub(super) fn release_sub(&mut self, sub: Sub) {
+        match self.topics.unsubscribe(sub) {
+            Unsubscribed::Remaining(Some(moved)) => {
+                if let Some(m) = self.conns.get_mut(moved as usize)
+                    && let Some(rec) = m.subs.iter_mut().find(|s| s.topic == sub.topic)
+                {
+                    rec.pos = sub.pos;
+                }
+            }
+            Unsubscribed::Remaining(None) => {}
+            Unsubscribed::Last { project, name } => {
+                self.hub
+                    .broker
+                    .unsubscribe(self.id as usize, project, &name);
+            }
+        }
+    }
+
+    /// Queues one piece regardless of phase and cap.
+    fn push_part(&mut self, slot: u32, part: OutPart) {
+        let c = &mut self.conns[slot as usize];
+        c.out_bytes += part.bytes.len();
+        c.out.push_back(part);
+        if !c.dirty && !c.want_write {
+            c.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    /// After a connection opened (`rose`) or closed: logs the 90%-of-cap warnings once per
+    /// rise, and their re-arming below 80% (see [`crate::protection::limiter::cap_rose`]).
+    pub(super) fn watch_caps(&self, node: usize, p: &Project, in_project: usize, rose: bool) {
+        let check = if rose {
+            crate::protection::limiter::cap_rose
+        } else {
+            crate::protection::limiter::cap_fell
+        };
+        let scopes = [
+            (
+                None,
+                node,
+                self.hub.max_connections,
+                &self.hub.near_cap_warned,
+            ),
+            (
+                Some(&*p.id),
+                in_project,
+                p.max_connections,
+                &p.near_cap_warned,
+            ),
+        ];
+        for (project, count, cap, warned) in scopes {
+            if !check(count, cap, warned) {
+                continue;
+            }
+            let key = match project {
+                None => "server.max_connections",
+                Some(_) => "projects[].max_connections",
+            };
+            if rose {
+                warn!(
+                    project,
+                    connections = count,
+                    cap,
+                    "connections at 90% of {key}; at the cap handshakes get 503"
+                );
+            } else {
+                info!(
+                    project,
+                    connections = count,
+                    cap,
+                    "connections back below 80% of {key}"
+                );
+            }
+        }
+    }
+}
+
+impl ShardHost<'_> {
+    fn generation(&self) -> u32 {
+        self.shard.conns[self.slot as usize].generation
+    }
+}
+
+impl Host for ShardHost<'_> {
+    fn conn(&mut self) -> &mut Conn {
+        &mut self.shard.conns[self.slot as usize]
+    }
+
+    fn rules(&self) -> &Rules {
+        &self.shard.rules
+    }
+
+    fn conn_id(&self) -> ConnId {
+        ConnId {
+            shard: self.shard.id,
+            slot: self.slot,
+            generation: self.generation(),
+        }
+    }
+
+    fn name_client(&mut self, ip: IpAddr) -> Option<bool> {
+        let hub = &self.shard.hub;
+        hub.registry
+            .load()
+            .access
+            .permits(ip)
+            .then(|| hub.ip_conns.admit_always(ip))
+    }
+
+    fn forwarded_client(&self, header: &str) -> Option<IpAddr> {
+        self.shard.limits.proxies.forwarded_client(header)
+    }
+
+    fn take_handshake_token(&mut self, ip: IpAddr, at: Instant) -> Result<(), u32> {
+        self.shard
+            .hs_limiter
+            .take(crate::protection::limiter::client_key(ip), at)
+    }
+
+    fn ip_limit(&self) -> usize {
+        self.shard.hub.ip_conns.limit() as usize
+    }
+
+    fn project(&self, id: &str) -> Option<Arc<Project>> {
+        self.shard.hub.registry.load().project(id).cloned()
+    }
+
+    fn verify(&self, project: &Project, token: &str) -> Result<Verified, AuthError> {
+        project.verify(token)
+    }
+
+    fn node_connections(&self) -> (usize, usize) {
+        let hub = &self.shard.hub;
+        (
+            hub.nr_connections.load(Ordering::Relaxed),
+            hub.max_connections,
+        )
+    }
+
+    fn draining(&self) -> bool {
+        self.shard.draining
+    }
+
+    fn set_phase(&mut self, to: ConnPhase) {
+        self.shard.set_phase(self.slot, Some(to));
+    }
+
+    fn outcome(&mut self, outcome: HandshakeOutcome) {
+        self.shard.stats.handshake(outcome);
+    }
+
+    fn refused(&mut self, r: &Refusal, at: Instant) {
+        let outcome = r.outcome();
+        let s = &mut *self.shard;
+        s.stats.handshake(outcome);
+        let peer = s.conns[self.slot as usize].peer;
+        // A flood of refusals is one line in full and a summary per interval (the sweep
+        // logs it); each one is still there at debug.
+        if s.refusals.note(at, outcome.label(), true) {
+            info!(
+                %peer,
+                status = r.status,
+                error = r.error,
+                reason = %r.message,
+                "handshake refused (further refusals in the next {} s are summed up in one line)",
+                super::REFUSAL_LOG_EVERY.as_secs()
+            );
+        } else {
+            debug!(
+                %peer,
+                status = r.status,
+                error = r.error,
+                reason = %r.message,
+                "handshake refused"
+            );
+        }
+    }
+
+    fn denied(&mut self, peer: SocketAddr) {
+        self.shard.refused_at_accept(peer, AcceptRefusal::Denied);
+    }
+
+    fn opened(&mut self) {
+        let id = self.conn_id();
+        let s = &mut *self.shard;
+        let project = s.conns[self.slot as usize]
+            .identity
+            .as_ref()
+            .expect("an open connection has its identity")
+            .project
+            .clone();
+        let p = project.idx as usize;
+        if s.by_project.len() <= p {
+            s.by_project.resize_with(p + 1, Default::default);
+        }
+        s.by_project[p].insert(self.slot);
+        let node = s.hub.nr_connections.fetch_add(1, Ordering::Relaxed) + 1;
+        s.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let in_project = project.nr_connections.fetch_add(1, Ordering::Relaxed) + 1;
+        s.watch_caps(node, &project, in_project, true);
+        debug!(conn = %id, "connection open");
+    }
+
+    fn closing(&mut self, reason: CloseReason) {
+        let stats = &self.shard.stats;
+        ShardStats::add(&stats.closes[reason.counter_index()], 1);
+        if reason == CloseReason::SlowConsumer {
+            ShardStats::add(&stats.slow_consumer_closes, 1);
+        }
+    }
+
+    fn send(&mut self, frame: &[&Bytes]) -> Push {
+        let s = &mut *self.shard;
+        let cap = s.limits.max_outbound_queue_bytes;
+        push_frame(&mut s.conns, &mut s.dirty, self.slot, frame, cap)
+    }
+
+    fn send_raw(&mut self, part: OutPart) {
+        self.shard.push_part(self.slot, part);
+    }
+
+    fn flush(&mut self) {
+        self.shard.flush(self.slot);
+    }
+
+    fn kill(&mut self) {
+        self.shard.kill(self.slot);
+    }
+
+    fn arm_close_deadline(&mut self, at: Instant) {
+        let generation = self.generation();
+        self.shard.close_deadlines.push_back(Deadline {
+            at,
+            slot: self.slot,
+            generation,
+        });
+    }
+
+    fn arm_expiry(&mut self, at: u32) {
+        let generation = self.generation();
+        self.shard.push_expiry(at, self.slot, generation);
+    }
+
+    fn subscribe(&mut self, project: u32, topic: &str) -> Sub {
+        self.shard.subscribe_slot(project, topic, self.slot)
+    }
+
+    fn release(&mut self, sub: Sub) {
+        self.shard.release_sub(sub);
+    }
+
+    fn lookup(&self, project: u32, topic: &str) -> Option<TopicId> {
+        self.shard.topics.lookup(project, topic)
+    }
+
+    fn topic_name(&self, topic: TopicId) -> &str {
+        self.shard.topics.name(topic)
+    }
+
+    fn publish(&mut self, project: u32, topic: &Topic, data: &RawValue) -> Result<(), String> {
+        let s = &*self.shard;
+        s.hub
+            .publish(project, std::slice::from_ref(topic), data)
+            .map(|_| ShardStats::add(&s.stats.published, 1))
+            .map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,1589 @@
+//! The connection machine, sans-IO: what one connection does with the bytes it receives and
+//! with the passing of time, from the upgrade request to the close handshake. Handshake
+//! admission, the client ops, refresh and expiry, the message and refresh limits, heartbeat
+//! accounting and the close handshake are decided here.
+//!
+//! It owns no socket and reads no clock: the shard's I/O driver (`crate::shard`) hands it
+//! `(bytes, now)` and the facts only the shard knows (projects, the key set tokens verify
+//! with, caps, the topic index) through [`Host`], and executes the actions it takes through
+//! the same trait (queue a frame, subscribe, publish, arm a deadline, kill). The state it
+//! runs on is the connection's [`Conn`], which the shard keeps in its slab; the machine is
+//! generic over the host, so nothing here costs a virtual call.
+//!
+//! Unit tests drive it with a host that records actions: no sockets, no real clock.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tracing::{debug, info};
+
+use super::close::CloseReason;
+use super::codec::{Codec, Opened};
+use super::conn::{Conn, ConnPhase, Identity, OutPart, Push, expiry_of, gcra_take};
+use super::frame;
+use super::handshake::{self, HandshakeOutcome, Refusal, Upgrade};
+use super::ops::{ErrorCode, Op};
+use super::session::{Event, Flow};
+use crate::auth::{AuthError, Project, Verified};
+use crate::protection::proxy::{self, ProxyHeader};
+use crate::pubsub::{ConnId, Sub, TOPIC_ALL, Topic, TopicId, topic_permitted};
+
+/// How long a closing connection may take to answer our close frame.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// `Retry-After` for a refusal over `limits.connections_per_ip`: connections from an address
+/// free up as its clients leave, not at a rate.
+const IP_LIMIT_RETRY_SECS: u32 = 5;
+
+/// The time an event happens at, read once by the driver per event and handed in.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// Monotonic time (deadlines, the handshake limiter).
+    pub at: Instant,
+    /// The shard's wrapping microsecond clock (the message limiter).
+    pub us: u32,
+    /// The shard's wrapping millisecond clock (the refresh limiter).
+    pub ms: u32,
+    /// Wall-clock milliseconds since the Unix epoch (token expiry, connect time).
+    pub unix_ms: u64,
+}
+
+impl Now {
+    /// Wall-clock seconds since the Unix epoch.
+    pub fn unix_secs(&self) -> u64 {
+        self.unix_ms / 1000
+    }
+}
+
+/// The rules the machine applies, taken from the shard's limits once.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    /// Largest upgrade request (and PROXY header).
+    pub max_handshake_bytes: usize,
+    /// Largest client message.
+    pub max_message_bytes: usize,
+    /// Explicit subscriptions per connection.
+    pub max_topics_per_connection: usize,
+    /// Error replies before close 1008.
+    pub max_bad_requests: u32,
+    /// The message limit, on the shard's microsecond clock (`limits.messages_per_conn_per_sec`,
+    /// `limits.message_burst_per_conn`).
+    pub messages: Rate,
+    /// The `refresh` limit, on the shard's millisecond clock.
+    pub refreshes: Rate,
+    /// `limits.refreshes_per_conn_per_min`, for the error message.
+    pub refreshes_per_min: u32,
+    /// `limits.refresh_burst_per_conn`, for the error message.
+    pub refresh_burst: u32,
+    /// The heartbeat interval the welcome announces, whole seconds.
+    pub heartbeat_secs: u64,
+    /// Connections start with a PROXY protocol header (a trusted proxy's).
+    pub proxy_protocol: bool,
+}
+
+/// A GCRA limit on a wrapping 32-bit clock (see [`gcra_take`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rate {
+    /// Clock units between events at the sustained rate; 0 = no limit.
+    pub interval: u32,
+    /// How far ahead of the sustained rate a connection may run (the burst), clock units.
+    pub tolerance: u32,
+}
+
+impl Rate {
+    /// Takes one event's token.
+    ///
+    /// # Errors
+    /// Over the limit: clock units until the event would be allowed.
+    fn take(self, tat: &mut u32, now: u32) -> Result<(), u32> {
+        if self.interval == 0 {
+            return Ok(());
+        }
+        gcra_take(tat, now, self.interval, self.tolerance)
+    }
+
+    /// How far ahead of now a connection's theoretical arrival time can legitimately be.
+    pub fn stale_after(self) -> u32 {
+        self.tolerance.saturating_add(self.interval)
+    }
+}
+
+/// What the machine needs from the shard it runs on: facts only the shard knows, and the
+/// actions the shard executes for it. One host value stands for one connection.
+pub trait Host {
+    /// The connection's state.
+    fn conn(&mut self) -> &mut Conn;
+    /// The rules in force.
+    fn rules(&self) -> &Rules;
+    /// The connection's id.
+    fn conn_id(&self) -> ConnId;
+
+    // Admission facts.
+
+    /// Names the client a trusted proxy announced, checks it against the global `[access]`
+    /// lists and counts it against its address. `None`: refused by `[access]` (nothing
+    /// counted); `Some(over)`: counted, `over` when the address already held
+    /// `limits.connections_per_ip` connections.
+    fn name_client(&mut self, ip: IpAddr) -> Option<bool>;
+    /// The client an `X-Forwarded-For` value from a trusted proxy names, if any.
+    fn forwarded_client(&self, header: &str) -> Option<IpAddr>;
+    /// Takes a handshake token of the address.
+    ///
+    /// # Errors
+    /// The bucket is empty: seconds until a token is due.
+    fn take_handshake_token(&mut self, ip: IpAddr, at: Instant) -> Result<(), u32>;
+    /// `limits.connections_per_ip`.
+    fn ip_limit(&self) -> usize;
+    /// A project of the registry as it is now.
+    fn project(&self, id: &str) -> Option<Arc<Project>>;
+    /// Verifies a token with the project's keys as they are now.
+    ///
+    /// # Errors
+    /// Why the token is refused.
+    fn verify(&self, project: &Project, token: &str) -> Result<Verified, AuthError>;
+    /// Open connections on the node and `server.max_connections` (0 = no cap).
+    fn node_connections(&self) -> (usize, usize);
+    /// The shard is draining: no connection opens any more.
+    fn draining(&self) -> bool;
+
+    // Actions.
+
+    /// Moves the connection to another phase of its life.
+    fn set_phase(&mut self, to: ConnPhase);
+    /// Counts a handshake's outcome.
+    fn outcome(&mut self, outcome: HandshakeOutcome);
+    /// Counts and logs a refused handshake (the answer is queued by the machine).
+    fn refused(&mut self, refusal: &Refusal, at: Instant);
+    /// A client a PROXY header names is refused by `[access]`: counted and logged as a socket
+    /// closed unread (the machine then kills the connection).
+    fn denied(&mut self, peer: SocketAddr);
+    /// The connection is open (identity and implicit subscriptions set): count it.
+    fn opened(&mut self);
+    /// Counts a close frame sent for `reason`.
+    fn closing(&mut self, reason: CloseReason);
+    /// Queues a frame to the open connection, within its queue cap.
+    fn send(&mut self, frame: &[&Bytes]) -> Push;
+    /// Queues a piece regardless of phase and cap (handshake answers, close frames).
+    fn send_raw(&mut self, part: OutPart);
+    /// Writes what the socket takes now.
+    fn flush(&mut self);
+    /// Ends the connection (the driver removes it).
+    fn kill(&mut self);
+    /// Kills the connection at `at` if it is still closing.
+    fn arm_close_deadline(&mut self, at: Instant);
+    /// Calls [`on_expiry`] with `at` once the wall clock reaches `at` (seconds).
+    fn arm_expiry(&mut self, at: u32);
+    /// Adds the connection to a topic of the project (declaring the shard's interest first if
+    /// it is the topic's first local subscriber).
+    fn subscribe(&mut self, project: u32, topic: &str) -> Sub;
+    /// Takes a subscription (already removed from the connection's list) out of the index.
+    fn release(&mut self, sub: Sub);
+    /// The topic of the project with local subscribers, if any.
+    fn lookup(&self, project: u32, topic: &str) -> Option<TopicId>;
+    /// A topic's name.
+    fn topic_name(&self, topic: TopicId) -> &str;
+    /// Publishes a client's message.
+    ///
+    /// # Errors
+    /// Why the publish was refused.
+    fn publish(
+        &mut self,
+        project: u32,
+        topic: &Topic,
+        data: &serde_json::value::RawValue,
+    ) -> Result<(), String>;
+}
+
+/// Bytes arrived: the upgrade request, or frames.
+pub fn on_bytes<H: Host>(h: &mut H, now: Now, data: &mut [u8]) {
+    match h.conn().phase {
+        ConnPhase::Handshake => on_handshake_bytes(h, now, data),
+        ConnPhase::Open | ConnPhase::Closing => on_frame_bytes(h, now, data),
+    }
+}
+
+fn on_handshake_bytes<H: Host>(h: &mut H, now: Now, data: &[u8]) {
+    let max = h.rules().max_handshake_bytes;
+    let proxied = h.rules().proxy_protocol;
+    let c = h.conn();
+    let mut buf = std::mem::take(&mut c.inbuf);
+    buf.extend_from_slice(data);
+    if !c.client_known && proxied {
+        match proxy::parse_header(&buf) {
+            ProxyHeader::Incomplete if buf.len() <= max => h.conn().inbuf = buf,
+            ProxyHeader::Incomplete => refuse(
+                h,
+                now,
+                Refusal::bad_request("PROXY protocol header too long"),
+            ),
+            ProxyHeader::Invalid(why) => refuse(h, now, Refusal::bad_request(why)),
+            ProxyHeader::Complete { len, client } => {
+                let peer = client.unwrap_or(h.conn().peer);
+                if name_client(h, peer).is_err() {
+                    // Refused by [access], like a direct peer: closed without an answer.
+                    h.denied(peer);
+                    h.kill();
+                    return;
+                }
+                if buf.len() > len {
+                    on_handshake_bytes(h, now, &buf[len..]);
+                }
+            }
+        }
+        return;
+    }
+    let too_long = || Refusal::bad_request(format!("upgrade request over {max} bytes"));
+    match handshake::parse(&buf) {
+        Ok(None) if buf.len() > max => refuse_request(h, now, too_long()),
+        Ok(None) => h.conn().inbuf = buf,
+        Err(r) => refuse_request(h, now, r),
+        Ok(Some(up)) if up.len > max => refuse_request(h, now, too_long()),
+        Ok(Some(up)) => match forwarded_check(h, &up)
+            .and_then(|()| rate_check(h, now))
+            .and_then(|()| authenticate(h, &up))
+        {
+            Err(r) => refuse(h, now, r),
+            Ok((project, verified)) => {
+                open(h, now, &up, project, verified);
+                let rest = &mut buf[up.len..];
+                if !rest.is_empty() {
+                    on_frame_bytes(h, now, rest);
+                }
+            }
+        },
+    }
+}
+
+/// A trusted proxy's connection in `X-Forwarded-For` mode names its client now: the
+/// address lists and the per-address count apply to the client from here on.
+fn forwarded_check<H: Host>(h: &mut H, up: &Upgrade) -> Result<(), Refusal> {
+    let c = h.conn();
+    if c.client_known {
+        return Ok(());
+    }
+    // No header: the proxy's own connection. A header that names no usable client is
+    // refused: falling back to the proxy's address would let a client escape its own
+    // address's lists and limits by sending garbage.
+    let peer = match up.forwarded_for.as_deref() {
+        None => c.peer,
+        Some(v) => match h.forwarded_client(v) {
+            Some(ip) => SocketAddr::new(ip, 0),
+            None => {
+                return Err(Refusal::bad_request(
+                    "X-Forwarded-For from a trusted proxy names no client address",
+                ));
+            }
+        },
+    };
+    name_client(h, peer).map_err(|()| Refusal::forbidden("this address may not connect"))
+}
+
+/// Records the client a trusted proxy named and counts it against its address.
+///
+/// # Errors
+/// The global `[access]` lists refuse the client (nothing is counted).
+fn name_client<H: Host>(h: &mut H, peer: SocketAddr) -> Result<(), ()> {
+    let over = h.name_client(peer.ip()).ok_or(())?;
+    let c = h.conn();
+    c.peer = peer;
+    c.client_known = true;
+    c.over_ip_limit = over;
+    Ok(())
+}
+
+/// The per-address handshake token bucket (unless a token was taken at accept): 429 with
+/// `Retry-After`. Nothing to take for a trusted proxy's connection whose client is not
+/// named yet.
+fn charge<H: Host>(h: &mut H, now: Now) -> Result<(), Refusal> {
+    let c = h.conn();
+    if c.hs_charged || !c.client_known {
+        return Ok(());
+    }
+    let ip = c.peer.ip();
+    h.take_handshake_token(ip, now.at)
+        .map_err(|secs| Refusal::rate_limited("too many handshakes from this address", secs))?;
+    h.conn().hs_charged = true;
+    Ok(())
+}
+
+/// Refuses a request that was read but cannot be served (malformed, too long): it counts
+/// against its address's handshake rate like any other, so over the rate the answer is
+/// 429, not the reason.
+fn refuse_request<H: Host>(h: &mut H, now: Now, r: Refusal) {
+    let r = charge(h, now).err().unwrap_or(r);
+    refuse(h, now, r);
+}
+
+/// The per-address handshake token bucket and concurrent-connection limit (429 with
+/// `Retry-After`).
+fn rate_check<H: Host>(h: &mut H, now: Now) -> Result<(), Refusal> {
+    charge(h, now)?;
+    if h.conn().over_ip_limit {
+        return Err(Refusal::rate_limited(
+            format!("more than {} connections from this address", h.ip_limit()),
+            IP_LIMIT_RETRY_SECS,
+        ));
+    }
+    Ok(())
+}
+
+fn authenticate<H: Host>(h: &mut H, up: &Upgrade) -> Result<(Arc<Project>, Verified), Refusal> {
+    let peer = h.conn().peer;
+    let project = h
+        .project(&up.project)
+        .ok_or_else(|| Refusal::unknown_project(&up.project))?;
+    if !project.enabled {
+        return Err(Refusal::forbidden(format!(
+            "project `{}` is disabled",
+            project.id
+        )));
+    }
+    if !project.ip_access.permits(peer.ip()) {
+        return Err(Refusal::forbidden(
+            "this address may not connect to this project",
+        ));
+    }
+    if !project.origin_allowed(up.origin.as_deref()) {
+        return Err(Refusal::forbidden("Origin not allowed for this project"));
+    }
+    let Some((token, _source)) = &up.token else {
+        return Err(Refusal::unauthorized(AuthError::Missing.to_string()));
+    };
+    let verified = h
+        .verify(&project, token)
+        .map_err(|e| Refusal::unauthorized(e.to_string()))?;
+    let (open, max) = h.node_connections();
+    if max > 0 && open >= max {
+        return Err(Refusal::at_capacity(format!(
+            "server at its cap of {max} connections"
+        )));
+    }
+    let pmax = project.max_connections;
+    if pmax > 0
+        && project
+            .nr_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= pmax
+    {
+        return Err(Refusal::at_capacity(format!(
+            "project `{}` at its cap of {pmax} connections",
+            project.id
+        )));
+    }
+    if h.draining() {
+        return Err(Refusal::at_capacity("server is draining"));
+    }
+    Ok((project, verified))
+}
+
+/// Answers a refused handshake and closes once the answer is written.
+fn refuse<H: Host>(h: &mut H, now: Now, r: Refusal) {
+    h.refused(&r, now.at);
+    h.send_raw(OutPart::whole(Bytes::from(r.response())));
+    h.set_phase(ConnPhase::Closing);
+    h.conn().kill_after_flush = true;
+    h.arm_close_deadline(now.at + CLOSE_GRACE);
+}
+
+/// Completes the upgrade: 101, welcome, implicit subscriptions, expiry.
+fn open<H: Host>(h: &mut H, now: Now, up: &Upgrade, project: Arc<Project>, verified: Verified) {
+    let Verified { claims, kid } = verified;
+    let codec = Codec::for_upgrade(up);
+    let welcome = codec.welcome(&Opened {
+        conn: h.conn_id(),
+        project: &project.id,
+        user: &claims.sub,
+        exp: claims.exp,
+        heartbeat_secs: h.rules().heartbeat_secs,
+    });
+    // The 101 and the welcome go out as one pinned unit, marked started: a close caused by
+    // bytes pipelined behind the upgrade truncates the queue, and must not take the HTTP
+    // answer (or the welcome) with it. Both are only queued: nothing is written before this
+    // function returns, after the implicit subscriptions below are in the node's interest
+    // table, so a publish accepted once the client has the welcome reaches it.
+    let answer = Bytes::from(handshake::accept_response(&up.key, up.subprotocol));
+    h.send_raw(OutPart {
+        bytes: answer,
+        more: true,
+        started: true,
+    });
+    h.send_raw(OutPart::whole(welcome));
+    let project_idx = project.idx;
+    let mut implicit = vec![Topic::all(), Topic::user(&claims.sub)];
+    if let Some(d) = &claims.device {
+        implicit.push(Topic::device(d));
+    }
+    let expires_at = expiry_of(claims.exp, project.leeway_secs);
+    h.set_phase(ConnPhase::Open);
+    let c = h.conn();
+    c.codec = codec;
+    c.expires_at = expires_at;
+    c.msg_tat = now.us;
+    c.refresh_tat = now.ms;
+    c.identity = Some(Box::new(Identity {
+        project,
+        user: claims.sub.into(),
+        device: claims.device.map(Into::into),
+        topics: claims
+            .topics
+            .map(|t| t.into_iter().map(Into::into).collect()),
+        kid,
+        connected_at: now.unix_ms,
+    }));
+    c.subs = Vec::with_capacity(implicit.len());
+    for t in &implicit {
+        let sub = h.subscribe(project_idx, t.as_str());
+        h.conn().subs.push(sub);
+    }
+    h.conn().nr_implicit = implicit.len() as u8;
+    if expires_at > 0 {
+        h.arm_expiry(expires_at);
+    }
+    h.opened();
+    h.outcome(HandshakeOutcome::Accepted);
+}
+
+fn on_frame_bytes<H: Host>(h: &mut H, now: Now, data: &mut [u8]) {
+    let max = h.rules().max_message_bytes;
+    let c = h.conn();
+    let mut session = std::mem::take(&mut c.session);
+    let mut inbuf = std::mem::take(&mut c.inbuf);
+    let from_inbuf = !inbuf.is_empty();
+    if from_inbuf {
+        inbuf.extend_from_slice(data);
+    }
+    let buf: &mut [u8] = if from_inbuf { &mut inbuf } else { data };
+    let result = session.feed(buf, max, &mut |ev| on_event(h, now, ev));
+    let c = h.conn();
+    c.session = session;
+    if matches!(result, Ok(n) if n > 0) {
+        c.rx_since_ping = true;
+    }
+    match result {
+        Ok(consumed) if !c.kill => {
+            let rest = &buf[consumed..];
+            if rest.is_empty() {
+                c.inbuf = Vec::new();
+            } else if from_inbuf {
+                inbuf.drain(..consumed);
+                c.inbuf = inbuf;
+            } else {
+                c.inbuf = rest.to_vec();
+            }
+        }
+        Ok(_) => {}
+        Err(reason) => {
+            debug!(peer = %c.peer, code = reason.code(), why = reason.text(), "protocol close");
+            close(h, now, reason);
+            // The stream can no longer be parsed, so no close handshake can follow: close
+            // the socket once our close frame is written (RFC 6455 §7.1.7).
+            h.conn().kill_after_flush = true;
+        }
+    }
+}
+
+fn on_event<H: Host>(h: &mut H, now: Now, ev: Event<'_>) -> Flow {
+    // Every frame but a close takes a token: messages, fragments of one, pings and pongs
+    // (a pong answering our heartbeat costs one token per interval).
+    if !matches!(ev, Event::Close(_)) && h.conn().phase == ConnPhase::Open && !take_message(h, now)
+    {
+        let (peer, conn) = (h.conn().peer, h.conn_id());
+        info!(
+            %peer,
+            %conn,
+            "message rate limit exceeded; closing 4029"
+        );
+        // Replies to the messages taken before this one go out first (what the socket takes
+        // now); the close then drops only what could not be written.
+        h.flush();
+        close(h, now, CloseReason::RateLimited);
+        return Flow::Stop;
+    }
+    let open = h.conn().phase == ConnPhase::Open;
+    match ev {
+        Event::Ping(p) => {
+            if open {
+                reply(h, now, frame::pong(p));
+            }
+            Flow::Continue
+        }
+        Event::Pong => {
+            h.conn().ping_outstanding = false;
+            Flow::Continue
+        }
+        Event::Close(code) => {
+            if open {
+                // Echo the peer's code, then close once it is written.
+                let echo = frame::close_code(code.unwrap_or(1000), "");
+                h.set_phase(ConnPhase::Closing);
+                h.closing(CloseReason::Normal);
+                let c = h.conn();
+                c.kill_after_flush = true;
+                c.truncate_out();
+                h.send_raw(OutPart::whole(echo));
+                h.arm_close_deadline(now.at + CLOSE_GRACE);
+            } else {
+                // The answer to our own close: done.
+                h.kill();
+            }
+            Flow::Stop
+        }
+        // Closing: what the peer sent before our close frame reached it is skipped, and
+        // parsing goes on to its close answer (stopping here left that answer unread behind
+        // the skipped frames until the close grace ran out).
+        Event::Text(_) | Event::Fragment if !open => Flow::Continue,
+        Event::Fragment => Flow::Continue,
+        Event::Text(text) => on_text(h, now, text),
+    }
+}
+
+/// The per-connection message limit (GCRA): a message may arrive when the connection's
+/// theoretical arrival time is at most the rate's tolerance ahead of now; each message moves
+/// it on by its interval. Times are on the shard's wrapping 32-bit microsecond clock; a time
+/// further ahead than the limiter can ever put it is stale (the connection was quiet), and
+/// the heartbeat ([`heartbeat`]) refreshes such times long before the clock wraps.
+fn take_message<H: Host>(h: &mut H, now: Now) -> bool {
+    let rate = h.rules().messages;
+    rate.take(&mut h.conn().msg_tat, now.us).is_ok()
+}
+
+fn on_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
+    let codec = h.conn().codec;
+    let Ok(req) = codec.decode(text) else {
+        close(h, now, CloseReason::InvalidData("invalid JSON"));
+        return Flow::Stop;
+    };
+    let result = match req.op {
+        Err(msg) => Err((ErrorCode::BadRequest, msg)),
+        Ok(op) => execute(h, now, op),
+    };
+    let answer = match &result {
+        Ok(Reply::Ack) => codec.ack(req.id, None),
+        Ok(Reply::AckExp(exp)) => codec.ack(req.id, Some(*exp)),
+        Ok(Reply::Pong) => codec.pong(req.id),
+        Err((code, msg)) => codec.error(req.id, *code, msg),
+    };
+    reply(h, now, answer);
+    if result.is_err() {
+        let max = h.rules().max_bad_requests;
+        let c = h.conn();
+        c.bad_requests += 1;
+        if c.bad_requests > max {
+            close(h, now, CloseReason::Policy("too many bad requests"));
+            return Flow::Stop;
+        }
+    }
+    Flow::Continue
+}
+
+/// A successful op's reply.
+enum Reply {
+    Ack,
+    AckExp(Option<u64>),
+    Pong,
+}
+
+/// An op's error reply: its code and message.
+type OpError = (ErrorCode, String);
+
+fn execute<H: Host>(h: &mut H, now: Now, op: Op<'_>) -> Result<Reply, OpError> {
+    let bad = |e: crate::pubsub::NameError| (ErrorCode::BadRequest, format!("bad topic: {e}"));
+    match op {
+        Op::Ping => Ok(Reply::Pong),
+        Op::Subscribe(name) => {
+            let topic = Topic::parse(name).map_err(bad)?;
+            check_topic_allowed(h, &topic)?;
+            let project = identity(h).project.idx;
+            if let Some(t) = h.lookup(project, topic.as_str())
+                && h.conn().subs.iter().any(|s| s.topic == t)
+            {
+                return Ok(Reply::Ack);
+            }
+            let max = h.rules().max_topics_per_connection;
+            let c = h.conn();
+            if c.subs.len() - c.nr_implicit as usize >= max {
+                return Err((
+                    ErrorCode::Limit,
+                    format!("at most {max} subscriptions per connection"),
+                ));
+            }
+            // The ack is queued after this returns, so the interest table has the shard's
+            // bit before the client can see it.
+            let sub = h.subscribe(project, topic.as_str());
+            h.conn().subs.push(sub);
+            Ok(Reply::Ack)
+        }
+        Op::Unsubscribe(name) => {
+            let topic = Topic::parse(name).map_err(bad)?;
+            if topic.is_implicit_only() || topic.as_str() == TOPIC_ALL {
+                return Err((
+                    ErrorCode::Forbidden,
+                    format!("`{topic}` is an implicit subscription"),
+                ));
+            }
+            let project = identity(h).project.idx;
+            let found = h
+                .lookup(project, topic.as_str())
+                .and_then(|t| h.conn().subs.iter().position(|s| s.topic == t));
+            let Some(i) = found else {
+                return Err((ErrorCode::NotFound, format!("not subscribed to `{topic}`")));
+            };
+            unsubscribe_at(h, i);
+            Ok(Reply::Ack)
+        }
+        Op::Refresh(token) => refresh(h, now, token),
+        Op::Publish(name, data) => {
+            let topic = Topic::parse(name).map_err(bad)?;
+            // Settings as they are now (a reload may have changed them).
+            let id = identity(h).project.id.clone();
+            let Some(project) = h.project(&id) else {
+                return Err((ErrorCode::Forbidden, "the project no longer exists".into()));
+            };
+            if !project.allow_client_publish {
+                return Err((
+                    ErrorCode::Forbidden,
+                    "this project does not let clients publish".into(),
+                ));
+            }
+            check_topic_allowed(h, &topic)?;
+            h.publish(project.idx, &topic, data)
+                .map(|()| Reply::Ack)
+                .map_err(|e| (ErrorCode::Limit, e))
+        }
+    }
+}
+
+/// The identity of an open connection.
+fn identity<H: Host>(h: &mut H) -> &mut Identity {
+    h.conn()
+        .identity
+        .as_deref_mut()
+        .expect("open connections have one")
+}
+
+/// `refresh`: the new token is verified with the project's keys as they are now (rotated in
+/// or revoked since the connection opened) and must name the same `sub`; its claims then
+/// replace the old ones: expiry, `kid`, the `device` topic and the `topics` allowlist.
+/// Explicit subscriptions the new token does not allow are dropped, each with an
+/// `unsubscribed` message, before the ack.
+fn refresh<H: Host>(h: &mut H, now: Now, token: &str) -> Result<Reply, OpError> {
+    if let Err(wait_ms) = take_refresh(h, now) {
+        // Per connection at most `ws.max_bad_requests` of these before it is closed 1008.
+        debug!(
+            conn = %h.conn_id(),
+            wait_ms,
+            "refresh over limits.refreshes_per_conn_per_min; refused"
+        );
+        let r = h.rules();
+        return Err((
+            ErrorCode::RateLimited,
+            format!(
+                "at most {} refreshes per minute (burst {}); retry in {} s",
+                r.refreshes_per_min,
+                r.refresh_burst,
+                wait_ms.div_ceil(1000).max(1)
+            ),
+        ));
+    }
+    let id = identity(h).project.id.clone();
+    let Some(project) = h.project(&id) else {
+        return Err((ErrorCode::Forbidden, "the project no longer exists".into()));
+    };
+    let Verified { claims, kid } = h
+        .verify(&project, token)
+        .map_err(|e| (ErrorCode::Forbidden, format!("refresh refused: {e}")))?;
+    if *claims.sub != *identity(h).user {
+        return Err((ErrorCode::Forbidden, "refresh token has another sub".into()));
+    }
+    let expires_at = expiry_of(claims.exp, project.leeway_secs);
+    let old_expiry = h.conn().expires_at;
+    set_device(h, claims.device.as_deref());
+    h.conn().expires_at = expires_at;
+    let id = identity(h);
+    id.kid = kid;
+    id.topics = claims
+        .topics
+        .map(|t| t.into_iter().map(Into::into).collect());
+    drop_disallowed(h, now);
+    // The entry armed for the old expiry is now stale; an unchanged one is still live.
+    if expires_at > 0 && expires_at != old_expiry {
+        h.arm_expiry(expires_at);
+    }
+    Ok(Reply::AckExp(claims.exp))
+}
+
+/// Takes a token from the connection's refresh bucket (GCRA on the shard's millisecond
+/// clock).
+///
+/// # Errors
+/// Over the limit: milliseconds until a refresh is allowed again.
+fn take_refresh<H: Host>(h: &mut H, now: Now) -> Result<(), u32> {
+    let rate = h.rules().refreshes;
+    rate.take(&mut h.conn().refresh_tat, now.ms)
+}
+
+/// Replaces the connection's implicit `device.<id>` subscription (the last implicit one) when
+/// a refresh changed or removed the `device` claim.
+fn set_device<H: Host>(h: &mut H, device: Option<&str>) {
+    let id = identity(h);
+    if id.device.as_deref() == device {
+        return;
+    }
+    let project = id.project.idx;
+    let had = id.device.is_some();
+    id.device = device.map(Into::into);
+    if had {
+        let c = h.conn();
+        c.nr_implicit -= 1;
+        let sub = c.subs.remove(c.nr_implicit as usize);
+        h.release(sub);
+    }
+    if let Some(d) = device {
+        let sub = h.subscribe(project, Topic::device(d).as_str());
+        let c = h.conn();
+        c.subs.insert(c.nr_implicit as usize, sub);
+        c.nr_implicit += 1;
+    }
+}
+
+/// Drops the explicit subscriptions the connection's `topics` allowlist does not allow,
+/// telling the client about each (in subscription order).
+fn drop_disallowed<H: Host>(h: &mut H, now: Now) {
+    let Some(allowed) = identity(h).topics.clone() else {
+        return;
+    };
+    let c = h.conn();
+    let (from, subs) = (c.nr_implicit as usize, c.subs.clone());
+    let dropped: Vec<(usize, String)> = (from..subs.len())
+        .map(|i| (i, h.topic_name(subs[i].topic)))
+        .filter(|(_, name)| *name != TOPIC_ALL && !topic_permitted(&allowed, name))
+        .map(|(i, name)| (i, name.to_owned()))
+        .collect();
+    if dropped.is_empty() {
+        return;
+    }
+    debug!(
+        conn = %h.conn_id(),
+        dropped = dropped.len(),
+        "refresh narrowed the token's topics; subscriptions dropped"
+    );
+    // Highest position first: the positions still to remove do not shift.
+    for (i, _) in dropped.iter().rev() {
+        unsubscribe_at(h, *i);
+    }
+    let codec = h.conn().codec;
+    for (_, name) in &dropped {
+        reply(h, now, codec.unsubscribed(name));
+    }
+}
+
+/// Explicit subscribe/publish rules: never `user.`/`device.`, and within the token's `topics`
+/// claim when it has one.
+fn check_topic_allowed<H: Host>(h: &mut H, topic: &Topic) -> Result<(), OpError> {
+    if topic.is_implicit_only() {
+        return Err((
+            ErrorCode::Forbidden,
+            "user. and device. topics cannot be subscribed to explicitly".into(),
+        ));
+    }
+    if let Some(allowed) = &identity(h).topics
+        && topic.as_str() != TOPIC_ALL
+        && !topic_permitted(allowed, topic.as_str())
+    {
+        return Err((
+            ErrorCode::Forbidden,
+            format!("the token does not allow `{topic}`"),
+        ));
+    }
+    Ok(())
+}
+
+/// Removes `subs[i]` of a connection, keeping the others in subscription order (the
+/// `unsubscribed` messages and the connection listing follow it; a list holds at most the
+/// implicit topics and `max_topics_per_connection`, so the shift is short).
+fn unsubscribe_at<H: Host>(h: &mut H, i: usize) {
+    let sub = h.conn().subs.remove(i);
+    h.release(sub);
+}
+
+/// Queues a reply to the connection itself; over the cap it is a slow consumer too.
+fn reply<H: Host>(h: &mut H, now: Now, frame: Bytes) {
+    if h.send(&[&frame]) == Push::Overflow {
+        close(h, now, CloseReason::SlowConsumer);
+    }
+}
+
+/// Starts the closing handshake with `reason`: unsent messages are dropped, the close frame
+/// is queued, and the peer has [`CLOSE_GRACE`] to answer. A connection still in its
+/// handshake is killed; one already closing is left alone.
+pub fn close<H: Host>(h: &mut H, now: Now, reason: CloseReason) {
+    match h.conn().phase {
+        ConnPhase::Closing => return,
+        ConnPhase::Handshake => {
+            h.kill();
+            return;
+        }
+        ConnPhase::Open => {}
+    }
+    h.set_phase(ConnPhase::Closing);
+    h.closing(reason);
+    // A drain sends what was published before it (every publish answered 2xx reaches the
+    // connections open then), then the close; every other close drops the backlog.
+    if reason != CloseReason::GoingAway {
+        h.conn().truncate_out();
+    }
+    h.send_raw(OutPart::whole(frame::close(reason)));
+    h.arm_close_deadline(now.at + CLOSE_GRACE);
+}
+
+/// The handshake deadline passed: a connection still in its handshake is dropped.
+pub fn on_handshake_deadline<H: Host>(h: &mut H) {
+    if h.conn().phase == ConnPhase::Handshake {
+        h.outcome(HandshakeOutcome::Timeout);
+        debug!(conn = %h.conn_id(), "handshake deadline passed; dropping");
+        h.kill();
+    }
+}
+
+/// The close deadline passed: a connection still closing is dropped.
+pub fn on_close_deadline<H: Host>(h: &mut H) {
+    if h.conn().phase == ConnPhase::Closing {
+        h.kill();
+    }
+}
+
+/// An expiry armed at `at` fell due: the connection is closed 4001 if its token still expires
+/// then (a refresh since makes the entry stale) and the wall clock has reached it.
+pub fn on_expiry<H: Host>(h: &mut H, now: Now, at: u32) {
+    let c = h.conn();
+    if c.phase == ConnPhase::Open && c.expires_at == at && u64::from(at) <= now.unix_secs() {
+        close(h, now, CloseReason::TokenExpired);
+    }
+}
+
+/// What the heartbeat does to a connection on its visit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// Not open: nothing to do.
+    Skip,
+    /// Send a ping.
+    Ping,
+    /// No whole frame since the last ping: drop it.
+    Dead,
+}
+
+/// The heartbeat's visit to a connection (once per interval): keeps its limiter clocks within
+/// reach of the wrapping shard clocks, and decides between a ping and dropping it.
+pub fn heartbeat(c: &mut Conn, rules: &Rules, now: Now) -> Beat {
+    if c.phase != ConnPhase::Open {
+        return Beat::Skip;
+    }
+    // Keep the message-rate clock of a quiet connection within half the wrap of the 32-bit
+    // microsecond clock (see `take_message`).
+    if c.msg_tat.wrapping_sub(now.us) > rules.messages.stale_after() {
+        c.msg_tat = now.us;
+    }
+    // Likewise the refresh limiter's 32-bit millisecond clock.
+    if c.refresh_tat.wrapping_sub(now.ms) > rules.refreshes.stale_after() {
+        c.refresh_tat = now.ms;
+    }
+    if c.ping_outstanding && !c.rx_since_ping {
+        return Beat::Dead;
+    }
+    c.ping_outstanding = true;
+    c.rx_since_ping = false;
+    Beat::Ping
+}
+
+/// A host that records what the machine does, for driving it without a shard: the unit
+/// tests and the `machine` fuzz target.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod recorder {
+    #![allow(missing_docs)]
+    use super::*;
+    pub use crate::auth::{Claims, Registry};
+    use crate::config::Config;
+    use slab::Slab;
+
+    /// A shard stand-in: one connection, a topic list, and a record of every action.
+    pub struct TestHost {
+        pub conns: Slab<Conn>,
+        pub dirty: Vec<u32>,
+        pub rules: Rules,
+        pub project: Arc<Project>,
+        /// Tokens that verify, with their claims.
+        pub tokens: Vec<(&'static str, Claims)>,
+        /// The topic index: a topic's id is its position.
+        pub topics: Vec<String>,
+        pub queue_cap: usize,
+        pub phases: Vec<ConnPhase>,
+        pub outcomes: Vec<HandshakeOutcome>,
+        pub closes: Vec<CloseReason>,
+        pub close_deadlines: Vec<Instant>,
+        pub expiries: Vec<u32>,
+        pub released: Vec<String>,
+        pub published: Vec<String>,
+        pub killed: bool,
+        pub opened: bool,
+    }
+
+    pub const BASE_SECS: u64 = 1_000_000;
+
+    fn origin() -> Instant {
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *ORIGIN.get_or_init(Instant::now)
+    }
+
+    /// `ms` milliseconds after the test's start, on every clock.
+    pub fn at_ms(ms: u64) -> Now {
+        Now {
+            at: origin() + Duration::from_millis(ms),
+            us: (ms * 1000) as u32,
+            ms: ms as u32,
+            unix_ms: BASE_SECS * 1000 + ms,
+        }
+    }
+
+    pub fn claims(exp: Option<u64>, topics: Option<&[&str]>) -> Claims {
+        Claims {
+            sub: "42".into(),
+            exp,
+            topics: topics.map(|t| t.iter().map(|s| (*s).to_owned()).collect()),
+            device: None,
+        }
+    }
+
+    impl Default for TestHost {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl TestHost {
+        pub fn new() -> Self {
+            let mut cfg = Config::development();
+            cfg.projects[0].leeway_secs = 30;
+            cfg.projects[0].allow_client_publish = true;
+            let project = Registry::from_config(&cfg)
+                .unwrap()
+                .project("demo")
+                .unwrap()
+                .clone();
+            let mut conns = Slab::new();
+            let mut c = Conn::new(-1, 1, "127.0.0.1:4000".parse().unwrap());
+            c.client_known = true;
+            c.hs_charged = true;
+            conns.insert(c);
+            Self {
+                conns,
+                dirty: Vec::new(),
+                rules: Rules {
+                    max_handshake_bytes: 8192,
+                    max_message_bytes: 1024,
+                    max_topics_per_connection: 4,
+                    max_bad_requests: 2,
+                    messages: Rate::default(),
+                    refreshes: Rate::default(),
+                    refreshes_per_min: 0,
+                    refresh_burst: 0,
+                    heartbeat_secs: 25,
+                    proxy_protocol: false,
+                },
+                project,
+                tokens: vec![
+                    ("t-open", claims(Some(BASE_SECS + 100), None)),
+                    ("t-later", claims(Some(BASE_SECS + 200), Some(&["news.*"]))),
+                    (
+                        "t-other",
+                        Claims {
+                            sub: "7".into(),
+                            ..claims(None, None)
+                        },
+                    ),
+                ],
+                topics: Vec::new(),
+                queue_cap: 1 << 20,
+                phases: Vec::new(),
+                outcomes: Vec::new(),
+                closes: Vec::new(),
+                close_deadlines: Vec::new(),
+                expiries: Vec::new(),
+                released: Vec::new(),
+                published: Vec::new(),
+                killed: false,
+                opened: false,
+            }
+        }
+
+        /// A host whose connection has opened with `token` at time 0.
+        pub fn open(token: &str) -> Self {
+            let mut h = Self::new();
+            let req = format!(
+                "GET /ws/demo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: \
+                 Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: \
+                 dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {token}\r\n\r\n"
+            );
+            on_bytes(&mut h, at_ms(0), &mut req.into_bytes());
+            assert_eq!(h.conns[0].phase, ConnPhase::Open, "{:?}", h.outcomes);
+            let sent = h.sent();
+            assert!(sent[0].1.starts_with(b"{\"type\":\"welcome\""), "{sent:?}");
+            h
+        }
+
+        pub fn c(&mut self) -> &mut Conn {
+            &mut self.conns[0]
+        }
+
+        /// Feeds client bytes at `now`.
+        pub fn feed(&mut self, now: Now, bytes: &[u8]) {
+            on_bytes(self, now, &mut bytes.to_vec());
+        }
+
+        /// Takes the frames queued so far (after the HTTP answer, if any): (opcode, payload).
+        pub fn sent(&mut self) -> Vec<(u8, Vec<u8>)> {
+            let c = self.c();
+            let mut bytes: Vec<u8> = c.out.iter().flat_map(|p| p.bytes.to_vec()).collect();
+            c.out.clear();
+            c.out_bytes = 0;
+            if bytes.starts_with(b"HTTP/1.1 ") {
+                let end = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                bytes.drain(..end);
+            }
+            let mut frames = Vec::new();
+            let mut b = &bytes[..];
+            while !b.is_empty() {
+                let (len, at) = match b[1] & 0x7f {
+                    126 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+                    127 => (
+                        u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    n => (n as usize, 2),
+                };
+                frames.push((b[0] & 0x0f, b[at..at + len].to_vec()));
+                b = &b[at + len..];
+            }
+            frames
+        }
+
+        /// The text of every text frame queued so far.
+        pub fn texts(&mut self) -> Vec<String> {
+            self.sent()
+                .into_iter()
+                .filter(|(op, _)| *op == 1)
+                .map(|(_, p)| String::from_utf8(p).unwrap())
+                .collect()
+        }
+
+        /// The code of the close frame queued last, if any.
+        pub fn close_code(&mut self) -> Option<u16> {
+            self.sent()
+                .into_iter()
+                .rev()
+                .find(|(op, _)| *op == 8)
+                .map(|(_, p)| u16::from_be_bytes([p[0], p[1]]))
+        }
+    }
+
+    /// A masked client frame.
+    pub fn frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mask = [1, 2, 3, 4];
+        let mut f = vec![opcode | if fin { 0x80 } else { 0 }];
+        match payload.len() {
+            n @ 0..126 => f.push(0x80 | n as u8),
+            n => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    pub fn text(s: &str) -> Vec<u8> {
+        frame(1, true, s.as_bytes())
+    }
+
+    impl Host for TestHost {
+        fn conn(&mut self) -> &mut Conn {
+            &mut self.conns[0]
+        }
+        fn rules(&self) -> &Rules {
+            &self.rules
+        }
+        fn conn_id(&self) -> ConnId {
+            ConnId {
+                shard: 0,
+                slot: 0,
+                generation: 1,
+            }
+        }
+        fn name_client(&mut self, _ip: IpAddr) -> Option<bool> {
+            Some(false)
+        }
+        fn forwarded_client(&self, _header: &str) -> Option<IpAddr> {
+            None
+        }
+        fn take_handshake_token(&mut self, _ip: IpAddr, _at: Instant) -> Result<(), u32> {
+            Ok(())
+        }
+        fn ip_limit(&self) -> usize {
+            0
+        }
+        fn project(&self, id: &str) -> Option<Arc<Project>> {
+            (*self.project.id == *id).then(|| self.project.clone())
+        }
+        fn verify(&self, _project: &Project, token: &str) -> Result<Verified, AuthError> {
+            self.tokens
+                .iter()
+                .find(|(t, _)| *t == token)
+                .map(|(_, claims)| Verified {
+                    claims: claims.clone(),
+                    kid: None,
+                })
+                .ok_or(AuthError::Malformed)
+        }
+        fn node_connections(&self) -> (usize, usize) {
+            (0, 0)
+        }
+        fn draining(&self) -> bool {
+            false
+        }
+        fn set_phase(&mut self, to: ConnPhase) {
+            self.phases.push(to);
+            self.conns[0].phase = to;
+        }
+        fn outcome(&mut self, outcome: HandshakeOutcome) {
+            self.outcomes.push(outcome);
+        }
+        fn refused(&mut self, refusal: &Refusal, _at: Instant) {
+            self.outcomes.push(refusal.outcome());
+        }
+        fn denied(&mut self, _peer: SocketAddr) {
+            self.outcomes.push(HandshakeOutcome::Forbidden);
+        }
+        fn opened(&mut self) {
+            self.opened = true;
+        }
+        fn closing(&mut self, reason: CloseReason) {
+            self.closes.push(reason);
+        }
+        fn send(&mut self, frame: &[&Bytes]) -> Push {
+            super::super::conn::push_frame(
+                &mut self.conns,
+                &mut self.dirty,
+                0,
+                frame,
+                self.queue_cap,
+            )
+        }
+        fn send_raw(&mut self, part: OutPart) {
+            let c = &mut self.conns[0];
+            c.out_bytes += part.bytes.len();
+            c.out.push_back(part);
+        }
+        fn flush(&mut self) {}
+        fn kill(&mut self) {
+            self.killed = true;
+        }
+        fn arm_close_deadline(&mut self, at: Instant) {
+            self.close_deadlines.push(at);
+        }
+        fn arm_expiry(&mut self, at: u32) {
+            self.expiries.push(at);
+        }
+        fn subscribe(&mut self, _project: u32, topic: &str) -> Sub {
+            let id = match self.topics.iter().position(|t| t == topic) {
+                Some(i) => i,
+                None => {
+                    self.topics.push(topic.to_owned());
+                    self.topics.len() - 1
+                }
+            };
+            Sub {
+                topic: id as TopicId,
+                pos: 0,
+            }
+        }
+        fn release(&mut self, sub: Sub) {
+            self.released.push(self.topics[sub.topic as usize].clone());
+        }
+        fn lookup(&self, _project: u32, topic: &str) -> Option<TopicId> {
+            self.topics
+                .iter()
+                .position(|t| t == topic)
+                .map(|i| i as TopicId)
+        }
+        fn topic_name(&self, topic: TopicId) -> &str {
+            &self.topics[topic as usize]
+        }
+        fn publish(
+            &mut self,
+            _project: u32,
+            topic: &Topic,
+            data: &serde_json::value::RawValue,
+        ) -> Result<(), String> {
+            self.published.push(format!("{topic} {}", data.get()));
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::recorder::*;
+    use super::*;
+
+    fn subscribed(h: &mut TestHost) -> Vec<String> {
+        let subs = h.c().subs.clone();
+        subs.iter()
+            .map(|s| h.topics[s.topic as usize].clone())
+            .collect()
+    }
+
+    #[test]
+    fn the_upgrade_opens_with_the_welcome_implicit_topics_and_expiry() {
+        let mut h = TestHost::open("t-open");
+        assert_eq!(h.phases, [ConnPhase::Open]);
+        assert_eq!(h.outcomes, [HandshakeOutcome::Accepted]);
+        assert!(h.opened);
+        assert_eq!(subscribed(&mut h), ["all", "user.42"]);
+        assert_eq!(h.expiries, [(BASE_SECS + 130) as u32], "exp + leeway");
+    }
+
+    #[test]
+    fn a_bad_token_is_refused_401_and_closed_after_the_answer() {
+        let mut h = TestHost::new();
+        let req = "GET /ws/demo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: \
+                   Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: \
+                   dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer nope\r\n\r\n";
+        h.feed(at_ms(0), req.as_bytes());
+        assert_eq!(h.outcomes, [HandshakeOutcome::Unauthorized]);
+        assert_eq!(h.phases, [ConnPhase::Closing]);
+        let out: Vec<u8> = h.c().out.iter().flat_map(|p| p.bytes.to_vec()).collect();
+        assert!(
+            out.starts_with(b"HTTP/1.1 401 "),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        assert!(h.c().kill_after_flush);
+        assert_eq!(h.close_deadlines, [at_ms(0).at + CLOSE_GRACE]);
+    }
+
+    #[test]
+    fn the_handshake_deadline_drops_only_a_connection_still_in_its_handshake() {
+        let mut h = TestHost::new();
+        h.feed(at_ms(0), b"GET /ws/demo HTTP/1.1\r\n");
+        on_handshake_deadline(&mut h);
+        assert!(h.killed);
+        assert_eq!(h.outcomes, [HandshakeOutcome::Timeout]);
+        let mut h = TestHost::open("t-open");
+        on_handshake_deadline(&mut h);
+        assert!(!h.killed);
+    }
+
+    /// Every close code but 1011 (which nothing sends) comes out of the machine, with its
+    /// close counted once.
+    #[test]
+    fn every_close_code() {
+        type Cause = fn(&mut TestHost);
+        let cases: [(u16, CloseReason, Cause); 11] = [
+            (1000, CloseReason::Normal, |h| {
+                h.feed(at_ms(1), &frame(8, true, &1000u16.to_be_bytes()))
+            }),
+            (1001, CloseReason::GoingAway, |h| {
+                close(h, at_ms(1), CloseReason::GoingAway)
+            }),
+            (
+                1002,
+                CloseReason::Protocol("client frames must be masked"),
+                |h| h.feed(at_ms(1), &[0x81, 0x00]),
+            ),
+            (1003, CloseReason::Unsupported, |h| {
+                h.feed(at_ms(1), &frame(2, true, b"x"))
+            }),
+            (1007, CloseReason::InvalidData("invalid JSON"), |h| {
+                h.feed(at_ms(1), &text("{not json"))
+            }),
+            (1008, CloseReason::Policy("too many bad requests"), |h| {
+                for _ in 0..3 {
+                    h.feed(at_ms(1), &text(r#"{"op":"nope"}"#));
+                }
+            }),
+            (1009, CloseReason::TooBig, |h| {
+                h.feed(at_ms(1), &text(&"x".repeat(1025)))
+            }),
+            (4001, CloseReason::TokenExpired, |h| {
+                on_expiry(h, at_ms(130_000), (BASE_SECS + 130) as u32)
+            }),
+            (4003, CloseReason::Kicked, |h| {
+                close(h, at_ms(1), CloseReason::Kicked)
+            }),
+            (4008, CloseReason::SlowConsumer, |h| {
+                h.queue_cap = 8;
+                h.feed(at_ms(1), &text(r#"{"op":"ping","id":1}"#));
+            }),
+            (4029, CloseReason::RateLimited, |h| {
+                h.rules.messages.interval = 1_000_000;
+                for _ in 0..2 {
+                    h.feed(at_ms(1), &text(r#"{"op":"ping"}"#));
+                }
+            }),
+        ];
+        for (code, reason, cause) in cases {
+            let mut h = TestHost::open("t-open");
+            cause(&mut h);
+            assert_eq!(h.close_code(), Some(code), "{reason:?}");
+            assert_eq!(h.closes, [reason], "{code}");
+            assert_eq!(h.c().phase, ConnPhase::Closing, "{code}");
+        }
+    }
+
+    #[test]
+    fn bad_requests_are_answered_until_one_too_many() {
+        let mut h = TestHost::open("t-open");
+        for i in 0..2 {
+            h.feed(
+                at_ms(1),
+                &text(&format!(
+                    r#"{{"op":"subscribe","id":{i},"topic":"user.1"}}"#
+                )),
+            );
+            let texts = h.texts();
+            assert_eq!(texts.len(), 1);
+            assert!(texts[0].contains("\"code\":\"forbidden\""), "{texts:?}");
+            assert_eq!(h.c().phase, ConnPhase::Open);
+        }
+        h.feed(at_ms(1), &text(r#"{"op":"unsubscribe","topic":"nope"}"#));
+        // The close drops the backlog, its unsent error reply too.
+        assert_eq!(h.close_code(), Some(1008));
+        assert_eq!(h.closes, [CloseReason::Policy("too many bad requests")]);
+    }
+
+    #[test]
+    fn ops_subscribe_unsubscribe_publish_and_ping() {
+        let mut h = TestHost::open("t-open");
+        h.feed(
+            at_ms(1),
+            &text(r#"{"op":"subscribe","id":"a","topic":"news"}"#),
+        );
+        h.feed(
+            at_ms(1),
+            &text(r#"{"op":"subscribe","id":"b","topic":"news"}"#),
+        );
+        h.feed(
+            at_ms(1),
+            &text(r#"{"op":"publish","id":3,"topic":"news","data":{"x":1}}"#),
+        );
+        h.feed(at_ms(1), &text(r#"{"op":"ping","id":4}"#));
+        assert_eq!(
+            subscribed(&mut h),
+            ["all", "user.42", "news"],
+            "subscribed once"
+        );
+        h.feed(
+            at_ms(1),
+            &text(r#"{"op":"unsubscribe","id":5,"topic":"news"}"#),
+        );
+        assert_eq!(
+            h.texts(),
+            [
+                r#"{"type":"ack","id":"a"}"#,
+                r#"{"type":"ack","id":"b"}"#,
+                r#"{"type":"ack","id":3}"#,
+                r#"{"type":"pong","id":4}"#,
+                r#"{"type":"ack","id":5}"#,
+            ]
+        );
+        assert_eq!(h.published, [r#"news {"x":1}"#]);
+        assert_eq!(subscribed(&mut h), ["all", "user.42"]);
+        assert_eq!(h.released, ["news"]);
+    }
+
+    #[test]
+    fn a_message_in_fragments_and_split_across_reads() {
+        let mut h = TestHost::open("t-open");
+        let msg = br#"{"op":"ping","id":7}"#;
+        let mut bytes = frame(1, false, &msg[..5]);
+        bytes.extend(frame(0, false, &msg[5..10]));
+        bytes.extend(frame(0, true, &msg[10..]));
+        // Byte by byte: every partial frame waits in the connection's buffer.
+        for b in &bytes {
+            assert!(h.texts().is_empty());
+            h.feed(at_ms(1), std::slice::from_ref(b));
+        }
+        assert_eq!(h.texts(), [r#"{"type":"pong","id":7}"#]);
+        assert!(
+            h.c().inbuf.is_empty() && h.c().inbuf.capacity() == 0,
+            "no buffer kept"
+        );
+    }
+
+    #[test]
+    fn ping_is_answered_with_its_payload_and_pong_answers_the_heartbeat() {
+        let mut h = TestHost::open("t-open");
+        h.feed(at_ms(1), &frame(9, true, b"hi"));
+        assert_eq!(h.sent(), [(10, b"hi".to_vec())]);
+        let rules = h.rules.clone();
+        assert_eq!(heartbeat(h.c(), &rules, at_ms(2)), Beat::Ping);
+        assert_eq!(heartbeat(h.c(), &rules, at_ms(3)), Beat::Dead, "no answer");
+        let mut h = TestHost::open("t-open");
+        assert_eq!(heartbeat(h.c(), &rules, at_ms(2)), Beat::Ping);
+        h.feed(at_ms(3), &frame(10, true, b""));
+        assert!(!h.c().ping_outstanding);
+        assert_eq!(heartbeat(h.c(), &rules, at_ms(4)), Beat::Ping, "answered");
+    }
+
+    #[test]
+    fn the_message_limit_allows_the_burst_then_closes_4029() {
+        let mut h = TestHost::open("t-open");
+        // 10 per second, burst 3.
+        h.rules.messages = Rate {
+            interval: 100_000,
+            tolerance: 200_000,
+        };
+        for _ in 0..3 {
+            h.feed(at_ms(1), &text(r#"{"op":"ping"}"#));
+        }
+        assert_eq!(h.texts().len(), 3);
+        h.feed(at_ms(1), &text(r#"{"op":"ping"}"#));
+        assert_eq!(h.close_code(), Some(4029));
+        assert_eq!(h.closes, [CloseReason::RateLimited]);
+        // A quiet connection gets its allowance back.
+        let mut h = TestHost::open("t-open");
+        h.rules.messages = Rate {
+            interval: 100_000,
+            tolerance: 200_000,
+        };
+        for i in 0..6 {
+            h.feed(at_ms(1 + i * 100), &text(r#"{"op":"ping"}"#));
+        }
+        assert_eq!(h.texts().len(), 6);
+        assert!(h.closes.is_empty());
+    }
+
+    #[test]
+    fn refresh_replaces_the_claims_and_narrows_subscriptions() {
+        let mut h = TestHost::open("t-open");
+        for t in ["news.a", "sport"] {
+            h.feed(
+                at_ms(1),
+                &text(&format!(r#"{{"op":"subscribe","topic":"{t}"}}"#)),
+            );
+        }
+        h.sent();
+        h.feed(
+            at_ms(2),
+            &text(r#"{"op":"refresh","id":1,"token":"t-later"}"#),
+        );
+        assert_eq!(
+            h.texts(),
+            [
+                r#"{"type":"unsubscribed","topic":"sport","reason":"not_allowed"}"#.to_owned(),
+                format!(r#"{{"type":"ack","id":1,"exp":{}}}"#, BASE_SECS + 200),
+            ]
+        );
+        assert_eq!(subscribed(&mut h), ["all", "user.42", "news.a"]);
+        assert_eq!(h.c().expires_at, (BASE_SECS + 230) as u32);
+        assert_eq!(
+            h.expiries,
+            [(BASE_SECS + 130) as u32, (BASE_SECS + 230) as u32]
+        );
+        // The old expiry is stale now.
+        on_expiry(&mut h, at_ms(130_000), (BASE_SECS + 130) as u32);
+        assert!(h.closes.is_empty());
+    }
+
+    #[test]
+    fn refresh_with_a_bad_token_or_another_sub_is_forbidden() {
+        let mut h = TestHost::open("t-open");
+        for token in ["nope", "t-other"] {
+            h.feed(
+                at_ms(1),
+                &text(&format!(r#"{{"op":"refresh","id":1,"token":"{token}"}}"#)),
+            );
+            let texts = h.texts();
+            assert!(texts[0].contains(r#""code":"forbidden""#), "{texts:?}");
+        }
+        assert_eq!(h.c().expires_at, (BASE_SECS + 130) as u32, "unchanged");
+        assert_eq!(h.c().phase, ConnPhase::Open);
+    }
+
+    #[test]
+    fn refresh_over_its_limit_is_rate_limited() {
+        let mut h = TestHost::open("t-open");
+        // 2 per minute, burst 1.
+        h.rules.refreshes.interval = 30_000;
+        h.rules.refreshes_per_min = 2;
+        h.rules.refresh_burst = 1;
+        h.feed(at_ms(1), &text(r#"{"op":"refresh","token":"t-open"}"#));
+        h.feed(at_ms(10_000), &text(r#"{"op":"refresh","token":"t-open"}"#));
+        let texts = h.texts();
+        assert!(texts[0].starts_with(r#"{"type":"ack""#), "{texts:?}");
+        assert_eq!(
+            texts[1],
+            r#"{"type":"error","code":"rate_limited","message":"at most 2 refreshes per minute (burst 1); retry in 21 s"}"#
+        );
+        h.feed(at_ms(30_001), &text(r#"{"op":"refresh","token":"t-open"}"#));
+        assert!(h.texts()[0].starts_with(r#"{"type":"ack""#));
+    }
+
+    /// The connection is closed 4001 at exactly `exp + leeway`, not a second before.
+    #[test]
+    fn expiry_closes_at_exactly_exp_plus_leeway() {
+        let mut h = TestHost::open("t-open");
+        let at = (BASE_SECS + 130) as u32;
+        on_expiry(&mut h, at_ms(129_999), at);
+        assert!(h.closes.is_empty(), "a second before");
+        assert_eq!(h.c().phase, ConnPhase::Open);
+        on_expiry(&mut h, at_ms(130_000), at);
+        assert_eq!(h.closes, [CloseReason::TokenExpired]);
+        assert_eq!(h.close_code(), Some(4001));
+    }
+
+    #[test]
+    fn peer_closes_first_we_echo_and_close_once_written() {
+        let mut h = TestHost::open("t-open");
+        h.feed(at_ms(1), &frame(8, true, &4321u16.to_be_bytes()));
+        assert_eq!(h.close_code(), Some(4321), "the peer's code echoed");
+        assert!(h.c().kill_after_flush);
+        assert_eq!(h.closes, [CloseReason::Normal]);
+        assert_eq!(h.close_deadlines, [at_ms(1).at + CLOSE_GRACE]);
+        assert!(!h.killed);
+    }
+
+    #[test]
+    fn we_close_first_and_the_peer_answers() {
+        let mut h = TestHost::open("t-open");
+        h.feed(at_ms(1), &text(r#"{"op":"subscribe","topic":"a"}"#));
+        close(&mut h, at_ms(1), CloseReason::Kicked);
+        // The unsent ack was dropped for the close frame.
+        assert_eq!(h.sent().len(), 1);
+        // What the peer sent before our close reached it is skipped; its answer ends it.
+        let mut bytes = text(r#"{"op":"ping"}"#);
+        bytes.extend(frame(8, true, &4003u16.to_be_bytes()));
+        h.feed(at_ms(2), &bytes);
+        assert!(h.sent().is_empty(), "no reply while closing");
+        assert!(h.killed);
+        assert_eq!(h.closes, [CloseReason::Kicked], "counted once");
+    }
+
+    #[test]
+    fn we_close_first_and_the_deadline_ends_it() {
+        let mut h = TestHost::open("t-open");
+        close(&mut h, at_ms(1), CloseReason::GoingAway);
+        close(&mut h, at_ms(2), CloseReason::Kicked);
+        assert_eq!(
+            h.closes,
+            [CloseReason::GoingAway],
+            "a second close changes nothing"
+        );
+        assert_eq!(h.close_deadlines, [at_ms(1).at + CLOSE_GRACE]);
+        assert!(!h.killed);
+        on_close_deadline(&mut h);
+        assert!(h.killed);
+    }
+}
