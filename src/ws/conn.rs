@@ -106,7 +106,7 @@ pub struct Conn {
     pub identity: Option<Box<Identity>>,
     /// Subscriptions (implicit first).
     pub subs: Vec<Sub>,
-    /// When the token expires, seconds since the epoch (exp + leeway; see [`expiry_of`]);
+    /// When the token expires, seconds since the epoch (exp + leeway; see `expiry_of`);
     /// 0 = never.
     pub expires_at: u32,
 }

@@ -83,7 +83,7 @@ pub struct Rules {
     pub proxy_protocol: bool,
 }
 
-/// A GCRA limit on a wrapping 32-bit clock (see [`gcra_take`]).
+/// A GCRA limit on a wrapping 32-bit clock (see `gcra_take`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Rate {
     /// Clock units between events at the sustained rate; 0 = no limit.
