@@ -304,9 +304,14 @@ function fmt(v) {
 // One chart: a line per series over the last WINDOW samples, the latest values in the legend.
 function chart(title, names) {
   const W = 480, H = 140;
-  const t1 = Date.now() / 1000, t0 = t1 - (WINDOW * POLL_MS) / 1000;
-  let max = 1;
-  for (const n of names) for (const p of state.series.get(n)) max = Math.max(max, p.v);
+  // From the first sample (at least a minute back) to now, at most the whole window.
+  const t1 = Date.now() / 1000;
+  let max = 1, first = t1;
+  for (const n of names) {
+    for (const p of state.series.get(n)) max = Math.max(max, p.v);
+    if (state.series.get(n).length) first = Math.min(first, state.series.get(n)[0].t);
+  }
+  const t0 = Math.max(t1 - (WINDOW * POLL_MS) / 1000, Math.min(first, t1 - 60));
   const g = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title });
   g.append(svg("line", { x1: 0, y1: H - 1, x2: W, y2: H - 1, class: "axis" }));
   const top = svg("text", { x: 2, y: 10, class: "tick" });
@@ -327,7 +332,7 @@ function chart(title, names) {
 
 function startOverview() {
   $("overview-hint").textContent = state.admin
-    ? "Last 5 minutes, every 2 s, from /metrics."
+    ? "Up to the last 5 minutes, every 2 s, from /metrics (this tab keeps the history)."
     : "Your project's connections; node-wide charts need the admin key.";
   if (!state.timer) {
     poll();
