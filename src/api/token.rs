@@ -77,10 +77,14 @@ pub(super) async fn console_token(
     let token = p
         .mint(&claims)
         .map_err(|_| ConsoleTokenError::NoSigningKey(project.into()))?;
+    let key = match who {
+        Caller::Admin => "admin",
+        Caller::Project(_) => "project",
+    };
     info!(
         project,
         topic = topic.as_str(),
-        caller = ?who,
+        key,
         exp,
         "minted a console token"
     );

@@ -26,6 +26,7 @@ from herald_client import (
     REPO,
     client,
     close_all,
+    config_toml,
     expect_close,
     http_request,
     recv_json,
@@ -296,6 +297,46 @@ def test_project_key_sees_only_its_project(server, browser):
         assert overflow <= 0, f"the page is {overflow}px wider than a 400px window"
         shot(browser, "connections-narrow")
         await close_all([mine, other])
+
+    run(scenario(), timeout=120)
+
+
+def test_near_cap_warning_and_disconnect_user(servers, browser):
+    """A project at 90% of its cap is flagged on the overview; disconnect-user closes every
+    connection of that user (4003) and none of another's."""
+    config = config_toml().replace('id = "shop"\n', 'id = "shop"\nmax_connections = 3\n', 1)
+    server = servers.start(config=config)
+
+    async def scenario():
+        alice = [await client(server, "alice", "shop") for _ in range(2)]
+        bob, _ = await client(server, "bob", "shop")
+        sign_in(browser, server, PROJECTS["shop"]["api_key"])
+        await await_page(
+            browser,
+            "the near-cap warning",
+            lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, "#warnings .warning")]
+            == ["Project shop is near its connection cap: 3 of 3."],
+        )
+        shot(browser, "overview-near-cap")
+        open_view(browser, "connections")
+        by_id(browser, "conn-user").send_keys("alice")
+        list_connections(browser)
+        ids = [welcome["conn"] for _, welcome in alice]
+        await await_page(browser, "alice's connections", lambda d: sorted(row_ids(d, "connections-table", "data-conn")) == sorted(ids))
+        browser.find_element(By.CSS_SELECTOR, f"tr[data-conn='{ids[0]}'] button[data-action='disconnect-user']").click()
+        confirm(browser)
+        for ws, _ in alice:
+            await expect_close(ws, 4003, timeout=WAIT)
+        await await_page(
+            browser,
+            "the disconnect notice",
+            lambda d: visible_text(d, "connections-notice") == "Closed 2 connection(s) of user alice (4003).",
+        )
+        assert row_ids(browser, "connections-table", "data-conn") == []
+        assert by_id(browser, "connections-empty").is_displayed()
+        # bob is untouched.
+        await subscribe(bob, "still-here")
+        await close_all([bob])
 
     run(scenario(), timeout=120)
 
