@@ -254,6 +254,12 @@ def test_admin_key_sees_kicks_publishes_and_tails(server, browser):
         shot(browser, "publish")
         await close_all([sub])
 
+        # Signing out forgets the key.
+        by_id(browser, "sign-out").click()
+        await await_page(browser, "the sign-in form again", lambda d: by_id(d, "signin").is_displayed())
+        assert browser.execute_script("return sessionStorage.getItem('herald.console.key')") is None
+        assert not by_id(browser, "nav").is_displayed()
+
     run(scenario(), timeout=120)
 
 
@@ -337,6 +343,24 @@ def test_near_cap_warning_and_disconnect_user(servers, browser):
         # bob is untouched.
         await subscribe(bob, "still-here")
         await close_all([bob])
+
+    run(scenario(), timeout=120)
+
+
+def test_connections_page_by_fifty(server, browser):
+    async def scenario():
+        conns = [await client(server, f"u{i}", "shop") for i in range(52)]
+        ids = sorted((w["conn"] for _, w in conns), key=lambda c: [int(x, 16) for x in c.split("-")])
+        sign_in(browser, server, ADMIN_KEY)
+        open_view(browser, "connections")
+        await await_page(browser, "the first page", lambda d: row_ids(d, "connections-table", "data-conn") == ids[:50])
+        assert by_id(browser, "conn-first").get_attribute("disabled") is not None
+        by_id(browser, "conn-next").click()
+        await await_page(browser, "the second page", lambda d: row_ids(d, "connections-table", "data-conn") == ids[50:])
+        assert by_id(browser, "conn-next").get_attribute("disabled") is not None
+        by_id(browser, "conn-first").click()
+        await await_page(browser, "the first page again", lambda d: row_ids(d, "connections-table", "data-conn") == ids[:50])
+        await close_all([ws for ws, _ in conns])
 
     run(scenario(), timeout=120)
 
