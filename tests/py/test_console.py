@@ -51,6 +51,18 @@ def _binary(*names: str) -> str:
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def announce_screenshots(request):
+    """Names the screenshot folder in the test output, passing or not (a CI artifact path)."""
+    yield
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None and SCREENSHOTS.is_dir():
+        names = sorted(p.name for p in SCREENSHOTS.glob("*.png"))
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nconsole screenshots in {SCREENSHOTS}: {', '.join(names)}")
+
+
 @pytest.fixture
 def browser():
     opts = Options()
