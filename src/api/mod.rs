@@ -265,8 +265,8 @@ async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>
     })
 }
 
-/// Routes a request: health, readiness, metrics and the console's files answer anyone; every `/api/v1` endpoint
-/// is [`admit`]ted first (401, then 429).
+/// Routes a request: health, readiness, metrics and the console's files answer anyone;
+/// every `/api/v1` endpoint is [`admit`]ted first (401, then 429).
 async fn dispatch(
     ctx: &Ctx,
     method: &Method,
