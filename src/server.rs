@@ -18,7 +18,7 @@ use crate::config::{Config, ConfigError};
 use crate::hub::{Hub, Phase};
 use crate::metrics::ShardStats;
 use crate::net::listener::{bind_reuseport, probe_free};
-use crate::settings::Settings;
+use crate::settings::{ApiSettings, Settings};
 use crate::shard::{self, ShardSpec, mailbox};
 use crate::store::Store;
 
@@ -222,11 +222,15 @@ pub fn wire(cfg: &Config, settings: &Settings, opts: Options) -> Result<ServerHa
         opts.config_path,
         opts.overrides,
     ));
+    let api_settings = ApiSettings {
+        client_port: listen.port(),
+        ..settings.api.clone()
+    };
     let api = api::start(
         hub.clone(),
         admin.clone(),
         settings.api_listen,
-        settings.api.clone(),
+        api_settings,
     )
     .map_err(|source| StartError::Bind {
         addr: settings.api_listen,

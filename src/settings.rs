@@ -137,6 +137,9 @@ pub struct ApiSettings {
     pub idle_timeout: Duration,
     /// Time to receive a whole request body (`api.body_read_timeout_ms`).
     pub body_read_timeout: Duration,
+    /// The client port (`server.listen`'s, the bound one once the node listens): where the
+    /// console's live tail connects.
+    pub client_port: u16,
 }
 
 impl Settings {
@@ -165,6 +168,7 @@ impl Settings {
                 header_read_timeout: Duration::from_millis(c.api.header_read_timeout_ms),
                 idle_timeout: Duration::from_millis(c.api.idle_timeout_ms),
                 body_read_timeout: Duration::from_millis(c.api.body_read_timeout_ms),
+                client_port: c.server.listen.port(),
             },
             proxies,
             nr_shards,

@@ -294,6 +294,48 @@ impl From<ManagementBusy> for ApiError {
     }
 }
 
+/// Why no console token was minted ([`super::token`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConsoleTokenError {
+    /// Not a topic name (400 `bad_request`).
+    #[error("topic `{topic}`: {why}")]
+    Topic {
+        /// The name asked for.
+        topic: String,
+        /// The rule it breaks.
+        why: String,
+    },
+    /// A name with `*`, which a `topics` claim reads as a pattern (400 `bad_request`).
+    #[error("topic `{0}`: a console token names one topic, without `*`")]
+    Pattern(String),
+    /// A `user.` or `device.` topic, which no client may subscribe to (400 `bad_request`).
+    #[error("topic `{0}`: user. and device. topics cannot be subscribed to, so not tailed")]
+    Implicit(String),
+    /// The project refuses handshakes (409 `project_disabled`).
+    #[error("project `{0}` is disabled: its handshakes are refused")]
+    Disabled(String),
+    /// The project has no HMAC key, only public keys (409 `no_signing_key`).
+    #[error(
+        "project `{0}` has no HMAC key, so herald holds no secret to sign a token with (its \
+         keys, if any, are public: RSA, EC, Ed25519 or JWKS); add an HMAC key to tail it \
+         from the console"
+    )]
+    NoSigningKey(String),
+}
+
+impl From<ConsoleTokenError> for ApiError {
+    fn from(e: ConsoleTokenError) -> Self {
+        let (status, code) = match e {
+            ConsoleTokenError::Topic { .. }
+            | ConsoleTokenError::Pattern(_)
+            | ConsoleTokenError::Implicit(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ConsoleTokenError::Disabled(_) => (StatusCode::CONFLICT, "project_disabled"),
+            ConsoleTokenError::NoSigningKey(_) => (StatusCode::CONFLICT, "no_signing_key"),
+        };
+        Self::new(status, code, e.to_string())
+    }
+}
+
 /// A refused management change: nothing changed.
 impl From<AdminError> for ApiError {
     fn from(e: AdminError) -> Self {
@@ -506,6 +548,31 @@ mod tests {
                 within
             }),
             retry(503, "busy", 1)
+        );
+    }
+
+    #[test]
+    fn console_token_errors() {
+        let topic = ConsoleTokenError::Topic {
+            topic: "$x".into(),
+            why: "reserved".into(),
+        };
+        assert_eq!(wire(topic), none(400, "bad_request"));
+        assert_eq!(
+            wire(ConsoleTokenError::Pattern("a*".into())),
+            none(400, "bad_request")
+        );
+        assert_eq!(
+            wire(ConsoleTokenError::Implicit("user.a".into())),
+            none(400, "bad_request")
+        );
+        assert_eq!(
+            wire(ConsoleTokenError::Disabled("p".into())),
+            none(409, "project_disabled")
+        );
+        assert_eq!(
+            wire(ConsoleTokenError::NoSigningKey("p".into())),
+            none(409, "no_signing_key")
         );
     }
 

@@ -3,12 +3,14 @@
 //! mailboxes and reads the shards' counters.
 
 mod connections;
+mod console;
 mod error;
 mod idempotency;
 mod projects;
 mod publish;
 
 mod serve;
+mod token;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -263,8 +265,8 @@ async fn route(ctx: Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>
     })
 }
 
-/// Routes a request: health, readiness and metrics answer anyone; every `/api/v1` endpoint
-/// is [`admit`]ted first (401, then 429).
+/// Routes a request: health, readiness, metrics and the console's files answer anyone;
+/// every `/api/v1` endpoint is [`admit`]ted first (401, then 429).
 async fn dispatch(
     ctx: &Ctx,
     method: &Method,
@@ -280,6 +282,8 @@ async fn dispatch(
         }
         (["readyz"], &Method::GET) => Ok(readyz(hub)),
         (["metrics"], &Method::GET) => metrics(hub, &req),
+        (["console"], &Method::GET) => console::serve(settings, "", &req),
+        (["console", file], &Method::GET) => console::serve(settings, file, &req),
         (["api", "v1", "publish"], &Method::POST) => {
             publish::single(hub, settings, &ctx.idempotency, admit(ctx, &req)?, req).await
         }
@@ -303,13 +307,18 @@ async fn dispatch(
         (["api", "v1", "projects"], &Method::POST) => {
             projects::create(ctx, admit(ctx, &req)?, req).await
         }
+        (["api", "v1", "projects", project, "console-token"], &Method::POST) => {
+            token::console_token(hub, settings, admit(ctx, &req)?, project, req).await
+        }
         (["api", "v1", "projects", project, "keys", kid], &Method::PUT) => {
             projects::put_key(ctx, admit(ctx, &req)?, project, kid, req).await
         }
         (["api", "v1", "projects", project, "keys", kid], &Method::DELETE) => {
             projects::delete_key(ctx, admit(ctx, &req)?, project, kid, &req).await
         }
-        (["healthz" | "readyz" | "metrics"], _)
+        (["healthz" | "readyz" | "metrics" | "console"], _)
+        | (["console", _], _)
+        | (["api", "v1", "projects", _, "console-token"], _)
         | (
             [
                 "api",

@@ -162,6 +162,18 @@ def test_every_operation_answers_as_documented(server):
             assert check(server, "GET", "/api/v1/stats") == 200
             assert check(server, "GET", "/api/v1/stats", key=shop_key) == 403
             assert check(server, "GET", "/metrics", key=None) == 200
+            # console and its tokens
+            assert check(server, "GET", "/console", key=None) == 200
+            assert check(server, "GET", "/console/console.js", key=None) == 200
+            assert check(server, "GET", "/console/console.css", key=None) == 200
+            assert check(server, "GET", "/console/nope.js", key=None) == 404
+            token = "/api/v1/projects/shop/console-token"
+            assert check(server, "POST", token, {"topic": "news"}) == 200
+            assert check(server, "POST", token, {"topic": "news"}, key=shop_key) == 200
+            assert check(server, "POST", token, {"topic": "user.alice"}) == 400
+            assert check(server, "POST", token, {"topic": "news"}, key="wrong") == 401
+            assert check(server, "POST", token, {"topic": "news"}, key=blog_key) == 403
+            assert check(server, "POST", "/api/v1/projects/nope/console-token", {"topic": "news"}) == 404
             # projects and keys
             assert check(server, "POST", "/api/v1/projects", {"id": "fresh"}) == 201
             assert check(server, "POST", "/api/v1/projects", {"id": "fresh"}) == 409
@@ -177,6 +189,8 @@ def test_every_operation_answers_as_documented(server):
             assert check(server, "GET", "/api/v1/projects/shop", key=shop_key) == 200
             assert check(server, "GET", "/api/v1/projects/blog", key=shop_key) == 403
             assert check(server, "GET", "/api/v1/projects/nope") == 404
+            # `fresh` has no key at all: nothing to sign a console token with.
+            assert check(server, "POST", "/api/v1/projects/fresh/console-token", {"topic": "news"}) == 409
             assert check(server, "GET", "/api/v1/projects", key="wrong") == 401
             r = http_request("GET", f"{server.api_url}/api/v1/projects", None,
                              {"Authorization": f"Bearer {shop_key}"})
@@ -225,6 +239,7 @@ def test_rate_limited_answers_as_documented(servers):
         ("DELETE", "/api/v1/projects/shop/keys/k9", None),
         ("GET", "/api/v1/projects", None),
         ("GET", "/api/v1/projects/shop", None),
+        ("POST", "/api/v1/projects/shop/console-token", {"topic": "news"}),
     ]
     for method, path, body in calls:
         status = check(server, method, path, body)
