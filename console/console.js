@@ -126,6 +126,10 @@ function signOut(why) {
   $("who").hidden = true;
   $("signin").hidden = false;
   $("key").value = "";
+  // Nothing of this session stays on the page for whoever signs in next on this tab.
+  for (const id of ["tail-log", "charts", "warnings", "pub-answer"]) $(id).replaceChildren();
+  for (const t of ["projects-table", "connections-table"]) $(t).querySelector("tbody").replaceChildren();
+  for (const id of ["overview-error", "projects-error", "connections-error", "pub-error", "tail-error"]) $(id).hidden = true;
   const err = $("signin-error");
   err.hidden = !why;
   err.textContent = why || "";
@@ -137,6 +141,7 @@ $("signin-form").addEventListener("submit", async (ev) => {
   try {
     await signIn();
     sessionStorage.setItem(KEY, state.key);
+    $("key").value = "";
     $("signin-error").hidden = true;
   } catch (e) {
     signOut(e.message);
@@ -151,7 +156,7 @@ $("sign-out").addEventListener("click", () => signOut());
 const VIEWS = { overview: startOverview, projects: loadProjects, connections: () => loadConnections(true), publish: () => {} };
 
 function show(view) {
-  if (!VIEWS[view]) view = "overview";
+  if (!Object.hasOwn(VIEWS, view)) view = "overview";
   state.view = view;
   if (location.hash.slice(1) !== view) history.replaceState(null, "", "#" + view);
   for (const v of document.querySelectorAll(".view")) v.hidden = v.id !== "view-" + view;
@@ -508,9 +513,9 @@ function stopTail() {
   $("tail-stop").disabled = true;
 }
 
-async function startTail(project, topic) {
+async function startTail(project, topic, renewals = 0) {
   stopTail();
-  const tail = { project, topic, ws: null };
+  const tail = { project, topic, ws: null, renewals };
   state.tail = tail;
   $("tail-start").disabled = true;
   $("tail-stop").disabled = false;
@@ -545,6 +550,7 @@ async function startTail(project, topic) {
     } else if (m.type === "error") {
       showError("tail-error", new Error(m.message));
     } else if (m.type === "message" && m.topic === topic) {
+      tail.renewals = 0;
       const log = $("tail-log");
       log.prepend(el("div", { class: "line" }, `${new Date(m.ts).toLocaleTimeString()} ${JSON.stringify(m.data)}`));
       while (log.childNodes.length > 200) log.lastChild.remove();
@@ -552,9 +558,13 @@ async function startTail(project, topic) {
   };
   ws.onclose = (ev) => {
     if (state.tail !== tail) return;
-    if (ev.code === 4001) {
-      // The token expired: a new one, and on.
-      startTail(project, topic);
+    if (ev.code === 4001 && tail.renewals < 3) {
+      // The token expired: a new one, and on (after a pause, and only a few times in a row
+      // without a message between, so a project with very short token lifetimes does not
+      // make the console mint tokens in a loop).
+      const renewals = tail.renewals + 1;
+      tailStatus(`Token expired; renewing (${renewals})…`);
+      setTimeout(() => { if (state.tail === tail) startTail(project, topic, renewals); }, 1000 * renewals);
       return;
     }
     showError("tail-error", new Error(`The tail connection closed (${ev.code}${ev.reason ? " " + ev.reason : ""}).`));

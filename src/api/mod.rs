@@ -46,6 +46,11 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
         CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
+    // Answers are per caller (and one holds a client token): never kept by a cache.
+    r.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
     r
 }
 

@@ -377,6 +377,60 @@ def test_connections_page_by_fifty(server, browser):
     run(scenario(), timeout=120)
 
 
+def test_hostile_strings_are_shown_as_text_and_sign_out_leaves_nothing(server, browser):
+    """A user id and a published payload made of HTML reach the page as text only (no element
+    is created, no script runs, the CSP reports nothing); the key does not stay in the form;
+    signing out empties every view; a hash naming no view opens the overview."""
+    evil = '<img src=x onerror="window.pwned=1">'
+
+    async def scenario():
+        ws, welcome = await client(server, evil, "shop")
+        await subscribe(ws, "news")
+        sign_in(browser, server, ADMIN_KEY)
+        assert by_id(browser, "key").get_attribute("value") == ""
+        open_view(browser, "connections")
+        await await_page(
+            browser, "the hostile user listed", lambda d: welcome["conn"] in row_ids(d, "connections-table", "data-conn")
+        )
+        row = browser.find_element(By.CSS_SELECTOR, f"tr[data-conn='{welcome['conn']}']")
+        assert [c.text for c in row.find_elements(By.TAG_NAME, "td")][2] == evil
+
+        open_view(browser, "publish")
+        Select(by_id(browser, "pub-project")).select_by_value("shop")
+        by_id(browser, "tail-topic").send_keys("news")
+        by_id(browser, "tail-form").submit()
+        await await_page(browser, "the tail subscribed", lambda d: visible_text(d, "tail-status") == "Tailing news of shop.")
+        status, _ = http_post_json(server, "/api/v1/publish", {"project": "shop", "topic": "news", "data": {"h": evil}})
+        assert status == 200
+        lines = await await_page(
+            browser, "the tailed message", lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, "#tail-log .line")]
+        )
+        assert len(lines) == 1 and lines[0].endswith(" " + json.dumps({"h": evil}, separators=(",", ":"))), lines
+        assert browser.execute_script("return document.querySelectorAll('main img').length") == 0
+        assert browser.execute_script("return window.pwned") is None
+        refused = [l for l in browser.get_log("browser") if "Content Security Policy" in l["message"]]
+        assert refused == [], refused
+
+        by_id(browser, "sign-out").click()
+        await await_page(browser, "the sign-in form again", lambda d: by_id(d, "signin").is_displayed())
+        left = browser.execute_script(
+            "return ['tail-log', 'charts', 'connections-table', 'projects-table', 'pub-answer']"
+            ".map((id) => document.getElementById(id).textContent.includes('pwned') ||"
+            " document.getElementById(id).querySelectorAll('tbody tr, .line').length)"
+        )
+        assert left == [0, 0, 0, 0, 0], left
+        await close_all([ws])
+
+        # A hash that names no view (here an Object.prototype property) opens the overview.
+        browser.get(f"{server.api_url}/console#__proto__")
+        by_id(browser, "key").send_keys(ADMIN_KEY)
+        by_id(browser, "signin-form").submit()
+        wait(browser, "the overview", lambda d: by_id(d, "view-overview").is_displayed())
+        assert visible_text(browser, "signin-error") == ""
+
+    run(scenario(), timeout=120)
+
+
 def test_a_bad_key_is_refused_with_the_api_message(server, browser):
     browser.get(f"{server.api_url}/console")
     wait(browser, "the sign-in form", lambda d: by_id(d, "key")).send_keys("not-a-key")

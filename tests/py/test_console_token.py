@@ -44,6 +44,8 @@ def test_token_names_the_console_one_topic_and_a_short_life(server):
     for key in (ADMIN_KEY, SHOP_KEY):
         r = console_token(server, "shop", {"topic": "news"}, key)
         assert r.status == 200, r.body
+        # The answer holds a client token: no cache may keep it.
+        assert r.headers["Cache-Control"] == "no-store", r.headers
         grant = r.json()
         assert set(grant) == {"token", "sub", "topic", "exp", "path", "client_port"}, grant
         claims = jwt.decode(grant["token"], PROJECTS["shop"]["secret"], algorithms=["HS256"])
