@@ -359,7 +359,7 @@ async function loadProjects() {
         const cap = p.max_connections;
         const pct = cap ? Math.min(100, (100 * p.connections) / cap) : 0;
         const meter = el("span", { class: "meter" + (pct >= 90 ? " hot" : "") }, el("span", { class: "fill w" + Math.round(pct / 5) * 5 }));
-        const keys = el("ul", { class: "keys" }, ...p.keys.map((k) => el("li", {}, `${k.kid ?? "(no kid)"} · ${k.alg} · ${k.kind}`)));
+        const keys = el("ul", { class: "keys" }, ...p.keys.map((k) => el("li", {}, `${k.kid ?? "(no kid)"} · ${k.alg} · ${k.kind} · ${k.source}`)));
         return el(
           "tr",
           { "data-project": p.id },

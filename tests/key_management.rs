@@ -162,7 +162,7 @@ fn projects_and_keys_can_be_read_back_without_secrets() {
     let server = TestServer::start(|_| {});
     let api = server.api;
     let get = |key: &str, path: &str| http_request(api, "GET", path, key, "");
-    let hs = serde_json::json!([{"kid": "k1", "alg": "HS256", "kind": "hmac"}]);
+    let hs = serde_json::json!([{"kid": "k1", "alg": "HS256", "kind": "hmac", "source": "config"}]);
 
     let r = get(ADMIN_KEY, "/api/v1/projects");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -241,9 +241,27 @@ fn projects_and_keys_can_be_read_back_without_secrets() {
     assert_eq!(fresh["source"], "api");
     assert_eq!(
         fresh["keys"],
-        serde_json::json!([{"kid": "e1", "alg": "ES256", "kind": "ec"}])
+        serde_json::json!([{"kid": "e1", "alg": "ES256", "kind": "ec", "source": "api"}])
     );
     assert!(!fresh.to_string().contains("BEGIN PUBLIC KEY"));
+
+    // Each key says where it was given: a key added through the API to a project of the
+    // config file is listed as the API's, after the file's.
+    let r = http_request(
+        api,
+        "PUT",
+        "/api/v1/projects/blog/keys/e2",
+        ADMIN_KEY,
+        &body,
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(
+        get(ADMIN_KEY, "/api/v1/projects/blog").json()["keys"],
+        serde_json::json!([
+            {"kid": "k1", "alg": "HS256", "kind": "hmac", "source": "config"},
+            {"kid": "e2", "alg": "ES256", "kind": "ec", "source": "api"},
+        ])
+    );
 
     // A revoked kid is listed, in order, until a key of that kid is put again.
     let r = delete_key(api, ADMIN_KEY, "fresh", "e1");

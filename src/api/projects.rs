@@ -144,6 +144,7 @@ fn project_json(p: &crate::auth::Project) -> serde_json::Value {
                 "kid": k.kid.as_deref(),
                 "alg": format!("{:?}", k.alg),
                 "kind": k.kind(),
+                "source": k.source.as_str(),
             })
         })
         .collect();

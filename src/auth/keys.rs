@@ -77,6 +77,8 @@ impl std::fmt::Debug for KeySpec {
 pub struct Key {
     /// `kid` it answers to, if any.
     pub kid: Option<std::sync::Arc<str>>,
+    /// Where it was given.
+    pub source: KeySource,
     /// Its algorithm; a token must name the same.
     pub alg: Algorithm,
     /// For verifying.
@@ -100,6 +102,28 @@ fn family_name(f: AlgorithmFamily) -> &'static str {
         AlgorithmFamily::Rsa => "RSA",
         AlgorithmFamily::Ec => "EC",
         AlgorithmFamily::Ed => "Ed25519",
+    }
+}
+
+/// Where a project's key was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// The project's `keys` in the config file.
+    Config,
+    /// The project's `jwks` / `jwks_file` in the config file.
+    Jwks,
+    /// Registered through the API (`PUT /api/v1/projects/{p}/keys/{kid}`).
+    Api,
+}
+
+impl KeySource {
+    /// Its name in the API's project answers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Jwks => "jwks",
+            Self::Api => "api",
+        }
     }
 }
 
@@ -193,6 +217,7 @@ impl Key {
         };
         Ok(Self {
             kid: kid.map(Into::into),
+            source: KeySource::Config,
             alg,
             decoding,
             encoding,

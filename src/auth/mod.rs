@@ -24,7 +24,7 @@ use crate::config::{
 };
 use crate::pubsub::ProjectId;
 use crate::store::State;
-pub use keys::{Key, KeyError, KeySpec};
+pub use keys::{Key, KeyError, KeySource, KeySpec};
 
 /// One tenant, as the shards see it.
 pub struct Project {
@@ -76,7 +76,7 @@ struct ConfigMaterial {
     /// The backend's API key.
     api_key: Option<String>,
     /// (kid, spec) of the config keys, then of the config JWKS, in order.
-    specs: Vec<(Option<String>, KeySpec)>,
+    specs: Vec<(Option<String>, KeySpec, KeySource)>,
 }
 
 /// Most keys of one algorithm a token without a `kid` is tried against. With more, such a
@@ -352,13 +352,17 @@ impl Project {
                 let api_key = read_api_key(&format!("{at}.api_key"), &p.api_key, &p.api_key_file)?;
                 let mut specs = Vec::new();
                 for (j, k) in p.keys.iter().enumerate() {
-                    specs.push((k.kid.clone(), key_spec(&format!("{at}.keys[{j}]"), k)?));
+                    specs.push((
+                        k.kid.clone(),
+                        key_spec(&format!("{at}.keys[{j}]"), k)?,
+                        KeySource::Config,
+                    ));
                 }
                 if let Some(doc) = read_inline_or_file(&p.jwks, &p.jwks_file)? {
                     for (kid, spec) in
                         keys::parse_jwks(&doc).map_err(|e| key_err("jwks".into(), e))?
                     {
-                        specs.push((Some(kid), spec));
+                        specs.push((Some(kid), spec, KeySource::Jwks));
                     }
                 }
                 ConfigMaterial { api_key, specs }
@@ -370,10 +374,10 @@ impl Project {
         let ps = state.projects.get(&p.id);
         if let Some(ps) = ps {
             for (kid, spec) in &ps.keys {
-                specs.retain(|(k, _)| k.as_deref() != Some(kid.as_str()));
-                specs.push((Some(kid.clone()), spec.clone()));
+                specs.retain(|(k, _, _)| k.as_deref() != Some(kid.as_str()));
+                specs.push((Some(kid.clone()), spec.clone(), KeySource::Api));
             }
-            specs.retain(|(k, _)| !k.as_ref().is_some_and(|k| ps.revoked.contains(k)));
+            specs.retain(|(k, _, _)| !k.as_ref().is_some_and(|k| ps.revoked.contains(k)));
         }
         if specs.len() > MAX_KEYS_PER_PROJECT {
             return Err(ConfigError::Invalid {
@@ -387,10 +391,13 @@ impl Project {
             .into());
         }
         let mut keys = Vec::with_capacity(specs.len());
-        for (j, (kid, spec)) in specs.iter().enumerate() {
+        for (j, (kid, spec, source)) in specs.iter().enumerate() {
             let key = Key::from_spec(kid.as_deref(), spec)
                 .map_err(|e| key_err(kid.clone().unwrap_or_else(|| format!("#{j}")), e))?;
-            keys.push(key);
+            keys.push(Key {
+                source: *source,
+                ..key
+            });
         }
         Ok(Self {
             idx,

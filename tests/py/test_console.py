@@ -177,7 +177,7 @@ def test_admin_key_sees_kicks_publishes_and_tails(server, browser):
         ], captions
         shot(browser, "overview")
 
-        # Projects: both, with their keys (kid, alg, kind), no secret anywhere.
+        # Projects: both, with their keys (kid, alg, kind, where from), no secret anywhere.
         open_view(browser, "projects")
         await await_page(
             browser, "both projects", lambda d: row_ids(d, "projects-table", "data-project") == ["blog", "shop"]
@@ -186,7 +186,7 @@ def test_admin_key_sees_kicks_publishes_and_tails(server, browser):
         for p in PROJECTS.values():
             assert p["secret"] not in page and p["api_key"] not in page
         shop_row = browser.find_element(By.CSS_SELECTOR, "tr[data-project='shop']").text
-        assert "k1 · HS256 · hmac" in shop_row and "enabled" in shop_row, shop_row
+        assert "k1 · HS256 · hmac · config" in shop_row and "enabled" in shop_row, shop_row
         shot(browser, "projects")
 
         # Connections: the test's client appears, is kicked, and receives 4003.
