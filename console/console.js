@@ -408,6 +408,8 @@ async function loadConnections(first) {
     $("conn-next").disabled = !page.next_cursor;
     $("conn-next").dataset.cursor = page.next_cursor || "";
     $("conn-first").disabled = state.cursors.length < 2;
+    // Counts the listings shown (tests wait for the next one rather than for a time).
+    $("connections-table").dataset.listings = String(Number($("connections-table").dataset.listings || 0) + 1);
   } catch (e) {
     body.replaceChildren();
     $("connections-empty").hidden = true;
