@@ -37,6 +37,7 @@ use crate::metrics::ShardStats;
 use crate::pubsub::TopicIndex;
 use crate::settings::Limits;
 use crate::ws::close::CloseReason;
+use crate::ws::codec::{Codec, stomp};
 use crate::ws::conn::{self, Conn, ConnPhase};
 use crate::ws::handshake::HandshakeOutcome;
 use crate::ws::machine::{self, Beat, CLOSE_GRACE, Rules};
@@ -429,16 +430,32 @@ impl Shard {
         let cap = self.limits.max_outbound_queue_bytes;
         let mut overflow = Vec::new();
         let (mut delivered, mut dropped) = (0u64, 0u64);
+        // STOMP's shared pieces, made on the shard's first STOMP subscriber of the publish.
+        let mut stomp_shared = None;
         for (topic, head) in &p.heads {
             let Some(t) = self.topics.lookup(p.project, topic) else {
                 continue;
             };
             let frame = [head, &p.body];
             for &slot in self.topics.subscribers(t) {
-                match conn::push_frame(&mut self.conns, &mut self.dirty, slot, &frame, cap) {
-                    conn::Push::Queued => delivered += 1,
-                    conn::Push::Dropped => dropped += 1,
-                    conn::Push::Overflow => {
+                let pushed = if self.conns[slot as usize].codec == Codec::Stomp {
+                    let shared = stomp_shared.get_or_insert_with(|| p.stomp_parts());
+                    let (conns, dirty) = (&mut self.conns, &mut self.dirty);
+                    conn::push_stomp_message(conns, dirty, slot, t, shared, &p.id, cap)
+                } else {
+                    Some(conn::push_frame(
+                        &mut self.conns,
+                        &mut self.dirty,
+                        slot,
+                        &frame,
+                        cap,
+                    ))
+                };
+                match pushed {
+                    None => {}
+                    Some(conn::Push::Queued) => delivered += 1,
+                    Some(conn::Push::Dropped) => dropped += 1,
+                    Some(conn::Push::Overflow) => {
                         dropped += 1;
                         overflow.push(slot);
                     }
@@ -624,7 +641,7 @@ impl Shard {
             match machine::heartbeat(c, &self.rules, now) {
                 Beat::Skip => {}
                 Beat::Dead => dead.push(slot as u32),
-                Beat::Ping => {
+                beat @ (Beat::Ping | Beat::PingAndEol) => {
                     let _ = conn::push_frame(
                         &mut self.conns,
                         &mut self.dirty,
@@ -632,6 +649,15 @@ impl Shard {
                         &[&crate::ws::frame::ping()],
                         usize::MAX,
                     );
+                    if beat == Beat::PingAndEol {
+                        let _ = conn::push_frame(
+                            &mut self.conns,
+                            &mut self.dirty,
+                            slot as u32,
+                            &[&stomp::heart_beat()],
+                            usize::MAX,
+                        );
+                    }
                 }
             }
         }

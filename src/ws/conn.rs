@@ -14,10 +14,10 @@ use std::task::Waker;
 use bytes::Bytes;
 use slab::Slab;
 
-use super::codec::Codec;
+use super::codec::{Codec, stomp};
 use super::session::Session;
 use crate::auth::Project;
-use crate::pubsub::Sub;
+use crate::pubsub::{Sub, TopicId};
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +80,8 @@ pub struct Conn {
     pub nr_implicit: u8,
     /// The client protocol the connection speaks (chosen at the handshake).
     pub codec: Codec,
+    /// A STOMP connection's conversation: version, subscriptions, the unfinished frame.
+    pub stomp: Option<Box<stomp::Session>>,
     /// Error replies so far.
     pub bad_requests: u32,
     /// The task's waker while it waits.
@@ -129,6 +131,7 @@ impl Conn {
             hs_charged: false,
             nr_implicit: 0,
             codec: Codec::default(),
+            stomp: None,
             bad_requests: 0,
             waker: None,
             inbuf: Vec::new(),
@@ -238,6 +241,39 @@ pub fn push_frame(
         dirty.push(slot);
     }
     Push::Queued
+}
+
+/// Queues a publish's `MESSAGE` to each STOMP subscription of `topic` on a STOMP connection:
+/// a small head of its own per subscription (`subscription`, `destination`), then `shared`
+/// (the headers, data and NUL every subscriber shares) by reference. `None`: the connection
+/// has no STOMP subscription of the topic (an implicit topic it did not ask for).
+pub fn push_stomp_message(
+    conns: &mut Slab<Conn>,
+    dirty: &mut Vec<u32>,
+    slot: u32,
+    topic: TopicId,
+    shared: &[Bytes; 3],
+    message_id: &str,
+    cap: usize,
+) -> Option<Push> {
+    let s = conns.get(slot as usize)?.stomp.as_deref()?;
+    let rest = shared.iter().map(Bytes::len).sum();
+    let heads: Vec<Bytes> = s
+        .subs
+        .iter()
+        .filter(|sub| sub.topic == topic)
+        .map(|sub| stomp::message_head(sub, s.version, message_id, rest))
+        .collect();
+    let mut pushed = None;
+    for head in &heads {
+        let frame = [head, &shared[0], &shared[1], &shared[2]];
+        let push = push_frame(conns, dirty, slot, &frame, cap);
+        pushed = Some(push);
+        if push != Push::Queued {
+            break;
+        }
+    }
+    pushed
 }
 
 /// When a token with `exp` stops being valid (`exp + leeway`), as the seconds since the epoch
