@@ -319,6 +319,53 @@ mod tests {
         conns.insert(c) as u32
     }
 
+    /// Each STOMP subscription of the topic gets a head of its own; the rest of the frame is
+    /// the shared pieces themselves (same memory), never a copy.
+    #[test]
+    fn a_stomp_message_is_a_head_per_subscription_and_shared_pieces() {
+        let mut conns = Slab::new();
+        let mut dirty = Vec::new();
+        let slot = open_conn(&mut conns);
+        let sub = |id: &str, topic| stomp::Subscription {
+            id: id.into(),
+            topic,
+            destination: "/topic/news".into(),
+            client_ack: false,
+        };
+        conns[slot as usize].stomp = Some(Box::new(stomp::Session {
+            subs: vec![sub("a", 3), sub("b", 4), sub("c", 3)],
+            ..stomp::Session::default()
+        }));
+        let body = Bytes::from_static(b"{\"x\":1},\"id\":\"m\",\"ts\":1}");
+        let shared = [
+            stomp::message_shared("m", 7),
+            body.slice(..7),
+            stomp::NUL.clone(),
+        ];
+        let pushed = push_stomp_message(&mut conns, &mut dirty, slot, 3, &shared, "m", 1 << 20);
+        assert_eq!(pushed, Some(Push::Queued));
+        let out = &conns[slot as usize].out;
+        assert_eq!(out.len(), 8, "two frames of four pieces");
+        for (frame, id) in out.iter().collect::<Vec<_>>().chunks(4).zip(["a", "c"]) {
+            let head = String::from_utf8_lossy(&frame[0].bytes[2..]).into_owned();
+            assert_eq!(
+                head,
+                format!("MESSAGE\nsubscription:{id}\ndestination:/topic/news\n")
+            );
+            for (piece, shared) in frame[1..].iter().zip(&shared) {
+                assert_eq!(piece.bytes.as_ptr(), shared.as_ptr(), "shared, not copied");
+            }
+            assert!(frame[..3].iter().all(|p| p.more) && !frame[3].more);
+        }
+        assert_eq!(
+            shared[1].as_ptr(),
+            body.as_ptr(),
+            "the data is the body's own bytes"
+        );
+        let none = push_stomp_message(&mut conns, &mut dirty, slot, 5, &shared, "m", 1 << 20);
+        assert_eq!(none, None, "no subscription of the topic");
+    }
+
     #[test]
     fn a_frame_of_the_cap_fits_an_empty_queue_and_no_more() {
         let mut conns = Slab::new();

@@ -886,8 +886,9 @@ fn close_after<H: Host>(h: &mut H, now: Now, reason: CloseReason, last: Option<B
     h.set_phase(ConnPhase::Closing);
     h.closing(reason);
     // A drain sends what was published before it (every publish answered 2xx reaches the
-    // connections open then), then the close; every other close drops the backlog.
-    if reason != CloseReason::GoingAway {
+    // connections open then), then the close, and so does a STOMP `DISCONNECT` (the receipts
+    // of the frames before it); every other close drops the backlog.
+    if !matches!(reason, CloseReason::GoingAway | CloseReason::Normal) {
         h.conn().truncate_out();
     }
     if let Some(last) = last {
@@ -1917,6 +1918,89 @@ mod tests {
         assert!(h.sent().is_empty(), "no reply while closing");
         assert!(h.killed);
         assert_eq!(h.closes, [CloseReason::Kicked], "counted once");
+    }
+
+    /// A STOMP upgrade (no token) answered with its subprotocol; the connection waits in its
+    /// handshake for `CONNECT`.
+    fn stomp_upgrade() -> TestHost {
+        let mut h = TestHost::new();
+        let req = "GET /ws/demo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: \
+                   Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: \
+                   dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: v11.stomp, v12.stomp\r\n\r\n";
+        h.feed(at_ms(0), req.as_bytes());
+        let out: Vec<u8> = h.c().out.iter().flat_map(|p| p.bytes.to_vec()).collect();
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 101 "), "{out}");
+        assert!(
+            out.contains("Sec-WebSocket-Protocol: v12.stomp\r\n"),
+            "{out}"
+        );
+        assert!(h.sent().is_empty(), "no welcome");
+        assert_eq!(h.c().phase, ConnPhase::Handshake);
+        assert!(h.outcomes.is_empty() && !h.opened);
+        h
+    }
+
+    #[test]
+    fn stomp_connect_brings_the_token_split_over_two_messages() {
+        let mut h = stomp_upgrade();
+        let connect =
+            "CONNECT\naccept-version:1.2,1.1,1.0\nheart-beat:10000,10000\npasscode:t-open\n\n\0";
+        h.feed(at_ms(1), &text(&connect[..20]));
+        assert_eq!(h.c().phase, ConnPhase::Handshake, "half a frame");
+        h.feed(at_ms(2), &text(&connect[20..]));
+        assert_eq!(h.c().phase, ConnPhase::Open);
+        assert_eq!(h.outcomes, [HandshakeOutcome::Accepted]);
+        assert_eq!(subscribed(&mut h), ["all", "user.42"]);
+        assert_eq!(
+            h.texts(),
+            [format!(
+                "CONNECTED\nversion:1.2\nheart-beat:25000,0\nserver:herald/{}\nuser-name:42\n\n\0",
+                env!("CARGO_PKG_VERSION")
+            )]
+        );
+        let rules = h.rules.clone();
+        assert_eq!(heartbeat(h.c(), &rules, at_ms(3)), Beat::PingAndEol);
+        h.feed(
+            at_ms(4),
+            &text("SUBSCRIBE\nid:0\ndestination:/topic/news\nreceipt:r\n\n\0\nDISCONNECT\nreceipt:bye\n\n\0"),
+        );
+        assert_eq!(subscribed(&mut h), ["all", "user.42", "news"]);
+        let sent = h.sent();
+        assert_eq!(sent[0], (1, b"RECEIPT\nreceipt-id:r\n\n\0".to_vec()));
+        assert_eq!(sent[1], (1, b"RECEIPT\nreceipt-id:bye\n\n\0".to_vec()));
+        assert_eq!(sent[2].0, 8, "then the close");
+        assert_eq!(h.closes, [CloseReason::Normal]);
+    }
+
+    #[test]
+    fn stomp_connect_with_a_bad_token_is_an_error_then_close() {
+        let mut h = stomp_upgrade();
+        h.feed(at_ms(1), &text("CONNECT\nAuthorization:Bearer nope\n\n\0"));
+        assert_eq!(h.outcomes, [HandshakeOutcome::Unauthorized]);
+        assert_eq!(h.c().phase, ConnPhase::Closing);
+        let sent = h.sent();
+        let error = String::from_utf8(sent[0].1.clone()).unwrap();
+        assert!(error.starts_with("ERROR\nmessage:"), "{error}");
+        assert_eq!(sent[1].0, 8);
+        assert_eq!(h.closes, [CloseReason::Policy("authentication failed")]);
+        // The handshake deadline has nothing left to do.
+        on_handshake_deadline(&mut h);
+        assert_eq!(h.outcomes.len(), 1);
+    }
+
+    #[test]
+    fn stomp_expiry_is_an_error_then_4001() {
+        let mut h = stomp_upgrade();
+        h.feed(at_ms(1), &text("CONNECT\npasscode:t-open\n\n\0"));
+        assert_eq!(h.texts().len(), 1, "CONNECTED (1.0: no accept-version)");
+        on_expiry(&mut h, at_ms(130_000), (BASE_SECS + 130) as u32);
+        let sent = h.sent();
+        assert_eq!(
+            sent[0],
+            (1, b"ERROR\nmessage:token expired\ncontent-type:text/plain\ncontent-length:13\n\ntoken expired\0".to_vec())
+        );
+        assert_eq!(u16::from_be_bytes([sent[1].1[0], sent[1].1[1]]), 4001);
     }
 
     #[test]
