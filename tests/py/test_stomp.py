@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -335,5 +336,20 @@ def test_connect_must_come_within_the_handshake_deadline(servers):
             raise AssertionError("a frame arrived")
         except ConnectionClosed:
             pass
+
+    run(go())
+
+
+def test_expiry_during_the_connection_is_an_error_then_4001(servers):
+    # No leeway: the connection must end when `exp` passes.
+    text = config_toml().replace('id = "shop"\n', 'id = "shop"\nleeway_secs = 0\n')
+    server = servers.start(config=text)
+
+    async def go():
+        ws, _ = await stomp_connect(server, mint("alice", exp=int(time.time()) + 2))
+        before = await expect_close(ws, 4001, timeout=10)
+        assert before[-1] == (
+            "ERROR\nmessage:token expired\ncontent-type:text/plain\ncontent-length:13\n\ntoken expired\0"
+        ), before
 
     run(go())
