@@ -1167,6 +1167,14 @@ fn stomp_subscribe<H: Host>(
             "subscription id `{id}` is already in use"
         )));
     }
+    // Several ids may receive one topic; each costs a frame per delivery, so they are
+    // capped like herald.v1's subscriptions (the implicit topics free, as there).
+    let max = h.rules().max_topics_per_connection + h.conn().nr_implicit as usize;
+    if stomp_session(h).subs.len() >= max {
+        return Err(StompError::new(format!(
+            "at most {max} subscriptions per connection"
+        )));
+    }
     let project = identity(h).project.idx;
     let topic = match Destination::parse(destination) {
         Destination::Topic(t) => {
@@ -1971,6 +1979,33 @@ mod tests {
         assert_eq!(sent[1], (1, b"RECEIPT\nreceipt-id:bye\n\n\0".to_vec()));
         assert_eq!(sent[2].0, 8, "then the close");
         assert_eq!(h.closes, [CloseReason::Normal]);
+    }
+
+    /// Subscriptions by id are capped even when they share one topic.
+    #[test]
+    fn stomp_subscriptions_are_capped() {
+        let mut h = stomp_upgrade();
+        h.feed(at_ms(1), &text("CONNECT\npasscode:t-open\n\n\0"));
+        // 4 explicit + 2 implicit topics.
+        for i in 0..6 {
+            let f = format!("SUBSCRIBE\nid:{i}\ndestination:/topic/news\n\n\0");
+            h.feed(at_ms(2), &text(&f));
+        }
+        assert_eq!(h.c().phase, ConnPhase::Open);
+        h.sent();
+        h.feed(
+            at_ms(3),
+            &text("SUBSCRIBE\nid:x\ndestination:/topic/all\n\n\0"),
+        );
+        let sent = h.sent();
+        assert!(
+            sent[0]
+                .1
+                .starts_with(b"ERROR\nmessage:at most 6 subscriptions per connection\n"),
+            "{:?}",
+            String::from_utf8_lossy(&sent[0].1)
+        );
+        assert_eq!(h.closes, [CloseReason::Policy("STOMP frame refused")]);
     }
 
     #[test]
