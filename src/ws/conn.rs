@@ -80,8 +80,6 @@ pub struct Conn {
     pub nr_implicit: u8,
     /// The client protocol the connection speaks (chosen at the handshake).
     pub codec: Codec,
-    /// A STOMP connection's conversation: version, subscriptions, the unfinished frame.
-    pub stomp: Option<Box<stomp::Session>>,
     /// Error replies so far.
     pub bad_requests: u32,
     /// The task's waker while it waits.
@@ -131,7 +129,6 @@ impl Conn {
             hs_charged: false,
             nr_implicit: 0,
             codec: Codec::default(),
-            stomp: None,
             bad_requests: 0,
             waker: None,
             inbuf: Vec::new(),
@@ -243,20 +240,22 @@ pub fn push_frame(
     Push::Queued
 }
 
-/// Queues a publish's `MESSAGE` to each STOMP subscription of `topic` on a STOMP connection:
-/// a small head of its own per subscription (`subscription`, `destination`), then `shared`
-/// (the headers, data and NUL every subscriber shares) by reference. `None`: the connection
-/// has no STOMP subscription of the topic (an implicit topic it did not ask for).
+/// Queues a publish's `MESSAGE` to each STOMP subscription of `topic` of the connection in
+/// `slot`, whose conversation is `s`: a small head of its own per subscription
+/// (`subscription`, `destination`), then `shared` (the headers, data and NUL every subscriber
+/// shares) by reference. `None`: the connection has no STOMP subscription of the topic (an
+/// implicit topic it did not ask for).
+#[allow(clippy::too_many_arguments)]
 pub fn push_stomp_message(
     conns: &mut Slab<Conn>,
     dirty: &mut Vec<u32>,
     slot: u32,
+    s: &stomp::Session,
     topic: TopicId,
     shared: &[Bytes; 3],
     message_id: &str,
     cap: usize,
 ) -> Option<Push> {
-    let s = conns.get(slot as usize)?.stomp.as_deref()?;
     let rest = shared.iter().map(Bytes::len).sum();
     let heads: Vec<Bytes> = s
         .subs
@@ -332,17 +331,17 @@ mod tests {
             destination: "/topic/news".into(),
             client_ack: false,
         };
-        conns[slot as usize].stomp = Some(Box::new(stomp::Session {
+        let s = stomp::Session {
             subs: vec![sub("a", 3), sub("b", 4), sub("c", 3)],
             ..stomp::Session::default()
-        }));
+        };
         let body = Bytes::from_static(b"{\"x\":1},\"id\":\"m\",\"ts\":1}");
         let shared = [
             stomp::message_shared("m", 7),
             body.slice(..7),
             stomp::NUL.clone(),
         ];
-        let pushed = push_stomp_message(&mut conns, &mut dirty, slot, 3, &shared, "m", 1 << 20);
+        let pushed = push_stomp_message(&mut conns, &mut dirty, slot, &s, 3, &shared, "m", 1 << 20);
         assert_eq!(pushed, Some(Push::Queued));
         let out = &conns[slot as usize].out;
         assert_eq!(out.len(), 8, "two frames of four pieces");
@@ -362,7 +361,7 @@ mod tests {
             body.as_ptr(),
             "the data is the body's own bytes"
         );
-        let none = push_stomp_message(&mut conns, &mut dirty, slot, 5, &shared, "m", 1 << 20);
+        let none = push_stomp_message(&mut conns, &mut dirty, slot, &s, 5, &shared, "m", 1 << 20);
         assert_eq!(none, None, "no subscription of the topic");
     }
 

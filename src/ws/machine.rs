@@ -118,6 +118,11 @@ pub trait Host {
     fn conn(&mut self) -> &mut Conn;
     /// The rules in force.
     fn rules(&self) -> &Rules;
+    /// The connection's STOMP conversation, if it speaks STOMP (kept beside its `Conn`, so a
+    /// connection of another protocol pays nothing for it).
+    fn stomp(&mut self) -> Option<&mut stomp::Session>;
+    /// Starts the connection's STOMP conversation.
+    fn start_stomp(&mut self, session: Box<stomp::Session>);
     /// The connection's id.
     fn conn_id(&self) -> ConnId;
 
@@ -203,7 +208,7 @@ pub fn on_bytes<H: Host>(h: &mut H, now: Now, data: &mut [u8]) {
     match c.phase {
         // A STOMP connection whose upgrade was answered waits in its handshake for the token
         // in `CONNECT`: what follows the upgrade is frames.
-        ConnPhase::Handshake if c.stomp.is_some() => on_frame_bytes(h, now, data),
+        ConnPhase::Handshake if c.codec == Codec::Stomp => on_frame_bytes(h, now, data),
         ConnPhase::Handshake => on_handshake_bytes(h, now, data),
         ConnPhase::Open | ConnPhase::Closing => on_frame_bytes(h, now, data),
     }
@@ -425,7 +430,7 @@ fn open<H: Host>(
     });
     if codec == Codec::Stomp {
         let offered = up.subprotocol.and_then(stomp::Version::from_subprotocol);
-        h.conn().stomp = Some(Box::new(stomp::Session {
+        h.start_stomp(Box::new(stomp::Session {
             offered,
             version: offered.unwrap_or_default(),
             upgrade: verified.is_none().then(|| Box::new(up.clone())),
@@ -544,7 +549,9 @@ fn on_event<H: Host>(h: &mut H, now: Now, ev: Event<'_>) -> Flow {
         return Flow::Stop;
     }
     let c = h.conn();
-    let open = c.phase == ConnPhase::Open || (c.phase == ConnPhase::Handshake && c.stomp.is_some());
+    // A STOMP connection in its handshake has had its 101: it reads frames, `CONNECT` first.
+    let open =
+        c.phase == ConnPhase::Open || (c.phase == ConnPhase::Handshake && c.codec == Codec::Stomp);
     match ev {
         Event::Ping(p) => {
             if open {
@@ -920,9 +927,8 @@ pub fn on_expiry<H: Host>(h: &mut H, now: Now, at: u32) {
     let c = h.conn();
     if c.phase == ConnPhase::Open && c.expires_at == at && u64::from(at) <= now.unix_secs() {
         // STOMP has no refresh: its client learns why in an ERROR, then reconnects.
-        let error = c
-            .stomp
-            .as_ref()
+        let error = h
+            .stomp()
             .map(|s| stomp::error(s.version, "token expired", None));
         close_after(h, now, CloseReason::TokenExpired, error);
     }
@@ -935,8 +941,7 @@ pub enum Beat {
     Skip,
     /// Send a ping.
     Ping,
-    /// Send a ping and a STOMP heart-beat (an EOL): STOMP clients count only STOMP traffic.
-    PingAndEol,
+
     /// No whole frame since the last ping: drop it.
     Dead,
 }
@@ -961,11 +966,7 @@ pub fn heartbeat(c: &mut Conn, rules: &Rules, now: Now) -> Beat {
     }
     c.ping_outstanding = true;
     c.rx_since_ping = false;
-    if c.stomp.as_ref().is_some_and(|s| s.beats) {
-        Beat::PingAndEol
-    } else {
-        Beat::Ping
-    }
+    Beat::Ping
 }
 
 // The STOMP conversation (docs/stomp.md): frames are read with `stomp::Parser` across the
@@ -1004,10 +1005,7 @@ enum StompNext {
 }
 
 fn stomp_session<H: Host>(h: &mut H) -> &mut stomp::Session {
-    h.conn()
-        .stomp
-        .as_deref_mut()
-        .expect("STOMP connections have a session")
+    h.stomp().expect("STOMP connections have a session")
 }
 
 fn on_stomp_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
@@ -1284,6 +1282,7 @@ pub mod recorder {
         pub published: Vec<String>,
         pub killed: bool,
         pub opened: bool,
+        pub stomp: Option<Box<stomp::Session>>,
     }
 
     pub const BASE_SECS: u64 = 1_000_000;
@@ -1371,6 +1370,7 @@ pub mod recorder {
                 published: Vec::new(),
                 killed: false,
                 opened: false,
+                stomp: None,
             }
         }
 
@@ -1470,6 +1470,12 @@ pub mod recorder {
         }
         fn rules(&self) -> &Rules {
             &self.rules
+        }
+        fn stomp(&mut self) -> Option<&mut stomp::Session> {
+            self.stomp.as_deref_mut()
+        }
+        fn start_stomp(&mut self, session: Box<stomp::Session>) {
+            self.stomp = Some(session);
         }
         fn conn_id(&self) -> ConnId {
             ConnId {
@@ -1967,8 +1973,10 @@ mod tests {
                 env!("CARGO_PKG_VERSION")
             )]
         );
-        let rules = h.rules.clone();
-        assert_eq!(heartbeat(h.c(), &rules, at_ms(3)), Beat::PingAndEol);
+        assert!(
+            h.stomp.as_ref().unwrap().beats,
+            "EOLs with the heartbeat's pings"
+        );
         h.feed(
             at_ms(4),
             &text("SUBSCRIBE\nid:0\ndestination:/topic/news\nreceipt:r\n\n\0\nDISCONNECT\nreceipt:bye\n\n\0"),
