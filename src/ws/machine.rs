@@ -1393,6 +1393,39 @@ pub mod recorder {
             &mut self.conns[0]
         }
 
+        /// A STOMP upgrade (no token) answered with its subprotocol; the connection waits in its
+        /// handshake for `CONNECT`.
+        pub fn stomp_upgrade() -> Self {
+            let mut h = Self::new();
+            let req = "GET /ws/demo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: \
+                       Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: \
+                       dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: v11.stomp, v12.stomp\r\n\r\n";
+            h.feed(at_ms(0), req.as_bytes());
+            let out: Vec<u8> = h.c().out.iter().flat_map(|p| p.bytes.to_vec()).collect();
+            let out = String::from_utf8(out).unwrap();
+            assert!(out.starts_with("HTTP/1.1 101 "), "{out}");
+            assert!(
+                out.contains("Sec-WebSocket-Protocol: v12.stomp\r\n"),
+                "{out}"
+            );
+            assert!(h.sent().is_empty(), "no welcome");
+            assert_eq!(h.c().phase, ConnPhase::Handshake);
+            assert!(h.outcomes.is_empty() && !h.opened);
+            h
+        }
+
+        /// A STOMP connection past its `CONNECT` (token `t-open` as `passcode`).
+        pub fn open_stomp() -> Self {
+            let mut h = Self::stomp_upgrade();
+            h.feed(
+                at_ms(0),
+                &text("CONNECT\naccept-version:1.2\npasscode:t-open\n\n\0"),
+            );
+            assert_eq!(h.conns[0].phase, ConnPhase::Open, "{:?}", h.outcomes);
+            h.sent();
+            h
+        }
+
         /// Feeds client bytes at `now`.
         pub fn feed(&mut self, now: Now, bytes: &[u8]) {
             on_bytes(self, now, &mut bytes.to_vec());
@@ -1934,30 +1967,9 @@ mod tests {
         assert_eq!(h.closes, [CloseReason::Kicked], "counted once");
     }
 
-    /// A STOMP upgrade (no token) answered with its subprotocol; the connection waits in its
-    /// handshake for `CONNECT`.
-    fn stomp_upgrade() -> TestHost {
-        let mut h = TestHost::new();
-        let req = "GET /ws/demo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: \
-                   Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: \
-                   dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: v11.stomp, v12.stomp\r\n\r\n";
-        h.feed(at_ms(0), req.as_bytes());
-        let out: Vec<u8> = h.c().out.iter().flat_map(|p| p.bytes.to_vec()).collect();
-        let out = String::from_utf8(out).unwrap();
-        assert!(out.starts_with("HTTP/1.1 101 "), "{out}");
-        assert!(
-            out.contains("Sec-WebSocket-Protocol: v12.stomp\r\n"),
-            "{out}"
-        );
-        assert!(h.sent().is_empty(), "no welcome");
-        assert_eq!(h.c().phase, ConnPhase::Handshake);
-        assert!(h.outcomes.is_empty() && !h.opened);
-        h
-    }
-
     #[test]
     fn stomp_connect_brings_the_token_split_over_two_messages() {
-        let mut h = stomp_upgrade();
+        let mut h = TestHost::stomp_upgrade();
         let connect =
             "CONNECT\naccept-version:1.2,1.1,1.0\nheart-beat:10000,10000\npasscode:t-open\n\n\0";
         h.feed(at_ms(1), &text(&connect[..20]));
@@ -1992,7 +2004,7 @@ mod tests {
     /// Subscriptions by id are capped even when they share one topic.
     #[test]
     fn stomp_subscriptions_are_capped() {
-        let mut h = stomp_upgrade();
+        let mut h = TestHost::stomp_upgrade();
         h.feed(at_ms(1), &text("CONNECT\npasscode:t-open\n\n\0"));
         // 4 explicit + 2 implicit topics.
         for i in 0..6 {
@@ -2018,7 +2030,7 @@ mod tests {
 
     #[test]
     fn stomp_connect_with_a_bad_token_is_an_error_then_close() {
-        let mut h = stomp_upgrade();
+        let mut h = TestHost::stomp_upgrade();
         h.feed(at_ms(1), &text("CONNECT\nAuthorization:Bearer nope\n\n\0"));
         assert_eq!(h.outcomes, [HandshakeOutcome::Unauthorized]);
         assert_eq!(h.c().phase, ConnPhase::Closing);
@@ -2034,7 +2046,7 @@ mod tests {
 
     #[test]
     fn stomp_expiry_is_an_error_then_4001() {
-        let mut h = stomp_upgrade();
+        let mut h = TestHost::stomp_upgrade();
         h.feed(at_ms(1), &text("CONNECT\npasscode:t-open\n\n\0"));
         assert_eq!(h.texts().len(), 1, "CONNECTED (1.0: no accept-version)");
         on_expiry(&mut h, at_ms(130_000), (BASE_SECS + 130) as u32);
