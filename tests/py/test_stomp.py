@@ -353,3 +353,28 @@ def test_expiry_during_the_connection_is_an_error_then_4001(servers):
         ), before
 
     run(go())
+
+
+def test_stomp_1_0_headers_are_not_escaped(server):
+    async def go():
+        ws = await stomp_ws(server, protocols=["v10.stomp"])
+        try:
+            assert ws.subprotocol == "v10.stomp"
+            await ws.send(frame("CONNECT", {"passcode": mint("alice")}))
+            command, headers, _ = await recv_frame(ws)
+            assert (command, headers["version"]) == ("CONNECTED", "1.0")
+            # In 1.0 a backslash is a backslash, in and out; 1.0 allows a SUBSCRIBE without
+            # an id (the destination names it).
+            await ws.send(frame("SUBSCRIBE", {"id": "a\\cb", "destination": "/topic/news", "receipt": "r"}))
+            await ws.send(frame("SUBSCRIBE", {"destination": "/topic/sport"}))
+            assert await recv_frame(ws) == ("RECEIPT", {"receipt-id": "r"}, "")
+            await apublish(server, {"project": "shop", "topic": "news", "data": 1})
+            _, headers, _ = await recv_frame(ws)
+            assert headers["subscription"] == "a\\cb", headers
+            await apublish(server, {"project": "shop", "topic": "sport", "data": 2})
+            _, headers, _ = await recv_frame(ws)
+            assert headers["subscription"] == "/topic/sport", headers
+        finally:
+            await ws.close()
+
+    run(go())
