@@ -11,7 +11,10 @@
 //! Two codecs: herald.v1 JSON ([`herald_v1`]) and STOMP 1.2/1.1/1.0 ([`stomp`]). herald.v1's
 //! ops map onto the methods below; STOMP frames carry more than an op (receipts,
 //! subscription ids, `CONNECT`), so the machine reads them with [`stomp::Parser`] and answers
-//! with [`stomp`]'s encoders directly, and the methods below are for herald.v1's ops only.
+//! with [`stomp`]'s encoders directly. The op methods below (`decode` to `unsubscribed`) are
+//! herald.v1's; a STOMP connection never reaches them, and their STOMP arms give frames a
+//! STOMP client reads harmlessly (an EOL, an ERROR). A publish is encoded once in herald.v1's
+//! form (`message_head`, `message_body`); a STOMP delivery takes its data from that body.
 
 pub mod herald_v1;
 pub mod stomp;
@@ -120,6 +123,7 @@ impl Codec {
     /// The start of a delivery frame for `topic`, its frame header counting `body_len` more
     /// bytes: the body [`Codec::message_body`] made, shared by every topic of the publish.
     pub fn message_head(self, topic: &str, body_len: usize) -> Bytes {
+        // STOMP's per-subscription head is `stomp::message_head`, made at delivery.
         match self {
             Self::HeraldV1 | Self::Stomp => herald_v1::message_head(topic, body_len),
         }
@@ -128,6 +132,7 @@ impl Codec {
     /// The end of a delivery frame, the same for every topic of a publish: its data (copied
     /// byte for byte), id and time.
     pub fn message_body(self, data: &str, id: &str, ts: u64) -> Bytes {
+        // STOMP's body is this body's data prefix (`Publication::stomp_parts`).
         match self {
             Self::HeraldV1 | Self::Stomp => herald_v1::message_body(data, id, ts),
         }
