@@ -236,11 +236,13 @@ impl Hub {
             })
             .collect();
         Ok((
-            id,
+            id.clone(),
             Arc::new(Publication {
                 project,
                 heads,
                 body,
+                id: id.into(),
+                data_len: data.len(),
                 accepted_at,
             }),
         ))

@@ -17,6 +17,7 @@ use crate::auth::{AuthError, Project, Verified};
 use crate::metrics::ShardStats;
 use crate::pubsub::{ConnId, Sub, Topic, TopicId, Unsubscribed};
 use crate::ws::close::CloseReason;
+use crate::ws::codec::stomp;
 use crate::ws::conn::{Conn, ConnPhase, OutPart, Push, push_frame};
 use crate::ws::handshake::{HandshakeOutcome, Refusal};
 use crate::ws::machine::{self, Host, Now, Rate, Rules};
@@ -330,6 +331,14 @@ impl Host for ShardHost<'_> {
         let s = &mut *self.shard;
         let cap = s.limits.max_outbound_queue_bytes;
         push_frame(&mut s.conns, &mut s.dirty, self.slot, frame, cap)
+    }
+
+    fn stomp(&mut self) -> Option<&mut stomp::Session> {
+        self.shard.stomp.get_mut(&self.slot).map(|s| &mut **s)
+    }
+
+    fn start_stomp(&mut self, session: Box<stomp::Session>) {
+        self.shard.stomp.insert(self.slot, session);
     }
 
     fn send_raw(&mut self, part: OutPart) {

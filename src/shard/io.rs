@@ -257,6 +257,7 @@ impl Shard {
         while let Some(sub) = self.conns[slot as usize].subs.pop() {
             self.release_sub(sub);
         }
+        self.stomp.remove(&slot);
         let in_handshake = self.conns[slot as usize].phase == ConnPhase::Handshake;
         self.set_phase(slot, None);
         let c = self.conns.remove(slot as usize);

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
+
+use crate::ws::codec::stomp;
 use crossbeam_channel::{Receiver, Sender};
 
 /// One publish, encoded once and shared by every recipient on every shard. The frame for a
@@ -28,11 +30,25 @@ pub struct Publication {
     pub heads: Vec<(Box<str>, Bytes)>,
     /// The rest of every frame: the data, the id and the timestamp.
     pub body: Bytes,
+    /// The message id.
+    pub id: Box<str>,
+    /// Bytes of `body` that are the data (a STOMP `MESSAGE`'s body is this prefix).
+    pub data_len: usize,
     /// When `Hub::publish` accepted it (for the publish-to-enqueue histogram).
     pub accepted_at: std::time::Instant,
 }
 
 impl Publication {
+    /// The pieces of a STOMP `MESSAGE` every subscriber shares: the headers after
+    /// `destination`, the data (a slice of `body`, not a copy) and the closing NUL.
+    pub fn stomp_parts(&self) -> [Bytes; 3] {
+        [
+            stomp::message_shared(&self.id, self.data_len),
+            self.body.slice(..self.data_len),
+            stomp::NUL.clone(),
+        ]
+    }
+
     /// The bytes it holds (its heads, topics and shared body), as an inbox counts them.
     pub fn nr_bytes(&self) -> usize {
         self.body.len()
@@ -441,6 +457,8 @@ mod tests {
             project: 0,
             heads: Vec::new(),
             body: Bytes::from(vec![b'x'; nr_bytes]),
+            id: "m".into(),
+            data_len: nr_bytes,
             accepted_at: std::time::Instant::now(),
         })
     }

@@ -18,7 +18,7 @@ pub(crate) use refusals::REFUSAL_LOG_EVERY;
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -37,6 +37,7 @@ use crate::metrics::ShardStats;
 use crate::pubsub::TopicIndex;
 use crate::settings::Limits;
 use crate::ws::close::CloseReason;
+use crate::ws::codec::stomp;
 use crate::ws::conn::{self, Conn, ConnPhase};
 use crate::ws::handshake::HandshakeOutcome;
 use crate::ws::machine::{self, Beat, CLOSE_GRACE, Rules};
@@ -114,6 +115,10 @@ pub struct Shard {
     fd_ceiling: Throttled,
     /// Refused handshakes of the current log interval (one line in full, then a summary).
     pub(crate) refusals: refusals::RefusalLog,
+    /// The STOMP conversations of the STOMP connections, by slot (removed with the
+    /// connection). Kept beside the slab so other connections pay nothing for them, and so
+    /// fan-out on a shard without STOMP connections never looks.
+    pub(crate) stomp: HashMap<u32, Box<stomp::Session>>,
 }
 
 /// Expiry-heap entries allowed beyond twice the shard's connections before the stale ones
@@ -239,6 +244,7 @@ impl Shard {
             evictions: Throttled::default(),
             fd_ceiling: Throttled::default(),
             refusals: refusals::RefusalLog::default(),
+            stomp: HashMap::new(),
         }
     }
 
@@ -429,16 +435,39 @@ impl Shard {
         let cap = self.limits.max_outbound_queue_bytes;
         let mut overflow = Vec::new();
         let (mut delivered, mut dropped) = (0u64, 0u64);
+        // STOMP's shared pieces, made on the shard's first STOMP subscriber of the publish.
+        let mut stomp_shared = None;
+        // No lookup at all on a shard without STOMP connections.
+        let any_stomp = !self.stomp.is_empty();
         for (topic, head) in &p.heads {
             let Some(t) = self.topics.lookup(p.project, topic) else {
                 continue;
             };
             let frame = [head, &p.body];
             for &slot in self.topics.subscribers(t) {
-                match conn::push_frame(&mut self.conns, &mut self.dirty, slot, &frame, cap) {
-                    conn::Push::Queued => delivered += 1,
-                    conn::Push::Dropped => dropped += 1,
-                    conn::Push::Overflow => {
+                let stomp = if any_stomp {
+                    self.stomp.get(&slot)
+                } else {
+                    None
+                };
+                let pushed = if let Some(s) = stomp {
+                    let shared = stomp_shared.get_or_insert_with(|| p.stomp_parts());
+                    let (conns, dirty) = (&mut self.conns, &mut self.dirty);
+                    conn::push_stomp_message(conns, dirty, slot, s, t, shared, &p.id, cap)
+                } else {
+                    Some(conn::push_frame(
+                        &mut self.conns,
+                        &mut self.dirty,
+                        slot,
+                        &frame,
+                        cap,
+                    ))
+                };
+                match pushed {
+                    None => {}
+                    Some(conn::Push::Queued) => delivered += 1,
+                    Some(conn::Push::Dropped) => dropped += 1,
+                    Some(conn::Push::Overflow) => {
                         dropped += 1;
                         overflow.push(slot);
                     }
@@ -632,6 +661,17 @@ impl Shard {
                         &[&crate::ws::frame::ping()],
                         usize::MAX,
                     );
+                    // STOMP clients count only STOMP traffic: those that asked for
+                    // heart-beats get an EOL too.
+                    if self.stomp.get(&(slot as u32)).is_some_and(|s| s.beats) {
+                        let _ = conn::push_frame(
+                            &mut self.conns,
+                            &mut self.dirty,
+                            slot as u32,
+                            &[&stomp::heart_beat()],
+                            usize::MAX,
+                        );
+                    }
                 }
             }
         }

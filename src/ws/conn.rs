@@ -14,10 +14,10 @@ use std::task::Waker;
 use bytes::Bytes;
 use slab::Slab;
 
-use super::codec::Codec;
+use super::codec::{Codec, stomp};
 use super::session::Session;
 use crate::auth::Project;
-use crate::pubsub::Sub;
+use crate::pubsub::{Sub, TopicId};
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,6 +240,41 @@ pub fn push_frame(
     Push::Queued
 }
 
+/// Queues a publish's `MESSAGE` to each STOMP subscription of `topic` of the connection in
+/// `slot`, whose conversation is `s`: a small head of its own per subscription
+/// (`subscription`, `destination`), then `shared` (the headers, data and NUL every subscriber
+/// shares) by reference. `None`: the connection has no STOMP subscription of the topic (an
+/// implicit topic it did not ask for).
+#[allow(clippy::too_many_arguments)]
+pub fn push_stomp_message(
+    conns: &mut Slab<Conn>,
+    dirty: &mut Vec<u32>,
+    slot: u32,
+    s: &stomp::Session,
+    topic: TopicId,
+    shared: &[Bytes; 3],
+    message_id: &str,
+    cap: usize,
+) -> Option<Push> {
+    let rest = shared.iter().map(Bytes::len).sum();
+    let heads: Vec<Bytes> = s
+        .subs
+        .iter()
+        .filter(|sub| sub.topic == topic)
+        .map(|sub| stomp::message_head(sub, s.version, message_id, rest))
+        .collect();
+    let mut pushed = None;
+    for head in &heads {
+        let frame = [head, &shared[0], &shared[1], &shared[2]];
+        let push = push_frame(conns, dirty, slot, &frame, cap);
+        pushed = Some(push);
+        if push != Push::Queued {
+            break;
+        }
+    }
+    pushed
+}
+
 /// When a token with `exp` stops being valid (`exp + leeway`), as the seconds since the epoch
 /// a connection stores in 32 bits (enough until 2106, saturating beyond); 0 = never.
 pub(crate) fn expiry_of(exp: Option<u64>, leeway_secs: u64) -> u32 {
@@ -281,6 +316,53 @@ mod tests {
         let mut c = Conn::new(-1, 1, "127.0.0.1:1".parse().unwrap());
         c.phase = ConnPhase::Open;
         conns.insert(c) as u32
+    }
+
+    /// Each STOMP subscription of the topic gets a head of its own; the rest of the frame is
+    /// the shared pieces themselves (same memory), never a copy.
+    #[test]
+    fn a_stomp_message_is_a_head_per_subscription_and_shared_pieces() {
+        let mut conns = Slab::new();
+        let mut dirty = Vec::new();
+        let slot = open_conn(&mut conns);
+        let sub = |id: &str, topic| stomp::Subscription {
+            id: id.into(),
+            topic,
+            destination: "/topic/news".into(),
+            client_ack: false,
+        };
+        let s = stomp::Session {
+            subs: vec![sub("a", 3), sub("b", 4), sub("c", 3)],
+            ..stomp::Session::default()
+        };
+        let body = Bytes::from_static(b"{\"x\":1},\"id\":\"m\",\"ts\":1}");
+        let shared = [
+            stomp::message_shared("m", 7),
+            body.slice(..7),
+            stomp::NUL.clone(),
+        ];
+        let pushed = push_stomp_message(&mut conns, &mut dirty, slot, &s, 3, &shared, "m", 1 << 20);
+        assert_eq!(pushed, Some(Push::Queued));
+        let out = &conns[slot as usize].out;
+        assert_eq!(out.len(), 8, "two frames of four pieces");
+        for (frame, id) in out.iter().collect::<Vec<_>>().chunks(4).zip(["a", "c"]) {
+            let head = String::from_utf8_lossy(&frame[0].bytes[2..]).into_owned();
+            assert_eq!(
+                head,
+                format!("MESSAGE\nsubscription:{id}\ndestination:/topic/news\n")
+            );
+            for (piece, shared) in frame[1..].iter().zip(&shared) {
+                assert_eq!(piece.bytes.as_ptr(), shared.as_ptr(), "shared, not copied");
+            }
+            assert!(frame[..3].iter().all(|p| p.more) && !frame[3].more);
+        }
+        assert_eq!(
+            shared[1].as_ptr(),
+            body.as_ptr(),
+            "the data is the body's own bytes"
+        );
+        let none = push_stomp_message(&mut conns, &mut dirty, slot, &s, 5, &shared, "m", 1 << 20);
+        assert_eq!(none, None, "no subscription of the topic");
     }
 
     #[test]

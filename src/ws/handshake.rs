@@ -14,6 +14,9 @@ pub const MAX_HEADERS: usize = 64;
 /// The subprotocol herald speaks; offered by browsers that carry the token as `bearer.<jwt>`.
 pub const SUBPROTOCOL: &str = "herald.v1";
 
+/// The STOMP subprotocols, highest version first: the first one offered is answered.
+pub const STOMP_SUBPROTOCOLS: [&str; 3] = ["v12.stomp", "v11.stomp", "v10.stomp"];
+
 /// Where the token was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenSource {
@@ -34,8 +37,11 @@ pub struct Upgrade {
     pub token: Option<(String, TokenSource)>,
     /// `Sec-WebSocket-Key`.
     pub key: String,
-    /// Whether the client offered `herald.v1`.
-    pub subprotocol: bool,
+    /// The subprotocol answered: `herald.v1` if offered, else the highest STOMP one offered.
+    pub subprotocol: Option<&'static str>,
+    /// The client speaks STOMP: it offered a STOMP subprotocol and not `herald.v1`, or came
+    /// by the plain STOMP path `/stomp/{project}`.
+    pub stomp: bool,
     /// `Origin`, if sent.
     pub origin: Option<String>,
     /// Every `X-Forwarded-For` value, in order, joined with `,` (believed only from a trusted
@@ -264,17 +270,19 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
     }
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let Some(project) = path
-        .strip_prefix("/ws/")
-        .filter(|p| !p.is_empty() && !p.contains('/'))
-    else {
+    let (project, stomp_path) = match (path.strip_prefix("/ws/"), path.strip_prefix("/stomp/")) {
+        (Some(p), _) => (p, false),
+        (_, Some(p)) => (p, true),
+        _ => ("", false),
+    };
+    if project.is_empty() || project.contains('/') {
         return Err(Refusal {
             status: 404,
             error: "not_found",
-            message: "WebSocket endpoint is /ws/{project}".into(),
+            message: "WebSocket endpoints are /ws/{project} and /stomp/{project}".into(),
             retry_after: None,
         });
-    };
+    }
 
     let mut upgrade = false;
     let mut connection_upgrade = false;
@@ -282,7 +290,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
     let mut key = None;
     let mut bearer = None;
     let mut nr_authorization = 0;
-    let mut subprotocol = false;
+    let mut herald_v1 = false;
+    let mut stomp_offered: Option<usize> = None;
     let mut proto_tokens = Vec::new();
     let mut origin = None;
     let mut forwarded_for: Option<String> = None;
@@ -310,7 +319,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             for t in tokens(value) {
                 if t == SUBPROTOCOL {
-                    subprotocol = true;
+                    herald_v1 = true;
+                } else if let Some(i) = STOMP_SUBPROTOCOLS.iter().position(|p| *p == t) {
+                    stomp_offered = Some(stomp_offered.map_or(i, |j| j.min(i)));
                 } else if let Some(jwt) = t.strip_prefix("bearer.") {
                     proto_tokens.push(jwt.to_owned());
                 }
@@ -375,11 +386,18 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
              send it in exactly one",
         ));
     }
+    let stomp = stomp_path || (stomp_offered.is_some() && !herald_v1);
+    let subprotocol = if stomp {
+        stomp_offered.map(|i| STOMP_SUBPROTOCOLS[i])
+    } else {
+        herald_v1.then_some(SUBPROTOCOL)
+    };
     Ok(Some(Upgrade {
         project: project.to_owned(),
         token,
         key,
         subprotocol,
+        stomp,
         origin,
         forwarded_for,
         len,
@@ -398,14 +416,14 @@ fn valid_key(k: &str) -> bool {
 }
 
 /// The `101 Switching Protocols` response.
-pub fn accept_response(key: &str, subprotocol: bool) -> Vec<u8> {
+pub fn accept_response(key: &str, subprotocol: Option<&str>) -> Vec<u8> {
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let mut out = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Accept: {accept}\r\n"
     );
-    if subprotocol {
-        let _ = write!(out, "Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n");
+    if let Some(p) = subprotocol {
+        let _ = write!(out, "Sec-WebSocket-Protocol: {p}\r\n");
     }
     out.push_str("\r\n");
     out.into_bytes()
@@ -482,9 +500,40 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(u.token, Some(("x.y.z".into(), TokenSource::Subprotocol)));
-        assert!(u.subprotocol);
+        assert_eq!(u.subprotocol, Some(SUBPROTOCOL));
         let u = parse(req("/ws/shop", "").as_bytes()).unwrap().unwrap();
         assert_eq!(u.token, None);
+    }
+
+    /// The highest STOMP subprotocol offered is answered, unless `herald.v1` is offered too;
+    /// `/stomp/{project}` speaks STOMP with or without one.
+    #[test]
+    fn stomp_by_subprotocol_or_by_path() {
+        let with = |path: &str, offer: &str| {
+            let extra = format!("Sec-WebSocket-Protocol: {offer}\r\n");
+            let u = parse(req(path, &extra).as_bytes()).unwrap().unwrap();
+            (u.stomp, u.subprotocol)
+        };
+        assert_eq!(
+            with("/ws/shop", "v10.stomp, v11.stomp, v12.stomp"),
+            (true, Some("v12.stomp"))
+        );
+        assert_eq!(
+            with("/ws/shop", "v10.stomp, v11.stomp"),
+            (true, Some("v11.stomp"))
+        );
+        assert_eq!(
+            with("/ws/shop", "v12.stomp, herald.v1"),
+            (false, Some("herald.v1"))
+        );
+        assert_eq!(with("/stomp/shop", "v10.stomp"), (true, Some("v10.stomp")));
+        assert_eq!(with("/stomp/shop", "other"), (true, None));
+        let u = parse(req("/stomp/shop", "").as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            (u.project.as_str(), u.stomp, u.subprotocol),
+            ("shop", true, None)
+        );
+        assert!(parse(req("/stomp/", "").as_bytes()).is_err());
     }
 
     /// Two tokens are ambiguous, whether in the same place or in two: refused with 400.
@@ -593,7 +642,7 @@ mod tests {
 
     #[test]
     fn responses() {
-        let r = String::from_utf8(accept_response(KEY, true)).unwrap();
+        let r = String::from_utf8(accept_response(KEY, Some(SUBPROTOCOL))).unwrap();
         assert!(
             r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
             "{r}"

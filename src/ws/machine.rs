@@ -20,6 +20,7 @@ use bytes::Bytes;
 use tracing::{debug, info};
 
 use super::close::CloseReason;
+use super::codec::stomp::{self, Destination};
 use super::codec::{Codec, Opened};
 use super::conn::{Conn, ConnPhase, Identity, OutPart, Push, expiry_of, gcra_take};
 use super::frame;
@@ -117,6 +118,11 @@ pub trait Host {
     fn conn(&mut self) -> &mut Conn;
     /// The rules in force.
     fn rules(&self) -> &Rules;
+    /// The connection's STOMP conversation, if it speaks STOMP (kept beside its `Conn`, so a
+    /// connection of another protocol pays nothing for it).
+    fn stomp(&mut self) -> Option<&mut stomp::Session>;
+    /// Starts the connection's STOMP conversation.
+    fn start_stomp(&mut self, session: Box<stomp::Session>);
     /// The connection's id.
     fn conn_id(&self) -> ConnId;
 
@@ -198,7 +204,11 @@ pub trait Host {
 
 /// Bytes arrived: the upgrade request, or frames.
 pub fn on_bytes<H: Host>(h: &mut H, now: Now, data: &mut [u8]) {
-    match h.conn().phase {
+    let c = h.conn();
+    match c.phase {
+        // A STOMP connection whose upgrade was answered waits in its handshake for the token
+        // in `CONNECT`: what follows the upgrade is frames.
+        ConnPhase::Handshake if c.codec == Codec::Stomp => on_frame_bytes(h, now, data),
         ConnPhase::Handshake => on_handshake_bytes(h, now, data),
         ConnPhase::Open | ConnPhase::Closing => on_frame_bytes(h, now, data),
     }
@@ -242,7 +252,7 @@ fn on_handshake_bytes<H: Host>(h: &mut H, now: Now, data: &[u8]) {
         Ok(Some(up)) if up.len > max => refuse_request(h, now, too_long()),
         Ok(Some(up)) => match forwarded_check(h, &up)
             .and_then(|()| rate_check(h, now))
-            .and_then(|()| authenticate(h, &up))
+            .and_then(|()| authenticate(h, &up, up.token.as_ref().map(|(t, _)| t.as_str())))
         {
             Err(r) => refuse(h, now, r),
             Ok((project, verified)) => {
@@ -329,7 +339,14 @@ fn rate_check<H: Host>(h: &mut H, now: Now) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn authenticate<H: Host>(h: &mut H, up: &Upgrade) -> Result<(Arc<Project>, Verified), Refusal> {
+/// Admits a connection with `token` (from the upgrade, or from a STOMP `CONNECT`). A STOMP
+/// upgrade without one passes with `None`: the project's address and `Origin` rules are
+/// checked now, the token and the caps when its `CONNECT` comes.
+fn authenticate<H: Host>(
+    h: &mut H,
+    up: &Upgrade,
+    token: Option<&str>,
+) -> Result<(Arc<Project>, Option<Verified>), Refusal> {
     let peer = h.conn().peer;
     let project = h
         .project(&up.project)
@@ -348,7 +365,10 @@ fn authenticate<H: Host>(h: &mut H, up: &Upgrade) -> Result<(Arc<Project>, Verif
     if !project.origin_allowed(up.origin.as_deref()) {
         return Err(Refusal::forbidden("Origin not allowed for this project"));
     }
-    let Some((token, _source)) = &up.token else {
+    let Some(token) = token else {
+        if up.stomp {
+            return Ok((project, None));
+        }
         return Err(Refusal::unauthorized(AuthError::Missing.to_string()));
     };
     let verified = h
@@ -375,7 +395,7 @@ fn authenticate<H: Host>(h: &mut H, up: &Upgrade) -> Result<(Arc<Project>, Verif
     if h.draining() {
         return Err(Refusal::at_capacity("server is draining"));
     }
-    Ok((project, verified))
+    Ok((project, Some(verified)))
 }
 
 /// Answers a refused handshake and closes once the answer is written.
@@ -387,29 +407,57 @@ fn refuse<H: Host>(h: &mut H, now: Now, r: Refusal) {
     h.arm_close_deadline(now.at + CLOSE_GRACE);
 }
 
-/// Completes the upgrade: 101, welcome, implicit subscriptions, expiry.
-fn open<H: Host>(h: &mut H, now: Now, up: &Upgrade, project: Arc<Project>, verified: Verified) {
-    let Verified { claims, kid } = verified;
+/// Completes the upgrade: 101, then (herald.v1) the welcome, implicit subscriptions and
+/// expiry. A STOMP connection without a verified token yet waits for its `CONNECT`.
+fn open<H: Host>(
+    h: &mut H,
+    now: Now,
+    up: &Upgrade,
+    project: Arc<Project>,
+    verified: Option<Verified>,
+) {
     let codec = Codec::for_upgrade(up);
-    let welcome = codec.welcome(&Opened {
-        conn: h.conn_id(),
-        project: &project.id,
-        user: &claims.sub,
-        exp: claims.exp,
-        heartbeat_secs: h.rules().heartbeat_secs,
+    let answer = Bytes::from(handshake::accept_response(&up.key, up.subprotocol));
+    h.conn().codec = codec;
+    let welcome = verified.as_ref().and_then(|v| {
+        codec.welcome(&Opened {
+            conn: h.conn_id(),
+            project: &project.id,
+            user: &v.claims.sub,
+            exp: v.claims.exp,
+            heartbeat_secs: h.rules().heartbeat_secs,
+        })
     });
+    if codec == Codec::Stomp {
+        let offered = up.subprotocol.and_then(stomp::Version::from_subprotocol);
+        h.start_stomp(Box::new(stomp::Session {
+            offered,
+            version: offered.unwrap_or_default(),
+            upgrade: verified.is_none().then(|| Box::new(up.clone())),
+            ..stomp::Session::default()
+        }));
+    }
     // The 101 and the welcome go out as one pinned unit, marked started: a close caused by
     // bytes pipelined behind the upgrade truncates the queue, and must not take the HTTP
     // answer (or the welcome) with it. Both are only queued: nothing is written before this
     // function returns, after the implicit subscriptions below are in the node's interest
     // table, so a publish accepted once the client has the welcome reaches it.
-    let answer = Bytes::from(handshake::accept_response(&up.key, up.subprotocol));
     h.send_raw(OutPart {
         bytes: answer,
-        more: true,
+        more: welcome.is_some(),
         started: true,
     });
-    h.send_raw(OutPart::whole(welcome));
+    if let Some(welcome) = welcome {
+        h.send_raw(OutPart::whole(welcome));
+    }
+    if let Some(verified) = verified {
+        admit(h, now, project, verified);
+    }
+}
+
+/// Opens an authenticated connection: identity, implicit subscriptions, expiry.
+fn admit<H: Host>(h: &mut H, now: Now, project: Arc<Project>, verified: Verified) {
+    let Verified { claims, kid } = verified;
     let project_idx = project.idx;
     let mut implicit = vec![Topic::all(), Topic::user(&claims.sub)];
     if let Some(d) = &claims.device {
@@ -418,7 +466,6 @@ fn open<H: Host>(h: &mut H, now: Now, up: &Upgrade, project: Arc<Project>, verif
     let expires_at = expiry_of(claims.exp, project.leeway_secs);
     h.set_phase(ConnPhase::Open);
     let c = h.conn();
-    c.codec = codec;
     c.expires_at = expires_at;
     c.msg_tat = now.us;
     c.refresh_tat = now.ms;
@@ -501,7 +548,10 @@ fn on_event<H: Host>(h: &mut H, now: Now, ev: Event<'_>) -> Flow {
         close(h, now, CloseReason::RateLimited);
         return Flow::Stop;
     }
-    let open = h.conn().phase == ConnPhase::Open;
+    let c = h.conn();
+    // A STOMP connection in its handshake has had its 101: it reads frames, `CONNECT` first.
+    let open =
+        c.phase == ConnPhase::Open || (c.phase == ConnPhase::Handshake && c.codec == Codec::Stomp);
     match ev {
         Event::Ping(p) => {
             if open {
@@ -551,6 +601,9 @@ fn take_message<H: Host>(h: &mut H, now: Now) -> bool {
 
 fn on_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
     let codec = h.conn().codec;
+    if codec == Codec::Stomp {
+        return on_stomp_text(h, now, text);
+    }
     let Ok(req) = codec.decode(text) else {
         close(h, now, CloseReason::InvalidData("invalid JSON"));
         return Flow::Stop;
@@ -808,8 +861,13 @@ fn unsubscribe_at<H: Host>(h: &mut H, i: usize) {
     h.release(sub);
 }
 
-/// Queues a reply to the connection itself; over the cap it is a slow consumer too.
+/// Queues a reply to the connection itself; over the cap it is a slow consumer too. (A STOMP
+/// connection still in its handshake, waiting for `CONNECT`, is answered outside the cap.)
 fn reply<H: Host>(h: &mut H, now: Now, frame: Bytes) {
+    if h.conn().phase == ConnPhase::Handshake {
+        h.send_raw(OutPart::whole(frame));
+        return;
+    }
     if h.send(&[&frame]) == Push::Overflow {
         close(h, now, CloseReason::SlowConsumer);
     }
@@ -819,6 +877,11 @@ fn reply<H: Host>(h: &mut H, now: Now, frame: Bytes) {
 /// is queued, and the peer has [`CLOSE_GRACE`] to answer. A connection still in its
 /// handshake is killed; one already closing is left alone.
 pub fn close<H: Host>(h: &mut H, now: Now, reason: CloseReason) {
+    close_after(h, now, reason, None);
+}
+
+/// [`close`], with `last` (a STOMP `ERROR` or `RECEIPT`) queued just before the close frame.
+fn close_after<H: Host>(h: &mut H, now: Now, reason: CloseReason, last: Option<Bytes>) {
     match h.conn().phase {
         ConnPhase::Closing => return,
         ConnPhase::Handshake => {
@@ -830,9 +893,13 @@ pub fn close<H: Host>(h: &mut H, now: Now, reason: CloseReason) {
     h.set_phase(ConnPhase::Closing);
     h.closing(reason);
     // A drain sends what was published before it (every publish answered 2xx reaches the
-    // connections open then), then the close; every other close drops the backlog.
-    if reason != CloseReason::GoingAway {
+    // connections open then), then the close, and so does a STOMP `DISCONNECT` (the receipts
+    // of the frames before it); every other close drops the backlog.
+    if !matches!(reason, CloseReason::GoingAway | CloseReason::Normal) {
         h.conn().truncate_out();
+    }
+    if let Some(last) = last {
+        h.send_raw(OutPart::whole(last));
     }
     h.send_raw(OutPart::whole(frame::close(reason)));
     h.arm_close_deadline(now.at + CLOSE_GRACE);
@@ -859,7 +926,11 @@ pub fn on_close_deadline<H: Host>(h: &mut H) {
 pub fn on_expiry<H: Host>(h: &mut H, now: Now, at: u32) {
     let c = h.conn();
     if c.phase == ConnPhase::Open && c.expires_at == at && u64::from(at) <= now.unix_secs() {
-        close(h, now, CloseReason::TokenExpired);
+        // STOMP has no refresh: its client learns why in an ERROR, then reconnects.
+        let error = h
+            .stomp()
+            .map(|s| stomp::error(s.version, "token expired", None));
+        close_after(h, now, CloseReason::TokenExpired, error);
     }
 }
 
@@ -870,6 +941,7 @@ pub enum Beat {
     Skip,
     /// Send a ping.
     Ping,
+
     /// No whole frame since the last ping: drop it.
     Dead,
 }
@@ -895,6 +967,289 @@ pub fn heartbeat(c: &mut Conn, rules: &Rules, now: Now) -> Beat {
     c.ping_outstanding = true;
     c.rx_since_ping = false;
     Beat::Ping
+}
+
+// The STOMP conversation (docs/stomp.md): frames are read with `stomp::Parser` across the
+// connection's text messages and answered with `stomp`'s encoders. Topic rules, limits and
+// publishing are herald.v1's own (`execute`); every refused frame is an ERROR, then a close,
+// as STOMP requires.
+
+/// Why a STOMP frame was refused: the ERROR's `message`, the close that follows, and for a
+/// `CONNECT` refused before the connection opened, the handshake refusal to count and log.
+struct StompError {
+    message: String,
+    reason: CloseReason,
+    refusal: Option<Refusal>,
+}
+
+impl StompError {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            reason: CloseReason::Policy("STOMP frame refused"),
+            refusal: None,
+        }
+    }
+}
+
+impl From<OpError> for StompError {
+    fn from((_, message): OpError) -> Self {
+        Self::new(message)
+    }
+}
+
+/// What the connection does after a frame.
+enum StompNext {
+    Continue,
+    Disconnect,
+}
+
+fn stomp_session<H: Host>(h: &mut H) -> &mut stomp::Session {
+    h.stomp().expect("STOMP connections have a session")
+}
+
+fn on_stomp_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
+    let max = h.rules().max_message_bytes;
+    stomp_session(h).parser.feed(text.as_bytes());
+    loop {
+        let s = stomp_session(h);
+        let frame = match s.parser.next_frame(s.version, max) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Flow::Continue,
+            Err(e) => {
+                debug!(conn = %h.conn_id(), error = %e, "unreadable STOMP frame; closing");
+                let reason = match e {
+                    stomp::ParseError::TooLarge { .. } => CloseReason::TooBig,
+                    _ => CloseReason::Policy("malformed STOMP frame"),
+                };
+                let e = StompError {
+                    message: e.to_string(),
+                    reason,
+                    refusal: None,
+                };
+                stomp_fail(h, now, e, None);
+                return Flow::Stop;
+            }
+        };
+        let receipt = frame.header("receipt").map(str::to_owned);
+        let next = on_stomp_frame(h, now, &frame);
+        let version = stomp_session(h).version;
+        let receipt = receipt.map(|r| stomp::receipt(version, &r));
+        match next {
+            Ok(StompNext::Continue) => {
+                if let Some(r) = receipt {
+                    reply(h, now, r);
+                }
+            }
+            Ok(StompNext::Disconnect) => {
+                close_after(h, now, CloseReason::Normal, receipt);
+                return Flow::Stop;
+            }
+            Err(e) => {
+                let id = frame.header("receipt");
+                debug!(conn = %h.conn_id(), reason = %e.message, "STOMP frame refused; closing");
+                stomp_fail(h, now, e, id);
+                return Flow::Stop;
+            }
+        }
+        if h.conn().phase == ConnPhase::Closing {
+            return Flow::Stop;
+        }
+    }
+}
+
+/// Answers a refused frame with an ERROR and closes.
+fn stomp_fail<H: Host>(h: &mut H, now: Now, e: StompError, receipt: Option<&str>) {
+    let error = stomp::error(stomp_session(h).version, &e.message, receipt);
+    if h.conn().phase != ConnPhase::Handshake {
+        close_after(h, now, e.reason, Some(error));
+        return;
+    }
+    // Refused before it opened: a handshake refusal, answered in STOMP.
+    let refusal = e
+        .refusal
+        .unwrap_or_else(|| Refusal::bad_request(e.message.clone()));
+    h.refused(&refusal, now.at);
+    h.set_phase(ConnPhase::Closing);
+    h.closing(e.reason);
+    h.send_raw(OutPart::whole(error));
+    h.send_raw(OutPart::whole(frame::close(e.reason)));
+    h.arm_close_deadline(now.at + CLOSE_GRACE);
+}
+
+fn on_stomp_frame<H: Host>(h: &mut H, now: Now, f: &stomp::Frame) -> Result<StompNext, StompError> {
+    use stomp::Command as C;
+    if !stomp_session(h).connected {
+        if !f.command.is_connect() {
+            return Err(StompError::new("the first frame must be CONNECT or STOMP"));
+        }
+        stomp_connect(h, now, f)?;
+        return Ok(StompNext::Continue);
+    }
+    match f.command {
+        C::Connect | C::Stomp => Err(StompError::new("already connected")),
+        C::Subscribe => stomp_subscribe(h, now, f),
+        C::Unsubscribe => stomp_unsubscribe(h, f),
+        C::Send => stomp_send(h, now, f),
+        // Deliveries are not redelivered, so there is nothing to acknowledge.
+        C::Ack | C::Nack => Ok(StompNext::Continue),
+        C::Begin | C::Commit | C::Abort => Err(StompError::new(
+            "transactions (BEGIN, COMMIT, ABORT) are not supported",
+        )),
+        C::Disconnect => Ok(StompNext::Disconnect),
+    }
+}
+
+/// `CONNECT`/`STOMP`: the version, the token (when the upgrade carried none), the
+/// heart-beats, then `CONNECTED`.
+fn stomp_connect<H: Host>(h: &mut H, now: Now, f: &stomp::Frame) -> Result<(), StompError> {
+    let s = stomp_session(h);
+    let version = stomp::negotiate(s.offered, f.header("accept-version")).ok_or_else(|| {
+        StompError::new("no common STOMP version: herald speaks 1.0, 1.1 and 1.2")
+    })?;
+    s.version = version;
+    if let Some(up) = s.upgrade.take() {
+        let bearer = f.header("Authorization").and_then(|v| {
+            v.get(..7)
+                .filter(|p| p.eq_ignore_ascii_case("bearer "))
+                .map(|_| v[7..].trim())
+        });
+        let refused = |r: Refusal| StompError {
+            message: r.message.clone(),
+            reason: CloseReason::Policy("authentication failed"),
+            refusal: Some(r),
+        };
+        let Some(token) = bearer.or(f.header("passcode")) else {
+            return Err(refused(Refusal::unauthorized(
+                "no token: send it at the upgrade, or in CONNECT as `Authorization: Bearer \
+                 <jwt>` or `passcode:<jwt>`",
+            )));
+        };
+        match authenticate(h, &up, Some(token)).map_err(refused)? {
+            (project, Some(verified)) => admit(h, now, project, verified),
+            (_, None) => unreachable!("a token was given"),
+        }
+    }
+    let sweep_ms = h.rules().heartbeat_secs * 1000;
+    let beats = stomp::heart_beats(f.header("heart-beat"), sweep_ms);
+    let s = stomp_session(h);
+    s.beats = beats.0 > 0;
+    s.connected = true;
+    let connected = stomp::connected(version, beats, &identity(h).user);
+    reply(h, now, connected);
+    Ok(())
+}
+
+/// A header the frame must carry.
+fn required<'f>(f: &'f stomp::Frame, name: &str) -> Result<&'f str, StompError> {
+    f.header(name)
+        .ok_or_else(|| StompError::new(format!("{:?} needs a `{name}` header", f.command)))
+}
+
+/// `SUBSCRIBE`: `/topic/<t>` subscribes as herald.v1's `subscribe` does; `/user/queue/<name>`
+/// receives the connection's own `user.<sub>` topic.
+fn stomp_subscribe<H: Host>(
+    h: &mut H,
+    now: Now,
+    f: &stomp::Frame,
+) -> Result<StompNext, StompError> {
+    let destination = required(f, "destination")?;
+    // 1.0 makes `id` optional: the destination names the subscription then.
+    let id = match (f.header("id"), stomp_session(h).version) {
+        (Some(id), _) => id,
+        (None, stomp::Version::V10) => destination,
+        (None, _) => required(f, "id")?,
+    };
+    if stomp_session(h).subs.iter().any(|s| &*s.id == id) {
+        return Err(StompError::new(format!(
+            "subscription id `{id}` is already in use"
+        )));
+    }
+    // Several ids may receive one topic; each costs a frame per delivery, so they are
+    // capped like herald.v1's subscriptions (the implicit topics free, as there).
+    let max = h.rules().max_topics_per_connection + h.conn().nr_implicit as usize;
+    if stomp_session(h).subs.len() >= max {
+        return Err(StompError::new(format!(
+            "at most {max} subscriptions per connection"
+        )));
+    }
+    let project = identity(h).project.idx;
+    let topic = match Destination::parse(destination) {
+        Destination::Topic(t) => {
+            execute(h, now, Op::Subscribe(t))?;
+            h.lookup(project, t)
+        }
+        Destination::UserQueue => {
+            let user = Topic::user(&identity(h).user);
+            h.lookup(project, user.as_str())
+        }
+        Destination::Queue => {
+            return Err(StompError::new(
+                "`/queue/` destinations are not supported: use `/topic/<topic>` or \
+                 `/user/queue/<name>`",
+            ));
+        }
+        Destination::App(_) | Destination::Unknown => {
+            return Err(StompError::new(format!(
+                "cannot subscribe to `{destination}`: use `/topic/<topic>` or `/user/queue/<name>`"
+            )));
+        }
+    };
+    let topic = topic.ok_or_else(|| StompError::new("the subscription was not recorded"))?;
+    let client_ack = matches!(f.header("ack"), Some("client" | "client-individual"));
+    stomp_session(h).subs.push(stomp::Subscription {
+        id: id.into(),
+        topic,
+        destination: destination.into(),
+        client_ack,
+    });
+    Ok(StompNext::Continue)
+}
+
+/// `UNSUBSCRIBE`: the topic is left once no other subscription of the connection receives it
+/// (implicit topics stay).
+fn stomp_unsubscribe<H: Host>(h: &mut H, f: &stomp::Frame) -> Result<StompNext, StompError> {
+    let id = match f.header("id") {
+        Some(id) => id,
+        None => required(f, "destination")?,
+    };
+    let s = stomp_session(h);
+    let Some(i) = s.subs.iter().position(|s| &*s.id == id) else {
+        return Err(StompError::new(format!("no subscription `{id}`")));
+    };
+    let sub = s.subs.remove(i);
+    if s.subs.iter().any(|s| s.topic == sub.topic) {
+        return Ok(StompNext::Continue);
+    }
+    let c = h.conn();
+    let from = c.nr_implicit as usize;
+    if let Some(j) = c.subs[from..].iter().position(|s| s.topic == sub.topic) {
+        unsubscribe_at(h, from + j);
+    }
+    Ok(StompNext::Continue)
+}
+
+/// `SEND` to `/topic/<t>` or `/app/<t>`: a client publish to topic `<t>`, as herald.v1's
+/// `publish`; the body must be JSON.
+fn stomp_send<H: Host>(h: &mut H, now: Now, f: &stomp::Frame) -> Result<StompNext, StompError> {
+    let destination = required(f, "destination")?;
+    let name = match Destination::parse(destination) {
+        Destination::Topic(t) | Destination::App(t) => t,
+        Destination::Queue => {
+            return Err(StompError::new("`/queue/` destinations are not supported"));
+        }
+        Destination::UserQueue | Destination::Unknown => {
+            return Err(StompError::new(format!(
+                "cannot SEND to `{destination}`: use `/topic/<topic>` or `/app/<topic>`"
+            )));
+        }
+    };
+    let data: &serde_json::value::RawValue = std::str::from_utf8(&f.body)
+        .ok()
+        .and_then(|b| serde_json::from_str(b).ok())
+        .ok_or_else(|| StompError::new("a SEND body must be JSON"))?;
+    execute(h, now, Op::Publish(name, data))?;
+    Ok(StompNext::Continue)
 }
 
 /// A host that records what the machine does, for driving it without a shard: the unit
@@ -927,6 +1282,7 @@ pub mod recorder {
         pub published: Vec<String>,
         pub killed: bool,
         pub opened: bool,
+        pub stomp: Option<Box<stomp::Session>>,
     }
 
     pub const BASE_SECS: u64 = 1_000_000;
@@ -1014,6 +1370,7 @@ pub mod recorder {
                 published: Vec::new(),
                 killed: false,
                 opened: false,
+                stomp: None,
             }
         }
 
@@ -1034,6 +1391,39 @@ pub mod recorder {
 
         pub fn c(&mut self) -> &mut Conn {
             &mut self.conns[0]
+        }
+
+        /// A STOMP upgrade (no token) answered with its subprotocol; the connection waits in its
+        /// handshake for `CONNECT`.
+        pub fn stomp_upgrade() -> Self {
+            let mut h = Self::new();
+            let req = "GET /ws/demo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: \
+                       Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: \
+                       dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: v11.stomp, v12.stomp\r\n\r\n";
+            h.feed(at_ms(0), req.as_bytes());
+            let out: Vec<u8> = h.c().out.iter().flat_map(|p| p.bytes.to_vec()).collect();
+            let out = String::from_utf8(out).unwrap();
+            assert!(out.starts_with("HTTP/1.1 101 "), "{out}");
+            assert!(
+                out.contains("Sec-WebSocket-Protocol: v12.stomp\r\n"),
+                "{out}"
+            );
+            assert!(h.sent().is_empty(), "no welcome");
+            assert_eq!(h.c().phase, ConnPhase::Handshake);
+            assert!(h.outcomes.is_empty() && !h.opened);
+            h
+        }
+
+        /// A STOMP connection past its `CONNECT` (token `t-open` as `passcode`).
+        pub fn open_stomp() -> Self {
+            let mut h = Self::stomp_upgrade();
+            h.feed(
+                at_ms(0),
+                &text("CONNECT\naccept-version:1.2\npasscode:t-open\n\n\0"),
+            );
+            assert_eq!(h.conns[0].phase, ConnPhase::Open, "{:?}", h.outcomes);
+            h.sent();
+            h
         }
 
         /// Feeds client bytes at `now`.
@@ -1113,6 +1503,12 @@ pub mod recorder {
         }
         fn rules(&self) -> &Rules {
             &self.rules
+        }
+        fn stomp(&mut self) -> Option<&mut stomp::Session> {
+            self.stomp.as_deref_mut()
+        }
+        fn start_stomp(&mut self, session: Box<stomp::Session>) {
+            self.stomp = Some(session);
         }
         fn conn_id(&self) -> ConnId {
             ConnId {
@@ -1569,6 +1965,97 @@ mod tests {
         assert!(h.sent().is_empty(), "no reply while closing");
         assert!(h.killed);
         assert_eq!(h.closes, [CloseReason::Kicked], "counted once");
+    }
+
+    #[test]
+    fn stomp_connect_brings_the_token_split_over_two_messages() {
+        let mut h = TestHost::stomp_upgrade();
+        let connect =
+            "CONNECT\naccept-version:1.2,1.1,1.0\nheart-beat:10000,10000\npasscode:t-open\n\n\0";
+        h.feed(at_ms(1), &text(&connect[..20]));
+        assert_eq!(h.c().phase, ConnPhase::Handshake, "half a frame");
+        h.feed(at_ms(2), &text(&connect[20..]));
+        assert_eq!(h.c().phase, ConnPhase::Open);
+        assert_eq!(h.outcomes, [HandshakeOutcome::Accepted]);
+        assert_eq!(subscribed(&mut h), ["all", "user.42"]);
+        assert_eq!(
+            h.texts(),
+            [format!(
+                "CONNECTED\nversion:1.2\nheart-beat:25000,0\nserver:herald/{}\nuser-name:42\n\n\0",
+                env!("CARGO_PKG_VERSION")
+            )]
+        );
+        assert!(
+            h.stomp.as_ref().unwrap().beats,
+            "EOLs with the heartbeat's pings"
+        );
+        h.feed(
+            at_ms(4),
+            &text("SUBSCRIBE\nid:0\ndestination:/topic/news\nreceipt:r\n\n\0\nDISCONNECT\nreceipt:bye\n\n\0"),
+        );
+        assert_eq!(subscribed(&mut h), ["all", "user.42", "news"]);
+        let sent = h.sent();
+        assert_eq!(sent[0], (1, b"RECEIPT\nreceipt-id:r\n\n\0".to_vec()));
+        assert_eq!(sent[1], (1, b"RECEIPT\nreceipt-id:bye\n\n\0".to_vec()));
+        assert_eq!(sent[2].0, 8, "then the close");
+        assert_eq!(h.closes, [CloseReason::Normal]);
+    }
+
+    /// Subscriptions by id are capped even when they share one topic.
+    #[test]
+    fn stomp_subscriptions_are_capped() {
+        let mut h = TestHost::stomp_upgrade();
+        h.feed(at_ms(1), &text("CONNECT\npasscode:t-open\n\n\0"));
+        // 4 explicit + 2 implicit topics.
+        for i in 0..6 {
+            let f = format!("SUBSCRIBE\nid:{i}\ndestination:/topic/news\n\n\0");
+            h.feed(at_ms(2), &text(&f));
+        }
+        assert_eq!(h.c().phase, ConnPhase::Open);
+        h.sent();
+        h.feed(
+            at_ms(3),
+            &text("SUBSCRIBE\nid:x\ndestination:/topic/all\n\n\0"),
+        );
+        let sent = h.sent();
+        assert!(
+            sent[0]
+                .1
+                .starts_with(b"ERROR\nmessage:at most 6 subscriptions per connection\n"),
+            "{:?}",
+            String::from_utf8_lossy(&sent[0].1)
+        );
+        assert_eq!(h.closes, [CloseReason::Policy("STOMP frame refused")]);
+    }
+
+    #[test]
+    fn stomp_connect_with_a_bad_token_is_an_error_then_close() {
+        let mut h = TestHost::stomp_upgrade();
+        h.feed(at_ms(1), &text("CONNECT\nAuthorization:Bearer nope\n\n\0"));
+        assert_eq!(h.outcomes, [HandshakeOutcome::Unauthorized]);
+        assert_eq!(h.c().phase, ConnPhase::Closing);
+        let sent = h.sent();
+        let error = String::from_utf8(sent[0].1.clone()).unwrap();
+        assert!(error.starts_with("ERROR\nmessage:"), "{error}");
+        assert_eq!(sent[1].0, 8);
+        assert_eq!(h.closes, [CloseReason::Policy("authentication failed")]);
+        // The handshake deadline has nothing left to do.
+        on_handshake_deadline(&mut h);
+        assert_eq!(h.outcomes.len(), 1);
+    }
+
+    #[test]
+    fn stomp_expiry_is_an_error_then_4001() {
+        let mut h = TestHost::stomp_upgrade();
+        h.feed(at_ms(1), &text("CONNECT\npasscode:t-open\n\n\0"));
+        assert_eq!(h.texts().len(), 1, "CONNECTED (1.0: no accept-version)");
+        on_expiry(&mut h, at_ms(130_000), (BASE_SECS + 130) as u32);
+        let sent = h.sent();
+        assert_eq!(
+            sent[0],
+            (1, b"ERROR\nmessage:token expired\ncontent-type:text/plain\ncontent-length:13\n\ntoken expired\0".to_vec())
+        );
+        assert_eq!(u16::from_be_bytes([sent[1].1[0], sent[1].1[1]]), 4001);
     }
 
     #[test]

@@ -1,0 +1,81 @@
+"""A real, unmodified `@stomp/stompjs` client in Node (tests/js/stomp_client.mjs, with `ws`
+as its WebSocket) against herald: token in CONNECT, CONNECTED 1.2, topic and user-queue
+deliveries byte for byte, the DISCONNECT receipt, a bad token, heart-beats on an idle
+connection. `npm ci --prefix tests/js` installs the client (scripts/test does)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from herald_client import ADMIN_KEY, REPO, config_toml, mint
+
+JS = REPO / "tests" / "js"
+
+
+def stompjs(server, scenario: str, timeout: float = 60, **args) -> list[dict]:
+    """Runs one scenario of the Node client; returns the events it printed."""
+    node = shutil.which("node")
+    if node is None or not (JS / "node_modules" / "@stomp" / "stompjs").is_dir():
+        pytest.fail("node and tests/js/node_modules are needed: npm ci --prefix tests/js", pytrace=False)
+    args = {
+        "url": f"{server.ws_url}/ws/shop",
+        "api": server.api_url,
+        "adminKey": ADMIN_KEY,
+        "project": "shop",
+        "token": mint("alice"),
+        **args,
+    }
+    proc = subprocess.run(
+        [node, str(JS / "stomp_client.mjs"), scenario, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=JS,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_stompjs_receives_topic_and_user_queue_publishes_byte_for_byte(server):
+    news = '{"b": 1,  "a":[1.50, "x"]}'
+    notice = '"hello \\u00e9"'
+    events = stompjs(server, "deliver", publishes=[["news", news], ["user.alice", notice]])
+    kinds = [e["event"] for e in events]
+    # A message may arrive before the next publish's answer is printed.
+    assert kinds[0] == "connected" and kinds[-2:] == ["disconnected", "closed"], events
+    assert sorted(kinds[1:-2]) == ["message", "message", "published", "published"], events
+    assert events[0] == {"event": "connected", "version": "1.2", "subprotocol": "v12.stomp"}
+    ids = {e["topic"]: e["id"] for e in events if e["event"] == "published"}
+    messages = {e["sub"]: e for e in events if e["event"] == "message"}
+    assert messages["news"] == {
+        "event": "message",
+        "sub": "news",
+        "destination": "/topic/news",
+        "messageId": ids["news"],
+        "contentType": "application/json",
+        "body": news,
+    }
+    assert messages["notice"]["destination"] == "/user/queue/notice"
+    assert (messages["notice"]["messageId"], messages["notice"]["body"]) == (ids["user.alice"], notice)
+    assert events[-2]["command"] == "RECEIPT" and events[-2]["receiptId"].startswith("close-"), events
+    # After the receipt herald closes normally.
+    assert events[-1] == {"event": "closed", "code": 1000}
+
+
+def test_stompjs_with_a_bad_token_gets_an_error_then_close(server):
+    events = stompjs(server, "bad-token")
+    assert [e["event"] for e in events] == ["error", "closed"], events
+    assert events[0]["message"] == "malformed token", events
+    assert events[1]["code"] == 1008
+
+
+def test_herald_heart_beats_keep_an_idle_stompjs_connection_open(servers):
+    server = servers.start(config=config_toml().replace("heartbeat_interval_ms = 25000", "heartbeat_interval_ms = 1000"))
+    events = stompjs(server, "idle", heartbeatMs=1000, idleMs=6000)
+    assert events[0] == {"event": "connected", "heartBeat": "1000,0"}, events
+    # stompjs drops a connection silent for twice the interval; six intervals passed.
+    assert events[1] == {"event": "still-connected", "connected": True}, events
