@@ -1173,15 +1173,16 @@ fn stomp_subscribe<H: Host>(
             "at most {max} subscriptions per connection"
         )));
     }
-    let project = identity(h).project.idx;
+    let project = identity(h).project.clone();
     let topic = match Destination::parse(destination) {
         Destination::Topic(t) => {
-            execute(h, now, Op::Subscribe(t))?;
-            h.lookup(project, t)
+            let t = stomp::herald_topic(&project.id, t);
+            execute(h, now, Op::Subscribe(&t))?;
+            h.lookup(project.idx, &t)
         }
         Destination::UserQueue => {
             let user = Topic::user(&identity(h).user);
-            h.lookup(project, user.as_str())
+            h.lookup(project.idx, user.as_str())
         }
         Destination::Queue => {
             return Err(StompError::new(
@@ -1233,8 +1234,9 @@ fn stomp_unsubscribe<H: Host>(h: &mut H, f: &stomp::Frame) -> Result<StompNext, 
 /// `publish`; the body must be JSON.
 fn stomp_send<H: Host>(h: &mut H, now: Now, f: &stomp::Frame) -> Result<StompNext, StompError> {
     let destination = required(f, "destination")?;
+    let project = identity(h).project.id.clone();
     let name = match Destination::parse(destination) {
-        Destination::Topic(t) | Destination::App(t) => t,
+        Destination::Topic(t) | Destination::App(t) => stomp::herald_topic(&project, t),
         Destination::Queue => {
             return Err(StompError::new("`/queue/` destinations are not supported"));
         }
@@ -1248,7 +1250,7 @@ fn stomp_send<H: Host>(h: &mut H, now: Now, f: &stomp::Frame) -> Result<StompNex
         .ok()
         .and_then(|b| serde_json::from_str(b).ok())
         .ok_or_else(|| StompError::new("a SEND body must be JSON"))?;
-    execute(h, now, Op::Publish(name, data))?;
+    execute(h, now, Op::Publish(&name, data))?;
     Ok(StompNext::Continue)
 }
 

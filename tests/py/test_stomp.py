@@ -197,6 +197,39 @@ def test_topics_and_user_queues_receive_backend_publishes_byte_for_byte(server):
     run(go())
 
 
+def test_spring_push_center_destinations_name_the_project_and_use_slashes(server):
+    """The seed's clients subscribe to `/topic/<projectId>/<topic>`: the project is dropped and
+    `/` is herald's `.`, and MESSAGE echoes the destination as subscribed."""
+
+    async def go():
+        ws, _ = await stomp_connect(server, mint("alice"))
+        try:
+            await ws.send(
+                frame("SUBSCRIBE", {"id": "a", "destination": "/topic/shop/shanghai", "receipt": "r1"})
+                + frame("SUBSCRIBE", {"id": "b", "destination": "/topic/orders/eu", "receipt": "r2"})
+            )
+            assert await recv_frame(ws) == ("RECEIPT", {"receipt-id": "r1"}, "")
+            assert await recv_frame(ws) == ("RECEIPT", {"receipt-id": "r2"}, "")
+            for topic, sub, destination in (
+                ("shanghai", "a", "/topic/shop/shanghai"),
+                ("orders.eu", "b", "/topic/orders/eu"),
+            ):
+                mid = await apublish(server, {"project": "shop", "topic": topic, "data": {"t": topic}})
+                command, headers, body = await recv_frame(ws)
+                assert (command, headers["subscription"], headers["destination"], headers["message-id"]) == (
+                    "MESSAGE",
+                    sub,
+                    destination,
+                    mid,
+                ), headers
+                assert json.loads(body) == {"t": topic}
+            await expect_silence(ws)
+        finally:
+            await ws.close()
+
+    run(go())
+
+
 def test_spring_style_frames_split_crlf_escaped_nul_bodies_and_batched(servers):
     text = config_toml().replace('id = "shop"\n', 'id = "shop"\nallow_client_publish = true\n')
     server = servers.start(config=text)

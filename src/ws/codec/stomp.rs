@@ -15,6 +15,8 @@
 //! subscriber shares ([`message_shared`]), the publish's data (a slice of the body herald.v1
 //! already shares, not a copy) and the closing NUL.
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
 
 use crate::pubsub::TopicId;
@@ -500,6 +502,22 @@ impl<'a> Destination<'a> {
     }
 }
 
+/// The herald topic a `/topic/` or `/app/` destination names, for a connection of `project`:
+/// the path after the prefix, without a leading `<project>/` (Spring push centers put the
+/// project in the path: `/topic/<projectId>/shanghai` is topic `shanghai`), and with `/` as
+/// herald's `.` (`/topic/orders/eu` is topic `orders.eu`).
+pub fn herald_topic<'a>(project: &str, path: &'a str) -> Cow<'a, str> {
+    let path = path
+        .strip_prefix(project)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .unwrap_or(path);
+    if path.contains('/') {
+        Cow::Owned(path.replace('/', "."))
+    } else {
+        Cow::Borrowed(path)
+    }
+}
+
 /// One `SUBSCRIBE` of a connection.
 #[derive(Debug, Clone)]
 pub struct Subscription {
@@ -754,5 +772,16 @@ mod tests {
         assert_eq!(Destination::parse("/app/chat"), Destination::App("chat"));
         assert_eq!(Destination::parse("/queue/jobs"), Destination::Queue);
         assert_eq!(Destination::parse("/exchange/x"), Destination::Unknown);
+    }
+
+    #[test]
+    fn topic_paths_drop_the_project_and_use_dots() {
+        assert_eq!(herald_topic("shop", "news"), "news");
+        assert_eq!(herald_topic("shop", "shop/shanghai"), "shanghai");
+        assert_eq!(herald_topic("shop", "shop/orders/eu"), "orders.eu");
+        assert_eq!(herald_topic("shop", "orders/eu"), "orders.eu");
+        assert_eq!(herald_topic("shop", "shopping/x"), "shopping.x");
+        assert_eq!(herald_topic("shop", "shop"), "shop");
+        assert!(matches!(herald_topic("shop", "news"), Cow::Borrowed(_)));
     }
 }
