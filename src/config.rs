@@ -43,8 +43,174 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Trusted reverse proxies (client address from `X-Forwarded-For` or PROXY protocol).
     pub proxy: ProxyConfig,
+    /// The engine several nodes share publishes through (`[engine]`); absent, the node runs
+    /// on its own.
+    pub engine: Option<EngineConfig>,
     /// Tenants. At least one is required.
     pub projects: Vec<ProjectConfig>,
+}
+
+/// The engine nodes of one cluster share publishes through.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// The engine. Only `redis` (Redis 7.0 or later) today.
+    #[serde(rename = "type")]
+    pub kind: EngineKind,
+    /// Where the engine listens: `redis://[USER[:PASSWORD]@]HOST[:PORT][/DB]`, or
+    /// `unix:///path/to/redis.sock` (`redis+unix://` too). Never logged (it may hold a
+    /// password). Default `redis://127.0.0.1:6379/0`.
+    pub url: String,
+    /// Prefix of every channel name, so several clusters share one Redis. Printable ASCII
+    /// without spaces, 1 to 64 bytes. Default `herald:`.
+    pub prefix: String,
+    /// This node's name in the cluster, unique among its nodes: it starts every message id
+    /// the node makes. `A-Z a-z 0-9 . _ : -`, 1 to 64 bytes. Default: the host name and
+    /// the client port (`host:8080`).
+    pub node: Option<String>,
+    /// Longest wait for a connection to the engine, milliseconds. Default 2000.
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the engine's answer to a command (a publish waits for it before it
+    /// is acknowledged), milliseconds. Default 1000.
+    pub command_timeout_ms: u64,
+    /// How long the node stays subscribed to a topic's channel after its last local
+    /// subscriber leaves, so a topic that comes and goes does not churn, milliseconds.
+    /// Default 1000.
+    pub unsubscribe_linger_ms: u64,
+}
+
+/// The engines herald can share publishes through.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Redis PUB/SUB.
+    #[default]
+    Redis,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            kind: EngineKind::Redis,
+            url: "redis://127.0.0.1:6379/0".into(),
+            prefix: "herald:".into(),
+            node: None,
+            connect_timeout_ms: 2000,
+            command_timeout_ms: 1000,
+            unsubscribe_linger_ms: 1000,
+        }
+    }
+}
+
+impl fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("kind", &self.kind)
+            .field("url", &"<redacted>")
+            .field("prefix", &self.prefix)
+            .field("node", &self.node)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("command_timeout_ms", &self.command_timeout_ms)
+            .field("unsubscribe_linger_ms", &self.unsubscribe_linger_ms)
+            .finish()
+    }
+}
+
+impl EngineConfig {
+    /// Checks the section; `Ok` holds the parsed address.
+    ///
+    /// # Errors
+    /// The first broken rule, naming its key (`engine.url`, ...). The URL itself is never
+    /// quoted: it may hold a password.
+    pub fn validate(&self) -> Result<redis::ConnectionInfo, ConfigError> {
+        use redis::IntoConnectionInfo;
+        let scheme = self.url.split_once("://").map(|(s, _)| s);
+        let info = match scheme {
+            Some("redis" | "unix" | "redis+unix") => {
+                self.url.as_str().into_connection_info().map_err(|e| {
+                    invalid(
+                        "engine.url",
+                        format!(
+                            "not a usable Redis address ({}: {}); expected \
+                             redis://[USER[:PASSWORD]@]HOST[:PORT][/DB] or unix:///PATH",
+                            e.category(),
+                            e.detail().unwrap_or("no detail")
+                        ),
+                    )
+                })?
+            }
+            Some("rediss") => {
+                return Err(invalid(
+                    "engine.url",
+                    "rediss:// (TLS) is not built into this binary yet; reach Redis over a \
+                     unix socket or a local TLS tunnel (stunnel) with redis:// or unix://",
+                ));
+            }
+            _ => {
+                return Err(invalid(
+                    "engine.url",
+                    "expected redis://[USER[:PASSWORD]@]HOST[:PORT][/DB] or unix:///PATH",
+                ));
+            }
+        };
+        if self.prefix.is_empty()
+            || self.prefix.len() > 64
+            || !self.prefix.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                "engine.prefix",
+                "1 to 64 printable ASCII characters without spaces",
+            ));
+        }
+        if let Some(node) = &self.node {
+            check_node_name(node).map_err(|reason| invalid("engine.node", reason))?;
+        }
+        for (key, v, min, max) in [
+            (
+                "engine.connect_timeout_ms",
+                self.connect_timeout_ms,
+                10,
+                60_000,
+            ),
+            (
+                "engine.command_timeout_ms",
+                self.command_timeout_ms,
+                10,
+                60_000,
+            ),
+            (
+                "engine.unsubscribe_linger_ms",
+                self.unsubscribe_linger_ms,
+                0,
+                60_000,
+            ),
+        ] {
+            if !(min..=max).contains(&v) {
+                return Err(invalid(
+                    key,
+                    format!("must be {min} to {max} milliseconds (is {v})"),
+                ));
+            }
+        }
+        Ok(info)
+    }
+}
+
+/// A node name's rules: 1 to 64 of `A-Z a-z 0-9 . _ : -` (it goes into message ids as is).
+///
+/// # Errors
+/// What is wrong with it.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("1 to 64 characters (is {})", name.len()));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    {
+        return Err(format!("`{c}` is not allowed; use A-Z a-z 0-9 . _ : -"));
+    }
+    Ok(())
 }
 
 /// Listeners, shards and shutdown.
@@ -462,6 +628,7 @@ impl Default for Config {
             access: AccessConfig::default(),
             limits: LimitsConfig::default(),
             proxy: ProxyConfig::default(),
+            engine: None,
             projects: Vec::new(),
         }
     }
@@ -759,6 +926,9 @@ impl Config {
             self.proxy.proxy_protocol,
         )
         .map_err(|(key, reason)| invalid(format!("proxy.{key}"), reason))?;
+        if let Some(engine) = &self.engine {
+            engine.validate()?;
+        }
         if self.projects.is_empty() {
             return Err(invalid(
                 "projects",
@@ -856,7 +1026,7 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     // serde_json's map is sorted; list the sections in the struct's (and genconfig's) order.
     let order = [
-        "server", "ws", "api", "access", "limits", "proxy", "log", "projects",
+        "server", "ws", "api", "access", "limits", "proxy", "log", "engine", "projects",
     ];
     let mut sections: Vec<&String> = a.keys().collect();
     sections.sort_by_key(|s| order.iter().position(|o| o == s).unwrap_or(order.len()));

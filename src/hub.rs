@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 
 use crate::auth::SharedRegistry;
 pub use crate::broker::PublishError;
-use crate::broker::{Broker, Deliver, Interest, LocalBroker};
+use crate::broker::{Broker, Deliver, Delivered, Interest, LocalBroker, Pending};
 use crate::metrics::ShardStats;
 use crate::pubsub::Topic;
 use crate::route;
@@ -87,8 +87,10 @@ pub struct Hub {
     busy_unlogged: AtomicU64,
     /// Publish sequence, for message ids.
     seq: AtomicU64,
-    /// Start time in ms, prefix of message ids so they stay unique across restarts.
-    boot_ms: u64,
+    /// Start of every message id: the start time in ms (hex), so ids stay unique across
+    /// restarts, after the node's name in a cluster ([`Hub::set_node`]), so they stay unique
+    /// across nodes.
+    id_prefix: String,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -136,7 +138,7 @@ impl Hub {
             busy_logged_ms: AtomicU64::new(0),
             busy_unlogged: AtomicU64::new(0),
             seq: AtomicU64::new(0),
-            boot_ms: now_ms(),
+            id_prefix: format!("{:x}", now_ms()),
         }
     }
 
@@ -166,10 +168,15 @@ impl Hub {
         self.phase.store(p as u8, Ordering::Release);
     }
 
+    /// Names the node in its cluster: message ids become `<node>-<start>-<seq>`.
+    pub fn set_node(&mut self, node: &str) {
+        self.id_prefix = format!("{node}-{}", self.id_prefix);
+    }
+
     /// A fresh message id.
     pub fn next_message_id(&self) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        format!("{:x}-{n:x}", self.boot_ms)
+        format!("{}-{n:x}", self.id_prefix)
     }
 
     /// The shard whose thread died, if one did.
@@ -241,7 +248,10 @@ impl Hub {
         ))
     }
 
-    /// Encodes a publication once and sends it to every shard that has subscribers.
+    /// Encodes a publication once and hands it to the broker without waiting for an engine's
+    /// acknowledgement (for a client's `publish` on a shard, which never blocks): with no
+    /// engine it is in every interested shard's inbox when this returns; with one it is queued
+    /// for it.
     ///
     /// # Errors
     /// [`PublishError`]; nothing was sent.
@@ -252,27 +262,43 @@ impl Hub {
         data: &RawValue,
     ) -> Result<String, PublishError> {
         let (id, publication) = self.prepare(project, topics, data)?;
-        self.send(std::slice::from_ref(&publication))?;
+        // Not awaited: see above.
+        drop(self.submit(std::slice::from_ref(&publication))?);
         Ok(id)
     }
 
     /// Publishes prepared publications, in order, through the broker: all of them to every
     /// shard holding subscribers of their topics, or, when the node is draining, has failed or
-    /// such a shard lacks room for all of them, none.
+    /// such a shard lacks room for all of them, none. With an engine, returns once the engine
+    /// has them (blocking the calling thread at most `engine.command_timeout_ms`; not for a
+    /// shard).
     ///
     /// # Errors
-    /// [`PublishError::Draining`], [`PublishError::Failed`], [`PublishError::Busy`].
+    /// [`PublishError::Draining`], [`PublishError::Failed`], [`PublishError::Busy`], and with
+    /// an engine [`PublishError::EngineUnavailable`] or [`PublishError::EngineBusy`].
     pub fn send(&self, publications: &[Arc<Publication>]) -> Result<(), PublishError> {
+        self.submit(publications)?.wait()
+    }
+
+    /// [`Hub::send`] up to the broker's acknowledgement, which the caller awaits or not. The
+    /// gate is released before anyone waits on the acknowledgement.
+    fn submit(&self, publications: &[Arc<Publication>]) -> Result<Pending, PublishError> {
+        let _gate = self.open_gate()?;
+        self.broker.publish(self, publications)
+    }
+
+    /// The publish gate, held shared, once the node is neither draining nor failed.
+    fn open_gate(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, PublishError> {
         // A poisoned gate only means a publisher panicked between check and send; the phase
         // it guards is an atomic and stays consistent.
-        let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
         if let Some(shard) = self.failed_shard() {
             return Err(PublishError::Failed(shard));
         }
         if matches!(self.phase(), Phase::Draining | Phase::Stopped) {
             return Err(PublishError::Draining);
         }
-        self.broker.publish(self, publications)
+        Ok(gate)
     }
 
     /// Counts and logs (at most once a second) a publish refused for shard `shard`'s full
@@ -347,6 +373,32 @@ impl Deliver for Hub {
             }
         }
         Ok(())
+    }
+
+    fn deliver_each(&self, publication: &Arc<Publication>) -> Delivered {
+        let Ok(_gate) = self.open_gate() else {
+            return Delivered {
+                refused: true,
+                ..Delivered::default()
+            };
+        };
+        let p = publication;
+        let targets = self
+            .interest
+            .route(p.project, p.heads.iter().map(|(topic, _)| &**topic));
+        let mut out = Delivered::default();
+        for shard in route::shards(targets) {
+            let sent = self.mailboxes[shard]
+                .try_reserve(1, p.nr_bytes())
+                .ok()
+                .is_some_and(|mut r| r.send(ShardMsg::Publish(p.clone())).is_ok());
+            if sent {
+                out.nr_shards += 1;
+            } else {
+                out.nr_full += 1;
+            }
+        }
+        out
     }
 }
 

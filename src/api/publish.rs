@@ -155,7 +155,9 @@ pub(super) async fn single(
     let body = JsonBody::read(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let c = check(hub, who, body.parse(PUBLISH_BODY, false)?)?;
     once(cache, who, Endpoint::Single, key, body.bytes(), 1, || {
-        let id = hub.publish(c.project, &c.topics, c.data)?;
+        // Sent and, with an engine, acknowledged by it before the answer.
+        let (id, publication) = hub.prepare(c.project, &c.topics, c.data)?;
+        hub.send(std::slice::from_ref(&publication))?;
         crate::metrics::ShardStats::add(&hub.api_published, 1);
         Ok(vec![id])
     })

@@ -1,0 +1,288 @@
+//! Several nodes sharing publishes through Redis: real `herald serve` processes on loopback,
+//! each with its own ports and state directory, and a `redis-server` of the test's own.
+//!
+//! A node subscribes to a topic's channel only once a local connection is subscribed, and
+//! the `subscribe` ack does not wait for that yet: each test waits for the node's
+//! subscription in Redis (`PUBSUB NUMSUB`) before it publishes.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use serde_json::Value;
+
+/// The channel of `topic` in project `shop` under `prefix`.
+fn shop_channel(prefix: &str, topic: &str) -> String {
+    format!("{prefix}shop:{topic}")
+}
+
+/// Publishes `data` to `topic` of `shop` through `api`.
+fn publish_shop(api: std::net::SocketAddr, topic: &str, data: &str) -> HttpResponse {
+    publish(
+        api,
+        SHOP_API_KEY,
+        &format!(r#"{{"project":"shop","topic":"{topic}","data":{data}}}"#),
+    )
+}
+
+/// The next delivery's (topic, data as JSON text, id).
+fn next_message(ws: &mut Client) -> (String, String, String) {
+    let (topic, data, id, _) = split_message(&recv_text(ws));
+    (topic, data, id)
+}
+
+#[test]
+fn a_publish_to_any_node_reaches_subscribers_on_every_node() {
+    let redis = RedisServer::start("any-node");
+    let prefix = "any:";
+    let nodes = cluster_nodes(3, "any-node", &redis, prefix);
+    let mut clients: Vec<Client> = nodes
+        .iter()
+        .map(|(_, ready, _)| {
+            let (mut ws, _) = connect_user(ready.listen, "shop", "reader");
+            subscribe(&mut ws, "news");
+            ws
+        })
+        .collect();
+    redis.wait_numsub(&shop_channel(prefix, "news"), 3);
+    let mut ids = BTreeSet::new();
+    for (i, (_, ready, _)) in nodes.iter().enumerate() {
+        let r = publish_shop(ready.api, "news", &format!(r#"{{"from":{i}}}"#));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let id = r.json()["id"].as_str().expect("an id").to_owned();
+        for ws in &mut clients {
+            assert_eq!(
+                next_message(ws),
+                ("news".into(), format!(r#"{{"from":{i}}}"#), id.clone()),
+                "every node delivers what node {i} accepted, with its id"
+            );
+        }
+        assert!(ids.insert(id), "message ids are unique across nodes");
+    }
+}
+
+#[test]
+fn ten_thousand_messages_arrive_in_order_on_every_node() {
+    const N: usize = 10_000;
+    const BATCH: usize = 500;
+    let redis = RedisServer::start("order");
+    let prefix = "order:";
+    let nodes = cluster_nodes(3, "order", &redis, prefix);
+    // Two subscribers on the first node, one on each other.
+    let mut readers = Vec::new();
+    for listen in [
+        nodes[0].1.listen,
+        nodes[0].1.listen,
+        nodes[1].1.listen,
+        nodes[2].1.listen,
+    ] {
+        let (mut ws, _) = connect_user(listen, "shop", "reader");
+        subscribe(&mut ws, "ticks");
+        readers.push(std::thread::spawn(move || {
+            (0..N)
+                .map(|_| {
+                    let (_, data, _) = next_message(&mut ws);
+                    let v: Value = serde_json::from_str(&data).expect("JSON data");
+                    v["n"].as_u64().expect("a number") as usize
+                })
+                .collect::<Vec<_>>()
+        }));
+    }
+    redis.wait_numsub(&shop_channel(prefix, "ticks"), 3);
+    // One publisher, through the middle node, in batches.
+    let api = nodes[1].1.api;
+    for start in (0..N).step_by(BATCH) {
+        let items: Vec<String> = (start..start + BATCH)
+            .map(|n| format!(r#"{{"project":"shop","topic":"ticks","data":{{"n":{n}}}}}"#))
+            .collect();
+        let r = http_request(
+            api,
+            "POST",
+            "/api/v1/publish/batch",
+            SHOP_API_KEY,
+            &format!("[{}]", items.join(",")),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let expected: Vec<usize> = (0..N).collect();
+    for (i, reader) in readers.into_iter().enumerate() {
+        let got = reader.join().expect("reader");
+        assert!(
+            got == expected,
+            "subscriber {i}: not every message in order"
+        );
+    }
+}
+
+#[test]
+fn unicast_reaches_a_users_connections_on_two_nodes() {
+    let redis = RedisServer::start("unicast");
+    let prefix = "uni:";
+    let nodes = cluster_nodes(3, "unicast", &redis, prefix);
+    let (mut alice_0, _) = connect_user(nodes[0].1.listen, "shop", "alice");
+    let (mut alice_2, _) = connect_user(nodes[2].1.listen, "shop", "alice");
+    let (mut bob_1, _) = connect_user(nodes[1].1.listen, "shop", "bob");
+    // The implicit `user.<sub>` topic is subscribed on the nodes holding the user only.
+    redis.wait_numsub(&shop_channel(prefix, "user.alice"), 2);
+    redis.wait_numsub(&shop_channel(prefix, "user.bob"), 1);
+    let r = publish_shop(nodes[1].1.api, "user.alice", r#""for alice""#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = publish_shop(nodes[0].1.api, "user.bob", r#""for bob""#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    for ws in [&mut alice_0, &mut alice_2] {
+        let (topic, data, _) = next_message(ws);
+        assert_eq!(
+            (topic.as_str(), data.as_str()),
+            ("user.alice", r#""for alice""#)
+        );
+    }
+    let (topic, data, _) = next_message(&mut bob_1);
+    assert_eq!(
+        (topic.as_str(), data.as_str()),
+        ("user.bob", r#""for bob""#),
+        "bob's first message is his own: alice's did not reach him"
+    );
+}
+
+#[test]
+fn a_node_receives_only_the_topics_its_connections_subscribe_to() {
+    let redis = RedisServer::start("interest");
+    let prefix = "int:";
+    let (_a, a, _da) = cluster_node("interest-a", &redis, prefix);
+    let (_b, b, _db) = cluster_node("interest-b", &redis, prefix);
+    let (mut on_a, _) = connect_user(a.listen, "shop", "u1");
+    let (mut on_b, _) = connect_user(b.listen, "shop", "u2");
+    let only_a = shop_channel(prefix, "only-a");
+    subscribe(&mut on_a, "only-a");
+    redis.wait_numsub(&only_a, 1);
+    redis.wait_numsub(&shop_channel(prefix, "all"), 2);
+    let received = |api| metric(&scrape(api), "herald_engine_received_total", "");
+    let b_before = received(b.api);
+    assert_eq!(publish_shop(a.api, "only-a", "1").status, 200);
+    assert_eq!(publish_shop(a.api, "all", r#""marker""#).status, 200);
+    assert_eq!(next_message(&mut on_a).1, "1");
+    assert_eq!(next_message(&mut on_a).1, r#""marker""#);
+    // B takes the marker after anything Redis sent it before: only the marker came.
+    assert_eq!(next_message(&mut on_b).1, r#""marker""#);
+    assert_eq!(
+        received(b.api) - b_before,
+        1.0,
+        "B received nothing for `only-a`"
+    );
+
+    // Unsubscribed: the channel lingers (300 ms here), then goes.
+    let ack = request(
+        &mut on_a,
+        r#"{"op":"unsubscribe","topic":"only-a","id":"u"}"#,
+    );
+    assert_eq!(ack["type"], "ack");
+    assert_eq!(
+        redis.numsub(&only_a),
+        1,
+        "still subscribed while it lingers"
+    );
+    redis.wait_numsub(&only_a, 0);
+    assert_eq!(
+        metric(&scrape(a.api), "herald_engine_channels", ""),
+        2.0,
+        "`all` and `user.u1` are left"
+    );
+    // Subscribed again: the node subscribes again.
+    subscribe(&mut on_a, "only-a");
+    redis.wait_numsub(&only_a, 1);
+    assert_eq!(publish_shop(b.api, "only-a", "2").status, 200);
+    assert_eq!(next_message(&mut on_a).1, "2");
+}
+
+#[test]
+fn redis_going_away_refuses_publishes_keeps_clients_and_recovers() {
+    let mut redis = RedisServer::start("outage");
+    let prefix = "out:";
+    let (a_proc, a, _da) = cluster_node("outage-a", &redis, prefix);
+    let (b_proc, b, _db) = cluster_node("outage-b", &redis, prefix);
+    let mut clients: Vec<Client> = [a.listen, b.listen]
+        .into_iter()
+        .map(|listen| {
+            let (mut ws, _) = connect_user(listen, "shop", "reader");
+            subscribe(&mut ws, "news");
+            ws
+        })
+        .collect();
+    redis.wait_numsub(&shop_channel(prefix, "news"), 2);
+
+    redis.stop();
+    for api in [a.api, b.api] {
+        wait_engine_up(api, false);
+        let r = publish_shop(api, "news", r#""lost?""#);
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.json()["error"], "engine_unavailable", "{}", r.text());
+        assert_eq!(r.header("Retry-After"), Some("1"));
+    }
+    let r = http_request(
+        a.api,
+        "POST",
+        "/api/v1/publish/batch",
+        SHOP_API_KEY,
+        r#"[{"project":"shop","topic":"news","data":1}]"#,
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"], "engine_unavailable");
+
+    redis.restart();
+    for api in [a.api, b.api] {
+        wait_engine_up(api, true);
+    }
+    // Resubscribed from the interest table.
+    redis.wait_numsub(&shop_channel(prefix, "news"), 2);
+    redis.wait_numsub(&shop_channel(prefix, "all"), 2);
+    let r = publish_shop(b.api, "news", r#""back""#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    for ws in &mut clients {
+        // The same connections: nothing refused was delivered, the first message is the new one.
+        assert_eq!(next_message(ws).1, r#""back""#);
+    }
+    for p in [&a_proc, &b_proc] {
+        let log = p.stderr();
+        assert_eq!(
+            log.matches("engine unavailable").count(),
+            1,
+            "one line per change of state:\n{log}"
+        );
+        assert_eq!(log.matches("engine connected").count(), 2, "{log}");
+    }
+}
+
+#[test]
+fn check_config_names_a_bad_engine_setting() {
+    let redis = RedisServer::start("check");
+    let dir = TempDir::new("cluster-check");
+    let check = |toml: &str| {
+        let path = write_config(&dir, toml);
+        run_herald(&["check-config", "--config", path.to_str().unwrap()])
+    };
+    let (status, out, err) = check(&cluster_toml(&dir, &redis, "chk:", |_| ()));
+    assert!(status.success(), "{out}{err}");
+    type Tweak = fn(&mut herald::config::EngineConfig);
+    let cases: [(Tweak, &str); 7] = [
+        (|e| e.url = "http://127.0.0.1:6379".into(), "engine.url"),
+        (|e| e.url = "rediss://127.0.0.1:6379".into(), "engine.url"),
+        (
+            |e| e.url = "redis://127.0.0.1:6379/notadb".into(),
+            "engine.url",
+        ),
+        (|e| e.prefix = "has space".into(), "engine.prefix"),
+        (|e| e.node = Some("a/b".into()), "engine.node"),
+        (|e| e.command_timeout_ms = 0, "engine.command_timeout_ms"),
+        (
+            |e| e.unsubscribe_linger_ms = 60_001,
+            "engine.unsubscribe_linger_ms",
+        ),
+    ];
+    for (tweak, key) in cases {
+        let (status, _, err) = check(&cluster_toml(&dir, &redis, "chk:", tweak));
+        assert_eq!(status.code(), Some(1), "{key}: {err}");
+        assert!(err.contains(&format!("invalid `{key}`")), "{key}: {err}");
+        assert!(!err.contains("6379"), "the address is never quoted: {err}");
+    }
+}
