@@ -1502,6 +1502,60 @@ pub fn random_secret() -> String {
 mod tests {
     use super::*;
 
+    /// `[engine]`: the defaults are valid, every bad value is refused naming its key and
+    /// never quoting the address, and changing it needs a restart.
+    #[test]
+    fn engine_settings_are_validated_and_need_a_restart() {
+        let ok = |e: &EngineConfig| e.validate().map(drop);
+        let d = EngineConfig::default();
+        ok(&d).unwrap();
+        for url in [
+            "redis://127.0.0.1",
+            "redis://:pw@10.0.0.5:6380/3",
+            "redis://herald:pw@host/0",
+            "unix:///run/redis/redis.sock",
+            "redis+unix:///run/redis.sock?db=2",
+        ] {
+            ok(&EngineConfig {
+                url: url.into(),
+                ..EngineConfig::default()
+            })
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        type Tweak = fn(&mut EngineConfig);
+        let cases: [(Tweak, &str); 8] = [
+            (|e| e.url = "http://secret@h".into(), "engine.url"),
+            (|e| e.url = "rediss://secret@h".into(), "engine.url"),
+            (|e| e.url = "redis://secret@h/x".into(), "engine.url"),
+            (|e| e.prefix = String::new(), "engine.prefix"),
+            (|e| e.prefix = "a b".into(), "engine.prefix"),
+            (|e| e.node = Some("é".into()), "engine.node"),
+            (|e| e.connect_timeout_ms = 5, "engine.connect_timeout_ms"),
+            (
+                |e| e.unsubscribe_linger_ms = 60_001,
+                "engine.unsubscribe_linger_ms",
+            ),
+        ];
+        for (tweak, key) in cases {
+            let mut e = EngineConfig::default();
+            tweak(&mut e);
+            let err = ok(&e).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("invalid `{key}`")), "{err}");
+            assert!(!err.contains("secret"), "{err}");
+            let mut c = Config::development();
+            c.engine = Some(e);
+            assert_eq!(c.validate().unwrap_err().to_string(), err);
+        }
+        assert!(
+            !format!("{d:?}").contains("6379"),
+            "Debug hides the address"
+        );
+        let mut c = Config::development();
+        let running = c.clone();
+        c.engine = Some(d);
+        assert_eq!(restart_only_changes(&running, &c), ["engine"]);
+    }
+
     #[test]
     fn development_default_validates() {
         Config::development().validate().unwrap();

@@ -254,7 +254,7 @@ impl Collector for HubCollector {
 /// The engine's metrics, present only on a node with `[engine]`.
 fn encode_engine(
     enc: &mut DescriptorEncoder<'_>,
-    e: &crate::broker::redis::EngineStats,
+    e: &crate::broker::EngineStats,
 ) -> Result<(), std::fmt::Error> {
     enc.encode_descriptor(
         "herald_engine_up",

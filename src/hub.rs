@@ -375,18 +375,26 @@ impl Deliver for Hub {
         Ok(())
     }
 
-    fn deliver_each(&self, publication: &Arc<Publication>) -> Delivered {
-        let Ok(_gate) = self.open_gate() else {
-            return Delivered {
-                refused: true,
-                ..Delivered::default()
-            };
-        };
-        let p = publication;
-        let targets = self
-            .interest
-            .route(p.project, p.heads.iter().map(|(topic, _)| &**topic));
+    fn deliver_each(&self, project: &str, topic: &str, body: Bytes) -> Delivered {
         let mut out = Delivered::default();
+        let Ok(_gate) = self.open_gate() else {
+            out.refused = true;
+            return out;
+        };
+        let Some(project) = self.registry.load().project(project).map(|p| p.idx) else {
+            out.unknown_project = true;
+            return out;
+        };
+        let targets = self.interest.mask(project, topic);
+        if targets == 0 {
+            return out;
+        }
+        let p = Arc::new(Publication {
+            project,
+            heads: vec![(topic.into(), message_head(topic, body.len()))],
+            body,
+            accepted_at: std::time::Instant::now(),
+        });
         for shard in route::shards(targets) {
             let sent = self.mailboxes[shard]
                 .try_reserve(1, p.nr_bytes())

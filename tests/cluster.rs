@@ -263,26 +263,74 @@ fn check_config_names_a_bad_engine_setting() {
     };
     let (status, out, err) = check(&cluster_toml(&dir, &redis, "chk:", |_| ()));
     assert!(status.success(), "{out}{err}");
-    type Tweak = fn(&mut herald::config::EngineConfig);
-    let cases: [(Tweak, &str); 7] = [
-        (|e| e.url = "http://127.0.0.1:6379".into(), "engine.url"),
-        (|e| e.url = "rediss://127.0.0.1:6379".into(), "engine.url"),
-        (
-            |e| e.url = "redis://127.0.0.1:6379/notadb".into(),
-            "engine.url",
-        ),
-        (|e| e.prefix = "has space".into(), "engine.prefix"),
-        (|e| e.node = Some("a/b".into()), "engine.node"),
-        (|e| e.command_timeout_ms = 0, "engine.command_timeout_ms"),
-        (
-            |e| e.unsubscribe_linger_ms = 60_001,
-            "engine.unsubscribe_linger_ms",
-        ),
-    ];
-    for (tweak, key) in cases {
-        let (status, _, err) = check(&cluster_toml(&dir, &redis, "chk:", tweak));
-        assert_eq!(status.code(), Some(1), "{key}: {err}");
-        assert!(err.contains(&format!("invalid `{key}`")), "{key}: {err}");
-        assert!(!err.contains("6379"), "the address is never quoted: {err}");
-    }
+    // The rules themselves are unit-tested beside the config; here, that the command applies
+    // them and names the key without quoting the address.
+    let (status, _, err) = check(&cluster_toml(&dir, &redis, "chk:", |e| {
+        e.url = "rediss://127.0.0.1:6379".into();
+    }));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("invalid `engine.url`"), "{err}");
+    assert!(!err.contains("6379"), "the address is never quoted: {err}");
+    let (status, _, err) = check(&cluster_toml(&dir, &redis, "chk:", |e| {
+        e.node = Some("a/b".into());
+    }));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("invalid `engine.node`"), "{err}");
+}
+
+/// The bridge side of a `subscribe` ack that waits for the engine: the completion event for
+/// a topic comes only once Redis has the node's subscription. Redis is paused (`CLIENT
+/// PAUSE`) while a client subscribes, so the event cannot come before the pause ends.
+#[test]
+fn the_subscription_event_comes_once_redis_has_the_subscription() {
+    let redis = RedisServer::start("completion");
+    let prefix = "done:";
+    let server = TestServer::start(|c| {
+        c.engine = Some(herald::config::EngineConfig {
+            url: redis.url(),
+            prefix: prefix.into(),
+            ..Default::default()
+        });
+    });
+    wait_engine_up(server.api, true);
+    let (mut ws, _) = connect_user(server.listen, "shop", "reader");
+    redis.wait_numsub(&shop_channel(prefix, "all"), 1);
+    let shop = server.hub.registry.load().project("shop").unwrap().idx;
+
+    let pause = std::time::Duration::from_millis(800);
+    let paused_at = std::time::Instant::now();
+    let mut c = redis.connection().unwrap();
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(pause.as_millis() as u64)
+        .arg("ALL")
+        .query(&mut c)
+        .unwrap();
+    subscribe(&mut ws, "news");
+    let (tx, rx) = std::sync::mpsc::channel();
+    server.hub.broker.when_subscribed(
+        shop,
+        "news",
+        Box::new(move || {
+            let _ = tx.send(std::time::Instant::now());
+        }),
+    );
+    let at = rx.recv_timeout(TIMEOUT).expect("the subscription event");
+    assert!(
+        at - paused_at >= pause - std::time::Duration::from_millis(50),
+        "the event came {:?} into an {pause:?} pause of Redis",
+        at - paused_at
+    );
+    assert_eq!(redis.numsub(&shop_channel(prefix, "news")), 1);
+
+    // Subscribed already: the event comes at once.
+    let (tx, rx) = std::sync::mpsc::channel();
+    server.hub.broker.when_subscribed(
+        shop,
+        "news",
+        Box::new(move || {
+            let _ = tx.send(());
+        }),
+    );
+    rx.recv_timeout(TIMEOUT).expect("at once");
 }

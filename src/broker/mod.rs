@@ -27,7 +27,10 @@ pub mod redis;
 pub use interest::{ENTRY_BYTES, Interest, NR_STRIPES};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use crate::shard::mailbox::Publication;
 
@@ -77,6 +80,33 @@ pub enum EngineDown {
          or may not be delivered"
     )]
     NoAnswer(u64),
+}
+
+/// The engine's counters, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Connected to Redis, subscriptions restored.
+    pub up: AtomicBool,
+    /// Connections made (the first one and every reconnection).
+    pub connects: AtomicU64,
+    /// Connections lost.
+    pub disconnects: AtomicU64,
+    /// Messages Redis acknowledged (`PUBLISH` per topic).
+    pub published: AtomicU64,
+    /// Messages received from the node's subscriptions.
+    pub received: AtomicU64,
+    /// Messages dropped because the queue to the delivery loop was full.
+    pub dropped_queue_full: AtomicU64,
+    /// (message, shard) pairs dropped because the shard's inbox was full.
+    pub dropped_inbox_full: AtomicU64,
+    /// Messages dropped because the node was draining.
+    pub dropped_draining: AtomicU64,
+    /// Messages on a channel naming no project of this node.
+    pub dropped_unknown: AtomicU64,
+    /// Interest changes dropped for a full queue (each makes the bridge reconcile).
+    pub changes_overflowed: AtomicU64,
+    /// Channels the node is subscribed to.
+    pub channels: AtomicU64,
 }
 
 /// A publish handed to the broker, not yet acknowledged by it.
@@ -133,6 +163,8 @@ pub struct Delivered {
     pub nr_full: u32,
     /// The node refused it whole (draining or failed).
     pub refused: bool,
+    /// It names a project the node does not have: not delivered.
+    pub unknown_project: bool,
 }
 
 /// The node's delivery path: sends publications to the shards holding their subscribers.
@@ -144,11 +176,12 @@ pub trait Deliver {
     /// [`PublishError`]; nothing was sent.
     fn deliver(&self, publications: &[Arc<Publication>]) -> Result<(), PublishError>;
 
-    /// Sends one publication that came back from the engine, under the publish gate (none
-    /// once the node drains or has failed), to each shard holding a subscriber of its topics
-    /// that has room for it: a shard whose inbox is full does not get it (the caller counts
-    /// it). Never blocks.
-    fn deliver_each(&self, publication: &Arc<Publication>) -> Delivered;
+    /// Delivers one message that came back from the engine: `body` (the end of the delivery
+    /// frame: data, id, time) to `topic` of the project with id `project`. The node encodes
+    /// the frame once and, under the publish gate (nothing once the node drains or has
+    /// failed), sends it to each shard holding a subscriber of the topic that has room for
+    /// it: a shard whose inbox is full does not get it (the caller counts it). Never blocks.
+    fn deliver_each(&self, project: &str, topic: &str, body: Bytes) -> Delivered;
 }
 
 /// Where publications go and where interest in topics is declared.
@@ -181,7 +214,7 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     }
 
     /// The engine's counters, when there is one.
-    fn engine(&self) -> Option<&redis::EngineStats> {
+    fn engine(&self) -> Option<&EngineStats> {
         None
     }
 }

@@ -54,7 +54,9 @@ use redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushKind, Value};
 use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
 
-use super::{Broker, Deliver, EngineDown, Interest, Pending, Publication as Pub, PublishError};
+use super::{
+    Broker, Deliver, EngineDown, EngineStats, Interest, Pending, Publication as Pub, PublishError,
+};
 use crate::auth::SharedRegistry;
 use crate::settings::EngineSettings;
 
@@ -73,33 +75,6 @@ const PUBLISHES_PER_PIPELINE: usize = 256;
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 /// Longest wait before reconnecting.
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
-
-/// The engine's counters, read by `/metrics`.
-#[derive(Debug, Default)]
-pub struct EngineStats {
-    /// Connected to Redis, subscriptions restored.
-    pub up: AtomicBool,
-    /// Connections made (the first one and every reconnection).
-    pub connects: AtomicU64,
-    /// Connections lost.
-    pub disconnects: AtomicU64,
-    /// Messages Redis acknowledged (`PUBLISH` per topic).
-    pub published: AtomicU64,
-    /// Messages received from the node's subscriptions.
-    pub received: AtomicU64,
-    /// Messages dropped because the queue to the delivery loop was full.
-    pub dropped_queue_full: AtomicU64,
-    /// (message, shard) pairs dropped because the shard's inbox was full.
-    pub dropped_inbox_full: AtomicU64,
-    /// Messages dropped because the node was draining.
-    pub dropped_draining: AtomicU64,
-    /// Messages on a channel naming no project of this node.
-    pub dropped_unknown: AtomicU64,
-    /// Interest changes dropped for a full queue (each makes the bridge reconcile).
-    pub changes_overflowed: AtomicU64,
-    /// Channels the node is subscribed to.
-    pub channels: AtomicU64,
-}
 
 fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
@@ -439,10 +414,9 @@ impl Bridge {
         }
         let stats = subs.stats.clone();
         let prefix = subs.settings.prefix.clone();
-        let registry = subs.registry.clone();
         let command_timeout = subs.settings.command_timeout;
         let publishing = publish_loop(publish_rx, &mut publisher, command_timeout, &stats);
-        let delivering = deliver_loop(&mut msg_rx, hub, &prefix, &registry, &stats);
+        let delivering = deliver_loop(&mut msg_rx, hub, &prefix, &stats);
         tokio::pin!(publishing, delivering);
         // The subscription manager runs here, beside the two loops.
         let mut tick = tokio::time::interval(lingering_period(subs.settings.unsubscribe_linger));
@@ -576,7 +550,8 @@ impl Subscriptions {
             let key = match change {
                 Change::Topic(p, t) => (p, t),
                 Change::Waiter(p, t, done) => {
-                    if self.subscribed.contains(&(p, t.clone())) {
+                    // Subscribed already, or nobody left to wait for it: done now.
+                    if self.subscribed.contains(&(p, t.clone())) || self.interest.mask(p, &t) == 0 {
                         done();
                     } else {
                         self.waiters.entry((p, t)).or_default().push(done);
@@ -719,13 +694,12 @@ async fn publish_loop(
     }
 }
 
-/// Hands messages from Redis to the shards: the frame head per topic is made here, once
-/// per node; the body is Redis's payload as it came.
+/// Hands messages from Redis to the node, which encodes each once for its shards (the body
+/// is Redis's payload as it came).
 async fn deliver_loop(
     rx: &mut mpsc::Receiver<(Vec<u8>, Vec<u8>)>,
     hub: &Weak<dyn Deliver + Send + Sync>,
     prefix: &str,
-    registry: &SharedRegistry,
     stats: &EngineStats,
 ) -> Ended {
     let mut full_logged: Option<Instant> = None;
@@ -738,25 +712,17 @@ async fn deliver_loop(
         let Some(node) = hub.upgrade() else {
             return Ended::Stopped;
         };
-        let Some(publication) = std::str::from_utf8(&ch)
+        let Some((project, topic)) = std::str::from_utf8(&ch)
             .ok()
             .and_then(|ch| parse_channel(prefix, ch))
-            .and_then(|(project, topic)| {
-                let idx = registry.load().project(project)?.idx;
-                let body = Bytes::from(payload);
-                let head = crate::hub::message_head(topic, body.len());
-                Some(Arc::new(Pub {
-                    project: idx,
-                    heads: vec![(topic.into(), head)],
-                    body,
-                    accepted_at: std::time::Instant::now(),
-                }))
-            })
         else {
             add(&stats.dropped_unknown, 1);
             continue;
         };
-        let d = node.deliver_each(&publication);
+        let d = node.deliver_each(project, topic, Bytes::from(payload));
+        if d.unknown_project {
+            add(&stats.dropped_unknown, 1);
+        }
         if d.refused {
             add(&stats.dropped_draining, 1);
         }
