@@ -77,6 +77,11 @@ pub struct EngineConfig {
     /// subscriber leaves, so a topic that comes and goes does not churn, milliseconds.
     /// Default 1000.
     pub unsubscribe_linger_ms: u64,
+    /// After this long without a message from Redis, the node publishes a probe on its own
+    /// channel and reconnects when the probe does not come back within
+    /// `command_timeout_ms` (a subscription that no longer receives, e.g. after a failover),
+    /// milliseconds. Default 2000.
+    pub probe_interval_ms: u64,
 }
 
 /// The engines herald can share publishes through.
@@ -98,6 +103,7 @@ impl Default for EngineConfig {
             connect_timeout_ms: 2000,
             command_timeout_ms: 1000,
             unsubscribe_linger_ms: 1000,
+            probe_interval_ms: 2000,
         }
     }
 }
@@ -112,6 +118,7 @@ impl fmt::Debug for EngineConfig {
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("command_timeout_ms", &self.command_timeout_ms)
             .field("unsubscribe_linger_ms", &self.unsubscribe_linger_ms)
+            .field("probe_interval_ms", &self.probe_interval_ms)
             .finish()
     }
 }
@@ -182,6 +189,12 @@ impl EngineConfig {
                 "engine.unsubscribe_linger_ms",
                 self.unsubscribe_linger_ms,
                 0,
+                60_000,
+            ),
+            (
+                "engine.probe_interval_ms",
+                self.probe_interval_ms,
+                100,
                 60_000,
             ),
         ] {

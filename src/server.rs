@@ -203,6 +203,7 @@ pub fn wire(cfg: &Config, settings: &Settings, opts: Options) -> Result<ServerHa
             hub.set_node(&node);
             let (broker, bridge) = crate::broker::redis::RedisBroker::new(
                 engine,
+                &node,
                 hub.interest.clone(),
                 hub.registry.clone(),
             );

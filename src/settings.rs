@@ -77,6 +77,8 @@ pub struct EngineSettings {
     pub command_timeout: Duration,
     /// `engine.unsubscribe_linger_ms`.
     pub unsubscribe_linger: Duration,
+    /// `engine.probe_interval_ms`.
+    pub probe_interval: Duration,
 }
 
 impl std::fmt::Debug for EngineSettings {
@@ -88,6 +90,7 @@ impl std::fmt::Debug for EngineSettings {
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
             .field("unsubscribe_linger", &self.unsubscribe_linger)
+            .field("probe_interval", &self.probe_interval)
             .finish()
     }
 }
@@ -105,6 +108,7 @@ impl EngineSettings {
             connect_timeout: Duration::from_millis(e.connect_timeout_ms),
             command_timeout: Duration::from_millis(e.command_timeout_ms),
             unsubscribe_linger: Duration::from_millis(e.unsubscribe_linger_ms),
+            probe_interval: Duration::from_millis(e.probe_interval_ms),
         })
     }
 }

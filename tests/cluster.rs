@@ -211,9 +211,18 @@ fn redis_going_away_refuses_publishes_keeps_clients_and_recovers() {
         .collect();
     redis.wait_numsub(&shop_channel(prefix, "news"), 2);
 
+    for api in [a.api, b.api] {
+        let r = http_request(api, "GET", "/readyz", "", "");
+        assert_eq!((r.status, r.text()), (200, r#"{"status":"ready"}"#.into()));
+    }
     redis.stop();
     for api in [a.api, b.api] {
         wait_engine_up(api, false);
+        let r = http_request(api, "GET", "/readyz", "", "");
+        assert_eq!(
+            (r.status, r.text()),
+            (503, r#"{"status":"degraded"}"#.into())
+        );
         let r = publish_shop(api, "news", r#""lost?""#);
         assert_eq!(r.status, 503, "{}", r.text());
         assert_eq!(r.json()["error"], "engine_unavailable", "{}", r.text());
@@ -232,6 +241,8 @@ fn redis_going_away_refuses_publishes_keeps_clients_and_recovers() {
     redis.restart();
     for api in [a.api, b.api] {
         wait_engine_up(api, true);
+        let r = http_request(api, "GET", "/readyz", "", "");
+        assert_eq!((r.status, r.text()), (200, r#"{"status":"ready"}"#.into()));
     }
     // Resubscribed from the interest table.
     redis.wait_numsub(&shop_channel(prefix, "news"), 2);
@@ -333,4 +344,48 @@ fn the_subscription_event_comes_once_redis_has_the_subscription() {
         }),
     );
     rx.recv_timeout(TIMEOUT).expect("at once");
+}
+
+/// A subscription that no longer receives while its connection stays open (a failover that
+/// left it on a server nobody publishes to, or a link that hangs) is found by the liveness
+/// probe on an idle node: the node turns unavailable and connects again.
+#[test]
+fn a_silent_subscription_is_found_by_the_liveness_probe() {
+    let redis = RedisServer::start("probe");
+    let relay = Relay::start(redis.port);
+    let dir = TempDir::new("probe-node");
+    let toml = cluster_toml(&dir, &redis, "probe:", |e| {
+        e.url = format!("redis://127.0.0.1:{}/0", relay.port);
+        e.probe_interval_ms = 200;
+        e.command_timeout_ms = 500;
+    });
+    let (node, ready) = HeraldProcess::start(&dir, &toml, &[]);
+    wait_engine_up(ready.api, true);
+    let (mut ws, _) = connect_user(ready.listen, "shop", "reader");
+    subscribe(&mut ws, "news");
+    redis.wait_numsub("probe:shop:news", 1);
+    // The node's first two connections: publishing, then subscribing.
+    assert_eq!(relay.nr_connections(), 2);
+
+    // The subscription goes silent, the connection stays; nothing is published: only the
+    // probe (published fine, never heard back) can tell.
+    relay.freeze(1, true);
+    wait_engine_up(ready.api, false);
+    node.wait_log("liveness probe not received back", 0);
+    // Two fresh connections, and delivery works through them.
+    wait_engine_up(ready.api, true);
+    assert_eq!(relay.nr_connections(), 4);
+    let r = publish_shop(ready.api, "news", "7");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(next_message(&mut ws).1, "7");
+
+    // A link that hangs both ways: the probe is not even answered.
+    relay.freeze(2, true);
+    relay.freeze(3, true);
+    wait_engine_up(ready.api, false);
+    node.wait_log("liveness probe not answered", 0);
+    wait_engine_up(ready.api, true);
+    let r = publish_shop(ready.api, "news", "8");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(next_message(&mut ws).1, "8");
 }

@@ -356,7 +356,14 @@ fn readyz(hub: &Hub) -> Response<Full<Bytes>> {
         );
     }
     let phase = hub.phase();
+    let engine_down = hub
+        .broker
+        .engine()
+        .is_some_and(|e| !e.up.load(std::sync::atomic::Ordering::Acquire));
     let (status, text) = match phase {
+        // Serving, but not reaching the cluster's engine: publishes are refused and the node
+        // hears nothing from the other nodes.
+        Phase::Running if engine_down => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
         Phase::Running => (StatusCode::OK, "ready"),
         Phase::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
         Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),

@@ -158,6 +158,12 @@ pub fn channel(prefix: &str, project: &str, topic: &str) -> String {
     c
 }
 
+/// The channel a node publishes its liveness probe on: `<prefix>~node:<node>` (`~` is in no
+/// project id, so it is no topic's channel).
+pub fn probe_channel(prefix: &str, node: &str) -> String {
+    format!("{prefix}~node:{node}")
+}
+
 /// (project id, topic) of a channel, `None` if it is not one of `prefix`'s.
 pub fn parse_channel<'a>(prefix: &str, channel: &'a str) -> Option<(&'a str, &'a str)> {
     channel.strip_prefix(prefix)?.split_once(':')
@@ -168,6 +174,7 @@ impl RedisBroker {
     /// and subscriptions ([`Bridge::spawn`] it once the node's hub exists).
     pub fn new(
         settings: &EngineSettings,
+        node: &str,
         interest: Arc<Interest>,
         registry: SharedRegistry,
     ) -> (Self, Bridge) {
@@ -188,6 +195,7 @@ impl RedisBroker {
         let bridge = Bridge {
             publish_rx,
             subs: Subscriptions {
+                probe_channel: probe_channel(&settings.prefix, node),
                 settings: settings.clone(),
                 interest,
                 registry,
@@ -290,6 +298,8 @@ pub struct Bridge {
 
 /// The node's subscriptions in Redis and what changes them.
 struct Subscriptions {
+    /// The node's own channel, for the liveness probe.
+    probe_channel: String,
     settings: EngineSettings,
     interest: Arc<Interest>,
     registry: SharedRegistry,
@@ -400,6 +410,9 @@ impl Bridge {
             Ok(c) => c,
             Err(e) => return Ended::Lost(e),
         };
+        if let Err(e) = subscriber.subscribe(&subs.probe_channel).await {
+            return Ended::Lost(describe(e));
+        }
         if let Err(e) = subs.reconcile(&mut subscriber).await {
             return Ended::Lost(e);
         }
@@ -415,16 +428,31 @@ impl Bridge {
         let stats = subs.stats.clone();
         let prefix = subs.settings.prefix.clone();
         let command_timeout = subs.settings.command_timeout;
+        let mut probe = Probe {
+            publisher: publisher.clone(),
+            channel: subs.probe_channel.clone(),
+            interval: subs.settings.probe_interval,
+            timeout: command_timeout,
+            sent: None,
+        };
+        // When a message (any, the probe included) last came from Redis.
+        let heard = std::cell::Cell::new(Instant::now());
         let publishing = publish_loop(publish_rx, &mut publisher, command_timeout, &stats);
-        let delivering = deliver_loop(&mut msg_rx, hub, &prefix, &stats);
+        let delivering = deliver_loop(&mut msg_rx, hub, &prefix, &heard, &stats);
         tokio::pin!(publishing, delivering);
-        // The subscription manager runs here, beside the two loops.
+        // The subscription manager and the probe run here, beside the two loops.
         let mut tick = tokio::time::interval(lingering_period(subs.settings.unsubscribe_linger));
+        let mut probe_tick = tokio::time::interval(probe.period());
         loop {
             tokio::select! {
                 ended = &mut publishing => return ended,
                 ended = &mut delivering => return ended,
                 () = lost.notified() => return Ended::Lost("connection closed".into()),
+                _ = probe_tick.tick() => {
+                    if let Err(e) = probe.check(heard.get()).await {
+                        return Ended::Lost(e);
+                    }
+                }
                 change = subs.change_rx.recv() => {
                     let Some(change) = change else { return Ended::Stopped };
                     let mut changes = vec![change];
@@ -632,6 +660,71 @@ impl Subscriptions {
     }
 }
 
+/// The liveness probe: when nothing came from Redis for `interval`, the node publishes on its
+/// own channel, and a probe not heard back within `timeout` means the subscription no longer
+/// receives (a failover left it on a demoted server, or the link hangs): reconnect.
+struct Probe {
+    /// A handle on the publishing connection.
+    publisher: MultiplexedConnection,
+    /// The node's own channel.
+    channel: String,
+    /// Quiet time before a probe.
+    interval: Duration,
+    /// How long a probe may take to come back.
+    timeout: Duration,
+    /// When the probe in flight was sent.
+    sent: Option<Instant>,
+}
+
+impl Probe {
+    /// How often [`Probe::check`] runs: a quarter of the shorter of the two durations.
+    fn period(&self) -> Duration {
+        (self.interval.min(self.timeout) / 4).max(Duration::from_millis(10))
+    }
+
+    /// Sends a probe when Redis has been quiet for the interval (nothing `heard` since);
+    /// fails when the one in flight did not come back in time.
+    async fn check(&mut self, heard: Instant) -> Result<(), String> {
+        let now = Instant::now();
+        if let Some(at) = self.sent {
+            if heard >= at {
+                self.sent = None;
+            } else if now - at >= self.timeout {
+                return Err(format!(
+                    "liveness probe not received back within {:?}: the subscription no longer \
+                     receives",
+                    self.timeout
+                ));
+            } else {
+                return Ok(());
+            }
+        }
+        if now - heard < self.interval {
+            return Ok(());
+        }
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(&self.channel).arg("probe");
+        match tokio::time::timeout(
+            self.timeout,
+            publish.query_async::<i64>(&mut self.publisher),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {
+                self.sent = Some(now);
+                Ok(())
+            }
+            Ok(Err(e)) if !e.is_timeout() => {
+                Err(format!("liveness probe not published: {}", describe(e)))
+            }
+            Ok(Err(_)) | Err(_) => Err(format!(
+                "liveness probe not answered within {:?}",
+                self.timeout
+            )),
+        }
+    }
+}
+
 /// How often lingering channels are looked at: a tenth of the linger, 10 ms to 1 s.
 fn lingering_period(linger: Duration) -> Duration {
     (linger / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
@@ -700,6 +793,7 @@ async fn deliver_loop(
     rx: &mut mpsc::Receiver<(Vec<u8>, Vec<u8>)>,
     hub: &Weak<dyn Deliver + Send + Sync>,
     prefix: &str,
+    heard: &std::cell::Cell<Instant>,
     stats: &EngineStats,
 ) -> Ended {
     let mut full_logged: Option<Instant> = None;
@@ -708,6 +802,11 @@ async fn deliver_loop(
         let Some((ch, payload)) = rx.recv().await else {
             return Ended::Lost("subscription connection closed".into());
         };
+        heard.set(Instant::now());
+        if ch.starts_with(prefix.as_bytes()) && ch[prefix.len()..].starts_with(b"~node:") {
+            // The node's own probe: heard, nothing to deliver.
+            continue;
+        }
         add(&stats.received, 1);
         let Some(node) = hub.upgrade() else {
             return Ended::Stopped;

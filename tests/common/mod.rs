@@ -1376,3 +1376,76 @@ pub fn wait_engine_up(api: SocketAddr, up: bool) {
         metric(&scrape(api), "herald_engine_up", "") == f64::from(u8::from(up))
     });
 }
+
+/// A TCP relay to a port on loopback whose connections can be frozen: a frozen connection
+/// moves no byte in either direction and closes nothing, as a link that hangs (or a server
+/// that stopped answering without closing) looks to a client. Threads end with their
+/// connections.
+pub struct Relay {
+    /// Where clients connect.
+    pub port: u16,
+    /// Every connection relayed so far, in accept order: its flag (frozen or not).
+    conns: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+}
+
+impl Relay {
+    /// Relays connections on a free loopback port to `127.0.0.1:<to>`.
+    pub fn start(to: u16) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let conns: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let list = conns.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let flag = Arc::new(AtomicBool::new(false));
+                list.lock().unwrap().push(flag.clone());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let frozen = flag.clone();
+                    std::thread::spawn(move || {
+                        let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            if frozen.load(Ordering::Acquire) {
+                                std::thread::sleep(Duration::from_millis(10));
+                                continue;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        ErrorKind::WouldBlock | ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { port, conns }
+    }
+
+    /// Connections relayed so far.
+    pub fn nr_connections(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
+    /// Freezes (`true`) or resumes connection `i` (in accept order).
+    pub fn freeze(&self, i: usize, frozen: bool) {
+        self.conns.lock().unwrap()[i].store(frozen, std::sync::atomic::Ordering::Release);
+    }
+}
