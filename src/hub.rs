@@ -269,15 +269,15 @@ impl Hub {
 
     /// Publishes prepared publications, in order, through the broker: all of them to every
     /// shard holding subscribers of their topics, or, when the node is draining, has failed or
-    /// such a shard lacks room for all of them, none. With an engine, returns once the engine
-    /// has them (blocking the calling thread at most `engine.command_timeout_ms`; not for a
-    /// shard).
+    /// such a shard lacks room for all of them, none. With an engine, completes once the
+    /// engine has them (at most `engine.command_timeout_ms`; it awaits on the caller's tokio
+    /// runtime and blocks no thread).
     ///
     /// # Errors
     /// [`PublishError::Draining`], [`PublishError::Failed`], [`PublishError::Busy`], and with
     /// an engine [`PublishError::EngineUnavailable`] or [`PublishError::EngineBusy`].
-    pub fn send(&self, publications: &[Arc<Publication>]) -> Result<(), PublishError> {
-        self.submit(publications)?.wait()
+    pub async fn send(&self, publications: &[Arc<Publication>]) -> Result<(), PublishError> {
+        self.submit(publications)?.acknowledged().await
     }
 
     /// [`Hub::send`] up to the broker's acknowledgement, which the caller awaits or not. The
@@ -510,6 +510,11 @@ mod tests {
         assert_eq!(hub.interest.len(), 1, "only `news` is left");
     }
 
+    /// [`Hub::send`] on the local broker, which acknowledges at once.
+    fn send(hub: &Hub, publications: &[Arc<Publication>]) -> Result<(), PublishError> {
+        hub.submit(publications).map(drop)
+    }
+
     fn raw(json: &str) -> Box<RawValue> {
         RawValue::from_string(json.to_owned()).unwrap()
     }
@@ -593,7 +598,7 @@ mod tests {
         let batch: Vec<_> = (0..2)
             .map(|_| hub.prepare(0, &topic, &data).unwrap().1)
             .collect();
-        assert_eq!(hub.send(&batch), Err(PublishError::Busy(2)));
+        assert_eq!(send(&hub, &batch), Err(PublishError::Busy(2)));
         for inbox in &inboxes {
             assert!(
                 drain_inbox(inbox).0.is_empty(),
@@ -610,7 +615,7 @@ mod tests {
             );
         }
         drop(held);
-        hub.send(&batch).unwrap();
+        send(&hub, &batch).unwrap();
         for inbox in &inboxes {
             let (got, _) = drain_inbox(inbox);
             assert_eq!(got.len(), 2);
@@ -631,10 +636,10 @@ mod tests {
         let batch: Vec<_> = (0..2)
             .map(|_| hub.prepare(0, &topic, &data).unwrap().1)
             .collect();
-        hub.send(&batch).unwrap();
+        send(&hub, &batch).unwrap();
         hub.publish(0, &topic, &data).unwrap();
         assert_eq!(hub.publish(0, &topic, &data), Err(PublishError::Busy(0)));
-        assert_eq!(hub.send(&batch), Err(PublishError::Busy(0)));
+        assert_eq!(send(&hub, &batch), Err(PublishError::Busy(0)));
         for m in &hub.mailboxes {
             assert_eq!((m.depth(), m.depth_bytes()), (3, 3 * one));
         }
@@ -643,7 +648,7 @@ mod tests {
         assert_eq!(hub.publish(0, &topic, &data), Err(PublishError::Busy(1)));
         assert_eq!(drain_inbox(&inboxes[0]).0.len(), 0, "nothing sent");
         assert_eq!(drain_inbox(&inboxes[1]).0.len(), 3);
-        hub.send(&batch).unwrap();
+        send(&hub, &batch).unwrap();
         for inbox in &inboxes {
             assert_eq!(drain_inbox(inbox).0.len(), 2);
         }

@@ -389,3 +389,44 @@ fn a_silent_subscription_is_found_by_the_liveness_probe() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(next_message(&mut ws).1, "8");
 }
+
+/// A publish waiting for Redis's acknowledgement holds no thread: the API answers other
+/// requests meanwhile, and the publish is answered once Redis takes it (here, after Redis
+/// was paused for writes).
+#[test]
+fn the_api_serves_while_a_publish_waits_for_redis() {
+    let redis = RedisServer::start("slow");
+    let dir = TempDir::new("slow-node");
+    let toml = cluster_toml(&dir, &redis, "slow:", |e| e.command_timeout_ms = 10_000);
+    let (_node, ready) = HeraldProcess::start(&dir, &toml, &[]);
+    wait_engine_up(ready.api, true);
+    let (mut ws, _) = connect_user(ready.listen, "shop", "reader");
+    subscribe(&mut ws, "news");
+    redis.wait_numsub("slow:shop:news", 1);
+
+    let mut c = redis.connection().unwrap();
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("WRITE")
+        .query(&mut c)
+        .unwrap();
+    let api = ready.api;
+    let publisher = std::thread::spawn(move || publish_shop(api, "news", r#""late""#));
+    // The node's PUBLISH is held by Redis for the pause.
+    wait_until("the node's PUBLISH to wait in Redis", || {
+        let clients: String = redis::cmd("CLIENT").arg("LIST").query(&mut c).unwrap();
+        clients
+            .lines()
+            .any(|l| l.contains("flags=b") && l.contains("cmd=publish"))
+    });
+    let r = http_request(api, "GET", "/healthz", "", "");
+    assert_eq!(r.status, 200);
+    assert!(
+        !publisher.is_finished(),
+        "the health check was answered while the publish still waited for Redis"
+    );
+    let r = publisher.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(next_message(&mut ws).1, r#""late""#);
+}

@@ -244,8 +244,9 @@ struct Ctx {
     settings: Arc<ApiSettings>,
     /// Request-rate buckets per API key, shared by every API connection.
     limiter: Arc<KeyLimiter>,
-    /// Answers of accepted publishes by `Idempotency-Key`.
-    idempotency: Arc<std::sync::Mutex<idempotency::IdempotencyCache>>,
+    /// Answers of accepted publishes by `Idempotency-Key` (an async lock: it is held while a
+    /// keyed publish waits for the engine's acknowledgement).
+    idempotency: Arc<tokio::sync::Mutex<idempotency::IdempotencyCache>>,
     /// One management change (project or key) at a time, each on a blocking thread; a
     /// bounded number waiting.
     management: Arc<projects::Management>,

@@ -12,7 +12,7 @@
 //! [`Deliver::deliver`] for what comes back. Shards do not change.
 //!
 //! With an engine ([`redis::RedisBroker`]) a publish is accepted once the engine has it
-//! ([`Pending::wait`]), and every node, this one included, delivers it from its own
+//! ([`Pending::acknowledged`]), and every node, this one included, delivers it from its own
 //! subscription through [`Deliver::deliver_each`], under the same publish gate as a local
 //! publish.
 //!
@@ -112,12 +112,10 @@ pub struct EngineStats {
 /// A publish handed to the broker, not yet acknowledged by it.
 #[derive(Debug)]
 #[must_use = "a publish is accepted only once its acknowledgement is awaited"]
-pub struct Pending(
-    Option<(
-        crossbeam_channel::Receiver<Result<(), PublishError>>,
-        Duration,
-    )>,
-);
+pub struct Pending(Option<(Ack, Duration)>);
+
+/// Where a broker acknowledges a publish.
+pub type Ack = tokio::sync::oneshot::Receiver<Result<(), PublishError>>;
 
 impl Pending {
     /// Already done (the local broker delivered it).
@@ -126,30 +124,25 @@ impl Pending {
     }
 
     /// Waiting for `ack`, at most `within`.
-    pub fn awaiting(
-        ack: crossbeam_channel::Receiver<Result<(), PublishError>>,
-        within: Duration,
-    ) -> Self {
+    pub fn awaiting(ack: Ack, within: Duration) -> Self {
         Self(Some((ack, within)))
     }
 
-    /// Blocks the calling thread until the broker has the publish, at most the broker's
-    /// command timeout. Never call it on a shard.
+    /// Waits (asynchronously, on a tokio runtime with timers) until the broker has the
+    /// publish, at most the broker's command timeout.
     ///
     /// # Errors
     /// [`PublishError`]: the broker did not acknowledge the publish.
-    pub fn wait(self) -> Result<(), PublishError> {
+    pub async fn acknowledged(self) -> Result<(), PublishError> {
         let Some((ack, within)) = self.0 else {
             return Ok(());
         };
-        match ack.recv_timeout(within) {
-            Ok(r) => r,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(
-                PublishError::EngineUnavailable(EngineDown::NoAnswer(within.as_millis() as u64)),
-            ),
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                Err(PublishError::EngineUnavailable(EngineDown::Lost))
-            }
+        match tokio::time::timeout(within, ack).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(PublishError::EngineUnavailable(EngineDown::Lost)),
+            Err(_) => Err(PublishError::EngineUnavailable(EngineDown::NoAnswer(
+                within.as_millis() as u64,
+            ))),
         }
     }
 }

@@ -26,7 +26,7 @@
 //! side without a bound:
 //!
 //! - publishes go to the bridge through a bounded queue ([`PUBLISH_QUEUE`]): full, the publish
-//!   is refused (503 `busy`); the API then waits for Redis's answer to its `PUBLISH`, at most
+//!   is refused (503 `busy`); the API then awaits Redis's answer to its `PUBLISH`, at most
 //!   `engine.command_timeout_ms` (a shard never waits: [`crate::hub::Hub::publish`]);
 //! - interest changes go through a bounded queue ([`CHANGE_QUEUE`]): full, the change is
 //!   dropped and the bridge reconciles its subscriptions with the whole table instead;
@@ -85,7 +85,7 @@ struct PublishCmd {
     /// (channel, payload) per topic of every publication, in order.
     messages: Vec<(String, Bytes)>,
     /// Where the bridge answers.
-    ack: crossbeam_channel::Sender<Result<(), PublishError>>,
+    ack: tokio::sync::oneshot::Sender<Result<(), PublishError>>,
 }
 
 /// A (project, topic): one channel.
@@ -244,7 +244,7 @@ impl Broker for RedisBroker {
                 messages.push((channel(&self.prefix, &project.id, topic), p.body.clone()));
             }
         }
-        let (ack, acked) = crossbeam_channel::bounded(1);
+        let (ack, acked) = tokio::sync::oneshot::channel();
         match self.publishes.try_send(PublishCmd { messages, ack }) {
             Ok(()) => Ok(Pending::awaiting(acked, self.command_timeout)),
             Err(mpsc::error::TrySendError::Full(_)) => Err(PublishError::EngineBusy),
