@@ -17,6 +17,14 @@ fn shop_channel(prefix: &str, topic: &str) -> String {
     format!("{prefix}shop:{topic}")
 }
 
+/// A Redis of its own and three nodes sharing it under the prefix `<name>:`.
+fn three_nodes(name: &str) -> (RedisServer, String, Vec<(HeraldProcess, Ready, TempDir)>) {
+    let redis = RedisServer::start(name);
+    let prefix = format!("{name}:");
+    let nodes = cluster_nodes(3, name, &redis, &prefix);
+    (redis, prefix, nodes)
+}
+
 /// Publishes `data` to `topic` of `shop` through `api`.
 fn publish_shop(api: std::net::SocketAddr, topic: &str, data: &str) -> HttpResponse {
     publish(
@@ -34,9 +42,7 @@ fn next_message(ws: &mut Client) -> (String, String, String) {
 
 #[test]
 fn a_publish_to_any_node_reaches_subscribers_on_every_node() {
-    let redis = RedisServer::start("any-node");
-    let prefix = "any:";
-    let nodes = cluster_nodes(3, "any-node", &redis, prefix);
+    let (redis, prefix, nodes) = three_nodes("any-node");
     let mut clients: Vec<Client> = nodes
         .iter()
         .map(|(_, ready, _)| {
@@ -45,7 +51,7 @@ fn a_publish_to_any_node_reaches_subscribers_on_every_node() {
             ws
         })
         .collect();
-    redis.wait_numsub(&shop_channel(prefix, "news"), 3);
+    redis.wait_numsub(&shop_channel(&prefix, "news"), 3);
     let mut ids = BTreeSet::new();
     for (i, (_, ready, _)) in nodes.iter().enumerate() {
         let r = publish_shop(ready.api, "news", &format!(r#"{{"from":{i}}}"#));
@@ -66,9 +72,7 @@ fn a_publish_to_any_node_reaches_subscribers_on_every_node() {
 fn ten_thousand_messages_arrive_in_order_on_every_node() {
     const N: usize = 10_000;
     const BATCH: usize = 500;
-    let redis = RedisServer::start("order");
-    let prefix = "order:";
-    let nodes = cluster_nodes(3, "order", &redis, prefix);
+    let (redis, prefix, nodes) = three_nodes("order");
     // Two subscribers on the first node, one on each other.
     let mut readers = Vec::new();
     for listen in [
@@ -89,7 +93,7 @@ fn ten_thousand_messages_arrive_in_order_on_every_node() {
                 .collect::<Vec<_>>()
         }));
     }
-    redis.wait_numsub(&shop_channel(prefix, "ticks"), 3);
+    redis.wait_numsub(&shop_channel(&prefix, "ticks"), 3);
     // One publisher, through the middle node, in batches.
     let api = nodes[1].1.api;
     for start in (0..N).step_by(BATCH) {
@@ -117,15 +121,13 @@ fn ten_thousand_messages_arrive_in_order_on_every_node() {
 
 #[test]
 fn unicast_reaches_a_users_connections_on_two_nodes() {
-    let redis = RedisServer::start("unicast");
-    let prefix = "uni:";
-    let nodes = cluster_nodes(3, "unicast", &redis, prefix);
+    let (redis, prefix, nodes) = three_nodes("unicast");
     let (mut alice_0, _) = connect_user(nodes[0].1.listen, "shop", "alice");
     let (mut alice_2, _) = connect_user(nodes[2].1.listen, "shop", "alice");
     let (mut bob_1, _) = connect_user(nodes[1].1.listen, "shop", "bob");
     // The implicit `user.<sub>` topic is subscribed on the nodes holding the user only.
-    redis.wait_numsub(&shop_channel(prefix, "user.alice"), 2);
-    redis.wait_numsub(&shop_channel(prefix, "user.bob"), 1);
+    redis.wait_numsub(&shop_channel(&prefix, "user.alice"), 2);
+    redis.wait_numsub(&shop_channel(&prefix, "user.bob"), 1);
     let r = publish_shop(nodes[1].1.api, "user.alice", r#""for alice""#);
     assert_eq!(r.status, 200, "{}", r.text());
     let r = publish_shop(nodes[0].1.api, "user.bob", r#""for bob""#);
@@ -429,4 +431,80 @@ fn the_api_serves_while_a_publish_waits_for_redis() {
     let r = publisher.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(next_message(&mut ws).1, r#""late""#);
+}
+
+/// A node killed (SIGKILL) while messages are published: the other nodes deliver every
+/// message in order, and the killed node's client, reconnected to another node, receives what
+/// is published after its subscription.
+#[test]
+fn a_killed_node_costs_the_others_nothing_and_its_clients_move() {
+    const FIRST: usize = 2000;
+    const MORE: usize = 100;
+    let (redis, prefix, mut nodes) = three_nodes("kill");
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for (_, ready, _) in &nodes[..2] {
+        let (mut ws, _) = connect_user(ready.listen, "shop", "reader");
+        subscribe(&mut ws, "load");
+        let seen = seen.clone();
+        readers.push(std::thread::spawn(move || {
+            (0..FIRST + MORE)
+                .map(|_| {
+                    let n: usize = next_message(&mut ws).1.parse().expect("a number");
+                    seen.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+                    n
+                })
+                .collect::<Vec<_>>()
+        }));
+    }
+    let (mut doomed, _) = connect_user(nodes[2].1.listen, "shop", "reader");
+    subscribe(&mut doomed, "load");
+    redis.wait_numsub(&shop_channel(&prefix, "load"), 3);
+
+    let api = nodes[0].1.api;
+    let publish_range = move |range: std::ops::Range<usize>| {
+        for n in range {
+            let r = publish_shop(api, "load", &n.to_string());
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    };
+    let publisher = std::thread::spawn(move || publish_range(0..FIRST));
+    wait_until("a quarter of the messages delivered", || {
+        seen.load(std::sync::atomic::Ordering::Relaxed) >= FIRST / 4
+    });
+    nodes[2].0.child.kill().expect("SIGKILL");
+    nodes[2].0.child.wait().expect("reaped");
+    // Its client sees the connection end (not a read timeout), and comes back on another node.
+    let ended = loop {
+        match doomed.read() {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        !matches!(&ended, tungstenite::Error::Io(e)
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "the connection ended: {ended}"
+    );
+    let (mut moved, _) = connect_user(nodes[1].1.listen, "shop", "reader");
+    subscribe(&mut moved, "load");
+    redis.wait_numsub(&shop_channel(&prefix, "load"), 2);
+    publisher.join().expect("publisher");
+    publish_range(FIRST..FIRST + MORE);
+
+    let expected: Vec<usize> = (0..FIRST + MORE).collect();
+    for (i, reader) in readers.into_iter().enumerate() {
+        assert!(
+            reader.join().expect("reader") == expected,
+            "node {i}: every message, in order"
+        );
+    }
+    // The moved client: a run of consecutive messages ending with the last one published,
+    // covering at least everything published after it subscribed.
+    let mut got = Vec::new();
+    while got.last() != Some(&(FIRST + MORE - 1)) {
+        got.push(next_message(&mut moved).1.parse::<usize>().unwrap());
+    }
+    assert!(got.len() >= MORE, "{got:?}");
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
 }
