@@ -200,7 +200,8 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
 
     /// Calls `done` once the node receives `topic`'s publications from the other nodes too
     /// (at once with no engine, or when its engine subscription exists): what a `subscribe`
-    /// ack waits for in a cluster. Call it after [`Broker::subscribe`]. Never blocks.
+    /// ack waits for in a cluster. Call it after [`Broker::subscribe`]. Never blocks; `done`
+    /// may run on the engine's thread and must not block either.
     fn when_subscribed(&self, project: u32, topic: &str, done: Box<dyn FnOnce() + Send>) {
         let _ = (project, topic);
         done();

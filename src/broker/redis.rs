@@ -76,6 +76,7 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 /// Longest wait before reconnecting.
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
+/// Adds `n` to a counter.
 fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
@@ -133,7 +134,9 @@ impl std::fmt::Debug for RedisBroker {
 /// A request to reconcile the subscriptions with the whole interest table.
 #[derive(Debug, Default)]
 struct Resync {
+    /// A reconcile is wanted.
     wanted: AtomicBool,
+    /// Wakes the bridge.
     notify: Notify,
 }
 
@@ -300,16 +303,22 @@ pub struct Bridge {
 struct Subscriptions {
     /// The node's own channel, for the liveness probe.
     probe_channel: String,
+    /// `[engine]`.
     settings: EngineSettings,
+    /// The node's table: what it wants subscribed, looked at when the bridge acts.
     interest: Arc<Interest>,
+    /// To name a project's channels.
     registry: SharedRegistry,
+    /// Counters, shared with the broker and `/metrics`.
     stats: Arc<EngineStats>,
+    /// Set by the broker when a change was dropped.
     resync: Arc<Resync>,
+    /// Interest changes and waiters from the shards.
     change_rx: mpsc::Receiver<Change>,
     /// Channels subscribed on the current connection, by (project, topic).
-    subscribed: HashSet<(u32, Box<str>)>,
+    subscribed: HashSet<Key>,
     /// Subscribed channels without a local subscriber, and when to drop them.
-    lingering: HashMap<(u32, Box<str>), Instant>,
+    lingering: HashMap<Key, Instant>,
     /// Callbacks waiting for a channel's subscription.
     waiters: HashMap<Key, Vec<Waiter>>,
 }
@@ -544,7 +553,7 @@ impl Subscriptions {
     /// Subscribes to every (project, topic) of the table not subscribed yet and lets the
     /// others linger.
     async fn reconcile(&mut self, conn: &mut MultiplexedConnection) -> Result<(), String> {
-        let wanted: HashSet<(u32, Box<str>)> = self
+        let wanted: HashSet<Key> = self
             .interest
             .entries()
             .into_iter()
@@ -606,7 +615,7 @@ impl Subscriptions {
     /// `SUBSCRIBE`s `keys` in batches, then calls their waiters.
     async fn subscribe(
         &mut self,
-        keys: Vec<(u32, Box<str>)>,
+        keys: Vec<Key>,
         conn: &mut MultiplexedConnection,
     ) -> Result<(), String> {
         for batch in keys.chunks(CHANNELS_PER_COMMAND) {
@@ -631,7 +640,7 @@ impl Subscriptions {
     /// subscriber.
     async fn expire(&mut self, conn: &mut MultiplexedConnection) -> Result<(), String> {
         let now = Instant::now();
-        let due: Vec<(u32, Box<str>)> = self
+        let due: Vec<Key> = self
             .lingering
             .iter()
             .filter(|(_, at)| **at <= now)
