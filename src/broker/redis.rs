@@ -766,6 +766,11 @@ async fn publish_loop(
                 nr += 1;
             }
         }
+        // All or none: a connection lost on the way loses the whole group, not part of a
+        // batch (an answer lost after EXEC still leaves the outcome unknown: 503).
+        if nr > 1 {
+            pipe.atomic();
+        }
         let outcome = if nr == 0 {
             Ok(Ok(()))
         } else {
