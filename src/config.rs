@@ -1439,6 +1439,15 @@ proxy_protocol = false
 format = "text"
 level = "info"
 
+# A cluster: nodes with the same Redis url and prefix share every publish (Redis 7.0+).
+# Without this section the node runs on its own. The url may hold a password: keep this
+# file private.
+# [engine]
+# type = "redis"
+# url = "redis://herald:PASSWORD@10.0.0.5:6379/0"   # or "unix:///run/redis/redis.sock"
+# prefix = "herald:"
+# node = "web1:8080"                                 # default: host name and client port
+
 # Chosen here: one project, `main` (there is no default project; at least one is required),
 # with a fresh random API key and HMAC key. The other project keys show their defaults.
 [[projects]]
@@ -1580,6 +1589,25 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.projects[0].id, "main");
         assert!(!c.uses_dev_keys());
+        assert!(
+            c.engine.is_none(),
+            "a node on its own unless [engine] is uncommented"
+        );
+        // The commented [engine] example, uncommented, is a valid section.
+        let mut in_engine = false;
+        let uncommented: String = production_template()
+            .lines()
+            .map(|l| {
+                in_engine = (in_engine || l == "# [engine]") && !l.is_empty();
+                match l.strip_prefix("# ") {
+                    Some(rest) if in_engine => format!("{rest}\n"),
+                    _ => format!("{l}\n"),
+                }
+            })
+            .collect();
+        let engine = Config::parse(&uncommented).unwrap().engine.unwrap();
+        engine.validate().unwrap();
+        assert_eq!(engine.node.as_deref(), Some("web1:8080"));
     }
 
     /// Every value genconfig writes is the default, or is under a comment saying it is chosen.
