@@ -173,7 +173,7 @@ fn a_node_receives_only_the_topics_its_connections_subscribe_to() {
         "B received nothing for `only-a`"
     );
 
-    // Unsubscribed: the channel lingers (300 ms here), then goes.
+    // Unsubscribed: the channel lingers (`engine.unsubscribe_linger_ms`, 1 s), then goes.
     let ack = request(
         &mut on_a,
         r#"{"op":"unsubscribe","topic":"only-a","id":"u"}"#,
@@ -195,6 +195,36 @@ fn a_node_receives_only_the_topics_its_connections_subscribe_to() {
     redis.wait_numsub(&only_a, 1);
     assert_eq!(publish_shop(b.api, "only-a", "2").status, 200);
     assert_eq!(next_message(&mut on_a).1, "2");
+
+    // A topic that goes and comes back within the linger costs Redis no command: `flap` is
+    // left and taken again at once, then `gone` is left for good. Once `gone` is dropped
+    // (its linger started last), `flap`'s would have been too: it is still there, and the
+    // only UNSUBSCRIBE since is `gone`'s.
+    let unsubscribes = || {
+        let mut c = redis.connection().unwrap();
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut c)
+            .unwrap();
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_unsubscribe:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    subscribe(&mut on_a, "flap");
+    subscribe(&mut on_a, "gone");
+    redis.wait_numsub(&shop_channel(prefix, "flap"), 1);
+    redis.wait_numsub(&shop_channel(prefix, "gone"), 1);
+    let before = unsubscribes();
+    let ack = request(&mut on_a, r#"{"op":"unsubscribe","topic":"flap","id":"f"}"#);
+    assert_eq!(ack["type"], "ack");
+    subscribe(&mut on_a, "flap");
+    let ack = request(&mut on_a, r#"{"op":"unsubscribe","topic":"gone","id":"g"}"#);
+    assert_eq!(ack["type"], "ack");
+    redis.wait_numsub(&shop_channel(prefix, "gone"), 0);
+    assert_eq!(redis.numsub(&shop_channel(prefix, "flap")), 1);
+    assert_eq!(unsubscribes() - before, 1, "one UNSUBSCRIBE, for `gone`");
 }
 
 #[test]

@@ -1325,7 +1325,7 @@ impl Drop for RedisServer {
 
 /// The TOML of a node of the test cluster: [`config`] (projects `shop` and `blog`, two
 /// shards, limits off) with its own state directory in `dir` and `[engine]` on `redis` with
-/// `prefix` and a 300 ms unsubscribe linger, changed by `tweak`.
+/// `prefix` (other engine settings at their defaults), changed by `tweak`.
 pub fn cluster_toml(
     dir: &TempDir,
     redis: &RedisServer,
@@ -1337,7 +1337,6 @@ pub fn cluster_toml(
     let mut engine = herald::config::EngineConfig {
         url: redis.url(),
         prefix: prefix.into(),
-        unsubscribe_linger_ms: 300,
         ..Default::default()
     };
     tweak(&mut engine);
