@@ -475,6 +475,62 @@ mod tests {
         (hub, inboxes)
     }
 
+    /// A message from the engine is encoded once for the node (every shard gets the same
+    /// publication, holding the engine's bytes as they came), goes only to the interested
+    /// shards, skips a shard whose inbox is full without holding back the others, and is
+    /// refused once the node drains.
+    #[test]
+    fn an_engine_delivery_is_encoded_once_and_never_waits_for_a_full_inbox() {
+        let (hub, inboxes) = hub(4, 4);
+        hub.broker.subscribe(3, 0, "user.alice");
+        let body = Bytes::from_static(br#""hi","id":"n-1-0","ts":7}"#);
+        let d = hub.deliver_each(crate::config::DEV_PROJECT, "news", body.clone());
+        assert_eq!(
+            d,
+            Delivered {
+                nr_shards: 4,
+                ..Delivered::default()
+            }
+        );
+        let got: Vec<Arc<Publication>> =
+            inboxes.iter().map(|i| drain_inbox(i).0.remove(0)).collect();
+        assert!(
+            got.iter().all(|p| Arc::ptr_eq(p, &got[0])),
+            "one publication for the node"
+        );
+        assert_eq!(
+            got[0].body.as_ptr(),
+            body.as_ptr(),
+            "the engine's bytes, not a copy"
+        );
+        let frame = [&got[0].heads[0].1[..], &got[0].body[..]].concat();
+        assert_eq!(frame, &message_frame("news", r#""hi""#, "n-1-0", 7)[..]);
+
+        let d = hub.deliver_each(crate::config::DEV_PROJECT, "user.alice", body.clone());
+        assert_eq!(d.nr_shards, 1, "a unicast wakes the user's shard only");
+        assert_eq!(drain_inbox(&inboxes[3]).0.len(), 1);
+
+        let held = hub.mailboxes[1].try_reserve(4, 0).unwrap();
+        let d = hub.deliver_each(crate::config::DEV_PROJECT, "news", body.clone());
+        assert_eq!(
+            (d.nr_shards, d.nr_full),
+            (3, 1),
+            "shard 1 is full; the others get it"
+        );
+        drop(held);
+        let got: Vec<usize> = inboxes.iter().map(|i| drain_inbox(i).0.len()).collect();
+        assert_eq!(got, [1, 0, 1, 1]);
+
+        let d = hub.deliver_each("no-such-project", "news", body.clone());
+        assert!(d.unknown_project && d.nr_shards == 0);
+        hub.drain();
+        let d = hub.deliver_each(crate::config::DEV_PROJECT, "news", body);
+        assert!(
+            d.refused && d.nr_shards == 0,
+            "nothing once the node drains"
+        );
+    }
+
     /// A publish goes only to the shards holding subscribers of one of its topics, and the
     /// all-or-nothing reservation covers only those.
     #[test]
