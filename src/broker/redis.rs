@@ -810,13 +810,24 @@ async fn deliver_loop(
     heard: &std::cell::Cell<Instant>,
     stats: &EngineStats,
 ) -> Ended {
-    let mut full_logged: Option<Instant> = None;
-    let mut full_unlogged = 0u64;
+    let mut inbox_full = Throttled::default();
+    let mut queue_full = Throttled::default();
+    let mut queue_full_seen = stats.dropped_queue_full.load(Ordering::Relaxed);
     loop {
         let Some((ch, payload)) = rx.recv().await else {
             return Ended::Lost("subscription connection closed".into());
         };
         heard.set(Instant::now());
+        let dropped = stats.dropped_queue_full.load(Ordering::Relaxed);
+        if let Some(n) = queue_full.due(dropped - queue_full_seen) {
+            warn!(
+                dropped = n,
+                "queue from Redis to the delivery loop full: messages from the engine were not \
+                 delivered on this node (counted in herald_engine_dropped_total{{reason=\
+                 \"queue_full\"}}; logged at most once a second)"
+            );
+        }
+        queue_full_seen = dropped;
         if ch.starts_with(prefix.as_bytes()) && ch[prefix.len()..].starts_with(b"~node:") {
             // The node's own probe: heard, nothing to deliver.
             continue;
@@ -839,20 +850,40 @@ async fn deliver_loop(
         if d.refused {
             add(&stats.dropped_draining, 1);
         }
-        if d.nr_full > 0 {
-            add(&stats.dropped_inbox_full, u64::from(d.nr_full));
-            full_unlogged += u64::from(d.nr_full);
-            if full_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-                warn!(
-                    dropped = full_unlogged,
-                    "shard inbox full: a message from the engine was not delivered to that \
-                     shard's subscribers (counted in herald_engine_dropped_total{{reason=\
-                     \"inbox_full\"}}; logged at most once a second)"
-                );
-                full_logged = Some(Instant::now());
-                full_unlogged = 0;
-            }
+        add(&stats.dropped_inbox_full, u64::from(d.nr_full));
+        if let Some(n) = inbox_full.due(u64::from(d.nr_full)) {
+            warn!(
+                dropped = n,
+                "shard inbox full: a message from the engine was not delivered to that \
+                 shard's subscribers (counted in herald_engine_dropped_total{{reason=\
+                 \"inbox_full\"}}; logged at most once a second)"
+            );
         }
+    }
+}
+
+/// Drops logged at most once a second, each line with the drops since the last one.
+#[derive(Debug, Default)]
+struct Throttled {
+    /// When the last line was logged.
+    at: Option<Instant>,
+    /// Drops since then.
+    unlogged: u64,
+}
+
+impl Throttled {
+    /// Counts `n` drops; `Some(count)` when a line is due, with the count to log.
+    fn due(&mut self, n: u64) -> Option<u64> {
+        self.unlogged += n;
+        if self.unlogged == 0
+            || self
+                .at
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.at = Some(Instant::now());
+        Some(std::mem::take(&mut self.unlogged))
     }
 }
 
@@ -868,6 +899,22 @@ fn describe(e: redis::RedisError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drops_are_logged_at_most_once_a_second_with_their_count() {
+        let mut t = Throttled::default();
+        assert_eq!(t.due(0), None, "nothing dropped, nothing to say");
+        assert_eq!(t.due(2), Some(2));
+        assert_eq!(t.due(3), None, "within the second: counted");
+        assert_eq!(t.due(1), None);
+        t.at = Some(Instant::now() - Duration::from_secs(2));
+        assert_eq!(
+            t.due(0),
+            Some(4),
+            "the next line carries what was held back"
+        );
+        assert_eq!(t.due(0), None);
+    }
 
     #[test]
     fn channels_name_the_project_and_the_topic() {
