@@ -96,11 +96,11 @@ impl std::fmt::Debug for EngineSettings {
 }
 
 impl EngineSettings {
-    /// From a validated config's `[engine]`.
+    /// From a config's `[engine]`.
     ///
     /// # Errors
     /// A broken rule of the section, naming its key.
-    fn new(e: &crate::config::EngineConfig) -> Result<Self, ConfigError> {
+    pub fn new(e: &crate::config::EngineConfig) -> Result<Self, ConfigError> {
         Ok(Self {
             address: e.validate()?,
             prefix: e.prefix.as_str().into(),

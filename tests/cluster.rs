@@ -319,6 +319,38 @@ fn check_config_names_a_bad_engine_setting() {
     }));
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("invalid `engine.node`"), "{err}");
+
+    // --connect: reaches Redis and checks its version.
+    let connect = |toml: &str| {
+        let path = write_config(&dir, toml);
+        run_herald(&[
+            "check-config",
+            "--config",
+            path.to_str().unwrap(),
+            "--connect",
+        ])
+    };
+    let (status, out, err) = connect(&cluster_toml(&dir, &redis, "chk:", |_| ()));
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("engine: Redis 7."), "{out}");
+    assert!(out.trim_end().ends_with(": ok"), "{out}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (status, _, err) = connect(&cluster_toml(&dir, &redis, "chk:", |e| {
+        e.url = format!("redis://:secret-pw@127.0.0.1:{closed}/0");
+    }));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("engine: cannot connect"), "{err}");
+    assert!(
+        !err.contains("secret-pw"),
+        "the address is never quoted: {err}"
+    );
+    let (status, _, err) = connect(&toml::to_string(&config()).unwrap());
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("no [engine] section"), "{err}");
 }
 
 /// The bridge side of a `subscribe` ack that waits for the engine: the completion event for

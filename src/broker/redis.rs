@@ -323,6 +323,53 @@ struct Subscriptions {
     waiters: HashMap<Key, Vec<Waiter>>,
 }
 
+/// Oldest Redis herald runs on: 7.0 (RESP3 pushes, `CLIENT PAUSE WRITE`, ACL users).
+pub const MIN_REDIS: (u32, u32) = (7, 0);
+
+/// Connects to the engine once (`herald check-config --connect`), with its credentials, and
+/// reads its version (`INFO server`), which must be at least [`MIN_REDIS`]. Returns the
+/// version.
+///
+/// # Errors
+/// Why the engine cannot be used: not reachable, refused the credentials, too old. Never
+/// quotes the address.
+pub fn check_engine(settings: &EngineSettings) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("no runtime: {e}"))?;
+    rt.block_on(async {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(settings.connect_timeout))
+            .set_response_timeout(Some(settings.command_timeout));
+        let mut conn = Client::open(settings.address.clone())
+            .map_err(describe)?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| format!("cannot connect: {}", describe(e)))?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("INFO server refused: {}", describe(e)))?;
+        let version = info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(str::trim)
+            .ok_or("INFO server names no redis_version")?
+            .to_owned();
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if found < MIN_REDIS {
+            return Err(format!(
+                "Redis {version} is too old: herald needs {}.{} or later",
+                MIN_REDIS.0, MIN_REDIS.1
+            ));
+        }
+        Ok(version)
+    })
+}
+
 /// Why a session with Redis ended.
 enum Ended {
     /// The node is gone (its queues closed): the bridge stops.
