@@ -38,10 +38,17 @@
 //!
 //! # The engine going away
 //!
-//! While Redis is not connected, publishes are refused 503 `engine_unavailable`, and clients
-//! stay connected. The bridge logs one line per change of state, reconnects with exponential
-//! backoff and jitter, and on reconnect subscribes again to every channel the interest table
-//! names, in batches.
+//! While Redis is not connected, publishes are refused 503 `engine_unavailable`, `/readyz`
+//! says `degraded`, and clients stay connected. The bridge logs one line per change of state,
+//! reconnects with exponential backoff and jitter, and on reconnect subscribes again to every
+//! channel the interest table names, in batches. A subscription that stays open but no longer
+//! receives is found by a liveness probe on the node's own channel (`engine.probe_interval_ms`).
+//!
+//! # Not here yet
+//!
+//! A client's `subscribe` ack does not wait for the node's Redis subscription (the bridge
+//! offers the event, [`Broker::when_subscribed`]); clients are not told of messages missed
+//! while Redis was away; no TLS, Sentinel or Redis Cluster.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
