@@ -137,28 +137,45 @@ pub fn check_host(config: Option<&Path>, connections: Option<u64>) -> ExitCode {
     }
 }
 
-/// `herald check-config`: validates a config file and loads its projects and keys; exits 1
-/// naming the bad key.
-pub fn check_config(config: &Path) -> ExitCode {
-    match Config::load(config).and_then(|c| c.validate().map(|()| c)) {
-        Ok(c) => match Registry::from_config(&c) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("herald: {}: {e}", config.display());
-                ExitCode::from(1)
-            }
-        },
+/// `herald check-config`: validates a config file and loads its projects and keys; with
+/// `connect`, also connects to the `[engine]` it names and checks its version. Exits 1 naming
+/// the bad key, or saying why the engine cannot be used.
+pub fn check_config(config: &Path, connect: bool) -> ExitCode {
+    let c = match Config::load(config).and_then(|c| c.validate().map(|()| c)) {
+        Ok(c) => c,
         // Read and parse errors name the file themselves.
         Err(e @ (ConfigError::Read { .. } | ConfigError::Parse { .. })) => {
             eprintln!("herald: {e}");
-            ExitCode::from(1)
+            return ExitCode::from(1);
         }
         Err(e) => {
             eprintln!("herald: {}: {e}", config.display());
-            ExitCode::from(1)
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(e) = Registry::from_config(&c) {
+        eprintln!("herald: {}: {e}", config.display());
+        return ExitCode::from(1);
+    }
+    if connect {
+        let Some(engine) = &c.engine else {
+            eprintln!(
+                "herald: {}: --connect: no [engine] section, nothing to connect to",
+                config.display()
+            );
+            return ExitCode::from(1);
+        };
+        let checked = crate::settings::EngineSettings::new(engine)
+            .map_err(|e| e.to_string())
+            .and_then(|s| crate::broker::redis::check_engine(&s));
+        match checked {
+            Ok(version) => println!("{}: engine: Redis {version}, reachable", config.display()),
+            Err(e) => {
+                eprintln!("herald: {}: engine: {e}", config.display());
+                return ExitCode::from(1);
+            }
         }
     }
+    println!("{}: ok", config.display());
+    ExitCode::SUCCESS
 }

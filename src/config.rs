@@ -43,8 +43,187 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Trusted reverse proxies (client address from `X-Forwarded-For` or PROXY protocol).
     pub proxy: ProxyConfig,
+    /// The engine several nodes share publishes through (`[engine]`); absent, the node runs
+    /// on its own.
+    pub engine: Option<EngineConfig>,
     /// Tenants. At least one is required.
     pub projects: Vec<ProjectConfig>,
+}
+
+/// The engine nodes of one cluster share publishes through.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// The engine. Only `redis` (Redis 7.0 or later) today.
+    #[serde(rename = "type")]
+    pub kind: EngineKind,
+    /// Where the engine listens: `redis://[USER[:PASSWORD]@]HOST[:PORT][/DB]`, or
+    /// `unix:///path/to/redis.sock` (`redis+unix://` too). Never logged (it may hold a
+    /// password). Default `redis://127.0.0.1:6379/0`.
+    pub url: String,
+    /// Prefix of every channel name, so several clusters share one Redis. Printable ASCII
+    /// without spaces, 1 to 64 bytes. Default `herald:`.
+    pub prefix: String,
+    /// This node's name in the cluster, unique among its nodes: it starts every message id
+    /// the node makes. `A-Z a-z 0-9 . _ : -`, 1 to 64 bytes. Default: the host name and
+    /// the client port (`host:8080`).
+    pub node: Option<String>,
+    /// Longest wait for a connection to the engine, milliseconds. Default 2000.
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the engine's answer to a command (a publish waits for it before it
+    /// is acknowledged), milliseconds. Default 1000.
+    pub command_timeout_ms: u64,
+    /// How long the node stays subscribed to a topic's channel after its last local
+    /// subscriber leaves, so a topic that comes and goes does not churn, milliseconds.
+    /// Default 1000.
+    pub unsubscribe_linger_ms: u64,
+    /// After this long without a message from Redis, the node publishes a probe on its own
+    /// channel and reconnects when the probe does not come back within
+    /// `command_timeout_ms` (a subscription that no longer receives, e.g. after a failover),
+    /// milliseconds. Default 2000.
+    pub probe_interval_ms: u64,
+}
+
+/// The engines herald can share publishes through.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Redis PUB/SUB.
+    #[default]
+    Redis,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            kind: EngineKind::Redis,
+            url: "redis://127.0.0.1:6379/0".into(),
+            prefix: "herald:".into(),
+            node: None,
+            connect_timeout_ms: 2000,
+            command_timeout_ms: 1000,
+            unsubscribe_linger_ms: 1000,
+            probe_interval_ms: 2000,
+        }
+    }
+}
+
+impl fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("kind", &self.kind)
+            .field("url", &"<redacted>")
+            .field("prefix", &self.prefix)
+            .field("node", &self.node)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("command_timeout_ms", &self.command_timeout_ms)
+            .field("unsubscribe_linger_ms", &self.unsubscribe_linger_ms)
+            .field("probe_interval_ms", &self.probe_interval_ms)
+            .finish()
+    }
+}
+
+impl EngineConfig {
+    /// Checks the section; `Ok` holds the parsed address.
+    ///
+    /// # Errors
+    /// The first broken rule, naming its key (`engine.url`, ...). The URL itself is never
+    /// quoted: it may hold a password.
+    pub fn validate(&self) -> Result<redis::ConnectionInfo, ConfigError> {
+        use redis::IntoConnectionInfo;
+        let scheme = self.url.split_once("://").map(|(s, _)| s);
+        let info = match scheme {
+            Some("redis" | "unix" | "redis+unix") => {
+                self.url.as_str().into_connection_info().map_err(|e| {
+                    invalid(
+                        "engine.url",
+                        format!(
+                            "not a usable Redis address ({}: {}); expected \
+                             redis://[USER[:PASSWORD]@]HOST[:PORT][/DB] or unix:///PATH",
+                            e.category(),
+                            e.detail().unwrap_or("no detail")
+                        ),
+                    )
+                })?
+            }
+            Some("rediss") => {
+                return Err(invalid(
+                    "engine.url",
+                    "rediss:// (TLS) is not built into this binary yet; reach Redis over a \
+                     unix socket or a local TLS tunnel (stunnel) with redis:// or unix://",
+                ));
+            }
+            _ => {
+                return Err(invalid(
+                    "engine.url",
+                    "expected redis://[USER[:PASSWORD]@]HOST[:PORT][/DB] or unix:///PATH",
+                ));
+            }
+        };
+        if self.prefix.is_empty()
+            || self.prefix.len() > 64
+            || !self.prefix.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                "engine.prefix",
+                "1 to 64 printable ASCII characters without spaces",
+            ));
+        }
+        if let Some(node) = &self.node {
+            check_node_name(node).map_err(|reason| invalid("engine.node", reason))?;
+        }
+        for (key, v, min, max) in [
+            (
+                "engine.connect_timeout_ms",
+                self.connect_timeout_ms,
+                10,
+                60_000,
+            ),
+            (
+                "engine.command_timeout_ms",
+                self.command_timeout_ms,
+                10,
+                60_000,
+            ),
+            (
+                "engine.unsubscribe_linger_ms",
+                self.unsubscribe_linger_ms,
+                0,
+                60_000,
+            ),
+            (
+                "engine.probe_interval_ms",
+                self.probe_interval_ms,
+                100,
+                60_000,
+            ),
+        ] {
+            if !(min..=max).contains(&v) {
+                return Err(invalid(
+                    key,
+                    format!("must be {min} to {max} milliseconds (is {v})"),
+                ));
+            }
+        }
+        Ok(info)
+    }
+}
+
+/// A node name's rules: 1 to 64 of `A-Z a-z 0-9 . _ : -` (it goes into message ids as is).
+///
+/// # Errors
+/// What is wrong with it.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("1 to 64 characters (is {})", name.len()));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    {
+        return Err(format!("`{c}` is not allowed; use A-Z a-z 0-9 . _ : -"));
+    }
+    Ok(())
 }
 
 /// Listeners, shards and shutdown.
@@ -462,6 +641,7 @@ impl Default for Config {
             access: AccessConfig::default(),
             limits: LimitsConfig::default(),
             proxy: ProxyConfig::default(),
+            engine: None,
             projects: Vec::new(),
         }
     }
@@ -759,6 +939,9 @@ impl Config {
             self.proxy.proxy_protocol,
         )
         .map_err(|(key, reason)| invalid(format!("proxy.{key}"), reason))?;
+        if let Some(engine) = &self.engine {
+            engine.validate()?;
+        }
         if self.projects.is_empty() {
             return Err(invalid(
                 "projects",
@@ -856,7 +1039,7 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     // serde_json's map is sorted; list the sections in the struct's (and genconfig's) order.
     let order = [
-        "server", "ws", "api", "access", "limits", "proxy", "log", "projects",
+        "server", "ws", "api", "access", "limits", "proxy", "log", "engine", "projects",
     ];
     let mut sections: Vec<&String> = a.keys().collect();
     sections.sort_by_key(|s| order.iter().position(|o| o == s).unwrap_or(order.len()));
@@ -1256,6 +1439,15 @@ proxy_protocol = false
 format = "text"
 level = "info"
 
+# A cluster: nodes with the same Redis url and prefix share every publish (Redis 7.0+).
+# Without this section the node runs on its own. The url may hold a password: keep this
+# file private.
+# [engine]
+# type = "redis"
+# url = "redis://herald:PASSWORD@10.0.0.5:6379/0"   # or "unix:///run/redis/redis.sock"
+# prefix = "herald:"
+# node = "web1:8080"                                 # default: host name and client port
+
 # Chosen here: one project, `main` (there is no default project; at least one is required),
 # with a fresh random API key and HMAC key. The other project keys show their defaults.
 [[projects]]
@@ -1332,6 +1524,60 @@ pub fn random_secret() -> String {
 mod tests {
     use super::*;
 
+    /// `[engine]`: the defaults are valid, every bad value is refused naming its key and
+    /// never quoting the address, and changing it needs a restart.
+    #[test]
+    fn engine_settings_are_validated_and_need_a_restart() {
+        let ok = |e: &EngineConfig| e.validate().map(drop);
+        let d = EngineConfig::default();
+        ok(&d).unwrap();
+        for url in [
+            "redis://127.0.0.1",
+            "redis://:pw@10.0.0.5:6380/3",
+            "redis://herald:pw@host/0",
+            "unix:///run/redis/redis.sock",
+            "redis+unix:///run/redis.sock?db=2",
+        ] {
+            ok(&EngineConfig {
+                url: url.into(),
+                ..EngineConfig::default()
+            })
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        type Tweak = fn(&mut EngineConfig);
+        let cases: [(Tweak, &str); 8] = [
+            (|e| e.url = "http://secret@h".into(), "engine.url"),
+            (|e| e.url = "rediss://secret@h".into(), "engine.url"),
+            (|e| e.url = "redis://secret@h/x".into(), "engine.url"),
+            (|e| e.prefix = String::new(), "engine.prefix"),
+            (|e| e.prefix = "a b".into(), "engine.prefix"),
+            (|e| e.node = Some("é".into()), "engine.node"),
+            (|e| e.connect_timeout_ms = 5, "engine.connect_timeout_ms"),
+            (
+                |e| e.unsubscribe_linger_ms = 60_001,
+                "engine.unsubscribe_linger_ms",
+            ),
+        ];
+        for (tweak, key) in cases {
+            let mut e = EngineConfig::default();
+            tweak(&mut e);
+            let err = ok(&e).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("invalid `{key}`")), "{err}");
+            assert!(!err.contains("secret"), "{err}");
+            let mut c = Config::development();
+            c.engine = Some(e);
+            assert_eq!(c.validate().unwrap_err().to_string(), err);
+        }
+        assert!(
+            !format!("{d:?}").contains("6379"),
+            "Debug hides the address"
+        );
+        let mut c = Config::development();
+        let running = c.clone();
+        c.engine = Some(d);
+        assert_eq!(restart_only_changes(&running, &c), ["engine"]);
+    }
+
     #[test]
     fn development_default_validates() {
         Config::development().validate().unwrap();
@@ -1343,6 +1589,25 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.projects[0].id, "main");
         assert!(!c.uses_dev_keys());
+        assert!(
+            c.engine.is_none(),
+            "a node on its own unless [engine] is uncommented"
+        );
+        // The commented [engine] example, uncommented, is a valid section.
+        let mut in_engine = false;
+        let uncommented: String = production_template()
+            .lines()
+            .map(|l| {
+                in_engine = (in_engine || l == "# [engine]") && !l.is_empty();
+                match l.strip_prefix("# ") {
+                    Some(rest) if in_engine => format!("{rest}\n"),
+                    _ => format!("{l}\n"),
+                }
+            })
+            .collect();
+        let engine = Config::parse(&uncommented).unwrap().engine.unwrap();
+        engine.validate().unwrap();
+        assert_eq!(engine.node.as_deref(), Some("web1:8080"));
     }
 
     /// Every value genconfig writes is the default, or is under a comment saying it is chosen.

@@ -245,8 +245,81 @@ impl Collector for HubCollector {
             m.encode_family(&[("shard", shards[i].as_str())])?
                 .encode_histogram::<NoLabelSet>(total, count, &buckets, None)?;
         }
+        if let Some(engine) = hub.broker.engine() {
+            encode_engine(&mut enc, engine)?;
+        }
         Ok(())
     }
+}
+
+/// The engine's metrics, present only on a node with `[engine]`.
+fn encode_engine(
+    enc: &mut DescriptorEncoder<'_>,
+    e: &crate::broker::EngineStats,
+) -> Result<(), std::fmt::Error> {
+    enc.encode_descriptor(
+        "herald_engine_up",
+        "1 while connected to the engine with the node's subscriptions in place.",
+        None,
+        MetricType::Gauge,
+    )?
+    .encode_gauge(&u64::from(e.up.load(Ordering::Relaxed)))?;
+    enc.encode_descriptor(
+        "herald_engine_channels",
+        "Engine channels the node is subscribed to (topics with local subscribers, and \
+         lingering ones).",
+        None,
+        MetricType::Gauge,
+    )?
+    .encode_gauge(&read(&e.channels))?;
+    for (name, help, v) in [
+        (
+            "herald_engine_connects",
+            "Connections to the engine made (the first and every reconnection).",
+            &e.connects,
+        ),
+        (
+            "herald_engine_disconnects",
+            "Connections to the engine lost.",
+            &e.disconnects,
+        ),
+        (
+            "herald_engine_published",
+            "Messages (one per topic) the engine acknowledged.",
+            &e.published,
+        ),
+        (
+            "herald_engine_received",
+            "Messages received from the node's engine subscriptions.",
+            &e.received,
+        ),
+        (
+            "herald_engine_interest_overflows",
+            "Interest changes that found the queue to the engine full (each makes the node \
+             reconcile its subscriptions with its whole interest table).",
+            &e.changes_overflowed,
+        ),
+    ] {
+        counter(enc, name, help, read(v))?;
+    }
+    let mut m = enc.encode_descriptor(
+        "herald_engine_dropped",
+        "Messages from the engine not delivered, by reason: queue_full (the queue to the \
+         delivery loop), inbox_full (per shard), draining, unknown_project, malformed.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (reason, v) in [
+        ("queue_full", &e.dropped_queue_full),
+        ("inbox_full", &e.dropped_inbox_full),
+        ("draining", &e.dropped_draining),
+        ("unknown_project", &e.dropped_unknown),
+        ("malformed", &e.dropped_malformed),
+    ] {
+        m.encode_family(&[("reason", reason)])?
+            .encode_counter::<NoLabelSet, _, u64>(&read(v), None)?;
+    }
+    Ok(())
 }
 
 /// The two text formats `/metrics` speaks.

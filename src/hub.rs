@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 
 use crate::auth::SharedRegistry;
 pub use crate::broker::PublishError;
-use crate::broker::{Broker, Deliver, Interest, LocalBroker};
+use crate::broker::{Broker, Deliver, Delivered, Interest, LocalBroker, Pending};
 use crate::metrics::ShardStats;
 use crate::pubsub::Topic;
 use crate::route;
@@ -87,8 +87,10 @@ pub struct Hub {
     busy_unlogged: AtomicU64,
     /// Publish sequence, for message ids.
     seq: AtomicU64,
-    /// Start time in ms, prefix of message ids so they stay unique across restarts.
-    boot_ms: u64,
+    /// Start of every message id: the start time in ms (hex), so ids stay unique across
+    /// restarts, after the node's name in a cluster ([`Hub::set_node`]), so they stay unique
+    /// across nodes.
+    id_prefix: String,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -136,7 +138,7 @@ impl Hub {
             busy_logged_ms: AtomicU64::new(0),
             busy_unlogged: AtomicU64::new(0),
             seq: AtomicU64::new(0),
-            boot_ms: now_ms(),
+            id_prefix: format!("{:x}", now_ms()),
         }
     }
 
@@ -166,10 +168,15 @@ impl Hub {
         self.phase.store(p as u8, Ordering::Release);
     }
 
+    /// Names the node in its cluster: message ids become `<node>-<start>-<seq>`.
+    pub fn set_node(&mut self, node: &str) {
+        self.id_prefix = format!("{node}-{}", self.id_prefix);
+    }
+
     /// A fresh message id.
     pub fn next_message_id(&self) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        format!("{:x}-{n:x}", self.boot_ms)
+        format!("{}-{n:x}", self.id_prefix)
     }
 
     /// The shard whose thread died, if one did.
@@ -248,7 +255,10 @@ impl Hub {
         ))
     }
 
-    /// Encodes a publication once and sends it to every shard that has subscribers.
+    /// Encodes a publication once and hands it to the broker without waiting for an engine's
+    /// acknowledgement (for a client's `publish` on a shard, which never blocks): with no
+    /// engine it is in every interested shard's inbox when this returns; with one it is queued
+    /// for it.
     ///
     /// # Errors
     /// [`PublishError`]; nothing was sent.
@@ -259,27 +269,43 @@ impl Hub {
         data: &RawValue,
     ) -> Result<String, PublishError> {
         let (id, publication) = self.prepare(project, topics, data)?;
-        self.send(std::slice::from_ref(&publication))?;
+        // Not awaited: see above.
+        drop(self.submit(std::slice::from_ref(&publication))?);
         Ok(id)
     }
 
     /// Publishes prepared publications, in order, through the broker: all of them to every
     /// shard holding subscribers of their topics, or, when the node is draining, has failed or
-    /// such a shard lacks room for all of them, none.
+    /// such a shard lacks room for all of them, none. With an engine, completes once the
+    /// engine has them (at most `engine.command_timeout_ms`; it awaits on the caller's tokio
+    /// runtime and blocks no thread).
     ///
     /// # Errors
-    /// [`PublishError::Draining`], [`PublishError::Failed`], [`PublishError::Busy`].
-    pub fn send(&self, publications: &[Arc<Publication>]) -> Result<(), PublishError> {
+    /// [`PublishError::Draining`], [`PublishError::Failed`], [`PublishError::Busy`], and with
+    /// an engine [`PublishError::EngineUnavailable`] or [`PublishError::EngineBusy`].
+    pub async fn send(&self, publications: &[Arc<Publication>]) -> Result<(), PublishError> {
+        self.submit(publications)?.acknowledged().await
+    }
+
+    /// [`Hub::send`] up to the broker's acknowledgement, which the caller awaits or not. The
+    /// gate is released before anyone waits on the acknowledgement.
+    fn submit(&self, publications: &[Arc<Publication>]) -> Result<Pending, PublishError> {
+        let _gate = self.open_gate()?;
+        self.broker.publish(self, publications)
+    }
+
+    /// The publish gate, held shared, once the node is neither draining nor failed.
+    fn open_gate(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, PublishError> {
         // A poisoned gate only means a publisher panicked between check and send; the phase
         // it guards is an atomic and stays consistent.
-        let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
         if let Some(shard) = self.failed_shard() {
             return Err(PublishError::Failed(shard));
         }
         if matches!(self.phase(), Phase::Draining | Phase::Stopped) {
             return Err(PublishError::Draining);
         }
-        self.broker.publish(self, publications)
+        Ok(gate)
     }
 
     /// Counts and logs (at most once a second) a publish refused for shard `shard`'s full
@@ -355,6 +381,50 @@ impl Deliver for Hub {
         }
         Ok(())
     }
+
+    fn deliver_each(&self, project: &str, topic: &str, body: Bytes) -> Delivered {
+        let mut out = Delivered::default();
+        let Ok(_gate) = self.open_gate() else {
+            out.refused = true;
+            return out;
+        };
+        let Some(project) = self.registry.load().project(project).map(|p| p.idx) else {
+            out.unknown_project = true;
+            return out;
+        };
+        let targets = self.interest.mask(project, topic);
+        if targets == 0 {
+            return out;
+        }
+        let Some((data_len, id)) = crate::ws::codec::herald_v1::split_body(&body) else {
+            out.malformed = true;
+            return out;
+        };
+        let id = id.into();
+        let p = Arc::new(Publication {
+            project,
+            heads: vec![(
+                topic.into(),
+                Codec::HeraldV1.message_head(topic, body.len()),
+            )],
+            body,
+            id,
+            data_len,
+            accepted_at: std::time::Instant::now(),
+        });
+        for shard in route::shards(targets) {
+            let sent = self.mailboxes[shard]
+                .try_reserve(1, p.nr_bytes())
+                .ok()
+                .is_some_and(|mut r| r.send(ShardMsg::Publish(p.clone())).is_ok());
+            if sent {
+                out.nr_shards += 1;
+            } else {
+                out.nr_full += 1;
+            }
+        }
+        out
+    }
 }
 
 /// The delivery frame of protocol.md, in one piece; `data` is copied byte for byte.
@@ -399,6 +469,62 @@ mod tests {
         (hub, inboxes)
     }
 
+    /// A message from the engine is encoded once for the node (every shard gets the same
+    /// publication, holding the engine's bytes as they came), goes only to the interested
+    /// shards, skips a shard whose inbox is full without holding back the others, and is
+    /// refused once the node drains.
+    #[test]
+    fn an_engine_delivery_is_encoded_once_and_never_waits_for_a_full_inbox() {
+        let (hub, inboxes) = hub(4, 4);
+        hub.broker.subscribe(3, 0, "user.alice");
+        let body = Bytes::from_static(br#""hi","id":"n-1-0","ts":7}"#);
+        let d = hub.deliver_each(crate::config::DEV_PROJECT, "news", body.clone());
+        assert_eq!(
+            d,
+            Delivered {
+                nr_shards: 4,
+                ..Delivered::default()
+            }
+        );
+        let got: Vec<Arc<Publication>> =
+            inboxes.iter().map(|i| drain_inbox(i).0.remove(0)).collect();
+        assert!(
+            got.iter().all(|p| Arc::ptr_eq(p, &got[0])),
+            "one publication for the node"
+        );
+        assert_eq!(
+            got[0].body.as_ptr(),
+            body.as_ptr(),
+            "the engine's bytes, not a copy"
+        );
+        let frame = [&got[0].heads[0].1[..], &got[0].body[..]].concat();
+        assert_eq!(frame, &message_frame("news", r#""hi""#, "n-1-0", 7)[..]);
+
+        let d = hub.deliver_each(crate::config::DEV_PROJECT, "user.alice", body.clone());
+        assert_eq!(d.nr_shards, 1, "a unicast wakes the user's shard only");
+        assert_eq!(drain_inbox(&inboxes[3]).0.len(), 1);
+
+        let held = hub.mailboxes[1].try_reserve(4, 0).unwrap();
+        let d = hub.deliver_each(crate::config::DEV_PROJECT, "news", body.clone());
+        assert_eq!(
+            (d.nr_shards, d.nr_full),
+            (3, 1),
+            "shard 1 is full; the others get it"
+        );
+        drop(held);
+        let got: Vec<usize> = inboxes.iter().map(|i| drain_inbox(i).0.len()).collect();
+        assert_eq!(got, [1, 0, 1, 1]);
+
+        let d = hub.deliver_each("no-such-project", "news", body.clone());
+        assert!(d.unknown_project && d.nr_shards == 0);
+        hub.drain();
+        let d = hub.deliver_each(crate::config::DEV_PROJECT, "news", body);
+        assert!(
+            d.refused && d.nr_shards == 0,
+            "nothing once the node drains"
+        );
+    }
+
     /// A publish goes only to the shards holding subscribers of one of its topics, and the
     /// all-or-nothing reservation covers only those.
     #[test]
@@ -432,6 +558,11 @@ mod tests {
         hub.publish(0, std::slice::from_ref(&alice), &data).unwrap();
         assert!(inboxes.iter().all(|i| drain_inbox(i).0.is_empty()));
         assert_eq!(hub.interest.len(), 1, "only `news` is left");
+    }
+
+    /// [`Hub::send`] on the local broker, which acknowledges at once.
+    fn send(hub: &Hub, publications: &[Arc<Publication>]) -> Result<(), PublishError> {
+        hub.submit(publications).map(drop)
     }
 
     fn raw(json: &str) -> Box<RawValue> {
@@ -517,7 +648,7 @@ mod tests {
         let batch: Vec<_> = (0..2)
             .map(|_| hub.prepare(0, &topic, &data).unwrap().1)
             .collect();
-        assert_eq!(hub.send(&batch), Err(PublishError::Busy(2)));
+        assert_eq!(send(&hub, &batch), Err(PublishError::Busy(2)));
         for inbox in &inboxes {
             assert!(
                 drain_inbox(inbox).0.is_empty(),
@@ -534,7 +665,7 @@ mod tests {
             );
         }
         drop(held);
-        hub.send(&batch).unwrap();
+        send(&hub, &batch).unwrap();
         for inbox in &inboxes {
             let (got, _) = drain_inbox(inbox);
             assert_eq!(got.len(), 2);
@@ -555,10 +686,10 @@ mod tests {
         let batch: Vec<_> = (0..2)
             .map(|_| hub.prepare(0, &topic, &data).unwrap().1)
             .collect();
-        hub.send(&batch).unwrap();
+        send(&hub, &batch).unwrap();
         hub.publish(0, &topic, &data).unwrap();
         assert_eq!(hub.publish(0, &topic, &data), Err(PublishError::Busy(0)));
-        assert_eq!(hub.send(&batch), Err(PublishError::Busy(0)));
+        assert_eq!(send(&hub, &batch), Err(PublishError::Busy(0)));
         for m in &hub.mailboxes {
             assert_eq!((m.depth(), m.depth_bytes()), (3, 3 * one));
         }
@@ -567,7 +698,7 @@ mod tests {
         assert_eq!(hub.publish(0, &topic, &data), Err(PublishError::Busy(1)));
         assert_eq!(drain_inbox(&inboxes[0]).0.len(), 0, "nothing sent");
         assert_eq!(drain_inbox(&inboxes[1]).0.len(), 3);
-        hub.send(&batch).unwrap();
+        send(&hub, &batch).unwrap();
         for inbox in &inboxes {
             assert_eq!(drain_inbox(inbox).0.len(), 2);
         }

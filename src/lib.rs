@@ -14,7 +14,9 @@
 //! - [`hub`]: the node-wide handle every thread shares: mailboxes, registry, counters, phase,
 //!   and publishing (encode once, one message per interested shard).
 //! - [`broker`]: the broker seam: publish, first/last topic interest per shard, deliveries
-//!   back into the node; the local broker and the node's interest table (topic → shards).
+//!   back into the node; the local broker and the node's interest table (topic → shards);
+//!   [`broker::redis`], the Redis engine a cluster's nodes share publishes through, and its
+//!   bridge thread.
 //! - [`shard`]: one pinned thread + monoio runtime per core owning its connections;
 //!   [`shard::mailbox`] is the only cross-core API, [`shard::fanout`] the one way
 //!   off-shard code sends orders and questions through it, and [`shard::io`] the I/O driver

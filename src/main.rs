@@ -58,6 +58,9 @@ enum Command {
         /// TOML config file.
         #[arg(long)]
         config: PathBuf,
+        /// Also connect to the `[engine]` and check it is Redis 7.0 or later.
+        #[arg(long)]
+        connect: bool,
     },
     /// Check the host's limits (open files, sysctls) against a connection target; prints a
     /// table and exits 1 when the host falls short.
@@ -138,6 +141,6 @@ fn main() -> ExitCode {
             config,
             connections,
         } => commands::check_host(config.as_deref(), connections),
-        Command::CheckConfig { config } => commands::check_config(&config),
+        Command::CheckConfig { config, connect } => commands::check_config(&config, connect),
     }
 }

@@ -109,6 +109,23 @@ impl ServerHandle {
     }
 }
 
+/// The host name, for the default node name (`localhost` if it cannot be read).
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into our buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name: String = String::from_utf8_lossy(&buf[..end])
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .collect();
+    if rc != 0 || name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
+}
+
 /// Starts a node from a config and returns once every shard listens and the API is up.
 ///
 /// # Errors
@@ -177,7 +194,32 @@ pub fn wire(cfg: &Config, settings: &Settings, opts: Options) -> Result<ServerHa
         settings.per_ip.handshake_burst,
         settings.per_ip.max_pending_handshakes,
     );
+    let bridge = match &settings.engine {
+        Some(engine) => {
+            let node = engine
+                .node
+                .clone()
+                .unwrap_or_else(|| format!("{}:{}", host_name(), listen.port()));
+            hub.set_node(&node);
+            let (broker, bridge) = crate::broker::redis::RedisBroker::new(
+                engine,
+                &node,
+                hub.interest.clone(),
+                hub.registry.clone(),
+            );
+            hub.broker = Box::new(broker);
+            info!(node, prefix = %engine.prefix, "sharing publishes through Redis");
+            Some(bridge)
+        }
+        None => None,
+    };
     let hub = Arc::new(hub);
+    if let Some(bridge) = bridge {
+        let deliver: Arc<dyn crate::broker::Deliver + Send + Sync> = hub.clone();
+        bridge
+            .spawn(Arc::downgrade(&deliver))
+            .map_err(|e| StartError::Shard(format!("engine bridge thread: {e}")))?;
+    }
     let cores = if settings.pin_cores {
         core_affinity::get_core_ids()
     } else {

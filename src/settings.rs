@@ -50,12 +50,67 @@ pub struct Settings {
     pub max_connections: usize,
     /// Node-wide bounds per client address.
     pub per_ip: PerIpLimits,
+    /// The engine shared with the other nodes of the cluster (`[engine]`); `None`: the node
+    /// runs on its own.
+    pub engine: Option<EngineSettings>,
     /// `api.max_connections` as configured, before [`ApiSettings::max_connections`] was
     /// lowered to the descriptors the open-files limit leaves the API.
     configured_api_connections: usize,
     /// `Some(bytes)`: `api.max_body_bytes` is over what the outbound queue cap can deliver,
     /// and `bytes` is the largest body that always fits ([`Config::largest_deliverable_body`]).
     largest_deliverable_body: Option<usize>,
+}
+
+/// The engine a cluster shares publishes through, from `[engine]`.
+#[derive(Clone)]
+pub struct EngineSettings {
+    /// Where Redis listens, parsed (it may hold a password: never logged).
+    pub address: redis::ConnectionInfo,
+    /// Prefix of every channel name (`engine.prefix`).
+    pub prefix: Arc<str>,
+    /// The node's name (`engine.node`); `None`: the host name and the client port, known
+    /// once the listener is bound.
+    pub node: Option<String>,
+    /// `engine.connect_timeout_ms`.
+    pub connect_timeout: Duration,
+    /// `engine.command_timeout_ms`.
+    pub command_timeout: Duration,
+    /// `engine.unsubscribe_linger_ms`.
+    pub unsubscribe_linger: Duration,
+    /// `engine.probe_interval_ms`.
+    pub probe_interval: Duration,
+}
+
+impl std::fmt::Debug for EngineSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineSettings")
+            .field("address", &"<redacted>")
+            .field("prefix", &self.prefix)
+            .field("node", &self.node)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field("unsubscribe_linger", &self.unsubscribe_linger)
+            .field("probe_interval", &self.probe_interval)
+            .finish()
+    }
+}
+
+impl EngineSettings {
+    /// From a config's `[engine]`.
+    ///
+    /// # Errors
+    /// A broken rule of the section, naming its key.
+    pub fn new(e: &crate::config::EngineConfig) -> Result<Self, ConfigError> {
+        Ok(Self {
+            address: e.validate()?,
+            prefix: e.prefix.as_str().into(),
+            node: e.node.clone(),
+            connect_timeout: Duration::from_millis(e.connect_timeout_ms),
+            command_timeout: Duration::from_millis(e.command_timeout_ms),
+            unsubscribe_linger: Duration::from_millis(e.unsubscribe_linger_ms),
+            probe_interval: Duration::from_millis(e.probe_interval_ms),
+        })
+    }
 }
 
 /// The node-wide bounds per client address, counted across every shard.
@@ -189,6 +244,7 @@ impl Settings {
                 handshake_burst: c.limits.handshake_burst_per_ip,
                 max_pending_handshakes: c.limits.max_pending_handshakes_per_ip,
             },
+            engine: c.engine.as_ref().map(EngineSettings::new).transpose()?,
             configured_api_connections: c.api.max_connections,
             largest_deliverable_body: c.largest_deliverable_body(),
         })

@@ -395,40 +395,6 @@ fn stats_count_connections_per_shard_and_project() {
     assert!(v["shards"][0]["inbox_depth"].is_u64());
 }
 
-/// The `/metrics` samples: (name, labels as text, value).
-fn scrape(api: SocketAddr) -> Vec<(String, String, f64)> {
-    let r = http_request(api, "GET", "/metrics", "", "");
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert!(
-        r.header("Content-Type")
-            .is_some_and(|c| c.starts_with("application/openmetrics-text")),
-        "{:?}",
-        r.header("Content-Type")
-    );
-    r.text()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').expect("sample line");
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {l}"));
-            (name.to_owned(), labels.to_owned(), value)
-        })
-        .collect()
-}
-
-/// Sum of the samples of `name` whose labels contain `label` (e.g. `shard="0"`, or "").
-fn metric(samples: &[(String, String, f64)], name: &str, label: &str) -> f64 {
-    samples
-        .iter()
-        .filter(|(n, l, _)| n == name && l.contains(label))
-        .map(|(_, _, v)| v)
-        .sum()
-}
-
 #[test]
 fn metrics_move_with_connections_and_messages() {
     let server = TestServer::start(|_| {});

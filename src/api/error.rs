@@ -359,6 +359,10 @@ impl From<PublishError> for ApiError {
             PublishError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
             PublishError::Failed(_) => (StatusCode::SERVICE_UNAVAILABLE, "failed"),
             PublishError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "message_too_large"),
+            PublishError::EngineUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "engine_unavailable")
+            }
+            PublishError::EngineBusy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         };
         Self::new(status, code, e.to_string())
     }
@@ -374,6 +378,7 @@ impl From<FanoutError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::EngineDown;
 
     /// Status, code and `Retry-After` of `e` as the wire has them.
     fn wire(e: impl Into<ApiError>) -> (u16, &'static str, Option<String>) {
@@ -526,6 +531,11 @@ mod tests {
         assert_eq!(wire(PublishError::Busy(1)), retry(503, "busy", 1));
         assert_eq!(wire(PublishError::Draining), retry(503, "draining", 1));
         assert_eq!(wire(PublishError::Failed(0)), retry(503, "failed", 1));
+        assert_eq!(
+            wire(PublishError::EngineUnavailable(EngineDown::NotConnected)),
+            retry(503, "engine_unavailable", 1)
+        );
+        assert_eq!(wire(PublishError::EngineBusy), retry(503, "busy", 1));
         assert_eq!(
             wire(PublishError::TooLarge { size: 9, max: 8 }),
             none(413, "message_too_large")

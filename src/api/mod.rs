@@ -251,8 +251,9 @@ struct Ctx {
     settings: Arc<ApiSettings>,
     /// Request-rate buckets per API key, shared by every API connection.
     limiter: Arc<KeyLimiter>,
-    /// Answers of accepted publishes by `Idempotency-Key`.
-    idempotency: Arc<std::sync::Mutex<idempotency::IdempotencyCache>>,
+    /// Answers of accepted publishes by `Idempotency-Key` (an async lock: it is held while a
+    /// keyed publish waits for the engine's acknowledgement).
+    idempotency: Arc<tokio::sync::Mutex<idempotency::IdempotencyCache>>,
     /// One management change (project or key) at a time, each on a blocking thread; a
     /// bounded number waiting.
     management: Arc<projects::Management>,
@@ -370,7 +371,14 @@ fn readyz(hub: &Hub) -> Response<Full<Bytes>> {
         );
     }
     let phase = hub.phase();
+    let engine_down = hub
+        .broker
+        .engine()
+        .is_some_and(|e| !e.up.load(std::sync::atomic::Ordering::Acquire));
     let (status, text) = match phase {
+        // Serving, but not reaching the cluster's engine: publishes are refused and the node
+        // hears nothing from the other nodes.
+        Phase::Running if engine_down => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
         Phase::Running => (StatusCode::OK, "ready"),
         Phase::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
         Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),

@@ -6,7 +6,6 @@
 //! means nothing was sent. An `Idempotency-Key` header makes a retry safe
 //! ([`super::idempotency`]).
 
-use std::sync::Mutex;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -16,6 +15,7 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use tokio::sync::Mutex;
 
 use super::error::IdempotencyError;
 use super::idempotency::{self, Endpoint, IdempotencyCache, Lookup};
@@ -103,14 +103,14 @@ fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>, Idempotenc
 /// caller, on this endpoint) was accepted with the same body within the window: then answers
 /// that again, publishing nothing. A new key the cache has no room for is refused, 503 `busy`,
 /// before anything is published.
-fn once(
+async fn once(
     cache: &Mutex<IdempotencyCache>,
     who: Caller,
     endpoint: Endpoint,
     key: Option<String>,
     bytes: &[u8],
     nr_ids: usize,
-    publish: impl FnOnce() -> Result<Vec<String>, ApiError>,
+    publish: impl AsyncFnOnce() -> Result<Vec<String>, ApiError>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let answer = |body: Bytes, replayed: bool| {
         let mut r = Response::new(Full::new(body));
@@ -123,11 +123,14 @@ fn once(
         r
     };
     let Some(key) = key else {
-        return publish().map(|ids| answer(idempotency::answer(endpoint, &ids), false));
+        return publish()
+            .await
+            .map(|ids| answer(idempotency::answer(endpoint, &ids), false));
     };
     let fp = idempotency::fingerprint(bytes);
-    // Held across the publish (no await inside): a concurrent retry waits and then replays.
-    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    // Held across the publish (and its wait for an engine's acknowledgement): a concurrent
+    // retry waits and then replays.
+    let mut cache = cache.lock().await;
     // Taken under the lock, so the cache sees its keys in age order.
     let now = Instant::now();
     match cache.lookup(who, endpoint, &key, fp, nr_ids, now) {
@@ -137,7 +140,7 @@ fn once(
             Err(IdempotencyError::Full { retry_after_secs }.into())
         }
         Lookup::New => {
-            let ids = publish()?;
+            let ids = publish().await?;
             cache.remember(who, endpoint, &key, fp, &ids, now);
             Ok(answer(idempotency::answer(endpoint, &ids), false))
         }
@@ -154,11 +157,22 @@ pub(super) async fn single(
     let key = idempotency_key(&req)?;
     let body = JsonBody::read(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let c = check(hub, who, body.parse(PUBLISH_BODY, false)?)?;
-    once(cache, who, Endpoint::Single, key, body.bytes(), 1, || {
-        let id = hub.publish(c.project, &c.topics, c.data)?;
-        crate::metrics::ShardStats::add(&hub.api_published, 1);
-        Ok(vec![id])
-    })
+    once(
+        cache,
+        who,
+        Endpoint::Single,
+        key,
+        body.bytes(),
+        1,
+        async || {
+            // Sent and, with an engine, acknowledged by it before the answer.
+            let (id, publication) = hub.prepare(c.project, &c.topics, c.data)?;
+            hub.send(std::slice::from_ref(&publication)).await?;
+            crate::metrics::ShardStats::add(&hub.api_published, 1);
+            Ok(vec![id])
+        },
+    )
+    .await
 }
 
 pub(super) async fn batch(
@@ -194,7 +208,7 @@ pub(super) async fn batch(
         key,
         body.bytes(),
         checked.len(),
-        || {
+        async || {
             let (ids, publications): (Vec<_>, Vec<_>) = checked
                 .iter()
                 .enumerate()
@@ -206,9 +220,10 @@ pub(super) async fn batch(
                 .into_iter()
                 .unzip();
             // Every item to every shard, or none.
-            hub.send(&publications)?;
+            hub.send(&publications).await?;
             crate::metrics::ShardStats::add(&hub.api_published, ids.len() as u64);
             Ok(ids)
         },
     )
+    .await
 }

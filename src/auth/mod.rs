@@ -305,6 +305,11 @@ impl Registry {
             .and_then(|&i| self.projects[i as usize].as_ref())
     }
 
+    /// The live project with registry index `idx`.
+    pub fn project_at(&self, idx: u32) -> Option<&Arc<Project>> {
+        self.projects.get(idx as usize).and_then(Option::as_ref)
+    }
+
     /// Every live project.
     pub fn projects(&self) -> impl Iterator<Item = &Arc<Project>> {
         self.projects.iter().flatten()

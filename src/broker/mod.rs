@@ -11,21 +11,31 @@
 //! does, carries its own interest and the publications to the other nodes, and calls
 //! [`Deliver::deliver`] for what comes back. Shards do not change.
 //!
+//! With an engine ([`redis::RedisBroker`]) a publish is accepted once the engine has it
+//! ([`Pending::acknowledged`]), and every node, this one included, delivers it from its own
+//! subscription through [`Deliver::deliver_each`], under the same publish gate as a local
+//! publish.
+//!
 //! Ordering: a shard calls [`Broker::subscribe`] before it queues the `subscribe` ack (or the
 //! welcome, for the implicit topics), and the call returns once the table has the shard's bit;
 //! so a publish accepted after the client saw the ack is routed to that shard (see
 //! docs/architecture.md, "Fan-out").
 
 mod interest;
+pub mod redis;
 
 pub use interest::{ENTRY_BYTES, Interest, NR_STRIPES};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+use bytes::Bytes;
 
 use crate::shard::mailbox::Publication;
 
 /// Why a publish failed. In every case nothing was sent.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum PublishError {
     /// A shard's inbox is full (back-pressure): nothing was sent; retry later.
     #[error("shard {0} inbox is full; nothing was sent, retry later")]
@@ -47,6 +57,112 @@ pub enum PublishError {
     /// A shard thread has died; the node is stopping.
     #[error("shard {0} has failed; the server is restarting")]
     Failed(usize),
+    /// The engine the cluster shares publishes through cannot take it.
+    #[error("{0}")]
+    EngineUnavailable(EngineDown),
+    /// The queue to the engine is full (back-pressure): nothing was sent; retry later.
+    #[error("the queue to the engine is full; nothing was sent, retry later")]
+    EngineBusy,
+}
+
+/// Why the engine did not take a publish.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+pub enum EngineDown {
+    /// Not connected (starting, or reconnecting after a failure).
+    #[error("the engine is not connected; nothing was sent, retry later")]
+    NotConnected,
+    /// The connection failed while the publish was on its way.
+    #[error("the connection to the engine failed; the message was not acknowledged, retry")]
+    Lost,
+    /// No answer within `engine.command_timeout_ms`: the engine may or may not have it.
+    #[error(
+        "no answer from the engine within {0} ms; the message was not acknowledged and may \
+         or may not be delivered"
+    )]
+    NoAnswer(u64),
+}
+
+/// The engine's counters, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Connected to Redis, subscriptions restored.
+    pub up: AtomicBool,
+    /// Connections made (the first one and every reconnection).
+    pub connects: AtomicU64,
+    /// Connections lost.
+    pub disconnects: AtomicU64,
+    /// Messages Redis acknowledged (`PUBLISH` per topic).
+    pub published: AtomicU64,
+    /// Messages received from the node's subscriptions.
+    pub received: AtomicU64,
+    /// Messages dropped because the queue to the delivery loop was full.
+    pub dropped_queue_full: AtomicU64,
+    /// (message, shard) pairs dropped because the shard's inbox was full.
+    pub dropped_inbox_full: AtomicU64,
+    /// Messages dropped because the node was draining.
+    pub dropped_draining: AtomicU64,
+    /// Messages on a channel naming no project of this node.
+    pub dropped_unknown: AtomicU64,
+    /// Messages whose payload is no message body (another program publishing on herald's
+    /// channels).
+    pub dropped_malformed: AtomicU64,
+    /// Interest changes dropped for a full queue (each makes the bridge reconcile).
+    pub changes_overflowed: AtomicU64,
+    /// Channels the node is subscribed to.
+    pub channels: AtomicU64,
+}
+
+/// A publish handed to the broker, not yet acknowledged by it.
+#[derive(Debug)]
+#[must_use = "a publish is accepted only once its acknowledgement is awaited"]
+pub struct Pending(Option<(Ack, Duration)>);
+
+/// Where a broker acknowledges a publish.
+pub type Ack = tokio::sync::oneshot::Receiver<Result<(), PublishError>>;
+
+impl Pending {
+    /// Already done (the local broker delivered it).
+    pub fn done() -> Self {
+        Self(None)
+    }
+
+    /// Waiting for `ack`, at most `within`.
+    pub fn awaiting(ack: Ack, within: Duration) -> Self {
+        Self(Some((ack, within)))
+    }
+
+    /// Waits (asynchronously, on a tokio runtime with timers) until the broker has the
+    /// publish, at most the broker's command timeout.
+    ///
+    /// # Errors
+    /// [`PublishError`]: the broker did not acknowledge the publish.
+    pub async fn acknowledged(self) -> Result<(), PublishError> {
+        let Some((ack, within)) = self.0 else {
+            return Ok(());
+        };
+        match tokio::time::timeout(within, ack).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(PublishError::EngineUnavailable(EngineDown::Lost)),
+            Err(_) => Err(PublishError::EngineUnavailable(EngineDown::NoAnswer(
+                within.as_millis() as u64,
+            ))),
+        }
+    }
+}
+
+/// What became of one publication from the engine ([`Deliver::deliver_each`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Delivered {
+    /// Shards it was queued to.
+    pub nr_shards: u32,
+    /// Shards whose inbox was full: they did not get it.
+    pub nr_full: u32,
+    /// The node refused it whole (draining or failed).
+    pub refused: bool,
+    /// It names a project the node does not have: not delivered.
+    pub unknown_project: bool,
+    /// Its payload is no message body this node can deliver: not delivered.
+    pub malformed: bool,
 }
 
 /// The node's delivery path: sends publications to the shards holding their subscribers.
@@ -57,12 +173,19 @@ pub trait Deliver {
     /// # Errors
     /// [`PublishError`]; nothing was sent.
     fn deliver(&self, publications: &[Arc<Publication>]) -> Result<(), PublishError>;
+
+    /// Delivers one message that came back from the engine: `body` (the end of the delivery
+    /// frame: data, id, time) to `topic` of the project with id `project`. The node encodes
+    /// the frame once and, under the publish gate (nothing once the node drains or has
+    /// failed), sends it to each shard holding a subscriber of the topic that has room for
+    /// it: a shard whose inbox is full does not get it (the caller counts it). Never blocks.
+    fn deliver_each(&self, project: &str, topic: &str, body: Bytes) -> Delivered;
 }
 
 /// Where publications go and where interest in topics is declared.
 pub trait Broker: Send + Sync + std::fmt::Debug {
     /// Publishes `publications` (already encoded once): those that reach this node come back
-    /// through `node`.
+    /// through `node`. Never blocks: what the broker has not acknowledged yet is [`Pending`].
     ///
     /// # Errors
     /// [`PublishError`]: the broker refused them and nothing was sent.
@@ -70,7 +193,7 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         &self,
         node: &dyn Deliver,
         publications: &[Arc<Publication>],
-    ) -> Result<(), PublishError>;
+    ) -> Result<Pending, PublishError>;
 
     /// Shard `shard` has its first local subscriber of `topic` in `project`. When it returns,
     /// publications of that topic accepted afterwards reach the shard.
@@ -79,6 +202,20 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     /// Shard `shard` has lost its last local subscriber of `topic` in `project`. A publication
     /// already on its way to the shard still arrives; the shard finds no subscriber for it.
     fn unsubscribe(&self, shard: usize, project: u32, topic: &str);
+
+    /// Calls `done` once the node receives `topic`'s publications from the other nodes too
+    /// (at once with no engine, or when its engine subscription exists): what a `subscribe`
+    /// ack waits for in a cluster. Call it after [`Broker::subscribe`]. Never blocks; `done`
+    /// may run on the engine's thread and must not block either.
+    fn when_subscribed(&self, project: u32, topic: &str, done: Box<dyn FnOnce() + Send>) {
+        let _ = (project, topic);
+        done();
+    }
+
+    /// The engine's counters, when there is one.
+    fn engine(&self) -> Option<&EngineStats> {
+        None
+    }
 }
 
 /// The broker of a node on its own: publications go straight to the node's shards, interest
@@ -101,8 +238,8 @@ impl Broker for LocalBroker {
         &self,
         node: &dyn Deliver,
         publications: &[Arc<Publication>],
-    ) -> Result<(), PublishError> {
-        node.deliver(publications)
+    ) -> Result<Pending, PublishError> {
+        node.deliver(publications).map(|()| Pending::done())
     }
 
     fn subscribe(&self, shard: usize, project: u32, topic: &str) {

@@ -7,6 +7,8 @@
 //! - [`connect`] and friends: a real tungstenite client over a std `TcpStream`.
 //! - [`RawClient`]: hand-made frames (masked or not) and the server's frames as raw bytes.
 //! - [`http`]: a tiny HTTP/1.1 client for the API and for refused handshakes.
+//! - [`RedisServer`]: a `redis-server` of the test's own on a free loopback port, and
+//!   [`cluster_node`]: a `herald serve` process sharing publishes through it.
 //! - [`HeraldProcess`]: the real binary, `herald serve` on a config file ([`write_config`]),
 //!   with its ready line and log; [`run_herald`] runs a CLI command to completion.
 //!
@@ -1174,6 +1176,40 @@ pub fn publish(api: SocketAddr, key: &str, body: &str) -> HttpResponse {
     http_request(api, "POST", "/api/v1/publish", key, body)
 }
 
+/// The `/metrics` samples: (name, labels as text, value).
+pub fn scrape(api: SocketAddr) -> Vec<(String, String, f64)> {
+    let r = http_request(api, "GET", "/metrics", "", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.header("Content-Type")
+            .is_some_and(|c| c.starts_with("application/openmetrics-text")),
+        "{:?}",
+        r.header("Content-Type")
+    );
+    r.text()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').expect("sample line");
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {l}"));
+            (name.to_owned(), labels.to_owned(), value)
+        })
+        .collect()
+}
+
+/// Sum of the samples of `name` whose labels contain `label` (e.g. `shard="0"`, or "").
+pub fn metric(samples: &[(String, String, f64)], name: &str, label: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, l, _)| n == name && l.contains(label))
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
 /// Checks a pre-upgrade refusal: status, JSON content type, the `{"error","message"}` body
 /// with `error` = `code`, and the 401 challenge header.
 pub fn assert_refusal(r: &HttpResponse, status: u16, code: &str) {
@@ -1192,5 +1228,223 @@ pub fn assert_refusal(r: &HttpResponse, status: u16, code: &str) {
             r.header("WWW-Authenticate"),
             Some(r#"Bearer error="invalid_token""#)
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clusters
+
+/// A `redis-server` of the test's own on a loopback port, without persistence; killed on
+/// drop.
+pub struct RedisServer {
+    child: Option<std::process::Child>,
+    /// Its port.
+    pub port: u16,
+    /// Its working directory.
+    dir: TempDir,
+}
+
+impl RedisServer {
+    /// Starts one on a free port and waits until it answers PING.
+    pub fn start(name: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut r = Self {
+            child: None,
+            port,
+            dir: TempDir::new(&format!("redis-{name}")),
+        };
+        r.restart();
+        r
+    }
+
+    /// `redis://127.0.0.1:<port>/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it again on the same port (after [`RedisServer::stop`]), empty.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            .arg("--dir")
+            .arg(&self.dir.0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (apt-get install redis-server)");
+        self.child = Some(child);
+        wait_until("redis-server answers PING", || {
+            self.connection()
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_ok()
+        });
+    }
+
+    /// Kills it (SIGKILL) and waits for its end.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A fresh connection.
+    pub fn connection(&self) -> redis::RedisResult<redis::Connection> {
+        redis::Client::open(self.url())?.get_connection_with_timeout(TIMEOUT)
+    }
+
+    /// `PUBSUB NUMSUB channel`: how many connections are subscribed to it.
+    pub fn numsub(&self, channel: &str) -> i64 {
+        let mut c = self.connection().expect("connect to redis");
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query(&mut c)
+            .expect("PUBSUB NUMSUB");
+        n
+    }
+
+    /// Waits until `PUBSUB NUMSUB channel` is `n`.
+    pub fn wait_numsub(&self, channel: &str, n: i64) {
+        wait_until(&format!("{n} subscribers of {channel}"), || {
+            self.numsub(channel) == n
+        });
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The TOML of a node of the test cluster: [`config`] (projects `shop` and `blog`, two
+/// shards, limits off) with its own state directory in `dir` and `[engine]` on `redis` with
+/// `prefix` (other engine settings at their defaults), changed by `tweak`.
+pub fn cluster_toml(
+    dir: &TempDir,
+    redis: &RedisServer,
+    prefix: &str,
+    tweak: impl FnOnce(&mut herald::config::EngineConfig),
+) -> String {
+    let mut c = config();
+    c.server.state_dir = Some(dir.0.join("state"));
+    let mut engine = herald::config::EngineConfig {
+        url: redis.url(),
+        prefix: prefix.into(),
+        ..Default::default()
+    };
+    tweak(&mut engine);
+    c.engine = Some(engine);
+    toml::to_string(&c).expect("a config serialises")
+}
+
+/// One `herald serve` process of a test cluster ([`cluster_toml`] in a directory of its own
+/// named `name`), once its engine is up.
+pub fn cluster_node(
+    name: &str,
+    redis: &RedisServer,
+    prefix: &str,
+) -> (HeraldProcess, Ready, TempDir) {
+    let dir = TempDir::new(name);
+    let (p, ready) = HeraldProcess::start(&dir, &cluster_toml(&dir, redis, prefix, |_| ()), &[]);
+    wait_engine_up(ready.api, true);
+    (p, ready, dir)
+}
+
+/// `n` nodes of a test cluster ([`cluster_node`]), named `<name>-<i>`.
+pub fn cluster_nodes(
+    n: usize,
+    name: &str,
+    redis: &RedisServer,
+    prefix: &str,
+) -> Vec<(HeraldProcess, Ready, TempDir)> {
+    (0..n)
+        .map(|i| cluster_node(&format!("{name}-{i}"), redis, prefix))
+        .collect()
+}
+
+/// Waits until the node's `herald_engine_up` is 1 (`up`) or 0.
+pub fn wait_engine_up(api: SocketAddr, up: bool) {
+    wait_until(&format!("herald_engine_up {}", u8::from(up)), || {
+        metric(&scrape(api), "herald_engine_up", "") == f64::from(u8::from(up))
+    });
+}
+
+/// A TCP relay to a port on loopback whose connections can be frozen: a frozen connection
+/// moves no byte in either direction and closes nothing, as a link that hangs (or a server
+/// that stopped answering without closing) looks to a client. Threads end with their
+/// connections.
+pub struct Relay {
+    /// Where clients connect.
+    pub port: u16,
+    /// Every connection relayed so far, in accept order: its flag (frozen or not).
+    conns: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+}
+
+impl Relay {
+    /// Relays connections on a free loopback port to `127.0.0.1:<to>`.
+    pub fn start(to: u16) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let conns: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let list = conns.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let flag = Arc::new(AtomicBool::new(false));
+                list.lock().unwrap().push(flag.clone());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let frozen = flag.clone();
+                    std::thread::spawn(move || {
+                        let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            if frozen.load(Ordering::Acquire) {
+                                std::thread::sleep(Duration::from_millis(10));
+                                continue;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        ErrorKind::WouldBlock | ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { port, conns }
+    }
+
+    /// Connections relayed so far.
+    pub fn nr_connections(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
+    /// Freezes (`true`) or resumes connection `i` (in accept order).
+    pub fn freeze(&self, i: usize, frozen: bool) {
+        self.conns.lock().unwrap()[i].store(frozen, std::sync::atomic::Ordering::Release);
     }
 }

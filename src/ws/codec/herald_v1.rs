@@ -74,6 +74,18 @@ pub fn message_head(topic: &str, body_len: usize) -> Bytes {
     frame::text_head(json.as_bytes(), body_len)
 }
 
+/// The data's length and the message id of a [`message_body`] (as it comes back from an
+/// engine); `None` if `body` is not one.
+pub fn split_body(body: &[u8]) -> Option<(usize, &str)> {
+    const ID: &[u8] = b",\"id\":\"";
+    // The id and time follow the data, so the last `,"id":"` is the body's own.
+    let at = body.windows(ID.len()).rposition(|w| w == ID)?;
+    let rest = &body[at + ID.len()..];
+    let end = rest.iter().position(|&b| b == b'"')?;
+    let id = std::str::from_utf8(&rest[..end]).ok()?;
+    (rest[end..].starts_with(b"\",\"ts\":") && body.ends_with(b"}")).then_some((at, id))
+}
+
 /// The end of a delivery frame, the same for every topic: the data, the id and the time.
 pub fn message_body(data: &str, id: &str, ts: u64) -> Bytes {
     let mut json = String::with_capacity(data.len() + 32 + id.len());
@@ -84,4 +96,18 @@ pub fn message_body(data: &str, id: &str, ts: u64) -> Bytes {
     json.push_str(&ts.to_string());
     json.push('}');
     json.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_gives_back_its_data_length_and_id() {
+        let data = r#"{"id":"x","n":[1,{"id":"y"}]}"#;
+        let body = message_body(data, "n1-18c-7", 1_700_000_000_000);
+        assert_eq!(split_body(&body), Some((data.len(), "n1-18c-7")));
+        assert_eq!(split_body(b"42"), None);
+        assert_eq!(split_body(br#"1,"id":"a","tx":1}"#), None);
+    }
 }

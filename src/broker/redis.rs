@@ -1,0 +1,984 @@
+//! The Redis engine: nodes of one cluster share publishes through Redis PUB/SUB.
+//!
+//! # Channels
+//!
+//! One channel per (project, topic): `<engine.prefix><project id>:<topic>` (a project id has
+//! no `:`), the implicit `all` and `user.<sub>` topics included. A publish is one `PUBLISH`
+//! per topic whose payload is the end of the delivery frame (data, id, time: the publication's
+//! shared body); every node, the publishing one too, delivers what its own subscription
+//! receives, so every node delivers a topic's messages in the order Redis took them. A node
+//! builds each topic's frame head once on receipt and its shards share the body (encoded once
+//! per node).
+//!
+//! # Interest
+//!
+//! A node is subscribed to a channel only while one of its connections is subscribed to the
+//! topic: the shards' first and last local subscribers change the node's [`Interest`] table,
+//! whose first and last per node are sent to the bridge as changes. The bridge batches them
+//! into `SUBSCRIBE` commands and keeps a channel for `engine.unsubscribe_linger_ms` after its
+//! last subscriber before `UNSUBSCRIBE`, so a topic that comes and goes does not churn.
+//!
+//! # The bridge thread
+//!
+//! [`RedisBroker`] is what the shards and the API hold; the bridge ([`Bridge::spawn`]) is one
+//! thread with its own tokio runtime owning the two Redis connections (one for `PUBLISH`, one
+//! for subscriptions, in RESP3 so pushes come with their channel). Nothing waits on the other
+//! side without a bound:
+//!
+//! - publishes go to the bridge through a bounded queue ([`PUBLISH_QUEUE`]): full, the publish
+//!   is refused (503 `busy`); the API then awaits Redis's answer to its `PUBLISH`, at most
+//!   `engine.command_timeout_ms` (a shard never waits: [`crate::hub::Hub::publish`]);
+//! - interest changes go through a bounded queue ([`CHANGE_QUEUE`]): full, the change is
+//!   dropped and the bridge reconciles its subscriptions with the whole table instead;
+//! - messages from Redis go through a bounded queue ([`MESSAGE_QUEUE`]) to the bridge's
+//!   delivery loop: full, a message is dropped and counted (`queue_full`);
+//! - deliveries go into the shards' inboxes through [`Deliver::deliver_each`], under the
+//!   publish gate and the inboxes' reservations; a shard whose inbox is full does not get the
+//!   message, which is counted (`inbox_full`) and logged at most once a second.
+//!
+//! # The engine going away
+//!
+//! While Redis is not connected, publishes are refused 503 `engine_unavailable`, `/readyz`
+//! says `degraded`, and clients stay connected. The bridge logs one line per change of state,
+//! reconnects with exponential backoff and jitter, and on reconnect subscribes again to every
+//! channel the interest table names, in batches. A subscription that stays open but no longer
+//! receives is found by a liveness probe on the node's own channel (`engine.probe_interval_ms`).
+//!
+//! # Not here yet
+//!
+//! A client's `subscribe` ack does not wait for the node's Redis subscription (the bridge
+//! offers the event, [`Broker::when_subscribed`]); clients are not told of messages missed
+//! while Redis was away; no TLS, Sentinel or Redis Cluster.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushKind, Value};
+use tokio::sync::{Notify, mpsc};
+use tracing::{info, warn};
+
+use super::{
+    Broker, Deliver, EngineDown, EngineStats, Interest, Pending, Publication as Pub, PublishError,
+};
+use crate::auth::SharedRegistry;
+use crate::settings::EngineSettings;
+
+/// Publish commands (one publish or batch each) waiting for the bridge at most.
+pub const PUBLISH_QUEUE: usize = 4096;
+/// Interest changes waiting for the bridge at most; past it the bridge reconciles with the
+/// whole table.
+pub const CHANGE_QUEUE: usize = 65_536;
+/// Messages from Redis waiting for delivery to the shards at most.
+pub const MESSAGE_QUEUE: usize = 65_536;
+/// Channels in one `SUBSCRIBE` or `UNSUBSCRIBE` command.
+pub const CHANNELS_PER_COMMAND: usize = 1000;
+/// Publish commands sent to Redis in one pipeline at most.
+const PUBLISHES_PER_PIPELINE: usize = 256;
+/// First wait before reconnecting; doubled after each failure up to [`RECONNECT_MAX`].
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Longest wait before reconnecting.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Adds `n` to a counter.
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A publish or batch on its way to Redis.
+struct PublishCmd {
+    /// (channel, payload) per topic of every publication, in order.
+    messages: Vec<(String, Bytes)>,
+    /// Where the bridge answers.
+    ack: tokio::sync::oneshot::Sender<Result<(), PublishError>>,
+}
+
+/// A (project, topic): one channel.
+type Key = (u32, Box<str>);
+/// Called once a channel is subscribed.
+type Waiter = Box<dyn FnOnce() + Send>;
+
+/// What the shards tell the bridge.
+enum Change {
+    /// The node's interest in (project, topic) started or ended: the bridge looks at the
+    /// table when it acts.
+    Topic(u32, Box<str>),
+    /// Call this once (project, topic)'s channel is subscribed.
+    Waiter(u32, Box<str>, Waiter),
+}
+
+/// The broker the shards and the API hold when the node shares an engine.
+pub struct RedisBroker {
+    /// The node's table, shared with its delivery path.
+    interest: Arc<Interest>,
+    /// To name a project's channels.
+    registry: SharedRegistry,
+    /// `engine.prefix`.
+    prefix: Arc<str>,
+    /// To the bridge's publisher.
+    publishes: mpsc::Sender<PublishCmd>,
+    /// To the bridge's subscription manager.
+    changes: mpsc::Sender<Change>,
+    /// Set when a change was dropped: the bridge reconciles with the whole table.
+    resync: Arc<Resync>,
+    /// Counters, shared with the bridge.
+    stats: Arc<EngineStats>,
+    /// How long a publish waits for Redis.
+    command_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request to reconcile the subscriptions with the whole interest table.
+#[derive(Debug, Default)]
+struct Resync {
+    /// A reconcile is wanted.
+    wanted: AtomicBool,
+    /// Wakes the bridge.
+    notify: Notify,
+}
+
+impl Resync {
+    fn request(&self) {
+        self.wanted.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> bool {
+        self.wanted.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// The channel of (project id, topic).
+pub fn channel(prefix: &str, project: &str, topic: &str) -> String {
+    let mut c = String::with_capacity(prefix.len() + project.len() + 1 + topic.len());
+    c.push_str(prefix);
+    c.push_str(project);
+    c.push(':');
+    c.push_str(topic);
+    c
+}
+
+/// The channel a node publishes its liveness probe on: `<prefix>~node:<node>` (`~` is in no
+/// project id, so it is no topic's channel).
+pub fn probe_channel(prefix: &str, node: &str) -> String {
+    format!("{prefix}~node:{node}")
+}
+
+/// (project id, topic) of a channel, `None` if it is not one of `prefix`'s.
+pub fn parse_channel<'a>(prefix: &str, channel: &'a str) -> Option<(&'a str, &'a str)> {
+    channel.strip_prefix(prefix)?.split_once(':')
+}
+
+impl RedisBroker {
+    /// A broker keeping `interest` up to date and the bridge that will carry its publishes
+    /// and subscriptions ([`Bridge::spawn`] it once the node's hub exists).
+    pub fn new(
+        settings: &EngineSettings,
+        node: &str,
+        interest: Arc<Interest>,
+        registry: SharedRegistry,
+    ) -> (Self, Bridge) {
+        let (publishes, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let (changes, change_rx) = mpsc::channel(CHANGE_QUEUE);
+        let stats = Arc::new(EngineStats::default());
+        let resync = Arc::new(Resync::default());
+        let broker = Self {
+            interest: interest.clone(),
+            registry: registry.clone(),
+            prefix: settings.prefix.clone(),
+            publishes,
+            changes,
+            resync: resync.clone(),
+            stats: stats.clone(),
+            command_timeout: settings.command_timeout,
+        };
+        let bridge = Bridge {
+            publish_rx,
+            subs: Subscriptions {
+                probe_channel: probe_channel(&settings.prefix, node),
+                settings: settings.clone(),
+                interest,
+                registry,
+                stats,
+                resync,
+                change_rx,
+                subscribed: HashSet::new(),
+                lingering: HashMap::new(),
+                waiters: HashMap::new(),
+            },
+        };
+        (broker, bridge)
+    }
+
+    /// Tells the bridge to look at (project, topic); a full queue makes it reconcile with
+    /// the whole table instead.
+    fn changed(&self, project: u32, topic: &str) {
+        if self
+            .changes
+            .try_send(Change::Topic(project, topic.into()))
+            .is_err()
+        {
+            add(&self.stats.changes_overflowed, 1);
+            self.resync.request();
+        }
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish(
+        &self,
+        _node: &dyn Deliver,
+        publications: &[Arc<Pub>],
+    ) -> Result<Pending, PublishError> {
+        if !self.stats.up.load(Ordering::Acquire) {
+            return Err(PublishError::EngineUnavailable(EngineDown::NotConnected));
+        }
+        let registry = self.registry.load();
+        let mut messages = Vec::with_capacity(publications.iter().map(|p| p.heads.len()).sum());
+        for p in publications {
+            // A project removed since the publish was checked: nowhere to send it.
+            let Some(project) = registry.project_at(p.project) else {
+                continue;
+            };
+            for (topic, _) in &p.heads {
+                messages.push((channel(&self.prefix, &project.id, topic), p.body.clone()));
+            }
+        }
+        let (ack, acked) = tokio::sync::oneshot::channel();
+        match self.publishes.try_send(PublishCmd { messages, ack }) {
+            Ok(()) => Ok(Pending::awaiting(acked, self.command_timeout)),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(PublishError::EngineBusy),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(PublishError::EngineUnavailable(EngineDown::NotConnected))
+            }
+        }
+    }
+
+    fn subscribe(&self, shard: usize, project: u32, topic: &str) {
+        if self.interest.add(shard, project, topic) {
+            self.changed(project, topic);
+        }
+    }
+
+    fn unsubscribe(&self, shard: usize, project: u32, topic: &str) {
+        if self.interest.remove(shard, project, topic) {
+            self.changed(project, topic);
+        }
+    }
+
+    fn when_subscribed(&self, project: u32, topic: &str, done: Box<dyn FnOnce() + Send>) {
+        match self
+            .changes
+            .try_send(Change::Waiter(project, topic.into(), done))
+        {
+            Ok(()) => {}
+            Err(e) => {
+                add(&self.stats.changes_overflowed, 1);
+                self.resync.request();
+                // No room to wait: the ack goes now, as on a node of its own.
+                if let Change::Waiter(_, _, done) = e.into_inner() {
+                    done();
+                }
+            }
+        }
+    }
+
+    fn engine(&self) -> Option<&EngineStats> {
+        Some(&self.stats)
+    }
+}
+
+/// The bridge: owns the Redis connections on its own thread ([`Bridge::spawn`]).
+pub struct Bridge {
+    /// Publishes from the API and the shards.
+    publish_rx: mpsc::Receiver<PublishCmd>,
+    /// The node's subscriptions.
+    subs: Subscriptions,
+}
+
+/// The node's subscriptions in Redis and what changes them.
+struct Subscriptions {
+    /// The node's own channel, for the liveness probe.
+    probe_channel: String,
+    /// `[engine]`.
+    settings: EngineSettings,
+    /// The node's table: what it wants subscribed, looked at when the bridge acts.
+    interest: Arc<Interest>,
+    /// To name a project's channels.
+    registry: SharedRegistry,
+    /// Counters, shared with the broker and `/metrics`.
+    stats: Arc<EngineStats>,
+    /// Set by the broker when a change was dropped.
+    resync: Arc<Resync>,
+    /// Interest changes and waiters from the shards.
+    change_rx: mpsc::Receiver<Change>,
+    /// Channels subscribed on the current connection, by (project, topic).
+    subscribed: HashSet<Key>,
+    /// Subscribed channels without a local subscriber, and when to drop them.
+    lingering: HashMap<Key, Instant>,
+    /// Callbacks waiting for a channel's subscription.
+    waiters: HashMap<Key, Vec<Waiter>>,
+}
+
+/// Oldest Redis herald runs on: 7.0 (RESP3 pushes, `CLIENT PAUSE WRITE`, ACL users).
+pub const MIN_REDIS: (u32, u32) = (7, 0);
+
+/// Connects to the engine once (`herald check-config --connect`), with its credentials, and
+/// reads its version (`INFO server`), which must be at least [`MIN_REDIS`]. Returns the
+/// version.
+///
+/// # Errors
+/// Why the engine cannot be used: not reachable, refused the credentials, too old. Never
+/// quotes the address.
+pub fn check_engine(settings: &EngineSettings) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("no runtime: {e}"))?;
+    rt.block_on(async {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(settings.connect_timeout))
+            .set_response_timeout(Some(settings.command_timeout));
+        let mut conn = Client::open(settings.address.clone())
+            .map_err(describe)?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| format!("cannot connect: {}", describe(e)))?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("INFO server refused: {}", describe(e)))?;
+        let version = info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(str::trim)
+            .ok_or("INFO server names no redis_version")?
+            .to_owned();
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if found < MIN_REDIS {
+            return Err(format!(
+                "Redis {version} is too old: herald needs {}.{} or later",
+                MIN_REDIS.0, MIN_REDIS.1
+            ));
+        }
+        Ok(version)
+    })
+}
+
+/// Why a session with Redis ended.
+enum Ended {
+    /// The node is gone (its queues closed): the bridge stops.
+    Stopped,
+    /// The connection failed; reconnect.
+    Lost(String),
+}
+
+impl Bridge {
+    /// Starts the bridge thread. It delivers to `hub` while the hub lives and stops once the
+    /// broker (held by the hub) is dropped.
+    ///
+    /// # Errors
+    /// The thread or its runtime could not be made.
+    pub fn spawn(self, hub: Weak<dyn Deliver + Send + Sync>) -> std::io::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("herald-engine".into())
+            .spawn(move || rt.block_on(self.run(hub)))?;
+        Ok(())
+    }
+
+    async fn run(mut self, hub: Weak<dyn Deliver + Send + Sync>) {
+        let mut backoff = RECONNECT_MIN;
+        let mut was_up = None;
+        loop {
+            let reason = match self.session(&hub, &mut was_up).await {
+                Ended::Stopped => return,
+                Ended::Lost(reason) => reason,
+            };
+            if self.subs.stats.up.swap(false, Ordering::AcqRel) {
+                add(&self.subs.stats.disconnects, 1);
+                backoff = RECONNECT_MIN;
+            }
+            if was_up != Some(false) {
+                warn!(
+                    reason,
+                    "engine unavailable: publishes answer 503 `engine_unavailable` until Redis is \
+                     back; reconnecting with backoff"
+                );
+                was_up = Some(false);
+            }
+            self.subs.subscribed.clear();
+            self.subs.lingering.clear();
+            self.subs.stats.channels.store(0, Ordering::Relaxed);
+            // Full jitter: a cluster's nodes do not come back all at once.
+            let wait = backoff.mul_f64(rand::random_range(0.5..1.0));
+            backoff = (backoff * 2).min(RECONNECT_MAX);
+            if self.refuse_until(Instant::now() + wait).await {
+                return;
+            }
+        }
+    }
+
+    /// Until `deadline`: answers queued publishes `engine_unavailable` and keeps the waiters
+    /// (changes need nothing: every channel is subscribed again on reconnect). True when the
+    /// node is gone.
+    async fn refuse_until(&mut self, deadline: Instant) -> bool {
+        let sleep = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => return false,
+                cmd = self.publish_rx.recv() => match cmd {
+                    Some(cmd) => {
+                        let _ = cmd.ack.send(Err(PublishError::EngineUnavailable(EngineDown::NotConnected)));
+                    }
+                    None => return true,
+                },
+                change = self.subs.change_rx.recv() => match change {
+                    Some(Change::Waiter(p, t, done)) => {
+                        self.subs.waiters.entry((p, t)).or_default().push(done);
+                    }
+                    Some(Change::Topic(..)) => {}
+                    None => return true,
+                },
+            }
+        }
+    }
+
+    /// Connects, subscribes to every channel of the table, then serves until the connection
+    /// fails or the node is gone.
+    async fn session(
+        &mut self,
+        hub: &Weak<dyn Deliver + Send + Sync>,
+        was_up: &mut Option<bool>,
+    ) -> Ended {
+        let Self { publish_rx, subs } = self;
+        let (msg_tx, mut msg_rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>(MESSAGE_QUEUE);
+        let lost = Arc::new(Notify::new());
+        let (mut publisher, mut subscriber) = match subs.connect(msg_tx, lost.clone()).await {
+            Ok(c) => c,
+            Err(e) => return Ended::Lost(e),
+        };
+        if let Err(e) = subscriber.subscribe(&subs.probe_channel).await {
+            return Ended::Lost(describe(e));
+        }
+        if let Err(e) = subs.reconcile(&mut subscriber).await {
+            return Ended::Lost(e);
+        }
+        subs.stats.up.store(true, Ordering::Release);
+        add(&subs.stats.connects, 1);
+        if *was_up != Some(true) {
+            info!(
+                channels = subs.subscribed.len(),
+                "engine connected: Redis subscriptions in place, publishes accepted"
+            );
+            *was_up = Some(true);
+        }
+        let stats = subs.stats.clone();
+        let prefix = subs.settings.prefix.clone();
+        let command_timeout = subs.settings.command_timeout;
+        let mut probe = Probe {
+            publisher: publisher.clone(),
+            channel: subs.probe_channel.clone(),
+            interval: subs.settings.probe_interval,
+            timeout: command_timeout,
+            sent: None,
+        };
+        // When a message (any, the probe included) last came from Redis.
+        let heard = std::cell::Cell::new(Instant::now());
+        let publishing = publish_loop(publish_rx, &mut publisher, command_timeout, &stats);
+        let delivering = deliver_loop(&mut msg_rx, hub, &prefix, &heard, &stats);
+        tokio::pin!(publishing, delivering);
+        // The subscription manager and the probe run here, beside the two loops.
+        let mut tick = tokio::time::interval(lingering_period(subs.settings.unsubscribe_linger));
+        let mut probe_tick = tokio::time::interval(probe.period());
+        loop {
+            tokio::select! {
+                ended = &mut publishing => return ended,
+                ended = &mut delivering => return ended,
+                () = lost.notified() => return Ended::Lost("connection closed".into()),
+                _ = probe_tick.tick() => {
+                    if let Err(e) = probe.check(heard.get()).await {
+                        return Ended::Lost(e);
+                    }
+                }
+                change = subs.change_rx.recv() => {
+                    let Some(change) = change else { return Ended::Stopped };
+                    let mut changes = vec![change];
+                    while changes.len() < CHANNELS_PER_COMMAND {
+                        match subs.change_rx.try_recv() {
+                            Ok(c) => changes.push(c),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = subs.apply(changes, &mut subscriber).await {
+                        return Ended::Lost(e);
+                    }
+                }
+                () = subs.resync.notify.notified() => {
+                    if subs.resync.take()
+                        && let Err(e) = subs.reconcile(&mut subscriber).await
+                    {
+                        return Ended::Lost(e);
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = subs.expire(&mut subscriber).await {
+                        return Ended::Lost(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Subscriptions {
+    /// The publishing and the subscribing connection (RESP3, its pushes into `msg_tx`).
+    async fn connect(
+        &self,
+        msg_tx: mpsc::Sender<(Vec<u8>, Vec<u8>)>,
+        lost: Arc<Notify>,
+    ) -> Result<(MultiplexedConnection, MultiplexedConnection), String> {
+        let s = &self.settings;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(s.connect_timeout))
+            .set_response_timeout(Some(s.command_timeout));
+        let client = Client::open(s.address.clone()).map_err(describe)?;
+        let publisher = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(describe)?;
+        let resp3 = s.address.clone().set_redis_settings(
+            s.address
+                .redis_settings()
+                .clone()
+                .set_protocol(ProtocolVersion::RESP3),
+        );
+        let stats = self.stats.clone();
+        let pushes = move |push: redis::PushInfo| -> Result<(), std::convert::Infallible> {
+            match push.kind {
+                PushKind::Message => {
+                    let mut data = push.data.into_iter();
+                    if let (Some(Value::BulkString(ch)), Some(Value::BulkString(payload))) =
+                        (data.next(), data.next())
+                        && msg_tx.try_send((ch, payload)).is_err()
+                    {
+                        add(&stats.dropped_queue_full, 1);
+                    }
+                }
+                PushKind::Disconnection => lost.notify_one(),
+                _ => {}
+            }
+            Ok(())
+        };
+        let subscriber = Client::open(resp3)
+            .map_err(describe)?
+            .get_multiplexed_async_connection_with_config(&config.set_push_sender(pushes))
+            .await
+            .map_err(describe)?;
+        Ok((publisher, subscriber))
+    }
+
+    /// The channels of `keys`, leaving out those of projects that left.
+    fn channels_of(&self, keys: &[Key]) -> Vec<String> {
+        let registry = self.registry.load();
+        keys.iter()
+            .filter_map(|(p, t)| {
+                let p = registry.project_at(*p)?;
+                Some(channel(&self.settings.prefix, &p.id, t))
+            })
+            .collect()
+    }
+
+    /// Subscribes to every (project, topic) of the table not subscribed yet and lets the
+    /// others linger.
+    async fn reconcile(&mut self, conn: &mut MultiplexedConnection) -> Result<(), String> {
+        let wanted: HashSet<Key> = self
+            .interest
+            .entries()
+            .into_iter()
+            .map(|(p, t, _)| (p, t.into_boxed_str()))
+            .collect();
+        let now = Instant::now();
+        for key in &self.subscribed {
+            if !wanted.contains(key) {
+                self.lingering
+                    .entry(key.clone())
+                    .or_insert(now + self.settings.unsubscribe_linger);
+            }
+        }
+        let new: Vec<_> = wanted
+            .into_iter()
+            .filter(|k| !self.subscribed.contains(k))
+            .collect();
+        self.subscribe(new, conn).await
+    }
+
+    /// Acts on changes: subscribes to topics the node now has subscribers of, lets the
+    /// channels of topics it has none of linger, registers waiters.
+    async fn apply(
+        &mut self,
+        changes: Vec<Change>,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), String> {
+        let mut new = Vec::new();
+        let now = Instant::now();
+        for change in changes {
+            let key = match change {
+                Change::Topic(p, t) => (p, t),
+                Change::Waiter(p, t, done) => {
+                    // Subscribed already, or nobody left to wait for it: done now.
+                    if self.subscribed.contains(&(p, t.clone())) || self.interest.mask(p, &t) == 0 {
+                        done();
+                    } else {
+                        self.waiters.entry((p, t)).or_default().push(done);
+                    }
+                    continue;
+                }
+            };
+            if self.interest.mask(key.0, &key.1) != 0 {
+                self.lingering.remove(&key);
+                if !self.subscribed.contains(&key) {
+                    new.push(key);
+                }
+            } else if self.subscribed.contains(&key) {
+                self.lingering
+                    .entry(key)
+                    .or_insert(now + self.settings.unsubscribe_linger);
+            }
+        }
+        new.sort();
+        new.dedup();
+        self.subscribe(new, conn).await
+    }
+
+    /// `SUBSCRIBE`s `keys` in batches, then calls their waiters.
+    async fn subscribe(
+        &mut self,
+        keys: Vec<Key>,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), String> {
+        for batch in keys.chunks(CHANNELS_PER_COMMAND) {
+            let channels = self.channels_of(batch);
+            if !channels.is_empty() {
+                conn.subscribe(&channels).await.map_err(describe)?;
+            }
+            for key in batch {
+                self.subscribed.insert(key.clone());
+                for done in self.waiters.remove(key).unwrap_or_default() {
+                    done();
+                }
+            }
+        }
+        self.stats
+            .channels
+            .store(self.subscribed.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `UNSUBSCRIBE`s the lingering channels whose time is up and that still have no local
+    /// subscriber.
+    async fn expire(&mut self, conn: &mut MultiplexedConnection) -> Result<(), String> {
+        let now = Instant::now();
+        let due: Vec<Key> = self
+            .lingering
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut gone = Vec::new();
+        for key in due {
+            self.lingering.remove(&key);
+            if self.interest.mask(key.0, &key.1) == 0 {
+                gone.push(key);
+            }
+        }
+        for batch in gone.chunks(CHANNELS_PER_COMMAND) {
+            let channels = self.channels_of(batch);
+            if !channels.is_empty() {
+                conn.unsubscribe(&channels).await.map_err(describe)?;
+            }
+            for key in batch {
+                self.subscribed.remove(key);
+            }
+        }
+        self.stats
+            .channels
+            .store(self.subscribed.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The liveness probe: when nothing came from Redis for `interval`, the node publishes on its
+/// own channel, and a probe not heard back within `timeout` means the subscription no longer
+/// receives (a failover left it on a demoted server, or the link hangs): reconnect.
+struct Probe {
+    /// A handle on the publishing connection.
+    publisher: MultiplexedConnection,
+    /// The node's own channel.
+    channel: String,
+    /// Quiet time before a probe.
+    interval: Duration,
+    /// How long a probe may take to come back.
+    timeout: Duration,
+    /// When the probe in flight was sent.
+    sent: Option<Instant>,
+}
+
+impl Probe {
+    /// How often [`Probe::check`] runs: a quarter of the shorter of the two durations.
+    fn period(&self) -> Duration {
+        (self.interval.min(self.timeout) / 4).max(Duration::from_millis(10))
+    }
+
+    /// Sends a probe when Redis has been quiet for the interval (nothing `heard` since);
+    /// fails when the one in flight did not come back in time.
+    async fn check(&mut self, heard: Instant) -> Result<(), String> {
+        let now = Instant::now();
+        if let Some(at) = self.sent {
+            if heard >= at {
+                self.sent = None;
+            } else if now - at >= self.timeout {
+                return Err(format!(
+                    "liveness probe not received back within {:?}: the subscription no longer \
+                     receives",
+                    self.timeout
+                ));
+            } else {
+                return Ok(());
+            }
+        }
+        if now - heard < self.interval {
+            return Ok(());
+        }
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(&self.channel).arg("probe");
+        match tokio::time::timeout(
+            self.timeout,
+            publish.query_async::<i64>(&mut self.publisher),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {
+                self.sent = Some(now);
+                Ok(())
+            }
+            Ok(Err(e)) if !e.is_timeout() => {
+                Err(format!("liveness probe not published: {}", describe(e)))
+            }
+            Ok(Err(_)) | Err(_) => Err(format!(
+                "liveness probe not answered within {:?}",
+                self.timeout
+            )),
+        }
+    }
+}
+
+/// How often lingering channels are looked at: a tenth of the linger, 10 ms to 1 s.
+fn lingering_period(linger: Duration) -> Duration {
+    (linger / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// Sends queued publishes to Redis in pipelines, in queue order, and answers each.
+async fn publish_loop(
+    rx: &mut mpsc::Receiver<PublishCmd>,
+    conn: &mut MultiplexedConnection,
+    timeout: Duration,
+    stats: &EngineStats,
+) -> Ended {
+    let mut batch = Vec::new();
+    loop {
+        let Some(first) = rx.recv().await else {
+            return Ended::Stopped;
+        };
+        batch.push(first);
+        while batch.len() < PUBLISHES_PER_PIPELINE {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let mut pipe = redis::pipe();
+        let mut nr = 0;
+        for cmd in &batch {
+            for (ch, payload) in &cmd.messages {
+                pipe.cmd("PUBLISH").arg(ch).arg(&payload[..]).ignore();
+                nr += 1;
+            }
+        }
+        // All or none: a connection lost on the way loses the whole group, not part of a
+        // batch (an answer lost after EXEC still leaves the outcome unknown: 503).
+        if nr > 1 {
+            pipe.atomic();
+        }
+        let outcome = if nr == 0 {
+            Ok(Ok(()))
+        } else {
+            tokio::time::timeout(timeout, pipe.query_async::<()>(conn)).await
+        };
+        let (answer, ended) = match outcome {
+            Ok(Ok(())) => {
+                add(&stats.published, nr);
+                (Ok(()), None)
+            }
+            Ok(Err(e)) => (
+                Err(PublishError::EngineUnavailable(EngineDown::Lost)),
+                Some(describe(e)),
+            ),
+            Err(_) => (
+                Err(PublishError::EngineUnavailable(EngineDown::NoAnswer(
+                    timeout.as_millis() as u64,
+                ))),
+                Some(format!("no answer to PUBLISH within {timeout:?}")),
+            ),
+        };
+        for cmd in batch.drain(..) {
+            let _ = cmd.ack.send(answer.clone());
+        }
+        if let Some(reason) = ended {
+            return Ended::Lost(reason);
+        }
+    }
+}
+
+/// Hands messages from Redis to the node, which encodes each once for its shards (the body
+/// is Redis's payload as it came).
+async fn deliver_loop(
+    rx: &mut mpsc::Receiver<(Vec<u8>, Vec<u8>)>,
+    hub: &Weak<dyn Deliver + Send + Sync>,
+    prefix: &str,
+    heard: &std::cell::Cell<Instant>,
+    stats: &EngineStats,
+) -> Ended {
+    let mut inbox_full = Throttled::default();
+    let mut queue_full = Throttled::default();
+    let mut queue_full_seen = stats.dropped_queue_full.load(Ordering::Relaxed);
+    loop {
+        let Some((ch, payload)) = rx.recv().await else {
+            return Ended::Lost("subscription connection closed".into());
+        };
+        heard.set(Instant::now());
+        let dropped = stats.dropped_queue_full.load(Ordering::Relaxed);
+        if let Some(n) = queue_full.due(dropped - queue_full_seen) {
+            warn!(
+                dropped = n,
+                "queue from Redis to the delivery loop full: messages from the engine were not \
+                 delivered on this node (counted in herald_engine_dropped_total{{reason=\
+                 \"queue_full\"}}; logged at most once a second)"
+            );
+        }
+        queue_full_seen = dropped;
+        if ch.starts_with(prefix.as_bytes()) && ch[prefix.len()..].starts_with(b"~node:") {
+            // The node's own probe: heard, nothing to deliver.
+            continue;
+        }
+        add(&stats.received, 1);
+        let Some(node) = hub.upgrade() else {
+            return Ended::Stopped;
+        };
+        let Some((project, topic)) = std::str::from_utf8(&ch)
+            .ok()
+            .and_then(|ch| parse_channel(prefix, ch))
+        else {
+            add(&stats.dropped_unknown, 1);
+            continue;
+        };
+        let d = node.deliver_each(project, topic, Bytes::from(payload));
+        if d.unknown_project {
+            add(&stats.dropped_unknown, 1);
+        }
+        if d.malformed {
+            add(&stats.dropped_malformed, 1);
+        }
+        if d.refused {
+            add(&stats.dropped_draining, 1);
+        }
+        add(&stats.dropped_inbox_full, u64::from(d.nr_full));
+        if let Some(n) = inbox_full.due(u64::from(d.nr_full)) {
+            warn!(
+                dropped = n,
+                "shard inbox full: a message from the engine was not delivered to that \
+                 shard's subscribers (counted in herald_engine_dropped_total{{reason=\
+                 \"inbox_full\"}}; logged at most once a second)"
+            );
+        }
+    }
+}
+
+/// Drops logged at most once a second, each line with the drops since the last one.
+#[derive(Debug, Default)]
+struct Throttled {
+    /// When the last line was logged.
+    at: Option<Instant>,
+    /// Drops since then.
+    unlogged: u64,
+}
+
+impl Throttled {
+    /// Counts `n` drops; `Some(count)` when a line is due, with the count to log.
+    fn due(&mut self, n: u64) -> Option<u64> {
+        self.unlogged += n;
+        if self.unlogged == 0
+            || self
+                .at
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.at = Some(Instant::now());
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+/// A Redis error for the log: its category and detail, never the address (it may hold a
+/// password).
+fn describe(e: redis::RedisError) -> String {
+    match e.detail() {
+        Some(d) => format!("{}: {d}", e.category()),
+        None => e.category().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_are_logged_at_most_once_a_second_with_their_count() {
+        let mut t = Throttled::default();
+        assert_eq!(t.due(0), None, "nothing dropped, nothing to say");
+        assert_eq!(t.due(2), Some(2));
+        assert_eq!(t.due(3), None, "within the second: counted");
+        assert_eq!(t.due(1), None);
+        t.at = Some(Instant::now() - Duration::from_secs(2));
+        assert_eq!(
+            t.due(0),
+            Some(4),
+            "the next line carries what was held back"
+        );
+        assert_eq!(t.due(0), None);
+    }
+
+    #[test]
+    fn channels_name_the_project_and_the_topic() {
+        let c = channel("herald:", "shop", "user.a:b");
+        assert_eq!(c, "herald:shop:user.a:b");
+        assert_eq!(parse_channel("herald:", &c), Some(("shop", "user.a:b")));
+        assert_eq!(parse_channel("other:", &c), None);
+        assert_eq!(parse_channel("herald:", "herald:nocolon"), None);
+    }
+}

@@ -1,0 +1,619 @@
+//! Several nodes sharing publishes through Redis: real `herald serve` processes on loopback,
+//! each with its own ports and state directory, and a `redis-server` of the test's own.
+//!
+//! A node subscribes to a topic's channel only once a local connection is subscribed, and
+//! the `subscribe` ack does not wait for that yet: each test waits for the node's
+//! subscription in Redis (`PUBSUB NUMSUB`) before it publishes.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use serde_json::Value;
+
+/// The channel of `topic` in project `shop` under `prefix`.
+fn shop_channel(prefix: &str, topic: &str) -> String {
+    format!("{prefix}shop:{topic}")
+}
+
+/// A Redis of its own and three nodes sharing it under the prefix `<name>:`.
+fn three_nodes(name: &str) -> (RedisServer, String, Vec<(HeraldProcess, Ready, TempDir)>) {
+    let redis = RedisServer::start(name);
+    let prefix = format!("{name}:");
+    let nodes = cluster_nodes(3, name, &redis, &prefix);
+    (redis, prefix, nodes)
+}
+
+/// Publishes `data` to `topic` of `shop` through `api`.
+fn publish_shop(api: std::net::SocketAddr, topic: &str, data: &str) -> HttpResponse {
+    publish(
+        api,
+        SHOP_API_KEY,
+        &format!(r#"{{"project":"shop","topic":"{topic}","data":{data}}}"#),
+    )
+}
+
+/// The next delivery's (topic, data as JSON text, id).
+fn next_message(ws: &mut Client) -> (String, String, String) {
+    let (topic, data, id, _) = split_message(&recv_text(ws));
+    (topic, data, id)
+}
+
+#[test]
+fn a_publish_to_any_node_reaches_subscribers_on_every_node() {
+    let (redis, prefix, nodes) = three_nodes("any-node");
+    let mut clients: Vec<Client> = nodes
+        .iter()
+        .map(|(_, ready, _)| {
+            let (mut ws, _) = connect_user(ready.listen, "shop", "reader");
+            subscribe(&mut ws, "news");
+            ws
+        })
+        .collect();
+    redis.wait_numsub(&shop_channel(&prefix, "news"), 3);
+    let mut ids = BTreeSet::new();
+    for (i, (_, ready, _)) in nodes.iter().enumerate() {
+        let r = publish_shop(ready.api, "news", &format!(r#"{{"from":{i}}}"#));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let id = r.json()["id"].as_str().expect("an id").to_owned();
+        for ws in &mut clients {
+            assert_eq!(
+                next_message(ws),
+                ("news".into(), format!(r#"{{"from":{i}}}"#), id.clone()),
+                "every node delivers what node {i} accepted, with its id"
+            );
+        }
+        assert!(ids.insert(id), "message ids are unique across nodes");
+    }
+}
+
+#[test]
+fn a_stomp_subscriber_on_another_node_gets_the_message_with_its_id_and_exact_body() {
+    let (redis, prefix, nodes) = three_nodes("stomp-node");
+    let at = nodes[1].1.listen;
+    let (mut stomp, _) =
+        tungstenite::client(format!("ws://{at}/stomp/shop"), tcp(at)).expect("the STOMP upgrade");
+    let jwt = token("shop", "reader").0;
+    stomp
+        .send(tungstenite::Message::text(format!(
+            "CONNECT\naccept-version:1.2\npasscode:{jwt}\n\n\0\
+             SUBSCRIBE\nid:s1\ndestination:/topic/shop/news\nreceipt:r1\n\n\0"
+        )))
+        .expect("CONNECT and SUBSCRIBE");
+    let mut frames = Vec::new();
+    while frames.len() < 2 {
+        let text = recv_text(&mut stomp);
+        if !text.trim_matches(['\r', '\n']).is_empty() {
+            frames.push(text);
+        }
+    }
+    assert!(
+        frames[0].starts_with("CONNECTED\nversion:1.2\n"),
+        "{frames:?}"
+    );
+    assert_eq!(frames[1], "RECEIPT\nreceipt-id:r1\n\n\0");
+    redis.wait_numsub(&shop_channel(&prefix, "news"), 1);
+
+    let data = r#"{"id":"not the message id","n": [1, 2.50]}"#;
+    let r = publish_shop(nodes[0].1.api, "news", data);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.json()["id"].as_str().expect("an id").to_owned();
+    let message = loop {
+        let text = recv_text(&mut stomp);
+        if !text.trim_matches(['\r', '\n']).is_empty() {
+            break text;
+        }
+    };
+    assert_eq!(
+        message,
+        format!(
+            "MESSAGE\nsubscription:s1\ndestination:/topic/shop/news\nmessage-id:{id}\n\
+             content-type:application/json\ncontent-length:{}\n\n{data}\0",
+            data.len()
+        )
+    );
+}
+
+#[test]
+fn ten_thousand_messages_arrive_in_order_on_every_node() {
+    const N: usize = 10_000;
+    const BATCH: usize = 500;
+    let (redis, prefix, nodes) = three_nodes("order");
+    // Two subscribers on the first node, one on each other.
+    let mut readers = Vec::new();
+    for listen in [
+        nodes[0].1.listen,
+        nodes[0].1.listen,
+        nodes[1].1.listen,
+        nodes[2].1.listen,
+    ] {
+        let (mut ws, _) = connect_user(listen, "shop", "reader");
+        subscribe(&mut ws, "ticks");
+        readers.push(std::thread::spawn(move || {
+            (0..N)
+                .map(|_| {
+                    let (_, data, _) = next_message(&mut ws);
+                    let v: Value = serde_json::from_str(&data).expect("JSON data");
+                    v["n"].as_u64().expect("a number") as usize
+                })
+                .collect::<Vec<_>>()
+        }));
+    }
+    redis.wait_numsub(&shop_channel(&prefix, "ticks"), 3);
+    // One publisher, through the middle node, in batches.
+    let api = nodes[1].1.api;
+    for start in (0..N).step_by(BATCH) {
+        let items: Vec<String> = (start..start + BATCH)
+            .map(|n| format!(r#"{{"project":"shop","topic":"ticks","data":{{"n":{n}}}}}"#))
+            .collect();
+        let r = http_request(
+            api,
+            "POST",
+            "/api/v1/publish/batch",
+            SHOP_API_KEY,
+            &format!("[{}]", items.join(",")),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let expected: Vec<usize> = (0..N).collect();
+    for (i, reader) in readers.into_iter().enumerate() {
+        let got = reader.join().expect("reader");
+        assert!(
+            got == expected,
+            "subscriber {i}: not every message in order"
+        );
+    }
+}
+
+#[test]
+fn unicast_reaches_a_users_connections_on_two_nodes() {
+    let (redis, prefix, nodes) = three_nodes("unicast");
+    let (mut alice_0, _) = connect_user(nodes[0].1.listen, "shop", "alice");
+    let (mut alice_2, _) = connect_user(nodes[2].1.listen, "shop", "alice");
+    let (mut bob_1, _) = connect_user(nodes[1].1.listen, "shop", "bob");
+    // The implicit `user.<sub>` topic is subscribed on the nodes holding the user only.
+    redis.wait_numsub(&shop_channel(&prefix, "user.alice"), 2);
+    redis.wait_numsub(&shop_channel(&prefix, "user.bob"), 1);
+    let r = publish_shop(nodes[1].1.api, "user.alice", r#""for alice""#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = publish_shop(nodes[0].1.api, "user.bob", r#""for bob""#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    for ws in [&mut alice_0, &mut alice_2] {
+        let (topic, data, _) = next_message(ws);
+        assert_eq!(
+            (topic.as_str(), data.as_str()),
+            ("user.alice", r#""for alice""#)
+        );
+    }
+    let (topic, data, _) = next_message(&mut bob_1);
+    assert_eq!(
+        (topic.as_str(), data.as_str()),
+        ("user.bob", r#""for bob""#),
+        "bob's first message is his own: alice's did not reach him"
+    );
+}
+
+#[test]
+fn a_node_receives_only_the_topics_its_connections_subscribe_to() {
+    let redis = RedisServer::start("interest");
+    let prefix = "int:";
+    let (_a, a, _da) = cluster_node("interest-a", &redis, prefix);
+    let (_b, b, _db) = cluster_node("interest-b", &redis, prefix);
+    let (mut on_a, _) = connect_user(a.listen, "shop", "u1");
+    let (mut on_b, _) = connect_user(b.listen, "shop", "u2");
+    let only_a = shop_channel(prefix, "only-a");
+    subscribe(&mut on_a, "only-a");
+    redis.wait_numsub(&only_a, 1);
+    redis.wait_numsub(&shop_channel(prefix, "all"), 2);
+    let received = |api| metric(&scrape(api), "herald_engine_received_total", "");
+    let b_before = received(b.api);
+    assert_eq!(publish_shop(a.api, "only-a", "1").status, 200);
+    assert_eq!(publish_shop(a.api, "all", r#""marker""#).status, 200);
+    assert_eq!(next_message(&mut on_a).1, "1");
+    assert_eq!(next_message(&mut on_a).1, r#""marker""#);
+    // B takes the marker after anything Redis sent it before: only the marker came.
+    assert_eq!(next_message(&mut on_b).1, r#""marker""#);
+    assert_eq!(
+        received(b.api) - b_before,
+        1.0,
+        "B received nothing for `only-a`"
+    );
+
+    // Unsubscribed: the channel lingers (`engine.unsubscribe_linger_ms`, 1 s), then goes.
+    let ack = request(
+        &mut on_a,
+        r#"{"op":"unsubscribe","topic":"only-a","id":"u"}"#,
+    );
+    assert_eq!(ack["type"], "ack");
+    assert_eq!(
+        redis.numsub(&only_a),
+        1,
+        "still subscribed while it lingers"
+    );
+    redis.wait_numsub(&only_a, 0);
+    assert_eq!(
+        metric(&scrape(a.api), "herald_engine_channels", ""),
+        2.0,
+        "`all` and `user.u1` are left"
+    );
+    // Subscribed again: the node subscribes again.
+    subscribe(&mut on_a, "only-a");
+    redis.wait_numsub(&only_a, 1);
+    assert_eq!(publish_shop(b.api, "only-a", "2").status, 200);
+    assert_eq!(next_message(&mut on_a).1, "2");
+
+    // A topic that goes and comes back within the linger costs Redis no command: `flap` is
+    // left and taken again at once, then `gone` is left for good. Once `gone` is dropped
+    // (its linger started last), `flap`'s would have been too: it is still there, and the
+    // only UNSUBSCRIBE since is `gone`'s.
+    let unsubscribes = || {
+        let mut c = redis.connection().unwrap();
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut c)
+            .unwrap();
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_unsubscribe:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    subscribe(&mut on_a, "flap");
+    subscribe(&mut on_a, "gone");
+    redis.wait_numsub(&shop_channel(prefix, "flap"), 1);
+    redis.wait_numsub(&shop_channel(prefix, "gone"), 1);
+    let before = unsubscribes();
+    let ack = request(&mut on_a, r#"{"op":"unsubscribe","topic":"flap","id":"f"}"#);
+    assert_eq!(ack["type"], "ack");
+    subscribe(&mut on_a, "flap");
+    let ack = request(&mut on_a, r#"{"op":"unsubscribe","topic":"gone","id":"g"}"#);
+    assert_eq!(ack["type"], "ack");
+    redis.wait_numsub(&shop_channel(prefix, "gone"), 0);
+    assert_eq!(redis.numsub(&shop_channel(prefix, "flap")), 1);
+    assert_eq!(unsubscribes() - before, 1, "one UNSUBSCRIBE, for `gone`");
+}
+
+#[test]
+fn redis_going_away_refuses_publishes_keeps_clients_and_recovers() {
+    let mut redis = RedisServer::start("outage");
+    let prefix = "out:";
+    let (a_proc, a, _da) = cluster_node("outage-a", &redis, prefix);
+    let (b_proc, b, _db) = cluster_node("outage-b", &redis, prefix);
+    let mut clients: Vec<Client> = [a.listen, b.listen]
+        .into_iter()
+        .map(|listen| {
+            let (mut ws, _) = connect_user(listen, "shop", "reader");
+            subscribe(&mut ws, "news");
+            ws
+        })
+        .collect();
+    redis.wait_numsub(&shop_channel(prefix, "news"), 2);
+
+    for api in [a.api, b.api] {
+        let r = http_request(api, "GET", "/readyz", "", "");
+        assert_eq!((r.status, r.text()), (200, r#"{"status":"ready"}"#.into()));
+    }
+    redis.stop();
+    for api in [a.api, b.api] {
+        wait_engine_up(api, false);
+        let r = http_request(api, "GET", "/readyz", "", "");
+        assert_eq!(
+            (r.status, r.text()),
+            (503, r#"{"status":"degraded"}"#.into())
+        );
+        let r = publish_shop(api, "news", r#""lost?""#);
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.json()["error"], "engine_unavailable", "{}", r.text());
+        assert_eq!(r.header("Retry-After"), Some("1"));
+    }
+    let r = http_request(
+        a.api,
+        "POST",
+        "/api/v1/publish/batch",
+        SHOP_API_KEY,
+        r#"[{"project":"shop","topic":"news","data":1}]"#,
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"], "engine_unavailable");
+
+    redis.restart();
+    for api in [a.api, b.api] {
+        wait_engine_up(api, true);
+        let r = http_request(api, "GET", "/readyz", "", "");
+        assert_eq!((r.status, r.text()), (200, r#"{"status":"ready"}"#.into()));
+    }
+    // Resubscribed from the interest table.
+    redis.wait_numsub(&shop_channel(prefix, "news"), 2);
+    redis.wait_numsub(&shop_channel(prefix, "all"), 2);
+    let r = publish_shop(b.api, "news", r#""back""#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    for ws in &mut clients {
+        // The same connections: nothing refused was delivered, the first message is the new one.
+        assert_eq!(next_message(ws).1, r#""back""#);
+    }
+    for p in [&a_proc, &b_proc] {
+        let log = p.stderr();
+        assert_eq!(
+            log.matches("engine unavailable").count(),
+            1,
+            "one line per change of state:\n{log}"
+        );
+        assert_eq!(log.matches("engine connected").count(), 2, "{log}");
+    }
+}
+
+#[test]
+fn check_config_names_a_bad_engine_setting() {
+    let redis = RedisServer::start("check");
+    let dir = TempDir::new("cluster-check");
+    let check = |toml: &str| {
+        let path = write_config(&dir, toml);
+        run_herald(&["check-config", "--config", path.to_str().unwrap()])
+    };
+    let (status, out, err) = check(&cluster_toml(&dir, &redis, "chk:", |_| ()));
+    assert!(status.success(), "{out}{err}");
+    // The rules themselves are unit-tested beside the config; here, that the command applies
+    // them and names the key without quoting the address.
+    let (status, _, err) = check(&cluster_toml(&dir, &redis, "chk:", |e| {
+        e.url = "rediss://127.0.0.1:6379".into();
+    }));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("invalid `engine.url`"), "{err}");
+    assert!(!err.contains("6379"), "the address is never quoted: {err}");
+    let (status, _, err) = check(&cluster_toml(&dir, &redis, "chk:", |e| {
+        e.node = Some("a/b".into());
+    }));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("invalid `engine.node`"), "{err}");
+
+    // --connect: reaches Redis and checks its version.
+    let connect = |toml: &str| {
+        let path = write_config(&dir, toml);
+        run_herald(&[
+            "check-config",
+            "--config",
+            path.to_str().unwrap(),
+            "--connect",
+        ])
+    };
+    let (status, out, err) = connect(&cluster_toml(&dir, &redis, "chk:", |_| ()));
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("engine: Redis 7."), "{out}");
+    assert!(out.trim_end().ends_with(": ok"), "{out}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (status, _, err) = connect(&cluster_toml(&dir, &redis, "chk:", |e| {
+        e.url = format!("redis://:secret-pw@127.0.0.1:{closed}/0");
+    }));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("engine: cannot connect"), "{err}");
+    assert!(
+        !err.contains("secret-pw"),
+        "the address is never quoted: {err}"
+    );
+    let (status, _, err) = connect(&toml::to_string(&config()).unwrap());
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("no [engine] section"), "{err}");
+}
+
+/// The bridge side of a `subscribe` ack that waits for the engine: the completion event for
+/// a topic comes only once Redis has the node's subscription. Redis is paused (`CLIENT
+/// PAUSE`) while a client subscribes, so the event cannot come before the pause ends.
+#[test]
+fn the_subscription_event_comes_once_redis_has_the_subscription() {
+    let redis = RedisServer::start("completion");
+    let prefix = "done:";
+    let server = TestServer::start(|c| {
+        c.engine = Some(herald::config::EngineConfig {
+            url: redis.url(),
+            prefix: prefix.into(),
+            ..Default::default()
+        });
+    });
+    wait_engine_up(server.api, true);
+    let (mut ws, _) = connect_user(server.listen, "shop", "reader");
+    redis.wait_numsub(&shop_channel(prefix, "all"), 1);
+    let shop = server.hub.registry.load().project("shop").unwrap().idx;
+
+    let pause = std::time::Duration::from_millis(800);
+    let paused_at = std::time::Instant::now();
+    let mut c = redis.connection().unwrap();
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(pause.as_millis() as u64)
+        .arg("ALL")
+        .query(&mut c)
+        .unwrap();
+    subscribe(&mut ws, "news");
+    let (tx, rx) = std::sync::mpsc::channel();
+    server.hub.broker.when_subscribed(
+        shop,
+        "news",
+        Box::new(move || {
+            let _ = tx.send(std::time::Instant::now());
+        }),
+    );
+    let at = rx.recv_timeout(TIMEOUT).expect("the subscription event");
+    assert!(
+        at - paused_at >= pause - std::time::Duration::from_millis(50),
+        "the event came {:?} into an {pause:?} pause of Redis",
+        at - paused_at
+    );
+    assert_eq!(redis.numsub(&shop_channel(prefix, "news")), 1);
+
+    // Subscribed already: the event comes at once.
+    let (tx, rx) = std::sync::mpsc::channel();
+    server.hub.broker.when_subscribed(
+        shop,
+        "news",
+        Box::new(move || {
+            let _ = tx.send(());
+        }),
+    );
+    rx.recv_timeout(TIMEOUT).expect("at once");
+}
+
+/// A subscription that no longer receives while its connection stays open (a failover that
+/// left it on a server nobody publishes to, or a link that hangs) is found by the liveness
+/// probe on an idle node: the node turns unavailable and connects again.
+#[test]
+fn a_silent_subscription_is_found_by_the_liveness_probe() {
+    let redis = RedisServer::start("probe");
+    let relay = Relay::start(redis.port);
+    let dir = TempDir::new("probe-node");
+    let toml = cluster_toml(&dir, &redis, "probe:", |e| {
+        e.url = format!("redis://127.0.0.1:{}/0", relay.port);
+        e.probe_interval_ms = 200;
+        e.command_timeout_ms = 500;
+    });
+    let (node, ready) = HeraldProcess::start(&dir, &toml, &[]);
+    wait_engine_up(ready.api, true);
+    let (mut ws, _) = connect_user(ready.listen, "shop", "reader");
+    subscribe(&mut ws, "news");
+    redis.wait_numsub("probe:shop:news", 1);
+    // The node's first two connections: publishing, then subscribing.
+    assert_eq!(relay.nr_connections(), 2);
+
+    // The subscription goes silent, the connection stays; nothing is published: only the
+    // probe (published fine, never heard back) can tell.
+    relay.freeze(1, true);
+    wait_engine_up(ready.api, false);
+    node.wait_log("liveness probe not received back", 0);
+    // Two fresh connections, and delivery works through them.
+    wait_engine_up(ready.api, true);
+    assert_eq!(relay.nr_connections(), 4);
+    let r = publish_shop(ready.api, "news", "7");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(next_message(&mut ws).1, "7");
+
+    // A link that hangs both ways: the probe is not even answered.
+    relay.freeze(2, true);
+    relay.freeze(3, true);
+    wait_engine_up(ready.api, false);
+    node.wait_log("liveness probe not answered", 0);
+    wait_engine_up(ready.api, true);
+    let r = publish_shop(ready.api, "news", "8");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(next_message(&mut ws).1, "8");
+}
+
+/// A publish waiting for Redis's acknowledgement holds no thread: the API answers other
+/// requests meanwhile, and the publish is answered once Redis takes it (here, after Redis
+/// was paused for writes).
+#[test]
+fn the_api_serves_while_a_publish_waits_for_redis() {
+    let redis = RedisServer::start("slow");
+    let dir = TempDir::new("slow-node");
+    let toml = cluster_toml(&dir, &redis, "slow:", |e| e.command_timeout_ms = 10_000);
+    let (_node, ready) = HeraldProcess::start(&dir, &toml, &[]);
+    wait_engine_up(ready.api, true);
+    let (mut ws, _) = connect_user(ready.listen, "shop", "reader");
+    subscribe(&mut ws, "news");
+    redis.wait_numsub("slow:shop:news", 1);
+
+    let mut c = redis.connection().unwrap();
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("WRITE")
+        .query(&mut c)
+        .unwrap();
+    let api = ready.api;
+    let publisher = std::thread::spawn(move || publish_shop(api, "news", r#""late""#));
+    // The node's PUBLISH is held by Redis for the pause.
+    wait_until("the node's PUBLISH to wait in Redis", || {
+        let clients: String = redis::cmd("CLIENT").arg("LIST").query(&mut c).unwrap();
+        clients
+            .lines()
+            .any(|l| l.contains("flags=b") && l.contains("cmd=publish"))
+    });
+    let r = http_request(api, "GET", "/healthz", "", "");
+    assert_eq!(r.status, 200);
+    assert!(
+        !publisher.is_finished(),
+        "the health check was answered while the publish still waited for Redis"
+    );
+    let r = publisher.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(next_message(&mut ws).1, r#""late""#);
+}
+
+/// A node killed (SIGKILL) while messages are published: the other nodes deliver every
+/// message in order, and the killed node's client, reconnected to another node, receives what
+/// is published after its subscription.
+#[test]
+fn a_killed_node_costs_the_others_nothing_and_its_clients_move() {
+    const FIRST: usize = 2000;
+    const MORE: usize = 100;
+    let (redis, prefix, mut nodes) = three_nodes("kill");
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for (_, ready, _) in &nodes[..2] {
+        let (mut ws, _) = connect_user(ready.listen, "shop", "reader");
+        subscribe(&mut ws, "load");
+        let seen = seen.clone();
+        readers.push(std::thread::spawn(move || {
+            (0..FIRST + MORE)
+                .map(|_| {
+                    let n: usize = next_message(&mut ws).1.parse().expect("a number");
+                    seen.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+                    n
+                })
+                .collect::<Vec<_>>()
+        }));
+    }
+    let (mut doomed, _) = connect_user(nodes[2].1.listen, "shop", "reader");
+    subscribe(&mut doomed, "load");
+    redis.wait_numsub(&shop_channel(&prefix, "load"), 3);
+
+    let api = nodes[0].1.api;
+    let publish_range = move |range: std::ops::Range<usize>| {
+        for n in range {
+            let r = publish_shop(api, "load", &n.to_string());
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    };
+    let publisher = std::thread::spawn(move || publish_range(0..FIRST));
+    wait_until("a quarter of the messages delivered", || {
+        seen.load(std::sync::atomic::Ordering::Relaxed) >= FIRST / 4
+    });
+    nodes[2].0.child.kill().expect("SIGKILL");
+    nodes[2].0.child.wait().expect("reaped");
+    // Its client sees the connection end (not a read timeout), and comes back on another node.
+    let ended = loop {
+        match doomed.read() {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        !matches!(&ended, tungstenite::Error::Io(e)
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "the connection ended: {ended}"
+    );
+    let (mut moved, _) = connect_user(nodes[1].1.listen, "shop", "reader");
+    subscribe(&mut moved, "load");
+    redis.wait_numsub(&shop_channel(&prefix, "load"), 2);
+    publisher.join().expect("publisher");
+    publish_range(FIRST..FIRST + MORE);
+
+    let expected: Vec<usize> = (0..FIRST + MORE).collect();
+    for (i, reader) in readers.into_iter().enumerate() {
+        assert!(
+            reader.join().expect("reader") == expected,
+            "node {i}: every message, in order"
+        );
+    }
+    // The moved client: a run of consecutive messages ending with the last one published,
+    // covering at least everything published after it subscribed.
+    let mut got = Vec::new();
+    while got.last() != Some(&(FIRST + MORE - 1)) {
+        got.push(next_message(&mut moved).1.parse::<usize>().unwrap());
+    }
+    assert!(got.len() >= MORE, "{got:?}");
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+}
