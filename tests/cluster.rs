@@ -1,9 +1,11 @@
 //! Several nodes sharing publishes through Redis: real `herald serve` processes on loopback,
 //! each with its own ports and state directory, and a `redis-server` of the test's own.
 //!
-//! A node subscribes to a topic's channel only once a local connection is subscribed, and
-//! the `subscribe` ack does not wait for that yet: each test waits for the node's
-//! subscription in Redis (`PUBSUB NUMSUB`) before it publishes.
+//! A node subscribes to a topic's channel only once a local connection is subscribed. A
+//! `subscribe` ack waits for that subscription
+//! (`a_subscribe_is_acknowledged_once_redis_has_the_subscription`); the welcome does not
+//! wait for the implicit topics' subscriptions, so the tests wait for the node's subscription
+//! in Redis (`PUBSUB NUMSUB`) before they publish.
 
 mod common;
 
@@ -400,13 +402,10 @@ fn check_config_names_a_bad_engine_setting() {
     assert!(err.contains("no [engine] section"), "{err}");
 }
 
-/// The bridge side of a `subscribe` ack that waits for the engine: the completion event for
-/// a topic comes only once Redis has the node's subscription. Redis is paused (`CLIENT
-/// PAUSE`) while a client subscribes, so the event cannot come before the pause ends.
-#[test]
-fn the_subscription_event_comes_once_redis_has_the_subscription() {
-    let redis = RedisServer::start("completion");
-    let prefix = "done:";
+/// A Redis of its own and an in-process node on it under `prefix`, its engine up, with a
+/// connection of user `reader` of `shop` (whose `all` is subscribed in Redis).
+fn engine_node(name: &str, prefix: &str) -> (RedisServer, TestServer, Client) {
+    let redis = RedisServer::start(name);
     let server = TestServer::start(|c| {
         c.engine = Some(herald::config::EngineConfig {
             url: redis.url(),
@@ -415,11 +414,13 @@ fn the_subscription_event_comes_once_redis_has_the_subscription() {
         });
     });
     wait_engine_up(server.api, true);
-    let (mut ws, _) = connect_user(server.listen, "shop", "reader");
+    let (ws, _) = connect_user(server.listen, "shop", "reader");
     redis.wait_numsub(&shop_channel(prefix, "all"), 1);
-    let shop = server.hub.registry.load().project("shop").unwrap().idx;
+    (redis, server, ws)
+}
 
-    let pause = std::time::Duration::from_millis(800);
+/// Makes Redis answer no client for `pause` (`CLIENT PAUSE ... ALL`); returns when it began.
+fn pause_redis(redis: &RedisServer, pause: std::time::Duration) -> std::time::Instant {
     let paused_at = std::time::Instant::now();
     let mut c = redis.connection().unwrap();
     let () = redis::cmd("CLIENT")
@@ -428,6 +429,20 @@ fn the_subscription_event_comes_once_redis_has_the_subscription() {
         .arg("ALL")
         .query(&mut c)
         .unwrap();
+    paused_at
+}
+
+/// The bridge side of a `subscribe` ack that waits for the engine: the completion event for
+/// a topic comes only once Redis has the node's subscription. Redis is paused (`CLIENT
+/// PAUSE`) while a client subscribes, so the event cannot come before the pause ends.
+#[test]
+fn the_subscription_event_comes_once_redis_has_the_subscription() {
+    let prefix = "done:";
+    let (redis, server, mut ws) = engine_node("completion", prefix);
+    let shop = server.hub.registry.load().project("shop").unwrap().idx;
+
+    let pause = std::time::Duration::from_millis(800);
+    let paused_at = pause_redis(&redis, pause);
     subscribe(&mut ws, "news");
     let (tx, rx) = std::sync::mpsc::channel();
     server.hub.broker.when_subscribed(
@@ -460,6 +475,39 @@ fn the_subscription_event_comes_once_redis_has_the_subscription() {
 /// A subscription that no longer receives while its connection stays open (a failover that
 /// left it on a server nobody publishes to, or a link that hangs) is found by the liveness
 /// probe on an idle node: the node turns unavailable and connects again.
+#[test]
+fn a_subscribe_is_acknowledged_once_redis_has_the_subscription() {
+    let prefix = "ackw:";
+    let (redis, server, mut ws) = engine_node("ack-waits", prefix);
+
+    // Redis answers nothing for a while: the ack waits for it, a ping's answer does not.
+    let pause = std::time::Duration::from_millis(800);
+    let paused_at = pause_redis(&redis, pause);
+    send_text(&mut ws, r#"{"op":"subscribe","topic":"fresh","id":1}"#);
+    send_text(&mut ws, r#"{"op":"ping","id":2}"#);
+    assert_eq!(recv_text(&mut ws), r#"{"type":"pong","id":2}"#);
+    assert_eq!(recv_text(&mut ws), r#"{"type":"ack","id":1}"#);
+    let acked = paused_at.elapsed();
+    assert!(
+        acked >= pause - std::time::Duration::from_millis(50),
+        "acknowledged {acked:?} into an {pause:?} pause of Redis"
+    );
+    // Once acknowledged, the subscription is in Redis and a publish reaches the client.
+    assert_eq!(redis.numsub(&shop_channel(prefix, "fresh")), 1);
+    let r = publish_shop(server.api, "fresh", r#"{"n":1}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.json()["id"].as_str().expect("an id").to_owned();
+    assert_eq!(
+        next_message(&mut ws),
+        ("fresh".into(), r#"{"n":1}"#.into(), id)
+    );
+
+    // A second subscriber of the topic on the node is acknowledged too (at once: the
+    // subscription exists).
+    let (mut other, _) = connect_user(server.listen, "shop", "other");
+    subscribe(&mut other, "fresh");
+}
+
 #[test]
 fn a_silent_subscription_is_found_by_the_liveness_probe() {
     let redis = RedisServer::start("probe");

@@ -196,8 +196,10 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     ) -> Result<Pending, PublishError>;
 
     /// Shard `shard` has its first local subscriber of `topic` in `project`. When it returns,
-    /// publications of that topic accepted afterwards reach the shard.
-    fn subscribe(&self, shard: usize, project: u32, topic: &str);
+    /// publications of that topic accepted afterwards reach the shard. `true` when it is the
+    /// node's first interest in the topic (with an engine: the node's subscription to it is
+    /// new, and [`Broker::when_subscribed`] tells when it exists).
+    fn subscribe(&self, shard: usize, project: u32, topic: &str) -> bool;
 
     /// Shard `shard` has lost its last local subscriber of `topic` in `project`. A publication
     /// already on its way to the shard still arrives; the shard finds no subscriber for it.
@@ -242,8 +244,8 @@ impl Broker for LocalBroker {
         node.deliver(publications).map(|()| Pending::done())
     }
 
-    fn subscribe(&self, shard: usize, project: u32, topic: &str) {
-        self.interest.add(shard, project, topic);
+    fn subscribe(&self, shard: usize, project: u32, topic: &str) -> bool {
+        self.interest.add(shard, project, topic)
     }
 
     fn unsubscribe(&self, shard: usize, project: u32, topic: &str) {

@@ -46,9 +46,9 @@
 //!
 //! # Not here yet
 //!
-//! A client's `subscribe` ack does not wait for the node's Redis subscription (the bridge
-//! offers the event, [`Broker::when_subscribed`]); clients are not told of messages missed
-//! while Redis was away; no TLS, Sentinel or Redis Cluster.
+//! Clients are not told of messages missed while Redis was away; a STOMP `RECEIPT` of a
+//! `SUBSCRIBE` does not wait for the node's Redis subscription (a herald.v1 `subscribe` ack
+//! does, through [`Broker::when_subscribed`]); no TLS, Sentinel or Redis Cluster.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -264,10 +264,12 @@ impl Broker for RedisBroker {
         }
     }
 
-    fn subscribe(&self, shard: usize, project: u32, topic: &str) {
-        if self.interest.add(shard, project, topic) {
+    fn subscribe(&self, shard: usize, project: u32, topic: &str) -> bool {
+        let first = self.interest.add(shard, project, topic);
+        if first {
             self.changed(project, topic);
         }
+        first
     }
 
     fn unsubscribe(&self, shard: usize, project: u32, topic: &str) {

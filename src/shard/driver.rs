@@ -22,6 +22,10 @@ use crate::ws::conn::{Conn, ConnPhase, OutPart, Push, push_frame};
 use crate::ws::handshake::{HandshakeOutcome, Refusal};
 use crate::ws::machine::{self, Host, Now, Rate, Rules};
 
+/// How long held subscribe acks wait, with the engine up, before the shard asks again
+/// whether their topic is subscribed.
+const HELD_ACK_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The machine's rules from the shard's limits.
 pub(super) fn rules(l: &Limits) -> Rules {
     Rules {
@@ -105,10 +109,112 @@ impl Shard {
     /// client only when publishes of the topic are routed here.
     pub(super) fn subscribe_slot(&mut self, project: u32, name: &str, slot: u32) -> Sub {
         let s = self.topics.subscribe(project, name, slot);
-        if s.first {
-            self.hub.broker.subscribe(self.id as usize, project, name);
-        }
+        self.new_node_topic = s.first && self.hub.broker.subscribe(self.id as usize, project, name);
         s.sub
+    }
+
+    /// Holds the ack of a new subscription of `slot` to `topic` until the node's engine
+    /// subscription of the topic exists (see [`Host::hold_until_subscribed`]): when the
+    /// subscription just made was the node's first interest in the topic (its engine
+    /// subscription is new, so nothing of the topic reaches the node before it exists), or
+    /// acks of the topic are held here already. Otherwise, and on a node without an engine,
+    /// `false`: the ack goes now (the node receives the topic already; holding the ack would
+    /// let messages overtake it). The first ack held for a topic asks the broker to be told
+    /// ([`ShardMsg::Subscribed`](super::mailbox::ShardMsg::Subscribed)).
+    pub(super) fn hold_ack(&mut self, slot: u32, project: u32, topic: &str, ack: &Bytes) -> bool {
+        let new_node_topic = std::mem::take(&mut self.new_node_topic);
+        if self.hub.broker.engine().is_none() {
+            return false;
+        }
+        let key = (project, Box::<str>::from(topic));
+        let first = !self.held_acks.contains_key(&key);
+        if first && !new_node_topic {
+            return false;
+        }
+        let generation = self.conns[slot as usize].generation;
+        let now = Instant::now();
+        let held = self
+            .held_acks
+            .entry(key)
+            .or_insert_with(|| super::HeldAcks {
+                asked_at: now,
+                acks: Vec::new(),
+            });
+        held.acks.push((slot, generation, ack.clone()));
+        if first {
+            self.ask_when_subscribed(project, topic);
+        }
+        true
+    }
+
+    /// Asks the broker to tell this shard (through its inbox) once `topic` is subscribed.
+    pub(super) fn ask_when_subscribed(&self, project: u32, topic: &str) {
+        let hub = Arc::downgrade(&self.hub);
+        let shard = self.id as usize;
+        let name: Box<str> = topic.into();
+        self.hub.broker.when_subscribed(
+            project,
+            topic,
+            Box::new(move || {
+                let Some(hub) = hub.upgrade() else {
+                    return;
+                };
+                // A full inbox loses the message; the sweep asks again (`retry_held_acks`).
+                if let Ok(mut r) = hub.mailboxes[shard].try_reserve(1, 0) {
+                    let _ = r.send(super::mailbox::ShardMsg::Subscribed {
+                        project,
+                        topic: name,
+                    });
+                }
+            }),
+        );
+    }
+
+    /// Sends the acks held for `topic` to the connections still there.
+    pub(super) fn release_acks(&mut self, project: u32, topic: Box<str>) {
+        let Some(held) = self.held_acks.remove(&(project, topic)) else {
+            return;
+        };
+        let cap = self.limits.max_outbound_queue_bytes;
+        for (slot, generation, ack) in held.acks {
+            let open = self
+                .conns
+                .get(slot as usize)
+                .is_some_and(|c| c.generation == generation && c.phase == ConnPhase::Open);
+            if open
+                && push_frame(&mut self.conns, &mut self.dirty, slot, &[&ack], cap)
+                    == Push::Overflow
+            {
+                self.close_with(slot, CloseReason::SlowConsumer);
+            }
+        }
+    }
+
+    /// Asks again for topics whose acks have waited [`HELD_ACK_RETRY`] while the engine is
+    /// up (the answer was lost to a full inbox); while it is down, the broker keeps the
+    /// question until it is back.
+    pub(super) fn retry_held_acks(&mut self, now: Instant) {
+        if self.held_acks.is_empty()
+            || !self
+                .hub
+                .broker
+                .engine()
+                .is_some_and(|e| e.up.load(Ordering::Relaxed))
+        {
+            return;
+        }
+        let due: Vec<(u32, Box<str>)> = self
+            .held_acks
+            .iter_mut()
+            .filter(|(_, h)| now.duration_since(h.asked_at) >= HELD_ACK_RETRY)
+            .map(|(k, h)| {
+                h.asked_at = now;
+                k.clone()
+            })
+            .collect();
+        for (project, topic) in due {
+            self.ask_when_subscribed(project, &topic);
+        }
     }
 
     /// Takes a subscription (already removed from its connection's list) out of the topic
@@ -373,6 +479,10 @@ impl Host for ShardHost<'_> {
 
     fn release(&mut self, sub: Sub) {
         self.shard.release_sub(sub);
+    }
+
+    fn hold_until_subscribed(&mut self, project: u32, topic: &str, ack: &Bytes) -> bool {
+        self.shard.hold_ack(self.slot, project, topic, ack)
     }
 
     fn lookup(&self, project: u32, topic: &str) -> Option<TopicId> {

@@ -93,6 +93,14 @@ pub enum ShardMsg {
         /// Where the shard answers.
         reply: tokio::sync::oneshot::Sender<KickOutcome>,
     },
+    /// The node now receives `topic` of `project` from every node (its engine subscription
+    /// exists): the subscribe acks held for it go out.
+    Subscribed {
+        /// Registry index of the project.
+        project: u32,
+        /// The topic.
+        topic: Box<str>,
+    },
     /// Close (4003) every open connection of `user` in `project`; answers how many.
     DisconnectUser {
         /// Registry index of the project.

@@ -119,6 +119,21 @@ pub struct Shard {
     /// connection). Kept beside the slab so other connections pay nothing for them, and so
     /// fan-out on a shard without STOMP connections never looks.
     pub(crate) stomp: HashMap<u32, Box<stomp::Session>>,
+    /// Subscribe acks waiting for the node's engine subscription of their topic (only with
+    /// an engine), by (project, topic).
+    pub(crate) held_acks: HashMap<(u32, Box<str>), HeldAcks>,
+    /// The last subscription made on the shard was the node's first interest in its topic
+    /// (read by the ack of that subscription, [`Shard::hold_ack`]).
+    pub(crate) new_node_topic: bool,
+}
+
+/// Subscribe acks held for one topic ([`Shard::held_acks`]).
+#[derive(Debug)]
+pub(crate) struct HeldAcks {
+    /// When the broker was last asked to tell the shard.
+    pub(crate) asked_at: Instant,
+    /// (slot, generation, ack frame) of each connection waiting.
+    pub(crate) acks: Vec<(u32, u32, bytes::Bytes)>,
 }
 
 /// Expiry-heap entries allowed beyond twice the shard's connections before the stale ones
@@ -245,6 +260,8 @@ impl Shard {
             fd_ceiling: Throttled::default(),
             refusals: refusals::RefusalLog::default(),
             stomp: HashMap::new(),
+            held_acks: HashMap::new(),
+            new_node_topic: false,
         }
     }
 
@@ -419,6 +436,7 @@ impl Shard {
             } => {
                 let _ = reply.send(self.kick(slot, generation, project));
             }
+            ShardMsg::Subscribed { project, topic } => self.release_acks(project, topic),
             ShardMsg::DisconnectUser {
                 project,
                 user,
@@ -590,6 +608,7 @@ impl Shard {
             self.expiries.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        self.retry_held_acks(now.at);
         self.heartbeat_slice(tick, now);
         self.flush_dirty();
         self.log_refusals(false);

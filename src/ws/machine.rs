@@ -186,6 +186,11 @@ pub trait Host {
     fn subscribe(&mut self, project: u32, topic: &str) -> Sub;
     /// Takes a subscription (already removed from the connection's list) out of the index.
     fn release(&mut self, sub: Sub);
+    /// Holds `ack`, the acknowledgement of a new subscription to `topic`, until the node
+    /// receives the topic's publications from every node (its engine subscription exists) and
+    /// sends it then: `true`. `false`: nothing to wait for (a node of its own); the machine
+    /// sends it now.
+    fn hold_until_subscribed(&mut self, project: u32, topic: &str, ack: &Bytes) -> bool;
     /// The topic of the project with local subscribers, if any.
     fn lookup(&self, project: u32, topic: &str) -> Option<TopicId>;
     /// A topic's name.
@@ -613,12 +618,16 @@ fn on_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
         Ok(op) => execute(h, now, op),
     };
     let answer = match &result {
-        Ok(Reply::Ack) => codec.ack(req.id, None),
+        Ok(Reply::Ack | Reply::Subscribed(..)) => codec.ack(req.id, None),
         Ok(Reply::AckExp(exp)) => codec.ack(req.id, Some(*exp)),
         Ok(Reply::Pong) => codec.pong(req.id),
         Err((code, msg)) => codec.error(req.id, *code, msg),
     };
-    reply(h, now, answer);
+    match &result {
+        Ok(Reply::Subscribed(project, topic))
+            if h.hold_until_subscribed(*project, topic, &answer) => {}
+        _ => reply(h, now, answer),
+    }
     if result.is_err() {
         let max = h.rules().max_bad_requests;
         let c = h.conn();
@@ -634,6 +643,9 @@ fn on_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
 /// A successful op's reply.
 enum Reply {
     Ack,
+    /// A new subscription (project, topic): acknowledged once the node receives the topic
+    /// from every node.
+    Subscribed(u32, Box<str>),
     AckExp(Option<u64>),
     Pong,
 }
@@ -666,7 +678,7 @@ fn execute<H: Host>(h: &mut H, now: Now, op: Op<'_>) -> Result<Reply, OpError> {
             // bit before the client can see it.
             let sub = h.subscribe(project, topic.as_str());
             h.conn().subs.push(sub);
-            Ok(Reply::Ack)
+            Ok(Reply::Subscribed(project, topic.as_str().into()))
         }
         Op::Unsubscribe(name) => {
             let topic = Topic::parse(name).map_err(bad)?;
@@ -1281,6 +1293,10 @@ pub mod recorder {
         pub close_deadlines: Vec<Instant>,
         pub expiries: Vec<u32>,
         pub released: Vec<String>,
+        /// Acks of new subscriptions are held (as with an engine), not sent by the machine.
+        pub hold_acks: bool,
+        /// (topic, ack) held so far.
+        pub held_acks: Vec<(String, Bytes)>,
         pub published: Vec<String>,
         pub killed: bool,
         pub opened: bool,
@@ -1369,6 +1385,8 @@ pub mod recorder {
                 close_deadlines: Vec::new(),
                 expiries: Vec::new(),
                 released: Vec::new(),
+                hold_acks: false,
+                held_acks: Vec::new(),
                 published: Vec::new(),
                 killed: false,
                 opened: false,
@@ -1608,6 +1626,12 @@ pub mod recorder {
         }
         fn release(&mut self, sub: Sub) {
             self.released.push(self.topics[sub.topic as usize].clone());
+        }
+        fn hold_until_subscribed(&mut self, _project: u32, topic: &str, ack: &Bytes) -> bool {
+            if self.hold_acks {
+                self.held_acks.push((topic.to_owned(), ack.clone()));
+            }
+            self.hold_acks
         }
         fn lookup(&self, _project: u32, topic: &str) -> Option<TopicId> {
             self.topics
@@ -1861,6 +1885,37 @@ mod tests {
         }
         assert_eq!(h.texts().len(), 6);
         assert!(h.closes.is_empty());
+    }
+
+    #[test]
+    fn a_new_subscription_is_acknowledged_when_the_host_says_it_is_in_place() {
+        let mut h = TestHost::open("t-open");
+        h.sent();
+        h.hold_acks = true;
+        h.feed(
+            at_ms(1),
+            &text(r#"{"op":"subscribe","topic":"news","id":7}"#),
+        );
+        h.feed(at_ms(2), &text(r#"{"op":"ping","id":8}"#));
+        // The ack is the host's to send; later replies do not wait for it.
+        assert_eq!(h.texts(), [r#"{"type":"pong","id":8}"#]);
+        let held: Vec<(String, Vec<u8>)> = h
+            .held_acks
+            .iter()
+            .map(|(t, ack)| (t.clone(), ack[2..].to_vec()))
+            .collect();
+        assert_eq!(
+            held,
+            [("news".to_owned(), br#"{"type":"ack","id":7}"#.to_vec())]
+        );
+        assert_eq!(subscribed(&mut h), ["all", "user.42", "news"]);
+        // Subscribed already: nothing to wait for.
+        h.feed(
+            at_ms(3),
+            &text(r#"{"op":"subscribe","topic":"news","id":9}"#),
+        );
+        assert_eq!(h.texts(), [r#"{"type":"ack","id":9}"#]);
+        assert_eq!(h.held_acks.len(), 1);
     }
 
     #[test]
