@@ -44,17 +44,13 @@ fuzz_target!(|data: &[u8]| {
             machine::on_expiry(&mut h, now, at);
         }
         ms += 5_000;
-        let c = h.c();
-        let queued: usize = c.out.iter().map(|p| p.bytes.len()).sum();
-        assert_eq!(c.out_bytes, queued, "queue accounting");
-        assert!(h.closes.len() <= 1, "closed twice: {:?}", h.closes);
-        if h.c().phase == ConnPhase::Closing {
-            assert!(!h.close_deadlines.is_empty(), "closing without a deadline");
-        }
+        h.check_invariants();
     }
     machine::on_close_deadline(&mut h);
     assert!(
-        h.phases.windows(2).all(|w| w[0] == ConnPhase::Open && w[1] == ConnPhase::Closing),
+        h.phases
+            .windows(2)
+            .all(|w| w[0] == ConnPhase::Open && w[1] == ConnPhase::Closing),
         "{:?}",
         h.phases
     );

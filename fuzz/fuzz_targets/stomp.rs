@@ -11,7 +11,6 @@
 #![no_main]
 
 use herald::ws::codec::stomp::{self, Parser, Version};
-use herald::ws::conn::ConnPhase;
 use herald::ws::machine;
 use herald::ws::machine::recorder::{BASE_SECS, TestHost, at_ms, text};
 use libfuzzer_sys::fuzz_target;
@@ -68,12 +67,6 @@ fuzz_target!(|data: &[u8]| {
         let _ = machine::heartbeat(h.c(), &rules, now);
         machine::on_expiry(&mut h, now, (BASE_SECS + 130) as u32);
         ms += 70_000;
-        let c = h.c();
-        let queued: usize = c.out.iter().map(|p| p.bytes.len()).sum();
-        assert_eq!(c.out_bytes, queued, "queue accounting");
-        assert!(h.closes.len() <= 1, "closed twice: {:?}", h.closes);
-        if h.c().phase == ConnPhase::Closing {
-            assert!(!h.close_deadlines.is_empty(), "closing without a deadline");
-        }
+        h.check_invariants();
     }
 });

@@ -1478,6 +1478,22 @@ pub mod recorder {
             frames
         }
 
+        /// What must hold after any input (the fuzz targets check it each round): the queue's
+        /// byte count matches its pieces, at most one close, a closing connection has its
+        /// deadline.
+        pub fn check_invariants(&mut self) {
+            let c = self.c();
+            let queued: usize = c.out.iter().map(|p| p.bytes.len()).sum();
+            assert_eq!(c.out_bytes, queued, "queue accounting");
+            assert!(self.closes.len() <= 1, "closed twice: {:?}", self.closes);
+            if self.c().phase == ConnPhase::Closing {
+                assert!(
+                    !self.close_deadlines.is_empty(),
+                    "closing without a deadline"
+                );
+            }
+        }
+
         /// The text of every text frame queued so far.
         pub fn texts(&mut self) -> Vec<String> {
             self.sent()
