@@ -242,8 +242,24 @@ impl Shard {
     /// Queues one piece regardless of phase and cap.
     fn push_part(&mut self, slot: u32, part: OutPart) {
         let c = &mut self.conns[slot as usize];
-        c.out_bytes += part.bytes.len();
-        c.out.push_back(part);
+        if c.sockjs && !part.more && !part.started {
+            // A whole frame of a SockJS session, in SockJS framing (a close becomes two).
+            let mut frames = crate::ws::sockjs::wrap(&[&part.bytes])
+                .into_iter()
+                .peekable();
+            while let Some(bytes) = frames.next() {
+                c.out_bytes += bytes.len();
+                let more = frames.peek().is_some();
+                c.out.push_back(OutPart {
+                    bytes,
+                    more,
+                    started: false,
+                });
+            }
+        } else {
+            c.out_bytes += part.bytes.len();
+            c.out.push_back(part);
+        }
         if !c.dirty && !c.want_write {
             c.dirty = true;
             self.dirty.push(slot);

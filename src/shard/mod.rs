@@ -457,23 +457,43 @@ impl Shard {
         let mut stomp_shared = None;
         // No lookup at all on a shard without STOMP connections.
         let any_stomp = !self.stomp.is_empty();
+        // SockJS framing of the publish's pieces, made on its first SockJS subscriber.
+        let mut sockjs = crate::ws::sockjs::Delivery::default();
         for (topic, head) in &p.heads {
             let Some(t) = self.topics.lookup(p.project, topic) else {
                 continue;
             };
             let frame = [head, &p.body];
+            let mut sockjs_frame = None;
             for &slot in self.topics.subscribers(t) {
                 let stomp = if any_stomp {
                     self.stomp.get(&slot)
                 } else {
                     None
                 };
+                let in_sockjs = self.conns.get(slot as usize).is_some_and(|c| c.sockjs);
                 let pushed = if let Some(s) = stomp {
                     let shared = stomp_shared.get_or_insert_with(|| p.stomp_parts());
                     let (conns, dirty) = (&mut self.conns, &mut self.dirty);
-                    conn::push_stomp_message(conns, dirty, slot, s, t, shared, &p.id, cap)
+                    if in_sockjs {
+                        let rest = sockjs.stomp_rest(shared);
+                        conn::push_sockjs_stomp_message(conns, dirty, slot, s, t, &rest, &p.id, cap)
+                    } else {
+                        conn::push_stomp_message(conns, dirty, slot, s, t, shared, &p.id, cap)
+                    }
+                } else if in_sockjs {
+                    let [h, rest] = sockjs_frame
+                        .get_or_insert_with(|| sockjs.herald_v1(head, &p.body))
+                        .clone();
+                    Some(conn::push_framed(
+                        &mut self.conns,
+                        &mut self.dirty,
+                        slot,
+                        &[&h, &rest],
+                        cap,
+                    ))
                 } else {
-                    Some(conn::push_frame(
+                    Some(conn::push_framed(
                         &mut self.conns,
                         &mut self.dirty,
                         slot,
@@ -680,6 +700,16 @@ impl Shard {
                         &[&crate::ws::frame::ping()],
                         usize::MAX,
                     );
+                    // SockJS clients count only SockJS traffic: an `h` too.
+                    if self.conns[slot].sockjs {
+                        let _ = conn::push_framed(
+                            &mut self.conns,
+                            &mut self.dirty,
+                            slot as u32,
+                            &[&crate::ws::sockjs::HEARTBEAT],
+                            usize::MAX,
+                        );
+                    }
                     // STOMP clients count only STOMP traffic: those that asked for
                     // heart-beats get an EOL too.
                     if self.stomp.get(&(slot as u32)).is_some_and(|s| s.beats) {

@@ -16,6 +16,7 @@ use slab::Slab;
 
 use super::codec::{Codec, stomp};
 use super::session::Session;
+use super::sockjs;
 use crate::auth::Project;
 use crate::pubsub::{Sub, TopicId};
 
@@ -76,12 +77,15 @@ pub struct Conn {
     /// A handshake token of the client's address was taken for this connection (at accept,
     /// or when its request was read if the bucket was empty at accept).
     pub hs_charged: bool,
+    /// The connection is a SockJS session: what is queued to it is wrapped in SockJS
+    /// framing (`super::sockjs`), and its messages arrive wrapped.
+    pub sockjs: bool,
     /// Number of implicit subscriptions at the front of `subs`.
     pub nr_implicit: u8,
     /// The client protocol the connection speaks (chosen at the handshake).
     pub codec: Codec,
-    /// Error replies so far.
-    pub bad_requests: u32,
+    /// Error replies so far (saturating: 16 bits keep `Conn` in its size budget).
+    pub bad_requests: u16,
     /// The task's waker while it waits.
     pub waker: Option<Waker>,
     /// Unconsumed input (a partial request or frame); empty and unallocated when idle.
@@ -127,6 +131,7 @@ impl Conn {
             client_known: false,
             over_ip_limit: false,
             hs_charged: false,
+            sockjs: false,
             nr_implicit: 0,
             codec: Codec::default(),
             bad_requests: 0,
@@ -208,7 +213,25 @@ pub enum Push {
 /// Queues a frame, given as its pieces in order, to an open connection without flushing (the
 /// caller flushes the dirty list at the end of its batch). A free function so fan-out can
 /// borrow the topic index alongside. A frame no larger than `cap` always fits an empty queue.
+/// A SockJS session's frame is wrapped in SockJS framing first (made for this connection:
+/// fan-out wraps its shared pieces once and queues them with [`push_framed`]).
 pub fn push_frame(
+    conns: &mut Slab<Conn>,
+    dirty: &mut Vec<u32>,
+    slot: u32,
+    parts: &[&Bytes],
+    cap: usize,
+) -> Push {
+    if conns.get(slot as usize).is_some_and(|c| c.sockjs) {
+        let wrapped = sockjs::wrap(parts);
+        let refs: Vec<&Bytes> = wrapped.iter().collect();
+        return push_framed(conns, dirty, slot, &refs, cap);
+    }
+    push_framed(conns, dirty, slot, parts, cap)
+}
+
+/// [`push_frame`] of pieces already in the connection's framing (SockJS or not).
+pub fn push_framed(
     conns: &mut Slab<Conn>,
     dirty: &mut Vec<u32>,
     slot: u32,
@@ -263,10 +286,53 @@ pub fn push_stomp_message(
         .filter(|sub| sub.topic == topic)
         .map(|sub| stomp::message_head(sub, s.version, message_id, rest))
         .collect();
+    push_heads(conns, dirty, slot, &heads, shared, cap)
+}
+
+/// [`push_stomp_message`] for a SockJS session: each subscription's head is made in SockJS
+/// framing, and `rest` is the shared rest, escaped once per publish
+/// ([`sockjs::Delivery::stomp_rest`]).
+#[allow(clippy::too_many_arguments)]
+pub fn push_sockjs_stomp_message(
+    conns: &mut Slab<Conn>,
+    dirty: &mut Vec<u32>,
+    slot: u32,
+    s: &stomp::Session,
+    topic: TopicId,
+    rest: &Bytes,
+    message_id: &str,
+    cap: usize,
+) -> Option<Push> {
+    let heads: Vec<Bytes> = s
+        .subs
+        .iter()
+        .filter(|sub| sub.topic == topic)
+        .map(|sub| {
+            let text = stomp::message_head_text(sub, s.version, message_id);
+            sockjs::opened_head(&text, rest.len())
+        })
+        .collect();
+    push_heads(conns, dirty, slot, &heads, std::slice::from_ref(rest), cap)
+}
+
+/// Queues one frame per head, each followed by the shared pieces; stops at the first that
+/// is not queued.
+fn push_heads(
+    conns: &mut Slab<Conn>,
+    dirty: &mut Vec<u32>,
+    slot: u32,
+    heads: &[Bytes],
+    shared: &[Bytes],
+    cap: usize,
+) -> Option<Push> {
     let mut pushed = None;
-    for head in &heads {
-        let frame = [head, &shared[0], &shared[1], &shared[2]];
-        let push = push_frame(conns, dirty, slot, &frame, cap);
+    for head in heads {
+        // At most three shared pieces (STOMP's headers, data and NUL): no allocation.
+        let mut frame = [head; 4];
+        for (i, p) in shared.iter().take(3).enumerate() {
+            frame[i + 1] = p;
+        }
+        let push = push_framed(conns, dirty, slot, &frame[..=shared.len().min(3)], cap);
         pushed = Some(push);
         if push != Push::Queued {
             break;

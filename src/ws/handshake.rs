@@ -8,6 +8,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::sockjs;
+
 /// Most headers an upgrade request may carry.
 pub const MAX_HEADERS: usize = 64;
 
@@ -40,8 +42,11 @@ pub struct Upgrade {
     /// The subprotocol answered: `herald.v1` if offered, else the highest STOMP one offered.
     pub subprotocol: Option<&'static str>,
     /// The client speaks STOMP: it offered a STOMP subprotocol and not `herald.v1`, or came
-    /// by the plain STOMP path `/stomp/{project}`.
+    /// by the plain STOMP path `/stomp/{project}`, or by SockJS (unless it asked for
+    /// herald.v1 with `?protocol=herald.v1`).
     pub stomp: bool,
+    /// The upgrade is SockJS's WebSocket transport (`/sockjs/...`, see `super::sockjs`).
+    pub sockjs: bool,
     /// `Origin`, if sent.
     pub origin: Option<String>,
     /// Every `X-Forwarded-For` value, in order, joined with `,` (believed only from a trusted
@@ -270,19 +275,39 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
     }
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let sockjs_route = sockjs::route(path);
+    let from_query;
     let (project, stomp_path) = match (path.strip_prefix("/ws/"), path.strip_prefix("/stomp/")) {
         (Some(p), _) => (p, false),
         (_, Some(p)) => (p, true),
-        _ => ("", false),
+        _ => match sockjs_route {
+            Some(sockjs::Route::WebSocket(Some(p))) => (p, false),
+            Some(sockjs::Route::WebSocket(None)) => {
+                from_query = sockjs::query_param(query, sockjs::PROJECT_PARAM).unwrap_or_default();
+                if from_query.is_empty() {
+                    return Err(Refusal::bad_request(
+                        "the SockJS base /sockjs needs the project in a `projectId` query \
+                         parameter (or use the base /sockjs/{project})",
+                    ));
+                }
+                (from_query.as_str(), false)
+            }
+            _ => ("", false),
+        },
     };
     if project.is_empty() || project.contains('/') {
         return Err(Refusal {
             status: 404,
             error: "not_found",
-            message: "WebSocket endpoints are /ws/{project} and /stomp/{project}".into(),
+            message: "WebSocket endpoints are /ws/{project}, /stomp/{project} and SockJS's \
+                      /sockjs/{project}/{server}/{session}/websocket"
+                .into(),
             retry_after: None,
         });
     }
+    let sockjs = matches!(sockjs_route, Some(sockjs::Route::WebSocket(_)));
+    let sockjs_herald_v1 = sockjs
+        && sockjs::query_param(query, sockjs::PROTOCOL_PARAM).as_deref() == Some(SUBPROTOCOL);
 
     let mut upgrade = false;
     let mut connection_upgrade = false;
@@ -386,7 +411,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
              send it in exactly one",
         ));
     }
-    let stomp = stomp_path || (stomp_offered.is_some() && !herald_v1);
+    let stomp = stomp_path
+        || (sockjs && !sockjs_herald_v1)
+        || (!sockjs && stomp_offered.is_some() && !herald_v1);
     let subprotocol = if stomp {
         stomp_offered.map(|i| STOMP_SUBPROTOCOLS[i])
     } else {
@@ -398,6 +425,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Upgrade>, Refusal> {
         key,
         subprotocol,
         stomp,
+        sockjs,
         origin,
         forwarded_for,
         len,

@@ -27,6 +27,7 @@ use super::frame;
 use super::handshake::{self, HandshakeOutcome, Refusal, Upgrade};
 use super::ops::{ErrorCode, Op};
 use super::session::{Event, Flow};
+use super::sockjs;
 use crate::auth::{AuthError, Project, Verified};
 use crate::protection::proxy::{self, ProxyHeader};
 use crate::pubsub::{ConnId, Sub, TOPIC_ALL, Topic, TopicId, topic_permitted};
@@ -249,6 +250,10 @@ fn on_handshake_bytes<H: Host>(h: &mut H, now: Now, data: &[u8]) {
         }
         return;
     }
+    if let Some(req) = sockjs::plain_request(&buf) {
+        sockjs_plain(h, now, &req);
+        return;
+    }
     let too_long = || Refusal::bad_request(format!("upgrade request over {max} bytes"));
     match handshake::parse(&buf) {
         Ok(None) if buf.len() > max => refuse_request(h, now, too_long()),
@@ -403,6 +408,53 @@ fn authenticate<H: Host>(
     Ok((project, Some(verified)))
 }
 
+/// A plain HTTP request to a SockJS path: `<base>/info` (and its CORS preflight) is
+/// answered for a project that exists; any other SockJS transport is refused 404, since only
+/// WebSocket is served. The connection is closed once the answer is written. It counts
+/// against the address's handshake rate like an upgrade.
+fn sockjs_plain<H: Host>(h: &mut H, now: Now, req: &sockjs::Plain) {
+    if let Err(r) = charge(h, now) {
+        refuse(h, now, r);
+        return;
+    }
+    let project = match &req.route {
+        sockjs::PlainRoute::Info(p) => p,
+        sockjs::PlainRoute::InfoWithoutProject => {
+            let r = Refusal::bad_request(
+                "the SockJS base /sockjs needs the project in a `projectId` query parameter \
+                 (or use the base /sockjs/{project})",
+            );
+            refuse(h, now, r);
+            return;
+        }
+        sockjs::PlainRoute::NotServed => {
+            let r = Refusal {
+                status: 404,
+                error: "not_found",
+                message: "only SockJS's websocket transport is served: \
+                          <base>/info and <base>/{server}/{session}/websocket"
+                    .into(),
+                retry_after: None,
+            };
+            refuse(h, now, r);
+            return;
+        }
+    };
+    if h.project(project).is_none() {
+        refuse(h, now, Refusal::unknown_project(project));
+        return;
+    }
+    debug!(conn = %h.conn_id(), project, preflight = req.preflight, "SockJS info answered");
+    // The entropy is for clients that want a random seed; its source need not be strong.
+    let entropy = (now.unix_ms as u32) ^ now.us.rotate_left(16);
+    h.send_raw(OutPart::whole(Bytes::from(sockjs::info_response(
+        req, entropy,
+    ))));
+    h.set_phase(ConnPhase::Closing);
+    h.conn().kill_after_flush = true;
+    h.arm_close_deadline(now.at + CLOSE_GRACE);
+}
+
 /// Answers a refused handshake and closes once the answer is written.
 fn refuse<H: Host>(h: &mut H, now: Now, r: Refusal) {
     h.refused(&r, now.at);
@@ -449,9 +501,18 @@ fn open<H: Host>(
     // table, so a publish accepted once the client has the welcome reaches it.
     h.send_raw(OutPart {
         bytes: answer,
-        more: welcome.is_some(),
+        more: welcome.is_some() || up.sockjs,
         started: true,
     });
+    if up.sockjs {
+        // SockJS opens its session with `o`; what follows is in SockJS framing.
+        h.send_raw(OutPart {
+            bytes: sockjs::OPEN.clone(),
+            more: welcome.is_some(),
+            started: true,
+        });
+        h.conn().sockjs = true;
+    }
     if let Some(welcome) = welcome {
         h.send_raw(OutPart::whole(welcome));
     }
@@ -605,6 +666,42 @@ fn take_message<H: Host>(h: &mut H, now: Now) -> bool {
 }
 
 fn on_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
+    if h.conn().sockjs {
+        return on_sockjs_text(h, now, text);
+    }
+    on_codec_text(h, now, text)
+}
+
+/// A SockJS session's message: a JSON array of codec messages, read in order. One that is not
+/// closes the connection 1007 (a STOMP connection gets an ERROR first).
+fn on_sockjs_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
+    if text.is_empty() {
+        return Flow::Continue;
+    }
+    let Ok(messages) = sockjs::decode(text) else {
+        debug!(conn = %h.conn_id(), "SockJS message not a JSON array of strings; closing");
+        let reason = CloseReason::InvalidData("invalid SockJS message");
+        if h.conn().codec == Codec::Stomp {
+            let e = StompError {
+                message: sockjs::BadFrame.to_string(),
+                reason,
+                refusal: None,
+            };
+            stomp_fail(h, now, e, None);
+        } else {
+            close(h, now, reason);
+        }
+        return Flow::Stop;
+    };
+    for m in &messages {
+        if on_codec_text(h, now, m) == Flow::Stop {
+            return Flow::Stop;
+        }
+    }
+    Flow::Continue
+}
+
+fn on_codec_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
     let codec = h.conn().codec;
     if codec == Codec::Stomp {
         return on_stomp_text(h, now, text);
@@ -631,8 +728,8 @@ fn on_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
     if result.is_err() {
         let max = h.rules().max_bad_requests;
         let c = h.conn();
-        c.bad_requests += 1;
-        if c.bad_requests > max {
+        c.bad_requests = c.bad_requests.saturating_add(1);
+        if u32::from(c.bad_requests) > max.min(u32::from(u16::MAX - 1)) {
             close(h, now, CloseReason::Policy("too many bad requests"));
             return Flow::Stop;
         }

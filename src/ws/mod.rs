@@ -1,6 +1,7 @@
 //! The WebSocket side of a connection, layered like tungstenite: handshake (HTTP upgrade),
 //! session (RFC 6455 frames, sans-IO), machine (the connection's life, sans-IO), codec (the
-//! client protocols; ops is herald.v1's), frame (server encoding), close (codes as data) and
+//! client protocols; ops is herald.v1's), sockjs (SockJS framing around a codec), frame
+//! (server encoding), close (codes as data) and
 //! conn (a connection's state). Nothing here imports `crate::shard`: the shard's I/O driver
 //! runs these.
 
@@ -12,3 +13,4 @@ pub mod handshake;
 pub mod machine;
 pub mod ops;
 pub mod session;
+pub mod sockjs;

@@ -457,6 +457,11 @@ pub fn message_shared(id: &str, data_len: usize) -> Bytes {
 /// more bytes: the shared headers, the data and the NUL), the command, `subscription`,
 /// `destination` and, for a subscription acknowledged by the client, `ack`.
 pub fn message_head(sub: &Subscription, version: Version, ack: &str, rest_len: usize) -> Bytes {
+    frame::text_head(&message_head_text(sub, version, ack), rest_len)
+}
+
+/// The text of [`message_head`] without its WebSocket header (SockJS frames it itself).
+pub fn message_head_text(sub: &Subscription, version: Version, ack: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(48 + sub.id.len() + sub.destination.len());
     out.extend_from_slice(b"MESSAGE\n");
     header(&mut out, "subscription", &sub.id, version);
@@ -464,7 +469,7 @@ pub fn message_head(sub: &Subscription, version: Version, ack: &str, rest_len: u
     if sub.client_ack {
         header(&mut out, "ack", ack, version);
     }
-    frame::text_head(&out, rest_len)
+    out
 }
 
 /// A STOMP destination, as herald maps it.
