@@ -1,7 +1,9 @@
-// A real, unmodified @stomp/stompjs client (with `ws` as its WebSocket) against herald.
+// A real, unmodified @stomp/stompjs client (with `ws` as its WebSocket, or sockjs-client)
+// against herald.
 // Usage: node stomp_client.mjs <scenario> <json args>; prints one JSON line per event, which
 // tests/py/test_stomp_js.py reads and asserts on.
 import { Client } from "@stomp/stompjs";
+import SockJS from "sockjs-client";
 import { WebSocket } from "ws";
 
 Object.assign(globalThis, { WebSocket });
@@ -21,8 +23,12 @@ async function publish(topic, rawData) {
 }
 
 function client(extra) {
+  // With `sockjsUrl`, through sockjs-client (its Node WebSocket transport) instead of `ws`.
+  const transport = args.sockjsUrl
+    ? { webSocketFactory: () => new SockJS(args.sockjsUrl) }
+    : { brokerURL: args.url };
   return new Client({
-    brokerURL: args.url,
+    ...transport,
     connectHeaders: { Authorization: `Bearer ${args.token}` },
     reconnectDelay: 0,
     debug: () => {},

@@ -79,3 +79,32 @@ def test_herald_heart_beats_keep_an_idle_stompjs_connection_open(servers):
     assert events[0] == {"event": "connected", "heartBeat": "1000,0"}, events
     # stompjs drops a connection silent for twice the interval; six intervals passed.
     assert events[1] == {"event": "still-connected", "connected": True}, events
+
+
+def test_stompjs_through_sockjs_client_in_node(server):
+    """The same client through `sockjs-client` (`webSocketFactory`), the base `/sockjs` with
+    the project in `projectId` and the token in CONNECT."""
+    news = '{"b": 1,  "a":[1.50, "x"]}'
+    events = stompjs(
+        server,
+        "deliver",
+        sockjsUrl=f"http://{server.listen}/sockjs?projectId=shop",
+        publishes=[["news", news]],
+    )
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "connected" and kinds[-2:] == ["disconnected", "closed"], events
+    assert sorted(kinds[1:-2]) == ["message", "published"], events
+    # SockJS offers no subprotocol; the version comes from CONNECT's accept-version.
+    assert events[0] == {"event": "connected", "version": "1.2", "subprotocol": ""}
+    (published,) = [e for e in events if e["event"] == "published"]
+    (message,) = [e for e in events if e["event"] == "message"]
+    assert message == {
+        "event": "message",
+        "sub": "news",
+        "destination": "/topic/news",
+        "messageId": published["id"],
+        "contentType": "application/json",
+        "body": news,
+    }
+    assert events[-2]["command"] == "RECEIPT", events
+    assert events[-1] == {"event": "closed", "code": 1000}
