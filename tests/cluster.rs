@@ -665,3 +665,63 @@ fn a_killed_node_costs_the_others_nothing_and_its_clients_move() {
     assert!(got.len() >= MORE, "{got:?}");
     assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
 }
+
+/// A STOMP SUBSCRIBE's RECEIPT, like herald.v1's ack, comes once Redis has the node's
+/// subscription: a later frame's RECEIPT overtakes it while Redis is paused, and from the
+/// RECEIPT on a publish reaches the subscription.
+#[test]
+fn a_stomp_subscribe_receipt_comes_once_redis_has_the_subscription() {
+    let prefix = "stomprcpt:";
+    let (redis, server, _ws) = engine_node("stomp-receipt", prefix);
+    let at = server.listen;
+    let (mut stomp, _) =
+        tungstenite::client(format!("ws://{at}/stomp/shop"), tcp(at)).expect("the STOMP upgrade");
+    let jwt = token("shop", "reader").0;
+    stomp
+        .send(tungstenite::Message::text(format!(
+            "CONNECT\naccept-version:1.2\npasscode:{jwt}\n\n\0"
+        )))
+        .expect("CONNECT");
+    assert!(recv_text(&mut stomp).starts_with("CONNECTED\n"));
+
+    let pause = std::time::Duration::from_millis(800);
+    let paused_at = pause_redis(&redis, pause);
+    stomp
+        .send(tungstenite::Message::text(
+            "SUBSCRIBE\nid:s1\ndestination:/topic/fresh\nreceipt:sub\n\n\0\
+             ACK\nid:x\nreceipt:ack\n\n\0",
+        ))
+        .expect("SUBSCRIBE and ACK");
+    let mut frames = Vec::new();
+    while frames.len() < 2 {
+        let text = recv_text(&mut stomp);
+        if !text.trim_matches(['\r', '\n']).is_empty() {
+            frames.push(text);
+        }
+    }
+    let received = paused_at.elapsed();
+    assert_eq!(
+        frames,
+        [
+            "RECEIPT\nreceipt-id:ack\n\n\0",
+            "RECEIPT\nreceipt-id:sub\n\n\0"
+        ]
+    );
+    assert!(
+        received >= pause - std::time::Duration::from_millis(50),
+        "the SUBSCRIBE's RECEIPT came {received:?} into an {pause:?} pause of Redis"
+    );
+    assert_eq!(redis.numsub(&shop_channel(prefix, "fresh")), 1);
+    let r = publish_shop(server.api, "fresh", r#"{"n":1}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let message = loop {
+        let text = recv_text(&mut stomp);
+        if !text.trim_matches(['\r', '\n']).is_empty() {
+            break text;
+        }
+    };
+    assert!(
+        message.starts_with("MESSAGE\nsubscription:s1\ndestination:/topic/fresh\n"),
+        "{message}"
+    );
+}

@@ -986,7 +986,15 @@ fn reply<H: Host>(h: &mut H, now: Now, frame: Bytes) {
 /// is queued, and the peer has [`CLOSE_GRACE`] to answer. A connection still in its
 /// handshake is killed; one already closing is left alone.
 pub fn close<H: Host>(h: &mut H, now: Now, reason: CloseReason) {
-    close_after(h, now, reason, None);
+    // A STOMP client learns why in an ERROR first (STOMP clients report ERROR frames, not
+    // close reasons): a kick, a drain, a slow consumer, an expiry, a rate limit.
+    let error = match reason {
+        CloseReason::Normal => None,
+        _ => h
+            .stomp()
+            .map(|s| stomp::error(s.version, reason.text(), None)),
+    };
+    close_after(h, now, reason, error);
 }
 
 /// [`close`], with `last` (a STOMP `ERROR` or `RECEIPT`) queued just before the close frame.
@@ -1035,11 +1043,8 @@ pub fn on_close_deadline<H: Host>(h: &mut H) {
 pub fn on_expiry<H: Host>(h: &mut H, now: Now, at: u32) {
     let c = h.conn();
     if c.phase == ConnPhase::Open && c.expires_at == at && u64::from(at) <= now.unix_secs() {
-        // STOMP has no refresh: its client learns why in an ERROR, then reconnects.
-        let error = h
-            .stomp()
-            .map(|s| stomp::error(s.version, "token expired", None));
-        close_after(h, now, CloseReason::TokenExpired, error);
+        // STOMP has no refresh: its client learns why in an ERROR (`close`), then reconnects.
+        close(h, now, CloseReason::TokenExpired);
     }
 }
 
@@ -1110,6 +1115,9 @@ impl From<OpError> for StompError {
 /// What the connection does after a frame.
 enum StompNext {
     Continue,
+    /// A new subscription to a topic of a project: its RECEIPT waits, like herald.v1's ack,
+    /// until the node receives the topic from every node.
+    Subscribed(u32, Box<str>),
     Disconnect,
 }
 
@@ -1147,6 +1155,16 @@ fn on_stomp_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
         match next {
             Ok(StompNext::Continue) => {
                 if let Some(r) = receipt {
+                    reply(h, now, r);
+                }
+            }
+            Ok(StompNext::Subscribed(project, topic)) => {
+                // Without a receipt an EOL heart-beat stands in for it (the host must be told
+                // of every new subscription; an EOL is nothing to a STOMP client).
+                let held = receipt.clone().unwrap_or_else(stomp::heart_beat);
+                if !h.hold_until_subscribed(project, &topic, &held)
+                    && let Some(r) = receipt
+                {
                     reply(h, now, r);
                 }
             }
@@ -1283,10 +1301,13 @@ fn stomp_subscribe<H: Host>(
         )));
     }
     let project = identity(h).project.clone();
+    let mut next = StompNext::Continue;
     let topic = match Destination::parse(destination) {
         Destination::Topic(t) => {
             let t = stomp::herald_topic(&project.id, t);
-            execute(h, now, Op::Subscribe(&t))?;
+            if let Reply::Subscribed(p, topic) = execute(h, now, Op::Subscribe(&t))? {
+                next = StompNext::Subscribed(p, topic);
+            }
             h.lookup(project.idx, &t)
         }
         Destination::UserQueue => {
@@ -1313,7 +1334,7 @@ fn stomp_subscribe<H: Host>(
         destination: destination.into(),
         client_ack,
     });
-    Ok(StompNext::Continue)
+    Ok(next)
 }
 
 /// `UNSUBSCRIBE`: the topic is left once no other subscription of the connection receives it
@@ -2000,6 +2021,14 @@ mod tests {
         assert!(h.closes.is_empty());
     }
 
+    /// The acks the host holds: (topic, frame payload).
+    fn held_payloads(h: &TestHost) -> Vec<(String, Vec<u8>)> {
+        h.held_acks
+            .iter()
+            .map(|(t, ack)| (t.clone(), ack[2..].to_vec()))
+            .collect()
+    }
+
     #[test]
     fn a_new_subscription_is_acknowledged_when_the_host_says_it_is_in_place() {
         let mut h = TestHost::open("t-open");
@@ -2012,13 +2041,8 @@ mod tests {
         h.feed(at_ms(2), &text(r#"{"op":"ping","id":8}"#));
         // The ack is the host's to send; later replies do not wait for it.
         assert_eq!(h.texts(), [r#"{"type":"pong","id":8}"#]);
-        let held: Vec<(String, Vec<u8>)> = h
-            .held_acks
-            .iter()
-            .map(|(t, ack)| (t.clone(), ack[2..].to_vec()))
-            .collect();
         assert_eq!(
-            held,
+            held_payloads(&h),
             [("news".to_owned(), br#"{"type":"ack","id":7}"#.to_vec())]
         );
         assert_eq!(subscribed(&mut h), ["all", "user.42", "news"]);
@@ -2226,6 +2250,68 @@ mod tests {
             (1, b"ERROR\nmessage:token expired\ncontent-type:text/plain\ncontent-length:13\n\ntoken expired\0".to_vec())
         );
         assert_eq!(u16::from_be_bytes([sent[1].1[0], sent[1].1[1]]), 4001);
+    }
+
+    /// Every close herald starts on a STOMP connection (kick, drain, slow consumer, rate) is
+    /// an ERROR naming why, then the close frame.
+    #[test]
+    fn stomp_closes_are_an_error_then_the_close() {
+        for reason in [
+            CloseReason::Kicked,
+            CloseReason::GoingAway,
+            CloseReason::SlowConsumer,
+            CloseReason::RateLimited,
+        ] {
+            let mut h = TestHost::open_stomp();
+            close(&mut h, at_ms(1), reason);
+            let sent = h.sent();
+            assert_eq!(sent.len(), 2, "{reason:?}: {sent:?}");
+            let why = reason.text();
+            assert_eq!(
+                String::from_utf8(sent[0].1.clone()).unwrap(),
+                format!(
+                    "ERROR\nmessage:{why}\ncontent-type:text/plain\ncontent-length:{}\n\n{why}\0",
+                    why.len()
+                ),
+                "{reason:?}"
+            );
+            assert_eq!(sent[1].0, 8, "{reason:?}");
+            assert_eq!(
+                u16::from_be_bytes([sent[1].1[0], sent[1].1[1]]),
+                reason.code()
+            );
+        }
+    }
+
+    /// A SUBSCRIBE's RECEIPT waits for the host, as herald.v1's ack does; a SUBSCRIBE without
+    /// one hands the host a harmless EOL.
+    #[test]
+    fn a_stomp_subscribe_receipt_waits_for_the_subscription() {
+        let mut h = TestHost::open_stomp();
+        h.hold_acks = true;
+        h.feed(
+            at_ms(1),
+            &text(
+                "SUBSCRIBE\nid:0\ndestination:/topic/news\nreceipt:r1\n\n\0\
+                 ACK\nid:x\nreceipt:r2\n\n\0\
+                 SUBSCRIBE\nid:1\ndestination:/topic/sport\n\n\0",
+            ),
+        );
+        assert_eq!(h.texts(), ["RECEIPT\nreceipt-id:r2\n\n\0"]);
+        assert_eq!(
+            held_payloads(&h),
+            [
+                ("news".to_owned(), b"RECEIPT\nreceipt-id:r1\n\n\0".to_vec()),
+                ("sport".to_owned(), b"\n".to_vec())
+            ]
+        );
+        // Without an engine to wait for, the RECEIPT goes at once.
+        h.hold_acks = false;
+        h.feed(
+            at_ms(2),
+            &text("SUBSCRIBE\nid:2\ndestination:/topic/x\nreceipt:r3\n\n\0"),
+        );
+        assert_eq!(h.texts(), ["RECEIPT\nreceipt-id:r3\n\n\0"]);
     }
 
     #[test]

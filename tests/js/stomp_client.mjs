@@ -49,8 +49,10 @@ if (scenario === "deliver") {
   const c = client({});
   const got = [];
   let expected = 0;
+  let nrPublished = 0;
+  // Disconnects once every publish is answered (and printed) and every message is in.
   const done = () => {
-    if (got.length === expected) {
+    if (expected > 0 && nrPublished === expected && got.length === expected) {
       c.deactivate();
     }
   };
@@ -66,7 +68,9 @@ if (scenario === "deliver") {
     expected = args.publishes.length;
     for (const [topic, data] of args.publishes) {
       say({ event: "published", topic, id: await publish(topic, data), data });
+      nrPublished += 1;
     }
+    done();
   };
   c.onDisconnect = (frame) => {
     say({ event: "disconnected", command: frame.command, receiptId: frame.headers["receipt-id"] });

@@ -411,3 +411,20 @@ def test_stomp_1_0_headers_are_not_escaped(server):
             await ws.close()
 
     run(go())
+
+
+def test_a_drain_is_an_error_naming_it_then_1001(server):
+    async def go():
+        ws, _ = await stomp_connect(server, mint("alice"))
+        server.stopped_by_test = True
+        stopping = asyncio.create_task(asyncio.to_thread(server.stop))
+        before = await expect_close(ws, 1001, timeout=15)
+        command, headers, body = parse(before[-1])
+        assert (command, dict(headers)["message"], body) == (
+            "ERROR",
+            "server shutting down",
+            "server shutting down",
+        ), before
+        await stopping
+
+    run(go())
