@@ -93,7 +93,12 @@ if (scenario === "deliver") {
 } else if (scenario === "idle") {
   // Both sides' heart-beats on: stompjs closes a connection that sends it nothing for twice
   // the negotiated interval, so staying connected while idle needs herald's heart-beats.
-  const c = client({ heartbeatIncoming: args.heartbeatMs, heartbeatOutgoing: 0 });
+  // Without `heartbeatMs`, stompjs' own defaults (10000,10000) are negotiated.
+  const beats =
+    args.heartbeatMs === undefined
+      ? {}
+      : { heartbeatIncoming: args.heartbeatMs, heartbeatOutgoing: 0 };
+  const c = client(beats);
   c.onConnect = (frame) => {
     say({ event: "connected", heartBeat: frame.headers["heart-beat"] });
     setTimeout(() => {

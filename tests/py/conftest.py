@@ -49,3 +49,35 @@ def servers(tmp_path):
 def server(servers) -> Server:
     """herald with the two test projects (shop, blog) and 2 shards."""
     return servers.start(shards=2)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "background(start): the test's slow part (`start()`, an object with `stop()`) begins "
+        "as soon as the suite is collected and runs alongside the other tests; the test gets "
+        "it as the `background` fixture",
+    )
+
+
+#: The started slow parts, by test node id.
+_BACKGROUND: dict = {}
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        marker = item.get_closest_marker("background")
+        if marker is not None:
+            started = marker.kwargs["start"]()
+            _BACKGROUND[item.nodeid] = started
+            session.config.add_cleanup(started.stop)
+
+
+@pytest.fixture
+def background(request):
+    """The slow part of a `background` test, started at collection (or now, if it was not)."""
+    started = _BACKGROUND.pop(request.node.nodeid, None)
+    if started is None:
+        started = request.node.get_closest_marker("background").kwargs["start"]()
+        request.addfinalizer(started.stop)
+    return started

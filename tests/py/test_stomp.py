@@ -327,7 +327,8 @@ def test_unsupported_and_forbidden_frames_get_an_error_then_close(server):
 def test_ack_nack_accepted_unsubscribe_stops_delivery_and_disconnect_gets_its_receipt(server):
     async def go():
         ws, _ = await stomp_connect(server, mint("alice"))
-        await ws.send(frame("SUBSCRIBE", {"id": "s", "destination": "/topic/news", "ack": "client"}))
+        await ws.send(frame("SUBSCRIBE", {"id": "s", "destination": "/topic/news", "ack": "client", "receipt": "s"}))
+        assert await recv_frame(ws) == ("RECEIPT", {"receipt-id": "s"}, "")
         mid = await apublish(server, {"project": "shop", "topic": "news", "data": 2})
         command, headers, _ = await recv_frame(ws)
         assert (command, headers["ack"]) == ("MESSAGE", mid)

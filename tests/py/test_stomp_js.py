@@ -8,16 +8,19 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
-from herald_client import ADMIN_KEY, REPO, config_toml, mint
+from herald_client import ADMIN_KEY, REPO, config_toml, mint, start_server
 
 JS = REPO / "tests" / "js"
 
 
-def stompjs(server, scenario: str, timeout: float = 60, **args) -> list[dict]:
-    """Runs one scenario of the Node client; returns the events it printed."""
+def stompjs_command(server, scenario: str, **args) -> list[str]:
+    """The command line of one scenario of the Node client."""
     node = shutil.which("node")
     if node is None or not (JS / "node_modules" / "@stomp" / "stompjs").is_dir():
         pytest.fail("node and tests/js/node_modules are needed: npm ci --prefix tests/js", pytrace=False)
@@ -29,8 +32,13 @@ def stompjs(server, scenario: str, timeout: float = 60, **args) -> list[dict]:
         "token": mint("alice"),
         **args,
     }
+    return [node, str(JS / "stomp_client.mjs"), scenario, json.dumps(args)]
+
+
+def stompjs(server, scenario: str, timeout: float = 60, **args) -> list[dict]:
+    """Runs one scenario of the Node client; returns the events it printed."""
     proc = subprocess.run(
-        [node, str(JS / "stomp_client.mjs"), scenario, json.dumps(args)],
+        stompjs_command(server, scenario, **args),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -108,3 +116,48 @@ def test_stompjs_through_sockjs_client_in_node(server):
     }
     assert events[-2]["command"] == "RECEIPT", events
     assert events[-1] == {"event": "closed", "code": 1000}
+
+
+#: How long the long idle lasts: a minute, past stompjs' own limit of twice the negotiated
+#: 25 s (50 s without a byte from the server).
+LONG_IDLE_MS = 60_000
+
+
+class LongIdle:
+    """A herald of its own and a stompjs client with its default heart-beats (10000,10000)
+    idling on it for LONG_IDLE_MS, started in the background once the suite is collected
+    (conftest.py, the `background` marker), so the minute passes alongside other tests."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="herald-long-idle-"))
+        self.server = start_server(self.dir, shards=1)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            stompjs_command(self.server, "idle", idleMs=LONG_IDLE_MS),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=JS,
+        )
+
+    def events(self) -> list[dict]:
+        left = LONG_IDLE_MS / 1000 + 30 - (time.monotonic() - self.started)
+        out, err = self.proc.communicate(timeout=max(left, 1))
+        assert self.proc.returncode == 0, err
+        return [json.loads(line) for line in out.splitlines()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.server.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.mark.background(start=LongIdle)
+@pytest.mark.timeout(LONG_IDLE_MS / 1000 + 60)
+def test_stompjs_default_heart_beats_keep_a_60_s_idle_connection_open(background):
+    events = background.events()
+    # stompjs' 10000,10000 against herald's 25 s sweep: herald sends every 25 s and wants none.
+    assert events[0] == {"event": "connected", "heartBeat": "25000,0"}, events
+    assert events[1] == {"event": "still-connected", "connected": True}, events
