@@ -24,7 +24,7 @@
 //! - [`net`]: the per-shard SO_REUSEPORT listeners.
 //! - [`ws`]: the WebSocket side: handshake, session (frames, sans-IO), the connection machine
 //!   (sans-IO: bytes and time in, actions out), the client-protocol codecs (herald.v1's ops, STOMP),
-//!   frame encoding, close codes, and the connection's state; it never imports [`shard`].
+//!   SockJS framing around them, frame encoding, close codes, and the connection's state; it never imports [`shard`].
 //! - [`auth`]: projects, keys, token verification.
 //! - [`pubsub`]: parsed names (project, topic, connection id) and the per-shard topic index.
 //! - [`route`]: which shards a publication goes to: the union of its topics' interest masks.
