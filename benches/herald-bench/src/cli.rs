@@ -49,12 +49,27 @@ pub enum TargetKind {
     Peer,
 }
 
+/// The client protocol spoken to herald.
+#[derive(Debug, Clone, Copy, ValueEnum, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// herald.v1 JSON at `/ws/{project}`.
+    #[default]
+    HeraldV1,
+    /// STOMP 1.2 at `/stomp/{project}`: CONNECT, SUBSCRIBE with a receipt per topic
+    /// (`/topic/<t>`, `/user/queue/notice` for `user.<sub>`), MESSAGE deliveries.
+    Stomp,
+}
+
 /// Options every scenario shares.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct Common {
     /// Server under test.
     #[arg(long, value_enum, default_value_t = TargetKind::Herald)]
     pub target: TargetKind,
+    /// Client protocol spoken to herald (`--target herald`).
+    #[arg(long, value_enum, default_value_t = Protocol::HeraldV1)]
+    pub protocol: Protocol,
     /// Client port, `ws://HOST:PORT` [default: from --herald-config, else ws://127.0.0.1:8080
     /// (herald) or ws://127.0.0.1:9000 (peer)].
     #[arg(long)]

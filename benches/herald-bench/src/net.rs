@@ -108,8 +108,8 @@ pub struct Dial<'a> {
     pub timeout: Duration,
 }
 
-/// Opens connection `conn` receiving `topics`: TCP connect, upgrade, the welcome frame (when
-/// the target sends one) and one acked subscribe per explicit topic.
+/// Opens connection `conn` receiving `topics`: TCP connect, upgrade, the client's first frame
+/// (when the target has one), the welcome frame (when the target sends one) and one acked subscribe per explicit topic.
 ///
 /// # Errors
 /// The failure's reason name.
@@ -131,6 +131,11 @@ async fn open_inner(dial: &Dial<'_>, conn: u64, topics: &[String]) -> Result<Ws,
         tokio_tungstenite::client_async_with_config(request, tcp, Some(ws_config()))
             .await
             .map_err(|e| ws_reason(&e))?;
+    if let Some(hello) = target.hello() {
+        ws.send(Message::text(hello))
+            .await
+            .map_err(|e| ws_reason(&e))?;
+    }
     if target.has_welcome() {
         match next_frame(target, &mut ws).await? {
             Frame::Welcome => {}

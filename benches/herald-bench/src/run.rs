@@ -508,6 +508,7 @@ pub async fn run(sc: Scenario) -> Result<Results> {
                 },
                 api_key,
                 token_pool,
+                stomp: common.protocol == crate::cli::Protocol::Stomp,
             };
             (spec, Some(project), Some(alg))
         }

@@ -4,6 +4,8 @@
 //! - [`Herald`]: `GET /ws/{project}` with a bearer JWT, a welcome frame, `subscribe` ops with
 //!   acks, deliveries `{"type":"message",..,"data":<payload>}`, publishes on
 //!   `POST /api/v1/publish` (and `/batch`).
+//!   With `stomp`, STOMP 1.2 at `/stomp/{project}` instead (the JWT at the upgrade): `CONNECT`,
+//!   `CONNECTED` as the welcome, `SUBSCRIBE` with a receipt per topic, `MESSAGE` deliveries.
 //! - [`Peer`]: the minimal contract the peer servers under `benches/peers/` speak:
 //!   `GET /ws?topic=A&topic=B` (no auth, subscribed on connect, no welcome: ready once the
 //!   upgrade completes), `POST /publish?topic=T` sends the raw body to every subscriber of `T`
@@ -39,6 +41,9 @@ pub enum TargetSpec {
         /// When set, connections use this many distinct users (`sub`) in turn, and their
         /// tokens are signed once each and reused (handshake and churn runs).
         token_pool: Option<usize>,
+        /// Speak STOMP rather than herald.v1.
+        #[serde(default)]
+        stomp: bool,
     },
     /// A peer server speaking the minimal common contract.
     Peer {
@@ -62,6 +67,7 @@ impl TargetSpec {
                 token,
                 api_key,
                 token_pool,
+                stomp,
                 ..
             } => Box::new(Herald {
                 ws: ws.trim_end_matches('/').to_owned(),
@@ -69,6 +75,7 @@ impl TargetSpec {
                 minter: Minter::new(token)?,
                 api_key: api_key.clone(),
                 pool: token_pool.map(|n| (0..n.max(1)).map(|_| OnceLock::new()).collect()),
+                stomp: *stomp,
             }),
             Self::Peer { ws, .. } => Box::new(Peer {
                 ws: ws.trim_end_matches('/').to_owned(),
@@ -124,6 +131,10 @@ pub trait Target: Send + Sync {
     /// # Errors
     /// A token could not be signed.
     fn ws_request(&self, conn: u64, topics: &[String]) -> Result<Request<()>>;
+    /// The frame the client sends right after the upgrade, if any (STOMP's `CONNECT`).
+    fn hello(&self) -> Option<String> {
+        None
+    }
     /// Whether the server sends a welcome frame that marks the connection ready.
     fn has_welcome(&self) -> bool;
     /// The frame subscribing to `topic` after the upgrade, or `None` when the target
@@ -153,6 +164,35 @@ pub struct Herald {
     api_key: Option<String>,
     /// Tokens signed once per pooled user, when pooling.
     pool: Option<Vec<OnceLock<String>>>,
+    /// Speak STOMP (see the module doc).
+    stomp: bool,
+}
+
+/// A STOMP server frame, as far as the bench cares: `CONNECTED` is the welcome, a `RECEIPT`
+/// acks the `SUBSCRIBE` whose receipt id is its number, a `MESSAGE` body is the payload.
+fn classify_stomp(text: &str) -> Frame {
+    let Some((head, body)) = text.split_once("\n\n") else {
+        return Frame::Other;
+    };
+    let mut lines = head.lines();
+    let header = |name: &str| {
+        head.lines()
+            .skip(1)
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+    };
+    match lines.next() {
+        Some("CONNECTED") => Frame::Welcome,
+        Some("RECEIPT") => Frame::Ack(
+            header("receipt-id")
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(u64::MAX),
+        ),
+        Some("ERROR") => Frame::Error(header("message").unwrap_or_default().to_owned()),
+        Some("MESSAGE") => {
+            serde_json::from_str(body.trim_end_matches('\0')).map_or(Frame::Other, Frame::Delivery)
+        }
+        _ => Frame::Other,
+    }
 }
 
 #[derive(Deserialize)]
@@ -190,7 +230,8 @@ impl Target for Herald {
             }
             None => self.minter.mint(&sub)?,
         };
-        let mut req = format!("{}/ws/{}", self.ws, self.project)
+        let path = if self.stomp { "stomp" } else { "ws" };
+        let mut req = format!("{}/{path}/{}", self.ws, self.project)
             .into_client_request()
             .context("client URL")?;
         req.headers_mut().insert(
@@ -200,11 +241,29 @@ impl Target for Herald {
         Ok(req)
     }
 
+    fn hello(&self) -> Option<String> {
+        // The token went with the upgrade; the client wants no heart-beats (an idle bench).
+        self.stomp
+            .then(|| "CONNECT\naccept-version:1.2\nheart-beat:0,0\n\n\0".to_owned())
+    }
+
     fn has_welcome(&self) -> bool {
         true
     }
 
     fn subscribe_op(&self, topic: &str, id: u64) -> Option<String> {
+        if self.stomp {
+            // A STOMP connection receives only what it subscribes to, `all` and its own
+            // `user.<sub>` included.
+            let destination = if topic.starts_with("user.") {
+                "/user/queue/notice".to_owned()
+            } else {
+                format!("/topic/{topic}")
+            };
+            return Some(format!(
+                "SUBSCRIBE\nid:{id}\ndestination:{destination}\nreceipt:{id}\n\n\0"
+            ));
+        }
         // `all` and `user.*` are implicit in herald; explicit subscribes to `user.*` are refused.
         if topic == "all" || topic.starts_with("user.") || topic.starts_with("device.") {
             return None;
@@ -213,6 +272,9 @@ impl Target for Herald {
     }
 
     fn classify(&self, text: &str) -> Frame {
+        if self.stomp {
+            return classify_stomp(text);
+        }
         let Ok(f) = serde_json::from_str::<HeraldFrame>(text) else {
             return Frame::Other;
         };
@@ -341,6 +403,10 @@ mod tests {
     use super::*;
 
     fn herald() -> Box<dyn Target> {
+        herald_speaking(false)
+    }
+
+    fn herald_speaking(stomp: bool) -> Box<dyn Target> {
         TargetSpec::Herald {
             ws: "ws://127.0.0.1:1/".into(),
             api: "http://127.0.0.1:2".into(),
@@ -354,9 +420,43 @@ mod tests {
             },
             api_key: Some("key".into()),
             token_pool: Some(2),
+            stomp,
         }
         .build()
         .unwrap()
+    }
+
+    #[test]
+    fn herald_stomp_frames() {
+        let h = herald_speaking(true);
+        assert_eq!(h.ws_request(1, &[]).unwrap().uri().path(), "/stomp/p");
+        assert!(h.hello().unwrap().starts_with("CONNECT\n"));
+        assert_eq!(
+            h.classify("CONNECTED\nversion:1.2\nheart-beat:0,0\n\n\0"),
+            Frame::Welcome
+        );
+        assert_eq!(h.classify("RECEIPT\nreceipt-id:4\n\n\0"), Frame::Ack(4));
+        assert_eq!(
+            h.classify(
+                "MESSAGE\nsubscription:0\ndestination:/topic/all\nmessage-id:m\n\
+                 content-type:application/json\ncontent-length:22\n\n{\"k\":3,\"s\":1,\"t\":99}\0"
+            ),
+            Frame::Delivery(Payload { k: 3, s: 1, t: 99 })
+        );
+        assert_eq!(
+            h.classify("ERROR\nmessage:no\n\nno\0"),
+            Frame::Error("no".into())
+        );
+        assert_eq!(h.classify("\n"), Frame::Other);
+        assert_eq!(
+            h.subscribe_op("all", 0).unwrap(),
+            "SUBSCRIBE\nid:0\ndestination:/topic/all\nreceipt:0\n\n\0"
+        );
+        assert!(
+            h.subscribe_op("user.b1", 1)
+                .unwrap()
+                .contains("/user/queue/notice")
+        );
     }
 
     #[test]
