@@ -564,6 +564,37 @@ mod tests {
         assert!(parse(req("/stomp/", "").as_bytes()).is_err());
     }
 
+    /// SockJS's session URL: the project from the base's path or its `projectId`; STOMP
+    /// unless the query asks for herald.v1; the token from `?token=` as on `/ws/`.
+    #[test]
+    fn sockjs_session_urls() {
+        let up = |target: &str| parse(req(target, "").as_bytes());
+        let u = up("/sockjs/shop/123/abcdefgh/websocket").unwrap().unwrap();
+        assert_eq!(
+            (u.project.as_str(), u.stomp, u.sockjs, u.subprotocol),
+            ("shop", true, true, None)
+        );
+        let u = up("/sockjs/123/abcdefgh/websocket?token=t&projectId=blog")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (u.project.as_str(), u.stomp, u.sockjs),
+            ("blog", true, true)
+        );
+        assert_eq!(u.token, Some(("t".into(), TokenSource::Query)));
+        let u = up("/sockjs/shop/1/a/websocket?protocol=herald.v1")
+            .unwrap()
+            .unwrap();
+        assert_eq!((u.stomp, u.sockjs), (false, true));
+        let e = up("/sockjs/1/a/websocket").unwrap_err();
+        assert_eq!((e.status, e.error), (400, "bad_request"));
+        assert!(e.message.contains("projectId"), "{}", e.message);
+        for target in ["/sockjs/shop/1/a/xhr_streaming", "/sockjs/shop/info"] {
+            assert_eq!(up(target).unwrap_err().status, 404, "{target}");
+        }
+        assert!(!up("/ws/shop").unwrap().unwrap().sockjs);
+    }
+
     /// Two tokens are ambiguous, whether in the same place or in two: refused with 400.
     #[test]
     fn several_tokens_are_refused() {

@@ -33,6 +33,9 @@ pub static OPEN: Bytes = Bytes::from_static(&[0x81, 0x01, b'o']);
 /// The `h` heart-beat frame, shared.
 pub static HEARTBEAT: Bytes = Bytes::from_static(&[0x81, 0x01, b'h']);
 
+/// Most headers a plain SockJS request may carry (as an upgrade request).
+const MAX_HEADERS: usize = 64;
+
 /// Where a request under [`PREFIX`] goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route<'a> {
@@ -105,7 +108,7 @@ pub fn plain_request(buf: &[u8]) -> Option<Plain> {
     if !target.starts_with(PREFIX.as_bytes()) {
         return None;
     }
-    let mut headers = [httparse::EMPTY_HEADER; super::handshake::MAX_HEADERS];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     if !matches!(req.parse(buf), Ok(httparse::Status::Complete(_))) {
         return None;
