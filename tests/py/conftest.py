@@ -67,16 +67,23 @@ _BACKGROUND: dict = {}
 def pytest_collection_finish(session):
     for item in session.items:
         marker = item.get_closest_marker("background")
-        if marker is not None:
+        if marker is None:
+            continue
+        try:
             started = marker.kwargs["start"]()
-            _BACKGROUND[item.nodeid] = started
-            session.config.add_cleanup(started.stop)
+        except (Exception, pytest.fail.Exception) as e:  # reported by the test itself
+            _BACKGROUND[item.nodeid] = e
+            continue
+        _BACKGROUND[item.nodeid] = started
+        session.config.add_cleanup(started.stop)
 
 
 @pytest.fixture
 def background(request):
     """The slow part of a `background` test, started at collection (or now, if it was not)."""
     started = _BACKGROUND.pop(request.node.nodeid, None)
+    if isinstance(started, BaseException):
+        raise started
     if started is None:
         started = request.node.get_closest_marker("background").kwargs["start"]()
         request.addfinalizer(started.stop)

@@ -19,11 +19,17 @@ from herald_client import ADMIN_KEY, REPO, config_toml, mint, start_server
 JS = REPO / "tests" / "js"
 
 
-def stompjs_command(server, scenario: str, **args) -> list[str]:
-    """The command line of one scenario of the Node client."""
+def node_bin() -> str:
+    """`node`, with the client's packages installed."""
     node = shutil.which("node")
     if node is None or not (JS / "node_modules" / "@stomp" / "stompjs").is_dir():
         pytest.fail("node and tests/js/node_modules are needed: npm ci --prefix tests/js", pytrace=False)
+    return node
+
+
+def stompjs_command(server, scenario: str, **args) -> list[str]:
+    """The command line of one scenario of the Node client."""
+    node = node_bin()
     args = {
         "url": f"{server.ws_url}/ws/shop",
         "api": server.api_url,
@@ -129,6 +135,7 @@ class LongIdle:
     (conftest.py, the `background` marker), so the minute passes alongside other tests."""
 
     def __init__(self):
+        node_bin()
         self.dir = Path(tempfile.mkdtemp(prefix="herald-long-idle-"))
         self.server = start_server(self.dir, shards=1)
         self.started = time.monotonic()
