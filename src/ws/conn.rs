@@ -431,6 +431,41 @@ mod tests {
         assert_eq!(none, None, "no subscription of the topic");
     }
 
+    /// A SockJS session's `MESSAGE`: its own escaped head, then the publish's escaped rest by
+    /// reference; the whole is the `a["..."]` frame of the plain `MESSAGE`.
+    #[test]
+    fn a_sockjs_stomp_message_is_an_escaped_head_and_the_shared_escaped_rest() {
+        let mut conns = Slab::new();
+        let mut dirty = Vec::new();
+        let slot = open_conn(&mut conns);
+        conns[slot as usize].sockjs = true;
+        let s = stomp::Session {
+            subs: vec![stomp::Subscription {
+                id: "a".into(),
+                topic: 3,
+                destination: "/topic/news".into(),
+                client_ack: false,
+            }],
+            ..stomp::Session::default()
+        };
+        let shared = [
+            stomp::message_shared("m", 7),
+            Bytes::from_static(b"{\"x\":1}"),
+            stomp::NUL.clone(),
+        ];
+        let rest = sockjs::Delivery::default().stomp_rest(&shared);
+        let pushed =
+            push_sockjs_stomp_message(&mut conns, &mut dirty, slot, &s, 3, &rest, "m", 1 << 20);
+        assert_eq!(pushed, Some(Push::Queued));
+        let out = &conns[slot as usize].out;
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].bytes.as_ptr(), rest.as_ptr(), "shared, not copied");
+        let whole: Vec<u8> = out.iter().flat_map(|p| p.bytes.to_vec()).collect();
+        let plain = stomp::message_head(&s.subs[0], s.version, "m", 7 + 1 + shared[0].len());
+        let expected = sockjs::wrap(&[&plain, &shared[0], &shared[1], &shared[2]]);
+        assert_eq!(whole, expected[0].to_vec());
+    }
+
     #[test]
     fn a_frame_of_the_cap_fits_an_empty_queue_and_no_more() {
         let mut conns = Slab::new();
