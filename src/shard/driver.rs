@@ -243,10 +243,11 @@ impl Shard {
     fn push_part(&mut self, slot: u32, part: OutPart) {
         let c = &mut self.conns[slot as usize];
         c.out_bytes += part.bytes.len();
+        self.dirty.queued_bytes += part.bytes.len();
         c.out.push_back(part);
         if !c.dirty && !c.want_write {
             c.dirty = true;
-            self.dirty.push(slot);
+            self.dirty.slots.push(slot);
         }
     }
 
@@ -449,6 +450,13 @@ impl Host for ShardHost<'_> {
 
     fn send_raw(&mut self, part: OutPart) {
         self.shard.push_part(self.slot, part);
+    }
+
+    fn truncate_out(&mut self) {
+        let s = &mut *self.shard;
+        if let Some(c) = s.conns.get_mut(self.slot as usize) {
+            s.dirty.queued_bytes -= c.truncate_out();
+        }
     }
 
     fn flush(&mut self) {

@@ -146,7 +146,8 @@ impl Conn {
     }
 
     /// Drops the queued frames that have not started to go out; a started frame is kept whole.
-    pub(crate) fn truncate_out(&mut self) {
+    /// Answers the bytes dropped.
+    pub(crate) fn truncate_out(&mut self) -> usize {
         let keep = match self.out.front() {
             Some(f) if self.out_head > 0 || f.started => self
                 .out
@@ -156,11 +157,13 @@ impl Conn {
             _ => 0,
         };
         self.out.truncate(keep);
+        let before = self.out_bytes;
         self.out_bytes =
             self.out.iter().map(|p| p.bytes.len()).sum::<usize>() - self.out_head as usize;
         if self.out.is_empty() {
             self.out = VecDeque::new();
         }
+        before - self.out_bytes
     }
 
     pub(crate) fn wake(&mut self) {
@@ -194,6 +197,17 @@ impl OutPart {
     }
 }
 
+/// The connections of a shard queued to since the last flush, and the bytes waiting in all of
+/// its connections' queues (the sum of their `out_bytes`, kept by every queue change so the
+/// node's flow control reads one number per shard: [`crate::flow`]).
+#[derive(Debug, Default)]
+pub struct Dirty {
+    /// Slots to flush at the end of the batch.
+    pub slots: Vec<u32>,
+    /// Bytes queued across the shard's connections.
+    pub queued_bytes: usize,
+}
+
 /// Result of queueing a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
@@ -210,7 +224,7 @@ pub enum Push {
 /// borrow the topic index alongside. A frame no larger than `cap` always fits an empty queue.
 pub fn push_frame(
     conns: &mut Slab<Conn>,
-    dirty: &mut Vec<u32>,
+    dirty: &mut Dirty,
     slot: u32,
     parts: &[&Bytes],
     cap: usize,
@@ -226,6 +240,7 @@ pub fn push_frame(
         return Push::Overflow;
     }
     c.out_bytes += len;
+    dirty.queued_bytes += len;
     for (i, p) in parts.iter().enumerate() {
         c.out.push_back(OutPart {
             bytes: (*p).clone(),
@@ -235,7 +250,7 @@ pub fn push_frame(
     }
     if !c.dirty && !c.want_write {
         c.dirty = true;
-        dirty.push(slot);
+        dirty.slots.push(slot);
     }
     Push::Queued
 }
@@ -248,7 +263,7 @@ pub fn push_frame(
 #[allow(clippy::too_many_arguments)]
 pub fn push_stomp_message(
     conns: &mut Slab<Conn>,
-    dirty: &mut Vec<u32>,
+    dirty: &mut Dirty,
     slot: u32,
     s: &stomp::Session,
     topic: TopicId,
@@ -323,7 +338,7 @@ mod tests {
     #[test]
     fn a_stomp_message_is_a_head_per_subscription_and_shared_pieces() {
         let mut conns = Slab::new();
-        let mut dirty = Vec::new();
+        let mut dirty = Dirty::default();
         let slot = open_conn(&mut conns);
         let sub = |id: &str, topic| stomp::Subscription {
             id: id.into(),
@@ -368,10 +383,10 @@ mod tests {
     #[test]
     fn a_frame_of_the_cap_fits_an_empty_queue_and_no_more() {
         let mut conns = Slab::new();
-        let mut dirty = Vec::new();
+        let mut dirty = Dirty::default();
         let slot = open_conn(&mut conns);
         let (head, body) = (Bytes::from_static(b"head"), Bytes::from(vec![b'x'; 96]));
-        let push = |conns: &mut Slab<Conn>, dirty: &mut Vec<u32>, cap| {
+        let push = |conns: &mut Slab<Conn>, dirty: &mut Dirty, cap| {
             push_frame(conns, dirty, slot, &[&head, &body], cap)
         };
         assert_eq!(push(&mut conns, &mut dirty, 99), Push::Overflow);
@@ -380,6 +395,7 @@ mod tests {
         assert_eq!(push(&mut conns, &mut dirty, 200), Push::Queued);
         let c = &conns[slot as usize];
         assert_eq!((c.out.len(), c.out_bytes), (4, 200));
+        assert_eq!(dirty.queued_bytes, 200, "the shard's total follows");
         assert!(
             c.out[1].bytes.as_ptr() == body.as_ptr() && c.out[3].bytes.as_ptr() == body.as_ptr(),
             "the body is shared, not copied"
@@ -389,14 +405,14 @@ mod tests {
     #[test]
     fn truncation_keeps_every_piece_of_a_started_frame() {
         let mut conns = Slab::new();
-        let mut dirty = Vec::new();
+        let mut dirty = Dirty::default();
         let slot = open_conn(&mut conns);
         let (head, body) = (Bytes::from_static(b"head"), Bytes::from_static(b"body"));
         for _ in 0..2 {
             push_frame(&mut conns, &mut dirty, slot, &[&head, &body], 1000);
         }
         let c = &mut conns[slot as usize];
-        c.truncate_out();
+        assert_eq!(c.truncate_out(), 16, "the bytes dropped");
         assert_eq!(
             (c.out.len(), c.out_bytes),
             (0, 0),
@@ -410,7 +426,7 @@ mod tests {
         c.out.pop_front();
         c.out[0].started = true;
         c.out_bytes -= 4;
-        c.truncate_out();
+        assert_eq!(c.truncate_out(), 8);
         assert_eq!((c.out.len(), c.out_bytes), (1, 4));
         assert_eq!(&c.out[0].bytes[..], b"body");
         // Half of a one-piece frame went out.
