@@ -523,6 +523,43 @@ mod tests {
         );
     }
 
+    /// Over the node's budget a publish or batch is refused whole and nothing is sent, while
+    /// a publication from the engine (accepted by another node) is still delivered, and
+    /// counted.
+    #[test]
+    fn over_budget_publishes_are_refused_and_engine_deliveries_counted() {
+        let (mut hub, inboxes) = hub(2, 16);
+        let topic = [Topic::parse("news").unwrap()];
+        let data = raw("1");
+        hub.publish(0, &topic, &data).unwrap();
+        let one = hub.mailboxes[0].depth_bytes() as u64;
+        // Room for what the two inboxes hold now, and no more.
+        hub.flow = crate::flow::Flow::new(2 * one, std::time::Duration::ZERO);
+        let batch: Vec<_> = (0..3)
+            .map(|_| hub.prepare(0, &topic, &data).unwrap().1)
+            .collect();
+        let over = PublishError::Overloaded(crate::flow::Overload::QueuedBytes {
+            queued: 2 * one,
+            max: 2 * one,
+        });
+        assert_eq!(send(&hub, &batch), Err(over.clone()));
+        assert_eq!(hub.publish(0, &topic, &data), Err(over));
+        assert_eq!(hub.flow.rejected(), [4, 0], "each publication counted");
+        assert_eq!(hub.flow.engine_over(), 0);
+        let body = Bytes::from_static(br#""hi","id":"n-1-0","ts":7}"#);
+        let d = hub.deliver_each(crate::config::DEV_PROJECT, "news", body);
+        assert_eq!(d.nr_shards, 2, "the engine's publication is delivered");
+        assert_eq!(hub.flow.engine_over(), 1, "and counted");
+        for inbox in &inboxes {
+            assert_eq!(
+                drain_inbox(inbox).0.len(),
+                2,
+                "the first publish and the engine's"
+            );
+        }
+        hub.publish(0, &topic, &data).unwrap();
+    }
+
     /// A publish goes only to the shards holding subscribers of one of its topics, and the
     /// all-or-nothing reservation covers only those.
     #[test]
