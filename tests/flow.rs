@@ -160,6 +160,13 @@ fn a_fast_publisher_is_refused_503_over_the_budget_and_every_accepted_message_ar
         "no reader passed its own cap"
     );
 
+    // A stalled reader that goes away unread gives its queue back to the node.
+    let before = queued_bytes(&server);
+    drop(stalled.pop());
+    wait_until("the gone reader's queue to be given back", || {
+        queued_bytes(&server) < before
+    });
+
     // The stalled readers read again: each gets every accepted publication, in order, and
     // nothing refused.
     let drained: Vec<_> = stalled

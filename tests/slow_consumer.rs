@@ -76,4 +76,11 @@ fn slow_reader_is_closed_4008_and_the_fast_reader_loses_nothing() {
     );
     assert_eq!(server.slow_consumer_closes(), 1, "only the slow reader");
     server.wait_connections(1);
+
+    // The node's count of queued bytes gave back what the closed reader's queue held.
+    close(fast);
+    server.wait_connections(0);
+    wait_until("nothing queued on the node", || {
+        herald::flow::Flow::queued_bytes(&server.hub.stats, &server.hub.mailboxes) == 0
+    });
 }

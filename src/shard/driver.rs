@@ -455,7 +455,7 @@ impl Host for ShardHost<'_> {
     fn truncate_out(&mut self) {
         let s = &mut *self.shard;
         if let Some(c) = s.conns.get_mut(self.slot as usize) {
-            s.dirty.queued_bytes -= c.truncate_out();
+            s.dirty.dequeued(c.truncate_out());
         }
     }
 

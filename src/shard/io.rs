@@ -196,7 +196,7 @@ impl Shard {
                 Ok(mut written) => {
                     ShardStats::add(&self.stats.bytes_out, written as u64);
                     c.out_bytes -= written;
-                    self.dirty.queued_bytes -= written;
+                    self.dirty.dequeued(written);
                     while written > 0 {
                         let left = c.out[0].bytes.len() - c.out_head as usize;
                         if written >= left {
@@ -272,7 +272,7 @@ impl Shard {
         let in_handshake = self.conns[slot as usize].phase == ConnPhase::Handshake;
         self.set_phase(slot, None);
         let c = self.conns.remove(slot as usize);
-        self.dirty.queued_bytes -= c.out_bytes;
+        self.dirty.dequeued(c.out_bytes);
         self.store_queued_bytes();
         if c.client_known {
             self.hub.ip_conns.release(c.peer.ip(), in_handshake);

@@ -199,13 +199,28 @@ impl OutPart {
 
 /// The connections of a shard queued to since the last flush, and the bytes waiting in all of
 /// its connections' queues (the sum of their `out_bytes`, kept by every queue change so the
-/// node's flow control reads one number per shard: [`crate::flow`]).
+/// node's flow control reads one number per shard: [`crate::flow`]). Every change to a
+/// connection's `out_bytes` on a shard goes through here: [`push_frame`] adds, the shard's
+/// writes, truncations and removals call [`Dirty::dequeued`].
 #[derive(Debug, Default)]
 pub struct Dirty {
     /// Slots to flush at the end of the batch.
     pub slots: Vec<u32>,
     /// Bytes queued across the shard's connections.
     pub queued_bytes: usize,
+}
+
+impl Dirty {
+    /// `n` queued bytes left a connection's queue (written, dropped, or the connection gone).
+    pub fn dequeued(&mut self, n: usize) {
+        debug_assert!(
+            n <= self.queued_bytes,
+            "{n} bytes dequeued of {} queued",
+            self.queued_bytes
+        );
+        // Saturating: a miscount must not turn into a huge total that refuses every publish.
+        self.queued_bytes = self.queued_bytes.saturating_sub(n);
+    }
 }
 
 /// Result of queueing a frame.
