@@ -237,7 +237,7 @@ fn bench_topic_index(c: &mut Criterion) {
 /// A shard's connection table and dirty list, with `N` open connections.
 struct Table {
     conns: Slab<Conn>,
-    dirty: Vec<u32>,
+    dirty: herald::ws::conn::Dirty,
 }
 
 impl Table {
@@ -252,7 +252,10 @@ impl Table {
         }
         Self {
             conns,
-            dirty: Vec::with_capacity(N),
+            dirty: herald::ws::conn::Dirty {
+                slots: Vec::with_capacity(N),
+                queued_bytes: 0,
+            },
         }
     }
 
@@ -269,7 +272,8 @@ impl Table {
             c.out_head = 0;
             c.dirty = false;
         }
-        self.dirty.clear();
+        self.dirty.slots.clear();
+        self.dirty.queued_bytes = 0;
     }
 }
 
@@ -326,7 +330,7 @@ fn bench_fanout_local(c: &mut Criterion) {
     g.finish();
 
     let t = table.borrow();
-    assert_eq!(t.dirty.len(), N);
+    assert_eq!(t.dirty.slots.len(), N);
     assert!(t.conns.iter().all(|(_, c)| c.out.len() == 1 && c.dirty));
 }
 

@@ -48,6 +48,8 @@ pub struct Config {
     pub engine: Option<EngineConfig>,
     /// Tenants. At least one is required.
     pub projects: Vec<ProjectConfig>,
+    /// Node-wide flow control: the budget for queued outbound data and the lag target.
+    pub flow: crate::flow::FlowConfig,
 }
 
 /// The engine nodes of one cluster share publishes through.
@@ -643,6 +645,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             engine: None,
             projects: Vec::new(),
+            flow: crate::flow::FlowConfig::default(),
         }
     }
 }
@@ -1039,7 +1042,7 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     // serde_json's map is sorted; list the sections in the struct's (and genconfig's) order.
     let order = [
-        "server", "ws", "api", "access", "limits", "proxy", "log", "engine", "projects",
+        "server", "ws", "api", "access", "limits", "proxy", "log", "engine", "flow", "projects",
     ];
     let mut sections: Vec<&String> = a.keys().collect();
     sections.sort_by_key(|s| order.iter().position(|o| o == s).unwrap_or(order.len()));
@@ -1447,6 +1450,13 @@ level = "info"
 # url = "redis://herald:PASSWORD@10.0.0.5:6379/0"   # or "unix:///run/redis/redis.sock"
 # prefix = "herald:"
 # node = "web1:8080"                                 # default: host name and client port
+
+# Node-wide flow control: publishes are refused 503 `overloaded` while the outbound data
+# queued on the node (every connection's queue plus the shards' inboxes) is at this budget,
+# or while a shard with publications waiting lags further behind them.
+[flow]
+max_queued_bytes = 0        # 0 = an eighth of the node's memory (MemTotal or cgroup limit)
+max_delivery_lag_ms = 500
 
 # Chosen here: one project, `main` (there is no default project; at least one is required),
 # with a fresh random API key and HMAC key. The other project keys show their defaults.

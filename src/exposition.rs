@@ -248,8 +248,47 @@ impl Collector for HubCollector {
         if let Some(engine) = hub.broker.engine() {
             encode_engine(&mut enc, engine)?;
         }
-        Ok(())
+        encode_flow(&mut enc, hub)
     }
+}
+
+/// Node-wide flow control ([`crate::flow`]): what is queued, the budget, and the refusals.
+fn encode_flow(enc: &mut DescriptorEncoder<'_>, hub: &Hub) -> Result<(), std::fmt::Error> {
+    let gauge = |enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64| {
+        enc.encode_descriptor(name, help, None, MetricType::Gauge)?
+            .encode_gauge(&v)
+    };
+    gauge(
+        enc,
+        "herald_outbound_queued_bytes",
+        "Outbound bytes queued on the node: every connection's queue plus the shards' inboxes.",
+        crate::flow::Flow::queued_bytes(&hub.stats, &hub.mailboxes),
+    )?;
+    gauge(
+        enc,
+        "herald_outbound_budget_bytes",
+        "flow.max_queued_bytes in force: publishes are refused 503 overloaded at or above it.",
+        hub.flow.max_queued_bytes,
+    )?;
+    let mut m = enc.encode_descriptor(
+        "herald_publish_rejected",
+        "Publications refused 503 overloaded (API) or error limit (client), by reason.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (reason, v) in crate::flow::Overload::REASONS
+        .iter()
+        .zip(hub.flow.rejected())
+    {
+        m.encode_family(&[("reason", *reason)])?
+            .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+    }
+    counter(
+        enc,
+        "herald_engine_deliveries_over_budget",
+        "Publications from the engine delivered while the node was over its budget or behind.",
+        hub.flow.engine_over(),
+    )
 }
 
 /// The engine's metrics, present only on a node with `[engine]`.

@@ -73,6 +73,8 @@ pub struct Hub {
     pub max_frame_bytes: usize,
     /// Open API connections (bounded by `api.max_connections`; written by the API thread).
     pub api_connections: AtomicU64,
+    /// Node-wide flow control: publishes are admitted against it ([`Hub::send`]).
+    pub flow: crate::flow::Flow,
     phase: AtomicU8,
     /// Held shared by publishers across their phase check and sends, and exclusively by the
     /// drain while it flips the phase and queues its order behind them.
@@ -81,10 +83,9 @@ pub struct Hub {
     failed: AtomicUsize,
     /// Set once the failure has been handled (readiness off, drain started).
     failure_handled: AtomicBool,
-    /// When a publish refused for a full inbox was last logged (ms since the epoch), and how
-    /// many were refused since without a log line.
-    busy_logged_ms: AtomicU64,
-    busy_unlogged: AtomicU64,
+    /// When a publish refused for a full inbox was last logged, and how many were refused
+    /// since without a log line.
+    busy_log: crate::flow::LogThrottle,
     /// Publish sequence, for message ids.
     seq: AtomicU64,
     /// Start of every message id: the start time in ms (hex), so ids stay unique across
@@ -131,12 +132,12 @@ impl Hub {
             api_rate_limited: AtomicU64::new(0),
             max_frame_bytes: usize::MAX,
             api_connections: AtomicU64::new(0),
+            flow: crate::flow::Flow::default(),
             phase: AtomicU8::new(Phase::Starting as u8),
             gate: RwLock::new(()),
             failed: AtomicUsize::new(0),
             failure_handled: AtomicBool::new(false),
-            busy_logged_ms: AtomicU64::new(0),
-            busy_unlogged: AtomicU64::new(0),
+            busy_log: crate::flow::LogThrottle::default(),
             seq: AtomicU64::new(0),
             id_prefix: format!("{:x}", now_ms()),
         }
@@ -281,7 +282,8 @@ impl Hub {
     /// runtime and blocks no thread).
     ///
     /// # Errors
-    /// [`PublishError::Draining`], [`PublishError::Failed`], [`PublishError::Busy`], and with
+    /// [`PublishError::Draining`], [`PublishError::Failed`], [`PublishError::Busy`],
+    /// [`PublishError::Overloaded`] (the node is over its flow budget or behind), and with
     /// an engine [`PublishError::EngineUnavailable`] or [`PublishError::EngineBusy`].
     pub async fn send(&self, publications: &[Arc<Publication>]) -> Result<(), PublishError> {
         self.submit(publications)?.acknowledged().await
@@ -291,6 +293,9 @@ impl Hub {
     /// gate is released before anyone waits on the acknowledgement.
     fn submit(&self, publications: &[Arc<Publication>]) -> Result<Pending, PublishError> {
         let _gate = self.open_gate()?;
+        self.flow
+            .admit(&self.stats, &self.mailboxes, publications.len())
+            .map_err(PublishError::Overloaded)?;
         self.broker.publish(self, publications)
     }
 
@@ -311,16 +316,7 @@ impl Hub {
     /// Counts and logs (at most once a second) a publish refused for shard `shard`'s full
     /// inbox.
     fn refused_busy(&self, shard: usize) -> PublishError {
-        let suppressed = self.busy_unlogged.fetch_add(1, Ordering::Relaxed);
-        let now = now_ms();
-        let last = self.busy_logged_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 1000
-            && self
-                .busy_logged_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.busy_unlogged.store(0, Ordering::Relaxed);
+        if let Some(suppressed) = self.busy_log.note(now_ms()) {
             tracing::warn!(
                 shard,
                 depth = self.mailboxes[shard].depth(),
@@ -412,6 +408,8 @@ impl Deliver for Hub {
             data_len,
             accepted_at: std::time::Instant::now(),
         });
+        // Accepted by another node: delivered whatever this node's state, and counted.
+        self.flow.note_engine(&self.stats, &self.mailboxes);
         for shard in route::shards(targets) {
             let sent = self.mailboxes[shard]
                 .try_reserve(1, p.nr_bytes())
@@ -523,6 +521,43 @@ mod tests {
             d.refused && d.nr_shards == 0,
             "nothing once the node drains"
         );
+    }
+
+    /// Over the node's budget a publish or batch is refused whole and nothing is sent, while
+    /// a publication from the engine (accepted by another node) is still delivered, and
+    /// counted.
+    #[test]
+    fn over_budget_publishes_are_refused_and_engine_deliveries_counted() {
+        let (mut hub, inboxes) = hub(2, 16);
+        let topic = [Topic::parse("news").unwrap()];
+        let data = raw("1");
+        hub.publish(0, &topic, &data).unwrap();
+        let one = hub.mailboxes[0].depth_bytes() as u64;
+        // Room for what the two inboxes hold now, and no more.
+        hub.flow = crate::flow::Flow::new(2 * one, std::time::Duration::ZERO);
+        let batch: Vec<_> = (0..3)
+            .map(|_| hub.prepare(0, &topic, &data).unwrap().1)
+            .collect();
+        let over = PublishError::Overloaded(crate::flow::Overload::QueuedBytes {
+            queued: 2 * one,
+            max: 2 * one,
+        });
+        assert_eq!(send(&hub, &batch), Err(over.clone()));
+        assert_eq!(hub.publish(0, &topic, &data), Err(over));
+        assert_eq!(hub.flow.rejected(), [4, 0], "each publication counted");
+        assert_eq!(hub.flow.engine_over(), 0);
+        let body = Bytes::from_static(br#""hi","id":"n-1-0","ts":7}"#);
+        let d = hub.deliver_each(crate::config::DEV_PROJECT, "news", body);
+        assert_eq!(d.nr_shards, 2, "the engine's publication is delivered");
+        assert_eq!(hub.flow.engine_over(), 1, "and counted");
+        for inbox in &inboxes {
+            assert_eq!(
+                drain_inbox(inbox).0.len(),
+                2,
+                "the first publish and the engine's"
+            );
+        }
+        hub.publish(0, &topic, &data).unwrap();
     }
 
     /// A publish goes only to the shards holding subscribers of one of its topics, and the

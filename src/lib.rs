@@ -31,6 +31,8 @@
 //! - [`api`]: the HTTP API on hyper.
 //! - [`admin`]: project and key management (API and SIGHUP): build, persist, swap.
 //! - [`metrics`]: per-shard counters (written by the owning shard, summed by readers).
+//! - [`flow`]: node-wide flow control: the budget for queued outbound bytes and the lag
+//!   target that publishes are admitted against.
 //! - [`exposition`]: the Prometheus exposition of those counters (`GET /metrics`), read on
 //!   scrape.
 //! - [`redact`]: error messages with the quoted values (possible secrets) left out.
@@ -51,6 +53,7 @@ pub mod broker;
 pub mod commands;
 pub mod config;
 pub mod exposition;
+pub mod flow;
 pub mod hub;
 pub mod lifecycle;
 pub mod metrics;

@@ -90,6 +90,12 @@ pub struct ShardStats {
     /// Connection entries the listing (`GET /api/v1/connections`) has looked at: what a
     /// page costs the shard, for tests and debugging.
     pub list_visited: AtomicU64,
+    /// Bytes waiting in this shard's connection queues, stored by the shard after each batch
+    /// (read by [`crate::flow`]).
+    pub queued_out_bytes: AtomicU64,
+    /// Time from accepting the last publication this shard took to queueing it on its
+    /// connections, microseconds (read by [`crate::flow`]).
+    pub delivery_lag_us: AtomicU64,
 }
 
 impl ShardStats {

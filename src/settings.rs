@@ -53,6 +53,9 @@ pub struct Settings {
     /// The engine shared with the other nodes of the cluster (`[engine]`); `None`: the node
     /// runs on its own.
     pub engine: Option<EngineSettings>,
+    /// Node-wide flow control (`[flow]`): the budget for queued outbound data (the memory
+    /// share resolved) and the lag target.
+    pub flow: (u64, Duration),
     /// `api.max_connections` as configured, before [`ApiSettings::max_connections`] was
     /// lowered to the descriptors the open-files limit leaves the API.
     configured_api_connections: usize,
@@ -245,6 +248,10 @@ impl Settings {
                 max_pending_handshakes: c.limits.max_pending_handshakes_per_ip,
             },
             engine: c.engine.as_ref().map(EngineSettings::new).transpose()?,
+            flow: (
+                c.flow.budget_bytes(),
+                Duration::from_millis(c.flow.max_delivery_lag_ms),
+            ),
             configured_api_connections: c.api.max_connections,
             largest_deliverable_body: c.largest_deliverable_body(),
         })

@@ -3,11 +3,9 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::sync::mpsc;
 
 use common::*;
-use socket2::{Domain, Socket, Type};
 
 const QUEUE_CAP: usize = 65_536;
 /// Bytes of padding per publication (~32 KiB frames: two fit under the cap, three do not).
@@ -16,36 +14,19 @@ const PAD: usize = 32 * 1024;
 const MAX_PUBLISHES: usize = 2000;
 
 fn data(seq: usize) -> String {
-    format!(r#"{{"seq":{seq},"pad":"{}"}}"#, "x".repeat(PAD))
+    padded_data(seq, PAD)
 }
 
-/// The `seq` of a delivery frame whose data is [`data`].
 fn seq_of(text: &str) -> usize {
-    let (topic, data_text, _, _) = split_message(text);
-    assert_eq!(topic, "feed");
-    let v: serde_json::Value = serde_json::from_str(&data_text).expect("JSON data");
-    let seq = v["seq"].as_u64().expect("seq") as usize;
-    assert_eq!(data_text, data(seq), "data byte for byte");
-    seq
+    padded_seq(text, "feed", PAD)
 }
 
 #[test]
 fn slow_reader_is_closed_4008_and_the_fast_reader_loses_nothing() {
     let server = TestServer::start(|c| c.ws.max_outbound_queue_bytes = QUEUE_CAP);
 
-    // The slow reader: a small receive buffer, set before connect so the window is small
-    // from the start.
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect_timeout(&server.listen.into(), TIMEOUT)
-        .unwrap();
-    let stream: TcpStream = sock.into();
-    set_timeouts(&stream);
-    let jwt = token("shop", "slow").0;
-    let (mut slow, _, _) = handshake(
-        stream,
-        ws_request(server.listen, "shop", &jwt, Transport::Header),
-    );
+    // The slow reader: a small receive window.
+    let mut slow = small_window_client(server.listen, "shop", "slow");
     subscribe(&mut slow, "feed");
 
     // The well-behaved reader reads on its own thread and reports each publication; the
@@ -95,4 +76,11 @@ fn slow_reader_is_closed_4008_and_the_fast_reader_loses_nothing() {
     );
     assert_eq!(server.slow_consumer_closes(), 1, "only the slow reader");
     server.wait_connections(1);
+
+    // The node's count of queued bytes gave back what the closed reader's queue held.
+    close(fast);
+    server.wait_connections(0);
+    wait_until("nothing queued on the node", || {
+        herald::flow::Flow::queued_bytes(&server.hub.stats, &server.hub.mailboxes) == 0
+    });
 }

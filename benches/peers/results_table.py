@@ -39,6 +39,20 @@ FIGURES = [
      ("delivery", "latency", "p99_us"), "low"),
     ("bf.cpu", "bcast-flat", "broadcast flat out: server CPU per 1M deliveries", "s",
      None, "low"),
+    ("bf.tail", "bcast-flat", "broadcast flat out: last publish → last delivery", "µs",
+     ("delivery", "tail_s"), "low"),
+    ("bb.dps", "bcast-bounded", "broadcast at p99 ≤ 100 ms: delivered msgs/s", "/s",
+     ("bounded", "delivered_per_s"), "high"),
+    ("bb.rate", "bcast-bounded", "broadcast at p99 ≤ 100 ms: publishes/s", "/s",
+     ("bounded", "rate_per_s"), "high"),
+    ("bb.p99", "bcast-bounded", "broadcast at p99 ≤ 100 ms: latency p99", "µs",
+     ("bounded", "p99_us"), "low"),
+    ("bb.fdps", "bcast-bounded", "broadcast flat out (same N): delivered msgs/s", "/s",
+     ("bounded", "flat_delivered_per_s"), "high"),
+    ("bb.fp99", "bcast-bounded", "broadcast flat out (same N): latency p99", "µs",
+     ("bounded", "flat_p99_us"), "low"),
+    ("bb.tail", "bcast-bounded", "broadcast flat out (same N): last publish → last delivery", "µs",
+     ("bounded", "flat_tail_s"), "low"),
     ("br.c50", "bcast-rate", "broadcast 50/s: completion p50", "µs",
      ("delivery", "completion", "p50_us"), "low"),
     ("br.cmax", "bcast-rate", "broadcast 50/s: completion max", "µs",
@@ -96,6 +110,7 @@ SCENARIO_TEXT = {
     "bcast-rate": "broadcast (50 publishes/s)",
     "bcast-flat": "broadcast (flat out)",
     "bcast-5k": "broadcast (100 publishes/s to 5,000)",
+    "bcast-bounded": "broadcast (rate search, p99 ≤ 100 ms; flat-out run shown)",
     "unicast": "unicast",
     "groups": "groups",
     "handshake": "handshake",
@@ -115,6 +130,9 @@ def value(doc, key, path):
         cpu = dig(doc, ("cpu", "server_s"))
         done = dig(doc, ("load", "succeeded"))
         return cpu / done * 1e6 if cpu is not None and done else None
+    if key.endswith(".tail"):
+        tail = dig(doc, path)
+        return tail * 1e6 if tail is not None else None
     if key.endswith(".cpu"):
         cpu = dig(doc, ("cpu", "server_s"))
         delivered = dig(doc, ("delivery", "delivered"))
@@ -222,7 +240,9 @@ def main():
              "`broadcast -n 2000 -m 100` (flat out, one publisher); "
              "`broadcast -n 5000 -m 500 --rate 100`; `unicast -n 1000 -m 10` "
              "(4 publishers); `groups -n 1000 -m 50 --group-size 10` (4 publishers); "
-             "`handshake --concurrency 64 --duration-secs 10 --source 127.0.0.2-127.0.0.60`; all with "
+             "`handshake --concurrency 64 --duration-secs 10 --source 127.0.0.2-127.0.0.60`; "
+             "bcast-bounded: `broadcast -n $COMPARE_BOUNDED_N` flat out, then a bisected search "
+             "for the highest rate with p99 publish → receipt ≤ 100 ms (benches/bounded_rate.py); all with "
              "`--settle-ms 1000 --drain-timeout-secs 5`. herald: 2 shards, generated config, "
              "JWT-authenticated connections; peers: no auth.\n")
     vers = [
@@ -260,7 +280,8 @@ def main():
     o.append("## Loss, order and failures (all runs summed)\n")
     o.append("| scenario | " + " | ".join(servers) + " |")
     o.append("|---|" + "---|" * len(servers))
-    for scen in ["hold", "bcast-rate", "bcast-flat", "bcast-5k", "unicast", "groups", "handshake"]:
+    for scen in ["hold", "bcast-rate", "bcast-flat", "bcast-5k", "bcast-bounded", "unicast", "groups",
+                 "handshake"]:
         if not any((scen, s) in runs for s in servers):
             continue
         o.append(f"| {SCENARIO_TEXT[scen]} | "

@@ -363,6 +363,10 @@ impl From<PublishError> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "engine_unavailable")
             }
             PublishError::EngineBusy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            PublishError::Overloaded(o) => {
+                return Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string())
+                    .retry_after(o.retry_after_secs());
+            }
         };
         Self::new(status, code, e.to_string())
     }
@@ -536,6 +540,11 @@ mod tests {
             retry(503, "engine_unavailable", 1)
         );
         assert_eq!(wire(PublishError::EngineBusy), retry(503, "busy", 1));
+        let over = crate::flow::Overload::QueuedBytes { queued: 9, max: 8 };
+        assert_eq!(
+            wire(PublishError::Overloaded(over)),
+            retry(503, "overloaded", 1)
+        );
         assert_eq!(
             wire(PublishError::TooLarge { size: 9, max: 8 }),
             none(413, "message_too_large")

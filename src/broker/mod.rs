@@ -63,6 +63,10 @@ pub enum PublishError {
     /// The queue to the engine is full (back-pressure): nothing was sent; retry later.
     #[error("the queue to the engine is full; nothing was sent, retry later")]
     EngineBusy,
+    /// The node is over its budget for queued outbound data or behind its publications
+    /// ([`crate::flow`]): nothing was sent; retry later.
+    #[error("{0}")]
+    Overloaded(crate::flow::Overload),
 }
 
 /// Why the engine did not take a publish.

@@ -249,6 +249,7 @@ impl Shard {
                 .peekable();
             while let Some(bytes) = frames.next() {
                 c.out_bytes += bytes.len();
+                self.dirty.queued_bytes += bytes.len();
                 let more = frames.peek().is_some();
                 c.out.push_back(OutPart {
                     bytes,
@@ -258,11 +259,12 @@ impl Shard {
             }
         } else {
             c.out_bytes += part.bytes.len();
+            self.dirty.queued_bytes += part.bytes.len();
             c.out.push_back(part);
         }
         if !c.dirty && !c.want_write {
             c.dirty = true;
-            self.dirty.push(slot);
+            self.dirty.slots.push(slot);
         }
     }
 
@@ -465,6 +467,13 @@ impl Host for ShardHost<'_> {
 
     fn send_raw(&mut self, part: OutPart) {
         self.shard.push_part(self.slot, part);
+    }
+
+    fn truncate_out(&mut self) {
+        let s = &mut *self.shard;
+        if let Some(c) = s.conns.get_mut(self.slot as usize) {
+            s.dirty.dequeued(c.truncate_out());
+        }
     }
 
     fn flush(&mut self) {

@@ -196,6 +196,7 @@ impl Shard {
                 Ok(mut written) => {
                     ShardStats::add(&self.stats.bytes_out, written as u64);
                     c.out_bytes -= written;
+                    self.dirty.dequeued(written);
                     while written > 0 {
                         let left = c.out[0].bytes.len() - c.out_head as usize;
                         if written >= left {
@@ -243,10 +244,20 @@ impl Shard {
 
     /// Flushes every connection queued to since the last flush.
     pub(crate) fn flush_dirty(&mut self) {
-        while let Some(slot) = self.dirty.pop() {
+        while let Some(slot) = self.dirty.slots.pop() {
             if self.conns.get(slot as usize).is_some_and(|c| c.dirty) {
                 self.flush(slot);
             }
+        }
+        self.store_queued_bytes();
+    }
+
+    /// Stores the bytes queued on the shard's connections for the node's flow control (once
+    /// per batch, and only when it changed: one relaxed store on the shard's own counters).
+    pub(crate) fn store_queued_bytes(&self) {
+        let queued = self.dirty.queued_bytes as u64;
+        if crate::metrics::read(&self.stats.queued_out_bytes) != queued {
+            self.stats.queued_out_bytes.store(queued, Ordering::Relaxed);
         }
     }
     /// Called by the connection's task when it ends: unsubscribes, counts, frees the slot.
@@ -261,6 +272,8 @@ impl Shard {
         let in_handshake = self.conns[slot as usize].phase == ConnPhase::Handshake;
         self.set_phase(slot, None);
         let c = self.conns.remove(slot as usize);
+        self.dirty.dequeued(c.out_bytes);
+        self.store_queued_bytes();
         if c.client_known {
             self.hub.ip_conns.release(c.peer.ip(), in_handshake);
         }

@@ -80,8 +80,9 @@ pub struct Shard {
     next_generation: u32,
     /// Read buffer shared by every connection of the shard.
     pub(crate) scratch: Box<[u8]>,
-    /// Slots with queued output to flush at the end of the current batch.
-    pub(crate) dirty: Vec<u32>,
+    /// Slots with queued output to flush at the end of the current batch, and the bytes
+    /// queued across the shard's connections.
+    pub(crate) dirty: conn::Dirty,
     /// Handshakes in progress, in deadline order (the timeout is constant).
     pub(crate) handshake_deadlines: VecDeque<Deadline>,
     /// Connections waiting for the peer's close frame, in deadline order.
@@ -245,7 +246,7 @@ impl Shard {
             by_project: Vec::new(),
             next_generation: 1,
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
-            dirty: Vec::new(),
+            dirty: conn::Dirty::default(),
             handshake_deadlines: VecDeque::new(),
             close_deadlines: VecDeque::new(),
             expiries: BinaryHeap::new(),
@@ -514,7 +515,12 @@ impl Shard {
         }
         ShardStats::add(&self.stats.delivered, delivered);
         ShardStats::add(&self.stats.dropped, dropped);
-        self.stats.publish_enqueue.observe(p.accepted_at.elapsed());
+        let lag = p.accepted_at.elapsed();
+        self.stats.publish_enqueue.observe(lag);
+        self.stats.delivery_lag_us.store(
+            u64::try_from(lag.as_micros()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         for slot in overflow {
             self.close_with(slot, CloseReason::SlowConsumer);
         }

@@ -151,7 +151,8 @@ impl Conn {
     }
 
     /// Drops the queued frames that have not started to go out; a started frame is kept whole.
-    pub(crate) fn truncate_out(&mut self) {
+    /// Answers the bytes dropped.
+    pub(crate) fn truncate_out(&mut self) -> usize {
         let keep = match self.out.front() {
             Some(f) if self.out_head > 0 || f.started => self
                 .out
@@ -161,11 +162,13 @@ impl Conn {
             _ => 0,
         };
         self.out.truncate(keep);
+        let before = self.out_bytes;
         self.out_bytes =
             self.out.iter().map(|p| p.bytes.len()).sum::<usize>() - self.out_head as usize;
         if self.out.is_empty() {
             self.out = VecDeque::new();
         }
+        before - self.out_bytes
     }
 
     pub(crate) fn wake(&mut self) {
@@ -199,6 +202,32 @@ impl OutPart {
     }
 }
 
+/// The connections of a shard queued to since the last flush, and the bytes waiting in all of
+/// its connections' queues (the sum of their `out_bytes`, kept by every queue change so the
+/// node's flow control reads one number per shard: [`crate::flow`]). Every change to a
+/// connection's `out_bytes` on a shard goes through here: [`push_frame`] adds, the shard's
+/// writes, truncations and removals call [`Dirty::dequeued`].
+#[derive(Debug, Default)]
+pub struct Dirty {
+    /// Slots to flush at the end of the batch.
+    pub slots: Vec<u32>,
+    /// Bytes queued across the shard's connections.
+    pub queued_bytes: usize,
+}
+
+impl Dirty {
+    /// `n` queued bytes left a connection's queue (written, dropped, or the connection gone).
+    pub fn dequeued(&mut self, n: usize) {
+        debug_assert!(
+            n <= self.queued_bytes,
+            "{n} bytes dequeued of {} queued",
+            self.queued_bytes
+        );
+        // Saturating: a miscount must not turn into a huge total that refuses every publish.
+        self.queued_bytes = self.queued_bytes.saturating_sub(n);
+    }
+}
+
 /// Result of queueing a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
@@ -217,7 +246,7 @@ pub enum Push {
 /// fan-out wraps its shared pieces once and queues them with [`push_framed`]).
 pub fn push_frame(
     conns: &mut Slab<Conn>,
-    dirty: &mut Vec<u32>,
+    dirty: &mut Dirty,
     slot: u32,
     parts: &[&Bytes],
     cap: usize,
@@ -233,7 +262,7 @@ pub fn push_frame(
 /// [`push_frame`] of pieces already in the connection's framing (SockJS or not).
 pub fn push_framed(
     conns: &mut Slab<Conn>,
-    dirty: &mut Vec<u32>,
+    dirty: &mut Dirty,
     slot: u32,
     parts: &[&Bytes],
     cap: usize,
@@ -249,6 +278,7 @@ pub fn push_framed(
         return Push::Overflow;
     }
     c.out_bytes += len;
+    dirty.queued_bytes += len;
     for (i, p) in parts.iter().enumerate() {
         c.out.push_back(OutPart {
             bytes: (*p).clone(),
@@ -258,7 +288,7 @@ pub fn push_framed(
     }
     if !c.dirty && !c.want_write {
         c.dirty = true;
-        dirty.push(slot);
+        dirty.slots.push(slot);
     }
     Push::Queued
 }
@@ -271,7 +301,7 @@ pub fn push_framed(
 #[allow(clippy::too_many_arguments)]
 pub fn push_stomp_message(
     conns: &mut Slab<Conn>,
-    dirty: &mut Vec<u32>,
+    dirty: &mut Dirty,
     slot: u32,
     s: &stomp::Session,
     topic: TopicId,
@@ -295,7 +325,7 @@ pub fn push_stomp_message(
 #[allow(clippy::too_many_arguments)]
 pub fn push_sockjs_stomp_message(
     conns: &mut Slab<Conn>,
-    dirty: &mut Vec<u32>,
+    dirty: &mut Dirty,
     slot: u32,
     s: &stomp::Session,
     topic: TopicId,
@@ -319,7 +349,7 @@ pub fn push_sockjs_stomp_message(
 /// is not queued.
 fn push_heads(
     conns: &mut Slab<Conn>,
-    dirty: &mut Vec<u32>,
+    dirty: &mut Dirty,
     slot: u32,
     heads: &[Bytes],
     shared: &[Bytes],
@@ -389,7 +419,7 @@ mod tests {
     #[test]
     fn a_stomp_message_is_a_head_per_subscription_and_shared_pieces() {
         let mut conns = Slab::new();
-        let mut dirty = Vec::new();
+        let mut dirty = Dirty::default();
         let slot = open_conn(&mut conns);
         let sub = |id: &str, topic| stomp::Subscription {
             id: id.into(),
@@ -436,7 +466,7 @@ mod tests {
     #[test]
     fn a_sockjs_stomp_message_is_an_escaped_head_and_the_shared_escaped_rest() {
         let mut conns = Slab::new();
-        let mut dirty = Vec::new();
+        let mut dirty = Dirty::default();
         let slot = open_conn(&mut conns);
         conns[slot as usize].sockjs = true;
         let s = stomp::Session {
@@ -469,10 +499,10 @@ mod tests {
     #[test]
     fn a_frame_of_the_cap_fits_an_empty_queue_and_no_more() {
         let mut conns = Slab::new();
-        let mut dirty = Vec::new();
+        let mut dirty = Dirty::default();
         let slot = open_conn(&mut conns);
         let (head, body) = (Bytes::from_static(b"head"), Bytes::from(vec![b'x'; 96]));
-        let push = |conns: &mut Slab<Conn>, dirty: &mut Vec<u32>, cap| {
+        let push = |conns: &mut Slab<Conn>, dirty: &mut Dirty, cap| {
             push_frame(conns, dirty, slot, &[&head, &body], cap)
         };
         assert_eq!(push(&mut conns, &mut dirty, 99), Push::Overflow);
@@ -481,6 +511,7 @@ mod tests {
         assert_eq!(push(&mut conns, &mut dirty, 200), Push::Queued);
         let c = &conns[slot as usize];
         assert_eq!((c.out.len(), c.out_bytes), (4, 200));
+        assert_eq!(dirty.queued_bytes, 200, "the shard's total follows");
         assert!(
             c.out[1].bytes.as_ptr() == body.as_ptr() && c.out[3].bytes.as_ptr() == body.as_ptr(),
             "the body is shared, not copied"
@@ -490,14 +521,14 @@ mod tests {
     #[test]
     fn truncation_keeps_every_piece_of_a_started_frame() {
         let mut conns = Slab::new();
-        let mut dirty = Vec::new();
+        let mut dirty = Dirty::default();
         let slot = open_conn(&mut conns);
         let (head, body) = (Bytes::from_static(b"head"), Bytes::from_static(b"body"));
         for _ in 0..2 {
             push_frame(&mut conns, &mut dirty, slot, &[&head, &body], 1000);
         }
         let c = &mut conns[slot as usize];
-        c.truncate_out();
+        assert_eq!(c.truncate_out(), 16, "the bytes dropped");
         assert_eq!(
             (c.out.len(), c.out_bytes),
             (0, 0),
@@ -511,7 +542,7 @@ mod tests {
         c.out.pop_front();
         c.out[0].started = true;
         c.out_bytes -= 4;
-        c.truncate_out();
+        assert_eq!(c.truncate_out(), 8);
         assert_eq!((c.out.len(), c.out_bytes), (1, 4));
         assert_eq!(&c.out[0].bytes[..], b"body");
         // Half of a one-piece frame went out.

@@ -174,6 +174,11 @@ pub trait Host {
     fn send(&mut self, frame: &[&Bytes]) -> Push;
     /// Queues a piece regardless of phase and cap (handshake answers, close frames).
     fn send_raw(&mut self, part: OutPart);
+    /// Drops the queued frames that have not started to go out ([`Conn::truncate_out`]); a
+    /// host that keeps a total of its queues overrides it to count the bytes dropped.
+    fn truncate_out(&mut self) {
+        self.conn().truncate_out();
+    }
     /// Writes what the socket takes now.
     fn flush(&mut self);
     /// Ends the connection (the driver removes it).
@@ -635,9 +640,8 @@ fn on_event<H: Host>(h: &mut H, now: Now, ev: Event<'_>) -> Flow {
                 let echo = frame::close_code(code.unwrap_or(1000), "");
                 h.set_phase(ConnPhase::Closing);
                 h.closing(CloseReason::Normal);
-                let c = h.conn();
-                c.kill_after_flush = true;
-                c.truncate_out();
+                h.conn().kill_after_flush = true;
+                h.truncate_out();
                 h.send_raw(OutPart::whole(echo));
                 h.arm_close_deadline(now.at + CLOSE_GRACE);
             } else {
@@ -1013,7 +1017,7 @@ fn close_after<H: Host>(h: &mut H, now: Now, reason: CloseReason, last: Option<B
     // connections open then), then the close, and so does a STOMP `DISCONNECT` (the receipts
     // of the frames before it); every other close drops the backlog.
     if !matches!(reason, CloseReason::GoingAway | CloseReason::Normal) {
-        h.conn().truncate_out();
+        h.truncate_out();
     }
     if let Some(last) = last {
         h.send_raw(OutPart::whole(last));
@@ -1397,7 +1401,7 @@ pub mod recorder {
     /// A shard stand-in: one connection, a topic list, and a record of every action.
     pub struct TestHost {
         pub conns: Slab<Conn>,
-        pub dirty: Vec<u32>,
+        pub dirty: super::super::conn::Dirty,
         pub rules: Rules,
         pub project: Arc<Project>,
         /// Tokens that verify, with their claims.
@@ -1470,7 +1474,7 @@ pub mod recorder {
             conns.insert(c);
             Self {
                 conns,
-                dirty: Vec::new(),
+                dirty: Default::default(),
                 rules: Rules {
                     max_handshake_bytes: 8192,
                     max_message_bytes: 1024,

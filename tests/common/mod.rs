@@ -1448,3 +1448,31 @@ impl Relay {
         self.conns.lock().unwrap()[i].store(frozen, std::sync::atomic::Ordering::Release);
     }
 }
+
+/// A publication's data: its sequence number and `pad` bytes of padding.
+pub fn padded_data(seq: usize, pad: usize) -> String {
+    format!(r#"{{"seq":{seq},"pad":"{}"}}"#, "x".repeat(pad))
+}
+
+/// The `seq` of a delivery frame on `topic` whose data is [`padded_data`] with `pad`, checked
+/// byte for byte.
+pub fn padded_seq(text: &str, topic: &str, pad: usize) -> usize {
+    let (got_topic, data_text, _, _) = split_message(text);
+    assert_eq!(got_topic, topic);
+    let v: Value = serde_json::from_str(&data_text).expect("JSON data");
+    let seq = v["seq"].as_u64().expect("seq") as usize;
+    assert_eq!(data_text, padded_data(seq, pad), "data byte for byte");
+    seq
+}
+
+/// A connection of `user` with a 4 KiB receive buffer, set before connect so the window is
+/// small from the start: what it does not read stays queued at the server.
+pub fn small_window_client(addr: SocketAddr, project: &str, user: &str) -> Client {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect_timeout(&addr.into(), TIMEOUT).unwrap();
+    let stream: TcpStream = sock.into();
+    set_timeouts(&stream);
+    let jwt = token(project, user).0;
+    handshake(stream, ws_request(addr, project, &jwt, Transport::Header)).0
+}

@@ -83,6 +83,8 @@ pub struct PublishReport {
     pub request_latency: Summary,
     /// First request sent, ns since the bench's epoch.
     pub first_ns: u64,
+    /// Last answer received (the last publish), ns since the bench's epoch.
+    pub last_ns: u64,
 }
 
 impl PublishStats {
@@ -110,6 +112,7 @@ impl PublishStats {
             batch: opts.batch,
             request_latency: Summary::of(&hist),
             first_ns: self.first_ns.load(SeqCst),
+            last_ns: self.last_ns.load(SeqCst),
         }
     }
 }

@@ -380,8 +380,14 @@ pub fn markdown(r: &Results, plots: &[(String, PathBuf)], md_dir: &Path) -> Stri
         let _ = writeln!(s, "## Delivery\n");
         let _ = writeln!(
             s,
-            "| expected | delivered | lost (open conns) | lost (closed by server) | reordered | delivered/s |\n|---:|---:|---:|---:|---:|---:|\n| {} | {} | {} | {} | {} | {:.0} |\n",
-            d.expected, d.delivered, d.lost_open, d.lost_closed, d.reordered, d.delivered_per_s
+            "| expected | delivered | lost (open conns) | lost (closed by server) | reordered | delivered/s | last publish → last receipt |\n|---:|---:|---:|---:|---:|---:|---:|\n| {} | {} | {} | {} | {} | {:.0} | {:.3} s |\n",
+            d.expected,
+            d.delivered,
+            d.lost_open,
+            d.lost_closed,
+            d.reordered,
+            d.delivered_per_s,
+            d.tail_s
         );
         s.push_str(LAT_HEAD);
         s.push_str(&lat_row("publish → receipt", &d.latency));

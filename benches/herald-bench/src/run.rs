@@ -223,6 +223,9 @@ pub struct DeliverySection {
     pub elapsed_s: f64,
     /// Deliveries per second over `elapsed_s`.
     pub delivered_per_s: f64,
+    /// Last publish answered to last receipt, seconds: what the server still had queued when
+    /// the publisher stopped.
+    pub tail_s: f64,
     /// Broadcast: completion of each publish in order, µs (null when incomplete).
     pub per_publish_completion_us: Option<Vec<Option<u64>>>,
 }
@@ -895,6 +898,7 @@ pub async fn run(sc: Scenario) -> Result<Results> {
         d.completion = Summary::of(&comp);
         if let Some(p) = &publish_report {
             d.elapsed_s = last_delivery.saturating_sub(p.first_ns) as f64 / 1e9;
+            d.tail_s = last_delivery.saturating_sub(p.last_ns) as f64 / 1e9;
         }
         d.delivered_per_s = if d.elapsed_s > 0.0 {
             d.delivered as f64 / d.elapsed_s
