@@ -188,6 +188,7 @@ pub fn wire(cfg: &Config, settings: &Settings, opts: Options) -> Result<ServerHa
         settings.max_connections,
     );
     hub.max_frame_bytes = settings.limits.max_outbound_queue_bytes;
+    hub.history = crate::history::History::new(settings.history.0, settings.history.1);
     settings.log_adjustments();
     hub.ip_conns = crate::protection::limiter::ConnCounter::new(
         settings.per_ip.connections,

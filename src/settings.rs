@@ -53,6 +53,9 @@ pub struct Settings {
     /// The engine shared with the other nodes of the cluster (`[engine]`); `None`: the node
     /// runs on its own.
     pub engine: Option<EngineSettings>,
+    /// The node's message history: its byte cap (`server.history_max_bytes`) and the most
+    /// messages one recovery replays (`server.history_max_replay`).
+    pub history: (usize, u64),
     /// `api.max_connections` as configured, before [`ApiSettings::max_connections`] was
     /// lowered to the descriptors the open-files limit leaves the API.
     configured_api_connections: usize,
@@ -245,6 +248,7 @@ impl Settings {
                 max_pending_handshakes: c.limits.max_pending_handshakes_per_ip,
             },
             engine: c.engine.as_ref().map(EngineSettings::new).transpose()?,
+            history: (c.server.history_max_bytes, c.server.history_max_replay),
             configured_api_connections: c.api.max_connections,
             largest_deliverable_body: c.largest_deliverable_body(),
         })

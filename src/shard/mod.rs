@@ -457,12 +457,23 @@ impl Shard {
         let mut stomp_shared = None;
         // No lookup at all on a shard without STOMP connections.
         let any_stomp = !self.stomp.is_empty();
-        for (topic, head) in &p.heads {
+        for (i, (topic, head)) in p.heads.iter().enumerate() {
             let Some(t) = self.topics.lookup(p.project, topic) else {
                 continue;
             };
             let frame = [head, &p.body];
+            // A topic with history: each connection takes only offsets past its floor.
+            let offset = p.offsets.get(i).copied().unwrap_or(0);
             for &slot in self.topics.subscribers(t) {
+                if offset > 0
+                    && let Some(id) = self
+                        .conns
+                        .get(slot as usize)
+                        .and_then(|c| c.identity.as_deref())
+                    && !crate::ws::recovery::live(id, t, offset)
+                {
+                    continue;
+                }
                 let stomp = if any_stomp {
                     self.stomp.get(&slot)
                 } else {
@@ -673,6 +684,9 @@ impl Shard {
                 Beat::Skip => {}
                 Beat::Dead => dead.push(slot as u32),
                 Beat::Ping => {
+                    // Implicit topics still held after the welcome: the client did not ask
+                    // to recover them, so what was held follows now.
+                    machine::resume(&mut self.host(slot as u32), now);
                     let _ = conn::push_frame(
                         &mut self.conns,
                         &mut self.dirty,

@@ -11,4 +11,5 @@ pub mod frame;
 pub mod handshake;
 pub mod machine;
 pub mod ops;
+pub mod recovery;
 pub mod session;
