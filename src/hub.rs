@@ -227,7 +227,14 @@ impl Hub {
                     .count()
         };
         let longest = topics.iter().map(escaped).max().unwrap_or(0);
-        let size = longest + data.len() + MESSAGE_FRAME_OVERHEAD;
+        // A topic with history has `,"offset":N` in its frame too.
+        let with_offset = self.registry.load().project_at(project).is_some_and(|p| {
+            topics
+                .iter()
+                .any(|t| crate::history::rule_for(&p.history, t.as_str()).is_some())
+        });
+        let offset = if with_offset { OFFSET_FIELD_BYTES } else { 0 };
+        let size = longest + data.len() + MESSAGE_FRAME_OVERHEAD + offset;
         if size > self.max_frame_bytes {
             return Err(PublishError::TooLarge {
                 size,
@@ -357,6 +364,9 @@ impl std::fmt::Debug for Hub {
             .finish_non_exhaustive()
     }
 }
+
+/// Most bytes the `"offset"` field adds to a frame's JSON (`,"offset":` and 20 digits).
+const OFFSET_FIELD_BYTES: usize = 30;
 
 /// Most bytes the `"offset"` field adds to a topic's frame head (`,"offset":` and 20 digits),
 /// with the WebSocket header growing to its longest.

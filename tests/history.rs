@@ -499,3 +499,27 @@ fn bad_history_settings_are_refused_by_name() {
     ok.projects[0].history[0].topics = "all".into();
     ok.validate().unwrap();
 }
+
+/// A frame with an offset must still fit an empty connection queue: the offset's room is
+/// counted when a publish to a topic with history is checked.
+#[test]
+fn the_offset_counts_toward_the_largest_frame() {
+    let server = TestServer::start(|c| {
+        history(c, 100, 300);
+        c.ws.max_outbound_queue_bytes = 1000;
+        c.api.max_body_bytes = 2000;
+    });
+    let fits = 1000 - herald::hub::MESSAGE_FRAME_OVERHEAD - "news".len() - 2;
+    let body = |topic: &str, n: usize| {
+        format!(
+            r#"{{"project":"shop","topic":"{topic}","data":"{}"}}"#,
+            "x".repeat(n)
+        )
+    };
+    let r = publish(server.api, SHOP_API_KEY, &body("nows", fits));
+    assert_eq!(r.status, 200, "no history: {}", r.text());
+    let r = publish(server.api, SHOP_API_KEY, &body("news", fits));
+    assert_eq!(r.status, 413, "{}", r.text());
+    let r = publish(server.api, SHOP_API_KEY, &body("news", fits - 30));
+    assert_eq!(r.status, 200, "{}", r.text());
+}
