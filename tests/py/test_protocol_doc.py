@@ -488,6 +488,59 @@ ws.addEventListener("close", (e) => {
         proc.stderr.close()
 
 
+def test_recovery_example_ends_with_every_message_once_in_order(servers, tmp_path):
+    """The recovery recipe, in a WHATWG WebSocket: its connection is dropped after 3 messages;
+    it reconnects, recovers, and what it handed the page is consecutive, with no duplicate."""
+    m = re.search(r"<!-- recovery-example -->\n```js\n(.*?)```\n", DOC, re.S)
+    assert m, "docs/protocol.md has no recovery example"
+    text = config_toml(shards=2).replace(
+        'id = "shop"\n', 'id = "shop"\nhistory = [{topics = "news*"}, {topics = "user.*"}]\n'
+    )
+    server = servers.start(config=text)
+    script = tmp_path / "recovery.js"
+    script.write_text(
+        m.group(1)
+        + """
+let handed = 0;
+const first = connectWithRecovery(process.argv[2], process.argv[3], ["news"],
+  (topic, data) => {
+    console.log(JSON.stringify({ topic, data }));
+    handed += 1;
+    if (handed === 3) first.close(); // the network drops; the page reconnects by itself
+    if (handed === 15) process.exit(0);
+  },
+  (topic) => { console.log(JSON.stringify({ lost: topic })); process.exit(1); });
+"""
+    )
+    proc = subprocess.Popen(
+        [*node_with_websocket(), str(script), f"{server.ws_url}/ws/shop", mint("alice")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    got = []
+    try:
+        deadline = time.monotonic() + 40
+        n = 0
+        while len(got) < 15:
+            assert time.monotonic() < deadline, f"the recovery example handed on only {got}"
+            n += 1
+            publish(server, {"project": "shop", "topic": "news", "data": n})
+            while select.select([proc.stdout], [], [], 0.1)[0]:
+                line = proc.stdout.readline()
+                assert line, f"node exited {proc.wait(timeout=10)}: {proc.stderr.read()!r}"
+                got.append(json.loads(line))
+                if len(got) == 15:
+                    break
+        assert all(g.get("topic") == "news" for g in got), got
+        data = [g["data"] for g in got]
+        assert data == list(range(data[0], data[0] + 15)), data
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def test_browser_offering_bearer_alone_aborts(server, tmp_path):
     """Why the browser example offers `herald.v1`: the server selects it only when offered, and
     a WHATWG WebSocket that offered subprotocols aborts when none is selected."""
