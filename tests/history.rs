@@ -523,3 +523,20 @@ fn the_offset_counts_toward_the_largest_frame() {
     let r = publish(server.api, SHOP_API_KEY, &body("news", fits - 30));
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// A client that never sends an op still gets its implicit topics: the hold after the welcome
+/// ends at the first message a second after it, with what was held first, in order.
+#[test]
+fn a_silent_client_gets_its_held_messages_with_the_first_after_the_hold() {
+    let server = TestServer::start(|c| history(c, 100, 300));
+    let (mut ws, _) = connect_user(server.listen, "shop", "alice");
+    publish_to_user(&server, "alice", 1);
+    silence(&mut ws);
+    std::thread::sleep(Duration::from_millis(1100));
+    publish_to_user(&server, "alice", 2);
+    assert_eq!(message(&mut ws, "user.alice"), (1, 1));
+    assert_eq!(message(&mut ws, "user.alice"), (2, 2));
+    publish_to_user(&server, "alice", 3);
+    assert_eq!(message(&mut ws, "user.alice"), (3, 3));
+    silence(&mut ws);
+}

@@ -452,6 +452,8 @@ impl Shard {
         ShardStats::add(&self.stats.publications, 1);
         let cap = self.limits.max_outbound_queue_bytes;
         let mut overflow = Vec::new();
+        // Connections whose implicit topics are held past the hold (`ws::recovery`).
+        let mut resume = Vec::new();
         let (mut delivered, mut dropped) = (0u64, 0u64);
         // STOMP's shared pieces, made on the shard's first STOMP subscriber of the publish.
         let mut stomp_shared = None;
@@ -472,6 +474,9 @@ impl Shard {
                         .and_then(|c| c.identity.as_deref())
                     && !crate::ws::recovery::live(id, t, offset)
                 {
+                    if crate::ws::recovery::hold_over(id, crate::hub::now_ms()) {
+                        resume.push(slot);
+                    }
                     continue;
                 }
                 let stomp = if any_stomp {
@@ -508,6 +513,13 @@ impl Shard {
         self.stats.publish_enqueue.observe(p.accepted_at.elapsed());
         for slot in overflow {
             self.close_with(slot, CloseReason::SlowConsumer);
+        }
+        if !resume.is_empty() {
+            resume.dedup();
+            let now = self.now();
+            for slot in resume {
+                machine::resume(&mut self.host(slot), now);
+            }
         }
     }
 

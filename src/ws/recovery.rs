@@ -11,7 +11,8 @@
 //! client that wants to recover them says so with `recover` right after. Until then their
 //! live deliveries are *held*: dropped, as they are in the store, and replayed from the
 //! welcome's position (or the client's `since`) when the hold ends: at `recover`, at any
-//! other op, or at the connection's next heartbeat (see `machine`).
+//! other op, at the first message [`HOLD_MS`] after the welcome, or at the connection's next
+//! heartbeat (see `machine`).
 
 use super::conn::{Identity, Mark};
 use crate::history::{Position, Since};
@@ -23,6 +24,16 @@ pub fn live(id: &Identity, topic: TopicId, offset: u64) -> bool {
         .iter()
         .find(|m| m.topic == topic)
         .is_none_or(|m| m.held.is_none() && offset > m.floor)
+}
+
+/// How long the implicit topics are held after the welcome, at most, while messages come:
+/// the first message after it ends the hold (so does the client's first op, or the heartbeat).
+pub const HOLD_MS: u64 = 1000;
+
+/// Whether the connection's implicit topics are held and have been for [`HOLD_MS`] (`now_ms`:
+/// the wall clock, ms since the epoch).
+pub fn hold_over(id: &Identity, now_ms: u64) -> bool {
+    now_ms.saturating_sub(id.connected_at) >= HOLD_MS && id.history.iter().any(|m| m.held.is_some())
 }
 
 /// Sets `topic`'s floor to the position just read (held when `hold`).
