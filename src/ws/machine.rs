@@ -746,13 +746,12 @@ fn on_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
         Err(msg) => Err((ErrorCode::BadRequest, msg)),
         Ok(op) => execute(h, now, op),
     };
-    if let Ok(Reply::Subscribed(_, topic, Some(r))) = &result {
+    if let Ok(Reply::Subscribed(_, _, Some(r))) = &result {
         let recovered = r.outcome.as_ref().map(|o| match o {
             Ok(_) => Ok(()),
             Err(why) => Err(why.as_str()),
         });
         let ack = super::ops::ack_position(req.id, &r.position.epoch, r.position.offset, recovered);
-        let _ = topic;
         reply(h, now, frame::text(ack.as_bytes()));
         if let Some(Ok(entries)) = &r.outcome {
             replay(h, now, entries);
