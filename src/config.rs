@@ -267,6 +267,13 @@ pub struct ServerConfig {
     /// (systemd's StateDirectory=), else `$XDG_STATE_HOME/herald`, else
     /// `$HOME/.local/state/herald`, else `./herald-state`. `--state-dir` overrides.
     pub state_dir: Option<PathBuf>,
+    /// Cap on the memory the node's message history holds (`[[projects.history]]`), in
+    /// bytes; the oldest messages of any topic are dropped to stay under it. Default
+    /// 67108864 (64 MiB).
+    pub history_max_bytes: usize,
+    /// Most messages one recovery replays; a client that missed more gets
+    /// `"recovered":false` (`over_limit`) and nothing. 1 to 100000. Default 1000.
+    pub history_max_replay: u64,
 }
 
 /// Which monoio driver the shards run.
@@ -491,7 +498,38 @@ pub struct ProjectConfig {
     pub jwks: Option<String>,
     /// File holding a JWKS document.
     pub jwks_file: Option<PathBuf>,
+    /// Topics whose recent messages the node keeps for recovery (`[[projects.history]]`);
+    /// the first entry whose pattern covers a topic applies. Empty (no history) by default.
+    pub history: Vec<HistoryConfig>,
 }
+
+/// History of the topics a pattern covers (`[[projects.history]]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// A topic name, or a prefix ending in `*` (as in the `topics` claim); `all` and
+    /// `user.*` are allowed. Required.
+    pub topics: String,
+    /// Most messages kept per topic, 1 to 100000. Default 100.
+    pub size: usize,
+    /// How long a message is kept, in seconds, 1 to 604800 (a week). Default 300.
+    pub ttl_secs: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            topics: String::new(),
+            size: 100,
+            ttl_secs: 300,
+        }
+    }
+}
+
+/// Most messages a `[[projects.history]]` entry keeps per topic.
+pub const MAX_HISTORY_SIZE: usize = 100_000;
+/// Longest `[[projects.history]]` TTL: a week, in seconds.
+pub const MAX_HISTORY_TTL_SECS: u64 = 604_800;
 
 /// One verification key.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -565,6 +603,8 @@ impl Default for ServerConfig {
             transparent_huge_pages: false,
             handover: false,
             state_dir: None,
+            history_max_bytes: 64 << 20,
+            history_max_replay: 1000,
         }
     }
 }
@@ -626,6 +666,7 @@ impl Default for ProjectConfig {
             deny_ips: Vec::new(),
             jwks: None,
             jwks_file: None,
+            history: Vec::new(),
         }
     }
 }
@@ -945,6 +986,7 @@ impl Config {
         if let Some(engine) = &self.engine {
             engine.validate()?;
         }
+        self.validate_history()?;
         if self.projects.is_empty() {
             return Err(invalid(
                 "projects",
@@ -1100,6 +1142,9 @@ fn rate_and_burst(
 /// # Errors
 /// The first broken rule, naming its key.
 pub fn validate_project(at: &str, p: &ProjectConfig) -> Result<(), ConfigError> {
+    for (i, h) in p.history.iter().enumerate() {
+        validate_history_entry(&format!("{at}.history[{i}]"), h)?;
+    }
     crate::pubsub::ProjectId::parse(&p.id)
         .map_err(|e| invalid(format!("{at}.id"), e.to_string()))?;
     if p.api_key.is_some() && p.api_key_file.is_some() {
@@ -1528,6 +1573,66 @@ pub fn random_secret() -> String {
     use base64::Engine;
     let bytes: [u8; 32] = rand::random();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// `value` (of `key`, in `unit`) is within 1..=`max`.
+fn between_1_and(key: String, value: u64, max: u64, unit: &str) -> Result<(), ConfigError> {
+    if (1..=max).contains(&value) {
+        return Ok(());
+    }
+    Err(invalid(
+        key,
+        format!("between 1 and {max} {unit} (is {value})"),
+    ))
+}
+
+/// One `[[projects.history]]` entry's rules.
+fn validate_history_entry(at: &str, h: &HistoryConfig) -> Result<(), ConfigError> {
+    let name = h.topics.strip_suffix('*').unwrap_or(&h.topics);
+    let valid = h.topics == "*"
+        || crate::pubsub::Topic::parse(name).is_ok()
+        || name.ends_with('.') && crate::pubsub::Topic::parse(&name[..name.len() - 1]).is_ok();
+    if h.topics.is_empty() || !valid {
+        return Err(invalid(
+            format!("{at}.topics"),
+            "a topic name, or a prefix ending in `*` (`news.*`, `user.*`, `all`)",
+        ));
+    }
+    between_1_and(
+        format!("{at}.size"),
+        h.size as u64,
+        MAX_HISTORY_SIZE as u64,
+        "messages",
+    )?;
+    between_1_and(
+        format!("{at}.ttl_secs"),
+        h.ttl_secs,
+        MAX_HISTORY_TTL_SECS,
+        "seconds",
+    )?;
+    Ok(())
+}
+
+impl Config {
+    /// `server.history_*`, and history only on a node of its own.
+    fn validate_history(&self) -> Result<(), ConfigError> {
+        between_1_and(
+            "server.history_max_replay".into(),
+            self.server.history_max_replay,
+            MAX_HISTORY_SIZE as u64,
+            "messages",
+        )?;
+        if self.engine.is_some()
+            && let Some(p) = self.projects.iter().find(|p| !p.history.is_empty())
+        {
+            return Err(invalid(
+                format!("projects[{}].history", p.id),
+                "history needs a node of its own: with [engine] its offsets would differ from \
+                 node to node",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -245,6 +245,7 @@ impl Collector for HubCollector {
             m.encode_family(&[("shard", shards[i].as_str())])?
                 .encode_histogram::<NoLabelSet>(total, count, &buckets, None)?;
         }
+        encode_history(&mut enc, &hub.history.stats)?;
         if let Some(engine) = hub.broker.engine() {
             encode_engine(&mut enc, engine)?;
         }
@@ -289,6 +290,58 @@ fn encode_flow(enc: &mut DescriptorEncoder<'_>, hub: &Hub) -> Result<(), std::fm
         "Publications from the engine delivered while the node was over its budget or behind.",
         hub.flow.engine_over(),
     )
+}
+
+/// The message history's metrics.
+fn encode_history(
+    enc: &mut DescriptorEncoder<'_>,
+    h: &crate::history::HistoryStats,
+) -> Result<(), std::fmt::Error> {
+    for (name, help, v) in [
+        (
+            "herald_history_bytes",
+            "Bytes the message history holds (messages and topics, as counted against \
+             server.history_max_bytes).",
+            &h.bytes,
+        ),
+        (
+            "herald_history_entries",
+            "Messages the message history holds.",
+            &h.entries,
+        ),
+        (
+            "herald_history_streams",
+            "Topics the message history holds messages of.",
+            &h.streams,
+        ),
+    ] {
+        enc.encode_descriptor(name, help, None, MetricType::Gauge)?
+            .encode_gauge(&read(v))?;
+    }
+    counter(
+        enc,
+        "herald_history_evicted",
+        "Messages dropped from the history, oldest first, to stay under \
+         server.history_max_bytes.",
+        read(&h.evicted_cap),
+    )?;
+    let mut m = enc.encode_descriptor(
+        "herald_history_recoveries",
+        "Recoveries (subscribe with since, recover) by outcome: recovered, or why nothing \
+         was replayed (epoch_changed, expired, too_many, over_limit).",
+        None,
+        MetricType::Counter,
+    )?;
+    m.encode_family(&[("outcome", "recovered")])?
+        .encode_counter::<NoLabelSet, _, u64>(&read(&h.recovered), None)?;
+    for (why, v) in crate::history::Unrecoverable::ALL
+        .iter()
+        .zip(&h.not_recovered)
+    {
+        m.encode_family(&[("outcome", why.as_str())])?
+            .encode_counter::<NoLabelSet, _, u64>(&read(v), None)?;
+    }
+    Ok(())
 }
 
 /// The engine's metrics, present only on a node with `[engine]`.

@@ -26,8 +26,9 @@ use crate::metrics::ShardStats;
 use crate::pubsub::Topic;
 use crate::route;
 use crate::shard::fanout::Shards;
-use crate::shard::mailbox::{Mailbox, Publication, ShardMsg};
+use crate::shard::mailbox::{Mailbox, Publication, Reservation, ShardMsg};
 use crate::ws::codec::Codec;
+use crate::ws::codec::herald_v1;
 pub use crate::ws::frame::MESSAGE_FRAME_OVERHEAD;
 
 /// Lifecycle of the node, observable by `/readyz`.
@@ -88,6 +89,8 @@ pub struct Hub {
     busy_log: crate::flow::LogThrottle,
     /// Publish sequence, for message ids.
     seq: AtomicU64,
+    /// The recent messages of topics with history, numbered and stored as they are sent.
+    pub history: crate::history::History,
     /// Start of every message id: the start time in ms (hex), so ids stay unique across
     /// restarts, after the node's name in a cluster ([`Hub::set_node`]), so they stay unique
     /// across nodes.
@@ -139,6 +142,7 @@ impl Hub {
             failure_handled: AtomicBool::new(false),
             busy_log: crate::flow::LogThrottle::default(),
             seq: AtomicU64::new(0),
+            history: crate::history::History::new(64 << 20, 1000),
             id_prefix: format!("{:x}", now_ms()),
         }
     }
@@ -224,7 +228,14 @@ impl Hub {
                     .count()
         };
         let longest = topics.iter().map(escaped).max().unwrap_or(0);
-        let size = longest + data.len() + MESSAGE_FRAME_OVERHEAD;
+        // A topic with history has `,"offset":N` in its frame too.
+        let with_offset = self.registry.load().project_at(project).is_some_and(|p| {
+            topics
+                .iter()
+                .any(|t| crate::history::rule_for(&p.history, t.as_str()).is_some())
+        });
+        let offset = if with_offset { OFFSET_FIELD_BYTES } else { 0 };
+        let size = longest + data.len() + MESSAGE_FRAME_OVERHEAD + offset;
         if size > self.max_frame_bytes {
             return Err(PublishError::TooLarge {
                 size,
@@ -252,6 +263,7 @@ impl Hub {
                 id: id.into(),
                 data_len: data.len(),
                 accepted_at,
+                offsets: Box::default(),
             }),
         ))
     }
@@ -349,15 +361,26 @@ impl std::fmt::Debug for Hub {
     }
 }
 
-impl Deliver for Hub {
-    /// Routes by the interest table, reserves room in every target inbox, then sends. Called
-    /// by the broker under the publish gate ([`Hub::send`]).
-    fn deliver(&self, publications: &[Arc<Publication>]) -> Result<(), PublishError> {
+/// Most bytes the `"offset"` field adds to a frame's JSON (`,"offset":` and 20 digits).
+const OFFSET_FIELD_BYTES: usize = 30;
+
+/// Most bytes the `"offset"` field adds to a topic's frame head (`,"offset":` and 20 digits),
+/// with the WebSocket header growing to its longest.
+const OFFSET_FIELD_MAX_BYTES: usize = 40;
+
+impl Hub {
+    /// Reserves room for `publications` (and `extra` bytes) in the inbox of every shard holding
+    /// subscribers of their topics.
+    fn reserve(
+        &self,
+        publications: &[Arc<Publication>],
+        extra: usize,
+    ) -> Result<Vec<(usize, Reservation<'_>)>, PublishError> {
         let targets = route::shards_for_publication(publications.iter().map(|p| {
             self.interest
                 .route(p.project, p.heads.iter().map(|(topic, _)| &**topic))
         }));
-        let nr_bytes = publications.iter().map(|p| p.nr_bytes()).sum();
+        let nr_bytes = publications.iter().map(|p| p.nr_bytes()).sum::<usize>() + extra;
         let mut reservations = Vec::with_capacity(targets.count_ones() as usize);
         for shard in route::shards(targets) {
             let r = self.mailboxes[shard]
@@ -365,7 +388,15 @@ impl Deliver for Hub {
                 .map_err(|_| self.refused_busy(shard))?;
             reservations.push((shard, r));
         }
-        for (shard, r) in &mut reservations {
+        Ok(reservations)
+    }
+
+    /// Sends `publications` on the room reserved for them.
+    fn send_reserved(
+        reservations: &mut [(usize, Reservation<'_>)],
+        publications: &[Arc<Publication>],
+    ) -> Result<(), PublishError> {
+        for (shard, r) in reservations {
             for p in publications {
                 // Only a dead shard refuses reserved room, and none dies between the checks
                 // in `send` and here: a panicking shard fails the node under the gate before
@@ -376,6 +407,89 @@ impl Deliver for Hub {
             }
         }
         Ok(())
+    }
+
+    /// `p` numbered in the streams of its topics with history (as `rules` say), and stored
+    /// there: the heads of those topics carry their offset, the body stays shared.
+    fn number(
+        &self,
+        inner: &mut crate::history::Inner,
+        p: &Publication,
+        rules: &[crate::history::Rule],
+        now: u64,
+    ) -> Publication {
+        let mut offsets = vec![0; p.heads.len()];
+        let mut heads = Vec::with_capacity(p.heads.len());
+        for ((topic, head), offset) in p.heads.iter().zip(&mut offsets) {
+            let Some(rule) = crate::history::rule_for(rules, topic) else {
+                heads.push((topic.clone(), head.clone()));
+                continue;
+            };
+            let mut numbered = Bytes::new();
+            *offset = self.history.append(
+                inner,
+                (p.project, topic),
+                rule,
+                now,
+                |o| {
+                    numbered = herald_v1::message_head_at(topic, o, p.body.len());
+                    numbered.clone()
+                },
+                &p.body,
+            );
+            heads.push((topic.clone(), numbered));
+        }
+        Publication {
+            project: p.project,
+            heads,
+            body: p.body.clone(),
+            id: p.id.clone(),
+            data_len: p.data_len,
+            accepted_at: p.accepted_at,
+            offsets: offsets.into(),
+        }
+    }
+}
+
+impl Deliver for Hub {
+    /// Routes by the interest table, reserves room in every target inbox, then sends. Called
+    /// by the broker under the publish gate ([`Hub::send`]).
+    fn deliver(&self, publications: &[Arc<Publication>]) -> Result<(), PublishError> {
+        let registry = self.registry.load();
+        let rules = |p: &Publication| {
+            registry
+                .project_at(p.project)
+                .map(|pr| &pr.history[..])
+                .filter(|r| {
+                    p.heads
+                        .iter()
+                        .any(|(t, _)| crate::history::rule_for(r, t).is_some())
+                })
+        };
+        if !publications.iter().any(|p| rules(p).is_some()) {
+            let mut reservations = self.reserve(publications, 0)?;
+            return Self::send_reserved(&mut reservations, publications);
+        }
+        // Numbered, stored and sent under the history lock, so each stream's offsets reach
+        // every inbox in order, and a shard reading the stream under the same lock sees every
+        // offset up to its read in the store or already in its inbox, and every later one
+        // routed to it (see `crate::history`).
+        let mut inner = self.history.lock();
+        let extra = publications
+            .iter()
+            .map(|p| p.heads.len() * OFFSET_FIELD_MAX_BYTES)
+            .sum();
+        let mut reservations = self.reserve(publications, extra)?;
+        let now = now_ms();
+        let numbered: Vec<Arc<Publication>> = publications
+            .iter()
+            .map(|p| match rules(p) {
+                None => p.clone(),
+                Some(r) => Arc::new(self.number(&mut inner, p, r, now)),
+            })
+            .collect();
+        drop(registry);
+        Self::send_reserved(&mut reservations, &numbered)
     }
 
     fn deliver_each(&self, project: &str, topic: &str, body: Bytes) -> Delivered {
@@ -407,6 +521,7 @@ impl Deliver for Hub {
             id,
             data_len,
             accepted_at: std::time::Instant::now(),
+            offsets: Box::default(),
         });
         // Accepted by another node: delivered whatever this node's state, and counted.
         self.flow.note_engine(&self.stats, &self.mailboxes);

@@ -13,6 +13,8 @@
 //!   check-host).
 //! - [`hub`]: the node-wide handle every thread shares: mailboxes, registry, counters, phase,
 //!   and publishing (encode once, one message per interested shard).
+//! - [`history`]: the recent publications of topics with history (offsets, epochs, bounded
+//!   by size, age and a node-wide byte cap), held by the hub for recovery.
 //! - [`broker`]: the broker seam: publish, first/last topic interest per shard, deliveries
 //!   back into the node; the local broker and the node's interest table (topic → shards);
 //!   [`broker::redis`], the Redis engine a cluster's nodes share publishes through, and its
@@ -54,6 +56,7 @@ pub mod commands;
 pub mod config;
 pub mod exposition;
 pub mod flow;
+pub mod history;
 pub mod hub;
 pub mod lifecycle;
 pub mod metrics;

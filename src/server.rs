@@ -189,6 +189,7 @@ pub fn wire(cfg: &Config, settings: &Settings, opts: Options) -> Result<ServerHa
     );
     hub.max_frame_bytes = settings.limits.max_outbound_queue_bytes;
     hub.flow = crate::flow::Flow::new(settings.flow.0, settings.flow.1);
+    hub.history = crate::history::History::new(settings.history.0, settings.history.1);
     settings.log_adjustments();
     hub.ip_conns = crate::protection::limiter::ConnCounter::new(
         settings.per_ip.connections,

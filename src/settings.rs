@@ -56,6 +56,9 @@ pub struct Settings {
     /// Node-wide flow control (`[flow]`): the budget for queued outbound data (the memory
     /// share resolved) and the lag target.
     pub flow: (u64, Duration),
+    /// The node's message history: its byte cap (`server.history_max_bytes`) and the most
+    /// messages one recovery replays (`server.history_max_replay`).
+    pub history: (usize, u64),
     /// `api.max_connections` as configured, before [`ApiSettings::max_connections`] was
     /// lowered to the descriptors the open-files limit leaves the API.
     configured_api_connections: usize,
@@ -252,6 +255,7 @@ impl Settings {
                 c.flow.budget_bytes(),
                 Duration::from_millis(c.flow.max_delivery_lag_ms),
             ),
+            history: (c.server.history_max_bytes, c.server.history_max_replay),
             configured_api_connections: c.api.max_connections,
             largest_deliverable_body: c.largest_deliverable_body(),
         })

@@ -68,6 +68,8 @@ pub struct Project {
     pub near_cap_warned: Arc<std::sync::atomic::AtomicBool>,
     /// Created through the API (not in the config file).
     pub from_api: bool,
+    /// History of its topics (`[[projects.history]]`), first match applies.
+    pub history: Vec<crate::history::Rule>,
 }
 
 /// What a project's config section yields once its files are read.
@@ -430,6 +432,15 @@ impl Project {
             nr_connections,
             near_cap_warned,
             from_api,
+            history: p
+                .history
+                .iter()
+                .map(|h| crate::history::Rule {
+                    pattern: h.topics.as_str().into(),
+                    size: h.size,
+                    ttl_ms: h.ttl_secs.saturating_mul(1000),
+                })
+                .collect(),
         })
     }
 

@@ -518,6 +518,10 @@ impl Host for ShardHost<'_> {
         self.shard.topics.name(topic)
     }
 
+    fn history(&self) -> &crate::history::History {
+        &self.shard.hub.history
+    }
+
     fn publish(&mut self, project: u32, topic: &Topic, data: &RawValue) -> Result<(), String> {
         let s = &*self.shard;
         s.hub

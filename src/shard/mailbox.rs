@@ -36,6 +36,9 @@ pub struct Publication {
     pub data_len: usize,
     /// When `Hub::publish` accepted it (for the publish-to-enqueue histogram).
     pub accepted_at: std::time::Instant,
+    /// The offset of each topic of `heads` in its history stream, 0 for a topic without
+    /// history; empty when none has any.
+    pub offsets: Box<[u64]>,
 }
 
 impl Publication {
@@ -468,6 +471,7 @@ mod tests {
             id: "m".into(),
             data_len: nr_bytes,
             accepted_at: std::time::Instant::now(),
+            offsets: Box::default(),
         })
     }
 

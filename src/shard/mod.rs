@@ -453,6 +453,8 @@ impl Shard {
         ShardStats::add(&self.stats.publications, 1);
         let cap = self.limits.max_outbound_queue_bytes;
         let mut overflow = Vec::new();
+        // Connections whose implicit topics are held past the hold (`ws::recovery`).
+        let mut resume = Vec::new();
         let (mut delivered, mut dropped) = (0u64, 0u64);
         // STOMP's shared pieces, made on the shard's first STOMP subscriber of the publish.
         let mut stomp_shared = None;
@@ -460,13 +462,27 @@ impl Shard {
         let any_stomp = !self.stomp.is_empty();
         // SockJS framing of the publish's pieces, made on its first SockJS subscriber.
         let mut sockjs = crate::ws::sockjs::Delivery::default();
-        for (topic, head) in &p.heads {
+        for (i, (topic, head)) in p.heads.iter().enumerate() {
             let Some(t) = self.topics.lookup(p.project, topic) else {
                 continue;
             };
             let frame = [head, &p.body];
             let mut sockjs_frame = None;
+            // A topic with history: each connection takes only offsets past its floor.
+            let offset = p.offsets.get(i).copied().unwrap_or(0);
             for &slot in self.topics.subscribers(t) {
+                if offset > 0
+                    && let Some(id) = self
+                        .conns
+                        .get(slot as usize)
+                        .and_then(|c| c.identity.as_deref())
+                    && !crate::ws::recovery::live(id, t, offset)
+                {
+                    if crate::ws::recovery::hold_over(id, crate::hub::now_ms()) {
+                        resume.push(slot);
+                    }
+                    continue;
+                }
                 let stomp = if any_stomp {
                     self.stomp.get(&slot)
                 } else {
@@ -523,6 +539,13 @@ impl Shard {
         );
         for slot in overflow {
             self.close_with(slot, CloseReason::SlowConsumer);
+        }
+        if !resume.is_empty() {
+            resume.dedup();
+            let now = self.now();
+            for slot in resume {
+                machine::resume(&mut self.host(slot), now);
+            }
         }
     }
 
@@ -699,6 +722,9 @@ impl Shard {
                 Beat::Skip => {}
                 Beat::Dead => dead.push(slot as u32),
                 Beat::Ping => {
+                    // Implicit topics still held after the welcome: the client did not ask
+                    // to recover them, so what was held follows now.
+                    machine::resume(&mut self.host(slot as u32), now);
                     let _ = conn::push_frame(
                         &mut self.conns,
                         &mut self.dirty,

@@ -45,6 +45,20 @@ pub struct Identity {
     pub kid: Option<Arc<str>>,
     /// Connect time, ms since the epoch.
     pub connected_at: u64,
+    /// Its topics with history ([`crate::ws::recovery`]); empty without.
+    pub history: Vec<Mark>,
+}
+
+/// A topic with history on a connection ([`crate::ws::recovery`]).
+#[derive(Debug)]
+pub struct Mark {
+    /// The topic.
+    pub topic: TopicId,
+    /// Deliveries at or below this offset are not live for the connection: it got them from
+    /// the store, or they came before its subscription, or it was told it could not have them.
+    pub floor: u64,
+    /// While the implicit topics are held after the welcome: the epoch the welcome told.
+    pub held: Option<Arc<str>>,
 }
 
 /// One connection's state, owned by its shard.

@@ -26,6 +26,7 @@ use super::conn::{Conn, ConnPhase, Identity, OutPart, Push, expiry_of, gcra_take
 use super::frame;
 use super::handshake::{self, HandshakeOutcome, Refusal, Upgrade};
 use super::ops::{ErrorCode, Op};
+use super::recovery;
 use super::session::{Event, Flow};
 use super::sockjs;
 use crate::auth::{AuthError, Project, Verified};
@@ -201,6 +202,8 @@ pub trait Host {
     fn lookup(&self, project: u32, topic: &str) -> Option<TopicId>;
     /// A topic's name.
     fn topic_name(&self, topic: TopicId) -> &str;
+    /// The node's message history, read by subscribers once subscribed ([`crate::history`]).
+    fn history(&self) -> &crate::history::History;
     /// Publishes a client's message.
     ///
     /// # Errors
@@ -488,8 +491,17 @@ fn open<H: Host>(
             user: &v.claims.sub,
             exp: v.claims.exp,
             heartbeat_secs: h.rules().heartbeat_secs,
+            history: &[],
         })
     });
+    // With history on implicit topics, the welcome tells their positions, read once they
+    // are subscribed (`admit`): it is made again then.
+    let with_history = codec == Codec::HeraldV1
+        && verified.as_ref().is_some_and(|v| {
+            [TOPIC_ALL, Topic::user(&v.claims.sub).as_str()]
+                .iter()
+                .any(|t| crate::history::rule_for(&project.history, t).is_some())
+        });
     if codec == Codec::Stomp {
         let offered = up.subprotocol.and_then(stomp::Version::from_subprotocol);
         h.start_stomp(Box::new(stomp::Session {
@@ -504,12 +516,37 @@ fn open<H: Host>(
     // answer (or the welcome) with it. Both are only queued: nothing is written before this
     // function returns, after the implicit subscriptions below are in the node's interest
     // table, so a publish accepted once the client has the welcome reaches it.
+    let verified = match verified {
+        Some(v) if with_history => v,
+        other => {
+            send_opening(h, answer, welcome, up.sockjs);
+            if let Some(verified) = other {
+                admit(h, now, project, verified);
+            }
+            return;
+        }
+    };
+    let (user, exp) = (verified.claims.sub.clone(), verified.claims.exp);
+    let positions = admit(h, now, project.clone(), verified);
+    let welcome = codec.welcome(&Opened {
+        conn: h.conn_id(),
+        project: &project.id,
+        user: &user,
+        exp,
+        heartbeat_secs: h.rules().heartbeat_secs,
+        history: &positions,
+    });
+    send_opening(h, answer, welcome, up.sockjs);
+}
+
+/// Queues the 101, SockJS's `o` for a SockJS session, and the welcome when there is one.
+fn send_opening<H: Host>(h: &mut H, answer: Bytes, welcome: Option<Bytes>, in_sockjs: bool) {
     h.send_raw(OutPart {
         bytes: answer,
-        more: welcome.is_some() || up.sockjs,
+        more: welcome.is_some() || in_sockjs,
         started: true,
     });
-    if up.sockjs {
+    if in_sockjs {
         // SockJS opens its session with `o`; what follows is in SockJS framing.
         h.send_raw(OutPart {
             bytes: sockjs::OPEN.clone(),
@@ -521,13 +558,17 @@ fn open<H: Host>(
     if let Some(welcome) = welcome {
         h.send_raw(OutPart::whole(welcome));
     }
-    if let Some(verified) = verified {
-        admit(h, now, project, verified);
-    }
 }
 
-/// Opens an authenticated connection: identity, implicit subscriptions, expiry.
-fn admit<H: Host>(h: &mut H, now: Now, project: Arc<Project>, verified: Verified) {
+/// Opens an authenticated connection: identity, implicit subscriptions, expiry. Answers the
+/// positions of its implicit topics with history, which are held until the client recovers
+/// them ([`super::recovery`]).
+fn admit<H: Host>(
+    h: &mut H,
+    now: Now,
+    project: Arc<Project>,
+    verified: Verified,
+) -> Vec<(Box<str>, crate::history::Position)> {
     let Verified { claims, kid } = verified;
     let project_idx = project.idx;
     let mut implicit = vec![Topic::all(), Topic::user(&claims.sub)];
@@ -549,6 +590,7 @@ fn admit<H: Host>(h: &mut H, now: Now, project: Arc<Project>, verified: Verified
             .map(|t| t.into_iter().map(Into::into).collect()),
         kid,
         connected_at: now.unix_ms,
+        history: Vec::new(),
     }));
     c.subs = Vec::with_capacity(implicit.len());
     for t in &implicit {
@@ -556,11 +598,92 @@ fn admit<H: Host>(h: &mut H, now: Now, project: Arc<Project>, verified: Verified
         h.conn().subs.push(sub);
     }
     h.conn().nr_implicit = implicit.len() as u8;
+    let mut positions = Vec::new();
+    if h.conn().codec == Codec::HeraldV1 {
+        for t in &implicit {
+            if let Some(r) = read_history(h, now, (project_idx, t.as_str()), None, true) {
+                positions.push((t.as_str().into(), r.position));
+            }
+        }
+    }
     if expires_at > 0 {
         h.arm_expiry(expires_at);
     }
     h.opened();
     h.outcome(HandshakeOutcome::Accepted);
+    positions
+}
+
+/// Reads the stream of a topic the connection has just subscribed to and sets its floor
+/// ([`super::recovery`]); `None` when the topic has no history.
+fn read_history<H: Host>(
+    h: &mut H,
+    now: Now,
+    (project, name): (u32, &str),
+    since: Option<&crate::history::Since>,
+    hold: bool,
+) -> Option<crate::history::Replay> {
+    let rule = crate::history::rule_for(&identity(h).project.history, name)?.clone();
+    let topic = h.lookup(project, name)?;
+    let replay = h.history().read((project, name), &rule, since, now.unix_ms);
+    recovery::mark(identity(h), topic, &replay.position, hold);
+    Some(replay)
+}
+
+/// Ends the hold of the implicit topics ([`super::recovery`]): each recovers after its entry
+/// in `since`, else after the position the welcome told. Answers each topic's read.
+fn end_hold<H: Host>(
+    h: &mut H,
+    now: Now,
+    since: &[(String, crate::history::Since)],
+) -> Vec<(Box<str>, crate::history::Replay)> {
+    let project = identity(h).project.idx;
+    let held = recovery::held(identity(h));
+    let mut out = Vec::with_capacity(held.len());
+    for (topic, welcome) in held {
+        let name: Box<str> = h.topic_name(topic).into();
+        let since = since
+            .iter()
+            .find(|(t, _)| **t == *name)
+            .map_or(welcome, |(_, s)| s.clone());
+        if let Some(r) = read_history(h, now, (project, &name), Some(&since), false) {
+            out.push((name, r));
+        }
+    }
+    out
+}
+
+/// Ends the hold, if any, of a client that did not ask to recover (another op, or the
+/// heartbeat): what was held since the welcome follows. A connection whose queue overflows
+/// closes as a slow consumer.
+pub fn resume<H: Host>(h: &mut H, now: Now) {
+    let held = h
+        .conn()
+        .identity
+        .as_deref()
+        .is_some_and(|id| id.history.iter().any(|m| m.held.is_some()));
+    if !held {
+        return;
+    }
+    for (_, r) in end_hold(h, now, &[]) {
+        if let Some(Ok(entries)) = &r.outcome
+            && !replay(h, now, entries)
+        {
+            return;
+        }
+    }
+}
+
+/// Queues replayed entries in order; `false` when the connection's queue overflowed (it then
+/// closes as a slow consumer).
+fn replay<H: Host>(h: &mut H, now: Now, entries: &[crate::history::Entry]) -> bool {
+    for e in entries {
+        if h.send(&[&e.head, &e.body]) == Push::Overflow {
+            close(h, now, CloseReason::SlowConsumer);
+            return false;
+        }
+    }
+    true
 }
 
 fn on_frame_bytes<H: Host>(h: &mut H, now: Now, data: &mut [u8]) {
@@ -714,18 +837,58 @@ fn on_codec_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
         close(h, now, CloseReason::InvalidData("invalid JSON"));
         return Flow::Stop;
     };
+    if !matches!(req.op, Ok(Op::Recover(_))) {
+        resume(h, now);
+    }
     let result = match req.op {
         Err(msg) => Err((ErrorCode::BadRequest, msg)),
         Ok(op) => execute(h, now, op),
     };
+    if let Ok(Reply::Subscribed(_, _, Some(r))) = &result {
+        let recovered = r.outcome.as_ref().map(|o| match o {
+            Ok(_) => Ok(()),
+            Err(why) => Err(why.as_str()),
+        });
+        let ack = super::ops::ack_position(req.id, &r.position.epoch, r.position.offset, recovered);
+        reply(h, now, frame::text(ack.as_bytes()));
+        if let Some(Ok(entries)) = &r.outcome {
+            replay(h, now, entries);
+        }
+        return Flow::Continue;
+    }
+    if let Ok(Reply::Recovered(topics)) = &result {
+        let parts: Vec<_> = topics
+            .iter()
+            .map(|(t, r)| {
+                let recovered = match &r.outcome {
+                    Some(Err(why)) => Err(why.as_str()),
+                    _ => Ok(()),
+                };
+                (&**t, &*r.position.epoch, r.position.offset, recovered)
+            })
+            .collect();
+        reply(
+            h,
+            now,
+            frame::text(super::ops::ack_recover(req.id, &parts).as_bytes()),
+        );
+        for (_, r) in topics {
+            if let Some(Ok(entries)) = &r.outcome
+                && !replay(h, now, entries)
+            {
+                break;
+            }
+        }
+        return Flow::Continue;
+    }
     let answer = match &result {
-        Ok(Reply::Ack | Reply::Subscribed(..)) => codec.ack(req.id, None),
+        Ok(Reply::Ack | Reply::Subscribed(..) | Reply::Recovered(_)) => codec.ack(req.id, None),
         Ok(Reply::AckExp(exp)) => codec.ack(req.id, Some(*exp)),
         Ok(Reply::Pong) => codec.pong(req.id),
         Err((code, msg)) => codec.error(req.id, *code, msg),
     };
     match &result {
-        Ok(Reply::Subscribed(project, topic))
+        Ok(Reply::Subscribed(project, topic, _))
             if h.hold_until_subscribed(*project, topic, &answer) => {}
         _ => reply(h, now, answer),
     }
@@ -745,8 +908,10 @@ fn on_codec_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
 enum Reply {
     Ack,
     /// A new subscription (project, topic): acknowledged once the node receives the topic
-    /// from every node.
-    Subscribed(u32, Box<str>),
+    /// from every node. With history: the stream's position (and what was missed).
+    Subscribed(u32, Box<str>, Option<crate::history::Replay>),
+    /// The implicit topics recovered (`recover`).
+    Recovered(Vec<(Box<str>, crate::history::Replay)>),
     AckExp(Option<u64>),
     Pong,
 }
@@ -758,7 +923,7 @@ fn execute<H: Host>(h: &mut H, now: Now, op: Op<'_>) -> Result<Reply, OpError> {
     let bad = |e: crate::pubsub::NameError| (ErrorCode::BadRequest, format!("bad topic: {e}"));
     match op {
         Op::Ping => Ok(Reply::Pong),
-        Op::Subscribe(name) => {
+        Op::Subscribe(name, since) => {
             let topic = Topic::parse(name).map_err(bad)?;
             check_topic_allowed(h, &topic)?;
             let project = identity(h).project.idx;
@@ -779,7 +944,30 @@ fn execute<H: Host>(h: &mut H, now: Now, op: Op<'_>) -> Result<Reply, OpError> {
             // bit before the client can see it.
             let sub = h.subscribe(project, topic.as_str());
             h.conn().subs.push(sub);
-            Ok(Reply::Subscribed(project, topic.as_str().into()))
+            let replay = read_history(h, now, (project, topic.as_str()), since.as_ref(), false);
+            Ok(Reply::Subscribed(project, topic.as_str().into(), replay))
+        }
+        Op::Recover(since) => {
+            let held = recovery::held(identity(h));
+            if held.is_empty() {
+                return Err((
+                    ErrorCode::BadRequest,
+                    "nothing to recover: `recover` comes right after the welcome, for the \
+                     implicit topics with history"
+                        .into(),
+                ));
+            }
+            let names: Vec<Box<str>> = held.iter().map(|(t, _)| h.topic_name(*t).into()).collect();
+            if let Some((t, _)) = since
+                .iter()
+                .find(|(t, _)| !names.iter().any(|n| **n == **t))
+            {
+                return Err((
+                    ErrorCode::BadRequest,
+                    format!("`{t}` is no implicit topic with history of this connection"),
+                ));
+            }
+            Ok(Reply::Recovered(end_hold(h, now, &since)))
         }
         Op::Unsubscribe(name) => {
             let topic = Topic::parse(name).map_err(bad)?;
@@ -971,6 +1159,9 @@ fn check_topic_allowed<H: Host>(h: &mut H, topic: &Topic) -> Result<(), OpError>
 /// implicit topics and `max_topics_per_connection`, so the shift is short).
 fn unsubscribe_at<H: Host>(h: &mut H, i: usize) {
     let sub = h.conn().subs.remove(i);
+    if let Some(id) = h.conn().identity.as_deref_mut() {
+        recovery::forget(id, sub.topic);
+    }
     h.release(sub);
 }
 
@@ -1257,7 +1448,9 @@ fn stomp_connect<H: Host>(h: &mut H, now: Now, f: &stomp::Frame) -> Result<(), S
             )));
         };
         match authenticate(h, &up, Some(token)).map_err(refused)? {
-            (project, Some(verified)) => admit(h, now, project, verified),
+            (project, Some(verified)) => {
+                admit(h, now, project, verified);
+            }
             (_, None) => unreachable!("a token was given"),
         }
     }
@@ -1309,7 +1502,7 @@ fn stomp_subscribe<H: Host>(
     let topic = match Destination::parse(destination) {
         Destination::Topic(t) => {
             let t = stomp::herald_topic(&project.id, t);
-            if let Reply::Subscribed(p, topic) = execute(h, now, Op::Subscribe(&t))? {
+            if let Reply::Subscribed(p, topic, _) = execute(h, now, Op::Subscribe(&t, None))? {
                 next = StompNext::Subscribed(p, topic);
             }
             h.lookup(project.idx, &t)
@@ -1420,6 +1613,8 @@ pub mod recorder {
         /// (topic, ack) held so far.
         pub held_acks: Vec<(String, Bytes)>,
         pub published: Vec<String>,
+        /// The history store reads go to.
+        pub history: crate::history::History,
         pub killed: bool,
         pub opened: bool,
         pub stomp: Option<Box<stomp::Session>>,
@@ -1510,6 +1705,7 @@ pub mod recorder {
                 hold_acks: false,
                 held_acks: Vec::new(),
                 published: Vec::new(),
+                history: crate::history::History::new(1 << 20, 100),
                 killed: false,
                 opened: false,
                 stomp: None,
@@ -1779,6 +1975,9 @@ pub mod recorder {
         }
         fn topic_name(&self, topic: TopicId) -> &str {
             &self.topics[topic as usize]
+        }
+        fn history(&self) -> &crate::history::History {
+            &self.history
         }
         fn publish(
             &mut self,

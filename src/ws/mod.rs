@@ -12,5 +12,6 @@ pub mod frame;
 pub mod handshake;
 pub mod machine;
 pub mod ops;
+pub mod recovery;
 pub mod session;
 pub mod sockjs;

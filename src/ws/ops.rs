@@ -7,11 +7,13 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+pub use crate::history::Since;
+
 /// A client op, parsed.
 #[derive(Debug)]
 pub enum Op<'a> {
-    /// Subscribe to a topic.
-    Subscribe(&'a str),
+    /// Subscribe to a topic, recovering what was missed after `since` when given.
+    Subscribe(&'a str, Option<Since>),
     /// Unsubscribe from a topic.
     Unsubscribe(&'a str),
     /// Replace the token (same project, same `sub`).
@@ -20,6 +22,9 @@ pub enum Op<'a> {
     Publish(&'a str, &'a RawValue),
     /// Application-level ping.
     Ping,
+    /// Recover the implicit topics with history, each after its `since` (right after the
+    /// welcome).
+    Recover(Vec<(String, Since)>),
 }
 
 /// A request: the op and its optional `id`.
@@ -43,6 +48,42 @@ struct Raw<'a> {
     token: Option<&'a str>,
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    since: Option<&'a RawValue>,
+}
+
+/// `{"epoch":E,"offset":N}`: the last message a client saw of a topic with history.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSince {
+    epoch: String,
+    offset: u64,
+}
+
+impl From<RawSince> for Since {
+    fn from(r: RawSince) -> Self {
+        Self {
+            epoch: r.epoch.into(),
+            offset: r.offset,
+        }
+    }
+}
+
+const SINCE_SHAPE: &str = "`since` must be {\"epoch\":string,\"offset\":integer}";
+
+fn since_of(raw: Option<&RawValue>) -> Result<Option<Since>, String> {
+    raw.map(|v| serde_json::from_str::<RawSince>(v.get()).map(Into::into))
+        .transpose()
+        .map_err(|_| SINCE_SHAPE.into())
+}
+
+fn recover_of(raw: Option<&RawValue>) -> Result<Op<'_>, String> {
+    let Some(v) = raw else {
+        return Err("`recover` requires `since`".into());
+    };
+    serde_json::from_str::<std::collections::BTreeMap<String, RawSince>>(v.get())
+        .map(|m| Op::Recover(m.into_iter().map(|(t, s)| (t, s.into())).collect()))
+        .map_err(|_| "`since` must map topics to {\"epoch\":string,\"offset\":integer}".into())
 }
 
 /// A raw JSON field as given, `null` included (serde would read `null` as an absent
@@ -76,7 +117,10 @@ pub fn parse<'a>(text: &'a str) -> Result<Request<'a>, NotJson> {
         field.ok_or_else(|| format!("`{}` requires `{name}`", raw.op.unwrap_or("")))
     };
     let op = match raw.op {
-        Some("subscribe") => need(raw.topic, "topic").map(Op::Subscribe),
+        Some("subscribe") => {
+            need(raw.topic, "topic").and_then(|t| since_of(raw.since).map(|s| Op::Subscribe(t, s)))
+        }
+        Some("recover") => recover_of(raw.since),
         Some("unsubscribe") => need(raw.topic, "topic").map(Op::Unsubscribe),
         Some("refresh") => need(raw.token, "token").map(Op::Refresh),
         Some("publish") => match (raw.topic, raw.data) {
@@ -122,6 +166,66 @@ fn id_field(out: &mut String, id: Option<&RawValue>) {
         out.push_str(",\"id\":");
         out.push_str(id.get());
     }
+}
+
+/// The fields a subscribe ack adds for a topic with history: its position, and with a
+/// `since`, whether what was missed follows (or why not).
+pub fn position_fields(
+    out: &mut String,
+    epoch: &str,
+    offset: u64,
+    recovered: Option<Result<(), &str>>,
+) {
+    out.push_str("\"epoch\":");
+    out.push_str(&serde_json::to_string(epoch).expect("strings serialise"));
+    out.push_str(&format!(",\"offset\":{offset}"));
+    match recovered {
+        Some(Ok(())) => out.push_str(",\"recovered\":true"),
+        Some(Err(reason)) => {
+            out.push_str(",\"recovered\":false,\"reason\":\"");
+            out.push_str(reason);
+            out.push('"');
+        }
+        None => {}
+    }
+}
+
+/// `{"type":"ack","id":..,"epoch":..,"offset":..}` (and `"recovered"`): a subscribe to a
+/// topic with history.
+pub fn ack_position(
+    id: Option<&RawValue>,
+    epoch: &str,
+    offset: u64,
+    recovered: Option<Result<(), &str>>,
+) -> String {
+    let mut s = String::from("{\"type\":\"ack\"");
+    id_field(&mut s, id);
+    s.push(',');
+    position_fields(&mut s, epoch, offset, recovered);
+    s.push('}');
+    s
+}
+
+/// `{"type":"ack","id":..,"history":{T:{"epoch":..,"offset":..,"recovered":..},..}}`: a
+/// `recover`'s answer, one entry per topic.
+pub fn ack_recover(
+    id: Option<&RawValue>,
+    topics: &[(&str, &str, u64, Result<(), &str>)],
+) -> String {
+    let mut s = String::from("{\"type\":\"ack\"");
+    id_field(&mut s, id);
+    s.push_str(",\"history\":{");
+    for (i, (topic, epoch, offset, recovered)) in topics.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&serde_json::to_string(topic).expect("strings serialise"));
+        s.push_str(":{");
+        position_fields(&mut s, epoch, *offset, Some(*recovered));
+        s.push('}');
+    }
+    s.push_str("}}");
+    s
 }
 
 /// `{"type":"ack","id":..}` (and `"exp"` for a refresh).
@@ -185,9 +289,11 @@ pub fn error(id: Option<&RawValue>, code: ErrorCode, message: &str) -> String {
 impl PartialEq for Op<'_> {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
-            (Self::Subscribe(a), Self::Subscribe(b))
-            | (Self::Unsubscribe(a), Self::Unsubscribe(b))
-            | (Self::Refresh(a), Self::Refresh(b)) => a == b,
+            (Self::Subscribe(a, x), Self::Subscribe(b, y)) => a == b && x == y,
+            (Self::Recover(a), Self::Recover(b)) => a == b,
+            (Self::Unsubscribe(a), Self::Unsubscribe(b)) | (Self::Refresh(a), Self::Refresh(b)) => {
+                a == b
+            }
             (Self::Publish(a, x), Self::Publish(b, y)) => a == b && x.get() == y.get(),
             (Self::Ping, Self::Ping) => true,
             _ => false,
@@ -202,8 +308,21 @@ mod tests {
     #[test]
     fn ops() {
         let r = parse(r#"{"op":"subscribe","topic":"news","id":7}"#).unwrap();
-        assert_eq!(r.op, Ok(Op::Subscribe("news")));
+        assert_eq!(r.op, Ok(Op::Subscribe("news", None)));
         assert_eq!(ack(r.id, None), r#"{"type":"ack","id":7}"#);
+        let r =
+            parse(r#"{"op":"subscribe","topic":"news","since":{"epoch":"e","offset":2}}"#).unwrap();
+        let since = Since {
+            epoch: "e".into(),
+            offset: 2,
+        };
+        assert_eq!(r.op, Ok(Op::Subscribe("news", Some(since.clone()))));
+        let r = parse(r#"{"op":"subscribe","topic":"news","since":{"offset":2}}"#).unwrap();
+        assert_eq!(r.op, Err(SINCE_SHAPE.into()));
+        let r = parse(r#"{"op":"recover","since":{"all":{"epoch":"e","offset":2}}}"#).unwrap();
+        assert_eq!(r.op, Ok(Op::Recover(vec![("all".into(), since)])));
+        let r = parse(r#"{"op":"recover"}"#).unwrap();
+        assert_eq!(r.op, Err("`recover` requires `since`".into()));
         assert_eq!(
             unsubscribed("news.eu", DropReason::NotAllowed),
             r#"{"type":"unsubscribed","topic":"news.eu","reason":"not_allowed"}"#

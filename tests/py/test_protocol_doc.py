@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import time
+from typing import Any
 from dataclasses import dataclass
 
 import pytest
@@ -191,7 +192,11 @@ def test_welcome_and_message_fields_are_documented():
     assert {unquote(r[0]) for r in table("Welcome", "field")} == fields
     v1_rs = source("ws/codec/herald_v1.rs")
     # The frame is a per-topic head and a body shared by every topic.
-    frame = fn_body(v1_rs, "pub fn message_head(") + fn_body(v1_rs, "pub fn message_body(")
+    frame = (
+        fn_body(v1_rs, "pub fn message_head(")
+        + fn_body(v1_rs, "pub fn message_head_at(")
+        + fn_body(v1_rs, "pub fn message_body(")
+    )
     fields = set(re.findall(r'\\"(\w+)\\":', frame))
     assert {unquote(r[0]) for r in table("Delivered messages", "field")} == fields
 
@@ -231,7 +236,7 @@ def examples() -> list[Example]:
         settings, body = m.group(1), m.group(2)
         project = re.search(r"project=(\w+)", settings).group(1)
         claims = json.loads(re.search(r"token=(\{.*?\})(?: |$)", settings).group(1))
-        overrides = dict(re.findall(r"(\w+\.\w+)=(\S+)", settings))
+        overrides = dict(re.findall(r"(\w+\.\w+|history)=(\S+)", settings))
         n = sum(e.name.startswith(heading) for e in found)
         found.append(Example(f"{heading} {n + 1}", project, claims, overrides, body.splitlines()))
     return found
@@ -247,9 +252,15 @@ def example_config(ex: Example) -> str:
     text = config_toml(shards=2, limits=limits)
     text = text.replace('id = "shop"\n', 'id = "shop"\nallow_client_publish = true\n')
     for key, value in ex.overrides.items():
-        table_name, name = key.split(".")
+        table_name, name = key.split(".") if "." in key else (key, key)
         if table_name == "ws":
             text = text.replace("[ws]\n", f"[ws]\n{name} = {value}\n", 1)
+        elif key == "history":
+            # `[[projects.history]]` of the example's project, as an inline array of tables.
+            text = text.replace(
+                f'id = "{ex.project}"\n',
+                f'id = "{ex.project}"\nhistory = [{{topics = "{value}"}}]\n',
+            )
         elif table_name == "project":
             text = text.replace(f'id = "{ex.project}"\n', f'id = "{ex.project}"\n{name} = {value}\n')
         else:
@@ -272,9 +283,28 @@ def token_for(project: str, claims: dict, exp_default: int = 3600) -> tuple[str,
     return mint(sub, project, exp=exp, **claims), exp
 
 
+#: The epoch of every history stream in the examples; the server's differs on every run.
+DOC_EPOCH = "19ad2f3c5e1-0"
+
+
+def same_epochs(got: Any, known: dict) -> Any:
+    """`got` with every `epoch` (of a stream this run) replaced by the doc's: one run's
+    streams share an epoch until one is lost, which no example does."""
+    if isinstance(got, dict):
+        out = {}
+        for k, v in got.items():
+            if k == "epoch" and isinstance(v, str):
+                assert known.setdefault("epoch", v) == v, f"epoch {v}, before {known['epoch']}"
+                v = DOC_EPOCH
+            out[k] = same_epochs(v, known)
+        return out
+    return got
+
+
 def assert_matches(expected: dict, got: dict, raw: str, known: dict) -> None:
     """`got` has exactly the fields of `expected` with its values, except the values that
     differ on every run, which are checked against what the test knows."""
+    got = same_epochs(got, known)
     assert set(got) == set(expected), f"expected {expected}, got {raw}"
     kind = expected.get("type")
     for k, want in expected.items():
@@ -310,6 +340,8 @@ async def play(server, ex: Example) -> None:
                     claims = {k: json.loads(v) if v.startswith("[") else v for k, v in claims.items()}
                     fresh, known["exp"] = token_for(ex.project, claims, exp_default=7200)
                     text = text.replace(m.group(0), json.dumps(fresh))
+                if "epoch" in known:
+                    text = text.replace(DOC_EPOCH, known["epoch"])
                 await ws.send(text)
                 known["mid"] = None
             elif line.startswith("< close "):
@@ -449,6 +481,59 @@ ws.addEventListener("close", (e) => {
                 break
         got = json.loads(line)
         assert got == {"protocol": "herald.v1", "topic": "news", "data": {"title": "hi"}}, got
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_recovery_example_ends_with_every_message_once_in_order(servers, tmp_path):
+    """The recovery recipe, in a WHATWG WebSocket: its connection is dropped after 3 messages;
+    it reconnects, recovers, and what it handed the page is consecutive, with no duplicate."""
+    m = re.search(r"<!-- recovery-example -->\n```js\n(.*?)```\n", DOC, re.S)
+    assert m, "docs/protocol.md has no recovery example"
+    text = config_toml(shards=2).replace(
+        'id = "shop"\n', 'id = "shop"\nhistory = [{topics = "news*"}, {topics = "user.*"}]\n'
+    )
+    server = servers.start(config=text)
+    script = tmp_path / "recovery.js"
+    script.write_text(
+        m.group(1)
+        + """
+let handed = 0;
+const first = connectWithRecovery(process.argv[2], process.argv[3], ["news"],
+  (topic, data) => {
+    console.log(JSON.stringify({ topic, data }));
+    handed += 1;
+    if (handed === 3) first.close(); // the network drops; the page reconnects by itself
+    if (handed === 15) process.exit(0);
+  },
+  (topic) => { console.log(JSON.stringify({ lost: topic })); process.exit(1); });
+"""
+    )
+    proc = subprocess.Popen(
+        [*node_with_websocket(), str(script), f"{server.ws_url}/ws/shop", mint("alice")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    got = []
+    try:
+        deadline = time.monotonic() + 40
+        n = 0
+        while len(got) < 15:
+            assert time.monotonic() < deadline, f"the recovery example handed on only {got}"
+            n += 1
+            publish(server, {"project": "shop", "topic": "news", "data": n})
+            while select.select([proc.stdout], [], [], 0.1)[0]:
+                line = proc.stdout.readline()
+                assert line, f"node exited {proc.wait(timeout=10)}: {proc.stderr.read()!r}"
+                got.append(json.loads(line))
+                if len(got) == 15:
+                    break
+        assert all(g.get("topic") == "news" for g in got), got
+        data = [g["data"] for g in got]
+        assert data == list(range(data[0], data[0] + 15)), data
     finally:
         proc.kill()
         proc.wait(timeout=10)

@@ -30,6 +30,9 @@ pub enum Command {
     Churn(ChurnArgs),
     /// Connections per second: connect + upgrade + welcome, then close, flat out.
     Handshake(HandshakeArgs),
+    /// N clients of a topic with history leave, M messages are published, all reconnect at
+    /// once with `since`: the time until every client has what it missed.
+    Recover(RecoverArgs),
     /// (internal) a worker process: spec and commands on stdin, events on stdout.
     #[command(hide = true)]
     Worker {
@@ -265,4 +268,33 @@ pub struct HandshakeArgs {
     /// connections cycle over; the server still verifies every token.
     #[arg(long, default_value_t = 1000)]
     pub token_pool: usize,
+}
+
+/// `recover`.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct RecoverArgs {
+    /// herald config file (project, its HS* secret, its API key).
+    #[arg(long)]
+    pub herald_config: PathBuf,
+    /// herald project [default: the first of the config].
+    #[arg(long)]
+    pub project: Option<String>,
+    /// Client port, `ws://HOST:PORT`.
+    #[arg(long, default_value = "ws://127.0.0.1:8080")]
+    pub url: String,
+    /// Publish API, `http://HOST:PORT`.
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    pub api: String,
+    /// Clients.
+    #[arg(short = 'n', long, default_value_t = 10_000)]
+    pub connections: u64,
+    /// Messages published while they are away.
+    #[arg(short = 'm', long, default_value_t = 100)]
+    pub messages: u64,
+    /// The topic (the project must keep its history).
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+    /// Clients subscribing at once in the first phase (the reconnect is all at once).
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
 }

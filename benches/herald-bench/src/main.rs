@@ -14,6 +14,7 @@
 //! - `stats`: HDR histograms in transit and counters by reason.
 //! - `run`: the parent's phases and the merged results.
 //! - `report`, `svg`: JSON, markdown and plots.
+//! - `recover`: the recovery scenario (clients of a topic with history reconnecting at once).
 
 mod auth;
 mod cli;
@@ -21,6 +22,7 @@ mod fleet;
 mod net;
 mod plan;
 mod publish;
+mod recover;
 mod report;
 mod run;
 mod server;
@@ -144,7 +146,7 @@ fn scenario(cmd: Command) -> Option<Scenario> {
             args: args(&a),
             common: a.common,
         },
-        Command::Worker { .. } => return None,
+        Command::Worker { .. } | Command::Recover(_) => return None,
     })
 }
 
@@ -168,6 +170,17 @@ mod erased {
     }
 }
 
+/// Success, or the error after `what` and a failure.
+fn exit_code(what: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{what}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Worker { threads } = cli.command {
@@ -182,13 +195,19 @@ fn main() -> ExitCode {
         // The stdin reader sits in a blocking thread until the parent closes the pipe: do not
         // wait for it.
         rt.shutdown_timeout(Duration::from_millis(100));
-        return match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("herald-bench worker: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
+        return exit_code("herald-bench worker", result);
+    }
+    if let Command::Recover(a) = cli.command {
+        sys::raise_nofile_limit();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let result = runtime(threads)
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| {
+                let r = rt.block_on(recover::run(a));
+                rt.shutdown_timeout(Duration::from_secs(1));
+                r
+            });
+        return exit_code("herald-bench recover", result);
     }
     let Some(sc) = scenario(cli.command) else {
         return ExitCode::from(2);

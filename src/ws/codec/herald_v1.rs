@@ -47,6 +47,8 @@ struct Welcome<'a> {
     user: &'a str,
     exp: Option<u64>,
     heartbeat: u64,
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    history: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The welcome frame.
@@ -58,6 +60,14 @@ pub fn welcome(o: &Opened<'_>) -> Bytes {
         user: o.user,
         exp: o.exp,
         heartbeat: o.heartbeat_secs,
+        history: o
+            .history
+            .iter()
+            .map(|(t, p)| {
+                let at = serde_json::json!({"epoch": &*p.epoch, "offset": p.offset});
+                (t.to_string(), at)
+            })
+            .collect(),
     };
     let json = serde_json::to_string(&welcome).expect("welcome serialises");
     frame::text(json.as_bytes())
@@ -70,6 +80,17 @@ pub fn message_head(topic: &str, body_len: usize) -> Bytes {
     json.push_str("{\"type\":\"message\",\"topic\":");
     // A `user.<sub>` topic may hold any character but a control one, `"` and `\\` included.
     json.push_str(&serde_json::to_string(topic).expect("strings always serialise"));
+    json.push_str(",\"data\":");
+    frame::text_head(json.as_bytes(), body_len)
+}
+
+/// [`message_head`] of a topic with history: `"offset"` after the topic.
+pub fn message_head_at(topic: &str, offset: u64, body_len: usize) -> Bytes {
+    let mut json = String::with_capacity(72 + topic.len());
+    json.push_str("{\"type\":\"message\",\"topic\":");
+    json.push_str(&serde_json::to_string(topic).expect("strings always serialise"));
+    json.push_str(",\"offset\":");
+    json.push_str(&offset.to_string());
     json.push_str(",\"data\":");
     frame::text_head(json.as_bytes(), body_len)
 }

@@ -39,6 +39,8 @@ pub struct Opened<'a> {
     pub exp: Option<u64>,
     /// The heartbeat interval, whole seconds.
     pub heartbeat_secs: u64,
+    /// The positions of its implicit topics with history.
+    pub history: &'a [(Box<str>, crate::history::Position)],
 }
 
 /// A client protocol. One byte: connections store it by value.
