@@ -665,3 +665,165 @@ fn a_killed_node_costs_the_others_nothing_and_its_clients_move() {
     assert!(got.len() >= MORE, "{got:?}");
     assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
 }
+
+/// `GET` on a node's API with the admin key; the JSON answer (200 asserted).
+fn admin_get(api: std::net::SocketAddr, path: &str) -> Value {
+    let r = http_request(api, "GET", path, ADMIN_KEY, "");
+    assert_eq!(r.status, 200, "{path}: {}", r.text());
+    r.json()
+}
+
+/// `POST /api/v1/disconnect` of `user` of `shop` through `api`.
+fn disconnect_user(api: std::net::SocketAddr, user: &str) -> HttpResponse {
+    let body = format!(r#"{{"project":"shop","user":"{user}"}}"#);
+    http_request(api, "POST", "/api/v1/disconnect", SHOP_API_KEY, &body)
+}
+
+/// `DELETE /api/v1/connections/{id}` through `api` with `key`.
+fn kick(api: std::net::SocketAddr, id: &str, key: &str) -> HttpResponse {
+    http_request(api, "DELETE", &format!("/api/v1/connections/{id}"), key, "")
+}
+
+/// The node part of a connection id (`<local id>@<node>`).
+fn node_of(id: &str) -> &str {
+    id.split_once('@').expect("a cluster id names its node").1
+}
+
+#[test]
+fn connections_are_listed_kicked_and_disconnected_across_nodes() {
+    let (_redis, _prefix, nodes) = three_nodes("control");
+    // alice on every node, bob on the last.
+    let mut alices: Vec<Client> = nodes
+        .iter()
+        .map(|(_, ready, _)| connect_user(ready.listen, "shop", "alice").0)
+        .collect();
+    let (mut bob, _) = connect_user(nodes[2].1.listen, "shop", "bob");
+    for (_, ready, _) in &nodes {
+        let v = admin_get(ready.api, "/api/v1/connections?project=shop");
+        let conns = v["connections"].as_array().expect("connections");
+        assert_eq!(
+            conns.len(),
+            4,
+            "every node lists every node's connections: {v}"
+        );
+        assert_eq!(v["partial"], false, "{v}");
+        assert_eq!(v["nodes"].as_object().expect("nodes").len(), 3, "{v}");
+        assert!(
+            v["nodes"].as_object().unwrap().values().all(|s| s == "ok"),
+            "{v}"
+        );
+        let names: BTreeSet<&str> = conns
+            .iter()
+            .map(|c| node_of(c["id"].as_str().unwrap()))
+            .collect();
+        assert_eq!(names.len(), 3, "ids name the three nodes: {v}");
+    }
+    // Filters and pages: alice's three connections, two per page, none twice.
+    let api = nodes[0].1.api;
+    let first = admin_get(api, "/api/v1/connections?project=shop&user=alice&limit=2");
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let second = admin_get(
+        api,
+        &format!("/api/v1/connections?project=shop&user=alice&limit=2&cursor={cursor}"),
+    );
+    assert_eq!(second["next_cursor"], Value::Null, "{second}");
+    let ids: Vec<String> = first["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["connections"].as_array().unwrap())
+        .map(|c| {
+            assert_eq!(c["user"], "alice");
+            c["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 3, "{ids:?}");
+
+    // Kick bob (on the last node) through the first node's API.
+    let v = admin_get(api, "/api/v1/connections?user=bob");
+    let bob_id = v["connections"][0]["id"]
+        .as_str()
+        .expect("bob's id")
+        .to_owned();
+    let r = kick(api, &bob_id, ADMIN_KEY);
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(expect_close(&mut bob).0, 4003);
+    let r = kick(api, &bob_id, ADMIN_KEY);
+    assert_refusal(&r, 404, "not_found");
+    let r = kick(api, &bob_id, BLOG_API_KEY);
+    assert_refusal(&r, 404, "not_found");
+
+    // Statistics: every node's connections, per project.
+    wait_until("bob's connection gone from the stats", || {
+        admin_get(nodes[1].1.api, "/api/v1/stats")["cluster"]["connections"] == 3
+    });
+    let stats = admin_get(nodes[1].1.api, "/api/v1/stats");
+    assert_eq!(
+        stats["cluster"]["projects"]["shop"]["connections"], 3,
+        "{stats}"
+    );
+    assert_eq!(stats["cluster"]["partial"], false, "{stats}");
+    assert_eq!(
+        stats["connections"], 1,
+        "the node's own figures stay: {stats}"
+    );
+
+    // Disconnect alice everywhere through the middle node.
+    let r = disconnect_user(nodes[1].1.api, "alice");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["disconnected"], 3, "{}", r.text());
+    assert_eq!(r.json()["partial"], false, "{}", r.text());
+    for ws in &mut alices {
+        assert_eq!(expect_close(ws).0, 4003);
+    }
+}
+
+#[test]
+fn a_node_that_does_not_answer_is_reported_and_never_holds_the_request() {
+    let (_redis, _prefix, mut nodes) = three_nodes("control-dead");
+    let _clients: Vec<Client> = nodes
+        .iter()
+        .map(|(_, ready, _)| connect_user(ready.listen, "shop", "carol").0)
+        .collect();
+    let api = nodes[0].1.api;
+    let v = admin_get(api, "/api/v1/connections");
+    let dead = node_of(
+        v["connections"][2]["id"]
+            .as_str()
+            .expect("three connections"),
+    )
+    .to_owned();
+    let dead_at = nodes
+        .iter()
+        .position(|(_, ready, _)| dead.ends_with(&format!(":{}", ready.listen.port())))
+        .expect("the node named by its port");
+    assert_ne!(dead_at, 0);
+    nodes[dead_at].0.child.kill().expect("SIGKILL");
+    nodes[dead_at].0.child.wait().expect("reaped");
+
+    let started = std::time::Instant::now();
+    let v = admin_get(api, "/api/v1/connections");
+    assert!(
+        started.elapsed() < TIMEOUT,
+        "answered without the dead node"
+    );
+    assert_eq!(v["partial"], true, "{v}");
+    assert_eq!(v["nodes"][&dead], "no_answer", "{v}");
+    assert_eq!(v["connections"].as_array().unwrap().len(), 2, "{v}");
+    let stats = admin_get(api, "/api/v1/stats");
+    assert_eq!(stats["cluster"]["nodes"][&dead], "no_answer", "{stats}");
+    assert_eq!(stats["cluster"]["connections"], 2, "{stats}");
+    assert_eq!(stats["cluster"]["partial"], true, "{stats}");
+    let r = disconnect_user(api, "carol");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["disconnected"], 2, "{}", r.text());
+    assert_eq!(r.json()["partial"], true, "{}", r.text());
+    // A kick for the dead node's connection cannot be carried out: said so, not hung.
+    let gone = format!("0-0-0@{dead}");
+    let r = kick(api, &gone, ADMIN_KEY);
+    assert_refusal(&r, 503, "node_unavailable");
+}

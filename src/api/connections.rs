@@ -47,9 +47,10 @@ fn project_scope(hub: &Hub, who: Caller, named: Option<&str>) -> Result<Option<u
     }
 }
 
-#[derive(Serialize)]
-struct ConnJson {
-    id: String,
+/// A connection as the API lists it.
+#[derive(Serialize, Deserialize)]
+pub(super) struct ConnJson {
+    pub(super) id: String,
     project: String,
     user: String,
     ip: String,
@@ -122,14 +123,49 @@ pub(super) async fn list(
             }
         },
     };
-    let cursor = match cursor {
+    let cursor_text = cursor.filter(|c| !c.is_empty());
+    if let Some(control) = hub.broker.control() {
+        let q = super::cluster::ListOp {
+            project: project
+                .and_then(|p| hub.registry.load().project_at(p).map(|p| p.id.to_string())),
+            topic,
+            user,
+            limit,
+            cursor: None,
+        };
+        return super::cluster::list(hub, control, q, cursor_text).await;
+    }
+    let cursor = match cursor_text {
         None => None,
-        Some(c) if c.is_empty() => None,
         Some(c) => Some(
             ConnId::parse(&c)
                 .ok_or_else(|| ApiError::bad_request(format!("`cursor` `{c}` is not a cursor")))?,
         ),
     };
+    let mut found = list_local(hub, project, topic, user, limit, cursor).await?;
+    let next_cursor = if found.len() > limit {
+        found.truncate(limit);
+        found.last().map(|c| c.id.to_string())
+    } else {
+        None
+    };
+    let connections: Vec<ConnJson> = found.into_iter().map(Into::into).collect();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "connections": connections, "next_cursor": next_cursor }),
+    ))
+}
+
+/// This node's connections matching the filters after `cursor`, in id order: up to
+/// `limit + 1` (one more than a page, to know whether a next page exists).
+pub(super) async fn list_local(
+    hub: &Hub,
+    project: Option<u32>,
+    topic: Option<Box<str>>,
+    user: Option<Box<str>>,
+    limit: usize,
+    cursor: Option<ConnId>,
+) -> Result<Vec<ConnInfo>, ApiError> {
     let first = cursor.map_or(0, |c| c.shard as usize);
     let mut found: Vec<ConnInfo> = Vec::new();
     for shard in first..hub.nr_shards() {
@@ -148,17 +184,7 @@ pub(super) async fn list(
             break;
         }
     }
-    let next_cursor = if found.len() > limit {
-        found.truncate(limit);
-        found.last().map(|c| c.id.to_string())
-    } else {
-        None
-    };
-    let connections: Vec<ConnJson> = found.into_iter().map(Into::into).collect();
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({ "connections": connections, "next_cursor": next_cursor }),
-    ))
+    Ok(found)
 }
 
 fn no_content() -> Response<Full<Bytes>> {
@@ -175,21 +201,14 @@ pub(super) async fn kick(
     id: &str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let not_found = || ApiError::not_found(format!("no open connection `{id}`"));
-    let conn = ConnId::parse(id).ok_or_else(not_found)?;
-    if conn.shard as usize >= hub.nr_shards() {
-        return Err(not_found());
-    }
     let project = match who {
         Caller::Admin => None,
         Caller::Project(idx) => Some(idx),
     };
-    let outcome = ask(hub, conn.shard as usize, |reply| ShardMsg::Kick {
-        slot: conn.slot,
-        generation: conn.generation,
-        project,
-        reply,
-    })
-    .await?;
+    let outcome = match hub.broker.control() {
+        Some(control) => super::cluster::kick(hub, control, id, project).await?,
+        None => kick_local(hub, id, project).await?,
+    };
     match outcome {
         KickOutcome::Closed => Ok(no_content()),
         KickOutcome::NotFound => Err(not_found()),
@@ -197,6 +216,25 @@ pub(super) async fn kick(
             "connection `{id}` belongs to another project"
         ))),
     }
+}
+
+/// Closes (4003) this node's connection `id` (a local id) if it is open and, with `project`,
+/// belongs to that project.
+pub(super) async fn kick_local(
+    hub: &Hub,
+    id: &str,
+    project: Option<u32>,
+) -> Result<KickOutcome, ApiError> {
+    let Some(conn) = ConnId::parse(id).filter(|c| (c.shard as usize) < hub.nr_shards()) else {
+        return Ok(KickOutcome::NotFound);
+    };
+    ask(hub, conn.shard as usize, |reply| ShardMsg::Kick {
+        slot: conn.slot,
+        generation: conn.generation,
+        project,
+        reply,
+    })
+    .await
 }
 
 /// A `user` as the API names one: the token's `sub`, byte for byte, under the rule the
@@ -227,6 +265,22 @@ pub(super) async fn disconnect(
     let b: DisconnectBody = read_json(settings, req, "disconnect body").await?;
     let user: Box<str> = checked_user(b.user)?.into();
     let project = authorize(hub, who, &b.project)?;
+    if let Some(control) = hub.broker.control() {
+        return super::cluster::disconnect(hub, control, project, user).await;
+    }
+    let n = disconnect_local(hub, project, user).await?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "disconnected": n }),
+    ))
+}
+
+/// Closes (4003) all of `user`'s connections of `project` on this node; how many.
+pub(super) async fn disconnect_local(
+    hub: &Hub,
+    project: u32,
+    user: Box<str>,
+) -> Result<usize, ApiError> {
     // Every shard gets the order before any answer is awaited, so they close concurrently.
     let answers = hub
         .shards()
@@ -237,18 +291,18 @@ pub(super) async fn disconnect(
         })
         .await?;
     // A stopped shard has no connection left.
-    let n: usize = answers.into_iter().filter_map(|(_, k)| k).sum();
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({ "disconnected": n }),
-    ))
+    Ok(answers.into_iter().filter_map(|(_, k)| k).sum())
 }
 
 /// `GET /api/v1/stats` (admin key): connections per shard and per project, message counters,
 /// inbox depths. Read from the shards' counters without asking the shards.
-pub(super) fn stats(hub: &Hub, who: Caller) -> Result<Response<Full<Bytes>>, ApiError> {
+pub(super) async fn stats(hub: &Hub, who: Caller) -> Result<Response<Full<Bytes>>, ApiError> {
     require_admin(who, "node statistics")?;
-    Ok(json(StatusCode::OK, &stats_json(hub)))
+    let mut doc = stats_json(hub);
+    if let Some(control) = hub.broker.control() {
+        doc["cluster"] = super::cluster::stats(hub, control, &doc).await;
+    }
+    Ok(json(StatusCode::OK, &doc))
 }
 
 /// The stats document (also used by tests through the API).

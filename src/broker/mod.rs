@@ -21,6 +21,7 @@
 //! so a publish accepted after the client saw the ack is routed to that shard (see
 //! docs/architecture.md, "Fan-out").
 
+pub mod control;
 mod interest;
 pub mod redis;
 
@@ -216,6 +217,11 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
 
     /// The engine's counters, when there is one.
     fn engine(&self) -> Option<&EngineStats> {
+        None
+    }
+
+    /// The cluster's control plane, when the node shares an engine.
+    fn control(&self) -> Option<&Arc<control::ControlPlane>> {
         None
     }
 }
