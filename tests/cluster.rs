@@ -36,6 +36,16 @@ fn publish_shop(api: std::net::SocketAddr, topic: &str, data: &str) -> HttpRespo
     )
 }
 
+/// The next frames are one `resync` notice for each of `topics`, in any order.
+fn expect_resync(ws: &mut Client, topics: &[&str]) {
+    let notices: BTreeSet<String> = topics.iter().map(|_| recv_text(ws)).collect();
+    let expected: BTreeSet<String> = topics
+        .iter()
+        .map(|t| format!(r#"{{"type":"resync","topic":"{t}","reason":"engine"}}"#))
+        .collect();
+    assert_eq!(notices, expected);
+}
+
 /// The next delivery's (topic, data as JSON text, id).
 fn next_message(ws: &mut Client) -> (String, String, String) {
     let (topic, data, id, _) = split_message(&recv_text(ws));
@@ -277,7 +287,7 @@ fn a_node_receives_only_the_topics_its_connections_subscribe_to() {
 }
 
 #[test]
-fn redis_going_away_refuses_publishes_keeps_clients_and_recovers() {
+fn redis_going_away_refuses_publishes_keeps_clients_tells_them_and_recovers() {
     let mut redis = RedisServer::start("outage");
     let prefix = "out:";
     let (a_proc, a, _da) = cluster_node("outage-a", &redis, prefix);
@@ -328,10 +338,14 @@ fn redis_going_away_refuses_publishes_keeps_clients_and_recovers() {
     // Resubscribed from the interest table.
     redis.wait_numsub(&shop_channel(prefix, "news"), 2);
     redis.wait_numsub(&shop_channel(prefix, "all"), 2);
+    // Each subscriber is told, per topic it holds, that it may have missed messages.
+    for ws in &mut clients {
+        expect_resync(ws, &["all", "user.reader", "news"]);
+    }
     let r = publish_shop(b.api, "news", r#""back""#);
     assert_eq!(r.status, 200, "{}", r.text());
     for ws in &mut clients {
-        // The same connections: nothing refused was delivered, the first message is the new one.
+        // The same connections: nothing refused was delivered, the next message is the new one.
         assert_eq!(next_message(ws).1, r#""back""#);
     }
     for p in [&a_proc, &b_proc] {
@@ -534,6 +548,7 @@ fn a_silent_subscription_is_found_by_the_liveness_probe() {
     // Two fresh connections, and delivery works through them.
     wait_engine_up(ready.api, true);
     assert_eq!(relay.nr_connections(), 4);
+    expect_resync(&mut ws, &["all", "user.reader", "news"]);
     let r = publish_shop(ready.api, "news", "7");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(next_message(&mut ws).1, "7");
@@ -544,6 +559,7 @@ fn a_silent_subscription_is_found_by_the_liveness_probe() {
     wait_engine_up(ready.api, false);
     node.wait_log("liveness probe not answered", 0);
     wait_engine_up(ready.api, true);
+    expect_resync(&mut ws, &["all", "user.reader", "news"]);
     let r = publish_shop(ready.api, "news", "8");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(next_message(&mut ws).1, "8");

@@ -181,6 +181,12 @@ pub trait Deliver {
     /// failed), sends it to each shard holding a subscriber of the topic that has room for
     /// it: a shard whose inbox is full does not get it (the caller counts it). Never blocks.
     fn deliver_each(&self, project: &str, topic: &str, body: Bytes) -> Delivered;
+
+    /// Tells the local subscribers of `topic` of project `project` (registry index) that
+    /// messages of it may have been missed (the engine was away): one order to each shard
+    /// holding a subscriber. Never blocks; returns the shards whose inbox was full (they
+    /// were not told).
+    fn resync(&self, project: u32, topic: &str) -> u32;
 }
 
 /// Where publications go and where interest in topics is declared.

@@ -41,14 +41,16 @@
 //! While Redis is not connected, publishes are refused 503 `engine_unavailable`, `/readyz`
 //! says `degraded`, and clients stay connected. The bridge logs one line per change of state,
 //! reconnects with exponential backoff and jitter, and on reconnect subscribes again to every
-//! channel the interest table names, in batches. A subscription that stays open but no longer
+//! channel the interest table names, in batches, then tells the subscribers of each that
+//! they may have missed messages ([`Deliver::resync`], from `tell_resync` only). A subscription that stays open but no longer
 //! receives is found by a liveness probe on the node's own channel (`engine.probe_interval_ms`).
 //!
 //! # Not here yet
 //!
-//! Clients are not told of messages missed while Redis was away; a STOMP `RECEIPT` of a
-//! `SUBSCRIBE` does not wait for the node's Redis subscription (a herald.v1 `subscribe` ack
-//! does, through [`Broker::when_subscribed`]); no TLS, Sentinel or Redis Cluster.
+//! A STOMP `RECEIPT` of a `SUBSCRIBE` does not wait for the node's Redis subscription (a
+//! herald.v1 `subscribe` ack does, through [`Broker::when_subscribed`]), nor does the welcome
+//! for the implicit topics; STOMP clients get no `resync` notice; no TLS, Sentinel or Redis
+//! Cluster.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -514,8 +516,12 @@ impl Bridge {
         if let Err(e) = subs.reconcile(&mut subscriber).await {
             return Ended::Lost(e);
         }
+        let reconnected = subs.stats.connects.load(Ordering::Relaxed) > 0;
         subs.stats.up.store(true, Ordering::Release);
         add(&subs.stats.connects, 1);
+        if reconnected {
+            tell_resync(hub, &subs.subscribed, &subs.stats);
+        }
         if *was_up != Some(true) {
             info!(
                 channels = subs.subscribed.len(),
@@ -840,6 +846,25 @@ impl Probe {
 /// How often lingering channels are looked at: a tenth of the linger, 10 ms to 1 s.
 fn lingering_period(linger: Duration) -> Duration {
     (linger / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// After the engine was away: tells the local subscribers of every topic subscribed again
+/// that they may have missed messages of it (a `resync` notice each). The one place that
+/// does; topics with history will be repaired instead.
+fn tell_resync(hub: &Weak<dyn Deliver + Send + Sync>, topics: &HashSet<Key>, stats: &EngineStats) {
+    let Some(node) = hub.upgrade() else {
+        return;
+    };
+    let nr_full: u32 = topics.iter().map(|(p, t)| node.resync(*p, t)).sum();
+    if nr_full > 0 {
+        add(&stats.dropped_inbox_full, u64::from(nr_full));
+        warn!(
+            dropped = nr_full,
+            "shard inbox full: resync notices after the engine came back were not sent to \
+             that shard's subscribers (counted in herald_engine_dropped_total{{reason=\
+             \"inbox_full\"}})"
+        );
+    }
 }
 
 /// Sends queued publishes to Redis in pipelines, in queue order, and answers each.
