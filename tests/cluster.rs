@@ -843,3 +843,49 @@ fn a_node_that_does_not_answer_is_reported_and_never_holds_the_request() {
     let r = kick(api, &gone, ADMIN_KEY);
     assert_refusal(&r, 503, "node_unavailable");
 }
+
+/// `POST path` of `body` with `Idempotency-Key: key` through `api`.
+fn publish_keyed(api: std::net::SocketAddr, path: &str, key: &str, body: &str) -> HttpResponse {
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {SHOP_API_KEY}\r\n\
+         Idempotency-Key: {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    http(api, req.as_bytes())
+}
+
+#[test]
+fn a_publish_retried_on_another_node_is_delivered_once() {
+    let (redis, prefix, nodes) = three_nodes("idem");
+    let (mut reader, _) = connect_user(nodes[2].1.listen, "shop", "reader");
+    subscribe(&mut reader, "orders");
+    redis.wait_numsub(&shop_channel(&prefix, "orders"), 1);
+    let (a, b) = (nodes[0].1.api, nodes[1].1.api);
+
+    let one = r#"{"project":"shop","topic":"orders","data":{"n":1}}"#;
+    let first = publish_keyed(a, "/api/v1/publish", "order-1", one);
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.header("idempotency-replayed"), None);
+    let retry = publish_keyed(b, "/api/v1/publish", "order-1", one);
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    assert_eq!(retry.text(), first.text(), "the first answer, the same id");
+    assert_eq!(retry.header("idempotency-replayed"), Some("true"));
+    let other = r#"{"project":"shop","topic":"orders","data":{"n":2}}"#;
+    let reused = publish_keyed(b, "/api/v1/publish", "order-1", other);
+    assert_refusal(&reused, 422, "idempotency_key_reused");
+
+    let batch = format!("[{one},{other}]");
+    let first_batch = publish_keyed(b, "/api/v1/publish/batch", "order-2", &batch);
+    assert_eq!(first_batch.status, 200, "{}", first_batch.text());
+    let retry_batch = publish_keyed(nodes[2].1.api, "/api/v1/publish/batch", "order-2", &batch);
+    assert_eq!(retry_batch.status, 200, "{}", retry_batch.text());
+    assert_eq!(retry_batch.text(), first_batch.text());
+    assert_eq!(retry_batch.header("idempotency-replayed"), Some("true"));
+
+    // Then an unkeyed one: the subscriber got each accepted publish exactly once, in order.
+    let r = publish_shop(a, "orders", r#""end""#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got: Vec<String> = (0..4).map(|_| next_message(&mut reader).1).collect();
+    assert_eq!(got, [r#"{"n":1}"#, r#"{"n":1}"#, r#"{"n":2}"#, r#""end""#]);
+}

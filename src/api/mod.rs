@@ -7,6 +7,7 @@ mod connections;
 mod console;
 mod error;
 mod idempotency;
+mod idempotency_shared;
 mod projects;
 mod publish;
 

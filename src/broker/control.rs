@@ -158,6 +158,11 @@ impl ControlPlane {
         &self.node
     }
 
+    /// `engine.prefix`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// How long a request waits for answers.
     pub fn timeout(&self) -> Duration {
         self.timeout
