@@ -24,6 +24,13 @@ def unit_text() -> str:
     return UNIT.read_text()
 
 
+def analyze_verify(unit: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`systemd-analyze verify` of a unit file."""
+    return subprocess.run(
+        [ANALYZE, "verify", "--man=no", unit], capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+
+
 def test_unit_has_the_required_directives():
     text = unit_text()
     lines = {l.strip() for l in text.splitlines() if l.strip() and not l.startswith("#")}
@@ -61,13 +68,7 @@ def test_systemd_analyze_verify(tmp_path):
     text = unit_text().replace("/usr/local/bin/herald", str(HERALD))
     assert str(HERALD) in text
     unit.write_text(text)
-    r = subprocess.run(
-        [ANALYZE, "verify", "--man=no", str(unit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    r = analyze_verify(str(unit), tmp_path)
     # Messages about *this* unit are failures; the host's own units are not our business.
     ours = [l for l in (r.stdout + r.stderr).splitlines() if "herald.service" in l]
     assert r.returncode == 0 and not ours, f"rc={r.returncode}\n{r.stdout}\n{r.stderr}"
@@ -79,13 +80,7 @@ def test_verify_catches_a_broken_unit(tmp_path):
     unit = tmp_path / "herald.service"
     text = unit_text().replace("/usr/local/bin/herald", str(HERALD))
     unit.write_text(text.replace("Type=notify", "Type=bogus"))
-    r = subprocess.run(
-        [ANALYZE, "verify", "--man=no", str(unit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    r = analyze_verify(str(unit), tmp_path)
     assert "herald.service" in r.stdout + r.stderr
 
 
@@ -150,12 +145,6 @@ def test_node_template_verifies(tmp_path):
     assert HERALD.exists(), f"build the binary first: {HERALD}"
     (tmp_path / "herald@.service").write_text(
         NODE_UNIT.read_text().replace("/usr/local/bin/herald", str(HERALD)))
-    r = subprocess.run(
-        [ANALYZE, "verify", "--man=no", str(tmp_path / "herald@a.service")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    r = analyze_verify(str(tmp_path / "herald@a.service"), tmp_path)
     ours = [l for l in (r.stdout + r.stderr).splitlines() if "herald@" in l]
     assert r.returncode == 0 and not ours, f"rc={r.returncode}\n{r.stdout}\n{r.stderr}"
