@@ -16,17 +16,40 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tracing::warn;
 
-use super::connections::{ConnJson, disconnect_local, kick_local, list_local, stats_json};
 use super::{ApiError, json};
 use crate::broker::control::{Answer, ControlPlane, Request};
 use crate::hub::Hub;
 use crate::pubsub::ConnId;
-use crate::shard::mailbox::KickOutcome;
+use crate::shard::mailbox::{ConnInfo, KickOutcome};
+
+/// A connection as the API lists it.
+#[derive(Serialize, Deserialize)]
+pub(super) struct ConnJson {
+    pub(super) id: String,
+    project: String,
+    user: String,
+    ip: String,
+    connected_at: u64,
+    topics: Vec<Box<str>>,
+}
+
+impl From<ConnInfo> for ConnJson {
+    fn from(c: ConnInfo) -> Self {
+        Self {
+            id: c.id.to_string(),
+            project: c.project.to_string(),
+            user: c.user.into(),
+            ip: c.peer.ip().to_string(),
+            connected_at: c.connected_at,
+            topics: c.topics,
+        }
+    }
+}
 
 /// What one node asks another.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-enum Op {
+pub(super) enum Op {
     /// A page of the node's connections.
     List(ListOp),
     /// Close the node's connection `id` (a local id), of `project` if given.
@@ -52,7 +75,7 @@ pub(super) struct ListOp {
 /// The outcome of a kick on the wire.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum Kicked {
+pub(super) enum Kicked {
     Closed,
     NotFound,
     OtherProject,
@@ -60,7 +83,11 @@ enum Kicked {
 
 /// Serves the requests of the other nodes on the API's runtime, each in a task of its own,
 /// until the node stops. Call once, on that runtime.
-pub(super) fn serve_requests(hub: &Arc<Hub>) {
+pub(super) fn serve_requests<F, Fut>(hub: &Arc<Hub>, execute: F)
+where
+    F: Fn(Arc<Hub>, Op) -> Fut + Copy + Send + 'static,
+    Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
+{
     let Some(control) = hub.broker.control() else {
         return;
     };
@@ -73,7 +100,7 @@ pub(super) fn serve_requests(hub: &Arc<Hub>) {
             let hub = hub.clone();
             tokio::spawn(async move {
                 let answer = match serde_json::from_value::<Op>(body) {
-                    Ok(op) => execute(&hub, op).await,
+                    Ok(op) => execute(hub.clone(), op).await,
                     Err(e) => {
                         warn!(from, "control request not understood: {e}");
                         return;
@@ -87,53 +114,6 @@ pub(super) fn serve_requests(hub: &Arc<Hub>) {
             });
         }
     });
-}
-
-/// Executes another node's request on this node.
-async fn execute(hub: &Hub, op: Op) -> Result<Value, ApiError> {
-    let project_idx = |id: &str| hub.registry.load().project(id).map(|p| p.idx);
-    match op {
-        Op::List(q) => {
-            let me = hub.broker.control().map(|c| c.node().to_owned());
-            let project = match &q.project {
-                Some(id) => match project_idx(id) {
-                    Some(idx) => Some(idx),
-                    None => return Ok(json!({ "connections": [] })),
-                },
-                None => None,
-            };
-            let after = q
-                .cursor
-                .filter(|(node, _)| Some(node) == me.as_ref())
-                .and_then(|(_, id)| ConnId::parse(&id));
-            let found = list_local(hub, project, q.topic, q.user, q.limit, after).await?;
-            let found: Vec<ConnJson> = found.into_iter().map(Into::into).collect();
-            Ok(json!({ "connections": found }))
-        }
-        Op::Kick { id, project } => {
-            let project = match project {
-                Some(p) => match project_idx(&p) {
-                    Some(idx) => Some(idx),
-                    None => return Ok(json!(Kicked::OtherProject)),
-                },
-                None => None,
-            };
-            let outcome = match kick_local(hub, &id, project).await? {
-                KickOutcome::Closed => Kicked::Closed,
-                KickOutcome::NotFound => Kicked::NotFound,
-                KickOutcome::OtherProject => Kicked::OtherProject,
-            };
-            Ok(json!(outcome))
-        }
-        Op::Disconnect { project, user } => {
-            let n = match project_idx(&project) {
-                Some(idx) => disconnect_local(hub, idx, user.into()).await?,
-                None => 0,
-            };
-            Ok(json!({ "disconnected": n }))
-        }
-        Op::Stats => Ok(stats_json(hub)),
-    }
 }
 
 /// The cluster's members, or this node alone (and `partial`) when the engine cannot say.
@@ -182,10 +162,10 @@ fn unreachable(node: &str, control: &ControlPlane) -> ApiError {
 /// `GET /api/v1/connections` in a cluster: in (node, local id) order; the nodes after the
 /// cursor's are asked at once, each for a page, and the pages are joined in node order.
 pub(super) async fn list(
-    hub: &Hub,
     control: &ControlPlane,
     mut q: ListOp,
     cursor: Option<String>,
+    local: impl AsyncFnOnce(Option<ConnId>) -> Result<Vec<ConnJson>, ApiError>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     if let Some(c) = &cursor {
         let bad = || ApiError::bad_request(format!("`cursor` `{c}` is not a cursor"));
@@ -207,10 +187,6 @@ pub(super) async fn list(
         cursor: q.cursor.clone(),
     }))
     .expect("a request always serialises");
-    let project = match &q.project {
-        Some(id) => hub.registry.load().project(id).map(|p| p.idx),
-        None => None,
-    };
     let after = q
         .cursor
         .as_ref()
@@ -219,14 +195,14 @@ pub(super) async fn list(
     let (local, answers) = tokio::join!(
         async {
             if nodes.contains(&me) {
-                list_local(hub, project, q.topic, q.user, limit, after).await
+                local(after).await
             } else {
                 Ok(Vec::new())
             }
         },
         control.ask(&nodes, false, body)
     );
-    let local: Vec<ConnJson> = local?.into_iter().map(Into::into).collect();
+    let local = local?;
     let (report_nodes, partial) = report(&me, &answers, unknown);
     let mut pages: Vec<(String, Vec<ConnJson>)> = vec![(me.clone(), local)];
     for (n, a) in answers {
@@ -264,20 +240,19 @@ pub(super) async fn list(
 /// `DELETE /api/v1/connections/{id}` in a cluster: the id's node closes it. An id without a
 /// node is this node's.
 pub(super) async fn kick(
-    hub: &Hub,
     control: &ControlPlane,
     id: &str,
-    project: Option<u32>,
+    project: Option<String>,
+    here: impl AsyncFnOnce(&str) -> Result<KickOutcome, ApiError>,
 ) -> Result<KickOutcome, ApiError> {
     let (local, node) = id.split_once('@').unwrap_or((id, control.node()));
     if node == control.node() {
-        return kick_local(hub, local, project).await;
+        return here(local).await;
     }
     let (nodes, _) = members(control).await;
     if !nodes.iter().any(|n| n == node) {
         return Ok(KickOutcome::NotFound);
     }
-    let project = project.and_then(|p| hub.registry.load().project_at(p).map(|p| p.id.to_string()));
     let body = serde_json::to_value(Op::Kick {
         id: local.to_owned(),
         project,
@@ -298,27 +273,18 @@ pub(super) async fn kick(
 /// `POST /api/v1/disconnect` in a cluster: every node closes the user's connections; the
 /// answer sums them.
 pub(super) async fn disconnect(
-    hub: &Hub,
     control: &ControlPlane,
-    project: u32,
-    user: Box<str>,
+    project: String,
+    user: &str,
+    local: impl Future<Output = Result<usize, ApiError>>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let (nodes, unknown) = members(control).await;
-    let project_id = hub
-        .registry
-        .load()
-        .project_at(project)
-        .map(|p| p.id.to_string())
-        .unwrap_or_default();
     let body = serde_json::to_value(Op::Disconnect {
-        project: project_id,
-        user: user.to_string(),
+        project,
+        user: user.to_owned(),
     })
     .expect("a request always serialises");
-    let (local, answers) = tokio::join!(
-        disconnect_local(hub, project, user),
-        control.ask(&nodes, true, body)
-    );
+    let (local, answers) = tokio::join!(local, control.ask(&nodes, true, body));
     let mut n = local?;
     for (_, a) in &answers {
         if let Answer::Reply(v) = a {
@@ -334,8 +300,7 @@ pub(super) async fn disconnect(
 
 /// The `cluster` part of `GET /api/v1/stats`: connections in all, per project and per node,
 /// from every node's own statistics (`own` is this node's).
-pub(super) async fn stats(hub: &Hub, control: &ControlPlane, own: &Value) -> Value {
-    let _ = hub;
+pub(super) async fn stats(control: &ControlPlane, own: &Value) -> Value {
     let (nodes, unknown) = members(control).await;
     let body = serde_json::to_value(Op::Stats).expect("a request always serialises");
     let answers = control.ask(&nodes, true, body).await;

@@ -6,12 +6,16 @@
 //! non-blocking send retried while an inbox is full, the answer on a tokio oneshot, one overall
 //! deadline; a shard late at either answers 503 `busy`).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use serde_json::Value;
 
+use super::cluster::{self, ConnJson};
 use super::{ApiError, ApiSettings, Caller, authorize, json, read_json, require_admin};
 use crate::hub::Hub;
 use crate::metrics;
@@ -24,6 +28,14 @@ use crate::ws::handshake::HandshakeOutcome;
 const DEFAULT_LIMIT: usize = 100;
 /// Largest page.
 const MAX_LIMIT: usize = 1000;
+
+/// The id of the project at registry index `idx`, as other nodes know it.
+fn project_id(hub: &Hub, idx: u32) -> Option<String> {
+    hub.registry
+        .load()
+        .project_at(idx)
+        .map(|p| p.id.to_string())
+}
 
 /// Asks `shard` a question and awaits the answer ([`Hub::shards`]).
 async fn ask<T>(
@@ -44,30 +56,6 @@ fn project_scope(hub: &Hub, who: Caller, named: Option<&str>) -> Result<Option<u
         (_, Some(name)) => Ok(Some(authorize(hub, who, name)?)),
         (Caller::Project(idx), None) => Ok(Some(idx)),
         (Caller::Admin, None) => Ok(None),
-    }
-}
-
-/// A connection as the API lists it.
-#[derive(Serialize, Deserialize)]
-pub(super) struct ConnJson {
-    pub(super) id: String,
-    project: String,
-    user: String,
-    ip: String,
-    connected_at: u64,
-    topics: Vec<Box<str>>,
-}
-
-impl From<ConnInfo> for ConnJson {
-    fn from(c: ConnInfo) -> Self {
-        Self {
-            id: c.id.to_string(),
-            project: c.project.to_string(),
-            user: c.user.into(),
-            ip: c.peer.ip().to_string(),
-            connected_at: c.connected_at,
-            topics: c.topics,
-        }
     }
 }
 
@@ -125,15 +113,18 @@ pub(super) async fn list(
     };
     let cursor_text = cursor.filter(|c| !c.is_empty());
     if let Some(control) = hub.broker.control() {
-        let q = super::cluster::ListOp {
-            project: project
-                .and_then(|p| hub.registry.load().project_at(p).map(|p| p.id.to_string())),
-            topic,
-            user,
+        let q = cluster::ListOp {
+            project: project.and_then(|p| project_id(hub, p)),
+            topic: topic.clone(),
+            user: user.clone(),
             limit,
             cursor: None,
         };
-        return super::cluster::list(hub, control, q, cursor_text).await;
+        let local = async |after| {
+            let found = list_local(hub, project, topic, user, limit, after).await?;
+            Ok(found.into_iter().map(Into::into).collect())
+        };
+        return cluster::list(control, q, cursor_text, local).await;
     }
     let cursor = match cursor_text {
         None => None,
@@ -206,7 +197,11 @@ pub(super) async fn kick(
         Caller::Project(idx) => Some(idx),
     };
     let outcome = match hub.broker.control() {
-        Some(control) => super::cluster::kick(hub, control, id, project).await?,
+        Some(control) => {
+            let project_id = project.and_then(|p| project_id(hub, p));
+            let here = async |local: &str| kick_local(hub, local, project).await;
+            cluster::kick(control, id, project_id, here).await?
+        }
         None => kick_local(hub, id, project).await?,
     };
     match outcome {
@@ -235,6 +230,53 @@ pub(super) async fn kick_local(
         reply,
     })
     .await
+}
+
+/// Executes another node's request ([`cluster::serve_requests`]) on this node.
+pub(super) async fn execute(hub: Arc<Hub>, op: cluster::Op) -> Result<Value, ApiError> {
+    let project_idx = |id: &str| hub.registry.load().project(id).map(|p| p.idx);
+    match op {
+        cluster::Op::List(q) => {
+            let me = hub.broker.control().map(|c| c.node().to_owned());
+            let project = match &q.project {
+                Some(id) => match project_idx(id) {
+                    Some(idx) => Some(idx),
+                    None => return Ok(serde_json::json!({ "connections": [] })),
+                },
+                None => None,
+            };
+            let after = q
+                .cursor
+                .filter(|(node, _)| Some(node) == me.as_ref())
+                .and_then(|(_, id)| ConnId::parse(&id));
+            let found = list_local(&hub, project, q.topic, q.user, q.limit, after).await?;
+            let found: Vec<ConnJson> = found.into_iter().map(Into::into).collect();
+            Ok(serde_json::json!({ "connections": found }))
+        }
+        cluster::Op::Kick { id, project } => {
+            let project = match project {
+                Some(p) => match project_idx(&p) {
+                    Some(idx) => Some(idx),
+                    None => return Ok(serde_json::json!(cluster::Kicked::OtherProject)),
+                },
+                None => None,
+            };
+            let outcome = match kick_local(&hub, &id, project).await? {
+                KickOutcome::Closed => cluster::Kicked::Closed,
+                KickOutcome::NotFound => cluster::Kicked::NotFound,
+                KickOutcome::OtherProject => cluster::Kicked::OtherProject,
+            };
+            Ok(serde_json::json!(outcome))
+        }
+        cluster::Op::Disconnect { project, user } => {
+            let n = match project_idx(&project) {
+                Some(idx) => disconnect_local(&hub, idx, user.into()).await?,
+                None => 0,
+            };
+            Ok(serde_json::json!({ "disconnected": n }))
+        }
+        cluster::Op::Stats => Ok(stats_json(&hub)),
+    }
 }
 
 /// A `user` as the API names one: the token's `sub`, byte for byte, under the rule the
@@ -266,7 +308,9 @@ pub(super) async fn disconnect(
     let user: Box<str> = checked_user(b.user)?.into();
     let project = authorize(hub, who, &b.project)?;
     if let Some(control) = hub.broker.control() {
-        return super::cluster::disconnect(hub, control, project, user).await;
+        let project_id = project_id(hub, project).unwrap_or_default();
+        let local = disconnect_local(hub, project, user.clone());
+        return cluster::disconnect(control, project_id, &user, local).await;
     }
     let n = disconnect_local(hub, project, user).await?;
     Ok(json(
@@ -300,7 +344,7 @@ pub(super) async fn stats(hub: &Hub, who: Caller) -> Result<Response<Full<Bytes>
     require_admin(who, "node statistics")?;
     let mut doc = stats_json(hub);
     if let Some(control) = hub.broker.control() {
-        doc["cluster"] = super::cluster::stats(hub, control, &doc).await;
+        doc["cluster"] = cluster::stats(control, &doc).await;
     }
     Ok(json(StatusCode::OK, &doc))
 }

@@ -455,7 +455,7 @@ pub fn start(
                     }
                 };
                 let accept_log = serve::LogThrottle::default();
-                cluster::serve_requests(&hub);
+                cluster::serve_requests(&hub, connections::execute);
                 loop {
                     tokio::select! {
                         _ = &mut stop_rx => break,

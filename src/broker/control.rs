@@ -46,6 +46,13 @@ pub const REQUEST_QUEUE: usize = 1024;
 /// Redis commands waiting for the bridge at most.
 pub const COMMAND_QUEUE: usize = 4096;
 
+/// Milliseconds since the Unix epoch (membership scores).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The channel of node `node`'s control requests and replies.
 pub fn node_channel(prefix: &str, node: &str) -> String {
     format!("{prefix}~ctl:{node}")
@@ -197,7 +204,7 @@ impl ControlPlane {
     /// # Errors
     /// The engine did not answer.
     pub async fn members(&self) -> Result<Vec<String>, String> {
-        let since = crate::hub::now_ms().saturating_sub(NODE_TTL.as_millis() as u64);
+        let since = now_ms().saturating_sub(NODE_TTL.as_millis() as u64);
         let mut pipe = redis::pipe();
         pipe.cmd("ZRANGE")
             .arg(members_key(&self.prefix))
@@ -323,7 +330,7 @@ impl ControlPlane {
     /// The heartbeat: this node's score now, and the members not heard of for [`NODE_TTL`]
     /// removed.
     pub(super) fn heartbeat(&self) -> redis::Pipeline {
-        let now = crate::hub::now_ms();
+        let now = now_ms();
         let key = members_key(&self.prefix);
         let mut pipe = redis::pipe();
         pipe.cmd("ZADD").arg(&key).arg(now).arg(&self.node).ignore();
