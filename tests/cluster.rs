@@ -842,6 +842,21 @@ fn a_node_that_does_not_answer_is_reported_and_never_holds_the_request() {
     let gone = format!("0-0-0@{dead}");
     let r = kick(api, &gone, ADMIN_KEY);
     assert_refusal(&r, 503, "node_unavailable");
+
+    // Silent for 15 s, it is no longer a member: whole answers again, its ids unknown.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let whole = loop {
+        let v = admin_get(api, "/api/v1/connections");
+        if v["partial"] == false {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "still a member: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert_eq!(whole["nodes"].as_object().unwrap().len(), 2, "{whole}");
+    assert_eq!(whole["nodes"].get(&dead), None, "{whole}");
+    let r = kick(api, &gone, ADMIN_KEY);
+    assert_refusal(&r, 404, "not_found");
 }
 
 /// `POST path` of `body` with `Idempotency-Key: key` through `api`.

@@ -320,7 +320,16 @@ impl ControlPlane {
             Ok(Envelope::Request { from, .. }) if from == self.node => {}
             Ok(Envelope::Request { id, from, body }) => {
                 if self.requests.try_send(Request { id, from, body }).is_err() {
-                    self.dropped_requests.fetch_add(1, Ordering::Relaxed);
+                    let n = self.dropped_requests.fetch_add(1, Ordering::Relaxed) + 1;
+                    // Logged at the 1st, 2nd, 4th, 8th... drop: never a flood.
+                    if n.is_power_of_two() {
+                        warn!(
+                            dropped = n,
+                            "control requests from other nodes dropped: {REQUEST_QUEUE} wait \
+                             for this node's API already (the askers report this node as not \
+                             answering)"
+                        );
+                    }
                 }
             }
             Err(_) => {}
