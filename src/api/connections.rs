@@ -5,6 +5,10 @@
 //! The API thread never blocks on a shard: every command goes through [`Hub::shards`] (a
 //! non-blocking send retried while an inbox is full, the answer on a tokio oneshot, one overall
 //! deadline; a shard late at either answers 503 `busy`).
+//!
+//! With `[engine]` each endpoint answers for the whole cluster ([`super::cluster`] asks the
+//! other nodes); the node's own part, and other nodes' requests ([`execute`]), are answered
+//! here.
 
 use std::sync::Arc;
 
