@@ -492,6 +492,24 @@ impl Deliver for Hub {
         Self::send_reserved(&mut reservations, &numbered)
     }
 
+    fn resync(&self, project: u32, topic: &str) -> u32 {
+        let mut nr_full = 0;
+        for shard in route::shards(self.interest.mask(project, topic)) {
+            let sent = self.mailboxes[shard]
+                .try_reserve(1, 0)
+                .ok()
+                .is_some_and(|mut r| {
+                    r.send(ShardMsg::Resync {
+                        project,
+                        topic: topic.into(),
+                    })
+                    .is_ok()
+                });
+            nr_full += u32::from(!sent);
+        }
+        nr_full
+    }
+
     fn deliver_each(&self, project: &str, topic: &str, body: Bytes) -> Delivered {
         let mut out = Delivered::default();
         let Ok(_gate) = self.open_gate() else {

@@ -36,6 +36,16 @@ fn publish_shop(api: std::net::SocketAddr, topic: &str, data: &str) -> HttpRespo
     )
 }
 
+/// The next frames are one `resync` notice for each of `topics`, in any order.
+fn expect_resync(ws: &mut Client, topics: &[&str]) {
+    let notices: BTreeSet<String> = topics.iter().map(|_| recv_text(ws)).collect();
+    let expected: BTreeSet<String> = topics
+        .iter()
+        .map(|t| format!(r#"{{"type":"resync","topic":"{t}","reason":"engine"}}"#))
+        .collect();
+    assert_eq!(notices, expected);
+}
+
 /// The next delivery's (topic, data as JSON text, id).
 fn next_message(ws: &mut Client) -> (String, String, String) {
     let (topic, data, id, _) = split_message(&recv_text(ws));
@@ -277,7 +287,7 @@ fn a_node_receives_only_the_topics_its_connections_subscribe_to() {
 }
 
 #[test]
-fn redis_going_away_refuses_publishes_keeps_clients_and_recovers() {
+fn redis_going_away_refuses_publishes_keeps_clients_tells_them_and_recovers() {
     let mut redis = RedisServer::start("outage");
     let prefix = "out:";
     let (a_proc, a, _da) = cluster_node("outage-a", &redis, prefix);
@@ -328,10 +338,14 @@ fn redis_going_away_refuses_publishes_keeps_clients_and_recovers() {
     // Resubscribed from the interest table.
     redis.wait_numsub(&shop_channel(prefix, "news"), 2);
     redis.wait_numsub(&shop_channel(prefix, "all"), 2);
+    // Each subscriber is told, per topic it holds, that it may have missed messages.
+    for ws in &mut clients {
+        expect_resync(ws, &["all", "user.reader", "news"]);
+    }
     let r = publish_shop(b.api, "news", r#""back""#);
     assert_eq!(r.status, 200, "{}", r.text());
     for ws in &mut clients {
-        // The same connections: nothing refused was delivered, the first message is the new one.
+        // The same connections: nothing refused was delivered, the next message is the new one.
         assert_eq!(next_message(ws).1, r#""back""#);
     }
     for p in [&a_proc, &b_proc] {
@@ -534,6 +548,7 @@ fn a_silent_subscription_is_found_by_the_liveness_probe() {
     // Two fresh connections, and delivery works through them.
     wait_engine_up(ready.api, true);
     assert_eq!(relay.nr_connections(), 4);
+    expect_resync(&mut ws, &["all", "user.reader", "news"]);
     let r = publish_shop(ready.api, "news", "7");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(next_message(&mut ws).1, "7");
@@ -544,6 +559,7 @@ fn a_silent_subscription_is_found_by_the_liveness_probe() {
     wait_engine_up(ready.api, false);
     node.wait_log("liveness probe not answered", 0);
     wait_engine_up(ready.api, true);
+    expect_resync(&mut ws, &["all", "user.reader", "news"]);
     let r = publish_shop(ready.api, "news", "8");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(next_message(&mut ws).1, "8");
@@ -724,4 +740,227 @@ fn a_stomp_subscribe_receipt_comes_once_redis_has_the_subscription() {
         message.starts_with("MESSAGE\nsubscription:s1\ndestination:/topic/fresh\n"),
         "{message}"
     );
+}
+
+/// `GET` on a node's API with the admin key; the JSON answer (200 asserted).
+fn admin_get(api: std::net::SocketAddr, path: &str) -> Value {
+    let r = http_request(api, "GET", path, ADMIN_KEY, "");
+    assert_eq!(r.status, 200, "{path}: {}", r.text());
+    r.json()
+}
+
+/// `POST /api/v1/disconnect` of `user` of `shop` through `api`.
+fn disconnect_user(api: std::net::SocketAddr, user: &str) -> HttpResponse {
+    let body = format!(r#"{{"project":"shop","user":"{user}"}}"#);
+    http_request(api, "POST", "/api/v1/disconnect", SHOP_API_KEY, &body)
+}
+
+/// `DELETE /api/v1/connections/{id}` through `api` with `key`.
+fn kick(api: std::net::SocketAddr, id: &str, key: &str) -> HttpResponse {
+    http_request(api, "DELETE", &format!("/api/v1/connections/{id}"), key, "")
+}
+
+/// The node part of a connection id (`<local id>@<node>`).
+fn node_of(id: &str) -> &str {
+    id.split_once('@').expect("a cluster id names its node").1
+}
+
+#[test]
+fn connections_are_listed_kicked_and_disconnected_across_nodes() {
+    let (_redis, _prefix, nodes) = three_nodes("control");
+    // alice on every node, bob on the last.
+    let mut alices: Vec<Client> = nodes
+        .iter()
+        .map(|(_, ready, _)| connect_user(ready.listen, "shop", "alice").0)
+        .collect();
+    let (mut bob, _) = connect_user(nodes[2].1.listen, "shop", "bob");
+    for (_, ready, _) in &nodes {
+        let v = admin_get(ready.api, "/api/v1/connections?project=shop");
+        let conns = v["connections"].as_array().expect("connections");
+        assert_eq!(
+            conns.len(),
+            4,
+            "every node lists every node's connections: {v}"
+        );
+        assert_eq!(v["partial"], false, "{v}");
+        assert_eq!(v["nodes"].as_object().expect("nodes").len(), 3, "{v}");
+        assert!(
+            v["nodes"].as_object().unwrap().values().all(|s| s == "ok"),
+            "{v}"
+        );
+        let names: BTreeSet<&str> = conns
+            .iter()
+            .map(|c| node_of(c["id"].as_str().unwrap()))
+            .collect();
+        assert_eq!(names.len(), 3, "ids name the three nodes: {v}");
+    }
+    // Filters and pages: alice's three connections, two per page, none twice.
+    let api = nodes[0].1.api;
+    let first = admin_get(api, "/api/v1/connections?project=shop&user=alice&limit=2");
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let second = admin_get(
+        api,
+        &format!("/api/v1/connections?project=shop&user=alice&limit=2&cursor={cursor}"),
+    );
+    assert_eq!(second["next_cursor"], Value::Null, "{second}");
+    let ids: Vec<String> = first["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["connections"].as_array().unwrap())
+        .map(|c| {
+            assert_eq!(c["user"], "alice");
+            c["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 3, "{ids:?}");
+
+    // Kick bob (on the last node) through the first node's API.
+    let v = admin_get(api, "/api/v1/connections?user=bob");
+    let bob_id = v["connections"][0]["id"]
+        .as_str()
+        .expect("bob's id")
+        .to_owned();
+    let r = kick(api, &bob_id, ADMIN_KEY);
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(expect_close(&mut bob).0, 4003);
+    let r = kick(api, &bob_id, ADMIN_KEY);
+    assert_refusal(&r, 404, "not_found");
+    let r = kick(api, &bob_id, BLOG_API_KEY);
+    assert_refusal(&r, 404, "not_found");
+
+    // Statistics: every node's connections, per project.
+    wait_until("bob's connection gone from the stats", || {
+        admin_get(nodes[1].1.api, "/api/v1/stats")["cluster"]["connections"] == 3
+    });
+    let stats = admin_get(nodes[1].1.api, "/api/v1/stats");
+    assert_eq!(
+        stats["cluster"]["projects"]["shop"]["connections"], 3,
+        "{stats}"
+    );
+    assert_eq!(stats["cluster"]["partial"], false, "{stats}");
+    assert_eq!(
+        stats["connections"], 1,
+        "the node's own figures stay: {stats}"
+    );
+
+    // Disconnect alice everywhere through the middle node.
+    let r = disconnect_user(nodes[1].1.api, "alice");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["disconnected"], 3, "{}", r.text());
+    assert_eq!(r.json()["partial"], false, "{}", r.text());
+    for ws in &mut alices {
+        assert_eq!(expect_close(ws).0, 4003);
+    }
+}
+
+#[test]
+fn a_node_that_does_not_answer_is_reported_and_never_holds_the_request() {
+    let (_redis, _prefix, mut nodes) = three_nodes("control-dead");
+    let _clients: Vec<Client> = nodes
+        .iter()
+        .map(|(_, ready, _)| connect_user(ready.listen, "shop", "carol").0)
+        .collect();
+    let api = nodes[0].1.api;
+    let v = admin_get(api, "/api/v1/connections");
+    let dead = node_of(
+        v["connections"][2]["id"]
+            .as_str()
+            .expect("three connections"),
+    )
+    .to_owned();
+    let dead_at = nodes
+        .iter()
+        .position(|(_, ready, _)| dead.ends_with(&format!(":{}", ready.listen.port())))
+        .expect("the node named by its port");
+    assert_ne!(dead_at, 0);
+    nodes[dead_at].0.child.kill().expect("SIGKILL");
+    nodes[dead_at].0.child.wait().expect("reaped");
+
+    let started = std::time::Instant::now();
+    let v = admin_get(api, "/api/v1/connections");
+    assert!(
+        started.elapsed() < TIMEOUT,
+        "answered without the dead node"
+    );
+    assert_eq!(v["partial"], true, "{v}");
+    assert_eq!(v["nodes"][&dead], "no_answer", "{v}");
+    assert_eq!(v["connections"].as_array().unwrap().len(), 2, "{v}");
+    let stats = admin_get(api, "/api/v1/stats");
+    assert_eq!(stats["cluster"]["nodes"][&dead], "no_answer", "{stats}");
+    assert_eq!(stats["cluster"]["connections"], 2, "{stats}");
+    assert_eq!(stats["cluster"]["partial"], true, "{stats}");
+    let r = disconnect_user(api, "carol");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["disconnected"], 2, "{}", r.text());
+    assert_eq!(r.json()["partial"], true, "{}", r.text());
+    // A kick for the dead node's connection cannot be carried out: said so, not hung.
+    let gone = format!("0-0-0@{dead}");
+    let r = kick(api, &gone, ADMIN_KEY);
+    assert_refusal(&r, 503, "node_unavailable");
+
+    // Silent for 15 s, it is no longer a member: whole answers again, its ids unknown.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let whole = loop {
+        let v = admin_get(api, "/api/v1/connections");
+        if v["partial"] == false {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "still a member: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert_eq!(whole["nodes"].as_object().unwrap().len(), 2, "{whole}");
+    assert_eq!(whole["nodes"].get(&dead), None, "{whole}");
+    let r = kick(api, &gone, ADMIN_KEY);
+    assert_refusal(&r, 404, "not_found");
+}
+
+/// `POST path` of `body` with `Idempotency-Key: key` through `api`.
+fn publish_keyed(api: std::net::SocketAddr, path: &str, key: &str, body: &str) -> HttpResponse {
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {SHOP_API_KEY}\r\n\
+         Idempotency-Key: {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    http(api, req.as_bytes())
+}
+
+#[test]
+fn a_publish_retried_on_another_node_is_delivered_once() {
+    let (redis, prefix, nodes) = three_nodes("idem");
+    let (mut reader, _) = connect_user(nodes[2].1.listen, "shop", "reader");
+    subscribe(&mut reader, "orders");
+    redis.wait_numsub(&shop_channel(&prefix, "orders"), 1);
+    let (a, b) = (nodes[0].1.api, nodes[1].1.api);
+
+    let one = r#"{"project":"shop","topic":"orders","data":{"n":1}}"#;
+    let first = publish_keyed(a, "/api/v1/publish", "order-1", one);
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.header("idempotency-replayed"), None);
+    let retry = publish_keyed(b, "/api/v1/publish", "order-1", one);
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    assert_eq!(retry.text(), first.text(), "the first answer, the same id");
+    assert_eq!(retry.header("idempotency-replayed"), Some("true"));
+    let other = r#"{"project":"shop","topic":"orders","data":{"n":2}}"#;
+    let reused = publish_keyed(b, "/api/v1/publish", "order-1", other);
+    assert_refusal(&reused, 422, "idempotency_key_reused");
+
+    let batch = format!("[{one},{other}]");
+    let first_batch = publish_keyed(b, "/api/v1/publish/batch", "order-2", &batch);
+    assert_eq!(first_batch.status, 200, "{}", first_batch.text());
+    let retry_batch = publish_keyed(nodes[2].1.api, "/api/v1/publish/batch", "order-2", &batch);
+    assert_eq!(retry_batch.status, 200, "{}", retry_batch.text());
+    assert_eq!(retry_batch.text(), first_batch.text());
+    assert_eq!(retry_batch.header("idempotency-replayed"), Some("true"));
+
+    // Then an unkeyed one: the subscriber got each accepted publish exactly once, in order.
+    let r = publish_shop(a, "orders", r#""end""#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got: Vec<String> = (0..4).map(|_| next_message(&mut reader).1).collect();
+    assert_eq!(got, [r#"{"n":1}"#, r#"{"n":1}"#, r#"{"n":2}"#, r#""end""#]);
 }

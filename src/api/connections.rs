@@ -5,13 +5,21 @@
 //! The API thread never blocks on a shard: every command goes through [`Hub::shards`] (a
 //! non-blocking send retried while an inbox is full, the answer on a tokio oneshot, one overall
 //! deadline; a shard late at either answers 503 `busy`).
+//!
+//! With `[engine]` each endpoint answers for the whole cluster ([`super::cluster`] asks the
+//! other nodes); the node's own part, and other nodes' requests ([`execute`]), are answered
+//! here.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use serde_json::Value;
 
+use super::cluster::{self, ConnJson};
 use super::{ApiError, ApiSettings, Caller, authorize, json, read_json, require_admin};
 use crate::hub::Hub;
 use crate::metrics;
@@ -24,6 +32,14 @@ use crate::ws::handshake::HandshakeOutcome;
 const DEFAULT_LIMIT: usize = 100;
 /// Largest page.
 const MAX_LIMIT: usize = 1000;
+
+/// The id of the project at registry index `idx`, as other nodes know it.
+fn project_id(hub: &Hub, idx: u32) -> Option<String> {
+    hub.registry
+        .load()
+        .project_at(idx)
+        .map(|p| p.id.to_string())
+}
 
 /// Asks `shard` a question and awaits the answer ([`Hub::shards`]).
 async fn ask<T>(
@@ -44,29 +60,6 @@ fn project_scope(hub: &Hub, who: Caller, named: Option<&str>) -> Result<Option<u
         (_, Some(name)) => Ok(Some(authorize(hub, who, name)?)),
         (Caller::Project(idx), None) => Ok(Some(idx)),
         (Caller::Admin, None) => Ok(None),
-    }
-}
-
-#[derive(Serialize)]
-struct ConnJson {
-    id: String,
-    project: String,
-    user: String,
-    ip: String,
-    connected_at: u64,
-    topics: Vec<Box<str>>,
-}
-
-impl From<ConnInfo> for ConnJson {
-    fn from(c: ConnInfo) -> Self {
-        Self {
-            id: c.id.to_string(),
-            project: c.project.to_string(),
-            user: c.user.into(),
-            ip: c.peer.ip().to_string(),
-            connected_at: c.connected_at,
-            topics: c.topics,
-        }
     }
 }
 
@@ -122,14 +115,52 @@ pub(super) async fn list(
             }
         },
     };
-    let cursor = match cursor {
+    let cursor_text = cursor.filter(|c| !c.is_empty());
+    if let Some(control) = hub.broker.control() {
+        let q = cluster::ListOp {
+            project: project.and_then(|p| project_id(hub, p)),
+            topic: topic.clone(),
+            user: user.clone(),
+            limit,
+            cursor: None,
+        };
+        let local = async |after| {
+            let found = list_local(hub, project, topic, user, limit, after).await?;
+            Ok(found.into_iter().map(Into::into).collect())
+        };
+        return cluster::list(control, q, cursor_text, local).await;
+    }
+    let cursor = match cursor_text {
         None => None,
-        Some(c) if c.is_empty() => None,
         Some(c) => Some(
             ConnId::parse(&c)
                 .ok_or_else(|| ApiError::bad_request(format!("`cursor` `{c}` is not a cursor")))?,
         ),
     };
+    let mut found = list_local(hub, project, topic, user, limit, cursor).await?;
+    let next_cursor = if found.len() > limit {
+        found.truncate(limit);
+        found.last().map(|c| c.id.to_string())
+    } else {
+        None
+    };
+    let connections: Vec<ConnJson> = found.into_iter().map(Into::into).collect();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "connections": connections, "next_cursor": next_cursor }),
+    ))
+}
+
+/// This node's connections matching the filters after `cursor`, in id order: up to
+/// `limit + 1` (one more than a page, to know whether a next page exists).
+pub(super) async fn list_local(
+    hub: &Hub,
+    project: Option<u32>,
+    topic: Option<Box<str>>,
+    user: Option<Box<str>>,
+    limit: usize,
+    cursor: Option<ConnId>,
+) -> Result<Vec<ConnInfo>, ApiError> {
     let first = cursor.map_or(0, |c| c.shard as usize);
     let mut found: Vec<ConnInfo> = Vec::new();
     for shard in first..hub.nr_shards() {
@@ -148,17 +179,7 @@ pub(super) async fn list(
             break;
         }
     }
-    let next_cursor = if found.len() > limit {
-        found.truncate(limit);
-        found.last().map(|c| c.id.to_string())
-    } else {
-        None
-    };
-    let connections: Vec<ConnJson> = found.into_iter().map(Into::into).collect();
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({ "connections": connections, "next_cursor": next_cursor }),
-    ))
+    Ok(found)
 }
 
 fn no_content() -> Response<Full<Bytes>> {
@@ -175,27 +196,90 @@ pub(super) async fn kick(
     id: &str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let not_found = || ApiError::not_found(format!("no open connection `{id}`"));
-    let conn = ConnId::parse(id).ok_or_else(not_found)?;
-    if conn.shard as usize >= hub.nr_shards() {
-        return Err(not_found());
-    }
     let project = match who {
         Caller::Admin => None,
         Caller::Project(idx) => Some(idx),
     };
-    let outcome = ask(hub, conn.shard as usize, |reply| ShardMsg::Kick {
-        slot: conn.slot,
-        generation: conn.generation,
-        project,
-        reply,
-    })
-    .await?;
+    let outcome = match hub.broker.control() {
+        Some(control) => {
+            let project_id = project.and_then(|p| project_id(hub, p));
+            let here = async |local: &str| kick_local(hub, local, project).await;
+            cluster::kick(control, id, project_id, here).await?
+        }
+        None => kick_local(hub, id, project).await?,
+    };
     match outcome {
         KickOutcome::Closed => Ok(no_content()),
         KickOutcome::NotFound => Err(not_found()),
         KickOutcome::OtherProject => Err(ApiError::forbidden(format!(
             "connection `{id}` belongs to another project"
         ))),
+    }
+}
+
+/// Closes (4003) this node's connection `id` (a local id) if it is open and, with `project`,
+/// belongs to that project.
+pub(super) async fn kick_local(
+    hub: &Hub,
+    id: &str,
+    project: Option<u32>,
+) -> Result<KickOutcome, ApiError> {
+    let Some(conn) = ConnId::parse(id).filter(|c| (c.shard as usize) < hub.nr_shards()) else {
+        return Ok(KickOutcome::NotFound);
+    };
+    ask(hub, conn.shard as usize, |reply| ShardMsg::Kick {
+        slot: conn.slot,
+        generation: conn.generation,
+        project,
+        reply,
+    })
+    .await
+}
+
+/// Executes another node's request ([`cluster::serve_requests`]) on this node.
+pub(super) async fn execute(hub: Arc<Hub>, op: cluster::Op) -> Result<Value, ApiError> {
+    let project_idx = |id: &str| hub.registry.load().project(id).map(|p| p.idx);
+    match op {
+        cluster::Op::List(q) => {
+            let me = hub.broker.control().map(|c| c.node().to_owned());
+            let project = match &q.project {
+                Some(id) => match project_idx(id) {
+                    Some(idx) => Some(idx),
+                    None => return Ok(serde_json::json!({ "connections": [] })),
+                },
+                None => None,
+            };
+            let after = q
+                .cursor
+                .filter(|(node, _)| Some(node) == me.as_ref())
+                .and_then(|(_, id)| ConnId::parse(&id));
+            let found = list_local(&hub, project, q.topic, q.user, q.limit, after).await?;
+            let found: Vec<ConnJson> = found.into_iter().map(Into::into).collect();
+            Ok(serde_json::json!({ "connections": found }))
+        }
+        cluster::Op::Kick { id, project } => {
+            let project = match project {
+                Some(p) => match project_idx(&p) {
+                    Some(idx) => Some(idx),
+                    None => return Ok(serde_json::json!(cluster::Kicked::OtherProject)),
+                },
+                None => None,
+            };
+            let outcome = match kick_local(&hub, &id, project).await? {
+                KickOutcome::Closed => cluster::Kicked::Closed,
+                KickOutcome::NotFound => cluster::Kicked::NotFound,
+                KickOutcome::OtherProject => cluster::Kicked::OtherProject,
+            };
+            Ok(serde_json::json!(outcome))
+        }
+        cluster::Op::Disconnect { project, user } => {
+            let n = match project_idx(&project) {
+                Some(idx) => disconnect_local(&hub, idx, user.into()).await?,
+                None => 0,
+            };
+            Ok(serde_json::json!({ "disconnected": n }))
+        }
+        cluster::Op::Stats => Ok(stats_json(&hub)),
     }
 }
 
@@ -227,6 +311,24 @@ pub(super) async fn disconnect(
     let b: DisconnectBody = read_json(settings, req, "disconnect body").await?;
     let user: Box<str> = checked_user(b.user)?.into();
     let project = authorize(hub, who, &b.project)?;
+    if let Some(control) = hub.broker.control() {
+        let project_id = project_id(hub, project).unwrap_or_default();
+        let local = disconnect_local(hub, project, user.clone());
+        return cluster::disconnect(control, project_id, &user, local).await;
+    }
+    let n = disconnect_local(hub, project, user).await?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "disconnected": n }),
+    ))
+}
+
+/// Closes (4003) all of `user`'s connections of `project` on this node; how many.
+pub(super) async fn disconnect_local(
+    hub: &Hub,
+    project: u32,
+    user: Box<str>,
+) -> Result<usize, ApiError> {
     // Every shard gets the order before any answer is awaited, so they close concurrently.
     let answers = hub
         .shards()
@@ -237,18 +339,18 @@ pub(super) async fn disconnect(
         })
         .await?;
     // A stopped shard has no connection left.
-    let n: usize = answers.into_iter().filter_map(|(_, k)| k).sum();
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({ "disconnected": n }),
-    ))
+    Ok(answers.into_iter().filter_map(|(_, k)| k).sum())
 }
 
 /// `GET /api/v1/stats` (admin key): connections per shard and per project, message counters,
 /// inbox depths. Read from the shards' counters without asking the shards.
-pub(super) fn stats(hub: &Hub, who: Caller) -> Result<Response<Full<Bytes>>, ApiError> {
+pub(super) async fn stats(hub: &Hub, who: Caller) -> Result<Response<Full<Bytes>>, ApiError> {
     require_admin(who, "node statistics")?;
-    Ok(json(StatusCode::OK, &stats_json(hub)))
+    let mut doc = stats_json(hub);
+    if let Some(control) = hub.broker.control() {
+        doc["cluster"] = cluster::stats(control, &doc).await;
+    }
+    Ok(json(StatusCode::OK, &doc))
 }
 
 /// The stats document (also used by tests through the API).

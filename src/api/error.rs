@@ -79,7 +79,7 @@ impl ApiError {
     }
 
     /// This error with `Retry-After: secs`.
-    fn retry_after(self, secs: u32) -> Self {
+    pub(super) fn retry_after(self, secs: u32) -> Self {
         Self {
             retry_after_secs: Some(secs),
             ..self

@@ -2,10 +2,12 @@
 //! runtime. It never touches a connection: it sends commands to shards through the hub's
 //! mailboxes and reads the shards' counters.
 
+mod cluster;
 mod connections;
 mod console;
 mod error;
 mod idempotency;
+mod idempotency_shared;
 mod projects;
 mod publish;
 
@@ -305,7 +307,7 @@ async fn dispatch(
         (["api", "v1", "disconnect"], &Method::POST) => {
             connections::disconnect(hub, settings, admit(ctx, &req)?, req).await
         }
-        (["api", "v1", "stats"], &Method::GET) => connections::stats(hub, admit(ctx, &req)?),
+        (["api", "v1", "stats"], &Method::GET) => connections::stats(hub, admit(ctx, &req)?).await,
         (["api", "v1", "projects"], &Method::GET) => Ok(projects::list(hub, admit(ctx, &req)?)),
         (["api", "v1", "projects", project], &Method::GET) => {
             projects::show(hub, admit(ctx, &req)?, project)
@@ -453,6 +455,7 @@ pub fn start(
                     }
                 };
                 let accept_log = serve::LogThrottle::default();
+                cluster::serve_requests(&hub, connections::execute);
                 loop {
                     tokio::select! {
                         _ = &mut stop_rx => break,

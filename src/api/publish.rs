@@ -19,6 +19,7 @@ use tokio::sync::Mutex;
 
 use super::error::IdempotencyError;
 use super::idempotency::{self, Endpoint, IdempotencyCache, Lookup};
+use super::idempotency_shared;
 use super::{ApiError, ApiSettings, Caller, JsonBody, authorize};
 use crate::hub::Hub;
 use crate::pubsub::Topic;
@@ -103,7 +104,9 @@ fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>, Idempotenc
 /// caller, on this endpoint) was accepted with the same body within the window: then answers
 /// that again, publishing nothing. A new key the cache has no room for is refused, 503 `busy`,
 /// before anything is published.
+#[allow(clippy::too_many_arguments)]
 async fn once(
+    hub: &Hub,
     cache: &Mutex<IdempotencyCache>,
     who: Caller,
     endpoint: Endpoint,
@@ -127,6 +130,16 @@ async fn once(
             .await
             .map(|ids| answer(idempotency::answer(endpoint, &ids), false));
     };
+    // In a cluster the key is the cluster's: a retry to any node replays.
+    if let Some(control) = hub.broker.control() {
+        return Ok(
+            match idempotency_shared::once(hub, control, who, endpoint, key, bytes, publish).await?
+            {
+                idempotency_shared::Outcome::Published(body) => answer(body, false),
+                idempotency_shared::Outcome::Replayed(body) => answer(body, true),
+            },
+        );
+    }
     let fp = idempotency::fingerprint(bytes);
     // Held across the publish (and its wait for an engine's acknowledgement): a concurrent
     // retry waits and then replays.
@@ -158,6 +171,7 @@ pub(super) async fn single(
     let body = JsonBody::read(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let c = check(hub, who, body.parse(PUBLISH_BODY, false)?)?;
     once(
+        hub,
         cache,
         who,
         Endpoint::Single,
@@ -202,6 +216,7 @@ pub(super) async fn batch(
         .map(|(i, b)| check(hub, who, b).map_err(item_err(i)))
         .collect::<Result<Vec<_>, _>>()?;
     once(
+        hub,
         cache,
         who,
         Endpoint::Batch,

@@ -21,6 +21,7 @@
 //! so a publish accepted after the client saw the ack is routed to that shard (see
 //! docs/architecture.md, "Fan-out").
 
+pub mod control;
 mod interest;
 pub mod redis;
 
@@ -184,6 +185,12 @@ pub trait Deliver {
     /// failed), sends it to each shard holding a subscriber of the topic that has room for
     /// it: a shard whose inbox is full does not get it (the caller counts it). Never blocks.
     fn deliver_each(&self, project: &str, topic: &str, body: Bytes) -> Delivered;
+
+    /// Tells the local subscribers of `topic` of project `project` (registry index) that
+    /// messages of it may have been missed (the engine was away): one order to each shard
+    /// holding a subscriber. Never blocks; returns the shards whose inbox was full (they
+    /// were not told).
+    fn resync(&self, project: u32, topic: &str) -> u32;
 }
 
 /// Where publications go and where interest in topics is declared.
@@ -220,6 +227,11 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
 
     /// The engine's counters, when there is one.
     fn engine(&self) -> Option<&EngineStats> {
+        None
+    }
+
+    /// The cluster's control plane, when the node shares an engine.
+    fn control(&self) -> Option<&Arc<control::ControlPlane>> {
         None
     }
 }

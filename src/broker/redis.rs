@@ -41,14 +41,16 @@
 //! While Redis is not connected, publishes are refused 503 `engine_unavailable`, `/readyz`
 //! says `degraded`, and clients stay connected. The bridge logs one line per change of state,
 //! reconnects with exponential backoff and jitter, and on reconnect subscribes again to every
-//! channel the interest table names, in batches. A subscription that stays open but no longer
+//! channel the interest table names, in batches, then tells the subscribers of each that
+//! they may have missed messages ([`Deliver::resync`], from `tell_resync` only). A subscription that stays open but no longer
 //! receives is found by a liveness probe on the node's own channel (`engine.probe_interval_ms`).
 //!
 //! # Not here yet
 //!
-//! Clients are not told of messages missed while Redis was away; a STOMP `RECEIPT` of a
-//! `SUBSCRIBE` does not wait for the node's Redis subscription (a herald.v1 `subscribe` ack
-//! does, through [`Broker::when_subscribed`]); no TLS, Sentinel or Redis Cluster.
+//! A STOMP `RECEIPT` of a `SUBSCRIBE` does not wait for the node's Redis subscription (a
+//! herald.v1 `subscribe` ack does, through [`Broker::when_subscribed`]), nor does the welcome
+//! for the implicit topics; STOMP clients get no `resync` notice; no TLS, Sentinel or Redis
+//! Cluster.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,6 +63,7 @@ use redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushKind, Value};
 use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
 
+use super::control::{self, ControlPlane};
 use super::{
     Broker, Deliver, EngineDown, EngineStats, Interest, Pending, Publication as Pub, PublishError,
 };
@@ -128,6 +131,8 @@ pub struct RedisBroker {
     stats: Arc<EngineStats>,
     /// How long a publish waits for Redis.
     command_timeout: Duration,
+    /// Requests to the other nodes.
+    control: Arc<ControlPlane>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -192,7 +197,11 @@ impl RedisBroker {
         let (changes, change_rx) = mpsc::channel(CHANGE_QUEUE);
         let stats = Arc::new(EngineStats::default());
         let resync = Arc::new(Resync::default());
+        let (control, commands_rx) =
+            ControlPlane::new(node, &settings.prefix, settings.command_timeout);
+        let control = Arc::new(control);
         let broker = Self {
+            control: control.clone(),
             interest: interest.clone(),
             registry: registry.clone(),
             prefix: settings.prefix.clone(),
@@ -204,6 +213,8 @@ impl RedisBroker {
         };
         let bridge = Bridge {
             publish_rx,
+            commands_rx,
+            control,
             subs: Subscriptions {
                 probe_channel: probe_channel(&settings.prefix, node),
                 settings: settings.clone(),
@@ -298,12 +309,20 @@ impl Broker for RedisBroker {
     fn engine(&self) -> Option<&EngineStats> {
         Some(&self.stats)
     }
+
+    fn control(&self) -> Option<&Arc<ControlPlane>> {
+        Some(&self.control)
+    }
 }
 
 /// The bridge: owns the Redis connections on its own thread ([`Bridge::spawn`]).
 pub struct Bridge {
     /// Publishes from the API and the shards.
     publish_rx: mpsc::Receiver<PublishCmd>,
+    /// Redis commands of the control plane.
+    commands_rx: mpsc::Receiver<control::Command>,
+    /// The control plane: its channels' messages go to it.
+    control: Arc<ControlPlane>,
     /// The node's subscriptions.
     subs: Subscriptions,
 }
@@ -450,6 +469,11 @@ impl Bridge {
                     }
                     None => return true,
                 },
+                cmd = self.commands_rx.recv() => {
+                    if let Some(cmd) = cmd {
+                        let _ = cmd.ack.send(Err("the engine is not connected".into()));
+                    }
+                }
                 change = self.subs.change_rx.recv() => match change {
                     Some(Change::Waiter(p, t, done)) => {
                         self.subs.waiters.entry((p, t)).or_default().push(done);
@@ -468,7 +492,12 @@ impl Bridge {
         hub: &Weak<dyn Deliver + Send + Sync>,
         was_up: &mut Option<bool>,
     ) -> Ended {
-        let Self { publish_rx, subs } = self;
+        let Self {
+            publish_rx,
+            commands_rx,
+            control,
+            subs,
+        } = self;
         let (msg_tx, mut msg_rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>(MESSAGE_QUEUE);
         let lost = Arc::new(Notify::new());
         let (mut publisher, mut subscriber) = match subs.connect(msg_tx, lost.clone()).await {
@@ -478,11 +507,21 @@ impl Bridge {
         if let Err(e) = subscriber.subscribe(&subs.probe_channel).await {
             return Ended::Lost(describe(e));
         }
+        if let Err(e) = subscriber.subscribe(&control.channels()).await {
+            return Ended::Lost(describe(e));
+        }
+        if let Err(e) = control.heartbeat().query_async::<()>(&mut publisher).await {
+            return Ended::Lost(describe(e));
+        }
         if let Err(e) = subs.reconcile(&mut subscriber).await {
             return Ended::Lost(e);
         }
+        let reconnected = subs.stats.connects.load(Ordering::Relaxed) > 0;
         subs.stats.up.store(true, Ordering::Release);
         add(&subs.stats.connects, 1);
+        if reconnected {
+            tell_resync(hub, &subs.subscribed, &subs.stats);
+        }
         if *was_up != Some(true) {
             info!(
                 channels = subs.subscribed.len(),
@@ -502,14 +541,28 @@ impl Bridge {
         };
         // When a message (any, the probe included) last came from Redis.
         let heard = std::cell::Cell::new(Instant::now());
+        let commander = publisher.clone();
         let publishing = publish_loop(publish_rx, &mut publisher, command_timeout, &stats);
-        let delivering = deliver_loop(&mut msg_rx, hub, &prefix, &heard, &stats);
+        let delivering = deliver_loop(&mut msg_rx, hub, control, &prefix, &heard, &stats);
         tokio::pin!(publishing, delivering);
         // The subscription manager and the probe run here, beside the two loops.
         let mut tick = tokio::time::interval(lingering_period(subs.settings.unsubscribe_linger));
         let mut probe_tick = tokio::time::interval(probe.period());
+        let mut heartbeat = tokio::time::interval(control::HEARTBEAT);
         loop {
             tokio::select! {
+                _ = heartbeat.tick() => {
+                    let mut conn = commander.clone();
+                    let pipe = control.heartbeat();
+                    tokio::spawn(async move { pipe.query_async::<()>(&mut conn).await });
+                }
+                cmd = commands_rx.recv() => {
+                    let Some(control::Command { pipe, ack }) = cmd else { return Ended::Stopped };
+                    let mut conn = commander.clone();
+                    tokio::spawn(async move {
+                        let _ = ack.send(pipe.query_async::<Value>(&mut conn).await.map_err(describe));
+                    });
+                }
                 ended = &mut publishing => return ended,
                 ended = &mut delivering => return ended,
                 () = lost.notified() => return Ended::Lost("connection closed".into()),
@@ -795,6 +848,25 @@ fn lingering_period(linger: Duration) -> Duration {
     (linger / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }
 
+/// After the engine was away: tells the local subscribers of every topic subscribed again
+/// that they may have missed messages of it (a `resync` notice each). The one place that
+/// does; topics with history will be repaired instead.
+fn tell_resync(hub: &Weak<dyn Deliver + Send + Sync>, topics: &HashSet<Key>, stats: &EngineStats) {
+    let Some(node) = hub.upgrade() else {
+        return;
+    };
+    let nr_full: u32 = topics.iter().map(|(p, t)| node.resync(*p, t)).sum();
+    if nr_full > 0 {
+        add(&stats.dropped_inbox_full, u64::from(nr_full));
+        warn!(
+            dropped = nr_full,
+            "shard inbox full: resync notices after the engine came back were not sent to \
+             that shard's subscribers (counted in herald_engine_dropped_total{{reason=\
+             \"inbox_full\"}})"
+        );
+    }
+}
+
 /// Sends queued publishes to Redis in pipelines, in queue order, and answers each.
 async fn publish_loop(
     rx: &mut mpsc::Receiver<PublishCmd>,
@@ -862,6 +934,7 @@ async fn publish_loop(
 async fn deliver_loop(
     rx: &mut mpsc::Receiver<(Vec<u8>, Vec<u8>)>,
     hub: &Weak<dyn Deliver + Send + Sync>,
+    control: &ControlPlane,
     prefix: &str,
     heard: &std::cell::Cell<Instant>,
     stats: &EngineStats,
@@ -886,6 +959,10 @@ async fn deliver_loop(
         queue_full_seen = dropped;
         if ch.starts_with(prefix.as_bytes()) && ch[prefix.len()..].starts_with(b"~node:") {
             // The node's own probe: heard, nothing to deliver.
+            continue;
+        }
+        if ch.starts_with(prefix.as_bytes()) && ch[prefix.len()..].starts_with(b"~ctl") {
+            control.received(&payload);
             continue;
         }
         add(&stats.received, 1);

@@ -190,6 +190,30 @@ impl Shard {
         }
     }
 
+    /// Tells every local herald.v1 subscriber of `topic` that messages of it may have been
+    /// missed while the engine was away (`resync`); a STOMP subscriber gets nothing (STOMP
+    /// has no such frame). A subscriber whose queue is full is closed as a slow consumer.
+    pub(super) fn resync(&mut self, project: u32, topic: &str) {
+        let Some(t) = self.topics.lookup(project, topic) else {
+            return;
+        };
+        let frame = crate::ws::codec::herald_v1::resync(topic);
+        let cap = self.limits.max_outbound_queue_bytes;
+        let slots: Vec<u32> = self
+            .topics
+            .subscribers(t)
+            .iter()
+            .copied()
+            .filter(|slot| !self.stomp.contains_key(slot))
+            .collect();
+        for slot in slots {
+            if push_frame(&mut self.conns, &mut self.dirty, slot, &[&frame], cap) == Push::Overflow
+            {
+                self.close_with(slot, CloseReason::SlowConsumer);
+            }
+        }
+    }
+
     /// Asks again for topics whose acks have waited [`HELD_ACK_RETRY`] while the engine is
     /// up (the answer was lost to a full inbox); while it is down, the broker keeps the
     /// question until it is back.

@@ -113,6 +113,14 @@ pub enum ShardMsg {
         /// Where the shard answers.
         reply: tokio::sync::oneshot::Sender<usize>,
     },
+    /// The node's engine subscription of `topic` of `project` was made again after the
+    /// engine was away: messages may have been missed; tell the topic's subscribers.
+    Resync {
+        /// Registry index of the project.
+        project: u32,
+        /// The topic.
+        topic: Box<str>,
+    },
 }
 
 impl ShardMsg {

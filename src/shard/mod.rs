@@ -438,6 +438,7 @@ impl Shard {
                 let _ = reply.send(self.kick(slot, generation, project));
             }
             ShardMsg::Subscribed { project, topic } => self.release_acks(project, topic),
+            ShardMsg::Resync { project, topic } => self.resync(project, &topic),
             ShardMsg::DisconnectUser {
                 project,
                 user,

@@ -252,3 +252,47 @@ def test_rate_limited_answers_as_documented(servers):
     assert json.loads(r.body)["error"] == "rate_limited"
     # Unauthenticated requests are 401 as documented, never 429.
     assert check(server, "GET", "/api/v1/stats", key="wrong") == 401
+
+
+def test_cluster_answers_as_documented(servers, tmp_path):
+    """With `[engine]`, connection management and statistics answer for the whole cluster
+    (node-named ids, `nodes`, `partial`, the stats' `cluster`), as documented."""
+    import subprocess
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        extra = f'\n[engine]\nurl = "redis://127.0.0.1:{port}/0"\nprefix = "openapi:"\nnode = "n1"\n'
+        server = servers.start(config=config_toml(shards=1, extra=extra))
+        deadline = time.monotonic() + 20
+        while http_request("GET", f"{server.api_url}/readyz", None, {}).status != 200:
+            assert time.monotonic() < deadline, "the engine never came up"
+            time.sleep(0.05)
+
+        async def scenario():
+            conns = [await client(server, "alice")]
+            try:
+                assert check(server, "GET", "/api/v1/connections") == 200
+                r = http_request("GET", f"{server.api_url}/api/v1/connections", None,
+                                 {"Authorization": f"Bearer {ADMIN_KEY}"})
+                listed = json.loads(r.body)
+                assert listed["nodes"] == {"n1": "ok"} and listed["partial"] is False, listed
+                conn = listed["connections"][0]["id"]
+                assert conn.endswith("@n1"), conn
+                assert check(server, "GET", "/api/v1/stats") == 200
+                assert check(server, "DELETE", f"/api/v1/connections/{conn}") == 204
+                assert check(server, "DELETE", "/api/v1/connections/0-0-0@elsewhere") == 404
+                assert check(server, "POST", "/api/v1/disconnect", {"project": "shop", "user": "alice"}) == 200
+            finally:
+                await close_all([ws for ws, _ in conns])
+
+        run(scenario())
+    finally:
+        redis.kill()
+        redis.wait(timeout=10)

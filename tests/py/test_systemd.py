@@ -24,6 +24,13 @@ def unit_text() -> str:
     return UNIT.read_text()
 
 
+def analyze_verify(unit: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`systemd-analyze verify` of a unit file."""
+    return subprocess.run(
+        [ANALYZE, "verify", "--man=no", unit], capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+
+
 def test_unit_has_the_required_directives():
     text = unit_text()
     lines = {l.strip() for l in text.splitlines() if l.strip() and not l.startswith("#")}
@@ -61,13 +68,7 @@ def test_systemd_analyze_verify(tmp_path):
     text = unit_text().replace("/usr/local/bin/herald", str(HERALD))
     assert str(HERALD) in text
     unit.write_text(text)
-    r = subprocess.run(
-        [ANALYZE, "verify", "--man=no", str(unit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    r = analyze_verify(str(unit), tmp_path)
     # Messages about *this* unit are failures; the host's own units are not our business.
     ours = [l for l in (r.stdout + r.stderr).splitlines() if "herald.service" in l]
     assert r.returncode == 0 and not ours, f"rc={r.returncode}\n{r.stdout}\n{r.stderr}"
@@ -79,13 +80,7 @@ def test_verify_catches_a_broken_unit(tmp_path):
     unit = tmp_path / "herald.service"
     text = unit_text().replace("/usr/local/bin/herald", str(HERALD))
     unit.write_text(text.replace("Type=notify", "Type=bogus"))
-    r = subprocess.run(
-        [ANALYZE, "verify", "--man=no", str(unit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    r = analyze_verify(str(unit), tmp_path)
     assert "herald.service" in r.stdout + r.stderr
 
 
@@ -112,6 +107,8 @@ def test_install_into_a_root(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert os.access(tmp_path / "usr/local/bin/herald", os.X_OK)
     assert (tmp_path / "etc/systemd/system/herald.service").read_text() == unit_text()
+    assert (tmp_path / "etc/systemd/system/herald@.service").read_text() == (
+        ROOT / "systemd" / "herald@.service").read_text()
     conf = tmp_path / "etc/herald/herald.toml"
     assert oct(conf.stat().st_mode & 0o777) == "0o640"
     c = subprocess.run(
@@ -123,3 +120,31 @@ def test_install_into_a_root(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "exists: kept" in r.stdout
     assert conf.read_text() == before
+
+
+NODE_UNIT = ROOT / "systemd" / "herald@.service"
+#: The directives a cluster node's instance sets its own way.
+PER_NODE = ("Description=", "After=", "Wants=", "ExecStart=", "StateDirectory=")
+
+
+def directives(text: str) -> set[str]:
+    return {l.strip() for l in text.splitlines() if l.strip() and not l.startswith("#")}
+
+
+def test_node_template_is_the_unit_with_a_config_and_state_per_node():
+    ours, node = directives(unit_text()), directives(NODE_UNIT.read_text())
+    same = lambda d: {l for l in d if not l.startswith(PER_NODE)}
+    assert same(ours) == same(node), f"only in herald.service: {same(ours) - same(node)}; only in herald@.service: {same(node) - same(ours)}"
+    assert "ExecStart=/usr/local/bin/herald serve --config /etc/herald/%i.toml --log-json" in node
+    assert "StateDirectory=herald/%i" in node
+    assert "After=network-online.target redis-server.service" in node
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed (apt: systemd)")
+def test_node_template_verifies(tmp_path):
+    assert HERALD.exists(), f"build the binary first: {HERALD}"
+    (tmp_path / "herald@.service").write_text(
+        NODE_UNIT.read_text().replace("/usr/local/bin/herald", str(HERALD)))
+    r = analyze_verify(str(tmp_path / "herald@a.service"), tmp_path)
+    ours = [l for l in (r.stdout + r.stderr).splitlines() if "herald@" in l]
+    assert r.returncode == 0 and not ours, f"rc={r.returncode}\n{r.stdout}\n{r.stderr}"

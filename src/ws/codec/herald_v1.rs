@@ -37,6 +37,16 @@ pub fn unsubscribed(topic: &str) -> Bytes {
     frame::text(ops::unsubscribed(topic, ops::DropReason::NotAllowed).as_bytes())
 }
 
+/// `{"type":"resync","topic":..,"reason":"engine"}` as a text frame: the node's engine
+/// subscription of the topic was made again after the engine was away, so messages of the
+/// topic may have been missed.
+pub fn resync(topic: &str) -> Bytes {
+    let mut s = String::from("{\"type\":\"resync\",\"topic\":");
+    s.push_str(&serde_json::to_string(topic).expect("strings serialise"));
+    s.push_str(",\"reason\":\"engine\"}");
+    frame::text(s.as_bytes())
+}
+
 /// The first frame of a connection (field order as in protocol.md).
 #[derive(serde::Serialize)]
 struct Welcome<'a> {
