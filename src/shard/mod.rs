@@ -491,13 +491,17 @@ impl Shard {
                 };
                 let in_sockjs = self.conns.get(slot as usize).is_some_and(|c| c.sockjs);
                 let pushed = if let Some(s) = stomp {
-                    let shared = stomp_shared.get_or_insert_with(|| p.stomp_parts());
+                    let (shared, heads) = stomp_shared.get_or_insert_with(|| {
+                        let shared = p.stomp_parts();
+                        let heads = conn::StompHeads::new(&p.id, &shared);
+                        (shared, heads)
+                    });
                     let (conns, dirty) = (&mut self.conns, &mut self.dirty);
                     if in_sockjs {
                         let rest = sockjs.stomp_rest(shared);
                         conn::push_sockjs_stomp_message(conns, dirty, slot, s, t, &rest, &p.id, cap)
                     } else {
-                        conn::push_stomp_message(conns, dirty, slot, s, t, shared, &p.id, cap)
+                        conn::push_stomp_message(conns, dirty, slot, s, t, shared, heads, cap)
                     }
                 } else if in_sockjs {
                     let [h, rest] = sockjs_frame
