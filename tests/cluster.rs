@@ -373,9 +373,10 @@ fn check_config_names_a_bad_engine_setting() {
     // them and names the key without quoting the address.
     let (status, _, err) = check(&cluster_toml(&dir, &redis, "chk:", |e| {
         e.url = "rediss://127.0.0.1:6379".into();
+        e.tls_ca_file = Some(dir.0.join("no-such-ca.pem"));
     }));
     assert_eq!(status.code(), Some(1), "{err}");
-    assert!(err.contains("invalid `engine.url`"), "{err}");
+    assert!(err.contains("invalid `engine.tls_ca_file`"), "{err}");
     assert!(!err.contains("6379"), "the address is never quoted: {err}");
     let (status, _, err) = check(&cluster_toml(&dir, &redis, "chk:", |e| {
         e.node = Some("a/b".into());

@@ -1026,9 +1026,11 @@ impl Throttled {
 /// A Redis error for the log: its category and detail, never the address (it may hold a
 /// password).
 fn describe(e: redis::RedisError) -> String {
-    match e.detail() {
-        Some(d) => format!("{}: {d}", e.category()),
-        None => e.category().to_owned(),
+    match (e.detail(), std::error::Error::source(&e)) {
+        (Some(d), _) => format!("{}: {d}", e.category()),
+        // An I/O error's own words: a refused connection, a TLS certificate not trusted.
+        (None, Some(source)) => format!("{}: {source}", e.category()),
+        (None, None) => e.category().to_owned(),
     }
 }
 
