@@ -3,9 +3,8 @@
 //!
 //! A node subscribes to a topic's channel only once a local connection is subscribed. A
 //! `subscribe` ack waits for that subscription
-//! (`a_subscribe_is_acknowledged_once_redis_has_the_subscription`); the welcome does not
-//! wait for the implicit topics' subscriptions, so the tests wait for the node's subscription
-//! in Redis (`PUBSUB NUMSUB`) before they publish.
+//! (`a_subscribe_is_acknowledged_once_redis_has_the_subscription`), and so does the welcome
+//! for the implicit topics (`the_welcome_comes_once_redis_has_the_implicit_subscriptions`).
 
 mod common;
 
@@ -521,6 +520,57 @@ fn a_subscribe_is_acknowledged_once_redis_has_the_subscription() {
     // subscription exists).
     let (mut other, _) = connect_user(server.listen, "shop", "other");
     subscribe(&mut other, "fresh");
+}
+
+/// The welcome waits for the node's Redis subscription of the connection's implicit topics
+/// (`user.<sub>` is new on the node for a user's first connection). Redis is paused while the
+/// connection opens: the 101 comes, the welcome only after the pause, and a reply to an op
+/// the client sent meanwhile follows the welcome. From the welcome on, a publish to the user
+/// reaches it.
+#[test]
+fn the_welcome_comes_once_redis_has_the_implicit_subscriptions() {
+    let prefix = "welw:";
+    let (redis, server, _reader) = engine_node("welcome-waits", prefix);
+
+    let pause = std::time::Duration::from_millis(800);
+    let paused_at = pause_redis(&redis, pause);
+    let mut c = RawClient::connect(server.listen);
+    let (jwt, _) = token("shop", "newcomer");
+    c.send(upgrade_request("/ws/shop", &format!("Authorization: Bearer {jwt}\r\n")).as_bytes());
+    let head = c.read_http_head();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    c.send(&masked(op::TEXT, br#"{"op":"ping","id":1}"#));
+    let text = |f: Frame| String::from_utf8(f.payload).expect("UTF-8");
+    let welcome = parse_welcome(&text(c.read_frame().expect("the welcome")));
+    let welcomed = paused_at.elapsed();
+    assert!(
+        welcomed >= pause - std::time::Duration::from_millis(50),
+        "welcomed {welcomed:?} into an {pause:?} pause of Redis"
+    );
+    assert_eq!(
+        text(c.read_frame().expect("the pong")),
+        r#"{"type":"pong","id":1}"#,
+        "the reply to an op sent before the welcome follows it"
+    );
+    assert!(
+        welcome.text.contains(r#""user":"newcomer""#),
+        "{}",
+        welcome.text
+    );
+
+    // Once welcomed, the user's topic is subscribed in Redis and a publish reaches it.
+    assert_eq!(redis.numsub(&shop_channel(prefix, "user.newcomer")), 1);
+    let r = publish_shop(server.api, "user.newcomer", r#"{"n":1}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.json()["id"].as_str().expect("an id").to_owned();
+    let (topic, data, got, _) = split_message(&text(c.read_frame().expect("the message")));
+    assert_eq!(
+        (topic, data, got),
+        ("user.newcomer".into(), r#"{"n":1}"#.into(), id)
+    );
+
+    // A second connection of the user is welcomed at once (the subscription exists).
+    let (_again, _) = connect_user(server.listen, "shop", "newcomer");
 }
 
 #[test]

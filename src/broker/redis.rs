@@ -48,9 +48,8 @@
 //! # Not here yet
 //!
 //! A STOMP `RECEIPT` of a `SUBSCRIBE` does not wait for the node's Redis subscription (a
-//! herald.v1 `subscribe` ack does, through [`Broker::when_subscribed`]), nor does the welcome
-//! for the implicit topics; STOMP clients get no `resync` notice; no TLS, Sentinel or Redis
-//! Cluster.
+//! herald.v1 `subscribe` ack and welcome do, through [`Broker::when_subscribed`]); STOMP
+//! clients get no `resync` notice; no Sentinel or Redis Cluster. (TLS: [`super::tls`].)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
