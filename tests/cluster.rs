@@ -898,6 +898,26 @@ fn connections_are_listed_kicked_and_disconnected_across_nodes() {
         stats["connections"], 1,
         "the node's own figures stay: {stats}"
     );
+    // A project's page counts its connections on every node, and on each.
+    let shop = admin_get(nodes[1].1.api, "/api/v1/projects/shop");
+    assert_eq!(
+        shop["connections"], 1,
+        "the node's own figure stays: {shop}"
+    );
+    assert_eq!(shop["cluster"]["connections"], 3, "{shop}");
+    assert_eq!(shop["cluster"]["partial"], false, "{shop}");
+    let per_node = shop["cluster"]["per_node"].as_object().expect("per node");
+    assert_eq!(per_node.len(), 3, "{shop}");
+    for (node, v) in per_node {
+        assert_eq!(shop["cluster"]["nodes"][node], "ok", "{shop}");
+        assert_eq!(
+            v["connections"],
+            admin_get(nodes[1].1.api, "/api/v1/stats")["cluster"]["per_node"][node]["connections"],
+            "{shop}"
+        );
+    }
+    let blog = admin_get(nodes[1].1.api, "/api/v1/projects/blog");
+    assert_eq!(blog["cluster"]["connections"], 0, "{blog}");
 
     // Disconnect alice everywhere through the middle node.
     let r = disconnect_user(nodes[1].1.api, "alice");
@@ -945,6 +965,19 @@ fn a_node_that_does_not_answer_is_reported_and_never_holds_the_request() {
     assert_eq!(stats["cluster"]["nodes"][&dead], "no_answer", "{stats}");
     assert_eq!(stats["cluster"]["connections"], 2, "{stats}");
     assert_eq!(stats["cluster"]["partial"], true, "{stats}");
+    let shop = admin_get(api, "/api/v1/projects/shop");
+    assert_eq!(shop["cluster"]["nodes"][&dead], "no_answer", "{shop}");
+    assert_eq!(shop["cluster"]["connections"], 2, "{shop}");
+    assert_eq!(shop["cluster"]["per_node"].get(&dead), None, "{shop}");
+    assert_eq!(shop["cluster"]["partial"], true, "{shop}");
+    // The node's dropped control requests are counted (none here: the queue never filled).
+    let samples = scrape(api);
+    assert!(
+        samples
+            .iter()
+            .any(|(n, _, v)| n == "herald_engine_control_requests_dropped_total" && *v == 0.0),
+        "herald_engine_control_requests_dropped_total exported"
+    );
     let r = disconnect_user(api, "carol");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["disconnected"], 2, "{}", r.text());
