@@ -47,9 +47,9 @@
 //!
 //! # Not here yet
 //!
-//! A STOMP `RECEIPT` of a `SUBSCRIBE` does not wait for the node's Redis subscription (a
-//! herald.v1 `subscribe` ack and welcome do, through [`Broker::when_subscribed`]); STOMP
-//! clients get no `resync` notice; no Sentinel or Redis Cluster. (TLS: [`super::tls`].)
+//! STOMP clients get no `resync` notice; no Sentinel or Redis Cluster. (A `subscribe` ack, a
+//! STOMP `SUBSCRIBE`'s `RECEIPT` and the welcome wait for the node's Redis subscriptions
+//! through [`Broker::when_subscribed`]; TLS is [`super::tls`].)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
