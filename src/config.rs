@@ -167,9 +167,14 @@ impl EngineConfig {
                     )
                 })?
             }
-            Some("rediss") => {
-                crate::broker::tls::address(self).map_err(|(key, why)| invalid(key, why))?
-            }
+            Some("rediss") => crate::broker::tls::address(&crate::broker::tls::TlsSettings {
+                url: &self.url,
+                tls_ca_file: self.tls_ca_file.as_deref(),
+                tls_cert_file: self.tls_cert_file.as_deref(),
+                tls_key_file: self.tls_key_file.as_deref(),
+                tls_insecure: self.tls_insecure,
+            })
+            .map_err(|(key, why)| invalid(key, why))?,
             _ => {
                 return Err(invalid(
                     "engine.url",

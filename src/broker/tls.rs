@@ -7,14 +7,26 @@ use std::path::Path;
 
 use redis::{ClientTlsConfig, ConnectionInfo, IntoConnectionInfo, TlsCertificates};
 
-use crate::config::EngineConfig;
+/// `[engine]`'s address and TLS keys (`engine.url`, `engine.tls_*`).
+pub struct TlsSettings<'a> {
+    /// `engine.url`, a `rediss://` address.
+    pub url: &'a str,
+    /// `engine.tls_ca_file`.
+    pub tls_ca_file: Option<&'a Path>,
+    /// `engine.tls_cert_file`.
+    pub tls_cert_file: Option<&'a Path>,
+    /// `engine.tls_key_file`.
+    pub tls_key_file: Option<&'a Path>,
+    /// `engine.tls_insecure`.
+    pub tls_insecure: bool,
+}
 
 /// The address of a `rediss://` engine with the section's CA, client certificate and
 /// `tls_insecure` applied.
 ///
 /// # Errors
 /// The key at fault and why (the URL itself is never quoted: it may hold a password).
-pub fn address(e: &EngineConfig) -> Result<ConnectionInfo, (&'static str, String)> {
+pub fn address(e: &TlsSettings<'_>) -> Result<ConnectionInfo, (&'static str, String)> {
     if e.tls_insecure && e.tls_ca_file.is_some() {
         return Err((
             "engine.tls_insecure",
@@ -42,7 +54,7 @@ pub fn address(e: &EngineConfig) -> Result<ConnectionInfo, (&'static str, String
     let url = if e.tls_insecure {
         format!("{}#insecure", e.url)
     } else {
-        e.url.clone()
+        e.url.to_owned()
     };
     let info = url.as_str().into_connection_info().map_err(|err| {
         (
@@ -55,9 +67,9 @@ pub fn address(e: &EngineConfig) -> Result<ConnectionInfo, (&'static str, String
             ),
         )
     })?;
-    let root_cert = read(e.tls_ca_file.as_deref(), "engine.tls_ca_file")?;
-    let client_cert = read(e.tls_cert_file.as_deref(), "engine.tls_cert_file")?;
-    let client_key = read(e.tls_key_file.as_deref(), "engine.tls_key_file")?;
+    let root_cert = read(e.tls_ca_file, "engine.tls_ca_file")?;
+    let client_cert = read(e.tls_cert_file, "engine.tls_cert_file")?;
+    let client_key = read(e.tls_key_file, "engine.tls_key_file")?;
     if root_cert.is_none() && client_cert.is_none() {
         return Ok(info);
     }
