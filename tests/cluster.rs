@@ -938,12 +938,17 @@ fn a_node_that_does_not_answer_is_reported_and_never_holds_the_request() {
         .collect();
     let api = nodes[0].1.api;
     let v = admin_get(api, "/api/v1/connections");
-    let dead = node_of(
-        v["connections"][2]["id"]
-            .as_str()
-            .expect("three connections"),
-    )
-    .to_owned();
+    // A node other than the one asked (the listing is in node-name order, which need not be
+    // the nodes' start order).
+    let asked = format!(":{}", nodes[0].1.listen.port());
+    let dead = v["connections"]
+        .as_array()
+        .expect("connections")
+        .iter()
+        .map(|c| node_of(c["id"].as_str().expect("an id")))
+        .find(|n| !n.ends_with(&asked))
+        .expect("a connection on another node")
+        .to_owned();
     let dead_at = nodes
         .iter()
         .position(|(_, ready, _)| dead.ends_with(&format!(":{}", ready.listen.port())))
