@@ -200,6 +200,13 @@ fn a_node_on_rediss_delivers_and_a_wrong_ca_is_refused() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("engine: cannot connect"), "{err}");
     assert!(err.contains("UnknownIssuer"), "the TLS reason: {err}");
+    // Verification off, when asked for explicitly: the same server is taken unverified.
+    let insecure = tls_toml(&wrong, redis.port, &other_ca, |e| {
+        e.tls_ca_file = None;
+        e.tls_insecure = true;
+    });
+    let (status, out, err) = check_connect(&wrong, &insecure);
+    assert!(status.success(), "{out}{err}");
     let (node, ready) = HeraldProcess::start(&wrong, &toml, &[]);
     let line = node.wait_log("engine unavailable", 0);
     assert!(line.contains("UnknownIssuer"), "the TLS reason: {line}");
