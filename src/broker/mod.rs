@@ -24,6 +24,7 @@
 pub mod control;
 mod interest;
 pub mod redis;
+pub mod tls;
 
 pub use interest::{ENTRY_BYTES, Interest, NR_STRIPES};
 

@@ -47,10 +47,9 @@
 //!
 //! # Not here yet
 //!
-//! A STOMP `RECEIPT` of a `SUBSCRIBE` does not wait for the node's Redis subscription (a
-//! herald.v1 `subscribe` ack does, through [`Broker::when_subscribed`]), nor does the welcome
-//! for the implicit topics; STOMP clients get no `resync` notice; no TLS, Sentinel or Redis
-//! Cluster.
+//! STOMP clients get no `resync` notice; no Sentinel or Redis Cluster. (A `subscribe` ack, a
+//! STOMP `SUBSCRIBE`'s `RECEIPT` and the welcome wait for the node's Redis subscriptions
+//! through [`Broker::when_subscribed`]; TLS is [`super::tls`].)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1026,9 +1025,11 @@ impl Throttled {
 /// A Redis error for the log: its category and detail, never the address (it may hold a
 /// password).
 fn describe(e: redis::RedisError) -> String {
-    match e.detail() {
-        Some(d) => format!("{}: {d}", e.category()),
-        None => e.category().to_owned(),
+    match (e.detail(), std::error::Error::source(&e)) {
+        (Some(d), _) => format!("{}: {d}", e.category()),
+        // An I/O error's own words: a refused connection, a TLS certificate not trusted.
+        (None, Some(source)) => format!("{}: {source}", e.category()),
+        (None, None) => e.category().to_owned(),
     }
 }
 

@@ -122,6 +122,49 @@ impl Shard {
     /// let messages overtake it). The first ack held for a topic asks the broker to be told
     /// ([`ShardMsg::Subscribed`](super::mailbox::ShardMsg::Subscribed)).
     pub(super) fn hold_ack(&mut self, slot: u32, project: u32, topic: &str, ack: &Bytes) -> bool {
+        let generation = self.conns[slot as usize].generation;
+        self.wait_for_engine(project, topic, |held| {
+            held.acks.push((slot, generation, ack.clone()));
+        })
+    }
+
+    /// The welcome of `slot` waits for `topic`, an implicit subscription just made, by the
+    /// rule of [`Shard::hold_ack`]: `true` when it does ([`super::welcome`]).
+    pub(super) fn welcome_waits_for(&mut self, slot: u32, project: u32, topic: &str) -> bool {
+        let generation = self.conns[slot as usize].generation;
+        let waits = self.wait_for_engine(project, topic, |held| {
+            held.welcomes.push((slot, generation));
+        });
+        if waits {
+            self.held_welcomes
+                .entry(slot)
+                .or_insert_with(|| super::welcome::HeldWelcome::new(generation))
+                .nr_waiting += 1;
+        }
+        waits
+    }
+
+    /// Holds the welcome of `slot` if it waits for a topic: `false` when it does not (the
+    /// machine queues it now).
+    pub(super) fn hold_welcome(&mut self, slot: u32, welcome: &Bytes) -> bool {
+        match self.held_welcomes.get_mut(&slot) {
+            Some(w) => {
+                w.welcome = Some(welcome.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Registers a wait (`add`) for the node's engine subscription of `topic` when the
+    /// subscription just made was the node's first interest in it or waits are held for it
+    /// here already; asks the broker on the topic's first wait. `false`: nothing to wait for.
+    fn wait_for_engine(
+        &mut self,
+        project: u32,
+        topic: &str,
+        add: impl FnOnce(&mut super::HeldAcks),
+    ) -> bool {
         let new_node_topic = std::mem::take(&mut self.new_node_topic);
         if self.hub.broker.engine().is_none() {
             return false;
@@ -131,16 +174,15 @@ impl Shard {
         if first && !new_node_topic {
             return false;
         }
-        let generation = self.conns[slot as usize].generation;
         let now = Instant::now();
-        let held = self
+        add(self
             .held_acks
             .entry(key)
             .or_insert_with(|| super::HeldAcks {
                 asked_at: now,
                 acks: Vec::new(),
-            });
-        held.acks.push((slot, generation, ack.clone()));
+                welcomes: Vec::new(),
+            }));
         if first {
             self.ask_when_subscribed(project, topic);
         }
@@ -170,22 +212,60 @@ impl Shard {
         );
     }
 
-    /// Sends the acks held for `topic` to the connections still there.
+    /// Sends the acks held for `topic` to the connections still there, and the welcomes that
+    /// waited for it last.
     pub(super) fn release_acks(&mut self, project: u32, topic: Box<str>) {
         let Some(held) = self.held_acks.remove(&(project, topic)) else {
             return;
         };
-        let cap = self.limits.max_outbound_queue_bytes;
+        for (slot, generation) in held.welcomes {
+            self.welcome_topic_subscribed(slot, generation);
+        }
         for (slot, generation, ack) in held.acks {
             let open = self
                 .conns
                 .get(slot as usize)
                 .is_some_and(|c| c.generation == generation && c.phase == ConnPhase::Open);
-            if open
-                && push_frame(&mut self.conns, &mut self.dirty, slot, &[&ack], cap)
-                    == Push::Overflow
-            {
+            if open {
+                self.push_or_close(slot, &[&ack]);
+            }
+        }
+    }
+
+    /// Queues a frame to `slot` (behind its welcome while that is held); a connection whose
+    /// queue overflows is closed as a slow consumer.
+    fn push_or_close(&mut self, slot: u32, parts: &[&Bytes]) {
+        let cap = self.limits.max_outbound_queue_bytes;
+        let pushed = super::welcome::behind(&mut self.held_welcomes, slot, parts, cap)
+            .unwrap_or_else(|| push_frame(&mut self.conns, &mut self.dirty, slot, parts, cap));
+        if pushed == Push::Overflow {
+            self.close_with(slot, CloseReason::SlowConsumer);
+        }
+    }
+
+    /// One topic the welcome of `slot` waited for is subscribed: the welcome goes once it
+    /// waits for none, followed by what queued behind it.
+    fn welcome_topic_subscribed(&mut self, slot: u32, generation: u32) {
+        let Some(w) = self.held_welcomes.get_mut(&slot) else {
+            return;
+        };
+        if w.generation != generation {
+            return;
+        }
+        w.nr_waiting = w.nr_waiting.saturating_sub(1);
+        if !w.ready() {
+            return;
+        }
+        let Some(w) = self.held_welcomes.remove(&slot) else {
+            return;
+        };
+        let cap = self.limits.max_outbound_queue_bytes;
+        let frames = w.welcome.into_iter().map(|f| vec![f]).chain(w.behind);
+        for parts in frames {
+            let refs: Vec<&Bytes> = parts.iter().collect();
+            if push_frame(&mut self.conns, &mut self.dirty, slot, &refs, cap) == Push::Overflow {
                 self.close_with(slot, CloseReason::SlowConsumer);
+                return;
             }
         }
     }
@@ -198,7 +278,6 @@ impl Shard {
             return;
         };
         let frame = crate::ws::codec::herald_v1::resync(topic);
-        let cap = self.limits.max_outbound_queue_bytes;
         let slots: Vec<u32> = self
             .topics
             .subscribers(t)
@@ -207,10 +286,7 @@ impl Shard {
             .filter(|slot| !self.stomp.contains_key(slot))
             .collect();
         for slot in slots {
-            if push_frame(&mut self.conns, &mut self.dirty, slot, &[&frame], cap) == Push::Overflow
-            {
-                self.close_with(slot, CloseReason::SlowConsumer);
-            }
+            self.push_or_close(slot, &[&frame]);
         }
     }
 
@@ -478,7 +554,8 @@ impl Host for ShardHost<'_> {
     fn send(&mut self, frame: &[&Bytes]) -> Push {
         let s = &mut *self.shard;
         let cap = s.limits.max_outbound_queue_bytes;
-        push_frame(&mut s.conns, &mut s.dirty, self.slot, frame, cap)
+        super::welcome::behind(&mut s.held_welcomes, self.slot, frame, cap)
+            .unwrap_or_else(|| push_frame(&mut s.conns, &mut s.dirty, self.slot, frame, cap))
     }
 
     fn stomp(&mut self) -> Option<&mut stomp::Session> {
@@ -532,6 +609,14 @@ impl Host for ShardHost<'_> {
 
     fn hold_until_subscribed(&mut self, project: u32, topic: &str, ack: &Bytes) -> bool {
         self.shard.hold_ack(self.slot, project, topic, ack)
+    }
+
+    fn welcome_waits_for(&mut self, project: u32, topic: &str) -> bool {
+        self.shard.welcome_waits_for(self.slot, project, topic)
+    }
+
+    fn hold_welcome(&mut self, welcome: &Bytes) -> bool {
+        self.shard.hold_welcome(self.slot, welcome)
     }
 
     fn lookup(&self, project: u32, topic: &str) -> Option<TopicId> {

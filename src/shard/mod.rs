@@ -13,6 +13,7 @@ pub mod fanout;
 pub mod io;
 pub mod mailbox;
 mod refusals;
+mod welcome;
 
 pub(crate) use refusals::REFUSAL_LOG_EVERY;
 
@@ -126,6 +127,9 @@ pub struct Shard {
     /// The last subscription made on the shard was the node's first interest in its topic
     /// (read by the ack of that subscription, [`Shard::hold_ack`]).
     pub(crate) new_node_topic: bool,
+    /// Welcomes waiting for the engine subscriptions of their connection's implicit topics
+    /// (only with an engine), by slot ([`welcome`]).
+    pub(crate) held_welcomes: HashMap<u32, welcome::HeldWelcome>,
 }
 
 /// Subscribe acks held for one topic ([`Shard::held_acks`]).
@@ -135,6 +139,8 @@ pub(crate) struct HeldAcks {
     pub(crate) asked_at: Instant,
     /// (slot, generation, ack frame) of each connection waiting.
     pub(crate) acks: Vec<(u32, u32, bytes::Bytes)>,
+    /// (slot, generation) of each connection whose welcome waits for the topic.
+    pub(crate) welcomes: Vec<(u32, u32)>,
 }
 
 /// Expiry-heap entries allowed beyond twice the shard's connections before the stale ones
@@ -262,6 +268,7 @@ impl Shard {
             refusals: refusals::RefusalLog::default(),
             stomp: HashMap::new(),
             held_acks: HashMap::new(),
+            held_welcomes: HashMap::new(),
             new_node_topic: false,
         }
     }
@@ -490,7 +497,11 @@ impl Shard {
                     None
                 };
                 let in_sockjs = self.conns.get(slot as usize).is_some_and(|c| c.sockjs);
-                let pushed = if let Some(s) = stomp {
+                let pushed = if let Some(queued) =
+                    welcome::behind(&mut self.held_welcomes, slot, &frame, cap)
+                {
+                    Some(queued)
+                } else if let Some(s) = stomp {
                     let (shared, heads) = stomp_shared.get_or_insert_with(|| {
                         let shared = p.stomp_parts();
                         let heads = conn::StompHeads::new(&p.id, &shared);

@@ -198,6 +198,19 @@ pub trait Host {
     /// sends it then: `true`. `false`: nothing to wait for (a node of its own); the machine
     /// sends it now.
     fn hold_until_subscribed(&mut self, project: u32, topic: &str, ack: &Bytes) -> bool;
+    /// The welcome waits for `topic`, an implicit subscription just made, by the rule of
+    /// [`Host::hold_until_subscribed`]: `true` when it does. Default: it never waits.
+    fn welcome_waits_for(&mut self, project: u32, topic: &str) -> bool {
+        let _ = (project, topic);
+        false
+    }
+    /// Holds `welcome` until every topic it waits for ([`Host::welcome_waits_for`]) is
+    /// subscribed, then sends it, followed by whatever the connection was sent meanwhile:
+    /// `true`. `false`: it waits for nothing; the machine queues it now.
+    fn hold_welcome(&mut self, welcome: &Bytes) -> bool {
+        let _ = welcome;
+        false
+    }
     /// The topic of the project with local subscribers, if any.
     fn lookup(&self, project: u32, topic: &str) -> Option<TopicId>;
     /// A topic's name.
@@ -513,16 +526,19 @@ fn open<H: Host>(
     }
     // The 101 and the welcome go out as one pinned unit, marked started: a close caused by
     // bytes pipelined behind the upgrade truncates the queue, and must not take the HTTP
-    // answer (or the welcome) with it. Both are only queued: nothing is written before this
-    // function returns, after the implicit subscriptions below are in the node's interest
-    // table, so a publish accepted once the client has the welcome reaches it.
+    // answer (or the welcome) with it. They are queued after the implicit subscriptions are
+    // in the node's interest table, and with an engine the welcome waits for their engine
+    // subscriptions (`Host::hold_welcome`), so a publish accepted once the client has the
+    // welcome reaches it.
     let verified = match verified {
         Some(v) if with_history => v,
-        other => {
+        Some(verified) => {
+            admit(h, now, project, verified);
             send_opening(h, answer, welcome, up.sockjs);
-            if let Some(verified) = other {
-                admit(h, now, project, verified);
-            }
+            return;
+        }
+        None => {
+            send_opening(h, answer, welcome, up.sockjs);
             return;
         }
     };
@@ -539,8 +555,10 @@ fn open<H: Host>(
     send_opening(h, answer, welcome, up.sockjs);
 }
 
-/// Queues the 101, SockJS's `o` for a SockJS session, and the welcome when there is one.
+/// Queues the 101, SockJS's `o` for a SockJS session, and the welcome when there is one
+/// (unless the host holds it for the engine).
 fn send_opening<H: Host>(h: &mut H, answer: Bytes, welcome: Option<Bytes>, in_sockjs: bool) {
+    let welcome = welcome.filter(|w| !h.hold_welcome(w));
     h.send_raw(OutPart {
         bytes: answer,
         more: welcome.is_some() || in_sockjs,
@@ -593,9 +611,13 @@ fn admit<H: Host>(
         history: Vec::new(),
     }));
     c.subs = Vec::with_capacity(implicit.len());
+    let welcomed = h.conn().codec == Codec::HeraldV1;
     for t in &implicit {
         let sub = h.subscribe(project_idx, t.as_str());
         h.conn().subs.push(sub);
+        if welcomed {
+            h.welcome_waits_for(project_idx, t.as_str());
+        }
     }
     h.conn().nr_implicit = implicit.len() as u8;
     let mut positions = Vec::new();
