@@ -3,6 +3,7 @@
 //! key sets tokens verify with, the caps, the topic index) and executes the actions it takes
 //! on the shard's state. [`Shard::set_phase`] is the one place a connection changes phase.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -168,6 +169,64 @@ impl Shard {
                 }
             }),
         );
+    }
+
+    /// Asks the broker to read the stream of `topic` (for the subscribe `then` of `slot`)
+    /// into the node's copy, and to tell this shard when done
+    /// ([`ShardMsg::Fetched`](super::mailbox::ShardMsg::Fetched)).
+    pub(super) fn fetch_history(
+        &mut self,
+        slot: u32,
+        generation: u32,
+        (project, topic): (u32, &str),
+        then: machine::Fetch,
+    ) {
+        // The subscription asks no ack of its own (`hold_ack`): the answer waits for the read.
+        self.new_node_topic = false;
+        let ttl_ms = self
+            .hub
+            .registry
+            .load()
+            .project_at(project)
+            .and_then(|p| crate::history::rule_for(&p.history, topic).map(|r| r.ttl_ms))
+            .unwrap_or(0);
+        let token = self.fetches.next;
+        self.fetches.next += 1;
+        let read = crate::broker::HistoryRead {
+            after: then.since.as_ref().map(|s| s.offset),
+            count: self.hub.history.max_replay(),
+            ttl_secs: (ttl_ms / 1000).max(1),
+        };
+        self.fetches.waiting.insert(token, (slot, generation, then));
+        let hub = Arc::downgrade(&self.hub);
+        let shard = self.id as usize;
+        self.hub.broker.fetch_history(
+            project,
+            topic,
+            read,
+            Box::new(move || {
+                if let Some(hub) = hub.upgrade() {
+                    // Past the bound: a waiting subscribe is answered even on a full inbox.
+                    let _ = hub.mailboxes[shard]
+                        .send_over_bound(super::mailbox::ShardMsg::Fetched { token });
+                }
+            }),
+        );
+    }
+
+    /// Answers the subscribe numbered `token`, its stream read, if its connection is there.
+    pub(super) fn fetched(&mut self, token: u64) {
+        let Some((slot, generation, then)) = self.fetches.waiting.remove(&token) else {
+            return;
+        };
+        let here = self
+            .conns
+            .get(slot as usize)
+            .is_some_and(|c| c.generation == generation);
+        if here {
+            let now = self.now();
+            machine::fetched(&mut self.host(slot), now, then);
+        }
     }
 
     /// Sends the acks held for `topic` to the connections still there.
@@ -546,6 +605,16 @@ impl Host for ShardHost<'_> {
         &self.shard.hub.history
     }
 
+    fn fetches_history(&self) -> bool {
+        self.shard.hub.broker.engine().is_some()
+    }
+
+    fn fetch_history(&mut self, project: u32, topic: &str, then: machine::Fetch) {
+        let generation = self.generation();
+        self.shard
+            .fetch_history(self.slot, generation, (project, topic), then);
+    }
+
     fn publish(&mut self, project: u32, topic: &Topic, data: &RawValue) -> Result<(), String> {
         let s = &*self.shard;
         s.hub
@@ -553,4 +622,14 @@ impl Host for ShardHost<'_> {
             .map(|_| ShardStats::add(&s.stats.published, 1))
             .map_err(|e| e.to_string())
     }
+}
+
+/// Subscribes waiting for their topic's stream to be read from the engine
+/// ([`Shard::fetch_history`]).
+#[derive(Debug, Default)]
+pub(crate) struct Fetches {
+    /// The next subscribe's number.
+    next: u64,
+    /// (slot, generation, subscribe) by number.
+    waiting: HashMap<u64, (u32, u32, machine::Fetch)>,
 }

@@ -126,6 +126,8 @@ pub struct Shard {
     /// The last subscription made on the shard was the node's first interest in its topic
     /// (read by the ack of that subscription, [`Shard::hold_ack`]).
     pub(crate) new_node_topic: bool,
+    /// Subscribes waiting for their topic's stream to be read from the engine.
+    pub(crate) fetches: driver::Fetches,
 }
 
 /// Subscribe acks held for one topic ([`Shard::held_acks`]).
@@ -263,6 +265,7 @@ impl Shard {
             stomp: HashMap::new(),
             held_acks: HashMap::new(),
             new_node_topic: false,
+            fetches: driver::Fetches::default(),
         }
     }
 
@@ -439,6 +442,7 @@ impl Shard {
             }
             ShardMsg::Subscribed { project, topic } => self.release_acks(project, topic),
             ShardMsg::Resync { project, topic } => self.resync(project, &topic),
+            ShardMsg::Fetched { token } => self.fetched(token),
             ShardMsg::DisconnectUser {
                 project,
                 user,

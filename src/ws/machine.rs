@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use tracing::{debug, info};
 
 use super::close::CloseReason;
@@ -198,6 +199,18 @@ pub trait Host {
     /// sends it then: `true`. `false`: nothing to wait for (a node of its own); the machine
     /// sends it now.
     fn hold_until_subscribed(&mut self, project: u32, topic: &str, ack: &Bytes) -> bool;
+    /// Whether streams are read from an engine ([`Host::fetch_history`]) rather than from the
+    /// node's store, which is then the stream.
+    fn fetches_history(&self) -> bool {
+        false
+    }
+    /// Reads the stream of `topic` (of a topic with history the connection has just
+    /// subscribed to) from the engine into the node's copy, once the node's engine
+    /// subscription exists, then calls [`fetched`] with `then`. Only when
+    /// [`Host::fetches_history`].
+    fn fetch_history(&mut self, project: u32, topic: &str, then: Fetch) {
+        let _ = (project, topic, then);
+    }
     /// The topic of the project with local subscribers, if any.
     fn lookup(&self, project: u32, topic: &str) -> Option<TopicId>;
     /// A topic's name.
@@ -674,6 +687,62 @@ pub fn resume<H: Host>(h: &mut H, now: Now) {
     }
 }
 
+/// A subscribe waiting for its topic's stream to be read from the engine
+/// ([`Host::fetch_history`]).
+#[derive(Debug)]
+pub struct Fetch {
+    /// The request's `id`.
+    pub id: Option<Box<RawValue>>,
+    /// The topic.
+    pub topic: Box<str>,
+    /// Where the client stands in the stream, if it recovers.
+    pub since: Option<crate::history::Since>,
+}
+
+/// The stream of a subscribe's topic has been read from the engine into the node's copy
+/// ([`Host::fetch_history`]): the subscribe is answered from it as on a node of its own (the
+/// position, and what was missed, replayed), and live deliveries past the position follow.
+/// Nothing when the connection left the topic meanwhile.
+pub fn fetched<H: Host>(h: &mut H, now: Now, then: Fetch) {
+    let Some(id) = h.conn().identity.as_deref() else {
+        return;
+    };
+    let project = id.project.idx;
+    let subscribed = h
+        .lookup(project, &then.topic)
+        .is_some_and(|t| h.conn().subs.iter().any(|s| s.topic == t));
+    if !subscribed || h.conn().phase != ConnPhase::Open {
+        return;
+    }
+    match read_history(h, now, (project, &then.topic), then.since.as_ref(), false) {
+        Some(r) => answer_subscribed(h, now, then.id.as_deref(), &r),
+        // The topic lost its history meanwhile (a reload): a plain ack.
+        None => {
+            let ack = h.conn().codec.ack(then.id.as_deref(), None);
+            reply(h, now, ack);
+        }
+    }
+}
+
+/// Answers a subscribe to a topic with history: the ack with the stream's position (and
+/// whether the client recovered), then what it missed.
+fn answer_subscribed<H: Host>(
+    h: &mut H,
+    now: Now,
+    id: Option<&RawValue>,
+    r: &crate::history::Replay,
+) {
+    let recovered = r.outcome.as_ref().map(|o| match o {
+        Ok(_) => Ok(()),
+        Err(why) => Err(why.as_str()),
+    });
+    let ack = super::ops::ack_position(id, &r.position.epoch, r.position.offset, recovered);
+    reply(h, now, frame::text(ack.as_bytes()));
+    if let Some(Ok(entries)) = &r.outcome {
+        replay(h, now, entries);
+    }
+}
+
 /// Queues replayed entries in order; `false` when the connection's queue overflowed (it then
 /// closes as a slow consumer).
 fn replay<H: Host>(h: &mut H, now: Now, entries: &[crate::history::Entry]) -> bool {
@@ -845,15 +914,16 @@ fn on_codec_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
         Ok(op) => execute(h, now, op),
     };
     if let Ok(Reply::Subscribed(_, _, Some(r))) = &result {
-        let recovered = r.outcome.as_ref().map(|o| match o {
-            Ok(_) => Ok(()),
-            Err(why) => Err(why.as_str()),
-        });
-        let ack = super::ops::ack_position(req.id, &r.position.epoch, r.position.offset, recovered);
-        reply(h, now, frame::text(ack.as_bytes()));
-        if let Some(Ok(entries)) = &r.outcome {
-            replay(h, now, entries);
-        }
+        answer_subscribed(h, now, req.id, r);
+        return Flow::Continue;
+    }
+    if let Ok(Reply::Fetching(project, topic, since)) = result {
+        let then = Fetch {
+            id: req.id.map(|id| id.to_owned()),
+            topic: topic.clone(),
+            since,
+        };
+        h.fetch_history(project, &topic, then);
         return Flow::Continue;
     }
     if let Ok(Reply::Recovered(topics)) = &result {
@@ -882,7 +952,9 @@ fn on_codec_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
         return Flow::Continue;
     }
     let answer = match &result {
-        Ok(Reply::Ack | Reply::Subscribed(..) | Reply::Recovered(_)) => codec.ack(req.id, None),
+        Ok(Reply::Ack | Reply::Subscribed(..) | Reply::Recovered(_) | Reply::Fetching(..)) => {
+            codec.ack(req.id, None)
+        }
         Ok(Reply::AckExp(exp)) => codec.ack(req.id, Some(*exp)),
         Ok(Reply::Pong) => codec.pong(req.id),
         Err((code, msg)) => codec.error(req.id, *code, msg),
@@ -912,6 +984,9 @@ enum Reply {
     Subscribed(u32, Box<str>, Option<crate::history::Replay>),
     /// The implicit topics recovered (`recover`).
     Recovered(Vec<(Box<str>, crate::history::Replay)>),
+    /// A new subscription (project, topic) to a topic with history whose stream is read from
+    /// the engine first ([`Host::fetch_history`]): acknowledged then ([`fetched`]).
+    Fetching(u32, Box<str>, Option<crate::history::Since>),
     AckExp(Option<u64>),
     Pong,
 }
@@ -944,6 +1019,14 @@ fn execute<H: Host>(h: &mut H, now: Now, op: Op<'_>) -> Result<Reply, OpError> {
             // bit before the client can see it.
             let sub = h.subscribe(project, topic.as_str());
             h.conn().subs.push(sub);
+            if h.fetches_history()
+                && crate::history::rule_for(&identity(h).project.history, topic.as_str()).is_some()
+                && let Some(t) = h.lookup(project, topic.as_str())
+            {
+                // Nothing of the topic goes to the connection until the stream is read.
+                recovery::shut(identity(h), t);
+                return Ok(Reply::Fetching(project, topic.as_str().into(), since));
+            }
             let replay = read_history(h, now, (project, topic.as_str()), since.as_ref(), false);
             Ok(Reply::Subscribed(project, topic.as_str().into(), replay))
         }

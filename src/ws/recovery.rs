@@ -49,6 +49,16 @@ pub fn mark(id: &mut Identity, topic: TopicId, at: &Position, hold: bool) {
     }
 }
 
+/// Sends nothing of `topic` to the connection until its next [`mark`] (its stream is being
+/// read from the engine: what is delivered meanwhile is in the node's copy read then).
+pub fn shut(id: &mut Identity, topic: TopicId) {
+    let at = Position {
+        epoch: "".into(),
+        offset: u64::MAX,
+    };
+    mark(id, topic, &at, false);
+}
+
 /// Forgets `topic` (unsubscribed: its id may name another topic later).
 pub fn forget(id: &mut Identity, topic: TopicId) {
     id.history.retain(|m| m.topic != topic);
