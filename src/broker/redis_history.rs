@@ -325,6 +325,26 @@ mod tests {
     }
 
     #[test]
+    fn a_jump_in_offsets_asks_for_a_repair_and_what_a_repair_delivered_is_dropped() {
+        let mut d = Delivered::default();
+        let key: Key = ("shop".into(), "news".into());
+        assert_eq!(d.step(&key, "E", 7), Step::Deliver, "first seen");
+        d.note(key.clone(), "E", 7);
+        assert_eq!(d.step(&key, "E", 8), Step::Deliver);
+        assert_eq!(d.step(&key, "E", 11), Step::Repair(8));
+        assert_eq!(d.step(&key, "E", 7), Step::Skip);
+        assert_eq!(d.step(&key, "F", 1), Step::Deliver, "another epoch");
+        d.unsubscribed().lock().unwrap().push(key.clone());
+        d.forget_unsubscribed();
+        assert_eq!(
+            d.step(&key, "E", 11),
+            Step::Deliver,
+            "forgotten once unsubscribed"
+        );
+        assert_eq!(d.last(&key), None);
+    }
+
+    #[test]
     fn keys_sit_beside_the_channel_under_the_prefix() {
         assert_eq!(stream_key("h:", "shop", "news"), "h:~h:shop:news");
         assert_eq!(meta_key("h:", "shop", "news"), "h:~m:shop:news");
