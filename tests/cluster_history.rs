@@ -258,7 +258,7 @@ fn clients_of_a_killed_node_recover_elsewhere_every_message_once_in_order() {
                     let ack = subscribe_since(&mut ws, "news", Some((&epoch, last)));
                     assert_eq!(ack["recovered"], true, "client {i}: {ack}");
                 }
-                got
+                (got, nr_reconnects)
             })
         })
         .collect();
@@ -274,7 +274,9 @@ fn clients_of_a_killed_node_recover_elsewhere_every_message_once_in_order() {
     }
     let want: Vec<(u64, i64)> = (1..=N).map(|i| (i as u64, i)).collect();
     for (i, c) in clients.into_iter().enumerate() {
-        assert_eq!(c.join().expect("client"), want, "client {i}");
+        let (got, nr_reconnects) = c.join().expect("client");
+        assert_eq!(got, want, "client {i}");
+        assert_eq!(nr_reconnects, 1, "client {i} moved once, its node killed");
     }
     nodes.clear();
 }
