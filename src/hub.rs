@@ -577,11 +577,20 @@ impl Deliver for Hub {
         });
         // Kept and sent under the history lock, as a local publish is (`deliver`).
         let mut inner = self.history.lock();
+        // A stream started again in the engine (lost there): its subscribers are told, and
+        // take its offsets from 1, before its first message.
+        let restarted = self
+            .history
+            .epoch_held(&inner, (pr.idx, topic))
+            .is_some_and(|e| *e != *epoch);
         if let Some(rule) = crate::history::rule_for(&pr.history, topic) {
             let entry = crate::history::Entry { offset, head, body };
             let at = (pr.idx, topic);
             self.history
                 .append_at(&mut inner, at, rule, now_ms(), epoch, entry);
+        }
+        if restarted {
+            self.resync(pr.idx, topic);
         }
         let targets = self.interest.mask(pr.idx, topic);
         self.send_each(targets, &p)

@@ -31,7 +31,9 @@ fn history_node_with(
         size,
         ttl_secs: 300,
     };
-    c.projects[0].history = vec![rule("news*", 100), rule("tiny*", 3)];
+    let mut short = rule("short*", 100);
+    short.ttl_secs = 1;
+    c.projects[0].history = vec![rule("news*", 100), rule("tiny*", 3), short];
     let (p, ready) = HeraldProcess::start(&dir, &toml::to_string(&c).expect("toml"), &[]);
     wait_engine_up(ready.api, true);
     (p, ready, dir)
@@ -279,4 +281,39 @@ fn clients_of_a_killed_node_recover_elsewhere_every_message_once_in_order() {
         assert_eq!(nr_reconnects, 1, "client {i} moved once, its node killed");
     }
     nodes.clear();
+}
+
+/// A stream Redis drops (here for its TTL) starts again under another epoch with offsets from
+/// 1: a subscriber that came in at offset 2 is told (`resync`) and gets the new stream's
+/// messages, none dropped for the old offsets.
+#[test]
+fn a_stream_lost_in_redis_starts_again_for_its_subscribers() {
+    let redis = RedisServer::start("rhist-lost");
+    let prefix = "rhist-lost:";
+    let n = history_node("rhist-lost-0", &redis, prefix);
+    publish_shop(n.1.api, "short", 1);
+    publish_shop(n.1.api, "short", 2);
+    let (mut ws, _) = connect_user(n.1.listen, "shop", "alice");
+    let ack = subscribe_since(&mut ws, "short", None);
+    assert_eq!(ack["offset"], 2, "{ack}");
+    let mut c = redis.connection().unwrap();
+    wait_until("the stream expires in Redis", || {
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(format!("{prefix}~m:shop:short"))
+            .query(&mut c)
+            .unwrap();
+        n == 0
+    });
+    publish_shop(n.1.api, "short", 3);
+    assert_eq!(
+        recv_text(&mut ws),
+        r#"{"type":"resync","topic":"short","reason":"engine"}"#
+    );
+    assert_eq!(
+        message_at(&mut ws, "short"),
+        (1, 3),
+        "offsets from 1, delivered"
+    );
+    publish_shop(n.1.api, "short", 4);
+    assert_eq!(message_at(&mut ws, "short"), (2, 4));
 }

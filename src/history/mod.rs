@@ -279,6 +279,13 @@ impl History {
         true
     }
 
+    /// The epoch of the stream of `topic` of `project` held under the lock `inner`, if it has
+    /// offsets.
+    pub fn epoch_held(&self, inner: &Inner, (project, topic): (u32, &str)) -> Option<Arc<str>> {
+        let s = &inner.streams[inner.ids.get(&(project, Box::from(topic)))?];
+        (s.top > 0).then(|| s.epoch.clone())
+    }
+
     /// Stores what the engine's stream of `topic` of `project` held, read for a recovery:
     /// its `epoch`, its last offset `top` and its entries from some offset on, in order.
     /// Entries held already are kept; the stream's other epoch is replaced; a copy behind the

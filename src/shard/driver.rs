@@ -256,6 +256,16 @@ impl Shard {
         let Some(t) = self.topics.lookup(project, topic) else {
             return;
         };
+        // With history, what follows may be a stream started again: offsets from 1.
+        for slot in self.topics.subscribers(t).to_vec() {
+            if let Some(id) = self
+                .conns
+                .get_mut(slot as usize)
+                .and_then(|c| c.identity.as_deref_mut())
+            {
+                crate::ws::recovery::restart(id, t);
+            }
+        }
         let frame = crate::ws::codec::herald_v1::resync(topic);
         let cap = self.limits.max_outbound_queue_bytes;
         let slots: Vec<u32> = self
