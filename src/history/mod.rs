@@ -18,6 +18,11 @@
 //! that every later offset reaches its inbox after the read, and every earlier one is in the
 //! store or already in its inbox (docs/architecture.md, "History and recovery").
 //!
+//! With an engine the streams are numbered in Redis ([`crate::broker::redis_history`]) and
+//! the store is the node's copy of those it receives ([`History::append_at`]) or reads for a
+//! recovery ([`History::fill`]), kept and read under the same lock, so the same reasoning
+//! holds.
+//!
 //! This module must not know about connections or shards: it answers with positions and
 //! entries.
 
