@@ -33,7 +33,12 @@ fn history_node_with(
     };
     let mut short = rule("short*", 100);
     short.ttl_secs = 1;
-    c.projects[0].history = vec![rule("news*", 100), rule("tiny*", 3), short];
+    c.projects[0].history = vec![
+        rule("news*", 100),
+        rule("tiny*", 3),
+        short,
+        rule("user.*", 100),
+    ];
     let (p, ready) = HeraldProcess::start(&dir, &toml::to_string(&c).expect("toml"), &[]);
     wait_engine_up(ready.api, true);
     (p, ready, dir)
@@ -54,6 +59,43 @@ fn subscribe_since(ws: &mut Client, topic: &str, since: Option<(&str, u64)>) -> 
         op["since"] = json!({"epoch": epoch, "offset": offset});
     }
     request(ws, &op.to_string())
+}
+
+/// `recover` of the implicit `user.<sub>` reads Redis too: a client that saw up to 2 on one
+/// node recovers 3..5 on another, then gets live 6.
+#[test]
+fn the_implicit_topics_recover_on_another_node() {
+    let redis = RedisServer::start("rhist-implicit");
+    let prefix = "rhist-implicit:";
+    let n0 = history_node("rhist-implicit-0", &redis, prefix);
+    let n1 = history_node("rhist-implicit-1", &redis, prefix);
+    let (mut a, _) = connect_user(n0.1.listen, "shop", "alice");
+    let r = request(&mut a, r#"{"op":"recover","id":2,"since":{}}"#);
+    let at = &r["history"]["user.alice"];
+    let epoch = at["epoch"].as_str().expect("an epoch").to_owned();
+    assert_eq!(at["offset"], 0, "{r}");
+    for i in 1..=2 {
+        publish_shop(n1.1.api, "user.alice", i);
+    }
+    assert_eq!(message_at(&mut a, "user.alice"), (1, 1));
+    assert_eq!(message_at(&mut a, "user.alice"), (2, 2));
+    close(a);
+    for i in 3..=5 {
+        publish_shop(n0.1.api, "user.alice", i);
+    }
+    let (mut b, _) = connect_user(n1.1.listen, "shop", "alice");
+    let op = json!({"op": "recover", "id": 3,
+                    "since": {"user.alice": {"epoch": epoch, "offset": 2}}});
+    assert_eq!(
+        request(&mut b, &op.to_string()),
+        json!({"type": "ack", "id": 3,
+               "history": {"user.alice": {"epoch": epoch, "offset": 5, "recovered": true}}})
+    );
+    for i in 3..=5 {
+        assert_eq!(message_at(&mut b, "user.alice"), (i as u64, i));
+    }
+    publish_shop(n0.1.api, "user.alice", 6);
+    assert_eq!(message_at(&mut b, "user.alice"), (6, 6));
 }
 
 /// A client that saw up to offset 2 on one node reconnects to another with `since` and gets

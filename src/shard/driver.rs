@@ -171,47 +171,60 @@ impl Shard {
         );
     }
 
-    /// Asks the broker to read the stream of `topic` (for the subscribe `then` of `slot`)
-    /// into the node's copy, and to tell this shard when done
+    /// Asks the broker to read the streams of `then`'s topics (for the subscribe or
+    /// `recover` of `slot`) into the node's copy, and to tell this shard once all are
     /// ([`ShardMsg::Fetched`](super::mailbox::ShardMsg::Fetched)).
     pub(super) fn fetch_history(
         &mut self,
         slot: u32,
         generation: u32,
-        (project, topic): (u32, &str),
+        project: u32,
         then: machine::Fetch,
     ) {
         // The subscription asks no ack of its own (`hold_ack`): the answer waits for the read.
         self.new_node_topic = false;
-        let ttl_ms = self
-            .hub
-            .registry
-            .load()
-            .project_at(project)
-            .and_then(|p| crate::history::rule_for(&p.history, topic).map(|r| r.ttl_ms))
-            .unwrap_or(0);
         let token = self.fetches.next;
         self.fetches.next += 1;
-        let read = crate::broker::HistoryRead {
-            after: then.since.as_ref().map(|s| s.offset),
-            count: self.hub.history.max_replay(),
-            ttl_secs: (ttl_ms / 1000).max(1),
+        let reads: Vec<(Box<str>, crate::broker::HistoryRead)> = {
+            let registry = self.hub.registry.load();
+            let rules = registry.project_at(project).map(|p| &p.history[..]);
+            then.topics
+                .iter()
+                .map(|(topic, since)| {
+                    let ttl_ms = rules
+                        .and_then(|r| crate::history::rule_for(r, topic))
+                        .map_or(0, |r| r.ttl_ms);
+                    let read = crate::broker::HistoryRead {
+                        after: since.as_ref().map(|s| s.offset),
+                        count: self.hub.history.max_replay(),
+                        ttl_secs: (ttl_ms / 1000).max(1),
+                    };
+                    (topic.clone(), read)
+                })
+                .collect()
         };
         self.fetches.waiting.insert(token, (slot, generation, then));
-        let hub = Arc::downgrade(&self.hub);
-        let shard = self.id as usize;
-        self.hub.broker.fetch_history(
-            project,
-            topic,
-            read,
-            Box::new(move || {
-                if let Some(hub) = hub.upgrade() {
-                    // Past the bound: a waiting subscribe is answered even on a full inbox.
-                    let _ = hub.mailboxes[shard]
-                        .send_over_bound(super::mailbox::ShardMsg::Fetched { token });
-                }
-            }),
-        );
+        let left = Arc::new(std::sync::atomic::AtomicUsize::new(reads.len()));
+        for (topic, read) in reads {
+            let hub = Arc::downgrade(&self.hub);
+            let shard = self.id as usize;
+            let left = left.clone();
+            self.hub.broker.fetch_history(
+                project,
+                &topic,
+                read,
+                Box::new(move || {
+                    if left.fetch_sub(1, Ordering::AcqRel) != 1 {
+                        return;
+                    }
+                    if let Some(hub) = hub.upgrade() {
+                        // Past the bound: a waiting request is answered even on a full inbox.
+                        let _ = hub.mailboxes[shard]
+                            .send_over_bound(super::mailbox::ShardMsg::Fetched { token });
+                    }
+                }),
+            );
+        }
     }
 
     /// Answers the subscribe numbered `token`, its stream read, if its connection is there.
@@ -619,10 +632,10 @@ impl Host for ShardHost<'_> {
         self.shard.hub.broker.engine().is_some()
     }
 
-    fn fetch_history(&mut self, project: u32, topic: &str, then: machine::Fetch) {
+    fn fetch_history(&mut self, project: u32, then: machine::Fetch) {
         let generation = self.generation();
         self.shard
-            .fetch_history(self.slot, generation, (project, topic), then);
+            .fetch_history(self.slot, generation, project, then);
     }
 
     fn publish(&mut self, project: u32, topic: &Topic, data: &RawValue) -> Result<(), String> {

@@ -204,12 +204,12 @@ pub trait Host {
     fn fetches_history(&self) -> bool {
         false
     }
-    /// Reads the stream of `topic` (of a topic with history the connection has just
+    /// Reads the streams of `then`'s topics (topics with history the connection is
     /// subscribed to) from the engine into the node's copy, once the node's engine
-    /// subscription exists, then calls [`fetched`] with `then`. Only when
+    /// subscriptions exist, then calls [`fetched`] with `then`. Only when
     /// [`Host::fetches_history`].
-    fn fetch_history(&mut self, project: u32, topic: &str, then: Fetch) {
-        let _ = (project, topic, then);
+    fn fetch_history(&mut self, project: u32, then: Fetch) {
+        let _ = (project, then);
     }
     /// The topic of the project with local subscribers, if any.
     fn lookup(&self, project: u32, topic: &str) -> Option<TopicId>;
@@ -687,16 +687,16 @@ pub fn resume<H: Host>(h: &mut H, now: Now) {
     }
 }
 
-/// A subscribe waiting for its topic's stream to be read from the engine
+/// A subscribe (or a `recover`) waiting for its topics' streams to be read from the engine
 /// ([`Host::fetch_history`]).
 #[derive(Debug)]
 pub struct Fetch {
     /// The request's `id`.
     pub id: Option<Box<RawValue>>,
-    /// The topic.
-    pub topic: Box<str>,
-    /// Where the client stands in the stream, if it recovers.
-    pub since: Option<crate::history::Since>,
+    /// The topics, each with where the client stands in its stream if it recovers.
+    pub topics: Vec<(Box<str>, Option<crate::history::Since>)>,
+    /// A `recover` of the implicit topics, not a subscribe.
+    pub recover: bool,
 }
 
 /// The stream of a subscribe's topic has been read from the engine into the node's copy
@@ -708,18 +708,66 @@ pub fn fetched<H: Host>(h: &mut H, now: Now, then: Fetch) {
         return;
     };
     let project = id.project.idx;
-    let subscribed = h
-        .lookup(project, &then.topic)
-        .is_some_and(|t| h.conn().subs.iter().any(|s| s.topic == t));
-    if !subscribed || h.conn().phase != ConnPhase::Open {
+    if h.conn().phase != ConnPhase::Open {
         return;
     }
-    match read_history(h, now, (project, &then.topic), then.since.as_ref(), false) {
+    if then.recover {
+        let mut topics = Vec::with_capacity(then.topics.len());
+        for (name, since) in &then.topics {
+            if let Some(r) = read_history(h, now, (project, &**name), since.as_ref(), false) {
+                topics.push((name.clone(), r));
+            }
+        }
+        answer_recovered(h, now, then.id.as_deref(), &topics);
+        return;
+    }
+    let Some((topic, since)) = then.topics.first() else {
+        return;
+    };
+    let subscribed = h
+        .lookup(project, topic)
+        .is_some_and(|t| h.conn().subs.iter().any(|s| s.topic == t));
+    if !subscribed {
+        return;
+    }
+    match read_history(h, now, (project, &**topic), since.as_ref(), false) {
         Some(r) => answer_subscribed(h, now, then.id.as_deref(), &r),
         // The topic lost its history meanwhile (a reload): a plain ack.
         None => {
             let ack = h.conn().codec.ack(then.id.as_deref(), None);
             reply(h, now, ack);
+        }
+    }
+}
+
+/// Answers a `recover`: the position of each implicit topic (and whether the client
+/// recovered it), then what it missed of each, in order.
+fn answer_recovered<H: Host>(
+    h: &mut H,
+    now: Now,
+    id: Option<&RawValue>,
+    topics: &[(Box<str>, crate::history::Replay)],
+) {
+    let parts: Vec<_> = topics
+        .iter()
+        .map(|(t, r)| {
+            let recovered = match &r.outcome {
+                Some(Err(why)) => Err(why.as_str()),
+                _ => Ok(()),
+            };
+            (&**t, &*r.position.epoch, r.position.offset, recovered)
+        })
+        .collect();
+    reply(
+        h,
+        now,
+        frame::text(super::ops::ack_recover(id, &parts).as_bytes()),
+    );
+    for (_, r) in topics {
+        if let Some(Ok(entries)) = &r.outcome
+            && !replay(h, now, entries)
+        {
+            break;
         }
     }
 }
@@ -917,38 +965,17 @@ fn on_codec_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
         answer_subscribed(h, now, req.id, r);
         return Flow::Continue;
     }
-    if let Ok(Reply::Fetching(project, topic, since)) = result {
+    if let Ok(Reply::Fetching(project, topics, recover)) = result {
         let then = Fetch {
             id: req.id.map(|id| id.to_owned()),
-            topic: topic.clone(),
-            since,
+            topics,
+            recover,
         };
-        h.fetch_history(project, &topic, then);
+        h.fetch_history(project, then);
         return Flow::Continue;
     }
     if let Ok(Reply::Recovered(topics)) = &result {
-        let parts: Vec<_> = topics
-            .iter()
-            .map(|(t, r)| {
-                let recovered = match &r.outcome {
-                    Some(Err(why)) => Err(why.as_str()),
-                    _ => Ok(()),
-                };
-                (&**t, &*r.position.epoch, r.position.offset, recovered)
-            })
-            .collect();
-        reply(
-            h,
-            now,
-            frame::text(super::ops::ack_recover(req.id, &parts).as_bytes()),
-        );
-        for (_, r) in topics {
-            if let Some(Ok(entries)) = &r.outcome
-                && !replay(h, now, entries)
-            {
-                break;
-            }
-        }
+        answer_recovered(h, now, req.id, topics);
         return Flow::Continue;
     }
     let answer = match &result {
@@ -984,9 +1011,10 @@ enum Reply {
     Subscribed(u32, Box<str>, Option<crate::history::Replay>),
     /// The implicit topics recovered (`recover`).
     Recovered(Vec<(Box<str>, crate::history::Replay)>),
-    /// A new subscription (project, topic) to a topic with history whose stream is read from
-    /// the engine first ([`Host::fetch_history`]): acknowledged then ([`fetched`]).
-    Fetching(u32, Box<str>, Option<crate::history::Since>),
+    /// A new subscription to a topic with history (or, `true`, the implicit topics'
+    /// `recover`) whose streams are read from the engine first ([`Host::fetch_history`]):
+    /// answered then ([`fetched`]).
+    Fetching(u32, Vec<(Box<str>, Option<crate::history::Since>)>, bool),
     AckExp(Option<u64>),
     Pong,
 }
@@ -1025,7 +1053,8 @@ fn execute<H: Host>(h: &mut H, now: Now, op: Op<'_>) -> Result<Reply, OpError> {
             {
                 // Nothing of the topic goes to the connection until the stream is read.
                 recovery::shut(identity(h), t);
-                return Ok(Reply::Fetching(project, topic.as_str().into(), since));
+                let topics = vec![(topic.as_str().into(), since)];
+                return Ok(Reply::Fetching(project, topics, false));
             }
             let replay = read_history(h, now, (project, topic.as_str()), since.as_ref(), false);
             Ok(Reply::Subscribed(project, topic.as_str().into(), replay))
@@ -1049,6 +1078,20 @@ fn execute<H: Host>(h: &mut H, now: Now, op: Op<'_>) -> Result<Reply, OpError> {
                     ErrorCode::BadRequest,
                     format!("`{t}` is no implicit topic with history of this connection"),
                 ));
+            }
+            if h.fetches_history() {
+                // Each from the client's position, else the welcome's; nothing of them goes
+                // to the connection until their streams are read.
+                let mut topics = Vec::with_capacity(held.len());
+                for ((t, welcome), name) in held.into_iter().zip(names) {
+                    let from = since
+                        .iter()
+                        .find(|(n, _)| **n == *name)
+                        .map_or(welcome, |(_, s)| s.clone());
+                    recovery::shut(identity(h), t);
+                    topics.push((name, Some(from)));
+                }
+                return Ok(Reply::Fetching(identity(h).project.idx, topics, true));
             }
             Ok(Reply::Recovered(end_hold(h, now, &since)))
         }
