@@ -1645,24 +1645,14 @@ fn validate_history_entry(at: &str, h: &HistoryConfig) -> Result<(), ConfigError
 }
 
 impl Config {
-    /// `server.history_*`, and history only on a node of its own.
+    /// `server.history_*`.
     fn validate_history(&self) -> Result<(), ConfigError> {
         between_1_and(
             "server.history_max_replay".into(),
             self.server.history_max_replay,
             MAX_HISTORY_SIZE as u64,
             "messages",
-        )?;
-        if self.engine.is_some()
-            && let Some(p) = self.projects.iter().find(|p| !p.history.is_empty())
-        {
-            return Err(invalid(
-                format!("projects[{}].history", p.id),
-                "history needs a node of its own: with [engine] its offsets would differ from \
-                 node to node",
-            ));
-        }
-        Ok(())
+        )
     }
 }
 

@@ -3,6 +3,7 @@
 //! key sets tokens verify with, the caps, the topic index) and executes the actions it takes
 //! on the shard's state. [`Shard::set_phase`] is the one place a connection changes phase.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -212,6 +213,77 @@ impl Shard {
         );
     }
 
+    /// Asks the broker to read the streams of `then`'s topics (for the subscribe or
+    /// `recover` of `slot`) into the node's copy, and to tell this shard once all are
+    /// ([`ShardMsg::Fetched`](super::mailbox::ShardMsg::Fetched)).
+    pub(super) fn fetch_history(
+        &mut self,
+        slot: u32,
+        generation: u32,
+        project: u32,
+        then: machine::Fetch,
+    ) {
+        // The subscription asks no ack of its own (`hold_ack`): the answer waits for the read.
+        self.new_node_topic = false;
+        let token = self.fetches.next;
+        self.fetches.next += 1;
+        let reads: Vec<(Box<str>, crate::broker::HistoryRead)> = {
+            let registry = self.hub.registry.load();
+            let rules = registry.project_at(project).map(|p| &p.history[..]);
+            then.topics
+                .iter()
+                .map(|(topic, since)| {
+                    let ttl_ms = rules
+                        .and_then(|r| crate::history::rule_for(r, topic))
+                        .map_or(0, |r| r.ttl_ms);
+                    let read = crate::broker::HistoryRead {
+                        after: since.as_ref().map(|s| s.offset),
+                        count: self.hub.history.max_replay(),
+                        ttl_secs: (ttl_ms / 1000).max(1),
+                    };
+                    (topic.clone(), read)
+                })
+                .collect()
+        };
+        self.fetches.waiting.insert(token, (slot, generation, then));
+        let left = Arc::new(std::sync::atomic::AtomicUsize::new(reads.len()));
+        for (topic, read) in reads {
+            let hub = Arc::downgrade(&self.hub);
+            let shard = self.id as usize;
+            let left = left.clone();
+            self.hub.broker.fetch_history(
+                project,
+                &topic,
+                read,
+                Box::new(move || {
+                    if left.fetch_sub(1, Ordering::AcqRel) != 1 {
+                        return;
+                    }
+                    if let Some(hub) = hub.upgrade() {
+                        // Past the bound: a waiting request is answered even on a full inbox.
+                        let _ = hub.mailboxes[shard]
+                            .send_over_bound(super::mailbox::ShardMsg::Fetched { token });
+                    }
+                }),
+            );
+        }
+    }
+
+    /// Answers the subscribe numbered `token`, its stream read, if its connection is there.
+    pub(super) fn fetched(&mut self, token: u64) {
+        let Some((slot, generation, then)) = self.fetches.waiting.remove(&token) else {
+            return;
+        };
+        let here = self
+            .conns
+            .get(slot as usize)
+            .is_some_and(|c| c.generation == generation);
+        if here {
+            let now = self.now();
+            machine::fetched(&mut self.host(slot), now, then);
+        }
+    }
+
     /// Sends the acks held for `topic` to the connections still there, and the welcomes that
     /// waited for it last.
     pub(super) fn release_acks(&mut self, project: u32, topic: Box<str>) {
@@ -277,6 +349,16 @@ impl Shard {
         let Some(t) = self.topics.lookup(project, topic) else {
             return;
         };
+        // With history, what follows may be a stream started again: offsets from 1.
+        for slot in self.topics.subscribers(t).to_vec() {
+            if let Some(id) = self
+                .conns
+                .get_mut(slot as usize)
+                .and_then(|c| c.identity.as_deref_mut())
+            {
+                crate::ws::recovery::restart(id, t);
+            }
+        }
         let frame = crate::ws::codec::herald_v1::resync(topic);
         let slots: Vec<u32> = self
             .topics
@@ -631,6 +713,16 @@ impl Host for ShardHost<'_> {
         &self.shard.hub.history
     }
 
+    fn fetches_history(&self) -> bool {
+        self.shard.hub.broker.engine().is_some()
+    }
+
+    fn fetch_history(&mut self, project: u32, then: machine::Fetch) {
+        let generation = self.generation();
+        self.shard
+            .fetch_history(self.slot, generation, project, then);
+    }
+
     fn publish(&mut self, project: u32, topic: &Topic, data: &RawValue) -> Result<(), String> {
         let s = &*self.shard;
         s.hub
@@ -638,4 +730,14 @@ impl Host for ShardHost<'_> {
             .map(|_| ShardStats::add(&s.stats.published, 1))
             .map_err(|e| e.to_string())
     }
+}
+
+/// Subscribes waiting for their topic's stream to be read from the engine
+/// ([`Shard::fetch_history`]).
+#[derive(Debug, Default)]
+pub(crate) struct Fetches {
+    /// The next subscribe's number.
+    next: u64,
+    /// (slot, generation, subscribe) by number.
+    waiting: HashMap<u64, (u32, u32, machine::Fetch)>,
 }

@@ -104,6 +104,12 @@ pub enum ShardMsg {
         /// The topic.
         topic: Box<str>,
     },
+    /// The stream a subscribe waits for was read from the engine ([`crate::broker::Broker::fetch_history`]):
+    /// the subscribe numbered `token` is answered.
+    Fetched {
+        /// The shard's number of the waiting subscribe.
+        token: u64,
+    },
     /// Close (4003) every open connection of `user` in `project`; answers how many.
     DisconnectUser {
         /// Registry index of the project.

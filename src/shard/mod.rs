@@ -130,6 +130,8 @@ pub struct Shard {
     /// Welcomes waiting for the engine subscriptions of their connection's implicit topics
     /// (only with an engine), by slot ([`welcome`]).
     pub(crate) held_welcomes: HashMap<u32, welcome::HeldWelcome>,
+    /// Subscribes waiting for their topic's stream to be read from the engine.
+    pub(crate) fetches: driver::Fetches,
 }
 
 /// Subscribe acks held for one topic ([`Shard::held_acks`]).
@@ -270,6 +272,7 @@ impl Shard {
             held_acks: HashMap::new(),
             held_welcomes: HashMap::new(),
             new_node_topic: false,
+            fetches: driver::Fetches::default(),
         }
     }
 
@@ -446,6 +449,7 @@ impl Shard {
             }
             ShardMsg::Subscribed { project, topic } => self.release_acks(project, topic),
             ShardMsg::Resync { project, topic } => self.resync(project, &topic),
+            ShardMsg::Fetched { token } => self.fetched(token),
             ShardMsg::DisconnectUser {
                 project,
                 user,
