@@ -1078,8 +1078,13 @@ async fn inbox_loop(shard: Rc<RefCell<Shard>>, inbox: Inbox) {
                 inbox.rearm();
                 break;
             }
-            let Some(msg) = inbox.try_recv() else { break };
+            let Some(msg) = inbox.try_take() else { break };
+            let nr_bytes = msg.nr_bytes();
             s.handle(msg);
+            // What the message queued is in the shard's total before its bytes leave the
+            // inbox's count: flow control never sees them in neither.
+            s.store_queued_bytes();
+            inbox.give_back(nr_bytes);
         }
         s.flush_dirty();
     }
