@@ -176,7 +176,7 @@ pub trait Host {
     fn send(&mut self, frame: &[&Bytes]) -> Push;
     /// Queues a piece regardless of phase and cap (handshake answers, close frames).
     fn send_raw(&mut self, part: OutPart);
-    /// Drops the queued frames that have not started to go out ([`Conn::truncate_out`]); a
+    /// Drops the queued frames that have not started to go out (`Conn::truncate_out`); a
     /// host that keeps a total of its queues overrides it to count the bytes dropped.
     fn truncate_out(&mut self) {
         self.conn().truncate_out();
