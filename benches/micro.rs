@@ -8,6 +8,8 @@
 //!   10k subscribers.
 //! - `fanout_local`: queueing one shared frame (`push_frame`) to 10k open connections. Queues
 //!   only: nothing is flushed and no socket is touched (every connection's fd is -1).
+//!   `push_stomp_message_10k` does the same for a STOMP publication to 10k subscriptions
+//!   `sub-0` (as stomp.js numbers them): each delivery is one shared piece, as a herald.v1 one.
 //!
 //! Run with `cargo bench --bench micro`; `cargo test --benches` runs each body once.
 //! Groups that work on 10k items set `Throughput::Elements`, so the reported time divided by
@@ -23,7 +25,8 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, 
 use herald::auth::{Claims, Registry};
 use herald::config::{Config, KeyConfig, ProjectConfig, Secret};
 use herald::pubsub::{Sub, TopicIndex, Unsubscribed};
-use herald::ws::conn::{Conn, ConnPhase, Push, push_frame};
+use herald::ws::codec::stomp;
+use herald::ws::conn::{Conn, ConnPhase, Push, StompHeads, push_frame, push_stomp_message};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use slab::Slab;
 
@@ -327,6 +330,47 @@ fn bench_fanout_local(c: &mut Criterion) {
             BatchSize::PerIteration,
         );
     });
+
+    // STOMP: one subscription `sub-0` to the topic per connection; the publication's frame is
+    // made once and every delivery queues it by reference, in one piece.
+    let sessions: Vec<stomp::Session> = (0..N)
+        .map(|_| stomp::Session {
+            subs: vec![stomp::Subscription {
+                id: "sub-0".into(),
+                topic: 0,
+                destination: "/topic/news".into(),
+                client_ack: false,
+            }],
+            ..stomp::Session::default()
+        })
+        .collect();
+    let shared = [
+        stomp::message_shared(MSG_ID, DATA.len()),
+        bytes::Bytes::from_static(DATA.as_bytes()),
+        stomp::NUL.clone(),
+    ];
+    g.bench_function("push_stomp_message_10k/cold_queues", |b| {
+        b.iter_batched(
+            || table.borrow_mut().reset(true),
+            |()| {
+                let t = &mut *table.borrow_mut();
+                let mut heads = StompHeads::new(MSG_ID, &shared);
+                for (slot, s) in sessions.iter().enumerate() {
+                    let r = push_stomp_message(
+                        &mut t.conns,
+                        &mut t.dirty,
+                        slot as u32,
+                        s,
+                        0,
+                        &mut heads,
+                        cap,
+                    );
+                    debug_assert_eq!(r, Some(Push::Queued));
+                }
+            },
+            BatchSize::PerIteration,
+        );
+    });
     g.finish();
 
     // The last fan-out queued one frame to every connection (when a filter left the
@@ -335,6 +379,13 @@ fn bench_fanout_local(c: &mut Criterion) {
     if !t.dirty.slots.is_empty() {
         assert_eq!(t.dirty.slots.len(), N);
         assert!(t.conns.iter().all(|(_, c)| c.out.len() == 1 && c.dirty));
+        let first = t.conns[0].out[0].bytes.as_ptr();
+        assert!(
+            t.conns
+                .iter()
+                .all(|(_, c)| c.out[0].bytes.as_ptr() == first),
+            "one STOMP frame, shared by every delivery"
+        );
     }
 }
 

@@ -517,7 +517,7 @@ impl Shard {
                         let rest = sockjs.stomp_rest(shared);
                         conn::push_sockjs_stomp_message(conns, dirty, slot, s, t, &rest, &p.id, cap)
                     } else {
-                        conn::push_stomp_message(conns, dirty, slot, s, t, shared, heads, cap)
+                        conn::push_stomp_message(conns, dirty, slot, s, t, heads, cap)
                     }
                 } else if in_sockjs {
                     let [h, rest] = sockjs_frame

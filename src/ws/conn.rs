@@ -308,10 +308,9 @@ pub fn push_framed(
 }
 
 /// Queues a publish's `MESSAGE` to each STOMP subscription of `topic` of the connection in
-/// `slot`, whose conversation is `s`: a small head of its own per subscription
-/// (`subscription`, `destination`), then `shared` (the headers, data and NUL every subscriber
-/// shares) by reference. `None`: the connection has no STOMP subscription of the topic (an
-/// implicit topic it did not ask for).
+/// `slot`, whose conversation is `s`: the whole frame its subscription's head makes with the
+/// publication's shared rest ([`StompHeads`]), queued by reference as one piece. `None`: the
+/// connection has no STOMP subscription of the topic (an implicit topic it did not ask for).
 #[allow(clippy::too_many_arguments)]
 pub fn push_stomp_message(
     conns: &mut Slab<Conn>,
@@ -319,74 +318,116 @@ pub fn push_stomp_message(
     slot: u32,
     s: &stomp::Session,
     topic: TopicId,
-    shared: &[Bytes; 3],
     heads: &mut StompHeads<'_>,
     cap: usize,
 ) -> Option<Push> {
-    let mine = s.subs.iter().filter(|sub| sub.topic == topic);
-    push_heads(
-        conns,
-        dirty,
-        slot,
-        mine.map(|sub| heads.head(sub, s.version)),
-        shared,
-        cap,
-    )
+    push_each(s, topic, |sub| match heads.frame(sub, s.version) {
+        StompFrame::Whole(frame) => push_framed(conns, dirty, slot, &[&frame], cap),
+        StompFrame::Head(head) => push_framed(conns, dirty, slot, &[&head, &heads.rest], cap),
+    })
 }
 
-/// The `MESSAGE` heads of one publication on one shard. A head depends only on the
+/// Runs `push` for each STOMP subscription of `topic` in `s`, stopping at the first frame
+/// that is not queued; answers the last outcome (`None`: no such subscription).
+fn push_each(
+    s: &stomp::Session,
+    topic: TopicId,
+    mut push: impl FnMut(&stomp::Subscription) -> Push,
+) -> Option<Push> {
+    let mut pushed = None;
+    for sub in s.subs.iter().filter(|sub| sub.topic == topic) {
+        let p = push(sub);
+        pushed = Some(p);
+        if p != Push::Queued {
+            break;
+        }
+    }
+    pushed
+}
+
+/// The `MESSAGE` frames of one publication on one shard. A frame depends only on the
 /// subscription's id, destination and ack mode and the session's version, which subscribers
 /// share (stomp.js numbers its subscriptions `sub-0`, `sub-1`.. on every connection): each
-/// distinct head is made once per publication and queued by reference, like the shared rest.
+/// distinct frame is made once per publication, whole (its head, then the headers, data and
+/// NUL every subscriber shares), and queued by reference: one piece, one iovec and one
+/// reference count per delivery, as few as a herald.v1 delivery takes.
 pub struct StompHeads<'a> {
     message_id: &'a str,
-    rest_len: usize,
+    /// The rest of every frame in one piece: the shared headers, the data and the NUL.
+    rest: Bytes,
     made: Vec<MadeHead>,
+    /// The entry of `made` the previous delivery used, tried first.
+    last: usize,
 }
 
-/// A head of [`StompHeads`] and what it was made for.
+/// A frame of [`StompHeads`] and what it was made for.
 struct MadeHead {
     id: Box<str>,
     destination: Box<str>,
     client_ack: bool,
     version: stomp::Version,
-    head: Bytes,
+    frame: StompFrame,
+}
+
+/// A `MESSAGE` as queued.
+#[derive(Clone)]
+enum StompFrame {
+    /// The whole frame.
+    Whole(Bytes),
+    /// Its head, followed by the publication's shared rest ([`StompHeads::rest`]).
+    Head(Bytes),
 }
 
 impl<'a> StompHeads<'a> {
-    /// Distinct heads kept per publication; further ones are made per subscriber.
+    /// Distinct frames kept per publication; further ones are made per subscriber.
     const MAX: usize = 32;
+    /// Largest shared rest copied into each distinct frame. Above it a frame is queued as its
+    /// head and the shared rest (two pieces), so a publication's data is copied at most once
+    /// per shard; below it the copies (at most [`Self::MAX`]) cost less than the pieces.
+    const MAX_WHOLE_REST_BYTES: usize = 16 * 1024;
 
     /// For the publication `message_id` whose shared rest (headers, data, NUL) is `shared`.
     pub fn new(message_id: &'a str, shared: &[Bytes; 3]) -> Self {
         StompHeads {
             message_id,
-            rest_len: shared.iter().map(Bytes::len).sum(),
+            rest: shared.concat().into(),
             made: Vec::new(),
+            last: 0,
         }
     }
 
-    fn head(&mut self, sub: &stomp::Subscription, version: stomp::Version) -> Bytes {
-        let same = |m: &&MadeHead| {
-            m.id == sub.id
-                && m.destination == sub.destination
-                && m.client_ack == sub.client_ack
+    fn frame(&mut self, sub: &stomp::Subscription, version: stomp::Version) -> StompFrame {
+        let same = |m: &MadeHead| {
+            m.client_ack == sub.client_ack
                 && m.version == version
+                && m.id == sub.id
+                && m.destination == sub.destination
         };
-        if let Some(m) = self.made.iter().find(same) {
-            return m.head.clone();
+        if let Some(m) = self.made.get(self.last).filter(|m| same(m)) {
+            return m.frame.clone();
         }
-        let head = stomp::message_head(sub, version, self.message_id, self.rest_len);
-        if self.made.len() < Self::MAX {
-            self.made.push(MadeHead {
-                id: sub.id.clone(),
-                destination: sub.destination.clone(),
-                client_ack: sub.client_ack,
-                version,
-                head: head.clone(),
-            });
+        if let Some(i) = self.made.iter().position(same) {
+            self.last = i;
+            return self.made[i].frame.clone();
         }
-        head
+        let head = stomp::message_head(sub, version, self.message_id, self.rest.len());
+        if self.made.len() >= Self::MAX {
+            return StompFrame::Head(head);
+        }
+        let frame = if self.rest.len() <= Self::MAX_WHOLE_REST_BYTES {
+            StompFrame::Whole([&head[..], &self.rest[..]].concat().into())
+        } else {
+            StompFrame::Head(head)
+        };
+        self.last = self.made.len();
+        self.made.push(MadeHead {
+            id: sub.id.clone(),
+            destination: sub.destination.clone(),
+            client_ack: sub.client_ack,
+            version,
+            frame: frame.clone(),
+        });
+        frame
     }
 }
 
@@ -404,37 +445,11 @@ pub fn push_sockjs_stomp_message(
     message_id: &str,
     cap: usize,
 ) -> Option<Push> {
-    let heads = s.subs.iter().filter(|sub| sub.topic == topic).map(|sub| {
+    push_each(s, topic, |sub| {
         let text = stomp::message_head_text(sub, s.version, message_id);
-        sockjs::opened_head(&text, rest.len())
-    });
-    push_heads(conns, dirty, slot, heads, std::slice::from_ref(rest), cap)
-}
-
-/// Queues one frame per head, each followed by the shared pieces; stops at the first that
-/// is not queued.
-fn push_heads(
-    conns: &mut Slab<Conn>,
-    dirty: &mut Dirty,
-    slot: u32,
-    heads: impl IntoIterator<Item = Bytes>,
-    shared: &[Bytes],
-    cap: usize,
-) -> Option<Push> {
-    let mut pushed = None;
-    for head in heads {
-        // At most three shared pieces (STOMP's headers, data and NUL): no allocation.
-        let mut frame = [&head; 4];
-        for (i, p) in shared.iter().take(3).enumerate() {
-            frame[i + 1] = p;
-        }
-        let push = push_framed(conns, dirty, slot, &frame[..=shared.len().min(3)], cap);
-        pushed = Some(push);
-        if push != Push::Queued {
-            break;
-        }
-    }
-    pushed
+        let head = sockjs::opened_head(&text, rest.len());
+        push_framed(conns, dirty, slot, &[&head, rest], cap)
+    })
 }
 
 /// When a token with `exp` stops being valid (`exp + leeway`), as the seconds since the epoch
@@ -480,10 +495,10 @@ mod tests {
         conns.insert(c) as u32
     }
 
-    /// Each STOMP subscription of the topic gets a head of its own; the rest of the frame is
-    /// the shared pieces themselves (same memory), never a copy.
+    /// Each STOMP subscription of the topic gets a frame of its own, queued whole: one piece
+    /// (one iovec, one reference) per delivery, its head then the shared headers, data and NUL.
     #[test]
-    fn a_stomp_message_is_a_head_per_subscription_and_shared_pieces() {
+    fn a_stomp_message_is_one_piece_per_subscription() {
         let mut conns = Slab::new();
         let mut dirty = Dirty::default();
         let slot = open_conn(&mut conns);
@@ -497,38 +512,67 @@ mod tests {
             subs: vec![sub("a", 3), sub("b", 4), sub("c", 3)],
             ..stomp::Session::default()
         };
-        let body = Bytes::from_static(b"{\"x\":1},\"id\":\"m\",\"ts\":1}");
-        let shared = [
-            stomp::message_shared("m", 7),
-            body.slice(..7),
-            stomp::NUL.clone(),
-        ];
+        let shared = news_shared();
         let push = |conns: &mut Slab<Conn>, dirty: &mut Dirty, topic| {
             let mut heads = StompHeads::new("m", &shared);
-            push_stomp_message(conns, dirty, slot, &s, topic, &shared, &mut heads, 1 << 20)
+            push_stomp_message(conns, dirty, slot, &s, topic, &mut heads, 1 << 20)
         };
         let pushed = push(&mut conns, &mut dirty, 3);
         assert_eq!(pushed, Some(Push::Queued));
         let out = &conns[slot as usize].out;
-        assert_eq!(out.len(), 8, "two frames of four pieces");
-        for (frame, id) in out.iter().collect::<Vec<_>>().chunks(4).zip(["a", "c"]) {
-            let head = String::from_utf8_lossy(&frame[0].bytes[2..]).into_owned();
+        assert_eq!(out.len(), 2, "two frames of one piece each");
+        for (piece, id) in out.iter().zip(["a", "c"]) {
+            assert!(!piece.more);
+            let text = String::from_utf8_lossy(&piece.bytes[2..]).into_owned();
             assert_eq!(
-                head,
-                format!("MESSAGE\nsubscription:{id}\ndestination:/topic/news\n")
+                text,
+                format!(
+                    "MESSAGE\nsubscription:{id}\ndestination:/topic/news\nmessage-id:m\n\
+                     content-type:application/json\ncontent-length:7\n\n{{\"x\":1}}\0"
+                )
             );
-            for (piece, shared) in frame[1..].iter().zip(&shared) {
-                assert_eq!(piece.bytes.as_ptr(), shared.as_ptr(), "shared, not copied");
-            }
-            assert!(frame[..3].iter().all(|p| p.more) && !frame[3].more);
+            assert_eq!(
+                usize::from(piece.bytes[1]),
+                piece.bytes.len() - 2,
+                "frame length"
+            );
         }
         assert_eq!(
-            shared[1].as_ptr(),
-            body.as_ptr(),
-            "the data is the body's own bytes"
+            dirty.queued_bytes,
+            out.iter().map(|p| p.bytes.len()).sum::<usize>()
         );
         let none = push(&mut conns, &mut dirty, 5);
         assert_eq!(none, None, "no subscription of the topic");
+    }
+
+    /// Past the size up to which the shared rest is copied into each distinct frame, a
+    /// delivery is its head and the publication's rest, the same piece for every subscriber.
+    #[test]
+    fn a_large_stomp_message_shares_its_rest_by_reference() {
+        let mut conns = Slab::new();
+        let mut dirty = Dirty::default();
+        let data = Bytes::from(vec![b'7'; StompHeads::MAX_WHOLE_REST_BYTES]);
+        let shared = [
+            stomp::message_shared("m", data.len()),
+            data.clone(),
+            stomp::NUL.clone(),
+        ];
+        let mut heads = StompHeads::new("m", &shared);
+        let slots: Vec<u32> = (0..2).map(|_| open_conn(&mut conns)).collect();
+        for (&slot, id) in slots.iter().zip(["sub-0", "sub-1"]) {
+            let s = news_session(id);
+            let pushed =
+                push_stomp_message(&mut conns, &mut dirty, slot, &s, 3, &mut heads, 1 << 20);
+            assert_eq!(pushed, Some(Push::Queued));
+        }
+        let (a, b) = (&conns[slots[0] as usize].out, &conns[slots[1] as usize].out);
+        assert_eq!((a.len(), b.len()), (2, 2), "a head and the rest");
+        assert_eq!(a[1].bytes.as_ptr(), b[1].bytes.as_ptr(), "one rest, shared");
+        assert!(a[0].more && !a[1].more);
+        let whole: Vec<u8> = a.iter().flat_map(|p| p.bytes.to_vec()).collect();
+        let rest = shared.concat();
+        assert!(whole.ends_with(&rest));
+        assert!(whole[4..].starts_with(b"MESSAGE\nsubscription:sub-0\n"));
     }
 
     /// A STOMP session with one subscription `id` to `/topic/news` (topic 3).
@@ -562,16 +606,8 @@ mod tests {
         let slots: Vec<u32> = (0..3).map(|_| open_conn(&mut conns)).collect();
         for (&slot, id) in slots.iter().zip(["sub-0", "sub-0", "sub-1"]) {
             let s = news_session(id);
-            let pushed = push_stomp_message(
-                &mut conns,
-                &mut dirty,
-                slot,
-                &s,
-                3,
-                &shared,
-                &mut heads,
-                1 << 20,
-            );
+            let pushed =
+                push_stomp_message(&mut conns, &mut dirty, slot, &s, 3, &mut heads, 1 << 20);
             assert_eq!(pushed, Some(Push::Queued));
         }
         let head = |slot: u32| conns[slot as usize].out[0].bytes.clone();
@@ -581,9 +617,9 @@ mod tests {
             "one head, shared"
         );
         assert_ne!(head(slots[0]).as_ptr(), head(slots[2]).as_ptr());
-        assert_eq!(
-            &head(slots[2])[2..],
-            b"MESSAGE\nsubscription:sub-1\ndestination:/topic/news\n"
+        assert!(
+            head(slots[2])[2..]
+                .starts_with(b"MESSAGE\nsubscription:sub-1\ndestination:/topic/news\n")
         );
         assert_eq!(head(slots[0]), head(slots[1]));
     }

@@ -134,6 +134,34 @@ pub fn payload(k: u64, s: u64, epoch_ns: u64, pad_bytes: usize) -> String {
     }
 }
 
+/// Runs [`run`] on a thread and runtime of its own; the receiver resolves when it is done (an
+/// error if the thread failed). Its pacing then does not depend on how busy the receivers
+/// are: two runs that differ only in what the receivers read (herald.v1 or STOMP) publish
+/// the same way.
+///
+/// # Errors
+/// The thread could not be started.
+pub fn spawn(
+    target: Arc<dyn Target>,
+    plan: Arc<Plan>,
+    opts: PublishOpts,
+    stats: Arc<PublishStats>,
+) -> Result<tokio::sync::oneshot::Receiver<()>> {
+    let (done, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("publisher".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("publisher runtime");
+            rt.block_on(run(target, plan, opts, stats));
+            let _ = done.send(());
+        })
+        .context("publisher thread")?;
+    Ok(rx)
+}
+
 /// Publishes the whole plan; returns when every publish was answered or given up.
 pub async fn run(
     target: Arc<dyn Target>,

@@ -724,12 +724,8 @@ pub async fn run(sc: Scenario) -> Result<Results> {
             let expected = connect.connected * sc.plan.expected_per_conn();
             let pub_bar = bar(&mp, sc.plan.nr_publishes(), "publish");
             let del_bar = bar(&mp, expected, "deliver");
-            let mut task = tokio::spawn(publish::run(
-                target.clone(),
-                plan.clone(),
-                opts.clone(),
-                stats.clone(),
-            ));
+            let mut task =
+                publish::spawn(target.clone(), plan.clone(), opts.clone(), stats.clone())?;
             let mut published_done = false;
             let mut last_seen = (0u64, tokio::time::Instant::now());
             loop {
