@@ -84,18 +84,116 @@ fn the_implicit_topics_recover_on_another_node() {
         publish_shop(n0.1.api, "user.alice", i);
     }
     let (mut b, _) = connect_user(n1.1.listen, "shop", "alice");
-    let op = json!({"op": "recover", "id": 3,
-                    "since": {"user.alice": {"epoch": epoch, "offset": 2}}});
-    assert_eq!(
-        request(&mut b, &op.to_string()),
-        json!({"type": "ack", "id": 3,
-               "history": {"user.alice": {"epoch": epoch, "offset": 5, "recovered": true}}})
-    );
-    for i in 3..=5 {
-        assert_eq!(message_at(&mut b, "user.alice"), (i as u64, i));
-    }
+    recovers_user_alice(&mut b, &epoch, 2, 5);
     publish_shop(n0.1.api, "user.alice", 6);
     assert_eq!(message_at(&mut b, "user.alice"), (6, 6));
+}
+
+/// Sends `recover` of `user.alice` from `since` of `epoch`: the ack says recovered up to
+/// `top`, and the messages after `since` (their data their offset) follow, in order.
+fn recovers_user_alice(ws: &mut Client, epoch: &str, since: u64, top: u64) {
+    let op = json!({"op": "recover", "id": 3,
+                    "since": {"user.alice": {"epoch": epoch, "offset": since}}});
+    assert_eq!(
+        request(ws, &op.to_string()),
+        json!({"type": "ack", "id": 3,
+               "history": {"user.alice": {"epoch": epoch, "offset": top, "recovered": true}}})
+    );
+    for i in since + 1..=top {
+        assert_eq!(message_at(ws, "user.alice"), (i, i as i64));
+    }
+}
+
+/// The welcome tells the positions of the implicit topics in Redis, also on a node that never
+/// received them: a client that got no message and kept the welcome's position recovers on
+/// another node exactly what it missed.
+#[test]
+fn the_welcome_tells_the_position_of_the_stream_in_redis() {
+    let redis = RedisServer::start("rhist-welcome");
+    let prefix = "rhist-welcome:";
+    let a = history_node("rhist-welcome-a", &redis, prefix);
+    let b = history_node("rhist-welcome-b", &redis, prefix);
+    for i in 1..=3 {
+        publish_shop(b.1.api, "user.alice", i);
+    }
+    let mut c = redis.connection().unwrap();
+    let epoch: String = redis::cmd("HGET")
+        .arg(format!("{prefix}~m:shop:user.alice"))
+        .arg("e")
+        .query(&mut c)
+        .unwrap();
+    // Node A has never had a subscriber of `user.alice`.
+    let (ws, welcome) = connect_user(a.1.listen, "shop", "alice");
+    let w: Value = serde_json::from_str(&welcome.text).expect("JSON");
+    assert_eq!(
+        w["history"],
+        json!({"user.alice": {"epoch": epoch, "offset": 3}}),
+        "{}",
+        welcome.text
+    );
+    close(ws);
+    for i in 4..=5 {
+        publish_shop(a.1.api, "user.alice", i);
+    }
+    let (mut ws, _) = connect_user(b.1.listen, "shop", "alice");
+    recovers_user_alice(&mut ws, &epoch, 3, 5);
+    publish_shop(a.1.api, "user.alice", 6);
+    assert_eq!(
+        message_at(&mut ws, "user.alice"),
+        (6, 6),
+        "live, nothing replayed twice"
+    );
+}
+
+/// Redis losing the publish script (`SCRIPT FLUSH`, or a failover to a server that never had
+/// it) loses no publish: each is accepted, numbered next (no gap, no repeat) and delivered,
+/// also a publish to a topic with history and one without at once.
+#[test]
+fn publishes_go_on_when_redis_loses_the_script() {
+    let redis = RedisServer::start("rhist-noscript");
+    let prefix = "rhist-noscript:";
+    let n = history_node("rhist-noscript-0", &redis, prefix);
+    let (mut ws, _) = connect_user(n.1.listen, "shop", "alice");
+    assert_eq!(subscribe_since(&mut ws, "news", None)["offset"], 0);
+    subscribe(&mut ws, "plain");
+    let mut c = redis.connection().unwrap();
+    let flush = |c: &mut redis::Connection| {
+        let () = redis::cmd("SCRIPT").arg("FLUSH").query(c).unwrap();
+    };
+    for i in 1..=2 {
+        publish_shop(n.1.api, "news", i);
+        assert_eq!(message_at(&mut ws, "news"), (i as u64, i));
+    }
+    flush(&mut c);
+    publish_shop(n.1.api, "news", 3);
+    assert_eq!(message_at(&mut ws, "news"), (3, 3));
+    flush(&mut c);
+    let r = publish(
+        n.1.api,
+        SHOP_API_KEY,
+        r#"{"project":"shop","topics":["news","plain"],"data":4}"#,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let got: Vec<(String, Value)> = (0..2)
+        .map(|_| {
+            let m = recv_json(&mut ws);
+            (m["topic"].as_str().unwrap().to_owned(), m)
+        })
+        .collect();
+    assert_eq!(got[0].0, "news", "{got:?}");
+    assert_eq!(
+        (&got[0].1["offset"], &got[0].1["data"]),
+        (&json!(4), &json!(4))
+    );
+    assert_eq!(got[1].0, "plain", "{got:?}");
+    assert_eq!(got[1].1["data"], 4);
+    publish_shop(n.1.api, "news", 5);
+    assert_eq!(message_at(&mut ws, "news"), (5, 5), "once each, in order");
+    let len: u64 = redis::cmd("XLEN")
+        .arg(format!("{prefix}~h:shop:news"))
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(len, 5, "one entry per publish");
 }
 
 /// A client that saw up to offset 2 on one node reconnects to another with `since` and gets
@@ -246,6 +344,15 @@ fn a_node_that_missed_messages_repairs_them_from_the_stream() {
     assert_eq!(message_at(&mut ws, "news"), (5, 5), "live, no duplicate");
     publish_shop(b.1.api, "tiny", 7);
     assert_eq!(message_at(&mut ws, "tiny"), (7, 7));
+    // `news` repaired, `tiny` given up; `user.alice` (nothing delivered before) and `all`
+    // (no history) are no gaps of a stream. Read from Redis: the welcome's `user.alice`,
+    // the subscribes' `news` and `tiny`.
+    let m = scrape(a.api);
+    let count = |name: &str, outcome: &str| metric(&m, name, &format!("outcome=\"{outcome}\""));
+    assert_eq!(count("herald_history_repairs_total", "repaired"), 1.0);
+    assert_eq!(count("herald_history_repairs_total", "resync"), 1.0);
+    assert_eq!(count("herald_history_engine_reads_total", "ok"), 3.0);
+    assert_eq!(count("herald_history_engine_reads_total", "error"), 0.0);
 }
 
 /// The next message of `topic` as (offset, data), skipping other frames; `None` once the

@@ -117,6 +117,15 @@ pub struct EngineStats {
     pub changes_overflowed: AtomicU64,
     /// Channels the node is subscribed to.
     pub channels: AtomicU64,
+    /// Streams read from the engine for a subscribe, a `recover` or a welcome.
+    pub history_reads_ok: AtomicU64,
+    /// Such reads that failed or got no answer in time (the node's copy answered).
+    pub history_reads_failed: AtomicU64,
+    /// Gaps in a topic with history (messages the node missed) delivered from the stream.
+    pub repairs_done: AtomicU64,
+    /// Such gaps the stream no longer held (or could not be read): subscribers told to
+    /// resync.
+    pub repairs_resync: AtomicU64,
 }
 
 /// A publish handed to the broker, not yet acknowledged by it.

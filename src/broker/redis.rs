@@ -568,7 +568,7 @@ impl Bridge {
         if let Err(e) = control.heartbeat().query_async::<()>(&mut publisher).await {
             return Ended::Lost(describe(e));
         }
-        let mut script = match load_script(&mut publisher).await {
+        let script = match load_script(&mut publisher).await {
             Ok(sha) => sha,
             Err(e) => return Ended::Lost(e),
         };
@@ -620,13 +620,7 @@ impl Bridge {
         // When a message (any, the probe included) last came from Redis.
         let heard = std::cell::Cell::new(Instant::now());
         let commander = publisher.clone();
-        let publishing = publish_loop(
-            publish_rx,
-            &mut publisher,
-            &mut script,
-            command_timeout,
-            &stats,
-        );
+        let publishing = publish_loop(publish_rx, &mut publisher, &script, command_timeout, &stats);
         let mut reader = commander.clone();
         let delivering = deliver_loop(
             &mut msg_rx,
@@ -871,6 +865,7 @@ impl Subscriptions {
         );
         let topic: Box<str> = topic.into();
         let timeout = self.settings.command_timeout;
+        let stats = self.stats.clone();
         tokio::spawn(async move {
             let got = tokio::time::timeout(
                 timeout,
@@ -879,20 +874,28 @@ impl Subscriptions {
             .await;
             match got {
                 Ok(Ok((epoch, top, entries))) => {
+                    add(&stats.history_reads_ok, 1);
                     if let Some(hub) = hub.upgrade() {
                         hub.fill_history(project, &topic, (&epoch, top), entries);
                     }
                 }
-                Ok(Err(e)) => warn!(
-                    topic = %topic,
-                    error = %describe(e),
-                    "history not read from Redis: the subscribe is answered from the node's copy"
-                ),
-                Err(_) => warn!(
-                    topic = %topic,
-                    "history not read from Redis within engine.command_timeout_ms: the \
-                     subscribe is answered from the node's copy"
-                ),
+                Ok(Err(e)) => {
+                    add(&stats.history_reads_failed, 1);
+                    warn!(
+                        topic = %topic,
+                        error = %describe(e),
+                        "history not read from Redis: the subscribe is answered from the \
+                         node's copy"
+                    );
+                }
+                Err(_) => {
+                    add(&stats.history_reads_failed, 1);
+                    warn!(
+                        topic = %topic,
+                        "history not read from Redis within engine.command_timeout_ms: the \
+                         subscribe is answered from the node's copy"
+                    );
+                }
             }
             done();
         });
@@ -1055,10 +1058,12 @@ async fn repair_after_away(
     let timeout = subs.settings.command_timeout;
     let at = tokio::time::timeout(timeout, redis_history::position(conn, prefix, (&id, topic)));
     let Ok(Ok((Some(now_epoch), top))) = at.await else {
+        add(&subs.stats.repairs_resync, 1);
         return false;
     };
     let top = top.unwrap_or(0);
     if now_epoch != epoch {
+        add(&subs.stats.repairs_resync, 1);
         return false;
     }
     if top <= last {
@@ -1070,6 +1075,7 @@ async fn repair_after_away(
     let how = (&**prefix, timeout);
     let at = (&*epoch, last + 1, top);
     let repaired = redis_history::repair(conn, &*node, how, (&id, topic), at, delivered).await;
+    count_repair(&subs.stats, repaired);
     if !repaired {
         // Given up on (its subscribers are told to resync): the stream goes on from its top.
         delivered.note(key, &epoch, top);
@@ -1077,11 +1083,23 @@ async fn repair_after_away(
     repaired
 }
 
+/// Counts a repair of a gap in a topic with history: `repaired`, or given up (resync).
+fn count_repair(stats: &EngineStats, repaired: bool) {
+    add(
+        if repaired {
+            &stats.repairs_done
+        } else {
+            &stats.repairs_resync
+        },
+        1,
+    );
+}
+
 /// Sends queued publishes to Redis in pipelines, in queue order, and answers each.
 async fn publish_loop(
     rx: &mut mpsc::Receiver<PublishCmd>,
     conn: &mut MultiplexedConnection,
-    script: &mut String,
+    script: &str,
     timeout: Duration,
     stats: &EngineStats,
 ) -> Ended {
@@ -1098,6 +1116,18 @@ async fn publish_loop(
             }
         }
         let mut pipe = redis::pipe();
+        let numbered = batch
+            .iter()
+            .any(|cmd| cmd.messages.iter().any(|(.., n)| n.is_some()));
+        if numbered {
+            // The script is loaded again in the same transaction as the calls to it: a
+            // Redis that lost it (`SCRIPT FLUSH`, a failover to a server that never had it)
+            // has it for them, so no call fails while the others of the batch run.
+            pipe.cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(redis_history::PUBLISH_SCRIPT)
+                .ignore();
+        }
         let mut nr = 0;
         for cmd in &batch {
             for (ch, payload, numbering) in &cmd.messages {
@@ -1105,7 +1135,7 @@ async fn publish_loop(
                     None => pipe.cmd("PUBLISH").arg(ch).arg(&payload[..]).ignore(),
                     Some(n) => pipe
                         .cmd("EVALSHA")
-                        .arg(&*script)
+                        .arg(script)
                         .arg(2)
                         .arg(&n.stream)
                         .arg(&n.meta)
@@ -1121,7 +1151,7 @@ async fn publish_loop(
         }
         // All or none: a connection lost on the way loses the whole group, not part of a
         // batch (an answer lost after EXEC still leaves the outcome unknown: 503).
-        if nr > 1 {
+        if nr > 1 || numbered {
             pipe.atomic();
         }
         let outcome = if nr == 0 {
@@ -1133,25 +1163,6 @@ async fn publish_loop(
             Ok(Ok(())) => {
                 add(&stats.published, nr);
                 (Ok(()), None)
-            }
-            // Redis lost the script (flushed, or a failover to a server that never had it):
-            // loaded again, and the batch answered as one whose outcome is unknown.
-            Ok(Err(e))
-                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                warn!(
-                    "the publish script was missing in Redis: loaded again; a publish was refused"
-                );
-                match load_script(conn).await {
-                    Ok(sha) => {
-                        *script = sha;
-                        (Err(PublishError::EngineUnavailable(EngineDown::Lost)), None)
-                    }
-                    Err(e) => (
-                        Err(PublishError::EngineUnavailable(EngineDown::Lost)),
-                        Some(e),
-                    ),
-                }
             }
             Ok(Err(e)) => (
                 Err(PublishError::EngineUnavailable(EngineDown::Lost)),
@@ -1242,6 +1253,7 @@ async fn deliver_loop(
                             delivered,
                         )
                         .await;
+                        count_repair(stats, repaired);
                         if !repaired && let Some(idx) = node.project_index(project) {
                             tell_resync(hub, &HashSet::from([(idx, topic.into())]), stats);
                         }

@@ -16,8 +16,8 @@
 //!
 //! # Publishing
 //!
-//! One script ([`PUBLISH_SCRIPT`], loaded once per connection with `SCRIPT LOAD`, run with
-//! `EVALSHA`) per topic with history: it increments the offset, appends to the stream, sets
+//! One script ([`PUBLISH_SCRIPT`], run with `EVALSHA` in a transaction that loads it first
+//! with `SCRIPT LOAD`, so a Redis that lost it has it again) per topic with history: it increments the offset, appends to the stream, sets
 //! the keys' TTL, and publishes on the topic's channel the body behind a numbered header
 //! ([`numbered_payload`]): `#<offset>:<epoch>\n`. A body starts with the message's data (a
 //! JSON value), never `#`, so the two kinds of payload cannot be mistaken for one another.
