@@ -373,6 +373,14 @@ fn encode_engine(
         MetricType::Gauge,
     )?
     .encode_gauge(&read(&e.channels))?;
+    enc.encode_descriptor(
+        "herald_history_engine_reads_pending",
+        "Reads of streams of topics with history waiting for the node's engine subscription \
+         of their topic (while the engine is away, until it is back).",
+        None,
+        MetricType::Gauge,
+    )?
+    .encode_gauge(&read(&e.reads_pending))?;
     for (name, help, v) in [
         (
             "herald_engine_connects",

@@ -44,6 +44,32 @@ fn history_node_with(
     (p, ready, dir)
 }
 
+/// [`history_node`] reaching Redis through a [`Relay`] (its connections: publishing, then
+/// subscribing), with `engine.probe_interval_ms` and `engine.command_timeout_ms` as given.
+fn relayed_node(
+    name: &str,
+    redis: &RedisServer,
+    prefix: &str,
+    (probe_interval_ms, command_timeout_ms): (u64, u64),
+) -> (Relay, (HeraldProcess, Ready, TempDir)) {
+    let relay = Relay::start(redis.port);
+    let node = history_node_with(name, redis, prefix, 10, |e| {
+        e.url = format!("redis://127.0.0.1:{}/0", relay.port);
+        e.probe_interval_ms = probe_interval_ms;
+        e.command_timeout_ms = command_timeout_ms;
+    });
+    (relay, node)
+}
+
+/// The epoch of `shop`'s stream of `topic` in Redis.
+fn epoch_in_redis(c: &mut redis::Connection, prefix: &str, topic: &str) -> String {
+    redis::cmd("HGET")
+        .arg(format!("{prefix}~m:shop:{topic}"))
+        .arg("e")
+        .query(c)
+        .unwrap()
+}
+
 fn publish_shop(api: std::net::SocketAddr, topic: &str, n: i64) {
     let r = publish(
         api,
@@ -117,11 +143,7 @@ fn the_welcome_tells_the_position_of_the_stream_in_redis() {
         publish_shop(b.1.api, "user.alice", i);
     }
     let mut c = redis.connection().unwrap();
-    let epoch: String = redis::cmd("HGET")
-        .arg(format!("{prefix}~m:shop:user.alice"))
-        .arg("e")
-        .query(&mut c)
-        .unwrap();
+    let epoch = epoch_in_redis(&mut c, prefix, "user.alice");
     // Node A has never had a subscriber of `user.alice`.
     let (ws, welcome) = connect_user(a.1.listen, "shop", "alice");
     let w: Value = serde_json::from_str(&welcome.text).expect("JSON");
@@ -300,13 +322,8 @@ fn an_impossible_recovery_on_another_node_replays_nothing_and_says_why() {
 #[test]
 fn a_node_that_missed_messages_repairs_them_from_the_stream() {
     let redis = RedisServer::start("rhist-gap");
-    let relay = Relay::start(redis.port);
     let prefix = "rhist-gap:";
-    let (_a, a, _da) = history_node_with("rhist-gap-a", &redis, prefix, 10, |e| {
-        e.url = format!("redis://127.0.0.1:{}/0", relay.port);
-        e.probe_interval_ms = 200;
-        e.command_timeout_ms = 500;
-    });
+    let (relay, (_a, a, _da)) = relayed_node("rhist-gap-a", &redis, prefix, (200, 500));
     let b = history_node("rhist-gap-b", &redis, prefix);
     // The node's first two connections: publishing, then subscribing.
     assert_eq!(relay.nr_connections(), 2);
@@ -465,4 +482,96 @@ fn a_stream_lost_in_redis_starts_again_for_its_subscribers() {
     );
     publish_shop(n.1.api, "short", 4);
     assert_eq!(message_at(&mut ws, "short"), (2, 4));
+}
+
+/// A jump in a topic's offsets (the node missed messages while its subscription stayed up)
+/// is repaired from the stream on a task of its own: while the read waits (the node's command
+/// connection frozen), another topic's message is delivered at once, and the topic's own
+/// later messages wait behind the repair; then the missed ones come in order, then those that
+/// waited, none twice.
+#[test]
+fn a_repair_holds_only_its_own_topic() {
+    let redis = RedisServer::start("rhist-hold");
+    let prefix = "rhist-hold:";
+    let (relay, (_a, a, _da)) = relayed_node("rhist-hold-a", &redis, prefix, (60_000, 30_000));
+    let (mut ws, _) = connect_user(a.listen, "shop", "alice");
+    assert_eq!(subscribe_since(&mut ws, "news", None)["offset"], 0);
+    subscribe(&mut ws, "plain");
+    publish_shop(a.api, "news", 1);
+    assert_eq!(message_at(&mut ws, "news"), (1, 1));
+    let mut c = redis.connection().unwrap();
+    let epoch = epoch_in_redis(&mut c, prefix, "news");
+    let body = |n: u64| format!(r#"{n},"id":"t-{n}","ts":1}}"#);
+    // Messages 2..4 reach the stream but not the node; 5 and 6 reach it.
+    for n in 2..=6 {
+        let () = redis::cmd("XADD")
+            .arg(format!("{prefix}~h:shop:news"))
+            .arg(format!("{n}-0"))
+            .arg("d")
+            .arg(body(n))
+            .query(&mut c)
+            .unwrap();
+    }
+    let () = redis::cmd("HSET")
+        .arg(format!("{prefix}~m:shop:news"))
+        .arg("s")
+        .arg(6)
+        .query(&mut c)
+        .unwrap();
+    // The node's command connection (its first), which reads the gap, stops answering.
+    relay.freeze(0, true);
+    // The relay's threads notice within their 20 ms read timeout.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for n in 5..=6 {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(format!("{prefix}shop:news"))
+            .arg(format!("#{n}:{epoch}\n{}", body(n)))
+            .query(&mut c)
+            .unwrap();
+    }
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{prefix}shop:plain"))
+        .arg(body(100))
+        .query(&mut c)
+        .unwrap();
+    let m = recv_json(&mut ws);
+    assert_eq!(
+        (&m["topic"], &m["data"]),
+        (&json!("plain"), &json!(100)),
+        "another topic goes on during the repair: {m}"
+    );
+    relay.freeze(0, false);
+    for n in 2..=6 {
+        assert_eq!(message_at(&mut ws, "news"), (n, n as i64), "in order, once");
+    }
+    publish_shop(a.api, "news", 7);
+    assert_eq!(message_at(&mut ws, "news"), (7, 7), "live, no duplicate");
+    let m = scrape(a.api);
+    assert_eq!(
+        metric(&m, "herald_history_repairs_total", r#"outcome="repaired""#),
+        1.0
+    );
+}
+
+/// Reads of streams asked while Redis is away wait for it, but not for a topic nobody
+/// subscribes to any more: the read of a subscribe whose connection left is dropped, not
+/// kept for ever.
+#[test]
+fn reads_asked_while_redis_is_away_are_dropped_once_nobody_waits() {
+    let mut redis = RedisServer::start("rhist-pending");
+    let prefix = "rhist-pending:";
+    let n = history_node("rhist-pending-0", &redis, prefix);
+    let pending = || metric(&scrape(n.1.api), "herald_history_engine_reads_pending", "");
+    let (mut ws, _) = connect_user(n.1.listen, "shop", "alice");
+    redis.stop();
+    wait_engine_up(n.1.api, false);
+    send_text(&mut ws, r#"{"op":"subscribe","topic":"news","id":1}"#);
+    wait_until("the read waits for Redis", || pending() == 1.0);
+    close(ws);
+    wait_until("the read of the topic left is dropped", || pending() == 0.0);
+    redis.restart();
+    wait_engine_up(n.1.api, true);
+    assert_eq!(pending(), 0.0);
+    let (mut ws, _) = connect_user(n.1.listen, "shop", "bob");
+    assert_eq!(subscribe_since(&mut ws, "news", None)["offset"], 0);
 }

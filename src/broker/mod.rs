@@ -117,6 +117,8 @@ pub struct EngineStats {
     pub changes_overflowed: AtomicU64,
     /// Channels the node is subscribed to.
     pub channels: AtomicU64,
+    /// Reads of streams waiting for the node's engine subscription of their topic.
+    pub reads_pending: AtomicU64,
     /// Streams read from the engine for a subscribe, a `recover` or a welcome.
     pub history_reads_ok: AtomicU64,
     /// Such reads that failed or got no answer in time (the node's copy answered).

@@ -531,8 +531,9 @@ impl Bridge {
                     }
                     Some(Change::Fetch(p, t, read, done)) => {
                         self.subs.fetches.entry((p, t)).or_default().push((read, done));
+                        self.subs.count_pending();
                     }
-                    Some(Change::Topic(..)) => {}
+                    Some(Change::Topic(..)) => self.subs.answer_unwanted(),
                     None => return true,
                 },
             }
@@ -621,13 +622,12 @@ impl Bridge {
         let heard = std::cell::Cell::new(Instant::now());
         let commander = publisher.clone();
         let publishing = publish_loop(publish_rx, &mut publisher, &script, command_timeout, &stats);
-        let mut reader = commander.clone();
         let delivering = deliver_loop(
             &mut msg_rx,
             hub,
             control,
             (&prefix, command_timeout),
-            (&mut reader, delivered),
+            (&commander, delivered),
             &heard,
             &stats,
         );
@@ -767,7 +767,38 @@ impl Subscriptions {
             .into_iter()
             .filter(|k| !self.subscribed.contains(k))
             .collect();
-        self.subscribe(new, conn).await
+        self.subscribe(new, conn).await?;
+        self.answer_unwanted();
+        Ok(())
+    }
+
+    /// Answers the waiters and the reads queued for topics the node no longer has a
+    /// subscriber of (the subscribe or welcome that asked was answered, or its connection
+    /// left): their channel is not subscribed for them, so kept they would wait forever.
+    fn answer_unwanted(&mut self) {
+        let interest = &self.interest;
+        let gone: Vec<Key> = self
+            .waiters
+            .keys()
+            .chain(self.fetches.keys())
+            .filter(|(p, t)| interest.mask(*p, t) == 0)
+            .cloned()
+            .collect();
+        for key in gone {
+            for done in self.waiters.remove(&key).unwrap_or_default() {
+                done();
+            }
+            for (_, done) in self.fetches.remove(&key).unwrap_or_default() {
+                done();
+            }
+        }
+        self.count_pending();
+    }
+
+    /// Publishes how many reads of streams wait for their channel's subscription.
+    fn count_pending(&self) {
+        let n: usize = self.fetches.values().map(Vec::len).sum();
+        self.stats.reads_pending.store(n as u64, Ordering::Relaxed);
     }
 
     /// Acts on changes: subscribes to topics the node now has subscribers of, lets the
@@ -815,7 +846,9 @@ impl Subscriptions {
         }
         new.sort();
         new.dedup();
-        self.subscribe(new, conn).await
+        self.subscribe(new, conn).await?;
+        self.answer_unwanted();
+        Ok(())
     }
 
     /// `SUBSCRIBE`s `keys` in batches, then calls their waiters.
@@ -1185,22 +1218,41 @@ async fn publish_loop(
 }
 
 /// Hands messages from Redis to the node, which encodes each once for its shards (the body
-/// is Redis's payload as it came).
+/// is Redis's payload as it came). A gap in a topic with history is read from its stream on a
+/// task of its own: the topic's messages wait behind it meanwhile, the others go on.
 async fn deliver_loop(
     rx: &mut mpsc::Receiver<(Vec<u8>, Vec<u8>)>,
     hub: &Weak<dyn Deliver + Send + Sync>,
     control: &ControlPlane,
     (prefix, timeout): (&str, Duration),
-    (conn, delivered): (&mut MultiplexedConnection, &mut redis_history::Delivered),
+    (conn, delivered): (&MultiplexedConnection, &mut redis_history::Delivered),
     heard: &std::cell::Cell<Instant>,
     stats: &EngineStats,
 ) -> Ended {
-    let mut inbox_full = Throttled::default();
     let mut queue_full = Throttled::default();
     let mut queue_full_seen = stats.dropped_queue_full.load(Ordering::Relaxed);
+    let mut gaps = Gaps {
+        conn: conn.clone(),
+        prefix: prefix.into(),
+        timeout,
+        reads: tokio::task::JoinSet::new(),
+        repairing: redis_history::Repairing::default(),
+        delivered,
+        inbox_full: Throttled::default(),
+    };
     loop {
-        let Some((ch, payload)) = rx.recv().await else {
-            return Ended::Lost("subscription connection closed".into());
+        let (ch, payload) = tokio::select! {
+            got = rx.recv() => match got {
+                Some(m) => m,
+                None => return Ended::Lost("subscription connection closed".into()),
+            },
+            Some(Ok(read)) = gaps.reads.join_next(), if !gaps.reads.is_empty() => {
+                let Some(node) = hub.upgrade() else {
+                    return Ended::Stopped;
+                };
+                gaps.repaired(&*node, hub, read, stats);
+                continue;
+            }
         };
         heard.set(Instant::now());
         let dropped = stats.dropped_queue_full.load(Ordering::Relaxed);
@@ -1233,38 +1285,101 @@ async fn deliver_loop(
             continue;
         };
         let payload = Bytes::from(payload);
-        let d = match redis_history::split_numbered(&payload) {
-            Some((offset, epoch, body)) => {
-                // A gap (the node missed messages) is repaired from the stream first, once
-                // for the node; what a repair delivered already is dropped.
-                let key: redis_history::Key = (project.into(), topic.into());
-                delivered.forget_unsubscribed();
-                match delivered.step(&key, &epoch, offset) {
-                    redis_history::Step::Skip => continue,
-                    redis_history::Step::Repair(from) => {
-                        let at = (&*epoch, from, offset - 1);
-                        let how = (prefix, timeout);
-                        let repaired = redis_history::repair(
-                            conn,
-                            &*node,
-                            how,
-                            (project, topic),
-                            at,
-                            delivered,
-                        )
-                        .await;
-                        count_repair(stats, repaired);
-                        if !repaired && let Some(idx) = node.project_index(project) {
-                            tell_resync(hub, &HashSet::from([(idx, topic.into())]), stats);
-                        }
-                    }
-                    redis_history::Step::Deliver => {}
-                }
-                delivered.note(key, &epoch, offset);
-                node.deliver_numbered(project, topic, (offset, &epoch), body)
+        match redis_history::split_numbered(&payload) {
+            Some(m) => {
+                gaps.delivered.forget_unsubscribed();
+                gaps.offer(&*node, (project.into(), topic.into()), m, stats);
             }
-            None => node.deliver_each(project, topic, payload),
-        };
+            None => {
+                let d = node.deliver_each(project, topic, payload);
+                gaps.count(d, stats);
+            }
+        }
+    }
+}
+
+/// The delivery loop's gaps in topics with history: the reads under way, the messages
+/// waiting behind them, and the last offset delivered of each topic.
+struct Gaps<'a> {
+    /// Where gaps are read.
+    conn: MultiplexedConnection,
+    /// `engine.prefix`.
+    prefix: Box<str>,
+    /// `engine.command_timeout_ms`.
+    timeout: Duration,
+    /// The reads under way, each on a task of its own.
+    reads: tokio::task::JoinSet<redis_history::GapRead>,
+    /// The topics under repair and their messages that came meanwhile.
+    repairing: redis_history::Repairing,
+    /// The last offset delivered of each topic.
+    delivered: &'a mut redis_history::Delivered,
+    /// Inbox-full drops, logged at most once a second.
+    inbox_full: Throttled,
+}
+
+impl Gaps<'_> {
+    /// A numbered message of `key`: delivered now, dropped (a repair delivered it), or, past
+    /// a gap, kept while the gap is read; behind a gap being read, kept too.
+    fn offer(
+        &mut self,
+        node: &(dyn Deliver + Send + Sync),
+        key: redis_history::Key,
+        (offset, epoch, body): (u64, Box<str>, Bytes),
+        stats: &EngineStats,
+    ) {
+        if self.repairing.holds(&key) {
+            self.repairing.hold(key, (epoch, offset, body));
+            return;
+        }
+        match self.delivered.step(&key, &epoch, offset) {
+            redis_history::Step::Skip => {}
+            redis_history::Step::Repair(from) => {
+                let (mut conn, prefix, timeout) =
+                    (self.conn.clone(), self.prefix.clone(), self.timeout);
+                let (gap_key, gap_epoch, to) = (key.clone(), epoch.clone(), offset - 1);
+                self.reads.spawn(async move {
+                    let (project, topic) = (&*gap_key.0, &*gap_key.1);
+                    let how = (&*prefix, timeout);
+                    let read =
+                        redis_history::read_gap(&mut conn, how, (project, topic), (from, to)).await;
+                    (gap_key, gap_epoch, to, read)
+                });
+                self.repairing.hold(key, (epoch, offset, body));
+            }
+            redis_history::Step::Deliver => {
+                self.delivered.note(key.clone(), &epoch, offset);
+                let d = node.deliver_numbered(&key.0, &key.1, (offset, &epoch), body);
+                self.count(d, stats);
+            }
+        }
+    }
+
+    /// A gap was read: its messages are delivered (or the topic's subscribers told to
+    /// resync), then those that waited behind it, in order.
+    fn repaired(
+        &mut self,
+        node: &(dyn Deliver + Send + Sync),
+        hub: &Weak<dyn Deliver + Send + Sync>,
+        (key, epoch, to, read): redis_history::GapRead,
+        stats: &EngineStats,
+    ) {
+        let topic = (&*key.0, &*key.1);
+        let repaired = redis_history::deliver_gap(node, topic, &epoch, read, self.delivered);
+        count_repair(stats, repaired);
+        if !repaired {
+            // Given up on: the topic goes on after the gap.
+            self.delivered.note(key.clone(), &epoch, to);
+            if let Some(idx) = node.project_index(&key.0) {
+                tell_resync(hub, &HashSet::from([(idx, key.1.clone())]), stats);
+            }
+        }
+        for (epoch, offset, body) in self.repairing.take(&key) {
+            self.offer(node, key.clone(), (offset, epoch, body), stats);
+        }
+    }
+
+    /// Counts what became of a delivery.
+    fn count(&mut self, d: super::Delivered, stats: &EngineStats) {
         if d.unknown_project {
             add(&stats.dropped_unknown, 1);
         }
@@ -1275,7 +1390,7 @@ async fn deliver_loop(
             add(&stats.dropped_draining, 1);
         }
         add(&stats.dropped_inbox_full, u64::from(d.nr_full));
-        if let Some(n) = inbox_full.due(u64::from(d.nr_full)) {
+        if let Some(n) = self.inbox_full.due(u64::from(d.nr_full)) {
             warn!(
                 dropped = n,
                 "shard inbox full: a message from the engine was not delivered to that \

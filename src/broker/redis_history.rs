@@ -211,22 +211,33 @@ pub async fn repair(
     (epoch, from, to): (&str, u64, u64),
     delivered: &mut Delivered,
 ) -> bool {
+    let read = read_gap(conn, (prefix, timeout), (project, topic), (from, to)).await;
+    deliver_gap(node, (project, topic), epoch, read, delivered)
+}
+
+/// Reads the messages `from..=to` of (project id, topic) from its stream, all of them or
+/// `None` (the stream no longer holds them all, the gap is over [`MAX_REPAIR`], or the read
+/// failed or took over `timeout`).
+pub async fn read_gap(
+    conn: &mut redis::aio::MultiplexedConnection,
+    (prefix, timeout): (&str, std::time::Duration),
+    (project, topic): (&str, &str),
+    (from, to): (u64, u64),
+) -> Option<Vec<(u64, Bytes)>> {
+    if to < from || to - from >= MAX_REPAIR {
+        return None;
+    }
     let mut xrange = redis::cmd("XRANGE");
     xrange
         .arg(stream_key(prefix, project, topic))
         .arg(format!("{from}-0"))
         .arg(format!("{to}-0"));
     type Entries = Vec<(String, HashMap<String, Vec<u8>>)>;
-    let read = if to < from || to - from >= MAX_REPAIR {
-        None
-    } else {
-        tokio::time::timeout(timeout, xrange.query_async::<Entries>(conn))
-            .await
-            .ok()
-            .and_then(Result::ok)
-    };
+    let read = tokio::time::timeout(timeout, xrange.query_async::<Entries>(conn))
+        .await
+        .ok()?
+        .ok()?;
     let entries: Vec<(u64, Bytes)> = read
-        .unwrap_or_default()
         .into_iter()
         .filter_map(|(id, mut fields)| {
             Some((
@@ -235,24 +246,68 @@ pub async fn repair(
             ))
         })
         .collect();
-    let whole = entries.len() as u64 == to.saturating_sub(from) + 1
+    let whole = entries.len() as u64 == to - from + 1
         && entries.iter().zip(from..).all(|((o, _), want)| *o == want);
-    if !whole {
+    whole.then_some(entries)
+}
+
+/// Delivers a gap's messages read by [`read_gap`] in order, and notes them delivered:
+/// `true`. `false` when there are none (logged): the topic's subscribers are to be told to
+/// resync.
+pub fn deliver_gap(
+    node: &(dyn super::Deliver + Send + Sync),
+    (project, topic): (&str, &str),
+    epoch: &str,
+    read: Option<Vec<(u64, Bytes)>>,
+    delivered: &mut Delivered,
+) -> bool {
+    let Some(entries) = read else {
         tracing::warn!(
             topic,
-            from,
-            to,
             "messages of a topic with history were missed by this node and the stream no \
              longer holds them all: its subscribers are told to resync"
         );
         return false;
-    }
+    };
     let key: Key = (project.into(), topic.into());
     for (offset, body) in entries {
         node.deliver_numbered(project, topic, (offset, epoch), body);
         delivered.note(key.clone(), epoch, offset);
     }
     true
+}
+
+/// A numbered message from the engine: (epoch, offset, body).
+pub type Numbered = (Box<str>, u64, Bytes);
+
+/// A gap's read, done on a task of its own: the topic, the gap's epoch and last offset, and
+/// what [`read_gap`] got.
+pub type GapRead = (Key, Box<str>, u64, Option<Vec<(u64, Bytes)>>);
+
+/// Topics whose gap is being read from their stream, each with the messages of it that came
+/// meanwhile, in order: they are delivered after the gap, so the topic's order holds while
+/// the other topics go on.
+#[derive(Debug, Default)]
+pub struct Repairing {
+    behind: HashMap<Key, Vec<Numbered>>,
+}
+
+impl Repairing {
+    /// Whether `key`'s gap is being read: its messages wait ([`Repairing::hold`]).
+    pub fn holds(&self, key: &Key) -> bool {
+        self.behind.contains_key(key)
+    }
+
+    /// Starts the wait of `key`'s messages (its gap is being read), or adds `m` behind those
+    /// waiting.
+    pub fn hold(&mut self, key: Key, m: Numbered) {
+        self.behind.entry(key).or_default().push(m);
+    }
+
+    /// Ends `key`'s wait: the messages that waited, in order.
+    pub fn take(&mut self, key: &Key) -> Vec<Numbered> {
+        self.behind.remove(key).unwrap_or_default()
+    }
 }
 
 /// The epoch and last offset of (project id, topic)'s stream, if it exists.
