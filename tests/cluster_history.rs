@@ -449,9 +449,10 @@ fn clients_of_a_killed_node_recover_elsewhere_every_message_once_in_order() {
     nodes.clear();
 }
 
-/// A stream Redis drops (here for its TTL) starts again under another epoch with offsets from
-/// 1: a subscriber that came in at offset 2 is told (`resync`) and gets the new stream's
-/// messages, none dropped for the old offsets.
+/// A stream Redis loses with its epoch and offset (deleted here; evicted, or a restart
+/// without persistence) starts again under another epoch with offsets from 1: a subscriber
+/// that came in at offset 2 is told (`resync`) and gets the new stream's messages, none
+/// dropped for the old offsets.
 #[test]
 fn a_stream_lost_in_redis_starts_again_for_its_subscribers() {
     let redis = RedisServer::start("rhist-lost");
@@ -463,13 +464,11 @@ fn a_stream_lost_in_redis_starts_again_for_its_subscribers() {
     let ack = subscribe_since(&mut ws, "short", None);
     assert_eq!(ack["offset"], 2, "{ack}");
     let mut c = redis.connection().unwrap();
-    wait_until("the stream expires in Redis", || {
-        let n: i64 = redis::cmd("EXISTS")
-            .arg(format!("{prefix}~m:shop:short"))
-            .query(&mut c)
-            .unwrap();
-        n == 0
-    });
+    let () = redis::cmd("DEL")
+        .arg(format!("{prefix}~m:shop:short"))
+        .arg(format!("{prefix}~h:shop:short"))
+        .query(&mut c)
+        .unwrap();
     publish_shop(n.1.api, "short", 3);
     assert_eq!(
         recv_text(&mut ws),
@@ -574,4 +573,45 @@ fn reads_asked_while_redis_is_away_are_dropped_once_nobody_waits() {
     assert_eq!(pending(), 0.0);
     let (mut ws, _) = connect_user(n.1.listen, "shop", "bob");
     assert_eq!(subscribe_since(&mut ws, "news", None)["offset"], 0);
+}
+
+/// With the engine, a client whose missed messages are older than the topic's TTL is told
+/// `expired`, on any node: the stream went with its TTL, its epoch and offsets did not, and
+/// it goes on with them.
+#[test]
+fn messages_gone_for_their_age_are_expired_on_any_node() {
+    let redis = RedisServer::start("rhist-expired");
+    let prefix = "rhist-expired:";
+    let n0 = history_node("rhist-expired-0", &redis, prefix);
+    let n1 = history_node("rhist-expired-1", &redis, prefix);
+    publish_shop(n0.1.api, "short", 1);
+    publish_shop(n0.1.api, "short", 2);
+    let mut c = redis.connection().unwrap();
+    let epoch = epoch_in_redis(&mut c, prefix, "short");
+    let exists = |c: &mut redis::Connection, key: &str| -> bool {
+        redis::cmd("EXISTS")
+            .arg(format!("{prefix}{key}:shop:short"))
+            .query(c)
+            .unwrap()
+    };
+    wait_until("the stream expires in Redis", || !exists(&mut c, "~h"));
+    assert!(exists(&mut c, "~m"), "its epoch and offset outlive it");
+    let (mut ws, _) = connect_user(n1.1.listen, "shop", "bob");
+    assert_eq!(
+        subscribe_since(&mut ws, "short", Some((&epoch, 1))),
+        json!({"type": "ack", "id": 1, "epoch": epoch, "offset": 2,
+               "recovered": false, "reason": "expired"})
+    );
+    publish_shop(n0.1.api, "short", 3);
+    assert_eq!(
+        message_at(&mut ws, "short"),
+        (3, 3),
+        "same epoch, next offset"
+    );
+    let (mut ws, _) = connect_user(n0.1.listen, "shop", "carol");
+    assert_eq!(
+        subscribe_since(&mut ws, "short", Some((&epoch, 1))),
+        json!({"type": "ack", "id": 1, "epoch": epoch, "offset": 3,
+               "recovered": false, "reason": "expired"})
+    );
 }

@@ -282,6 +282,7 @@ impl Broker for RedisBroker {
                         meta: redis_history::meta_key(&self.prefix, &project.id, topic),
                         size: r.size,
                         ttl_secs: (r.ttl_ms / 1000).max(1),
+                        meta_ttl_secs: redis_history::meta_ttl_secs((r.ttl_ms / 1000).max(1)),
                     });
                 let ch = channel(&self.prefix, &project.id, topic);
                 messages.push((ch, p.body.clone(), numbering));
@@ -906,10 +907,10 @@ impl Subscriptions {
             )
             .await;
             match got {
-                Ok(Ok((epoch, top, entries))) => {
+                Ok(Ok((epoch, top, expired, entries))) => {
                     add(&stats.history_reads_ok, 1);
                     if let Some(hub) = hub.upgrade() {
-                        hub.fill_history(project, &topic, (&epoch, top), entries);
+                        hub.fill_history(project, &topic, (&epoch, top, expired), entries);
                     }
                 }
                 Ok(Err(e)) => {
@@ -1177,6 +1178,7 @@ async fn publish_loop(
                         .arg(n.size)
                         .arg(n.ttl_secs)
                         .arg(redis_history::new_epoch())
+                        .arg(n.meta_ttl_secs)
                         .ignore(),
                 };
                 nr += 1;

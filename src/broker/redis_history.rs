@@ -10,9 +10,12 @@
 //!   one field `d` holding the message body, capped at the rule's `size` (`MAXLEN`);
 //! - `<prefix>~m:<project>:<topic>`: a hash of the stream's epoch (`e`) and last offset (`s`).
 //!
-//! Both expire `ttl_secs` after the topic's last publish. The epoch is made with the stream,
-//! or by a read before its first message (which then keeps it): a stream lost in Redis,
-//! expired or deleted, comes back with another epoch and offsets from 1.
+//! The stream expires `ttl_secs` after the topic's last publish, its epoch and offset
+//! [`META_TTL_SECS`] after it (at least `ttl_secs`): a stream gone for its TTL goes on with
+//! the same epoch, its older messages `expired`. The epoch is made with the stream, or by a
+//! read before its first message (which then keeps it for `ttl_secs`): a stream whose epoch
+//! is lost in Redis (expired, deleted, evicted) comes back with another epoch and offsets
+//! from 1.
 //!
 //! # Publishing
 //!
@@ -37,10 +40,15 @@ use super::HistoryRead;
 
 /// The publish of one message of a topic with history. `KEYS[1]`: the stream, `KEYS[2]`: its
 /// epoch and offset. `ARGV`: channel, body, size, TTL in seconds, the epoch to give a new
-/// stream. Answers the offset.
+/// stream, the TTL of its epoch and offset ([`meta_ttl_secs`]). Answers the offset. A stream
+/// gone for its TTL while its epoch and offset remain goes on with them, and notes (`x`) that
+/// its messages up to that offset expired.
 pub const PUBLISH_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('HEXISTS', KEYS[2], 's') == 1 then
-  redis.call('DEL', KEYS[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local top = redis.call('HGET', KEYS[2], 's')
+  if top then
+    redis.call('HSET', KEYS[2], 'x', top)
+  end
 end
 local epoch = redis.call('HGET', KEYS[2], 'e')
 if not epoch then
@@ -50,10 +58,20 @@ end
 local offset = redis.call('HINCRBY', KEYS[2], 's', 1)
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('PUBLISH', ARGV[1], '#' .. offset .. ':' .. epoch .. '\n' .. ARGV[2])
 return offset
 ";
+
+/// How long a stream's epoch and offset outlive its last message, at least: a client away
+/// longer than the topic's TTL but not this is told its messages `expired` (the stream went
+/// with its TTL, its numbering did not), and the stream goes on with the same epoch.
+pub const META_TTL_SECS: u64 = 86_400;
+
+/// The TTL of the epoch and offset of a stream whose TTL is `ttl_secs`.
+pub fn meta_ttl_secs(ttl_secs: u64) -> u64 {
+    ttl_secs.max(META_TTL_SECS)
+}
 
 /// The stream key of (project id, topic).
 pub fn stream_key(prefix: &str, project: &str, topic: &str) -> String {
@@ -65,9 +83,14 @@ pub fn meta_key(prefix: &str, project: &str, topic: &str) -> String {
     format!("{prefix}~m:{project}:{topic}")
 }
 
+/// What [`read`] found: the stream's epoch, its last offset, the offset through which its
+/// messages expired (0: none), and the entries read, as (offset, body).
+pub type Read = (String, u64, u64, Vec<(u64, Bytes)>);
+
 /// Reads the stream at `stream` (its epoch and offset at `meta`) for a recovery, atomically:
-/// its epoch (made now if it has none), its last offset, and with `read.after` the entries
-/// after it, at most `read.count`, as (offset, body).
+/// its epoch (made now if it has none), its last offset, through which offset its messages
+/// expired (all of them when the stream is gone and its offset is not), and with
+/// `read.after` the entries after it, at most `read.count`.
 ///
 /// # Errors
 /// Redis's error, described.
@@ -75,7 +98,7 @@ pub async fn read(
     conn: &mut redis::aio::MultiplexedConnection,
     (stream, meta): (&str, &str),
     read: HistoryRead,
-) -> Result<(String, u64, Vec<(u64, Bytes)>), redis::RedisError> {
+) -> Result<Read, redis::RedisError> {
     let mut pipe = redis::pipe();
     pipe.atomic()
         .cmd("HSETNX")
@@ -91,7 +114,10 @@ pub async fn read(
         .cmd("HMGET")
         .arg(meta)
         .arg("e")
-        .arg("s");
+        .arg("s")
+        .arg("x")
+        .cmd("EXISTS")
+        .arg(stream);
     // Without `after`, an empty range: the position only.
     let (start, end) = match read.after {
         Some(after) => (format!("{}-0", after.saturating_add(1)), "+".to_owned()),
@@ -104,8 +130,15 @@ pub async fn read(
         .arg("COUNT")
         .arg(read.count.max(1));
     type Entries = Vec<(String, HashMap<String, Vec<u8>>)>;
-    let ((epoch, top), entries): ((Option<String>, Option<u64>), Entries) =
+    type Meta = (Option<String>, Option<u64>, Option<u64>);
+    let ((epoch, top, expired), exists, entries): (Meta, u8, Entries) =
         pipe.query_async(conn).await?;
+    let top = top.unwrap_or(0);
+    let expired = if exists == 0 {
+        top
+    } else {
+        expired.unwrap_or(0)
+    };
     let entries = entries
         .into_iter()
         .filter_map(|(id, mut fields)| {
@@ -113,7 +146,7 @@ pub async fn read(
             Some((offset, Bytes::from(fields.remove("d")?)))
         })
         .collect();
-    Ok((epoch.unwrap_or_default(), top.unwrap_or(0), entries))
+    Ok((epoch.unwrap_or_default(), top, expired, entries))
 }
 
 /// Topics tracked by [`Delivered`] at most; past it, it starts again empty (a gap is then
@@ -344,6 +377,8 @@ pub struct Numbering {
     pub size: usize,
     /// The rule's TTL, in seconds (at least 1).
     pub ttl_secs: u64,
+    /// [`meta_ttl_secs`] of it.
+    pub meta_ttl_secs: u64,
 }
 
 /// The payload the script publishes: `#<offset>:<epoch>\n` then the body.
