@@ -11,7 +11,7 @@
 //! - `<prefix>~m:<project>:<topic>`: a hash of the stream's epoch (`e`) and last offset (`s`).
 //!
 //! The stream expires `ttl_secs` after the topic's last publish, its epoch and offset
-//! [`META_TTL_SECS`] after it (at least `ttl_secs`): a stream gone for its TTL goes on with
+//! [`META_TTL_SECS`] later: a stream gone for its TTL goes on with
 //! the same epoch, its older messages `expired`. The epoch is made with the stream, or by a
 //! read before its first message (which then keeps it for `ttl_secs`): a stream whose epoch
 //! is lost in Redis (expired, deleted, evicted) comes back with another epoch and offsets
@@ -63,14 +63,14 @@ redis.call('PUBLISH', ARGV[1], '#' .. offset .. ':' .. epoch .. '\n' .. ARGV[2])
 return offset
 ";
 
-/// How long a stream's epoch and offset outlive its last message, at least: a client away
-/// longer than the topic's TTL but not this is told its messages `expired` (the stream went
-/// with its TTL, its numbering did not), and the stream goes on with the same epoch.
+/// How long a stream's epoch and offset outlive the stream: a client away longer than the
+/// topic's TTL but not this much more is told its messages `expired` (the stream went with
+/// its TTL, its numbering did not), and the stream goes on with the same epoch.
 pub const META_TTL_SECS: u64 = 86_400;
 
 /// The TTL of the epoch and offset of a stream whose TTL is `ttl_secs`.
 pub fn meta_ttl_secs(ttl_secs: u64) -> u64 {
-    ttl_secs.max(META_TTL_SECS)
+    ttl_secs.saturating_add(META_TTL_SECS)
 }
 
 /// The stream key of (project id, topic).
