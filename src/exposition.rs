@@ -373,6 +373,14 @@ fn encode_engine(
         MetricType::Gauge,
     )?
     .encode_gauge(&read(&e.channels))?;
+    enc.encode_descriptor(
+        "herald_history_engine_reads_pending",
+        "Reads of streams of topics with history waiting for the node's engine subscription \
+         of their topic (while the engine is away, until it is back).",
+        None,
+        MetricType::Gauge,
+    )?
+    .encode_gauge(&read(&e.reads_pending))?;
     for (name, help, v) in [
         (
             "herald_engine_connects",
@@ -419,6 +427,33 @@ fn encode_engine(
     ] {
         m.encode_family(&[("reason", reason)])?
             .encode_counter::<NoLabelSet, _, u64>(&read(v), None)?;
+    }
+    for (name, help, label, values) in [
+        (
+            "herald_history_engine_reads",
+            "Streams of topics with history read from the engine (for a subscribe, a recover \
+             or a welcome), by outcome: ok, or error (failed or no answer in time: the node's \
+             copy answered).",
+            "outcome",
+            [
+                ("ok", &e.history_reads_ok),
+                ("error", &e.history_reads_failed),
+            ],
+        ),
+        (
+            "herald_history_repairs",
+            "Gaps in topics with history (messages the node missed) by outcome: repaired \
+             (delivered from the stream), or resync (the stream no longer held them: \
+             subscribers told to resync).",
+            "outcome",
+            [("repaired", &e.repairs_done), ("resync", &e.repairs_resync)],
+        ),
+    ] {
+        let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (outcome, v) in values {
+            m.encode_family(&[(label, outcome)])?
+                .encode_counter::<NoLabelSet, _, u64>(&read(v), None)?;
+        }
     }
     Ok(())
 }

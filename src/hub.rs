@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 
 use crate::auth::SharedRegistry;
 pub use crate::broker::PublishError;
-use crate::broker::{Broker, Deliver, Delivered, Interest, LocalBroker, Pending};
+use crate::broker::{Broker, Deliver, Delivered, Interest, LocalBroker, Pending, StreamAt};
 use crate::metrics::ShardStats;
 use crate::pubsub::Topic;
 use crate::route;
@@ -600,7 +600,7 @@ impl Deliver for Hub {
         self.registry.load().project(project).map(|p| p.idx)
     }
 
-    fn fill_history(&self, project: u32, topic: &str, at: (&str, u64), entries: Vec<(u64, Bytes)>) {
+    fn fill_history(&self, project: u32, topic: &str, at: StreamAt, entries: Vec<(u64, Bytes)>) {
         let registry = self.registry.load();
         let Some(rule) = registry
             .project_at(project)

@@ -44,6 +44,32 @@ fn history_node_with(
     (p, ready, dir)
 }
 
+/// [`history_node`] reaching Redis through a [`Relay`] (its connections: publishing, then
+/// subscribing), with `engine.probe_interval_ms` and `engine.command_timeout_ms` as given.
+fn relayed_node(
+    name: &str,
+    redis: &RedisServer,
+    prefix: &str,
+    (probe_interval_ms, command_timeout_ms): (u64, u64),
+) -> (Relay, (HeraldProcess, Ready, TempDir)) {
+    let relay = Relay::start(redis.port);
+    let node = history_node_with(name, redis, prefix, 10, |e| {
+        e.url = format!("redis://127.0.0.1:{}/0", relay.port);
+        e.probe_interval_ms = probe_interval_ms;
+        e.command_timeout_ms = command_timeout_ms;
+    });
+    (relay, node)
+}
+
+/// The epoch of `shop`'s stream of `topic` in Redis.
+fn epoch_in_redis(c: &mut redis::Connection, prefix: &str, topic: &str) -> String {
+    redis::cmd("HGET")
+        .arg(format!("{prefix}~m:shop:{topic}"))
+        .arg("e")
+        .query(c)
+        .unwrap()
+}
+
 fn publish_shop(api: std::net::SocketAddr, topic: &str, n: i64) {
     let r = publish(
         api,
@@ -84,18 +110,112 @@ fn the_implicit_topics_recover_on_another_node() {
         publish_shop(n0.1.api, "user.alice", i);
     }
     let (mut b, _) = connect_user(n1.1.listen, "shop", "alice");
-    let op = json!({"op": "recover", "id": 3,
-                    "since": {"user.alice": {"epoch": epoch, "offset": 2}}});
-    assert_eq!(
-        request(&mut b, &op.to_string()),
-        json!({"type": "ack", "id": 3,
-               "history": {"user.alice": {"epoch": epoch, "offset": 5, "recovered": true}}})
-    );
-    for i in 3..=5 {
-        assert_eq!(message_at(&mut b, "user.alice"), (i as u64, i));
-    }
+    recovers_user_alice(&mut b, &epoch, 2, 5);
     publish_shop(n0.1.api, "user.alice", 6);
     assert_eq!(message_at(&mut b, "user.alice"), (6, 6));
+}
+
+/// Sends `recover` of `user.alice` from `since` of `epoch`: the ack says recovered up to
+/// `top`, and the messages after `since` (their data their offset) follow, in order.
+fn recovers_user_alice(ws: &mut Client, epoch: &str, since: u64, top: u64) {
+    let op = json!({"op": "recover", "id": 3,
+                    "since": {"user.alice": {"epoch": epoch, "offset": since}}});
+    assert_eq!(
+        request(ws, &op.to_string()),
+        json!({"type": "ack", "id": 3,
+               "history": {"user.alice": {"epoch": epoch, "offset": top, "recovered": true}}})
+    );
+    for i in since + 1..=top {
+        assert_eq!(message_at(ws, "user.alice"), (i, i as i64));
+    }
+}
+
+/// The welcome tells the positions of the implicit topics in Redis, also on a node that never
+/// received them: a client that got no message and kept the welcome's position recovers on
+/// another node exactly what it missed.
+#[test]
+fn the_welcome_tells_the_position_of_the_stream_in_redis() {
+    let redis = RedisServer::start("rhist-welcome");
+    let prefix = "rhist-welcome:";
+    let a = history_node("rhist-welcome-a", &redis, prefix);
+    let b = history_node("rhist-welcome-b", &redis, prefix);
+    for i in 1..=3 {
+        publish_shop(b.1.api, "user.alice", i);
+    }
+    let mut c = redis.connection().unwrap();
+    let epoch = epoch_in_redis(&mut c, prefix, "user.alice");
+    // Node A has never had a subscriber of `user.alice`.
+    let (ws, welcome) = connect_user(a.1.listen, "shop", "alice");
+    let w: Value = serde_json::from_str(&welcome.text).expect("JSON");
+    assert_eq!(
+        w["history"],
+        json!({"user.alice": {"epoch": epoch, "offset": 3}}),
+        "{}",
+        welcome.text
+    );
+    close(ws);
+    for i in 4..=5 {
+        publish_shop(a.1.api, "user.alice", i);
+    }
+    let (mut ws, _) = connect_user(b.1.listen, "shop", "alice");
+    recovers_user_alice(&mut ws, &epoch, 3, 5);
+    publish_shop(a.1.api, "user.alice", 6);
+    assert_eq!(
+        message_at(&mut ws, "user.alice"),
+        (6, 6),
+        "live, nothing replayed twice"
+    );
+}
+
+/// Redis losing the publish script (`SCRIPT FLUSH`, or a failover to a server that never had
+/// it) loses no publish: each is accepted, numbered next (no gap, no repeat) and delivered,
+/// also a publish to a topic with history and one without at once.
+#[test]
+fn publishes_go_on_when_redis_loses_the_script() {
+    let redis = RedisServer::start("rhist-noscript");
+    let prefix = "rhist-noscript:";
+    let n = history_node("rhist-noscript-0", &redis, prefix);
+    let (mut ws, _) = connect_user(n.1.listen, "shop", "alice");
+    assert_eq!(subscribe_since(&mut ws, "news", None)["offset"], 0);
+    subscribe(&mut ws, "plain");
+    let mut c = redis.connection().unwrap();
+    let flush = |c: &mut redis::Connection| {
+        let () = redis::cmd("SCRIPT").arg("FLUSH").query(c).unwrap();
+    };
+    for i in 1..=2 {
+        publish_shop(n.1.api, "news", i);
+        assert_eq!(message_at(&mut ws, "news"), (i as u64, i));
+    }
+    flush(&mut c);
+    publish_shop(n.1.api, "news", 3);
+    assert_eq!(message_at(&mut ws, "news"), (3, 3));
+    flush(&mut c);
+    let r = publish(
+        n.1.api,
+        SHOP_API_KEY,
+        r#"{"project":"shop","topics":["news","plain"],"data":4}"#,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let got: Vec<(String, Value)> = (0..2)
+        .map(|_| {
+            let m = recv_json(&mut ws);
+            (m["topic"].as_str().unwrap().to_owned(), m)
+        })
+        .collect();
+    assert_eq!(got[0].0, "news", "{got:?}");
+    assert_eq!(
+        (&got[0].1["offset"], &got[0].1["data"]),
+        (&json!(4), &json!(4))
+    );
+    assert_eq!(got[1].0, "plain", "{got:?}");
+    assert_eq!(got[1].1["data"], 4);
+    publish_shop(n.1.api, "news", 5);
+    assert_eq!(message_at(&mut ws, "news"), (5, 5), "once each, in order");
+    let len: u64 = redis::cmd("XLEN")
+        .arg(format!("{prefix}~h:shop:news"))
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(len, 5, "one entry per publish");
 }
 
 /// A client that saw up to offset 2 on one node reconnects to another with `since` and gets
@@ -202,13 +322,8 @@ fn an_impossible_recovery_on_another_node_replays_nothing_and_says_why() {
 #[test]
 fn a_node_that_missed_messages_repairs_them_from_the_stream() {
     let redis = RedisServer::start("rhist-gap");
-    let relay = Relay::start(redis.port);
     let prefix = "rhist-gap:";
-    let (_a, a, _da) = history_node_with("rhist-gap-a", &redis, prefix, 10, |e| {
-        e.url = format!("redis://127.0.0.1:{}/0", relay.port);
-        e.probe_interval_ms = 200;
-        e.command_timeout_ms = 500;
-    });
+    let (relay, (_a, a, _da)) = relayed_node("rhist-gap-a", &redis, prefix, (200, 500));
     let b = history_node("rhist-gap-b", &redis, prefix);
     // The node's first two connections: publishing, then subscribing.
     assert_eq!(relay.nr_connections(), 2);
@@ -246,6 +361,15 @@ fn a_node_that_missed_messages_repairs_them_from_the_stream() {
     assert_eq!(message_at(&mut ws, "news"), (5, 5), "live, no duplicate");
     publish_shop(b.1.api, "tiny", 7);
     assert_eq!(message_at(&mut ws, "tiny"), (7, 7));
+    // `news` repaired, `tiny` given up; `user.alice` (nothing delivered before) and `all`
+    // (no history) are no gaps of a stream. Read from Redis: the welcome's `user.alice`,
+    // the subscribes' `news` and `tiny`.
+    let m = scrape(a.api);
+    let count = |name: &str, outcome: &str| metric(&m, name, &format!("outcome=\"{outcome}\""));
+    assert_eq!(count("herald_history_repairs_total", "repaired"), 1.0);
+    assert_eq!(count("herald_history_repairs_total", "resync"), 1.0);
+    assert_eq!(count("herald_history_engine_reads_total", "ok"), 3.0);
+    assert_eq!(count("herald_history_engine_reads_total", "error"), 0.0);
 }
 
 /// The next message of `topic` as (offset, data), skipping other frames; `None` once the
@@ -325,9 +449,10 @@ fn clients_of_a_killed_node_recover_elsewhere_every_message_once_in_order() {
     nodes.clear();
 }
 
-/// A stream Redis drops (here for its TTL) starts again under another epoch with offsets from
-/// 1: a subscriber that came in at offset 2 is told (`resync`) and gets the new stream's
-/// messages, none dropped for the old offsets.
+/// A stream Redis loses with its epoch and offset (deleted here; evicted, or a restart
+/// without persistence) starts again under another epoch with offsets from 1: a subscriber
+/// that came in at offset 2 is told (`resync`) and gets the new stream's messages, none
+/// dropped for the old offsets.
 #[test]
 fn a_stream_lost_in_redis_starts_again_for_its_subscribers() {
     let redis = RedisServer::start("rhist-lost");
@@ -339,13 +464,11 @@ fn a_stream_lost_in_redis_starts_again_for_its_subscribers() {
     let ack = subscribe_since(&mut ws, "short", None);
     assert_eq!(ack["offset"], 2, "{ack}");
     let mut c = redis.connection().unwrap();
-    wait_until("the stream expires in Redis", || {
-        let n: i64 = redis::cmd("EXISTS")
-            .arg(format!("{prefix}~m:shop:short"))
-            .query(&mut c)
-            .unwrap();
-        n == 0
-    });
+    let () = redis::cmd("DEL")
+        .arg(format!("{prefix}~m:shop:short"))
+        .arg(format!("{prefix}~h:shop:short"))
+        .query(&mut c)
+        .unwrap();
     publish_shop(n.1.api, "short", 3);
     assert_eq!(
         recv_text(&mut ws),
@@ -358,4 +481,137 @@ fn a_stream_lost_in_redis_starts_again_for_its_subscribers() {
     );
     publish_shop(n.1.api, "short", 4);
     assert_eq!(message_at(&mut ws, "short"), (2, 4));
+}
+
+/// A jump in a topic's offsets (the node missed messages while its subscription stayed up)
+/// is repaired from the stream on a task of its own: while the read waits (the node's command
+/// connection frozen), another topic's message is delivered at once, and the topic's own
+/// later messages wait behind the repair; then the missed ones come in order, then those that
+/// waited, none twice.
+#[test]
+fn a_repair_holds_only_its_own_topic() {
+    let redis = RedisServer::start("rhist-hold");
+    let prefix = "rhist-hold:";
+    let (relay, (_a, a, _da)) = relayed_node("rhist-hold-a", &redis, prefix, (60_000, 30_000));
+    let (mut ws, _) = connect_user(a.listen, "shop", "alice");
+    assert_eq!(subscribe_since(&mut ws, "news", None)["offset"], 0);
+    subscribe(&mut ws, "plain");
+    publish_shop(a.api, "news", 1);
+    assert_eq!(message_at(&mut ws, "news"), (1, 1));
+    let mut c = redis.connection().unwrap();
+    let epoch = epoch_in_redis(&mut c, prefix, "news");
+    let body = |n: u64| format!(r#"{n},"id":"t-{n}","ts":1}}"#);
+    // Messages 2..4 reach the stream but not the node; 5 and 6 reach it.
+    for n in 2..=6 {
+        let () = redis::cmd("XADD")
+            .arg(format!("{prefix}~h:shop:news"))
+            .arg(format!("{n}-0"))
+            .arg("d")
+            .arg(body(n))
+            .query(&mut c)
+            .unwrap();
+    }
+    let () = redis::cmd("HSET")
+        .arg(format!("{prefix}~m:shop:news"))
+        .arg("s")
+        .arg(6)
+        .query(&mut c)
+        .unwrap();
+    // The node's command connection (its first), which reads the gap, stops answering.
+    relay.freeze(0, true);
+    // The relay's threads notice within their 20 ms read timeout.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for n in 5..=6 {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(format!("{prefix}shop:news"))
+            .arg(format!("#{n}:{epoch}\n{}", body(n)))
+            .query(&mut c)
+            .unwrap();
+    }
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{prefix}shop:plain"))
+        .arg(body(100))
+        .query(&mut c)
+        .unwrap();
+    let m = recv_json(&mut ws);
+    assert_eq!(
+        (&m["topic"], &m["data"]),
+        (&json!("plain"), &json!(100)),
+        "another topic goes on during the repair: {m}"
+    );
+    relay.freeze(0, false);
+    for n in 2..=6 {
+        assert_eq!(message_at(&mut ws, "news"), (n, n as i64), "in order, once");
+    }
+    publish_shop(a.api, "news", 7);
+    assert_eq!(message_at(&mut ws, "news"), (7, 7), "live, no duplicate");
+    let m = scrape(a.api);
+    assert_eq!(
+        metric(&m, "herald_history_repairs_total", r#"outcome="repaired""#),
+        1.0
+    );
+}
+
+/// Reads of streams asked while Redis is away wait for it, but not for a topic nobody
+/// subscribes to any more: the read of a subscribe whose connection left is dropped, not
+/// kept for ever.
+#[test]
+fn reads_asked_while_redis_is_away_are_dropped_once_nobody_waits() {
+    let mut redis = RedisServer::start("rhist-pending");
+    let prefix = "rhist-pending:";
+    let n = history_node("rhist-pending-0", &redis, prefix);
+    let pending = || metric(&scrape(n.1.api), "herald_history_engine_reads_pending", "");
+    let (mut ws, _) = connect_user(n.1.listen, "shop", "alice");
+    redis.stop();
+    wait_engine_up(n.1.api, false);
+    send_text(&mut ws, r#"{"op":"subscribe","topic":"news","id":1}"#);
+    wait_until("the read waits for Redis", || pending() == 1.0);
+    close(ws);
+    wait_until("the read of the topic left is dropped", || pending() == 0.0);
+    redis.restart();
+    wait_engine_up(n.1.api, true);
+    assert_eq!(pending(), 0.0);
+    let (mut ws, _) = connect_user(n.1.listen, "shop", "bob");
+    assert_eq!(subscribe_since(&mut ws, "news", None)["offset"], 0);
+}
+
+/// With the engine, a client whose missed messages are older than the topic's TTL is told
+/// `expired`, on any node: the stream went with its TTL, its epoch and offsets did not, and
+/// it goes on with them.
+#[test]
+fn messages_gone_for_their_age_are_expired_on_any_node() {
+    let redis = RedisServer::start("rhist-expired");
+    let prefix = "rhist-expired:";
+    let n0 = history_node("rhist-expired-0", &redis, prefix);
+    let n1 = history_node("rhist-expired-1", &redis, prefix);
+    publish_shop(n0.1.api, "short", 1);
+    publish_shop(n0.1.api, "short", 2);
+    let mut c = redis.connection().unwrap();
+    let epoch = epoch_in_redis(&mut c, prefix, "short");
+    let exists = |c: &mut redis::Connection, key: &str| -> bool {
+        redis::cmd("EXISTS")
+            .arg(format!("{prefix}{key}:shop:short"))
+            .query(c)
+            .unwrap()
+    };
+    wait_until("the stream expires in Redis", || !exists(&mut c, "~h"));
+    assert!(exists(&mut c, "~m"), "its epoch and offset outlive it");
+    let (mut ws, _) = connect_user(n1.1.listen, "shop", "bob");
+    assert_eq!(
+        subscribe_since(&mut ws, "short", Some((&epoch, 1))),
+        json!({"type": "ack", "id": 1, "epoch": epoch, "offset": 2,
+               "recovered": false, "reason": "expired"})
+    );
+    publish_shop(n0.1.api, "short", 3);
+    assert_eq!(
+        message_at(&mut ws, "short"),
+        (3, 3),
+        "same epoch, next offset"
+    );
+    let (mut ws, _) = connect_user(n0.1.listen, "shop", "carol");
+    assert_eq!(
+        subscribe_since(&mut ws, "short", Some((&epoch, 1))),
+        json!({"type": "ack", "id": 1, "epoch": epoch, "offset": 3,
+               "recovered": false, "reason": "expired"})
+    );
 }

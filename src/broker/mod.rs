@@ -117,6 +117,17 @@ pub struct EngineStats {
     pub changes_overflowed: AtomicU64,
     /// Channels the node is subscribed to.
     pub channels: AtomicU64,
+    /// Reads of streams waiting for the node's engine subscription of their topic.
+    pub reads_pending: AtomicU64,
+    /// Streams read from the engine for a subscribe, a `recover` or a welcome.
+    pub history_reads_ok: AtomicU64,
+    /// Such reads that failed or got no answer in time (the node's copy answered).
+    pub history_reads_failed: AtomicU64,
+    /// Gaps in a topic with history (messages the node missed) delivered from the stream.
+    pub repairs_done: AtomicU64,
+    /// Such gaps the stream no longer held (or could not be read): subscribers told to
+    /// resync.
+    pub repairs_resync: AtomicU64,
 }
 
 /// A publish handed to the broker, not yet acknowledged by it.
@@ -203,9 +214,10 @@ pub trait Deliver {
     fn project_index(&self, project: &str) -> Option<u32>;
 
     /// Keeps what the engine's stream of `topic` of project `project` (registry index) held
-    /// when read for a recovery: its epoch and last offset, and its (offset, body) entries
-    /// from some offset on ([`crate::history::History::fill`]).
-    fn fill_history(&self, project: u32, topic: &str, at: (&str, u64), entries: Vec<(u64, Bytes)>);
+    /// when read for a recovery: its epoch, last offset and the offset through which its
+    /// messages expired, and its (offset, body) entries from some offset on
+    /// ([`crate::history::History::fill`]).
+    fn fill_history(&self, project: u32, topic: &str, at: StreamAt, entries: Vec<(u64, Bytes)>);
 
     /// Tells the local subscribers of `topic` of project `project` (registry index) that
     /// messages of it may have been missed (the engine was away): one order to each shard
@@ -213,6 +225,10 @@ pub trait Deliver {
     /// were not told).
     fn resync(&self, project: u32, topic: &str) -> u32;
 }
+
+/// A stream in the engine as read: its epoch, its last offset, and the offset through which
+/// its messages expired ([`Deliver::fill_history`]).
+pub type StreamAt<'a> = (&'a str, u64, u64);
 
 /// What a recovery reads of a stream in the engine ([`Broker::fetch_history`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

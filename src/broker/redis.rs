@@ -282,6 +282,7 @@ impl Broker for RedisBroker {
                         meta: redis_history::meta_key(&self.prefix, &project.id, topic),
                         size: r.size,
                         ttl_secs: (r.ttl_ms / 1000).max(1),
+                        meta_ttl_secs: redis_history::meta_ttl_secs((r.ttl_ms / 1000).max(1)),
                     });
                 let ch = channel(&self.prefix, &project.id, topic);
                 messages.push((ch, p.body.clone(), numbering));
@@ -531,8 +532,9 @@ impl Bridge {
                     }
                     Some(Change::Fetch(p, t, read, done)) => {
                         self.subs.fetches.entry((p, t)).or_default().push((read, done));
+                        self.subs.count_pending();
                     }
-                    Some(Change::Topic(..)) => {}
+                    Some(Change::Topic(..)) => self.subs.answer_unwanted(),
                     None => return true,
                 },
             }
@@ -568,7 +570,7 @@ impl Bridge {
         if let Err(e) = control.heartbeat().query_async::<()>(&mut publisher).await {
             return Ended::Lost(describe(e));
         }
-        let mut script = match load_script(&mut publisher).await {
+        let script = match load_script(&mut publisher).await {
             Ok(sha) => sha,
             Err(e) => return Ended::Lost(e),
         };
@@ -620,20 +622,13 @@ impl Bridge {
         // When a message (any, the probe included) last came from Redis.
         let heard = std::cell::Cell::new(Instant::now());
         let commander = publisher.clone();
-        let publishing = publish_loop(
-            publish_rx,
-            &mut publisher,
-            &mut script,
-            command_timeout,
-            &stats,
-        );
-        let mut reader = commander.clone();
+        let publishing = publish_loop(publish_rx, &mut publisher, &script, command_timeout, &stats);
         let delivering = deliver_loop(
             &mut msg_rx,
             hub,
             control,
             (&prefix, command_timeout),
-            (&mut reader, delivered),
+            (&commander, delivered),
             &heard,
             &stats,
         );
@@ -775,7 +770,38 @@ impl Subscriptions {
         for (project, topic) in old {
             self.interest.confirm(project, &topic);
         }
-        self.subscribe(new, conn).await
+        self.subscribe(new, conn).await?;
+        self.answer_unwanted();
+        Ok(())
+    }
+
+    /// Answers the waiters and the reads queued for topics the node no longer has a
+    /// subscriber of (the subscribe or welcome that asked was answered, or its connection
+    /// left): their channel is not subscribed for them, so kept they would wait forever.
+    fn answer_unwanted(&mut self) {
+        let interest = &self.interest;
+        let gone: Vec<Key> = self
+            .waiters
+            .keys()
+            .chain(self.fetches.keys())
+            .filter(|(p, t)| interest.mask(*p, t) == 0)
+            .cloned()
+            .collect();
+        for key in gone {
+            for done in self.waiters.remove(&key).unwrap_or_default() {
+                done();
+            }
+            for (_, done) in self.fetches.remove(&key).unwrap_or_default() {
+                done();
+            }
+        }
+        self.count_pending();
+    }
+
+    /// Publishes how many reads of streams wait for their channel's subscription.
+    fn count_pending(&self) {
+        let n: usize = self.fetches.values().map(Vec::len).sum();
+        self.stats.reads_pending.store(n as u64, Ordering::Relaxed);
     }
 
     /// Acts on changes: subscribes to topics the node now has subscribers of, lets the
@@ -827,7 +853,9 @@ impl Subscriptions {
         }
         new.sort();
         new.dedup();
-        self.subscribe(new, conn).await
+        self.subscribe(new, conn).await?;
+        self.answer_unwanted();
+        Ok(())
     }
 
     /// `SUBSCRIBE`s `keys` in batches, then calls their waiters.
@@ -878,6 +906,7 @@ impl Subscriptions {
         );
         let topic: Box<str> = topic.into();
         let timeout = self.settings.command_timeout;
+        let stats = self.stats.clone();
         tokio::spawn(async move {
             let got = tokio::time::timeout(
                 timeout,
@@ -885,21 +914,29 @@ impl Subscriptions {
             )
             .await;
             match got {
-                Ok(Ok((epoch, top, entries))) => {
+                Ok(Ok((epoch, top, expired, entries))) => {
+                    add(&stats.history_reads_ok, 1);
                     if let Some(hub) = hub.upgrade() {
-                        hub.fill_history(project, &topic, (&epoch, top), entries);
+                        hub.fill_history(project, &topic, (&epoch, top, expired), entries);
                     }
                 }
-                Ok(Err(e)) => warn!(
-                    topic = %topic,
-                    error = %describe(e),
-                    "history not read from Redis: the subscribe is answered from the node's copy"
-                ),
-                Err(_) => warn!(
-                    topic = %topic,
-                    "history not read from Redis within engine.command_timeout_ms: the \
-                     subscribe is answered from the node's copy"
-                ),
+                Ok(Err(e)) => {
+                    add(&stats.history_reads_failed, 1);
+                    warn!(
+                        topic = %topic,
+                        error = %describe(e),
+                        "history not read from Redis: the subscribe is answered from the \
+                         node's copy"
+                    );
+                }
+                Err(_) => {
+                    add(&stats.history_reads_failed, 1);
+                    warn!(
+                        topic = %topic,
+                        "history not read from Redis within engine.command_timeout_ms: the \
+                         subscribe is answered from the node's copy"
+                    );
+                }
             }
             done();
         });
@@ -1062,10 +1099,12 @@ async fn repair_after_away(
     let timeout = subs.settings.command_timeout;
     let at = tokio::time::timeout(timeout, redis_history::position(conn, prefix, (&id, topic)));
     let Ok(Ok((Some(now_epoch), top))) = at.await else {
+        add(&subs.stats.repairs_resync, 1);
         return false;
     };
     let top = top.unwrap_or(0);
     if now_epoch != epoch {
+        add(&subs.stats.repairs_resync, 1);
         return false;
     }
     if top <= last {
@@ -1077,6 +1116,7 @@ async fn repair_after_away(
     let how = (&**prefix, timeout);
     let at = (&*epoch, last + 1, top);
     let repaired = redis_history::repair(conn, &*node, how, (&id, topic), at, delivered).await;
+    count_repair(&subs.stats, repaired);
     if !repaired {
         // Given up on (its subscribers are told to resync): the stream goes on from its top.
         delivered.note(key, &epoch, top);
@@ -1084,11 +1124,23 @@ async fn repair_after_away(
     repaired
 }
 
+/// Counts a repair of a gap in a topic with history: `repaired`, or given up (resync).
+fn count_repair(stats: &EngineStats, repaired: bool) {
+    add(
+        if repaired {
+            &stats.repairs_done
+        } else {
+            &stats.repairs_resync
+        },
+        1,
+    );
+}
+
 /// Sends queued publishes to Redis in pipelines, in queue order, and answers each.
 async fn publish_loop(
     rx: &mut mpsc::Receiver<PublishCmd>,
     conn: &mut MultiplexedConnection,
-    script: &mut String,
+    script: &str,
     timeout: Duration,
     stats: &EngineStats,
 ) -> Ended {
@@ -1105,6 +1157,18 @@ async fn publish_loop(
             }
         }
         let mut pipe = redis::pipe();
+        let numbered = batch
+            .iter()
+            .any(|cmd| cmd.messages.iter().any(|(.., n)| n.is_some()));
+        if numbered {
+            // The script is loaded again in the same transaction as the calls to it: a
+            // Redis that lost it (`SCRIPT FLUSH`, a failover to a server that never had it)
+            // has it for them, so no call fails while the others of the batch run.
+            pipe.cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(redis_history::PUBLISH_SCRIPT)
+                .ignore();
+        }
         let mut nr = 0;
         for cmd in &batch {
             for (ch, payload, numbering) in &cmd.messages {
@@ -1112,7 +1176,7 @@ async fn publish_loop(
                     None => pipe.cmd("PUBLISH").arg(ch).arg(&payload[..]).ignore(),
                     Some(n) => pipe
                         .cmd("EVALSHA")
-                        .arg(&*script)
+                        .arg(script)
                         .arg(2)
                         .arg(&n.stream)
                         .arg(&n.meta)
@@ -1121,6 +1185,7 @@ async fn publish_loop(
                         .arg(n.size)
                         .arg(n.ttl_secs)
                         .arg(redis_history::new_epoch())
+                        .arg(n.meta_ttl_secs)
                         .ignore(),
                 };
                 nr += 1;
@@ -1128,7 +1193,7 @@ async fn publish_loop(
         }
         // All or none: a connection lost on the way loses the whole group, not part of a
         // batch (an answer lost after EXEC still leaves the outcome unknown: 503).
-        if nr > 1 {
+        if nr > 1 || numbered {
             pipe.atomic();
         }
         let outcome = if nr == 0 {
@@ -1140,25 +1205,6 @@ async fn publish_loop(
             Ok(Ok(())) => {
                 add(&stats.published, nr);
                 (Ok(()), None)
-            }
-            // Redis lost the script (flushed, or a failover to a server that never had it):
-            // loaded again, and the batch answered as one whose outcome is unknown.
-            Ok(Err(e))
-                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                warn!(
-                    "the publish script was missing in Redis: loaded again; a publish was refused"
-                );
-                match load_script(conn).await {
-                    Ok(sha) => {
-                        *script = sha;
-                        (Err(PublishError::EngineUnavailable(EngineDown::Lost)), None)
-                    }
-                    Err(e) => (
-                        Err(PublishError::EngineUnavailable(EngineDown::Lost)),
-                        Some(e),
-                    ),
-                }
             }
             Ok(Err(e)) => (
                 Err(PublishError::EngineUnavailable(EngineDown::Lost)),
@@ -1181,22 +1227,41 @@ async fn publish_loop(
 }
 
 /// Hands messages from Redis to the node, which encodes each once for its shards (the body
-/// is Redis's payload as it came).
+/// is Redis's payload as it came). A gap in a topic with history is read from its stream on a
+/// task of its own: the topic's messages wait behind it meanwhile, the others go on.
 async fn deliver_loop(
     rx: &mut mpsc::Receiver<(Vec<u8>, Vec<u8>)>,
     hub: &Weak<dyn Deliver + Send + Sync>,
     control: &ControlPlane,
     (prefix, timeout): (&str, Duration),
-    (conn, delivered): (&mut MultiplexedConnection, &mut redis_history::Delivered),
+    (conn, delivered): (&MultiplexedConnection, &mut redis_history::Delivered),
     heard: &std::cell::Cell<Instant>,
     stats: &EngineStats,
 ) -> Ended {
-    let mut inbox_full = Throttled::default();
     let mut queue_full = Throttled::default();
     let mut queue_full_seen = stats.dropped_queue_full.load(Ordering::Relaxed);
+    let mut gaps = Gaps {
+        conn: conn.clone(),
+        prefix: prefix.into(),
+        timeout,
+        reads: tokio::task::JoinSet::new(),
+        repairing: redis_history::Repairing::default(),
+        delivered,
+        inbox_full: Throttled::default(),
+    };
     loop {
-        let Some((ch, payload)) = rx.recv().await else {
-            return Ended::Lost("subscription connection closed".into());
+        let (ch, payload) = tokio::select! {
+            got = rx.recv() => match got {
+                Some(m) => m,
+                None => return Ended::Lost("subscription connection closed".into()),
+            },
+            Some(Ok(read)) = gaps.reads.join_next(), if !gaps.reads.is_empty() => {
+                let Some(node) = hub.upgrade() else {
+                    return Ended::Stopped;
+                };
+                gaps.repaired(&*node, hub, read, stats);
+                continue;
+            }
         };
         heard.set(Instant::now());
         let dropped = stats.dropped_queue_full.load(Ordering::Relaxed);
@@ -1229,37 +1294,101 @@ async fn deliver_loop(
             continue;
         };
         let payload = Bytes::from(payload);
-        let d = match redis_history::split_numbered(&payload) {
-            Some((offset, epoch, body)) => {
-                // A gap (the node missed messages) is repaired from the stream first, once
-                // for the node; what a repair delivered already is dropped.
-                let key: redis_history::Key = (project.into(), topic.into());
-                delivered.forget_unsubscribed();
-                match delivered.step(&key, &epoch, offset) {
-                    redis_history::Step::Skip => continue,
-                    redis_history::Step::Repair(from) => {
-                        let at = (&*epoch, from, offset - 1);
-                        let how = (prefix, timeout);
-                        let repaired = redis_history::repair(
-                            conn,
-                            &*node,
-                            how,
-                            (project, topic),
-                            at,
-                            delivered,
-                        )
-                        .await;
-                        if !repaired && let Some(idx) = node.project_index(project) {
-                            tell_resync(hub, &HashSet::from([(idx, topic.into())]), stats);
-                        }
-                    }
-                    redis_history::Step::Deliver => {}
-                }
-                delivered.note(key, &epoch, offset);
-                node.deliver_numbered(project, topic, (offset, &epoch), body)
+        match redis_history::split_numbered(&payload) {
+            Some(m) => {
+                gaps.delivered.forget_unsubscribed();
+                gaps.offer(&*node, (project.into(), topic.into()), m, stats);
             }
-            None => node.deliver_each(project, topic, payload),
-        };
+            None => {
+                let d = node.deliver_each(project, topic, payload);
+                gaps.count(d, stats);
+            }
+        }
+    }
+}
+
+/// The delivery loop's gaps in topics with history: the reads under way, the messages
+/// waiting behind them, and the last offset delivered of each topic.
+struct Gaps<'a> {
+    /// Where gaps are read.
+    conn: MultiplexedConnection,
+    /// `engine.prefix`.
+    prefix: Box<str>,
+    /// `engine.command_timeout_ms`.
+    timeout: Duration,
+    /// The reads under way, each on a task of its own.
+    reads: tokio::task::JoinSet<redis_history::GapRead>,
+    /// The topics under repair and their messages that came meanwhile.
+    repairing: redis_history::Repairing,
+    /// The last offset delivered of each topic.
+    delivered: &'a mut redis_history::Delivered,
+    /// Inbox-full drops, logged at most once a second.
+    inbox_full: Throttled,
+}
+
+impl Gaps<'_> {
+    /// A numbered message of `key`: delivered now, dropped (a repair delivered it), or, past
+    /// a gap, kept while the gap is read; behind a gap being read, kept too.
+    fn offer(
+        &mut self,
+        node: &(dyn Deliver + Send + Sync),
+        key: redis_history::Key,
+        (offset, epoch, body): (u64, Box<str>, Bytes),
+        stats: &EngineStats,
+    ) {
+        if self.repairing.holds(&key) {
+            self.repairing.hold(key, (epoch, offset, body));
+            return;
+        }
+        match self.delivered.step(&key, &epoch, offset) {
+            redis_history::Step::Skip => {}
+            redis_history::Step::Repair(from) => {
+                let (mut conn, prefix, timeout) =
+                    (self.conn.clone(), self.prefix.clone(), self.timeout);
+                let (gap_key, gap_epoch, to) = (key.clone(), epoch.clone(), offset - 1);
+                self.reads.spawn(async move {
+                    let (project, topic) = (&*gap_key.0, &*gap_key.1);
+                    let how = (&*prefix, timeout);
+                    let read =
+                        redis_history::read_gap(&mut conn, how, (project, topic), (from, to)).await;
+                    (gap_key, gap_epoch, to, read)
+                });
+                self.repairing.hold(key, (epoch, offset, body));
+            }
+            redis_history::Step::Deliver => {
+                self.delivered.note(key.clone(), &epoch, offset);
+                let d = node.deliver_numbered(&key.0, &key.1, (offset, &epoch), body);
+                self.count(d, stats);
+            }
+        }
+    }
+
+    /// A gap was read: its messages are delivered (or the topic's subscribers told to
+    /// resync), then those that waited behind it, in order.
+    fn repaired(
+        &mut self,
+        node: &(dyn Deliver + Send + Sync),
+        hub: &Weak<dyn Deliver + Send + Sync>,
+        (key, epoch, to, read): redis_history::GapRead,
+        stats: &EngineStats,
+    ) {
+        let topic = (&*key.0, &*key.1);
+        let repaired = redis_history::deliver_gap(node, topic, &epoch, read, self.delivered);
+        count_repair(stats, repaired);
+        if !repaired {
+            // Given up on: the topic goes on after the gap.
+            self.delivered.note(key.clone(), &epoch, to);
+            if let Some(idx) = node.project_index(&key.0) {
+                tell_resync(hub, &HashSet::from([(idx, key.1.clone())]), stats);
+            }
+        }
+        for (epoch, offset, body) in self.repairing.take(&key) {
+            self.offer(node, key.clone(), (offset, epoch, body), stats);
+        }
+    }
+
+    /// Counts what became of a delivery.
+    fn count(&mut self, d: super::Delivered, stats: &EngineStats) {
         if d.unknown_project {
             add(&stats.dropped_unknown, 1);
         }
@@ -1270,7 +1399,7 @@ async fn deliver_loop(
             add(&stats.dropped_draining, 1);
         }
         add(&stats.dropped_inbox_full, u64::from(d.nr_full));
-        if let Some(n) = inbox_full.due(u64::from(d.nr_full)) {
+        if let Some(n) = self.inbox_full.due(u64::from(d.nr_full)) {
             warn!(
                 dropped = n,
                 "shard inbox full: a message from the engine was not delivered to that \

@@ -10,14 +10,17 @@
 //!   one field `d` holding the message body, capped at the rule's `size` (`MAXLEN`);
 //! - `<prefix>~m:<project>:<topic>`: a hash of the stream's epoch (`e`) and last offset (`s`).
 //!
-//! Both expire `ttl_secs` after the topic's last publish. The epoch is made with the stream,
-//! or by a read before its first message (which then keeps it): a stream lost in Redis,
-//! expired or deleted, comes back with another epoch and offsets from 1.
+//! The stream expires `ttl_secs` after the topic's last publish, its epoch and offset
+//! [`META_TTL_SECS`] later: a stream gone for its TTL goes on with
+//! the same epoch, its older messages `expired`. The epoch is made with the stream, or by a
+//! read before its first message (which then keeps it for `ttl_secs`): a stream whose epoch
+//! is lost in Redis (expired, deleted, evicted) comes back with another epoch and offsets
+//! from 1.
 //!
 //! # Publishing
 //!
-//! One script ([`PUBLISH_SCRIPT`], loaded once per connection with `SCRIPT LOAD`, run with
-//! `EVALSHA`) per topic with history: it increments the offset, appends to the stream, sets
+//! One script ([`PUBLISH_SCRIPT`], run with `EVALSHA` in a transaction that loads it first
+//! with `SCRIPT LOAD`, so a Redis that lost it has it again) per topic with history: it increments the offset, appends to the stream, sets
 //! the keys' TTL, and publishes on the topic's channel the body behind a numbered header
 //! ([`numbered_payload`]): `#<offset>:<epoch>\n`. A body starts with the message's data (a
 //! JSON value), never `#`, so the two kinds of payload cannot be mistaken for one another.
@@ -37,10 +40,15 @@ use super::HistoryRead;
 
 /// The publish of one message of a topic with history. `KEYS[1]`: the stream, `KEYS[2]`: its
 /// epoch and offset. `ARGV`: channel, body, size, TTL in seconds, the epoch to give a new
-/// stream. Answers the offset.
+/// stream, the TTL of its epoch and offset ([`meta_ttl_secs`]). Answers the offset. A stream
+/// gone for its TTL while its epoch and offset remain goes on with them, and notes (`x`) that
+/// its messages up to that offset expired.
 pub const PUBLISH_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('HEXISTS', KEYS[2], 's') == 1 then
-  redis.call('DEL', KEYS[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local top = redis.call('HGET', KEYS[2], 's')
+  if top then
+    redis.call('HSET', KEYS[2], 'x', top)
+  end
 end
 local epoch = redis.call('HGET', KEYS[2], 'e')
 if not epoch then
@@ -50,10 +58,20 @@ end
 local offset = redis.call('HINCRBY', KEYS[2], 's', 1)
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('PUBLISH', ARGV[1], '#' .. offset .. ':' .. epoch .. '\n' .. ARGV[2])
 return offset
 ";
+
+/// How long a stream's epoch and offset outlive the stream: a client away longer than the
+/// topic's TTL but not this much more is told its messages `expired` (the stream went with
+/// its TTL, its numbering did not), and the stream goes on with the same epoch.
+pub const META_TTL_SECS: u64 = 86_400;
+
+/// The TTL of the epoch and offset of a stream whose TTL is `ttl_secs`.
+pub fn meta_ttl_secs(ttl_secs: u64) -> u64 {
+    ttl_secs.saturating_add(META_TTL_SECS)
+}
 
 /// The stream key of (project id, topic).
 pub fn stream_key(prefix: &str, project: &str, topic: &str) -> String {
@@ -65,9 +83,14 @@ pub fn meta_key(prefix: &str, project: &str, topic: &str) -> String {
     format!("{prefix}~m:{project}:{topic}")
 }
 
+/// What [`read`] found: the stream's epoch, its last offset, the offset through which its
+/// messages expired (0: none), and the entries read, as (offset, body).
+pub type Read = (String, u64, u64, Vec<(u64, Bytes)>);
+
 /// Reads the stream at `stream` (its epoch and offset at `meta`) for a recovery, atomically:
-/// its epoch (made now if it has none), its last offset, and with `read.after` the entries
-/// after it, at most `read.count`, as (offset, body).
+/// its epoch (made now if it has none), its last offset, through which offset its messages
+/// expired (all of them when the stream is gone and its offset is not), and with
+/// `read.after` the entries after it, at most `read.count`.
 ///
 /// # Errors
 /// Redis's error, described.
@@ -75,7 +98,7 @@ pub async fn read(
     conn: &mut redis::aio::MultiplexedConnection,
     (stream, meta): (&str, &str),
     read: HistoryRead,
-) -> Result<(String, u64, Vec<(u64, Bytes)>), redis::RedisError> {
+) -> Result<Read, redis::RedisError> {
     let mut pipe = redis::pipe();
     pipe.atomic()
         .cmd("HSETNX")
@@ -91,7 +114,10 @@ pub async fn read(
         .cmd("HMGET")
         .arg(meta)
         .arg("e")
-        .arg("s");
+        .arg("s")
+        .arg("x")
+        .cmd("EXISTS")
+        .arg(stream);
     // Without `after`, an empty range: the position only.
     let (start, end) = match read.after {
         Some(after) => (format!("{}-0", after.saturating_add(1)), "+".to_owned()),
@@ -104,8 +130,15 @@ pub async fn read(
         .arg("COUNT")
         .arg(read.count.max(1));
     type Entries = Vec<(String, HashMap<String, Vec<u8>>)>;
-    let ((epoch, top), entries): ((Option<String>, Option<u64>), Entries) =
+    type Meta = (Option<String>, Option<u64>, Option<u64>);
+    let ((epoch, top, expired), exists, entries): (Meta, u8, Entries) =
         pipe.query_async(conn).await?;
+    let top = top.unwrap_or(0);
+    let expired = if exists == 0 {
+        top
+    } else {
+        expired.unwrap_or(0)
+    };
     let entries = entries
         .into_iter()
         .filter_map(|(id, mut fields)| {
@@ -113,7 +146,7 @@ pub async fn read(
             Some((offset, Bytes::from(fields.remove("d")?)))
         })
         .collect();
-    Ok((epoch.unwrap_or_default(), top.unwrap_or(0), entries))
+    Ok((epoch.unwrap_or_default(), top, expired, entries))
 }
 
 /// Topics tracked by [`Delivered`] at most; past it, it starts again empty (a gap is then
@@ -211,22 +244,33 @@ pub async fn repair(
     (epoch, from, to): (&str, u64, u64),
     delivered: &mut Delivered,
 ) -> bool {
+    let read = read_gap(conn, (prefix, timeout), (project, topic), (from, to)).await;
+    deliver_gap(node, (project, topic), epoch, read, delivered)
+}
+
+/// Reads the messages `from..=to` of (project id, topic) from its stream, all of them or
+/// `None` (the stream no longer holds them all, the gap is over [`MAX_REPAIR`], or the read
+/// failed or took over `timeout`).
+pub async fn read_gap(
+    conn: &mut redis::aio::MultiplexedConnection,
+    (prefix, timeout): (&str, std::time::Duration),
+    (project, topic): (&str, &str),
+    (from, to): (u64, u64),
+) -> Option<Vec<(u64, Bytes)>> {
+    if to < from || to - from >= MAX_REPAIR {
+        return None;
+    }
     let mut xrange = redis::cmd("XRANGE");
     xrange
         .arg(stream_key(prefix, project, topic))
         .arg(format!("{from}-0"))
         .arg(format!("{to}-0"));
     type Entries = Vec<(String, HashMap<String, Vec<u8>>)>;
-    let read = if to < from || to - from >= MAX_REPAIR {
-        None
-    } else {
-        tokio::time::timeout(timeout, xrange.query_async::<Entries>(conn))
-            .await
-            .ok()
-            .and_then(Result::ok)
-    };
+    let read = tokio::time::timeout(timeout, xrange.query_async::<Entries>(conn))
+        .await
+        .ok()?
+        .ok()?;
     let entries: Vec<(u64, Bytes)> = read
-        .unwrap_or_default()
         .into_iter()
         .filter_map(|(id, mut fields)| {
             Some((
@@ -235,24 +279,68 @@ pub async fn repair(
             ))
         })
         .collect();
-    let whole = entries.len() as u64 == to.saturating_sub(from) + 1
+    let whole = entries.len() as u64 == to - from + 1
         && entries.iter().zip(from..).all(|((o, _), want)| *o == want);
-    if !whole {
+    whole.then_some(entries)
+}
+
+/// Delivers a gap's messages read by [`read_gap`] in order, and notes them delivered:
+/// `true`. `false` when there are none (logged): the topic's subscribers are to be told to
+/// resync.
+pub fn deliver_gap(
+    node: &(dyn super::Deliver + Send + Sync),
+    (project, topic): (&str, &str),
+    epoch: &str,
+    read: Option<Vec<(u64, Bytes)>>,
+    delivered: &mut Delivered,
+) -> bool {
+    let Some(entries) = read else {
         tracing::warn!(
             topic,
-            from,
-            to,
             "messages of a topic with history were missed by this node and the stream no \
              longer holds them all: its subscribers are told to resync"
         );
         return false;
-    }
+    };
     let key: Key = (project.into(), topic.into());
     for (offset, body) in entries {
         node.deliver_numbered(project, topic, (offset, epoch), body);
         delivered.note(key.clone(), epoch, offset);
     }
     true
+}
+
+/// A numbered message from the engine: (epoch, offset, body).
+pub type Numbered = (Box<str>, u64, Bytes);
+
+/// A gap's read, done on a task of its own: the topic, the gap's epoch and last offset, and
+/// what [`read_gap`] got.
+pub type GapRead = (Key, Box<str>, u64, Option<Vec<(u64, Bytes)>>);
+
+/// Topics whose gap is being read from their stream, each with the messages of it that came
+/// meanwhile, in order: they are delivered after the gap, so the topic's order holds while
+/// the other topics go on.
+#[derive(Debug, Default)]
+pub struct Repairing {
+    behind: HashMap<Key, Vec<Numbered>>,
+}
+
+impl Repairing {
+    /// Whether `key`'s gap is being read: its messages wait ([`Repairing::hold`]).
+    pub fn holds(&self, key: &Key) -> bool {
+        self.behind.contains_key(key)
+    }
+
+    /// Starts the wait of `key`'s messages (its gap is being read), or adds `m` behind those
+    /// waiting.
+    pub fn hold(&mut self, key: Key, m: Numbered) {
+        self.behind.entry(key).or_default().push(m);
+    }
+
+    /// Ends `key`'s wait: the messages that waited, in order.
+    pub fn take(&mut self, key: &Key) -> Vec<Numbered> {
+        self.behind.remove(key).unwrap_or_default()
+    }
 }
 
 /// The epoch and last offset of (project id, topic)'s stream, if it exists.
@@ -289,6 +377,8 @@ pub struct Numbering {
     pub size: usize,
     /// The rule's TTL, in seconds (at least 1).
     pub ttl_secs: u64,
+    /// [`meta_ttl_secs`] of it.
+    pub meta_ttl_secs: u64,
 }
 
 /// The payload the script publishes: `#<offset>:<epoch>\n` then the body.

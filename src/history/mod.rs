@@ -292,7 +292,9 @@ impl History {
     }
 
     /// Stores what the engine's stream of `topic` of `project` held, read for a recovery:
-    /// its `epoch`, its last offset `top` and its entries from some offset on, in order.
+    /// its `epoch`, its last offset `top`, the offset through which its messages `expired`
+    /// (for their age: a recovery from before it is told so) and its entries from some offset
+    /// on, in order.
     /// Entries held already are kept; the stream's other epoch is replaced; a copy behind the
     /// engine that the entries read do not join is dropped for them (what is held stays
     /// contiguous, up to the engine's last offset).
@@ -301,7 +303,7 @@ impl History {
         (project, topic): (u32, &str),
         rule: &Rule,
         now_ms: u64,
-        (epoch, top): (&str, u64),
+        (epoch, top, expired): (&str, u64, u64),
         entries: Vec<Entry>,
     ) {
         let mut guard = self.lock();
@@ -345,6 +347,9 @@ impl History {
             inner.next_seq += 1;
             self.store(inner, id, seq, now_ms, e, true);
         }
+        // The engine's messages up to `expired` went for their age.
+        let s = inner.streams.get_mut(&id).expect("ids name streams");
+        s.expired_through = s.expired_through.max(expired.min(s.top));
         self.bound(inner, id, rule, now_ms);
     }
 
@@ -680,18 +685,24 @@ mod tests {
         assert_eq!((&*p.epoch, p.offset), ("E", 6));
         assert_eq!(got("E", 4), Ok(vec![5, 6]));
         assert_eq!(got("E", 2), Err(Unrecoverable::TooMany));
-        h.fill((0, "news"), &r, 0, ("E", 6), vec![e(3), e(4), e(5), e(6)]);
+        h.fill(
+            (0, "news"),
+            &r,
+            0,
+            ("E", 6, 0),
+            vec![e(3), e(4), e(5), e(6)],
+        );
         assert_eq!(got("E", 2), Ok(vec![3, 4, 5, 6]), "older entries in front");
         assert!(put("E", 9), "past a gap");
         assert_eq!(got("E", 6), Err(Unrecoverable::TooMany));
         assert_eq!(got("E", 8), Ok(vec![9]));
-        h.fill((0, "news"), &r, 0, ("E", 11), vec![e(10), e(11)]);
+        h.fill((0, "news"), &r, 0, ("E", 11, 0), vec![e(10), e(11)]);
         assert_eq!(
             got("E", 8),
             Ok(vec![9, 10, 11]),
             "the engine's newer entries join"
         );
-        h.fill((0, "news"), &r, 0, ("E", 20), vec![e(18), e(19), e(20)]);
+        h.fill((0, "news"), &r, 0, ("E", 20, 0), vec![e(18), e(19), e(20)]);
         assert_eq!(
             got("E", 17),
             Ok(vec![18, 19, 20]),

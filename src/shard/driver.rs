@@ -153,9 +153,7 @@ impl Shard {
             return false;
         };
         w.welcome = Some(welcome.clone());
-        if w.ready() {
-            self.send_held_welcome(slot);
-        }
+        self.send_welcome_if_ready(slot);
         true
     }
 
@@ -247,6 +245,12 @@ impl Shard {
                 })
                 .collect()
         };
+        if then.welcome.is_some() {
+            self.held_welcomes
+                .entry(slot)
+                .or_insert_with(|| super::welcome::HeldWelcome::new(generation))
+                .nr_waiting += 1;
+        }
         self.fetches.waiting.insert(token, (slot, generation, then));
         let left = Arc::new(std::sync::atomic::AtomicUsize::new(reads.len()));
         for (topic, read) in reads {
@@ -327,13 +331,26 @@ impl Shard {
             return;
         }
         w.nr_waiting = w.nr_waiting.saturating_sub(1);
-        if w.ready() {
-            self.send_held_welcome(slot);
-        }
+        self.send_welcome_if_ready(slot);
     }
 
-    /// Sends the held welcome of `slot`, followed by what queued behind it.
-    fn send_held_welcome(&mut self, slot: u32) {
+    /// The welcome of `slot`, made from the positions read from the engine: it goes once
+    /// it waits for nothing else ([`super::welcome`]).
+    pub(super) fn welcome_read(&mut self, slot: u32, welcome: Bytes) {
+        let Some(w) = self.held_welcomes.get_mut(&slot) else {
+            return;
+        };
+        w.welcome = Some(welcome);
+        w.nr_waiting = w.nr_waiting.saturating_sub(1);
+        self.send_welcome_if_ready(slot);
+    }
+
+    /// Sends the held welcome of `slot`, followed by what queued behind it, once it is made
+    /// and waits for nothing.
+    fn send_welcome_if_ready(&mut self, slot: u32) {
+        if !self.held_welcomes.get(&slot).is_some_and(|w| w.ready()) {
+            return;
+        }
         let Some(w) = self.held_welcomes.remove(&slot) else {
             return;
         };
@@ -705,6 +722,10 @@ impl Host for ShardHost<'_> {
 
     fn hold_welcome(&mut self, welcome: &Bytes) -> bool {
         self.shard.hold_welcome(self.slot, welcome)
+    }
+
+    fn welcome_read(&mut self, welcome: Bytes) {
+        self.shard.welcome_read(self.slot, welcome);
     }
 
     fn lookup(&self, project: u32, topic: &str) -> Option<TopicId> {

@@ -212,6 +212,12 @@ pub trait Host {
         let _ = welcome;
         false
     }
+    /// The welcome, made once the positions of the implicit topics were read from the
+    /// engine ([`Fetch::welcome`]): it goes once it waits for nothing else
+    /// ([`Host::hold_welcome`]).
+    fn welcome_read(&mut self, welcome: Bytes) {
+        let _ = welcome;
+    }
     /// Whether streams are read from an engine ([`Host::fetch_history`]) rather than from the
     /// node's store, which is then the stream.
     fn fetches_history(&self) -> bool {
@@ -555,17 +561,48 @@ fn open<H: Host>(
             return;
         }
     };
-    let (user, exp) = (verified.claims.sub.clone(), verified.claims.exp);
+    let exp = verified.claims.exp;
     let positions = admit(h, now, project.clone(), verified);
-    let welcome = codec.welcome(&Opened {
+    if h.fetches_history() {
+        // The positions are the engine's: the welcome is made once its streams are read
+        // (`fetched`), and is held until then.
+        let topics = implicit_with_history(h);
+        for (t, _) in &topics {
+            if let Some(t) = h.lookup(project.idx, t) {
+                recovery::shut(identity(h), t);
+            }
+        }
+        let then = Fetch {
+            id: None,
+            topics,
+            recover: false,
+            welcome: Some(exp),
+        };
+        h.fetch_history(project.idx, then);
+        send_opening(h, answer, None, up.sockjs);
+        return;
+    }
+    let welcome = welcome_telling(h, exp, &positions);
+    send_opening(h, answer, welcome, up.sockjs);
+}
+
+/// The welcome of an open connection, telling `positions` of its implicit topics with
+/// history; `exp` is its token's.
+fn welcome_telling<H: Host>(
+    h: &mut H,
+    exp: Option<u64>,
+    positions: &[(Box<str>, crate::history::Position)],
+) -> Option<Bytes> {
+    let id = identity(h);
+    let (project, user) = (id.project.clone(), id.user.clone());
+    h.conn().codec.welcome(&Opened {
         conn: h.conn_id(),
         project: &project.id,
         user: &user,
         exp,
         heartbeat_secs: h.rules().heartbeat_secs,
-        history: &positions,
-    });
-    send_opening(h, answer, welcome, up.sockjs);
+        history: positions,
+    })
 }
 
 /// Queues the 101, SockJS's `o` for a SockJS session, and the welcome when there is one
@@ -632,7 +669,7 @@ fn admit<H: Host>(
     }
     h.conn().nr_implicit = implicit.len() as u8;
     let mut positions = Vec::new();
-    if h.conn().codec == Codec::HeraldV1 {
+    if h.conn().codec == Codec::HeraldV1 && !h.fetches_history() {
         for t in &implicit {
             if let Some(r) = read_history(h, now, (project_idx, t.as_str()), None, true) {
                 positions.push((t.as_str().into(), r.position));
@@ -645,6 +682,19 @@ fn admit<H: Host>(
     h.opened();
     h.outcome(HandshakeOutcome::Accepted);
     positions
+}
+
+/// The connection's implicit topics with history, for a read of their positions.
+fn implicit_with_history<H: Host>(h: &mut H) -> Vec<(Box<str>, Option<crate::history::Since>)> {
+    let nr = h.conn().nr_implicit as usize;
+    let topics: Vec<TopicId> = h.conn().subs[..nr].iter().map(|s| s.topic).collect();
+    let project = identity(h).project.clone();
+    topics
+        .into_iter()
+        .map(|t| h.topic_name(t))
+        .filter(|name| crate::history::rule_for(&project.history, name).is_some())
+        .map(|name| (name.into(), None))
+        .collect()
 }
 
 /// Reads the stream of a topic the connection has just subscribed to and sets its floor
@@ -717,6 +767,9 @@ pub struct Fetch {
     pub topics: Vec<(Box<str>, Option<crate::history::Since>)>,
     /// A `recover` of the implicit topics, not a subscribe.
     pub recover: bool,
+    /// The welcome waits for the positions of the implicit topics (`topics`), not a
+    /// subscribe: it carries the token's `exp`.
+    pub welcome: Option<Option<u64>>,
 }
 
 /// The stream of a subscribe's topic has been read from the engine into the node's copy
@@ -729,6 +782,18 @@ pub fn fetched<H: Host>(h: &mut H, now: Now, then: Fetch) {
     };
     let project = id.project.idx;
     if h.conn().phase != ConnPhase::Open {
+        return;
+    }
+    if let Some(exp) = then.welcome {
+        let mut positions = Vec::with_capacity(then.topics.len());
+        for (name, _) in &then.topics {
+            if let Some(r) = read_history(h, now, (project, &**name), None, true) {
+                positions.push((name.clone(), r.position));
+            }
+        }
+        if let Some(welcome) = welcome_telling(h, exp, &positions) {
+            h.welcome_read(welcome);
+        }
         return;
     }
     if then.recover {
@@ -990,6 +1055,7 @@ fn on_codec_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
             id: req.id.map(|id| id.to_owned()),
             topics,
             recover,
+            welcome: None,
         };
         h.fetch_history(project, then);
         return Flow::Continue;

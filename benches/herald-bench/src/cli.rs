@@ -282,6 +282,10 @@ pub struct RecoverArgs {
     /// Client port, `ws://HOST:PORT`.
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     pub url: String,
+    /// Client port the clients reconnect to, `ws://HOST:PORT` (another node of a cluster,
+    /// which recovers them from the stream in Redis) [default: `--url`].
+    #[arg(long)]
+    pub reconnect_url: Option<String>,
     /// Publish API, `http://HOST:PORT`.
     #[arg(long, default_value = "http://127.0.0.1:8081")]
     pub api: String,

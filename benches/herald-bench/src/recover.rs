@@ -1,7 +1,9 @@
 //! `recover`: N clients of a topic with history leave, M messages are published while they are
 //! away, then all of them reconnect at once with `since`. Measures how long the node takes to
 //! give every client what it missed (connect, upgrade, recovered subscribe, M replayed
-//! messages), and checks each got exactly M, in order, with `"recovered":true`.
+//! messages), and checks each got exactly M, in order, with `"recovered":true`. With
+//! `--reconnect-url` they come back to another node of a cluster, which recovers them from the
+//! stream in Redis.
 //!
 //! Needs a herald whose project keeps history of the topic (`[[projects.history]]` with a
 //! `size` of at least M, and `server.history_max_replay` at least M).
@@ -64,11 +66,13 @@ pub async fn run(a: RecoverArgs) -> Result<()> {
         kid,
         ttl_secs: 3600,
     })?);
-    let addr: SocketAddr = a
-        .url
-        .trim_start_matches("ws://")
-        .parse()
-        .context("--url ws://HOST:PORT")?;
+    let ws_addr = |url: &str| -> Result<SocketAddr> {
+        url.trim_start_matches("ws://")
+            .parse()
+            .context("--url and --reconnect-url: ws://HOST:PORT")
+    };
+    let addr = ws_addr(&a.url)?;
+    let back = ws_addr(a.reconnect_url.as_deref().unwrap_or(&a.url))?;
     let api: SocketAddr = a
         .api
         .trim_start_matches("http://")
@@ -118,7 +122,7 @@ pub async fn run(a: RecoverArgs) -> Result<()> {
         joins.spawn(async move {
             let r = tokio::time::timeout(
                 Duration::from_secs(120),
-                recover_one(addr, &project, &minter, i as u64, &topic, p, m),
+                recover_one(back, &project, &minter, i as u64, &topic, p, m),
             )
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("timeout")));
