@@ -14,7 +14,6 @@
 //! 10,000 is the per-operation (per-delivery) cost.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -259,17 +258,18 @@ impl Table {
         }
     }
 
-    /// Back to "every queue flushed". `cold` drops the queues' memory as a flush does (the
-    /// next push allocates); otherwise each queue keeps its capacity.
+    /// Back to "every queue flushed". `cold` drops the in-flight state and the queue's memory
+    /// as a flush does (the next push allocates both); otherwise each queue keeps its
+    /// capacity.
     fn reset(&mut self, cold: bool) {
         for (_, c) in &mut self.conns {
             if cold {
-                c.out = VecDeque::new();
-            } else {
-                c.out.clear();
+                c.flight = None;
+            } else if let Some(f) = c.flight.as_deref_mut() {
+                f.out.clear();
+                f.out_bytes = 0;
+                f.out_head = 0;
             }
-            c.out_bytes = 0;
-            c.out_head = 0;
             c.dirty = false;
         }
         self.dirty.slots.clear();
@@ -331,7 +331,11 @@ fn bench_fanout_local(c: &mut Criterion) {
 
     let t = table.borrow();
     assert_eq!(t.dirty.slots.len(), N);
-    assert!(t.conns.iter().all(|(_, c)| c.out.len() == 1 && c.dirty));
+    assert!(
+        t.conns
+            .iter()
+            .all(|(_, c)| c.flight.as_ref().is_some_and(|f| f.out.len() == 1) && c.dirty)
+    );
 }
 
 fn config() -> Criterion {
