@@ -59,10 +59,21 @@ pub struct EngineConfig {
     /// The engine. Only `redis` (Redis 7.0 or later) today.
     #[serde(rename = "type")]
     pub kind: EngineKind,
-    /// Where the engine listens: `redis://[USER[:PASSWORD]@]HOST[:PORT][/DB]`, or
-    /// `unix:///path/to/redis.sock` (`redis+unix://` too). Never logged (it may hold a
-    /// password). Default `redis://127.0.0.1:6379/0`.
+    /// Where the engine listens: `redis://[USER[:PASSWORD]@]HOST[:PORT][/DB]`,
+    /// `rediss://...` (TLS), or `unix:///path/to/redis.sock` (`redis+unix://` too). Never
+    /// logged (it may hold a password). Default `redis://127.0.0.1:6379/0`.
     pub url: String,
+    /// With `rediss://`: a PEM file of the certificate authorities the server's certificate
+    /// must chain to. Default: none, the system's trusted roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// With `rediss://`: the node's client certificate chain (PEM), for a Redis that
+    /// requires one (`tls-auth-clients yes`); needs `tls_key_file`. Default: none.
+    pub tls_cert_file: Option<PathBuf>,
+    /// With `rediss://`: the private key (PEM) of `tls_cert_file`. Default: none.
+    pub tls_key_file: Option<PathBuf>,
+    /// With `rediss://`: accept any server certificate, unverified (a test bench only: it
+    /// lets anyone on the path read and forge the traffic). Default false.
+    pub tls_insecure: bool,
     /// Prefix of every channel name, so several clusters share one Redis. Printable ASCII
     /// without spaces, 1 to 64 bytes. Default `herald:`.
     pub prefix: String,
@@ -100,6 +111,10 @@ impl Default for EngineConfig {
         Self {
             kind: EngineKind::Redis,
             url: "redis://127.0.0.1:6379/0".into(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_insecure: false,
             prefix: "herald:".into(),
             node: None,
             connect_timeout_ms: 2000,
@@ -115,6 +130,10 @@ impl fmt::Debug for EngineConfig {
         f.debug_struct("EngineConfig")
             .field("kind", &self.kind)
             .field("url", &"<redacted>")
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_insecure", &self.tls_insecure)
             .field("prefix", &self.prefix)
             .field("node", &self.node)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
@@ -141,27 +160,39 @@ impl EngineConfig {
                         "engine.url",
                         format!(
                             "not a usable Redis address ({}: {}); expected \
-                             redis://[USER[:PASSWORD]@]HOST[:PORT][/DB] or unix:///PATH",
+                             redis[s]://[USER[:PASSWORD]@]HOST[:PORT][/DB] or unix:///PATH",
                             e.category(),
                             e.detail().unwrap_or("no detail")
                         ),
                     )
                 })?
             }
-            Some("rediss") => {
-                return Err(invalid(
-                    "engine.url",
-                    "rediss:// (TLS) is not built into this binary yet; reach Redis over a \
-                     unix socket or a local TLS tunnel (stunnel) with redis:// or unix://",
-                ));
-            }
+            Some("rediss") => crate::broker::tls::address(&crate::broker::tls::TlsSettings {
+                url: &self.url,
+                tls_ca_file: self.tls_ca_file.as_deref(),
+                tls_cert_file: self.tls_cert_file.as_deref(),
+                tls_key_file: self.tls_key_file.as_deref(),
+                tls_insecure: self.tls_insecure,
+            })
+            .map_err(|(key, why)| invalid(key, why))?,
             _ => {
                 return Err(invalid(
                     "engine.url",
-                    "expected redis://[USER[:PASSWORD]@]HOST[:PORT][/DB] or unix:///PATH",
+                    "expected redis[s]://[USER[:PASSWORD]@]HOST[:PORT][/DB] or unix:///PATH",
                 ));
             }
         };
+        if scheme != Some("rediss") {
+            let tls = [
+                ("engine.tls_ca_file", self.tls_ca_file.is_some()),
+                ("engine.tls_cert_file", self.tls_cert_file.is_some()),
+                ("engine.tls_key_file", self.tls_key_file.is_some()),
+                ("engine.tls_insecure", self.tls_insecure),
+            ];
+            if let Some((key, _)) = tls.iter().find(|(_, set)| *set) {
+                return Err(invalid(*key, "only with a rediss:// engine.url"));
+            }
+        }
         if self.prefix.is_empty()
             || self.prefix.len() > 64
             || !self.prefix.bytes().all(|b| b.is_ascii_graphic())
@@ -1614,24 +1645,14 @@ fn validate_history_entry(at: &str, h: &HistoryConfig) -> Result<(), ConfigError
 }
 
 impl Config {
-    /// `server.history_*`, and history only on a node of its own.
+    /// `server.history_*`.
     fn validate_history(&self) -> Result<(), ConfigError> {
         between_1_and(
             "server.history_max_replay".into(),
             self.server.history_max_replay,
             MAX_HISTORY_SIZE as u64,
             "messages",
-        )?;
-        if self.engine.is_some()
-            && let Some(p) = self.projects.iter().find(|p| !p.history.is_empty())
-        {
-            return Err(invalid(
-                format!("projects[{}].history", p.id),
-                "history needs a node of its own: with [engine] its offsets would differ from \
-                 node to node",
-            ));
-        }
-        Ok(())
+        )
     }
 }
 
@@ -1652,6 +1673,7 @@ mod tests {
             "redis://herald:pw@host/0",
             "unix:///run/redis/redis.sock",
             "redis+unix:///run/redis.sock?db=2",
+            "rediss://:pw@redis.example:6380/1",
         ] {
             ok(&EngineConfig {
                 url: url.into(),
@@ -1660,9 +1682,31 @@ mod tests {
             .unwrap_or_else(|e| panic!("{url}: {e}"));
         }
         type Tweak = fn(&mut EngineConfig);
-        let cases: [(Tweak, &str); 8] = [
+        let cases: [(Tweak, &str); 11] = [
             (|e| e.url = "http://secret@h".into(), "engine.url"),
-            (|e| e.url = "rediss://secret@h".into(), "engine.url"),
+            (
+                |e| e.url = "rediss://secret@h#insecure".into(),
+                "engine.url",
+            ),
+            (
+                |e| e.tls_ca_file = Some("/ca.pem".into()),
+                "engine.tls_ca_file",
+            ),
+            (
+                |e| {
+                    e.url = "rediss://secret@h".into();
+                    e.tls_insecure = true;
+                    e.tls_ca_file = Some("/ca.pem".into());
+                },
+                "engine.tls_insecure",
+            ),
+            (
+                |e| {
+                    e.url = "rediss://secret@h".into();
+                    e.tls_cert_file = Some("/cert.pem".into());
+                },
+                "engine.tls_key_file",
+            ),
             (|e| e.url = "redis://secret@h/x".into(), "engine.url"),
             (|e| e.prefix = String::new(), "engine.prefix"),
             (|e| e.prefix = "a b".into(), "engine.prefix"),

@@ -249,6 +249,15 @@ impl Collector for HubCollector {
         if let Some(engine) = hub.broker.engine() {
             encode_engine(&mut enc, engine)?;
         }
+        if let Some(control) = hub.broker.control() {
+            counter(
+                &mut enc,
+                "herald_engine_control_requests_dropped",
+                "Connection-management requests from other nodes dropped because this node's \
+                 queue of them was full (the askers report this node as not answering).",
+                read(&control.dropped_requests),
+            )?;
+        }
         encode_flow(&mut enc, hub)
     }
 }

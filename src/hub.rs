@@ -541,6 +541,90 @@ impl Deliver for Hub {
             accepted_at: std::time::Instant::now(),
             offsets: Box::default(),
         });
+        self.send_each(targets, &p)
+    }
+
+    fn deliver_numbered(
+        &self,
+        project: &str,
+        topic: &str,
+        (offset, epoch): (u64, &str),
+        body: Bytes,
+    ) -> Delivered {
+        let mut out = Delivered::default();
+        let Ok(_gate) = self.open_gate() else {
+            out.refused = true;
+            return out;
+        };
+        let registry = self.registry.load();
+        let Some(pr) = registry.project(project) else {
+            out.unknown_project = true;
+            return out;
+        };
+        let Some((data_len, id)) = crate::ws::codec::herald_v1::split_body(&body) else {
+            out.malformed = true;
+            return out;
+        };
+        let head = herald_v1::message_head_at(topic, offset, body.len());
+        let p = Arc::new(Publication {
+            project: pr.idx,
+            heads: vec![(topic.into(), head.clone())],
+            body: body.clone(),
+            id: id.into(),
+            data_len,
+            accepted_at: std::time::Instant::now(),
+            offsets: Box::new([offset]),
+        });
+        // Kept and sent under the history lock, as a local publish is (`deliver`).
+        let mut inner = self.history.lock();
+        // A stream started again in the engine (lost there): its subscribers are told, and
+        // take its offsets from 1, before its first message.
+        let restarted = self
+            .history
+            .epoch_held(&inner, (pr.idx, topic))
+            .is_some_and(|e| *e != *epoch);
+        if let Some(rule) = crate::history::rule_for(&pr.history, topic) {
+            let entry = crate::history::Entry { offset, head, body };
+            let at = (pr.idx, topic);
+            self.history
+                .append_at(&mut inner, at, rule, now_ms(), epoch, entry);
+        }
+        if restarted {
+            self.resync(pr.idx, topic);
+        }
+        let targets = self.interest.mask(pr.idx, topic);
+        self.send_each(targets, &p)
+    }
+
+    fn project_index(&self, project: &str) -> Option<u32> {
+        self.registry.load().project(project).map(|p| p.idx)
+    }
+
+    fn fill_history(&self, project: u32, topic: &str, at: (&str, u64), entries: Vec<(u64, Bytes)>) {
+        let registry = self.registry.load();
+        let Some(rule) = registry
+            .project_at(project)
+            .and_then(|p| crate::history::rule_for(&p.history, topic))
+        else {
+            return;
+        };
+        let entries = entries
+            .into_iter()
+            .map(|(offset, body)| crate::history::Entry {
+                offset,
+                head: herald_v1::message_head_at(topic, offset, body.len()),
+                body,
+            })
+            .collect();
+        self.history
+            .fill((project, topic), rule, now_ms(), at, entries);
+    }
+}
+
+impl Hub {
+    /// Sends `p`, from the engine, to each of the shards `targets` that has room for it.
+    fn send_each(&self, targets: route::ShardMask, p: &Arc<Publication>) -> Delivered {
+        let mut out = Delivered::default();
         // Accepted by another node: delivered whatever this node's state, and counted.
         self.flow.note_engine(&self.stats, &self.mailboxes);
         for shard in route::shards(targets) {

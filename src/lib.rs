@@ -18,7 +18,8 @@
 //! - [`broker`]: the broker seam: publish, first/last topic interest per shard, deliveries
 //!   back into the node; the local broker and the node's interest table (topic → shards);
 //!   [`broker::redis`], the Redis engine a cluster's nodes share publishes through, and its
-//!   bridge thread; [`broker::control`], requests between a cluster's nodes over it.
+//!   bridge thread; [`broker::redis_history`], topics with history numbered and kept in
+//!   Redis; [`broker::control`], requests between a cluster's nodes over it.
 //! - [`shard`]: one pinned thread + monoio runtime per core owning its connections;
 //!   [`shard::mailbox`] is the only cross-core API, [`shard::fanout`] the one way
 //!   off-shard code sends orders and questions through it, and [`shard::io`] the I/O driver

@@ -3,9 +3,8 @@
 //!
 //! A node subscribes to a topic's channel only once a local connection is subscribed. A
 //! `subscribe` ack waits for that subscription
-//! (`a_subscribe_is_acknowledged_once_redis_has_the_subscription`); the welcome does not
-//! wait for the implicit topics' subscriptions, so the tests wait for the node's subscription
-//! in Redis (`PUBSUB NUMSUB`) before they publish.
+//! (`a_subscribe_is_acknowledged_once_redis_has_the_subscription`), and so does the welcome
+//! for the implicit topics (`the_welcome_comes_once_redis_has_the_implicit_subscriptions`).
 
 mod common;
 
@@ -373,9 +372,10 @@ fn check_config_names_a_bad_engine_setting() {
     // them and names the key without quoting the address.
     let (status, _, err) = check(&cluster_toml(&dir, &redis, "chk:", |e| {
         e.url = "rediss://127.0.0.1:6379".into();
+        e.tls_ca_file = Some(dir.0.join("no-such-ca.pem"));
     }));
     assert_eq!(status.code(), Some(1), "{err}");
-    assert!(err.contains("invalid `engine.url`"), "{err}");
+    assert!(err.contains("invalid `engine.tls_ca_file`"), "{err}");
     assert!(!err.contains("6379"), "the address is never quoted: {err}");
     let (status, _, err) = check(&cluster_toml(&dir, &redis, "chk:", |e| {
         e.node = Some("a/b".into());
@@ -520,6 +520,57 @@ fn a_subscribe_is_acknowledged_once_redis_has_the_subscription() {
     // subscription exists).
     let (mut other, _) = connect_user(server.listen, "shop", "other");
     subscribe(&mut other, "fresh");
+}
+
+/// The welcome waits for the node's Redis subscription of the connection's implicit topics
+/// (`user.<sub>` is new on the node for a user's first connection). Redis is paused while the
+/// connection opens: the 101 comes, the welcome only after the pause, and a reply to an op
+/// the client sent meanwhile follows the welcome. From the welcome on, a publish to the user
+/// reaches it.
+#[test]
+fn the_welcome_comes_once_redis_has_the_implicit_subscriptions() {
+    let prefix = "welw:";
+    let (redis, server, _reader) = engine_node("welcome-waits", prefix);
+
+    let pause = std::time::Duration::from_millis(800);
+    let paused_at = pause_redis(&redis, pause);
+    let mut c = RawClient::connect(server.listen);
+    let (jwt, _) = token("shop", "newcomer");
+    c.send(upgrade_request("/ws/shop", &format!("Authorization: Bearer {jwt}\r\n")).as_bytes());
+    let head = c.read_http_head();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    c.send(&masked(op::TEXT, br#"{"op":"ping","id":1}"#));
+    let text = |f: Frame| String::from_utf8(f.payload).expect("UTF-8");
+    let welcome = parse_welcome(&text(c.read_frame().expect("the welcome")));
+    let welcomed = paused_at.elapsed();
+    assert!(
+        welcomed >= pause - std::time::Duration::from_millis(50),
+        "welcomed {welcomed:?} into an {pause:?} pause of Redis"
+    );
+    assert_eq!(
+        text(c.read_frame().expect("the pong")),
+        r#"{"type":"pong","id":1}"#,
+        "the reply to an op sent before the welcome follows it"
+    );
+    assert!(
+        welcome.text.contains(r#""user":"newcomer""#),
+        "{}",
+        welcome.text
+    );
+
+    // Once welcomed, the user's topic is subscribed in Redis and a publish reaches it.
+    assert_eq!(redis.numsub(&shop_channel(prefix, "user.newcomer")), 1);
+    let r = publish_shop(server.api, "user.newcomer", r#"{"n":1}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.json()["id"].as_str().expect("an id").to_owned();
+    let (topic, data, got, _) = split_message(&text(c.read_frame().expect("the message")));
+    assert_eq!(
+        (topic, data, got),
+        ("user.newcomer".into(), r#"{"n":1}"#.into(), id)
+    );
+
+    // A second connection of the user is welcomed at once (the subscription exists).
+    let (_again, _) = connect_user(server.listen, "shop", "newcomer");
 }
 
 #[test]
@@ -847,6 +898,26 @@ fn connections_are_listed_kicked_and_disconnected_across_nodes() {
         stats["connections"], 1,
         "the node's own figures stay: {stats}"
     );
+    // A project's page counts its connections on every node, and on each.
+    let shop = admin_get(nodes[1].1.api, "/api/v1/projects/shop");
+    assert_eq!(
+        shop["connections"], 1,
+        "the node's own figure stays: {shop}"
+    );
+    assert_eq!(shop["cluster"]["connections"], 3, "{shop}");
+    assert_eq!(shop["cluster"]["partial"], false, "{shop}");
+    let per_node = shop["cluster"]["per_node"].as_object().expect("per node");
+    assert_eq!(per_node.len(), 3, "{shop}");
+    for (node, v) in per_node {
+        assert_eq!(shop["cluster"]["nodes"][node], "ok", "{shop}");
+        assert_eq!(
+            v["connections"],
+            admin_get(nodes[1].1.api, "/api/v1/stats")["cluster"]["per_node"][node]["connections"],
+            "{shop}"
+        );
+    }
+    let blog = admin_get(nodes[1].1.api, "/api/v1/projects/blog");
+    assert_eq!(blog["cluster"]["connections"], 0, "{blog}");
 
     // Disconnect alice everywhere through the middle node.
     let r = disconnect_user(nodes[1].1.api, "alice");
@@ -867,12 +938,17 @@ fn a_node_that_does_not_answer_is_reported_and_never_holds_the_request() {
         .collect();
     let api = nodes[0].1.api;
     let v = admin_get(api, "/api/v1/connections");
-    let dead = node_of(
-        v["connections"][2]["id"]
-            .as_str()
-            .expect("three connections"),
-    )
-    .to_owned();
+    // A node other than the one asked (the listing is in node-name order, which need not be
+    // the nodes' start order).
+    let asked = format!(":{}", nodes[0].1.listen.port());
+    let dead = v["connections"]
+        .as_array()
+        .expect("connections")
+        .iter()
+        .map(|c| node_of(c["id"].as_str().expect("an id")))
+        .find(|n| !n.ends_with(&asked))
+        .expect("a connection on another node")
+        .to_owned();
     let dead_at = nodes
         .iter()
         .position(|(_, ready, _)| dead.ends_with(&format!(":{}", ready.listen.port())))
@@ -894,6 +970,19 @@ fn a_node_that_does_not_answer_is_reported_and_never_holds_the_request() {
     assert_eq!(stats["cluster"]["nodes"][&dead], "no_answer", "{stats}");
     assert_eq!(stats["cluster"]["connections"], 2, "{stats}");
     assert_eq!(stats["cluster"]["partial"], true, "{stats}");
+    let shop = admin_get(api, "/api/v1/projects/shop");
+    assert_eq!(shop["cluster"]["nodes"][&dead], "no_answer", "{shop}");
+    assert_eq!(shop["cluster"]["connections"], 2, "{shop}");
+    assert_eq!(shop["cluster"]["per_node"].get(&dead), None, "{shop}");
+    assert_eq!(shop["cluster"]["partial"], true, "{shop}");
+    // The node's dropped control requests are counted (none here: the queue never filled).
+    let samples = scrape(api);
+    assert!(
+        samples
+            .iter()
+            .any(|(n, _, v)| n == "herald_engine_control_requests_dropped_total" && *v == 0.0),
+        "herald_engine_control_requests_dropped_total exported"
+    );
     let r = disconnect_user(api, "carol");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["disconnected"], 2, "{}", r.text());

@@ -53,19 +53,6 @@ fn epoch_then_publish(server: &TestServer, n: i64) -> String {
     epoch
 }
 
-/// The next message: (offset, data).
-fn message(ws: &mut Client, topic: &str) -> (u64, i64) {
-    let m = recv_json(ws);
-    assert_eq!(m["type"], "message", "{m}");
-    assert_eq!(m["topic"], topic, "{m}");
-    (
-        m["offset"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no offset: {m}")),
-        m["data"].as_i64().unwrap_or_else(|| panic!("no data: {m}")),
-    )
-}
-
 /// No text frame within a short while.
 fn silence(ws: &mut Client) {
     let tcp = ws.get_ref();
@@ -98,8 +85,8 @@ fn a_client_recovers_what_it_missed_then_goes_live() {
     for n in 1..=2 {
         server.publish("shop", "news", &n.to_string());
     }
-    assert_eq!(message(&mut ws, "news"), (1, 1));
-    assert_eq!(message(&mut ws, "news"), (2, 2));
+    assert_eq!(message_at(&mut ws, "news"), (1, 1));
+    assert_eq!(message_at(&mut ws, "news"), (2, 2));
     close(ws);
     for n in 3..=5 {
         server.publish("shop", "news", &n.to_string());
@@ -111,13 +98,13 @@ fn a_client_recovers_what_it_missed_then_goes_live() {
         json!({"type": "ack", "id": 1, "epoch": epoch, "offset": 5, "recovered": true})
     );
     for n in 3..=5 {
-        assert_eq!(message(&mut ws, "news"), (n, n as i64));
+        assert_eq!(message_at(&mut ws, "news"), (n, n as i64));
     }
     for n in 6..=7 {
         server.publish("shop", "news", &n.to_string());
     }
-    assert_eq!(message(&mut ws, "news"), (6, 6));
-    assert_eq!(message(&mut ws, "news"), (7, 7));
+    assert_eq!(message_at(&mut ws, "news"), (6, 6));
+    assert_eq!(message_at(&mut ws, "news"), (7, 7));
     silence(&mut ws);
     // A topic without history has neither offsets nor positions.
     subscribe(&mut ws, "other");
@@ -162,7 +149,7 @@ fn an_impossible_recovery_replays_nothing_and_says_why() {
     let ack = subscribe_since(&mut ws, "news", Some((&epoch, 3)));
     assert_eq!(ack["recovered"], true, "{ack}");
     for n in 4..=8 {
-        assert_eq!(message(&mut ws, "news"), (n, n as i64));
+        assert_eq!(message_at(&mut ws, "news"), (n, n as i64));
     }
     // Past the TTL (1 s).
     let server = TestServer::start(|c| history(c, 5, 1));
@@ -170,7 +157,11 @@ fn an_impossible_recovery_replays_nothing_and_says_why() {
     std::thread::sleep(Duration::from_millis(2100));
     let mut ws = refused(&server, (&epoch, 6), "expired");
     server.publish("shop", "news", "9");
-    assert_eq!(message(&mut ws, "news"), (9, 9), "live from the position");
+    assert_eq!(
+        message_at(&mut ws, "news"),
+        (9, 9),
+        "live from the position"
+    );
 }
 
 /// More missed than `server.history_max_replay` (10): nothing replayed.
@@ -192,7 +183,7 @@ fn a_recovery_over_the_replay_limit_replays_nothing() {
     let ack = subscribe_since(&mut ws, "news", Some((&epoch, 10)));
     assert_eq!(ack["recovered"], true, "exactly the limit: {ack}");
     for n in 11..=20 {
-        assert_eq!(message(&mut ws, "news"), (n, n as i64));
+        assert_eq!(message_at(&mut ws, "news"), (n, n as i64));
     }
 }
 
@@ -224,8 +215,8 @@ fn the_welcome_tells_positions_and_recover_replays_the_implicit_topics() {
     for n in 1..=2 {
         publish_to_user(&server, "alice", n);
     }
-    assert_eq!(message(&mut ws, "user.alice"), (1, 1));
-    assert_eq!(message(&mut ws, "user.alice"), (2, 2));
+    assert_eq!(message_at(&mut ws, "user.alice"), (1, 1));
+    assert_eq!(message_at(&mut ws, "user.alice"), (2, 2));
     let again = request(&mut ws, r#"{"op":"recover","id":3,"since":{}}"#);
     assert_eq!(again["code"], "bad_request", "{again}");
     close(ws);
@@ -245,7 +236,7 @@ fn the_welcome_tells_positions_and_recover_replays_the_implicit_topics() {
     assert_eq!(r["history"]["user.alice"]["recovered"], true, "{r}");
     assert_eq!(r["history"]["user.alice"]["offset"], 5, "{r}");
     for n in 3..=5 {
-        assert_eq!(message(&mut ws, "user.alice"), (n, n as i64));
+        assert_eq!(message_at(&mut ws, "user.alice"), (n, n as i64));
     }
     close(ws);
     // No `recover`: held since the welcome, then sent before the next op's answer.
@@ -253,10 +244,10 @@ fn the_welcome_tells_positions_and_recover_replays_the_implicit_topics() {
     publish_to_user(&server, "alice", 6);
     silence(&mut ws);
     send_text(&mut ws, r#"{"op":"ping","id":9}"#);
-    assert_eq!(message(&mut ws, "user.alice"), (6, 6));
+    assert_eq!(message_at(&mut ws, "user.alice"), (6, 6));
     assert_eq!(recv_json(&mut ws), json!({"type": "pong", "id": 9}));
     publish_to_user(&server, "alice", 7);
-    assert_eq!(message(&mut ws, "user.alice"), (7, 7));
+    assert_eq!(message_at(&mut ws, "user.alice"), (7, 7));
 }
 
 fn publish_to_user(server: &TestServer, user: &str, n: i64) {
@@ -534,9 +525,9 @@ fn a_silent_client_gets_its_held_messages_with_the_first_after_the_hold() {
     silence(&mut ws);
     std::thread::sleep(Duration::from_millis(1100));
     publish_to_user(&server, "alice", 2);
-    assert_eq!(message(&mut ws, "user.alice"), (1, 1));
-    assert_eq!(message(&mut ws, "user.alice"), (2, 2));
+    assert_eq!(message_at(&mut ws, "user.alice"), (1, 1));
+    assert_eq!(message_at(&mut ws, "user.alice"), (2, 2));
     publish_to_user(&server, "alice", 3);
-    assert_eq!(message(&mut ws, "user.alice"), (3, 3));
+    assert_eq!(message_at(&mut ws, "user.alice"), (3, 3));
     silence(&mut ws);
 }

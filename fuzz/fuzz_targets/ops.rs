@@ -35,8 +35,8 @@ fuzz_target!(|data: &[u8]| {
             serde_json::from_str::<&RawValue>(d.get()).expect("data is raw JSON");
             (*topic).to_owned()
         }
-        Ok(Op::Subscribe(t) | Op::Unsubscribe(t) | Op::Refresh(t)) => (*t).to_owned(),
-        Ok(Op::Ping) => String::new(),
+        Ok(Op::Subscribe(t, _) | Op::Unsubscribe(t) | Op::Refresh(t)) => (*t).to_owned(),
+        Ok(Op::Ping | Op::Recover(_)) => String::new(),
         Err(m) => m.clone(),
     };
     for code in [

@@ -298,21 +298,33 @@ pub(super) async fn disconnect(
     ))
 }
 
+/// Every node's statistics ([`Op::Stats`]): the answers, and whether the members are unknown.
+async fn node_stats(control: &ControlPlane) -> (Vec<(String, Answer)>, bool) {
+    let (nodes, unknown) = members(control).await;
+    let body = serde_json::to_value(Op::Stats).expect("a request always serialises");
+    (control.ask(&nodes, true, body).await, unknown)
+}
+
+/// (node, statistics) of this node (`own`) and of every node that answered.
+fn answered<'a>(
+    me: &'a str,
+    own: &'a Value,
+    answers: &'a [(String, Answer)],
+) -> impl Iterator<Item = (&'a str, &'a Value)> {
+    std::iter::once((me, own)).chain(answers.iter().filter_map(|(n, a)| match a {
+        Answer::Reply(v) => Some((n.as_str(), v)),
+        Answer::NoAnswer => None,
+    }))
+}
+
 /// The `cluster` part of `GET /api/v1/stats`: connections in all, per project and per node,
 /// from every node's own statistics (`own` is this node's).
 pub(super) async fn stats(control: &ControlPlane, own: &Value) -> Value {
-    let (nodes, unknown) = members(control).await;
-    let body = serde_json::to_value(Op::Stats).expect("a request always serialises");
-    let answers = control.ask(&nodes, true, body).await;
+    let (answers, unknown) = node_stats(control).await;
     let mut total = 0;
     let mut projects = Map::new();
     let mut per_node = Map::new();
-    let docs =
-        std::iter::once((control.node(), own)).chain(answers.iter().filter_map(|(n, a)| match a {
-            Answer::Reply(v) => Some((n.as_str(), v)),
-            Answer::NoAnswer => None,
-        }));
-    for (node, doc) in docs {
+    for (node, doc) in answered(control.node(), own, &answers) {
         let conns = doc["connections"].as_i64().unwrap_or(0);
         total += conns;
         per_node.insert(node.to_owned(), json!({ "connections": conns }));
@@ -330,6 +342,33 @@ pub(super) async fn stats(control: &ControlPlane, own: &Value) -> Value {
     json!({
         "connections": total,
         "projects": projects,
+        "per_node": per_node,
+        "nodes": status,
+        "partial": partial,
+    })
+}
+
+/// The `cluster` part of `GET /api/v1/projects/{project}`: the project's connections in all
+/// and per node, from every node's statistics (`own` is this node's), with the nodes asked
+/// as `GET /api/v1/stats` reports them.
+pub(super) async fn project_connections(
+    control: &ControlPlane,
+    own: &Value,
+    project: &str,
+) -> Value {
+    let (answers, unknown) = node_stats(control).await;
+    let mut total = 0;
+    let mut per_node = Map::new();
+    for (node, doc) in answered(control.node(), own, &answers) {
+        let n = doc["projects"][project]["connections"]
+            .as_i64()
+            .unwrap_or(0);
+        total += n;
+        per_node.insert(node.to_owned(), json!({ "connections": n }));
+    }
+    let (status, partial) = report(control.node(), &answers, unknown);
+    json!({
+        "connections": total,
         "per_node": per_node,
         "nodes": status,
         "partial": partial,

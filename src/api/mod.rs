@@ -310,7 +310,7 @@ async fn dispatch(
         (["api", "v1", "stats"], &Method::GET) => connections::stats(hub, admit(ctx, &req)?).await,
         (["api", "v1", "projects"], &Method::GET) => Ok(projects::list(hub, admit(ctx, &req)?)),
         (["api", "v1", "projects", project], &Method::GET) => {
-            projects::show(hub, admit(ctx, &req)?, project)
+            projects::show(hub, admit(ctx, &req)?, project).await
         }
         (["api", "v1", "projects"], &Method::POST) => {
             projects::create(ctx, admit(ctx, &req)?, req).await

@@ -180,19 +180,27 @@ pub(super) fn list(hub: &Hub, who: Caller) -> Response<Full<Bytes>> {
 }
 
 /// `GET /api/v1/projects/{project}`: 403 for another project's key, 404 for an unknown
-/// project (admin key).
-pub(super) fn show(
+/// project (admin key). With an engine, `cluster` adds the project's connections on every
+/// node.
+pub(super) async fn show(
     hub: &Hub,
     who: Caller,
     project: &str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     authorize(hub, who, project)?;
-    let registry = hub.registry.load();
-    // Loaded again: the project may have gone since.
-    let p = registry
-        .project(project)
-        .ok_or_else(|| AuthError::UnknownProject(project.into()))?;
-    Ok(json(StatusCode::OK, &project_json(p)))
+    let mut doc = {
+        let registry = hub.registry.load();
+        // Loaded again: the project may have gone since.
+        let p = registry
+            .project(project)
+            .ok_or_else(|| AuthError::UnknownProject(project.into()))?;
+        project_json(p)
+    };
+    if let Some(control) = hub.broker.control() {
+        let own = super::connections::stats_json(hub);
+        doc["cluster"] = super::cluster::project_connections(control, &own, project).await;
+    }
+    Ok(json(StatusCode::OK, &doc))
 }
 
 pub(super) async fn create(

@@ -24,6 +24,8 @@
 pub mod control;
 mod interest;
 pub mod redis;
+pub mod redis_history;
+pub mod tls;
 
 pub use interest::{ENTRY_BYTES, Interest, NR_STRIPES};
 
@@ -186,11 +188,41 @@ pub trait Deliver {
     /// it: a shard whose inbox is full does not get it (the caller counts it). Never blocks.
     fn deliver_each(&self, project: &str, topic: &str, body: Bytes) -> Delivered;
 
+    /// [`Deliver::deliver_each`] of a message of a topic with history, numbered by the
+    /// engine: `offset` in the stream of `epoch`. The node keeps it in its copy of the stream
+    /// ([`crate::history::History::append_at`]) and its frame carries the offset.
+    fn deliver_numbered(
+        &self,
+        project: &str,
+        topic: &str,
+        at: (u64, &str),
+        body: Bytes,
+    ) -> Delivered;
+
+    /// The registry index of the project with id `project`.
+    fn project_index(&self, project: &str) -> Option<u32>;
+
+    /// Keeps what the engine's stream of `topic` of project `project` (registry index) held
+    /// when read for a recovery: its epoch and last offset, and its (offset, body) entries
+    /// from some offset on ([`crate::history::History::fill`]).
+    fn fill_history(&self, project: u32, topic: &str, at: (&str, u64), entries: Vec<(u64, Bytes)>);
+
     /// Tells the local subscribers of `topic` of project `project` (registry index) that
     /// messages of it may have been missed (the engine was away): one order to each shard
     /// holding a subscriber. Never blocks; returns the shards whose inbox was full (they
     /// were not told).
     fn resync(&self, project: u32, topic: &str) -> u32;
+}
+
+/// What a recovery reads of a stream in the engine ([`Broker::fetch_history`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryRead {
+    /// The entries after this offset, if any (a client's `since`); else only the position.
+    pub after: Option<u64>,
+    /// Entries read at most (`server.history_max_replay`).
+    pub count: u64,
+    /// The topic's TTL, in seconds: a stream's epoch made by the read expires with it.
+    pub ttl_secs: u64,
 }
 
 /// Where publications go and where interest in topics is declared.
@@ -222,6 +254,22 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     /// may run on the engine's thread and must not block either.
     fn when_subscribed(&self, project: u32, topic: &str, done: Box<dyn FnOnce() + Send>) {
         let _ = (project, topic);
+        done();
+    }
+
+    /// Reads the stream of `topic` (a topic with history) from the engine into the node's
+    /// copy ([`Deliver::fill_history`]) once the node's engine subscription of it exists, then
+    /// calls `done` (also when the read failed: the copy answers what it holds). Never
+    /// blocks; `done` may run on the engine's thread and must not block either. Without an
+    /// engine the node's store is the stream: `done` at once.
+    fn fetch_history(
+        &self,
+        project: u32,
+        topic: &str,
+        read: HistoryRead,
+        done: Box<dyn FnOnce() + Send>,
+    ) {
+        let _ = (project, topic, read);
         done();
     }
 

@@ -10,6 +10,10 @@
 //! builds each topic's frame head once on receipt and its shards share the body (encoded once
 //! per node).
 //!
+//! A topic with history is published by a script that numbers it in Redis instead, and its
+//! payload carries its offset and epoch ([`super::redis_history`]); the bridge reads streams
+//! for recoveries and repairs the gaps it sees in a topic's offsets.
+//!
 //! # Interest
 //!
 //! A node is subscribed to a channel only while one of its connections is subscribed to the
@@ -47,10 +51,9 @@
 //!
 //! # Not here yet
 //!
-//! A STOMP `RECEIPT` of a `SUBSCRIBE` does not wait for the node's Redis subscription (a
-//! herald.v1 `subscribe` ack does, through [`Broker::when_subscribed`]), nor does the welcome
-//! for the implicit topics; STOMP clients get no `resync` notice; no TLS, Sentinel or Redis
-//! Cluster.
+//! STOMP clients get no `resync` notice; no Sentinel or Redis Cluster. (A `subscribe` ack, a
+//! STOMP `SUBSCRIBE`'s `RECEIPT` and the welcome wait for the node's Redis subscriptions
+//! through [`Broker::when_subscribed`]; TLS is [`super::tls`].)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,6 +67,7 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{info, warn};
 
 use super::control::{self, ControlPlane};
+use super::redis_history::{self, Numbering};
 use super::{
     Broker, Deliver, EngineDown, EngineStats, Interest, Pending, Publication as Pub, PublishError,
 };
@@ -93,8 +97,9 @@ fn add(counter: &AtomicU64, n: u64) {
 
 /// A publish or batch on its way to Redis.
 struct PublishCmd {
-    /// (channel, payload) per topic of every publication, in order.
-    messages: Vec<(String, Bytes)>,
+    /// (channel, payload, numbering for a topic with history) per topic of every
+    /// publication, in order.
+    messages: Vec<(String, Bytes, Option<Numbering>)>,
     /// Where the bridge answers.
     ack: tokio::sync::oneshot::Sender<Result<(), PublishError>>,
 }
@@ -111,6 +116,9 @@ enum Change {
     Topic(u32, Box<str>),
     /// Call this once (project, topic)'s channel is subscribed.
     Waiter(u32, Box<str>, Waiter),
+    /// Read (project, topic)'s stream into the node's copy once its channel is subscribed,
+    /// then call this.
+    Fetch(u32, Box<str>, super::HistoryRead, Waiter),
 }
 
 /// The broker the shards and the API hold when the node shares an engine.
@@ -211,7 +219,10 @@ impl RedisBroker {
             stats: stats.clone(),
             command_timeout: settings.command_timeout,
         };
+        let delivered = redis_history::Delivered::default();
+        let unsubscribed = delivered.unsubscribed();
         let bridge = Bridge {
+            delivered,
             publish_rx,
             commands_rx,
             control,
@@ -226,6 +237,9 @@ impl RedisBroker {
                 subscribed: HashSet::new(),
                 lingering: HashMap::new(),
                 waiters: HashMap::new(),
+                fetches: HashMap::new(),
+                reader: None,
+                unsubscribed,
             },
         };
         (broker, bridge)
@@ -262,7 +276,15 @@ impl Broker for RedisBroker {
                 continue;
             };
             for (topic, _) in &p.heads {
-                messages.push((channel(&self.prefix, &project.id, topic), p.body.clone()));
+                let numbering =
+                    crate::history::rule_for(&project.history, topic).map(|r| Numbering {
+                        stream: redis_history::stream_key(&self.prefix, &project.id, topic),
+                        meta: redis_history::meta_key(&self.prefix, &project.id, topic),
+                        size: r.size,
+                        ttl_secs: (r.ttl_ms / 1000).max(1),
+                    });
+                let ch = channel(&self.prefix, &project.id, topic);
+                messages.push((ch, p.body.clone(), numbering));
             }
         }
         let (ack, acked) = tokio::sync::oneshot::channel();
@@ -306,6 +328,26 @@ impl Broker for RedisBroker {
         }
     }
 
+    fn fetch_history(
+        &self,
+        project: u32,
+        topic: &str,
+        read: super::HistoryRead,
+        done: Box<dyn FnOnce() + Send>,
+    ) {
+        if let Err(e) = self
+            .changes
+            .try_send(Change::Fetch(project, topic.into(), read, done))
+        {
+            add(&self.stats.changes_overflowed, 1);
+            self.resync.request();
+            // No room to ask: the node's copy answers what it holds.
+            if let Change::Fetch(.., done) = e.into_inner() {
+                done();
+            }
+        }
+    }
+
     fn engine(&self) -> Option<&EngineStats> {
         Some(&self.stats)
     }
@@ -325,6 +367,8 @@ pub struct Bridge {
     control: Arc<ControlPlane>,
     /// The node's subscriptions.
     subs: Subscriptions,
+    /// The last offset delivered of each topic with history: tells gaps, across sessions.
+    delivered: redis_history::Delivered,
 }
 
 /// The node's subscriptions in Redis and what changes them.
@@ -349,6 +393,12 @@ struct Subscriptions {
     lingering: HashMap<Key, Instant>,
     /// Callbacks waiting for a channel's subscription.
     waiters: HashMap<Key, Vec<Waiter>>,
+    /// Reads of streams waiting for their channel's subscription.
+    fetches: HashMap<Key, Vec<(super::HistoryRead, Waiter)>>,
+    /// Where streams are read and what they are read into, while connected.
+    reader: Option<(MultiplexedConnection, Weak<dyn Deliver + Send + Sync>)>,
+    /// The topics unsubscribed from, for the delivery loop to forget their last offset.
+    unsubscribed: redis_history::Unsubscribed,
 }
 
 /// Oldest Redis herald runs on: 7.0 (RESP3 pushes, `CLIENT PAUSE WRITE`, ACL users).
@@ -444,6 +494,7 @@ impl Bridge {
             }
             self.subs.subscribed.clear();
             self.subs.lingering.clear();
+            self.subs.reader = None;
             self.subs.stats.channels.store(0, Ordering::Relaxed);
             // Full jitter: a cluster's nodes do not come back all at once.
             let wait = backoff.mul_f64(rand::random_range(0.5..1.0));
@@ -478,6 +529,9 @@ impl Bridge {
                     Some(Change::Waiter(p, t, done)) => {
                         self.subs.waiters.entry((p, t)).or_default().push(done);
                     }
+                    Some(Change::Fetch(p, t, read, done)) => {
+                        self.subs.fetches.entry((p, t)).or_default().push((read, done));
+                    }
                     Some(Change::Topic(..)) => {}
                     None => return true,
                 },
@@ -497,6 +551,7 @@ impl Bridge {
             commands_rx,
             control,
             subs,
+            delivered,
         } = self;
         let (msg_tx, mut msg_rx) = mpsc::channel::<(Vec<u8>, Vec<u8>)>(MESSAGE_QUEUE);
         let lost = Arc::new(Notify::new());
@@ -513,6 +568,11 @@ impl Bridge {
         if let Err(e) = control.heartbeat().query_async::<()>(&mut publisher).await {
             return Ended::Lost(describe(e));
         }
+        let mut script = match load_script(&mut publisher).await {
+            Ok(sha) => sha,
+            Err(e) => return Ended::Lost(e),
+        };
+        subs.reader = Some((publisher.clone(), hub.clone()));
         if let Err(e) = subs.reconcile(&mut subscriber).await {
             return Ended::Lost(e);
         }
@@ -520,7 +580,25 @@ impl Bridge {
         subs.stats.up.store(true, Ordering::Release);
         add(&subs.stats.connects, 1);
         if reconnected {
-            tell_resync(hub, &subs.subscribed, &subs.stats);
+            // Topics with history are repaired from their streams; the others, and those that
+            // cannot be, are told to resync.
+            let mut unrepaired = HashSet::new();
+            for key in &subs.subscribed {
+                if !repair_after_away(&mut publisher, hub, subs, key, delivered).await {
+                    unrepaired.insert(key.clone());
+                }
+            }
+            tell_resync(hub, &unrepaired, &subs.stats);
+            // Topics not subscribed again: their last offset tells nothing any more.
+            let registry = subs.registry.load();
+            let now: HashSet<redis_history::Key> = subs
+                .subscribed
+                .iter()
+                .filter_map(|(p, t)| {
+                    Some((Box::<str>::from(&*registry.project_at(*p)?.id), t.clone()))
+                })
+                .collect();
+            delivered.retain(|k| now.contains(k));
         }
         if *was_up != Some(true) {
             info!(
@@ -542,8 +620,23 @@ impl Bridge {
         // When a message (any, the probe included) last came from Redis.
         let heard = std::cell::Cell::new(Instant::now());
         let commander = publisher.clone();
-        let publishing = publish_loop(publish_rx, &mut publisher, command_timeout, &stats);
-        let delivering = deliver_loop(&mut msg_rx, hub, control, &prefix, &heard, &stats);
+        let publishing = publish_loop(
+            publish_rx,
+            &mut publisher,
+            &mut script,
+            command_timeout,
+            &stats,
+        );
+        let mut reader = commander.clone();
+        let delivering = deliver_loop(
+            &mut msg_rx,
+            hub,
+            control,
+            (&prefix, command_timeout),
+            (&mut reader, delivered),
+            &heard,
+            &stats,
+        );
         tokio::pin!(publishing, delivering);
         // The subscription manager and the probe run here, beside the two loops.
         let mut tick = tokio::time::interval(lingering_period(subs.settings.unsubscribe_linger));
@@ -704,6 +797,16 @@ impl Subscriptions {
                     }
                     continue;
                 }
+                Change::Fetch(p, t, read, done) => {
+                    if self.interest.mask(p, &t) == 0 {
+                        done();
+                    } else if self.subscribed.contains(&(p, t.clone())) {
+                        self.start_fetch((p, &t), read, done);
+                    } else {
+                        self.fetches.entry((p, t)).or_default().push((read, done));
+                    }
+                    continue;
+                }
             };
             if self.interest.mask(key.0, &key.1) != 0 {
                 self.lingering.remove(&key);
@@ -737,12 +840,62 @@ impl Subscriptions {
                 for done in self.waiters.remove(key).unwrap_or_default() {
                     done();
                 }
+                for (read, done) in self.fetches.remove(key).unwrap_or_default() {
+                    self.start_fetch((key.0, &key.1), read, done);
+                }
             }
         }
         self.stats
             .channels
             .store(self.subscribed.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Reads the stream of (project, topic) into the node's copy on a task of its own (the
+    /// bridge goes on meanwhile), then calls `done`: also when the read failed (logged), so
+    /// the subscribe waiting for it is answered from what the copy holds.
+    fn start_fetch(&self, (project, topic): (u32, &str), read: super::HistoryRead, done: Waiter) {
+        let id = self
+            .registry
+            .load()
+            .project_at(project)
+            .map(|p| p.id.to_string());
+        let (Some((mut conn, hub)), Some(id)) = (self.reader.clone(), id) else {
+            done();
+            return;
+        };
+        let prefix = &self.settings.prefix;
+        let keys = (
+            redis_history::stream_key(prefix, &id, topic),
+            redis_history::meta_key(prefix, &id, topic),
+        );
+        let topic: Box<str> = topic.into();
+        let timeout = self.settings.command_timeout;
+        tokio::spawn(async move {
+            let got = tokio::time::timeout(
+                timeout,
+                redis_history::read(&mut conn, (&keys.0, &keys.1), read),
+            )
+            .await;
+            match got {
+                Ok(Ok((epoch, top, entries))) => {
+                    if let Some(hub) = hub.upgrade() {
+                        hub.fill_history(project, &topic, (&epoch, top), entries);
+                    }
+                }
+                Ok(Err(e)) => warn!(
+                    topic = %topic,
+                    error = %describe(e),
+                    "history not read from Redis: the subscribe is answered from the node's copy"
+                ),
+                Err(_) => warn!(
+                    topic = %topic,
+                    "history not read from Redis within engine.command_timeout_ms: the \
+                     subscribe is answered from the node's copy"
+                ),
+            }
+            done();
+        });
     }
 
     /// `UNSUBSCRIBE`s the lingering channels whose time is up and that still have no local
@@ -769,6 +922,13 @@ impl Subscriptions {
             }
             for key in batch {
                 self.subscribed.remove(key);
+            }
+            let registry = self.registry.load();
+            let mut forget = self.unsubscribed.lock().unwrap_or_else(|e| e.into_inner());
+            for (p, t) in batch {
+                if let Some(p) = registry.project_at(*p) {
+                    forget.push((Box::<str>::from(&*p.id), t.clone()));
+                }
             }
         }
         self.stats
@@ -850,7 +1010,8 @@ fn lingering_period(linger: Duration) -> Duration {
 
 /// After the engine was away: tells the local subscribers of every topic subscribed again
 /// that they may have missed messages of it (a `resync` notice each). The one place that
-/// does; topics with history will be repaired instead.
+/// does; topics with history are repaired from their streams instead when they can be
+/// (`repair_after_away`, and gaps in `deliver_loop`).
 fn tell_resync(hub: &Weak<dyn Deliver + Send + Sync>, topics: &HashSet<Key>, stats: &EngineStats) {
     let Some(node) = hub.upgrade() else {
         return;
@@ -867,10 +1028,60 @@ fn tell_resync(hub: &Weak<dyn Deliver + Send + Sync>, topics: &HashSet<Key>, sta
     }
 }
 
+/// After the engine was away: delivers what the node missed of `key`'s topic, when it has
+/// history the node delivered before, from its stream ([`redis_history::repair`]). `false`
+/// when its subscribers are to be told to resync instead (no history, nothing delivered
+/// before, the stream lost, unreadable, or no longer holding what was missed).
+async fn repair_after_away(
+    conn: &mut MultiplexedConnection,
+    hub: &Weak<dyn Deliver + Send + Sync>,
+    subs: &Subscriptions,
+    (project, topic): &Key,
+    delivered: &mut redis_history::Delivered,
+) -> bool {
+    let Some(id) = subs
+        .registry
+        .load()
+        .project_at(*project)
+        .map(|p| p.id.to_string())
+    else {
+        return false;
+    };
+    let key: redis_history::Key = (id.as_str().into(), topic.clone());
+    let Some((epoch, last)) = delivered.last(&key).map(|(e, o)| (e.to_owned(), o)) else {
+        return false;
+    };
+    let prefix = &subs.settings.prefix;
+    let timeout = subs.settings.command_timeout;
+    let at = tokio::time::timeout(timeout, redis_history::position(conn, prefix, (&id, topic)));
+    let Ok(Ok((Some(now_epoch), top))) = at.await else {
+        return false;
+    };
+    let top = top.unwrap_or(0);
+    if now_epoch != epoch {
+        return false;
+    }
+    if top <= last {
+        return true;
+    }
+    let Some(node) = hub.upgrade() else {
+        return true;
+    };
+    let how = (&**prefix, timeout);
+    let at = (&*epoch, last + 1, top);
+    let repaired = redis_history::repair(conn, &*node, how, (&id, topic), at, delivered).await;
+    if !repaired {
+        // Given up on (its subscribers are told to resync): the stream goes on from its top.
+        delivered.note(key, &epoch, top);
+    }
+    repaired
+}
+
 /// Sends queued publishes to Redis in pipelines, in queue order, and answers each.
 async fn publish_loop(
     rx: &mut mpsc::Receiver<PublishCmd>,
     conn: &mut MultiplexedConnection,
+    script: &mut String,
     timeout: Duration,
     stats: &EngineStats,
 ) -> Ended {
@@ -889,8 +1100,22 @@ async fn publish_loop(
         let mut pipe = redis::pipe();
         let mut nr = 0;
         for cmd in &batch {
-            for (ch, payload) in &cmd.messages {
-                pipe.cmd("PUBLISH").arg(ch).arg(&payload[..]).ignore();
+            for (ch, payload, numbering) in &cmd.messages {
+                match numbering {
+                    None => pipe.cmd("PUBLISH").arg(ch).arg(&payload[..]).ignore(),
+                    Some(n) => pipe
+                        .cmd("EVALSHA")
+                        .arg(&*script)
+                        .arg(2)
+                        .arg(&n.stream)
+                        .arg(&n.meta)
+                        .arg(ch)
+                        .arg(&payload[..])
+                        .arg(n.size)
+                        .arg(n.ttl_secs)
+                        .arg(redis_history::new_epoch())
+                        .ignore(),
+                };
                 nr += 1;
             }
         }
@@ -908,6 +1133,25 @@ async fn publish_loop(
             Ok(Ok(())) => {
                 add(&stats.published, nr);
                 (Ok(()), None)
+            }
+            // Redis lost the script (flushed, or a failover to a server that never had it):
+            // loaded again, and the batch answered as one whose outcome is unknown.
+            Ok(Err(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                warn!(
+                    "the publish script was missing in Redis: loaded again; a publish was refused"
+                );
+                match load_script(conn).await {
+                    Ok(sha) => {
+                        *script = sha;
+                        (Err(PublishError::EngineUnavailable(EngineDown::Lost)), None)
+                    }
+                    Err(e) => (
+                        Err(PublishError::EngineUnavailable(EngineDown::Lost)),
+                        Some(e),
+                    ),
+                }
             }
             Ok(Err(e)) => (
                 Err(PublishError::EngineUnavailable(EngineDown::Lost)),
@@ -935,7 +1179,8 @@ async fn deliver_loop(
     rx: &mut mpsc::Receiver<(Vec<u8>, Vec<u8>)>,
     hub: &Weak<dyn Deliver + Send + Sync>,
     control: &ControlPlane,
-    prefix: &str,
+    (prefix, timeout): (&str, Duration),
+    (conn, delivered): (&mut MultiplexedConnection, &mut redis_history::Delivered),
     heard: &std::cell::Cell<Instant>,
     stats: &EngineStats,
 ) -> Ended {
@@ -976,7 +1221,38 @@ async fn deliver_loop(
             add(&stats.dropped_unknown, 1);
             continue;
         };
-        let d = node.deliver_each(project, topic, Bytes::from(payload));
+        let payload = Bytes::from(payload);
+        let d = match redis_history::split_numbered(&payload) {
+            Some((offset, epoch, body)) => {
+                // A gap (the node missed messages) is repaired from the stream first, once
+                // for the node; what a repair delivered already is dropped.
+                let key: redis_history::Key = (project.into(), topic.into());
+                delivered.forget_unsubscribed();
+                match delivered.step(&key, &epoch, offset) {
+                    redis_history::Step::Skip => continue,
+                    redis_history::Step::Repair(from) => {
+                        let at = (&*epoch, from, offset - 1);
+                        let how = (prefix, timeout);
+                        let repaired = redis_history::repair(
+                            conn,
+                            &*node,
+                            how,
+                            (project, topic),
+                            at,
+                            delivered,
+                        )
+                        .await;
+                        if !repaired && let Some(idx) = node.project_index(project) {
+                            tell_resync(hub, &HashSet::from([(idx, topic.into())]), stats);
+                        }
+                    }
+                    redis_history::Step::Deliver => {}
+                }
+                delivered.note(key, &epoch, offset);
+                node.deliver_numbered(project, topic, (offset, &epoch), body)
+            }
+            None => node.deliver_each(project, topic, payload),
+        };
         if d.unknown_project {
             add(&stats.dropped_unknown, 1);
         }
@@ -996,6 +1272,17 @@ async fn deliver_loop(
             );
         }
     }
+}
+
+/// Loads the publish script of topics with history ([`redis_history::PUBLISH_SCRIPT`]) and
+/// answers its SHA1, for `EVALSHA`.
+async fn load_script(conn: &mut MultiplexedConnection) -> Result<String, String> {
+    redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(redis_history::PUBLISH_SCRIPT)
+        .query_async(conn)
+        .await
+        .map_err(|e| format!("SCRIPT LOAD refused: {}", describe(e)))
 }
 
 /// Drops logged at most once a second, each line with the drops since the last one.
@@ -1026,9 +1313,11 @@ impl Throttled {
 /// A Redis error for the log: its category and detail, never the address (it may hold a
 /// password).
 fn describe(e: redis::RedisError) -> String {
-    match e.detail() {
-        Some(d) => format!("{}: {d}", e.category()),
-        None => e.category().to_owned(),
+    match (e.detail(), std::error::Error::source(&e)) {
+        (Some(d), _) => format!("{}: {d}", e.category()),
+        // An I/O error's own words: a refused connection, a TLS certificate not trusted.
+        (None, Some(source)) => format!("{}: {source}", e.category()),
+        (None, None) => e.category().to_owned(),
     }
 }
 

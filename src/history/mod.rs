@@ -18,6 +18,11 @@
 //! that every later offset reaches its inbox after the read, and every earlier one is in the
 //! store or already in its inbox (docs/architecture.md, "History and recovery").
 //!
+//! With an engine the streams are numbered in Redis ([`crate::broker::redis_history`]) and
+//! the store is the node's copy of those it receives ([`History::append_at`]) or reads for a
+//! recovery ([`History::fill`]), kept and read under the same lock, so the same reasoning
+//! holds.
+//!
 //! This module must not know about connections or shards: it answers with positions and
 //! entries.
 
@@ -212,6 +217,11 @@ impl History {
         }
     }
 
+    /// `server.history_max_replay`: most messages one recovery replays.
+    pub fn max_replay(&self) -> u64 {
+        self.max_replay
+    }
+
     /// Takes the store's lock. The hub holds it while it numbers, stores and sends
     /// publications of streams; a shard while it reads one.
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -233,8 +243,6 @@ impl History {
         body: &Bytes,
     ) -> u64 {
         let id = self.stream_id(inner, project, topic);
-        let seq = inner.next_seq;
-        inner.next_seq += 1;
         let s = inner.streams.get_mut(&id).expect("ids name streams");
         s.top += 1;
         let entry = Entry {
@@ -243,18 +251,166 @@ impl History {
             body: body.clone(),
         };
         let offset = entry.offset;
+        self.push(inner, id, rule, now_ms, entry);
+        offset
+    }
+
+    /// Stores, under the lock `inner`, an entry of `topic` of `project` numbered elsewhere
+    /// (by the engine) in the stream of `epoch`: the node's copy of the engine's stream, for
+    /// recoveries on this node. A stream of another epoch is replaced; an offset held already
+    /// is skipped; past a gap the entries before it are dropped (what is held stays
+    /// contiguous). Returns whether it was stored.
+    pub fn append_at(
+        &self,
+        inner: &mut Inner,
+        (project, topic): (u32, &str),
+        rule: &Rule,
+        now_ms: u64,
+        epoch: &str,
+        entry: Entry,
+    ) -> bool {
+        let mut id = self.mirror(inner, (project, topic), epoch);
+        let top = inner.streams[&id].top;
+        if entry.offset <= top {
+            return false;
+        }
+        if entry.offset > top + 1 {
+            self.drop_entries(inner, id);
+            // The stream (and its epoch) stays, held from this entry on.
+            id = self.mirror(inner, (project, topic), epoch);
+        }
+        inner.streams.get_mut(&id).expect("ids name streams").top = entry.offset;
+        self.push(inner, id, rule, now_ms, entry);
+        true
+    }
+
+    /// The epoch of the stream of `topic` of `project` held under the lock `inner`, if it has
+    /// offsets.
+    pub fn epoch_held(&self, inner: &Inner, (project, topic): (u32, &str)) -> Option<Arc<str>> {
+        let s = &inner.streams[inner.ids.get(&(project, Box::from(topic)))?];
+        (s.top > 0).then(|| s.epoch.clone())
+    }
+
+    /// Stores what the engine's stream of `topic` of `project` held, read for a recovery:
+    /// its `epoch`, its last offset `top` and its entries from some offset on, in order.
+    /// Entries held already are kept; the stream's other epoch is replaced; a copy behind the
+    /// engine that the entries read do not join is dropped for them (what is held stays
+    /// contiguous, up to the engine's last offset).
+    pub fn fill(
+        &self,
+        (project, topic): (u32, &str),
+        rule: &Rule,
+        now_ms: u64,
+        (epoch, top): (&str, u64),
+        entries: Vec<Entry>,
+    ) {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let mut id = self.mirror(inner, (project, topic), epoch);
+        let behind = inner.streams[&id].top;
+        if top > behind {
+            let joins = !inner.streams[&id].entries.is_empty()
+                && entries.iter().any(|e| e.offset == behind + 1);
+            if !joins {
+                self.drop_entries(inner, id);
+                id = self.mirror(inner, (project, topic), epoch);
+            }
+            inner.streams.get_mut(&id).expect("ids name streams").top = top;
+            let held_top = if joins { behind } else { 0 };
+            let newer: Vec<Entry> = entries
+                .iter()
+                .filter(|e| e.offset > held_top && e.offset <= top)
+                .cloned()
+                .collect();
+            for e in newer {
+                let seq = inner.next_seq;
+                inner.next_seq += 1;
+                self.store(inner, id, seq, now_ms, e, false);
+            }
+        }
+        // Older entries go in front of those held, newest first, while they join.
+        let held_from = inner.streams[&id]
+            .entries
+            .front()
+            .map_or(inner.streams[&id].top + 1, |e| e.entry.offset);
+        for e in entries.into_iter().rev().filter(|e| e.offset < held_from) {
+            let front = inner.streams[&id]
+                .entries
+                .front()
+                .map_or(inner.streams[&id].top + 1, |f| f.entry.offset);
+            if front != e.offset + 1 {
+                break;
+            }
+            let seq = inner.next_seq;
+            inner.next_seq += 1;
+            self.store(inner, id, seq, now_ms, e, true);
+        }
+        self.bound(inner, id, rule, now_ms);
+    }
+
+    /// The stream of `topic` of `project` in `epoch`: made, or made again over another epoch.
+    fn mirror(&self, inner: &mut Inner, (project, topic): (u32, &str), epoch: &str) -> u64 {
+        let id = self.stream_id(inner, project, topic);
+        if *inner.streams[&id].epoch != *epoch {
+            let s = inner.streams.get_mut(&id).expect("ids name streams");
+            if s.entries.is_empty() {
+                s.epoch = epoch.into();
+                s.top = 0;
+                s.expired_through = 0;
+                return id;
+            }
+            while inner.streams.contains_key(&id) {
+                self.pop_front(inner, id, false);
+            }
+            let id = self.stream_id(inner, project, topic);
+            inner.streams.get_mut(&id).expect("ids name streams").epoch = epoch.into();
+            return id;
+        }
+        id
+    }
+
+    /// Drops every entry of stream `id` (which is then lost, see [`History::pop_front`]).
+    fn drop_entries(&self, inner: &mut Inner, id: u64) {
+        while inner
+            .streams
+            .get(&id)
+            .is_some_and(|s| !s.entries.is_empty())
+        {
+            self.pop_front(inner, id, false);
+        }
+    }
+
+    /// Holds `entry` (at the back, or in `front`) in stream `id`, counted.
+    fn store(&self, inner: &mut Inner, id: u64, seq: u64, now_ms: u64, entry: Entry, front: bool) {
         let nr_bytes = entry.nr_bytes();
-        s.entries.push_back(Stored {
+        let s = inner.streams.get_mut(&id).expect("ids name streams");
+        let stored = Stored {
             seq,
             at_ms: now_ms,
             entry,
-        });
+        };
+        if front {
+            s.entries.push_front(stored);
+        } else {
+            s.entries.push_back(stored);
+        }
         inner.order.insert(seq, id);
         inner.bytes += nr_bytes;
         self.stats.entries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Appends `entry` to stream `id` and evicts what the bounds require.
+    fn push(&self, inner: &mut Inner, id: u64, rule: &Rule, now_ms: u64, entry: Entry) {
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
+        self.store(inner, id, seq, now_ms, entry, false);
+        self.bound(inner, id, rule, now_ms);
+    }
+
+    /// Evicts from stream `id` and the node what their bounds require.
+    fn bound(&self, inner: &mut Inner, id: u64, rule: &Rule, now_ms: u64) {
         // The stream's own bounds: its size, then its age.
-        loop {
-            let s = &inner.streams[&id];
+        while let Some(s) = inner.streams.get(&id) {
             let Some(front) = s.entries.front() else {
                 break;
             };
@@ -273,7 +429,6 @@ impl History {
             self.pop_front(inner, oldest, false);
         }
         self.publish_stats(inner);
-        offset
     }
 
     /// Reads the stream of `topic` of `project` (kept as `rule` says) for a subscriber: its
@@ -491,6 +646,60 @@ mod tests {
         let old = h2.read((0, "news"), &r, Some(&since(&p2, 3)), 2000);
         assert_eq!(old.outcome.unwrap().unwrap_err(), Unrecoverable::Expired);
         assert_eq!(h2.stats.recovered.load(Ordering::Relaxed), 1);
+    }
+
+    /// The node's copy of a stream numbered by the engine: entries with the engine's offsets,
+    /// filled from the engine for a recovery, always contiguous.
+    #[test]
+    fn a_copy_of_an_engine_stream_stays_contiguous() {
+        let h = History::new(1 << 20, 100);
+        let r = rule(10, u64::MAX);
+        let e = |o: u64| Entry {
+            offset: o,
+            head: Bytes::from(o.to_string()),
+            body: Bytes::from_static(b"1}"),
+        };
+        let put = |epoch: &str, o| {
+            let mut inner = h.lock();
+            h.append_at(&mut inner, (0, "news"), &r, 0, epoch, e(o))
+        };
+        let got = |epoch: &str, offset| {
+            let since = Since {
+                epoch: epoch.into(),
+                offset,
+            };
+            h.read((0, "news"), &r, Some(&since), 0)
+                .outcome
+                .unwrap()
+                .map(|v| v.iter().map(|e| e.offset).collect::<Vec<_>>())
+        };
+        assert!(put("E", 5), "first seen: held from 5");
+        assert!(put("E", 6));
+        assert!(!put("E", 6), "held already");
+        let p = h.read((0, "news"), &r, None, 0).position;
+        assert_eq!((&*p.epoch, p.offset), ("E", 6));
+        assert_eq!(got("E", 4), Ok(vec![5, 6]));
+        assert_eq!(got("E", 2), Err(Unrecoverable::TooMany));
+        h.fill((0, "news"), &r, 0, ("E", 6), vec![e(3), e(4), e(5), e(6)]);
+        assert_eq!(got("E", 2), Ok(vec![3, 4, 5, 6]), "older entries in front");
+        assert!(put("E", 9), "past a gap");
+        assert_eq!(got("E", 6), Err(Unrecoverable::TooMany));
+        assert_eq!(got("E", 8), Ok(vec![9]));
+        h.fill((0, "news"), &r, 0, ("E", 11), vec![e(10), e(11)]);
+        assert_eq!(
+            got("E", 8),
+            Ok(vec![9, 10, 11]),
+            "the engine's newer entries join"
+        );
+        h.fill((0, "news"), &r, 0, ("E", 20), vec![e(18), e(19), e(20)]);
+        assert_eq!(
+            got("E", 17),
+            Ok(vec![18, 19, 20]),
+            "a copy left behind is replaced"
+        );
+        assert!(put("F", 1), "another epoch");
+        assert_eq!(got("F", 0), Ok(vec![1]));
+        assert_eq!(got("E", 20), Err(Unrecoverable::EpochChanged));
     }
 
     #[test]

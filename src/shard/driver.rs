@@ -3,6 +3,7 @@
 //! key sets tokens verify with, the caps, the topic index) and executes the actions it takes
 //! on the shard's state. [`Shard::set_phase`] is the one place a connection changes phase.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -122,6 +123,49 @@ impl Shard {
     /// let messages overtake it). The first ack held for a topic asks the broker to be told
     /// ([`ShardMsg::Subscribed`](super::mailbox::ShardMsg::Subscribed)).
     pub(super) fn hold_ack(&mut self, slot: u32, project: u32, topic: &str, ack: &Bytes) -> bool {
+        let generation = self.conns[slot as usize].generation;
+        self.wait_for_engine(project, topic, |held| {
+            held.acks.push((slot, generation, ack.clone()));
+        })
+    }
+
+    /// The welcome of `slot` waits for `topic`, an implicit subscription just made, by the
+    /// rule of [`Shard::hold_ack`]: `true` when it does ([`super::welcome`]).
+    pub(super) fn welcome_waits_for(&mut self, slot: u32, project: u32, topic: &str) -> bool {
+        let generation = self.conns[slot as usize].generation;
+        let waits = self.wait_for_engine(project, topic, |held| {
+            held.welcomes.push((slot, generation));
+        });
+        if waits {
+            self.held_welcomes
+                .entry(slot)
+                .or_insert_with(|| super::welcome::HeldWelcome::new(generation))
+                .nr_waiting += 1;
+        }
+        waits
+    }
+
+    /// Holds the welcome of `slot` if it waits for a topic: `false` when it does not (the
+    /// machine queues it now).
+    pub(super) fn hold_welcome(&mut self, slot: u32, welcome: &Bytes) -> bool {
+        match self.held_welcomes.get_mut(&slot) {
+            Some(w) => {
+                w.welcome = Some(welcome.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Registers a wait (`add`) for the node's engine subscription of `topic` when the
+    /// subscription just made was the node's first interest in it or waits are held for it
+    /// here already; asks the broker on the topic's first wait. `false`: nothing to wait for.
+    fn wait_for_engine(
+        &mut self,
+        project: u32,
+        topic: &str,
+        add: impl FnOnce(&mut super::HeldAcks),
+    ) -> bool {
         let new_node_topic = std::mem::take(&mut self.new_node_topic);
         if self.hub.broker.engine().is_none() {
             return false;
@@ -131,16 +175,15 @@ impl Shard {
         if first && !new_node_topic {
             return false;
         }
-        let generation = self.conns[slot as usize].generation;
         let now = Instant::now();
-        let held = self
+        add(self
             .held_acks
             .entry(key)
             .or_insert_with(|| super::HeldAcks {
                 asked_at: now,
                 acks: Vec::new(),
-            });
-        held.acks.push((slot, generation, ack.clone()));
+                welcomes: Vec::new(),
+            }));
         if first {
             self.ask_when_subscribed(project, topic);
         }
@@ -170,22 +213,131 @@ impl Shard {
         );
     }
 
-    /// Sends the acks held for `topic` to the connections still there.
+    /// Asks the broker to read the streams of `then`'s topics (for the subscribe or
+    /// `recover` of `slot`) into the node's copy, and to tell this shard once all are
+    /// ([`ShardMsg::Fetched`](super::mailbox::ShardMsg::Fetched)).
+    pub(super) fn fetch_history(
+        &mut self,
+        slot: u32,
+        generation: u32,
+        project: u32,
+        then: machine::Fetch,
+    ) {
+        // The subscription asks no ack of its own (`hold_ack`): the answer waits for the read.
+        self.new_node_topic = false;
+        let token = self.fetches.next;
+        self.fetches.next += 1;
+        let reads: Vec<(Box<str>, crate::broker::HistoryRead)> = {
+            let registry = self.hub.registry.load();
+            let rules = registry.project_at(project).map(|p| &p.history[..]);
+            then.topics
+                .iter()
+                .map(|(topic, since)| {
+                    let ttl_ms = rules
+                        .and_then(|r| crate::history::rule_for(r, topic))
+                        .map_or(0, |r| r.ttl_ms);
+                    let read = crate::broker::HistoryRead {
+                        after: since.as_ref().map(|s| s.offset),
+                        count: self.hub.history.max_replay(),
+                        ttl_secs: (ttl_ms / 1000).max(1),
+                    };
+                    (topic.clone(), read)
+                })
+                .collect()
+        };
+        self.fetches.waiting.insert(token, (slot, generation, then));
+        let left = Arc::new(std::sync::atomic::AtomicUsize::new(reads.len()));
+        for (topic, read) in reads {
+            let hub = Arc::downgrade(&self.hub);
+            let shard = self.id as usize;
+            let left = left.clone();
+            self.hub.broker.fetch_history(
+                project,
+                &topic,
+                read,
+                Box::new(move || {
+                    if left.fetch_sub(1, Ordering::AcqRel) != 1 {
+                        return;
+                    }
+                    if let Some(hub) = hub.upgrade() {
+                        // Past the bound: a waiting request is answered even on a full inbox.
+                        let _ = hub.mailboxes[shard]
+                            .send_over_bound(super::mailbox::ShardMsg::Fetched { token });
+                    }
+                }),
+            );
+        }
+    }
+
+    /// Answers the subscribe numbered `token`, its stream read, if its connection is there.
+    pub(super) fn fetched(&mut self, token: u64) {
+        let Some((slot, generation, then)) = self.fetches.waiting.remove(&token) else {
+            return;
+        };
+        let here = self
+            .conns
+            .get(slot as usize)
+            .is_some_and(|c| c.generation == generation);
+        if here {
+            let now = self.now();
+            machine::fetched(&mut self.host(slot), now, then);
+        }
+    }
+
+    /// Sends the acks held for `topic` to the connections still there, and the welcomes that
+    /// waited for it last.
     pub(super) fn release_acks(&mut self, project: u32, topic: Box<str>) {
         let Some(held) = self.held_acks.remove(&(project, topic)) else {
             return;
         };
-        let cap = self.limits.max_outbound_queue_bytes;
+        for (slot, generation) in held.welcomes {
+            self.welcome_topic_subscribed(slot, generation);
+        }
         for (slot, generation, ack) in held.acks {
             let open = self
                 .conns
                 .get(slot as usize)
                 .is_some_and(|c| c.generation == generation && c.phase == ConnPhase::Open);
-            if open
-                && push_frame(&mut self.conns, &mut self.dirty, slot, &[&ack], cap)
-                    == Push::Overflow
-            {
+            if open {
+                self.push_or_close(slot, &[&ack]);
+            }
+        }
+    }
+
+    /// Queues a frame to `slot` (behind its welcome while that is held); a connection whose
+    /// queue overflows is closed as a slow consumer.
+    fn push_or_close(&mut self, slot: u32, parts: &[&Bytes]) {
+        let cap = self.limits.max_outbound_queue_bytes;
+        let pushed = super::welcome::behind(&mut self.held_welcomes, slot, parts, cap)
+            .unwrap_or_else(|| push_frame(&mut self.conns, &mut self.dirty, slot, parts, cap));
+        if pushed == Push::Overflow {
+            self.close_with(slot, CloseReason::SlowConsumer);
+        }
+    }
+
+    /// One topic the welcome of `slot` waited for is subscribed: the welcome goes once it
+    /// waits for none, followed by what queued behind it.
+    fn welcome_topic_subscribed(&mut self, slot: u32, generation: u32) {
+        let Some(w) = self.held_welcomes.get_mut(&slot) else {
+            return;
+        };
+        if w.generation != generation {
+            return;
+        }
+        w.nr_waiting = w.nr_waiting.saturating_sub(1);
+        if !w.ready() {
+            return;
+        }
+        let Some(w) = self.held_welcomes.remove(&slot) else {
+            return;
+        };
+        let cap = self.limits.max_outbound_queue_bytes;
+        let frames = w.welcome.into_iter().map(|f| vec![f]).chain(w.behind);
+        for parts in frames {
+            let refs: Vec<&Bytes> = parts.iter().collect();
+            if push_frame(&mut self.conns, &mut self.dirty, slot, &refs, cap) == Push::Overflow {
                 self.close_with(slot, CloseReason::SlowConsumer);
+                return;
             }
         }
     }
@@ -197,8 +349,17 @@ impl Shard {
         let Some(t) = self.topics.lookup(project, topic) else {
             return;
         };
+        // With history, what follows may be a stream started again: offsets from 1.
+        for slot in self.topics.subscribers(t).to_vec() {
+            if let Some(id) = self
+                .conns
+                .get_mut(slot as usize)
+                .and_then(|c| c.identity.as_deref_mut())
+            {
+                crate::ws::recovery::restart(id, t);
+            }
+        }
         let frame = crate::ws::codec::herald_v1::resync(topic);
-        let cap = self.limits.max_outbound_queue_bytes;
         let slots: Vec<u32> = self
             .topics
             .subscribers(t)
@@ -207,10 +368,7 @@ impl Shard {
             .filter(|slot| !self.stomp.contains_key(slot))
             .collect();
         for slot in slots {
-            if push_frame(&mut self.conns, &mut self.dirty, slot, &[&frame], cap) == Push::Overflow
-            {
-                self.close_with(slot, CloseReason::SlowConsumer);
-            }
+            self.push_or_close(slot, &[&frame]);
         }
     }
 
@@ -480,7 +638,8 @@ impl Host for ShardHost<'_> {
     fn send(&mut self, frame: &[&Bytes]) -> Push {
         let s = &mut *self.shard;
         let cap = s.limits.max_outbound_queue_bytes;
-        push_frame(&mut s.conns, &mut s.dirty, self.slot, frame, cap)
+        super::welcome::behind(&mut s.held_welcomes, self.slot, frame, cap)
+            .unwrap_or_else(|| push_frame(&mut s.conns, &mut s.dirty, self.slot, frame, cap))
     }
 
     fn stomp(&mut self) -> Option<&mut stomp::Session> {
@@ -536,6 +695,14 @@ impl Host for ShardHost<'_> {
         self.shard.hold_ack(self.slot, project, topic, ack)
     }
 
+    fn welcome_waits_for(&mut self, project: u32, topic: &str) -> bool {
+        self.shard.welcome_waits_for(self.slot, project, topic)
+    }
+
+    fn hold_welcome(&mut self, welcome: &Bytes) -> bool {
+        self.shard.hold_welcome(self.slot, welcome)
+    }
+
     fn lookup(&self, project: u32, topic: &str) -> Option<TopicId> {
         self.shard.topics.lookup(project, topic)
     }
@@ -548,6 +715,16 @@ impl Host for ShardHost<'_> {
         &self.shard.hub.history
     }
 
+    fn fetches_history(&self) -> bool {
+        self.shard.hub.broker.engine().is_some()
+    }
+
+    fn fetch_history(&mut self, project: u32, then: machine::Fetch) {
+        let generation = self.generation();
+        self.shard
+            .fetch_history(self.slot, generation, project, then);
+    }
+
     fn publish(&mut self, project: u32, topic: &Topic, data: &RawValue) -> Result<(), String> {
         let s = &*self.shard;
         s.hub
@@ -555,4 +732,14 @@ impl Host for ShardHost<'_> {
             .map(|_| ShardStats::add(&s.stats.published, 1))
             .map_err(|e| e.to_string())
     }
+}
+
+/// Subscribes waiting for their topic's stream to be read from the engine
+/// ([`Shard::fetch_history`]).
+#[derive(Debug, Default)]
+pub(crate) struct Fetches {
+    /// The next subscribe's number.
+    next: u64,
+    /// (slot, generation, subscribe) by number.
+    waiting: HashMap<u64, (u32, u32, machine::Fetch)>,
 }

@@ -405,6 +405,7 @@ impl Shard {
             self.release_sub(sub);
         }
         self.stomp.remove(&slot);
+        self.held_welcomes.remove(&slot);
         let in_handshake = self.conns[slot as usize].phase == ConnPhase::Handshake;
         self.set_phase(slot, None);
         let c = self.conns.remove(slot as usize);

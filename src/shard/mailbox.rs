@@ -104,6 +104,12 @@ pub enum ShardMsg {
         /// The topic.
         topic: Box<str>,
     },
+    /// The stream a subscribe waits for was read from the engine ([`crate::broker::Broker::fetch_history`]):
+    /// the subscribe numbered `token` is answered.
+    Fetched {
+        /// The shard's number of the waiting subscribe.
+        token: u64,
+    },
     /// Close (4003) every open connection of `user` in `project`; answers how many.
     DisconnectUser {
         /// Registry index of the project.
@@ -431,9 +437,22 @@ impl Inbox {
 
     /// Takes one waiting message, giving its room back.
     pub fn try_recv(&self) -> Option<ShardMsg> {
-        let msg = self.rx.try_recv().ok()?;
-        self.shared.give_back(1, msg.nr_bytes());
+        let msg = self.try_take()?;
+        self.give_back(msg.nr_bytes());
         Some(msg)
+    }
+
+    /// Takes one waiting message and keeps its room (and its bytes in the count flow control
+    /// reads) until [`Inbox::give_back`]: the shard gives it back once what the message queued
+    /// on its connections is in the shard's published total, so the node's figure never
+    /// misses the bytes in between.
+    pub fn try_take(&self) -> Option<ShardMsg> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Gives back the room of one message of `nr_bytes` taken with [`Inbox::try_take`].
+    pub fn give_back(&self, nr_bytes: usize) {
+        self.shared.give_back(1, nr_bytes);
     }
 }
 

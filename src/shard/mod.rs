@@ -14,6 +14,7 @@ pub mod fanout;
 pub mod io;
 pub mod mailbox;
 mod refusals;
+mod welcome;
 
 pub(crate) use refusals::REFUSAL_LOG_EVERY;
 
@@ -129,6 +130,11 @@ pub struct Shard {
     /// The last subscription made on the shard was the node's first interest in its topic
     /// (read by the ack of that subscription, [`Shard::hold_ack`]).
     pub(crate) new_node_topic: bool,
+    /// Welcomes waiting for the engine subscriptions of their connection's implicit topics
+    /// (only with an engine), by slot ([`welcome`]).
+    pub(crate) held_welcomes: HashMap<u32, welcome::HeldWelcome>,
+    /// Subscribes waiting for their topic's stream to be read from the engine.
+    pub(crate) fetches: driver::Fetches,
 }
 
 /// Subscribe acks held for one topic ([`Shard::held_acks`]).
@@ -138,6 +144,8 @@ pub(crate) struct HeldAcks {
     pub(crate) asked_at: Instant,
     /// (slot, generation, ack frame) of each connection waiting.
     pub(crate) acks: Vec<(u32, u32, bytes::Bytes)>,
+    /// (slot, generation) of each connection whose welcome waits for the topic.
+    pub(crate) welcomes: Vec<(u32, u32)>,
 }
 
 /// Expiry-heap entries allowed beyond twice the shard's connections before the stale ones
@@ -266,7 +274,9 @@ impl Shard {
             refusals: refusals::RefusalLog::default(),
             stomp: HashMap::new(),
             held_acks: HashMap::new(),
+            held_welcomes: HashMap::new(),
             new_node_topic: false,
+            fetches: driver::Fetches::default(),
         }
     }
 
@@ -443,6 +453,7 @@ impl Shard {
             }
             ShardMsg::Subscribed { project, topic } => self.release_acks(project, topic),
             ShardMsg::Resync { project, topic } => self.resync(project, &topic),
+            ShardMsg::Fetched { token } => self.fetched(token),
             ShardMsg::DisconnectUser {
                 project,
                 user,
@@ -494,14 +505,22 @@ impl Shard {
                     None
                 };
                 let in_sockjs = self.conns.get(slot as usize).is_some_and(|c| c.sockjs);
-                let pushed = if let Some(s) = stomp {
-                    let shared = stomp_shared.get_or_insert_with(|| p.stomp_parts());
+                let pushed = if let Some(queued) =
+                    welcome::behind(&mut self.held_welcomes, slot, &frame, cap)
+                {
+                    Some(queued)
+                } else if let Some(s) = stomp {
+                    let (shared, heads) = stomp_shared.get_or_insert_with(|| {
+                        let shared = p.stomp_parts();
+                        let heads = conn::StompHeads::new(&p.id, &shared);
+                        (shared, heads)
+                    });
                     let (conns, dirty) = (&mut self.conns, &mut self.dirty);
                     if in_sockjs {
                         let rest = sockjs.stomp_rest(shared);
                         conn::push_sockjs_stomp_message(conns, dirty, slot, s, t, &rest, &p.id, cap)
                     } else {
-                        conn::push_stomp_message(conns, dirty, slot, s, t, shared, &p.id, cap)
+                        conn::push_stomp_message(conns, dirty, slot, s, t, shared, heads, cap)
                     }
                 } else if in_sockjs {
                     let [h, rest] = sockjs_frame
@@ -1070,8 +1089,13 @@ async fn inbox_loop(shard: Rc<RefCell<Shard>>, inbox: Inbox) {
                 inbox.rearm();
                 break;
             }
-            let Some(msg) = inbox.try_recv() else { break };
+            let Some(msg) = inbox.try_take() else { break };
+            let nr_bytes = msg.nr_bytes();
             s.handle(msg);
+            // What the message queued is in the shard's total before its bytes leave the
+            // inbox's count: flow control never sees them in neither.
+            s.store_queued_bytes();
+            inbox.give_back(nr_bytes);
         }
         s.flush_dirty();
     }

@@ -381,17 +381,74 @@ pub fn push_stomp_message(
     s: &stomp::Session,
     topic: TopicId,
     shared: &[Bytes; 3],
-    message_id: &str,
+    heads: &mut StompHeads<'_>,
     cap: usize,
 ) -> Option<Push> {
-    let rest = shared.iter().map(Bytes::len).sum();
-    let heads: Vec<Bytes> = s
-        .subs
-        .iter()
-        .filter(|sub| sub.topic == topic)
-        .map(|sub| stomp::message_head(sub, s.version, message_id, rest))
-        .collect();
-    push_heads(conns, dirty, slot, &heads, shared, cap)
+    let mine = s.subs.iter().filter(|sub| sub.topic == topic);
+    push_heads(
+        conns,
+        dirty,
+        slot,
+        mine.map(|sub| heads.head(sub, s.version)),
+        shared,
+        cap,
+    )
+}
+
+/// The `MESSAGE` heads of one publication on one shard. A head depends only on the
+/// subscription's id, destination and ack mode and the session's version, which subscribers
+/// share (stomp.js numbers its subscriptions `sub-0`, `sub-1`.. on every connection): each
+/// distinct head is made once per publication and queued by reference, like the shared rest.
+pub struct StompHeads<'a> {
+    message_id: &'a str,
+    rest_len: usize,
+    made: Vec<MadeHead>,
+}
+
+/// A head of [`StompHeads`] and what it was made for.
+struct MadeHead {
+    id: Box<str>,
+    destination: Box<str>,
+    client_ack: bool,
+    version: stomp::Version,
+    head: Bytes,
+}
+
+impl<'a> StompHeads<'a> {
+    /// Distinct heads kept per publication; further ones are made per subscriber.
+    const MAX: usize = 32;
+
+    /// For the publication `message_id` whose shared rest (headers, data, NUL) is `shared`.
+    pub fn new(message_id: &'a str, shared: &[Bytes; 3]) -> Self {
+        StompHeads {
+            message_id,
+            rest_len: shared.iter().map(Bytes::len).sum(),
+            made: Vec::new(),
+        }
+    }
+
+    fn head(&mut self, sub: &stomp::Subscription, version: stomp::Version) -> Bytes {
+        let same = |m: &&MadeHead| {
+            m.id == sub.id
+                && m.destination == sub.destination
+                && m.client_ack == sub.client_ack
+                && m.version == version
+        };
+        if let Some(m) = self.made.iter().find(same) {
+            return m.head.clone();
+        }
+        let head = stomp::message_head(sub, version, self.message_id, self.rest_len);
+        if self.made.len() < Self::MAX {
+            self.made.push(MadeHead {
+                id: sub.id.clone(),
+                destination: sub.destination.clone(),
+                client_ack: sub.client_ack,
+                version,
+                head: head.clone(),
+            });
+        }
+        head
+    }
 }
 
 /// [`push_stomp_message`] for a SockJS session: each subscription's head is made in SockJS
@@ -408,16 +465,11 @@ pub fn push_sockjs_stomp_message(
     message_id: &str,
     cap: usize,
 ) -> Option<Push> {
-    let heads: Vec<Bytes> = s
-        .subs
-        .iter()
-        .filter(|sub| sub.topic == topic)
-        .map(|sub| {
-            let text = stomp::message_head_text(sub, s.version, message_id);
-            sockjs::opened_head(&text, rest.len())
-        })
-        .collect();
-    push_heads(conns, dirty, slot, &heads, std::slice::from_ref(rest), cap)
+    let heads = s.subs.iter().filter(|sub| sub.topic == topic).map(|sub| {
+        let text = stomp::message_head_text(sub, s.version, message_id);
+        sockjs::opened_head(&text, rest.len())
+    });
+    push_heads(conns, dirty, slot, heads, std::slice::from_ref(rest), cap)
 }
 
 /// Queues one frame per head, each followed by the shared pieces; stops at the first that
@@ -426,14 +478,14 @@ fn push_heads(
     conns: &mut Slab<Conn>,
     dirty: &mut Dirty,
     slot: u32,
-    heads: &[Bytes],
+    heads: impl IntoIterator<Item = Bytes>,
     shared: &[Bytes],
     cap: usize,
 ) -> Option<Push> {
     let mut pushed = None;
     for head in heads {
         // At most three shared pieces (STOMP's headers, data and NUL): no allocation.
-        let mut frame = [head; 4];
+        let mut frame = [&head; 4];
         for (i, p) in shared.iter().take(3).enumerate() {
             frame[i + 1] = p;
         }
@@ -512,7 +564,11 @@ mod tests {
             body.slice(..7),
             stomp::NUL.clone(),
         ];
-        let pushed = push_stomp_message(&mut conns, &mut dirty, slot, &s, 3, &shared, "m", 1 << 20);
+        let push = |conns: &mut Slab<Conn>, dirty: &mut Dirty, topic| {
+            let mut heads = StompHeads::new("m", &shared);
+            push_stomp_message(conns, dirty, slot, &s, topic, &shared, &mut heads, 1 << 20)
+        };
+        let pushed = push(&mut conns, &mut dirty, 3);
         assert_eq!(pushed, Some(Push::Queued));
         let out = &conns[slot as usize].flight.as_ref().expect("queued").out;
         assert_eq!(out.len(), 8, "two frames of four pieces");
@@ -532,8 +588,69 @@ mod tests {
             body.as_ptr(),
             "the data is the body's own bytes"
         );
-        let none = push_stomp_message(&mut conns, &mut dirty, slot, &s, 5, &shared, "m", 1 << 20);
+        let none = push(&mut conns, &mut dirty, 5);
         assert_eq!(none, None, "no subscription of the topic");
+    }
+
+    /// A STOMP session with one subscription `id` to `/topic/news` (topic 3).
+    fn news_session(id: &str) -> stomp::Session {
+        stomp::Session {
+            subs: vec![stomp::Subscription {
+                id: id.into(),
+                topic: 3,
+                destination: "/topic/news".into(),
+                client_ack: false,
+            }],
+            ..stomp::Session::default()
+        }
+    }
+
+    /// The shared rest of a `MESSAGE` of message `m` with data `{"x":1}`.
+    fn news_shared() -> [Bytes; 3] {
+        [
+            stomp::message_shared("m", 7),
+            Bytes::from_static(b"{\"x\":1}"),
+            stomp::NUL.clone(),
+        ]
+    }
+
+    #[test]
+    fn subscribers_with_the_same_subscription_share_one_head_per_publication() {
+        let mut conns = Slab::new();
+        let mut dirty = Dirty::default();
+        let shared = news_shared();
+        let mut heads = StompHeads::new("m", &shared);
+        let slots: Vec<u32> = (0..3).map(|_| open_conn(&mut conns)).collect();
+        for (&slot, id) in slots.iter().zip(["sub-0", "sub-0", "sub-1"]) {
+            let s = news_session(id);
+            let pushed = push_stomp_message(
+                &mut conns,
+                &mut dirty,
+                slot,
+                &s,
+                3,
+                &shared,
+                &mut heads,
+                1 << 20,
+            );
+            assert_eq!(pushed, Some(Push::Queued));
+        }
+        let head = |slot: u32| {
+            conns[slot as usize].flight.as_ref().expect("queued").out[0]
+                .bytes
+                .clone()
+        };
+        assert_eq!(
+            head(slots[0]).as_ptr(),
+            head(slots[1]).as_ptr(),
+            "one head, shared"
+        );
+        assert_ne!(head(slots[0]).as_ptr(), head(slots[2]).as_ptr());
+        assert_eq!(
+            &head(slots[2])[2..],
+            b"MESSAGE\nsubscription:sub-1\ndestination:/topic/news\n"
+        );
+        assert_eq!(head(slots[0]), head(slots[1]));
     }
 
     /// A SockJS session's `MESSAGE`: its own escaped head, then the publish's escaped rest by
@@ -544,20 +661,8 @@ mod tests {
         let mut dirty = Dirty::default();
         let slot = open_conn(&mut conns);
         conns[slot as usize].sockjs = true;
-        let s = stomp::Session {
-            subs: vec![stomp::Subscription {
-                id: "a".into(),
-                topic: 3,
-                destination: "/topic/news".into(),
-                client_ack: false,
-            }],
-            ..stomp::Session::default()
-        };
-        let shared = [
-            stomp::message_shared("m", 7),
-            Bytes::from_static(b"{\"x\":1}"),
-            stomp::NUL.clone(),
-        ];
+        let s = news_session("a");
+        let shared = news_shared();
         let rest = sockjs::Delivery::default().stomp_rest(&shared);
         let pushed =
             push_sockjs_stomp_message(&mut conns, &mut dirty, slot, &s, 3, &rest, "m", 1 << 20);

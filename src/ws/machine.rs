@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use tracing::{debug, info};
 
 use super::close::CloseReason;
@@ -198,6 +199,31 @@ pub trait Host {
     /// sends it then: `true`. `false`: nothing to wait for (a node of its own); the machine
     /// sends it now.
     fn hold_until_subscribed(&mut self, project: u32, topic: &str, ack: &Bytes) -> bool;
+    /// The welcome waits for `topic`, an implicit subscription just made, by the rule of
+    /// [`Host::hold_until_subscribed`]: `true` when it does. Default: it never waits.
+    fn welcome_waits_for(&mut self, project: u32, topic: &str) -> bool {
+        let _ = (project, topic);
+        false
+    }
+    /// Holds `welcome` until every topic it waits for ([`Host::welcome_waits_for`]) is
+    /// subscribed, then sends it, followed by whatever the connection was sent meanwhile:
+    /// `true`. `false`: it waits for nothing; the machine queues it now.
+    fn hold_welcome(&mut self, welcome: &Bytes) -> bool {
+        let _ = welcome;
+        false
+    }
+    /// Whether streams are read from an engine ([`Host::fetch_history`]) rather than from the
+    /// node's store, which is then the stream.
+    fn fetches_history(&self) -> bool {
+        false
+    }
+    /// Reads the streams of `then`'s topics (topics with history the connection is
+    /// subscribed to) from the engine into the node's copy, once the node's engine
+    /// subscriptions exist, then calls [`fetched`] with `then`. Only when
+    /// [`Host::fetches_history`].
+    fn fetch_history(&mut self, project: u32, then: Fetch) {
+        let _ = (project, then);
+    }
     /// The topic of the project with local subscribers, if any.
     fn lookup(&self, project: u32, topic: &str) -> Option<TopicId>;
     /// A topic's name.
@@ -513,16 +539,19 @@ fn open<H: Host>(
     }
     // The 101 and the welcome go out as one pinned unit, marked started: a close caused by
     // bytes pipelined behind the upgrade truncates the queue, and must not take the HTTP
-    // answer (or the welcome) with it. Both are only queued: nothing is written before this
-    // function returns, after the implicit subscriptions below are in the node's interest
-    // table, so a publish accepted once the client has the welcome reaches it.
+    // answer (or the welcome) with it. They are queued after the implicit subscriptions are
+    // in the node's interest table, and with an engine the welcome waits for their engine
+    // subscriptions (`Host::hold_welcome`), so a publish accepted once the client has the
+    // welcome reaches it.
     let verified = match verified {
         Some(v) if with_history => v,
-        other => {
+        Some(verified) => {
+            admit(h, now, project, verified);
             send_opening(h, answer, welcome, up.sockjs);
-            if let Some(verified) = other {
-                admit(h, now, project, verified);
-            }
+            return;
+        }
+        None => {
+            send_opening(h, answer, welcome, up.sockjs);
             return;
         }
     };
@@ -539,8 +568,10 @@ fn open<H: Host>(
     send_opening(h, answer, welcome, up.sockjs);
 }
 
-/// Queues the 101, SockJS's `o` for a SockJS session, and the welcome when there is one.
+/// Queues the 101, SockJS's `o` for a SockJS session, and the welcome when there is one
+/// (unless the host holds it for the engine).
 fn send_opening<H: Host>(h: &mut H, answer: Bytes, welcome: Option<Bytes>, in_sockjs: bool) {
+    let welcome = welcome.filter(|w| !h.hold_welcome(w));
     h.send_raw(OutPart {
         bytes: answer,
         more: welcome.is_some() || in_sockjs,
@@ -593,9 +624,13 @@ fn admit<H: Host>(
         history: Vec::new(),
     }));
     c.subs = Vec::with_capacity(implicit.len());
+    let welcomed = h.conn().codec == Codec::HeraldV1;
     for t in &implicit {
         let sub = h.subscribe(project_idx, t.as_str());
         h.conn().subs.push(sub);
+        if welcomed {
+            h.welcome_waits_for(project_idx, t.as_str());
+        }
     }
     h.conn().nr_implicit = implicit.len() as u8;
     let mut positions = Vec::new();
@@ -671,6 +706,110 @@ pub fn resume<H: Host>(h: &mut H, now: Now) {
         {
             return;
         }
+    }
+}
+
+/// A subscribe (or a `recover`) waiting for its topics' streams to be read from the engine
+/// ([`Host::fetch_history`]).
+#[derive(Debug)]
+pub struct Fetch {
+    /// The request's `id`.
+    pub id: Option<Box<RawValue>>,
+    /// The topics, each with where the client stands in its stream if it recovers.
+    pub topics: Vec<(Box<str>, Option<crate::history::Since>)>,
+    /// A `recover` of the implicit topics, not a subscribe.
+    pub recover: bool,
+}
+
+/// The stream of a subscribe's topic has been read from the engine into the node's copy
+/// ([`Host::fetch_history`]): the subscribe is answered from it as on a node of its own (the
+/// position, and what was missed, replayed), and live deliveries past the position follow.
+/// Nothing when the connection left the topic meanwhile.
+pub fn fetched<H: Host>(h: &mut H, now: Now, then: Fetch) {
+    let Some(id) = h.conn().identity.as_deref() else {
+        return;
+    };
+    let project = id.project.idx;
+    if h.conn().phase != ConnPhase::Open {
+        return;
+    }
+    if then.recover {
+        let mut topics = Vec::with_capacity(then.topics.len());
+        for (name, since) in &then.topics {
+            if let Some(r) = read_history(h, now, (project, &**name), since.as_ref(), false) {
+                topics.push((name.clone(), r));
+            }
+        }
+        answer_recovered(h, now, then.id.as_deref(), &topics);
+        return;
+    }
+    let Some((topic, since)) = then.topics.first() else {
+        return;
+    };
+    let subscribed = h
+        .lookup(project, topic)
+        .is_some_and(|t| h.conn().subs.iter().any(|s| s.topic == t));
+    if !subscribed {
+        return;
+    }
+    match read_history(h, now, (project, &**topic), since.as_ref(), false) {
+        Some(r) => answer_subscribed(h, now, then.id.as_deref(), &r),
+        // The topic lost its history meanwhile (a reload): a plain ack.
+        None => {
+            let ack = h.conn().codec.ack(then.id.as_deref(), None);
+            reply(h, now, ack);
+        }
+    }
+}
+
+/// Answers a `recover`: the position of each implicit topic (and whether the client
+/// recovered it), then what it missed of each, in order.
+fn answer_recovered<H: Host>(
+    h: &mut H,
+    now: Now,
+    id: Option<&RawValue>,
+    topics: &[(Box<str>, crate::history::Replay)],
+) {
+    let parts: Vec<_> = topics
+        .iter()
+        .map(|(t, r)| {
+            let recovered = match &r.outcome {
+                Some(Err(why)) => Err(why.as_str()),
+                _ => Ok(()),
+            };
+            (&**t, &*r.position.epoch, r.position.offset, recovered)
+        })
+        .collect();
+    reply(
+        h,
+        now,
+        frame::text(super::ops::ack_recover(id, &parts).as_bytes()),
+    );
+    for (_, r) in topics {
+        if let Some(Ok(entries)) = &r.outcome
+            && !replay(h, now, entries)
+        {
+            break;
+        }
+    }
+}
+
+/// Answers a subscribe to a topic with history: the ack with the stream's position (and
+/// whether the client recovered), then what it missed.
+fn answer_subscribed<H: Host>(
+    h: &mut H,
+    now: Now,
+    id: Option<&RawValue>,
+    r: &crate::history::Replay,
+) {
+    let recovered = r.outcome.as_ref().map(|o| match o {
+        Ok(_) => Ok(()),
+        Err(why) => Err(why.as_str()),
+    });
+    let ack = super::ops::ack_position(id, &r.position.epoch, r.position.offset, recovered);
+    reply(h, now, frame::text(ack.as_bytes()));
+    if let Some(Ok(entries)) = &r.outcome {
+        replay(h, now, entries);
     }
 }
 
@@ -845,44 +984,26 @@ fn on_codec_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
         Ok(op) => execute(h, now, op),
     };
     if let Ok(Reply::Subscribed(_, _, Some(r))) = &result {
-        let recovered = r.outcome.as_ref().map(|o| match o {
-            Ok(_) => Ok(()),
-            Err(why) => Err(why.as_str()),
-        });
-        let ack = super::ops::ack_position(req.id, &r.position.epoch, r.position.offset, recovered);
-        reply(h, now, frame::text(ack.as_bytes()));
-        if let Some(Ok(entries)) = &r.outcome {
-            replay(h, now, entries);
-        }
+        answer_subscribed(h, now, req.id, r);
+        return Flow::Continue;
+    }
+    if let Ok(Reply::Fetching(project, topics, recover)) = result {
+        let then = Fetch {
+            id: req.id.map(|id| id.to_owned()),
+            topics,
+            recover,
+        };
+        h.fetch_history(project, then);
         return Flow::Continue;
     }
     if let Ok(Reply::Recovered(topics)) = &result {
-        let parts: Vec<_> = topics
-            .iter()
-            .map(|(t, r)| {
-                let recovered = match &r.outcome {
-                    Some(Err(why)) => Err(why.as_str()),
-                    _ => Ok(()),
-                };
-                (&**t, &*r.position.epoch, r.position.offset, recovered)
-            })
-            .collect();
-        reply(
-            h,
-            now,
-            frame::text(super::ops::ack_recover(req.id, &parts).as_bytes()),
-        );
-        for (_, r) in topics {
-            if let Some(Ok(entries)) = &r.outcome
-                && !replay(h, now, entries)
-            {
-                break;
-            }
-        }
+        answer_recovered(h, now, req.id, topics);
         return Flow::Continue;
     }
     let answer = match &result {
-        Ok(Reply::Ack | Reply::Subscribed(..) | Reply::Recovered(_)) => codec.ack(req.id, None),
+        Ok(Reply::Ack | Reply::Subscribed(..) | Reply::Recovered(_) | Reply::Fetching(..)) => {
+            codec.ack(req.id, None)
+        }
         Ok(Reply::AckExp(exp)) => codec.ack(req.id, Some(*exp)),
         Ok(Reply::Pong) => codec.pong(req.id),
         Err((code, msg)) => codec.error(req.id, *code, msg),
@@ -912,6 +1033,10 @@ enum Reply {
     Subscribed(u32, Box<str>, Option<crate::history::Replay>),
     /// The implicit topics recovered (`recover`).
     Recovered(Vec<(Box<str>, crate::history::Replay)>),
+    /// A new subscription to a topic with history (or, `true`, the implicit topics'
+    /// `recover`) whose streams are read from the engine first ([`Host::fetch_history`]):
+    /// answered then ([`fetched`]).
+    Fetching(u32, Vec<(Box<str>, Option<crate::history::Since>)>, bool),
     AckExp(Option<u64>),
     Pong,
 }
@@ -944,6 +1069,15 @@ fn execute<H: Host>(h: &mut H, now: Now, op: Op<'_>) -> Result<Reply, OpError> {
             // bit before the client can see it.
             let sub = h.subscribe(project, topic.as_str());
             h.conn().subs.push(sub);
+            if h.fetches_history()
+                && crate::history::rule_for(&identity(h).project.history, topic.as_str()).is_some()
+                && let Some(t) = h.lookup(project, topic.as_str())
+            {
+                // Nothing of the topic goes to the connection until the stream is read.
+                recovery::shut(identity(h), t);
+                let topics = vec![(topic.as_str().into(), since)];
+                return Ok(Reply::Fetching(project, topics, false));
+            }
             let replay = read_history(h, now, (project, topic.as_str()), since.as_ref(), false);
             Ok(Reply::Subscribed(project, topic.as_str().into(), replay))
         }
@@ -966,6 +1100,20 @@ fn execute<H: Host>(h: &mut H, now: Now, op: Op<'_>) -> Result<Reply, OpError> {
                     ErrorCode::BadRequest,
                     format!("`{t}` is no implicit topic with history of this connection"),
                 ));
+            }
+            if h.fetches_history() {
+                // Each from the client's position, else the welcome's; nothing of them goes
+                // to the connection until their streams are read.
+                let mut topics = Vec::with_capacity(held.len());
+                for ((t, welcome), name) in held.into_iter().zip(names) {
+                    let from = since
+                        .iter()
+                        .find(|(n, _)| **n == *name)
+                        .map_or(welcome, |(_, s)| s.clone());
+                    recovery::shut(identity(h), t);
+                    topics.push((name, Some(from)));
+                }
+                return Ok(Reply::Fetching(identity(h).project.idx, topics, true));
             }
             Ok(Reply::Recovered(end_hold(h, now, &since)))
         }

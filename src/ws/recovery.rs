@@ -49,6 +49,29 @@ pub fn mark(id: &mut Identity, topic: TopicId, at: &Position, hold: bool) {
     }
 }
 
+/// Sends nothing of `topic` to the connection until its next [`mark`] (its stream is being
+/// read from the engine: what is delivered meanwhile is in the node's copy read then).
+pub fn shut(id: &mut Identity, topic: TopicId) {
+    let at = Position {
+        epoch: "".into(),
+        offset: u64::MAX,
+    };
+    mark(id, topic, &at, false);
+}
+
+/// `topic`'s stream started again (another epoch, offsets from 1): the connection takes its
+/// deliveries from the start, unless its subscribe is still reading the stream ([`shut`]) or
+/// the topic is held (both end with a read that sets the floor again).
+pub fn restart(id: &mut Identity, topic: TopicId) {
+    if let Some(m) = id
+        .history
+        .iter_mut()
+        .find(|m| m.topic == topic && m.held.is_none() && m.floor != u64::MAX)
+    {
+        m.floor = 0;
+    }
+}
+
 /// Forgets `topic` (unsubscribed: its id may name another topic later).
 pub fn forget(id: &mut Identity, topic: TopicId) {
     id.history.retain(|m| m.topic != topic);

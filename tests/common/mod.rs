@@ -706,6 +706,19 @@ pub fn recv_json(ws: &mut Client) -> Value {
     serde_json::from_str(&t).unwrap_or_else(|e| panic!("{e}: {t}"))
 }
 
+/// The next frame, a message of `topic` with history: (offset, data as an integer).
+pub fn message_at(ws: &mut Client, topic: &str) -> (u64, i64) {
+    let m = recv_json(ws);
+    assert_eq!(m["type"], "message", "{m}");
+    assert_eq!(m["topic"], topic, "{m}");
+    (
+        m["offset"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no offset: {m}")),
+        m["data"].as_i64().unwrap_or_else(|| panic!("no data: {m}")),
+    )
+}
+
 /// Sends a text frame.
 pub fn send_text(ws: &mut Client, text: &str) {
     ws.send(Message::text(text)).expect("send");
