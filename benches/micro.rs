@@ -329,13 +329,17 @@ fn bench_fanout_local(c: &mut Criterion) {
     });
     g.finish();
 
+    // The last fan-out queued one frame to every connection (when a filter left the
+    // fan-out benches out, nothing ran and there is nothing to check).
     let t = table.borrow();
-    assert_eq!(t.dirty.slots.len(), N);
-    assert!(
-        t.conns
-            .iter()
-            .all(|(_, c)| c.flight.as_ref().is_some_and(|f| f.out.len() == 1) && c.dirty)
-    );
+    if !t.dirty.slots.is_empty() {
+        assert_eq!(t.dirty.slots.len(), N);
+        assert!(
+            t.conns
+                .iter()
+                .all(|(_, c)| c.flight.as_ref().is_some_and(|f| f.out.len() == 1) && c.dirty)
+        );
+    }
 }
 
 fn config() -> Criterion {

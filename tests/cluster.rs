@@ -793,6 +793,165 @@ fn a_stomp_subscribe_receipt_comes_once_redis_has_the_subscription() {
     );
 }
 
+/// Two shards subscribe one topic while Redis has not answered the node's `SUBSCRIBE` yet:
+/// the second shard finds the subscription pending (the first shard asked for it) and its ack
+/// waits too, so neither client is acknowledged before Redis has the subscription.
+#[test]
+fn a_subscribe_on_another_shard_waits_for_the_pending_subscription() {
+    let prefix = "pend:";
+    let (redis, server, _ws) = engine_node("pending", prefix);
+    let mut conns = connect_spread(server.listen, "shop", "spread", 2);
+    let first = conns
+        .iter()
+        .position(|(_, w)| w.shard == 0)
+        .expect("shard 0");
+    let (mut a, _) = conns.swap_remove(first);
+    let second = conns
+        .iter()
+        .position(|(_, w)| w.shard == 1)
+        .expect("shard 1");
+    let (mut b, _) = conns.swap_remove(second);
+
+    let pause = std::time::Duration::from_millis(800);
+    let paused_at = pause_redis(&redis, pause);
+    for (ws, id) in [(&mut a, 1), (&mut b, 3)] {
+        send_text(
+            ws,
+            &format!(r#"{{"op":"subscribe","topic":"pending","id":{id}}}"#),
+        );
+        send_text(ws, &format!(r#"{{"op":"ping","id":{}}}"#, id + 1));
+        // The pong says the shard has made the subscription; its ack waits behind it.
+        assert_eq!(
+            recv_text(ws),
+            format!(r#"{{"type":"pong","id":{}}}"#, id + 1)
+        );
+    }
+    for (ws, id) in [(&mut a, 1), (&mut b, 3)] {
+        assert_eq!(recv_text(ws), format!(r#"{{"type":"ack","id":{id}}}"#));
+        let acked = paused_at.elapsed();
+        assert!(
+            acked >= pause - std::time::Duration::from_millis(50),
+            "ack {id} came {acked:?} into an {pause:?} pause of Redis"
+        );
+    }
+    assert_eq!(redis.numsub(&shop_channel(prefix, "pending")), 1);
+    let r = publish_shop(server.api, "pending", r#"{"n":1}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.json()["id"].as_str().expect("an id").to_owned();
+    for ws in [&mut a, &mut b] {
+        assert_eq!(
+            next_message(ws),
+            ("pending".into(), r#"{"n":1}"#.into(), id.clone())
+        );
+    }
+}
+
+/// A STOMP frame that is not a heart-beat.
+fn recv_stomp(ws: &mut Client) -> String {
+    loop {
+        let text = recv_text(ws);
+        if !text.trim_matches(['\r', '\n']).is_empty() {
+            return text;
+        }
+    }
+}
+
+/// STOMP's `CONNECTED`, like the herald.v1 welcome, comes once Redis has the node's
+/// subscriptions of the connection's implicit topics: with the token in `CONNECT` while Redis
+/// is paused, and at once with the token at the upgrade when they exist already. From
+/// `CONNECTED` on, a publish to the user reaches `/user/queue/...`.
+#[test]
+fn a_stomp_connected_comes_once_redis_has_the_implicit_subscriptions() {
+    let prefix = "stompconn:";
+    let (redis, server, _ws) = engine_node("stomp-connected", prefix);
+    let at = server.listen;
+
+    let (mut stomp, _) =
+        tungstenite::client(format!("ws://{at}/stomp/shop"), tcp(at)).expect("the STOMP upgrade");
+    let pause = std::time::Duration::from_millis(800);
+    let paused_at = pause_redis(&redis, pause);
+    let jwt = token("shop", "stomper").0;
+    stomp
+        .send(tungstenite::Message::text(format!(
+            "CONNECT\naccept-version:1.2\npasscode:{jwt}\n\n\0"
+        )))
+        .expect("CONNECT");
+    assert!(recv_stomp(&mut stomp).starts_with("CONNECTED\n"));
+    let connected = paused_at.elapsed();
+    assert!(
+        connected >= pause - std::time::Duration::from_millis(50),
+        "CONNECTED came {connected:?} into an {pause:?} pause of Redis"
+    );
+    assert_eq!(redis.numsub(&shop_channel(prefix, "user.stomper")), 1);
+    stomp
+        .send(tungstenite::Message::text(
+            "SUBSCRIBE\nid:q\ndestination:/user/queue/notice\nreceipt:r\n\n\0",
+        ))
+        .expect("SUBSCRIBE");
+    assert_eq!(recv_stomp(&mut stomp), "RECEIPT\nreceipt-id:r\n\n\0");
+    let r = publish_shop(server.api, "user.stomper", r#"{"n":1}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let message = recv_stomp(&mut stomp);
+    assert!(
+        message.starts_with("MESSAGE\nsubscription:q\ndestination:/user/queue/notice\n"),
+        "{message}"
+    );
+    assert!(message.ends_with("\n\n{\"n\":1}\0"), "{message}");
+
+    // The token at the upgrade: the implicit subscriptions are made then; CONNECT, sent once
+    // Redis has them, is answered at once.
+    let (jwt, _) = token("shop", "upgrader");
+    let (mut early, _) = tungstenite::client(format!("ws://{at}/stomp/shop?token={jwt}"), tcp(at))
+        .expect("the STOMP upgrade");
+    redis.wait_numsub(&shop_channel(prefix, "user.upgrader"), 1);
+    early
+        .send(tungstenite::Message::text(
+            "CONNECT\naccept-version:1.2\n\n\0",
+        ))
+        .expect("CONNECT");
+    assert!(recv_stomp(&mut early).starts_with("CONNECTED\n"));
+}
+
+/// A `refresh` whose token brings a `device` claim subscribes the connection to
+/// `device.<id>`; its ack waits for Redis's subscription of that topic like a `subscribe`
+/// ack, and from the ack on a publish to the device reaches it.
+#[test]
+fn a_refresh_that_adds_a_device_is_acknowledged_once_redis_has_its_topic() {
+    let prefix = "refdev:";
+    let (redis, server, mut ws) = engine_node("refresh-device", prefix);
+    let exp = now_secs() + 600;
+    let jwt = mint(
+        "shop",
+        &serde_json::json!({"sub": "reader", "exp": exp, "device": "tablet-7"}),
+    );
+
+    let pause = std::time::Duration::from_millis(800);
+    let paused_at = pause_redis(&redis, pause);
+    send_text(
+        &mut ws,
+        &format!(r#"{{"op":"refresh","token":"{jwt}","id":1}}"#),
+    );
+    send_text(&mut ws, r#"{"op":"ping","id":2}"#);
+    assert_eq!(recv_text(&mut ws), r#"{"type":"pong","id":2}"#);
+    assert_eq!(
+        recv_text(&mut ws),
+        format!(r#"{{"type":"ack","id":1,"exp":{exp}}}"#)
+    );
+    let acked = paused_at.elapsed();
+    assert!(
+        acked >= pause - std::time::Duration::from_millis(50),
+        "the refresh ack came {acked:?} into an {pause:?} pause of Redis"
+    );
+    assert_eq!(redis.numsub(&shop_channel(prefix, "device.tablet-7")), 1);
+    let r = publish_shop(server.api, "device.tablet-7", r#"{"n":1}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.json()["id"].as_str().expect("an id").to_owned();
+    assert_eq!(
+        next_message(&mut ws),
+        ("device.tablet-7".into(), r#"{"n":1}"#.into(), id)
+    );
+}
+
 /// `GET` on a node's API with the admin key; the JSON answer (200 asserted).
 fn admin_get(api: std::net::SocketAddr, path: &str) -> Value {
     let r = http_request(api, "GET", path, ADMIN_KEY, "");

@@ -5,6 +5,11 @@
 //! write per shard while that shard has connections of the project, not one per connection.
 //! Publishers read it to send a publication only to the shards that need it.
 //!
+//! With an engine, an entry also says whether the node's engine subscription of its topic is
+//! confirmed ([`Interest::confirm`]): a shard subscribing a topic another shard has just
+//! asked the engine for learns here that the subscription is still pending, so its ack waits
+//! as the first one's does.
+//!
 //! It is striped: [`NR_STRIPES`] independent locks, a (project, topic) always in the same
 //! one, so shards subscribing different topics and publishers reading rarely meet. A lock is
 //! held for one hash-table probe. An entry exists only while its mask is not empty: the last
@@ -31,6 +36,17 @@ struct Entry {
     project: u32,
     /// The topic's name.
     name: Box<str>,
+    /// The node's engine subscription of the topic exists ([`Interest::confirm`]).
+    confirmed: bool,
+}
+
+/// What [`Interest::add`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Added {
+    /// The node had no subscriber of the topic before: its interest starts here.
+    pub first: bool,
+    /// The node's engine subscription of the topic is confirmed (never for a new entry).
+    pub confirmed: bool,
 }
 
 /// Bytes an entry takes in its table, besides its name's own allocation: the entry and the
@@ -69,27 +85,48 @@ impl Interest {
     }
 
     /// Shard `shard` now has a local subscriber of `name` in `project`. Returns whether the
-    /// node had none before (the node's interest in the topic starts here). When it returns,
-    /// every later [`Interest::mask`] has the shard's bit.
+    /// node had none before (the node's interest in the topic starts here) and whether its
+    /// engine subscription is confirmed. When it returns, every later [`Interest::mask`] has
+    /// the shard's bit.
     ///
     /// # Panics
     /// If `shard` is not below [`route::MAX_SHARDS`].
-    pub fn add(&self, shard: usize, project: u32, name: &str) -> bool {
+    pub fn add(&self, shard: usize, project: u32, name: &str) -> Added {
         let bit = route::bit(shard);
         let hash = self.hash(project, name);
         let mut table = self.stripe(hash);
         if let Some(e) = table.find_mut(hash, |e| e.project == project && *e.name == *name) {
             let first = e.mask == 0;
             e.mask |= bit;
-            return first;
+            return Added {
+                first,
+                confirmed: e.confirmed,
+            };
         }
         let entry = Entry {
             mask: bit,
             project,
             name: name.into(),
+            confirmed: false,
         };
         table.insert_unique(hash, entry, |e| self.hash(e.project, &e.name));
-        true
+        Added {
+            first: true,
+            confirmed: false,
+        }
+    }
+
+    /// The node's engine subscription of `name` in `project` exists: shards subscribing the
+    /// topic from now on need not wait for it. Nothing when no shard holds a subscriber (an
+    /// entry made later starts unconfirmed, and is confirmed by the engine in turn).
+    pub fn confirm(&self, project: u32, name: &str) {
+        let hash = self.hash(project, name);
+        if let Some(e) = self
+            .stripe(hash)
+            .find_mut(hash, |e| e.project == project && *e.name == *name)
+        {
+            e.confirmed = true;
+        }
     }
 
     /// Shard `shard` no longer has a local subscriber of `name` in `project`. Returns whether
@@ -171,11 +208,11 @@ mod tests {
     #[test]
     fn first_and_last_interest_per_node() {
         let t = Interest::default();
-        assert!(t.add(0, 1, "news"), "the node's first subscriber");
-        assert!(!t.add(3, 1, "news"), "another shard joins");
-        assert!(!t.add(3, 1, "news"), "setting a set bit is harmless");
+        assert!(t.add(0, 1, "news").first, "the node's first subscriber");
+        assert!(!t.add(3, 1, "news").first, "another shard joins");
+        assert!(!t.add(3, 1, "news").first, "setting a set bit is harmless");
         assert!(
-            t.add(2, 2, "news"),
+            t.add(2, 2, "news").first,
             "another project's topic is another topic"
         );
         assert_eq!(t.mask(1, "news"), 0b1001);
@@ -191,6 +228,51 @@ mod tests {
         assert_eq!(t.entries(), [(2, "news".to_owned(), 0b0100)]);
         assert!(t.remove(2, 2, "news"));
         assert!(t.is_empty());
+    }
+
+    /// A topic's engine subscription is pending for every shard joining it until the engine
+    /// confirms it; an entry made again after the last shard left starts pending again.
+    #[test]
+    fn confirmation_is_node_wide_and_ends_with_the_entry() {
+        let t = Interest::default();
+        let pending = Added {
+            first: false,
+            confirmed: false,
+        };
+        assert_eq!(
+            t.add(0, 1, "news"),
+            Added {
+                first: true,
+                confirmed: false
+            }
+        );
+        assert_eq!(t.add(1, 1, "news"), pending, "asked for, not confirmed yet");
+        t.confirm(1, "other");
+        assert_eq!(t.add(2, 1, "news"), pending, "another topic's confirmation");
+        t.confirm(1, "news");
+        assert_eq!(
+            t.add(3, 1, "news"),
+            Added {
+                first: false,
+                confirmed: true
+            }
+        );
+        for shard in 0..4 {
+            t.remove(shard, 1, "news");
+        }
+        t.confirm(1, "news");
+        assert!(
+            t.is_empty(),
+            "confirming a topic nobody holds makes no entry"
+        );
+        assert_eq!(
+            t.add(0, 1, "news"),
+            Added {
+                first: true,
+                confirmed: false
+            },
+            "a new entry waits for its own confirmation"
+        );
     }
 
     /// Shards add and remove the same topics at once: each ends with exactly its own bits, and
@@ -237,7 +319,7 @@ mod tests {
     fn bytes_per_entry() {
         assert_eq!(
             ENTRY_BYTES, 33,
-            "mask 8, project 4 (+4), name 16, control byte 1"
+            "mask 8, project 4, confirmed 1 (+3), name 16, control byte 1"
         );
         let t = Interest::default();
         let empty = t.nr_bytes();

@@ -27,7 +27,7 @@ pub mod redis;
 pub mod redis_history;
 pub mod tls;
 
-pub use interest::{ENTRY_BYTES, Interest, NR_STRIPES};
+pub use interest::{Added, ENTRY_BYTES, Interest, NR_STRIPES};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -239,9 +239,10 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     ) -> Result<Pending, PublishError>;
 
     /// Shard `shard` has its first local subscriber of `topic` in `project`. When it returns,
-    /// publications of that topic accepted afterwards reach the shard. `true` when it is the
-    /// node's first interest in the topic (with an engine: the node's subscription to it is
-    /// new, and [`Broker::when_subscribed`] tells when it exists).
+    /// publications of that topic accepted afterwards reach the shard. `true` when the node
+    /// does not receive the topic from the other nodes yet: with an engine, its subscription
+    /// to the topic is new or still pending (asked for by another shard, not confirmed), and
+    /// [`Broker::when_subscribed`] tells when it exists. Without one, always `false`.
     fn subscribe(&self, shard: usize, project: u32, topic: &str) -> bool;
 
     /// Shard `shard` has lost its last local subscriber of `topic` in `project`. A publication
@@ -309,7 +310,8 @@ impl Broker for LocalBroker {
     }
 
     fn subscribe(&self, shard: usize, project: u32, topic: &str) -> bool {
-        self.interest.add(shard, project, topic)
+        self.interest.add(shard, project, topic);
+        false
     }
 
     fn unsubscribe(&self, shard: usize, project: u32, topic: &str) {

@@ -298,11 +298,11 @@ impl Broker for RedisBroker {
     }
 
     fn subscribe(&self, shard: usize, project: u32, topic: &str) -> bool {
-        let first = self.interest.add(shard, project, topic);
-        if first {
+        let added = self.interest.add(shard, project, topic);
+        if added.first {
             self.changed(project, topic);
         }
-        first
+        !added.confirmed
     }
 
     fn unsubscribe(&self, shard: usize, project: u32, topic: &str) {
@@ -769,10 +769,12 @@ impl Subscriptions {
                     .or_insert(now + self.settings.unsubscribe_linger);
             }
         }
-        let new: Vec<_> = wanted
+        let (old, new): (Vec<_>, Vec<_>) = wanted
             .into_iter()
-            .filter(|k| !self.subscribed.contains(k))
-            .collect();
+            .partition(|k| self.subscribed.contains(k));
+        for (project, topic) in old {
+            self.interest.confirm(project, &topic);
+        }
         self.subscribe(new, conn).await
     }
 
@@ -810,7 +812,11 @@ impl Subscriptions {
             };
             if self.interest.mask(key.0, &key.1) != 0 {
                 self.lingering.remove(&key);
-                if !self.subscribed.contains(&key) {
+                if self.subscribed.contains(&key) {
+                    // Interest back on a lingering channel: its entry is new, the
+                    // subscription is not.
+                    self.interest.confirm(key.0, &key.1);
+                } else {
                     new.push(key);
                 }
             } else if self.subscribed.contains(&key) {
@@ -837,6 +843,7 @@ impl Subscriptions {
             }
             for key in batch {
                 self.subscribed.insert(key.clone());
+                self.interest.confirm(key.0, &key.1);
                 for done in self.waiters.remove(key).unwrap_or_default() {
                     done();
                 }

@@ -110,15 +110,15 @@ impl Shard {
     /// client only when publishes of the topic are routed here.
     pub(super) fn subscribe_slot(&mut self, project: u32, name: &str, slot: u32) -> Sub {
         let s = self.topics.subscribe(project, name, slot);
-        self.new_node_topic = s.first && self.hub.broker.subscribe(self.id as usize, project, name);
+        self.awaits_engine = s.first && self.hub.broker.subscribe(self.id as usize, project, name);
         s.sub
     }
 
     /// Holds the ack of a new subscription of `slot` to `topic` until the node's engine
     /// subscription of the topic exists (see [`Host::hold_until_subscribed`]): when the
-    /// subscription just made was the node's first interest in the topic (its engine
-    /// subscription is new, so nothing of the topic reaches the node before it exists), or
-    /// acks of the topic are held here already. Otherwise, and on a node without an engine,
+    /// subscription just made was the shard's first of a topic whose engine subscription is
+    /// new or still pending (asked for by another shard and not confirmed: nothing of the
+    /// topic reaches the node before it exists), or acks of the topic are held here already. Otherwise, and on a node without an engine,
     /// `false`: the ack goes now (the node receives the topic already; holding the ack would
     /// let messages overtake it). The first ack held for a topic asks the broker to be told
     /// ([`ShardMsg::Subscribed`](super::mailbox::ShardMsg::Subscribed)).
@@ -146,33 +146,35 @@ impl Shard {
     }
 
     /// Holds the welcome of `slot` if it waits for a topic: `false` when it does not (the
-    /// machine queues it now).
+    /// machine queues it now). A welcome made after its topics were subscribed (STOMP's
+    /// `CONNECTED` comes when the client asks) goes at once, before what queued behind it.
     pub(super) fn hold_welcome(&mut self, slot: u32, welcome: &Bytes) -> bool {
-        match self.held_welcomes.get_mut(&slot) {
-            Some(w) => {
-                w.welcome = Some(welcome.clone());
-                true
-            }
-            None => false,
+        let Some(w) = self.held_welcomes.get_mut(&slot) else {
+            return false;
+        };
+        w.welcome = Some(welcome.clone());
+        if w.ready() {
+            self.send_held_welcome(slot);
         }
+        true
     }
 
     /// Registers a wait (`add`) for the node's engine subscription of `topic` when the
-    /// subscription just made was the node's first interest in it or waits are held for it
-    /// here already; asks the broker on the topic's first wait. `false`: nothing to wait for.
+    /// subscription just made found it new or pending, or waits are held for it here
+    /// already; asks the broker on the topic's first wait. `false`: nothing to wait for.
     fn wait_for_engine(
         &mut self,
         project: u32,
         topic: &str,
         add: impl FnOnce(&mut super::HeldAcks),
     ) -> bool {
-        let new_node_topic = std::mem::take(&mut self.new_node_topic);
+        let awaits_engine = std::mem::take(&mut self.awaits_engine);
         if self.hub.broker.engine().is_none() {
             return false;
         }
         let key = (project, Box::<str>::from(topic));
         let first = !self.held_acks.contains_key(&key);
-        if first && !new_node_topic {
+        if first && !awaits_engine {
             return false;
         }
         let now = Instant::now();
@@ -224,7 +226,7 @@ impl Shard {
         then: machine::Fetch,
     ) {
         // The subscription asks no ack of its own (`hold_ack`): the answer waits for the read.
-        self.new_node_topic = false;
+        self.awaits_engine = false;
         let token = self.fetches.next;
         self.fetches.next += 1;
         let reads: Vec<(Box<str>, crate::broker::HistoryRead)> = {
@@ -325,9 +327,13 @@ impl Shard {
             return;
         }
         w.nr_waiting = w.nr_waiting.saturating_sub(1);
-        if !w.ready() {
-            return;
+        if w.ready() {
+            self.send_held_welcome(slot);
         }
+    }
+
+    /// Sends the held welcome of `slot`, followed by what queued behind it.
+    fn send_held_welcome(&mut self, slot: u32) {
         let Some(w) = self.held_welcomes.remove(&slot) else {
             return;
         };

@@ -127,9 +127,10 @@ pub struct Shard {
     /// Subscribe acks waiting for the node's engine subscription of their topic (only with
     /// an engine), by (project, topic).
     pub(crate) held_acks: HashMap<(u32, Box<str>), HeldAcks>,
-    /// The last subscription made on the shard was the node's first interest in its topic
-    /// (read by the ack of that subscription, [`Shard::hold_ack`]).
-    pub(crate) new_node_topic: bool,
+    /// The last subscription made on the shard was the shard's first of a topic whose
+    /// engine subscription is new or still pending on the node (read by the ack of that
+    /// subscription, [`Shard::hold_ack`]).
+    pub(crate) awaits_engine: bool,
     /// Welcomes waiting for the engine subscriptions of their connection's implicit topics
     /// (only with an engine), by slot ([`welcome`]).
     pub(crate) held_welcomes: HashMap<u32, welcome::HeldWelcome>,
@@ -275,7 +276,7 @@ impl Shard {
             stomp: HashMap::new(),
             held_acks: HashMap::new(),
             held_welcomes: HashMap::new(),
-            new_node_topic: false,
+            awaits_engine: false,
             fetches: driver::Fetches::default(),
         }
     }

@@ -176,7 +176,7 @@ pub trait Host {
     fn send(&mut self, frame: &[&Bytes]) -> Push;
     /// Queues a piece regardless of phase and cap (handshake answers, close frames).
     fn send_raw(&mut self, part: OutPart);
-    /// Drops the queued frames that have not started to go out ([`Conn::truncate_out`]); a
+    /// Drops the queued frames that have not started to go out (`Conn::truncate_out`); a
     /// host that keeps a total of its queues overrides it to count the bytes dropped.
     fn truncate_out(&mut self) {
         self.conn().truncate_out();
@@ -624,13 +624,11 @@ fn admit<H: Host>(
         history: Vec::new(),
     }));
     c.subs = Vec::with_capacity(implicit.len());
-    let welcomed = h.conn().codec == Codec::HeraldV1;
+    // The welcome (STOMP: `CONNECTED`) waits for the engine subscriptions of these.
     for t in &implicit {
         let sub = h.subscribe(project_idx, t.as_str());
         h.conn().subs.push(sub);
-        if welcomed {
-            h.welcome_waits_for(project_idx, t.as_str());
-        }
+        h.welcome_waits_for(project_idx, t.as_str());
     }
     h.conn().nr_implicit = implicit.len() as u8;
     let mut positions = Vec::new();
@@ -1004,12 +1002,12 @@ fn on_codec_text<H: Host>(h: &mut H, now: Now, text: &str) -> Flow {
         Ok(Reply::Ack | Reply::Subscribed(..) | Reply::Recovered(_) | Reply::Fetching(..)) => {
             codec.ack(req.id, None)
         }
-        Ok(Reply::AckExp(exp)) => codec.ack(req.id, Some(*exp)),
+        Ok(Reply::AckExp(exp, _)) => codec.ack(req.id, Some(*exp)),
         Ok(Reply::Pong) => codec.pong(req.id),
         Err((code, msg)) => codec.error(req.id, *code, msg),
     };
     match &result {
-        Ok(Reply::Subscribed(project, topic, _))
+        Ok(Reply::Subscribed(project, topic, _) | Reply::AckExp(_, Some((project, topic))))
             if h.hold_until_subscribed(*project, topic, &answer) => {}
         _ => reply(h, now, answer),
     }
@@ -1037,7 +1035,9 @@ enum Reply {
     /// `recover`) whose streams are read from the engine first ([`Host::fetch_history`]):
     /// answered then ([`fetched`]).
     Fetching(u32, Vec<(Box<str>, Option<crate::history::Since>)>, bool),
-    AckExp(Option<u64>),
+    /// `refresh`'s ack: the token's expiry, and the `device.<id>` topic it subscribed
+    /// (project, topic), acknowledged like a new subscription.
+    AckExp(Option<u64>, Option<(u32, Box<str>)>),
     Pong,
 }
 
@@ -1201,7 +1201,7 @@ fn refresh<H: Host>(h: &mut H, now: Now, token: &str) -> Result<Reply, OpError> 
     }
     let expires_at = expiry_of(claims.exp, project.leeway_secs);
     let old_expiry = h.conn().expires_at;
-    set_device(h, claims.device.as_deref());
+    let device = set_device(h, claims.device.as_deref());
     h.conn().expires_at = expires_at;
     let id = identity(h);
     id.kid = kid;
@@ -1213,7 +1213,7 @@ fn refresh<H: Host>(h: &mut H, now: Now, token: &str) -> Result<Reply, OpError> 
     if expires_at > 0 && expires_at != old_expiry {
         h.arm_expiry(expires_at);
     }
-    Ok(Reply::AckExp(claims.exp))
+    Ok(Reply::AckExp(claims.exp, device.map(|t| (project.idx, t))))
 }
 
 /// Takes a token from the connection's refresh bucket (GCRA on the shard's millisecond
@@ -1227,11 +1227,11 @@ fn take_refresh<H: Host>(h: &mut H, now: Now) -> Result<(), u32> {
 }
 
 /// Replaces the connection's implicit `device.<id>` subscription (the last implicit one) when
-/// a refresh changed or removed the `device` claim.
-fn set_device<H: Host>(h: &mut H, device: Option<&str>) {
+/// a refresh changed or removed the `device` claim. Returns the topic subscribed, if any.
+fn set_device<H: Host>(h: &mut H, device: Option<&str>) -> Option<Box<str>> {
     let id = identity(h);
     if id.device.as_deref() == device {
-        return;
+        return None;
     }
     let project = id.project.idx;
     let had = id.device.is_some();
@@ -1242,12 +1242,13 @@ fn set_device<H: Host>(h: &mut H, device: Option<&str>) {
         let sub = c.subs.remove(c.nr_implicit as usize);
         h.release(sub);
     }
-    if let Some(d) = device {
-        let sub = h.subscribe(project, Topic::device(d).as_str());
-        let c = h.conn();
-        c.subs.insert(c.nr_implicit as usize, sub);
-        c.nr_implicit += 1;
-    }
+    let d = device?;
+    let topic = Topic::device(d);
+    let sub = h.subscribe(project, topic.as_str());
+    let c = h.conn();
+    c.subs.insert(c.nr_implicit as usize, sub);
+    c.nr_implicit += 1;
+    Some(topic.as_str().into())
 }
 
 /// Drops the explicit subscriptions the connection's `topics` allowlist does not allow,
@@ -1608,7 +1609,10 @@ fn stomp_connect<H: Host>(h: &mut H, now: Now, f: &stomp::Frame) -> Result<(), S
     s.beats = beats.0 > 0;
     s.connected = true;
     let connected = stomp::connected(version, beats, &identity(h).user);
-    reply(h, now, connected);
+    // Like herald.v1's welcome, it waits for the engine subscriptions of the implicit topics.
+    if !h.hold_welcome(&connected) {
+        reply(h, now, connected);
+    }
     Ok(())
 }
 
