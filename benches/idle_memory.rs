@@ -33,13 +33,11 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::rc::Rc;
-use std::task::Waker;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herald::auth::Claims;
@@ -512,40 +510,19 @@ fn per_conn(a: &Sample, b: &Sample, bytes: impl Fn(&Sample) -> u64) -> f64 {
     (bytes(b) as f64 - bytes(a) as f64) / n
 }
 
-/// Size of the future a two-argument async fn returns, without calling it.
-fn future_size2<A, B, Fut: Future, F: FnOnce(A, B) -> Fut>(_: &F) -> usize {
-    std::mem::size_of::<Fut>()
-}
-
-/// Size of the future an async fn returns, without calling it.
-fn future_size<A, B, C, D, Fut: Future, F: FnOnce(A, B, C, D) -> Fut>(_: &F) -> usize {
-    std::mem::size_of::<Fut>()
-}
-
 fn type_sizes() -> Vec<(&'static str, usize)> {
     use std::mem::size_of;
     vec![
-        ("Conn", size_of::<Conn>()),
+        (
+            "Conn (the slab entry: a connection has no task)",
+            size_of::<Conn>(),
+        ),
         ("Identity (boxed)", size_of::<Identity>()),
         ("Session", size_of::<Session>()),
         ("Sub", size_of::<Sub>()),
-        ("Option<Waker>", size_of::<Option<Waker>>()),
         (
             "Rc<RefCell<Shard>>",
             size_of::<Rc<RefCell<herald::shard::Shard>>>(),
-        ),
-        ("drive() future", future_size(&herald::shard::io::drive)),
-        (
-            "drive() task (future + 48: monoio 0.2 header, trailer, stage)",
-            future_size(&herald::shard::io::drive) + 48,
-        ),
-        (
-            "monoio TcpStream (inside drive)",
-            size_of::<monoio::net::TcpStream>(),
-        ),
-        (
-            "TcpStream::readable() future (inside drive)",
-            future_size2(&monoio::net::TcpStream::readable),
         ),
     ]
 }

@@ -16,7 +16,6 @@
 //! 10,000 is the per-operation (per-delivery) cost.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -262,17 +261,18 @@ impl Table {
         }
     }
 
-    /// Back to "every queue flushed". `cold` drops the queues' memory as a flush does (the
-    /// next push allocates); otherwise each queue keeps its capacity.
+    /// Back to "every queue flushed". `cold` drops the in-flight state and the queue's memory
+    /// as a flush does (the next push allocates both); otherwise each queue keeps its
+    /// capacity.
     fn reset(&mut self, cold: bool) {
         for (_, c) in &mut self.conns {
             if cold {
-                c.out = VecDeque::new();
-            } else {
-                c.out.clear();
+                c.flight = None;
+            } else if let Some(f) = c.flight.as_deref_mut() {
+                f.out.clear();
+                f.out_bytes = 0;
+                f.out_head = 0;
             }
-            c.out_bytes = 0;
-            c.out_head = 0;
             c.dirty = false;
         }
         self.dirty.slots.clear();
@@ -378,12 +378,16 @@ fn bench_fanout_local(c: &mut Criterion) {
     let t = table.borrow();
     if !t.dirty.slots.is_empty() {
         assert_eq!(t.dirty.slots.len(), N);
-        assert!(t.conns.iter().all(|(_, c)| c.out.len() == 1 && c.dirty));
-        let first = t.conns[0].out[0].bytes.as_ptr();
         assert!(
             t.conns
                 .iter()
-                .all(|(_, c)| c.out[0].bytes.as_ptr() == first),
+                .all(|(_, c)| c.flight.as_ref().is_some_and(|f| f.out.len() == 1) && c.dirty)
+        );
+        let first_of =
+            |c: &herald::ws::conn::Conn| c.flight.as_ref().expect("queued").out[0].bytes.as_ptr();
+        let first = first_of(&t.conns[0]);
+        assert!(
+            t.conns.iter().all(|(_, c)| first_of(c) == first),
             "one STOMP frame, shared by every delivery"
         );
     }

@@ -233,9 +233,45 @@ fn check_hmac_len(len: usize) -> Result<(), KeyError> {
     Ok(())
 }
 
-/// A dummy verification: errors when the key material cannot be used with `alg`.
-fn probe(key: &DecodingKey, alg: Algorithm) -> jsonwebtoken::errors::Result<bool> {
-    jsonwebtoken::crypto::verify("AAAA", b"herald key probe", key, alg)
+/// Checks that the key material can verify `alg` signatures, parsing it as the verifier
+/// (aws-lc) will: a PEM or JWK that decodes but holds no usable key (another curve, a malformed
+/// point, a JWK's RSA modulus outside 2,048–8,192 bits) is refused when the key is given, not
+/// at every token.
+fn probe(key: &DecodingKey, alg: Algorithm) -> Result<(), String> {
+    use aws_lc_rs::signature::{self as sig, VerificationAlgorithm};
+    use jsonwebtoken::DecodingKeyKind;
+    let verifier: &'static dyn VerificationAlgorithm = match alg {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => return Ok(()),
+        Algorithm::ES256 => &sig::ECDSA_P256_SHA256_FIXED,
+        Algorithm::ES384 => &sig::ECDSA_P384_SHA384_FIXED,
+        Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
+        Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
+        Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
+        Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
+        Algorithm::EdDSA => &sig::ED25519,
+        other => return Err(format!("{other:?} is not supported")),
+    };
+    match key.kind() {
+        DecodingKeyKind::SecretOrDer(bytes) => sig::UnparsedPublicKey::new(verifier, bytes)
+            .parse()
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        DecodingKeyKind::RsaModulusExponent { n, .. } => {
+            let leading = n.iter().take_while(|b| **b == 0).count();
+            let bits = n[leading..]
+                .first()
+                .map_or(0, |b| (n.len() - leading) * 8 - b.leading_zeros() as usize);
+            if (2048..=8192).contains(&bits) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "an RSA modulus of {bits} bits (2048 to 8192 are verified)"
+                ))
+            }
+        }
+    }
 }
 
 /// The algorithm a JWK declares, or the one its curve implies (EC, OKP).
@@ -360,6 +396,38 @@ mod tests {
             .err(),
             Some(KeyError::UnknownAlg("none".into()))
         );
+    }
+
+    /// Material that decodes as a public key of the right family but that the verifier cannot
+    /// use is refused when the key is given: a P-384 key under ES256 (it passes under ES384; a
+    /// 2,048-bit RSA key passes).
+    #[test]
+    fn unusable_public_keys_are_refused_at_load() {
+        use p384::pkcs8::{EncodePublicKey, LineEnding};
+        use rsa::rand_core::OsRng;
+        let pem_spec = |alg: &str, pem: String| KeySpec {
+            pem: Some(pem),
+            ..spec(alg)
+        };
+        let rsa_pem = |bits: usize| {
+            let key = rsa::RsaPrivateKey::new(&mut OsRng, bits).expect("RSA key");
+            key.to_public_key()
+                .to_public_key_pem(LineEnding::LF)
+                .expect("RSA public PEM")
+        };
+        assert!(Key::from_spec(None, &pem_spec("RS256", rsa_pem(2048))).is_ok());
+        let p384 = p384::SecretKey::random(&mut OsRng)
+            .public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("P-384 public PEM");
+        assert!(
+            matches!(
+                Key::from_spec(None, &pem_spec("ES256", p384.clone())),
+                Err(KeyError::BadPem { .. })
+            ),
+            "a P-384 key under ES256"
+        );
+        assert!(Key::from_spec(None, &pem_spec("ES384", p384)).is_ok());
     }
 
     #[test]

@@ -452,20 +452,22 @@ impl Shard {
             let mut frames = crate::ws::sockjs::wrap(&[&part.bytes])
                 .into_iter()
                 .peekable();
+            let f = c.flight();
             while let Some(bytes) = frames.next() {
-                c.out_bytes += bytes.len();
+                f.out_bytes += bytes.len();
                 self.dirty.queued_bytes += bytes.len();
                 let more = frames.peek().is_some();
-                c.out.push_back(OutPart {
+                f.out.push_back(OutPart {
                     bytes,
                     more,
                     started: false,
                 });
             }
         } else {
-            c.out_bytes += part.bytes.len();
+            let f = c.flight();
+            f.out_bytes += part.bytes.len();
             self.dirty.queued_bytes += part.bytes.len();
-            c.out.push_back(part);
+            f.out.push_back(part);
         }
         if !c.dirty && !c.want_write {
             c.dirty = true;

@@ -2,10 +2,11 @@
 //! connections, a topic index, deadlines and counters. Nothing here is shared with another
 //! thread except through the [`mailbox`] and the read-only [`Hub`].
 //!
-//! Three long-lived tasks per shard: the accept loop (its own SO_REUSEPORT listener), the inbox
-//! loop (cross-core work, woken by an eventfd) and the sweep (one timer for the whole shard:
-//! heartbeats, handshake and close deadlines, token expiry). Each connection is one task
-//! ([`io::drive`]) that waits for readiness and owns no buffer while idle.
+//! Four long-lived tasks per shard: the accept loop (its own SO_REUSEPORT listener), the ready
+//! loop ([`io::ready_loop`]: the readiness of every connection, through one epoll instance),
+//! the inbox loop (cross-core work, woken by an eventfd) and the sweep (one timer for the
+//! whole shard: heartbeats, handshake and close deadlines, token expiry). A connection is a
+//! slab entry woken by readiness: no task of its own, and no buffer while idle.
 
 mod control;
 mod driver;
@@ -22,7 +23,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, IntoRawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -71,6 +72,8 @@ pub struct Shard {
     pub stats: Arc<ShardStats>,
     /// Connections, by slot.
     pub(crate) conns: Slab<Conn>,
+    /// The connections' readiness (epoll instance) and the killed ones awaiting removal.
+    pub(crate) poller: io::Poller,
     /// Local subscriptions.
     pub(crate) topics: TopicIndex,
     /// Open connections per project (by registry index), in slot order: a listing of one
@@ -237,7 +240,7 @@ pub(crate) struct Admitted {
 }
 
 impl Shard {
-    fn new(id: u16, hub: Arc<Hub>, limits: Limits) -> Self {
+    fn new(id: u16, hub: Arc<Hub>, limits: Limits, poller: io::Poller) -> Self {
         let stats = hub.stats[id as usize].clone();
         let hs_limiter = crate::protection::limiter::HandshakeLimiter::new(
             limits.handshakes_per_ip_per_sec,
@@ -251,6 +254,7 @@ impl Shard {
             limits,
             stats,
             conns: Slab::new(),
+            poller,
             topics: TopicIndex::default(),
             by_project: Vec::new(),
             next_generation: 1,
@@ -932,9 +936,17 @@ async fn run(spec: ShardSpec) {
             return;
         }
     };
+    let poller = match io::Poller::new() {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {id}: epoll instance: {e}")));
+            return;
+        }
+    };
     let drain_timeout = limits.drain_timeout;
     let tick = limits.tick();
-    let shard = Rc::new(RefCell::new(Shard::new(id, hub, limits)));
+    let shard = Rc::new(RefCell::new(Shard::new(id, hub, limits, poller)));
+    monoio::spawn(io::ready_loop(shard.clone()));
     monoio::spawn(inbox_loop(shard.clone(), inbox));
     monoio::spawn(sweep_loop(shard.clone(), tick));
     let _ = ready.send(Ok(id));
@@ -949,7 +961,7 @@ async fn run(spec: ShardSpec) {
         _ = monoio::time::sleep(drain_timeout) => {
             let left = shard.borrow().conns.len();
             info!(shard = id, left, "drain timeout; dropping the remaining connections");
-            // Drop the rest: each task ends, removes its connection and drops its socket.
+            // Drop the rest: the ready loop removes each and closes its socket.
             // (Returning with them still open left their sockets open for as long as the
             // process lived, and for ever in an in-process server.)
             let slots: Vec<u32> = shard.borrow().conns.iter().map(|(k, _)| k as u32).collect();
@@ -965,6 +977,17 @@ async fn run(spec: ShardSpec) {
                 _ = monoio::time::sleep(CLOSE_GRACE) => {}
             }
         }
+    }
+    // Whatever is left (a connection killed as the grace ran out) is removed here, its socket
+    // closed.
+    let left: Vec<(u32, u32)> = shard
+        .borrow()
+        .conns
+        .iter()
+        .map(|(k, c)| (k as u32, c.generation))
+        .collect();
+    for (slot, generation) in left {
+        shard.borrow_mut().remove(slot, generation);
     }
     shard.borrow_mut().log_refusals(true);
     // Under io_uring, monoio closes a dropped socket with a `Close` op that is only queued;
@@ -1018,9 +1041,13 @@ async fn accept_loop(shard: &Rc<RefCell<Shard>>, listener: &monoio::net::TcpList
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (slot, generation) = s.admit(stream.as_raw_fd(), peer, admitted);
-                drop(s);
-                monoio::spawn(io::drive(shard.clone(), stream, slot, generation));
+                // The connection owns the descriptor from here: the runtime lets go of it.
+                let fd = stream.into_raw_fd();
+                let (slot, generation) = s.admit(fd, peer, admitted);
+                if let Err(e) = s.poller.add(fd, slot, generation) {
+                    warn!(shard = s.id, error = %e, "cannot watch a new connection; dropping it");
+                    s.kill(slot);
+                }
             }
             Some(Err(e)) => {
                 let out_of_fds = matches!(
@@ -1047,24 +1074,8 @@ async fn accept_loop(shard: &Rc<RefCell<Shard>>, listener: &monoio::net::TcpList
 }
 
 async fn inbox_loop(shard: Rc<RefCell<Shard>>, inbox: Inbox) {
-    // The eventfd is waited on through the runtime: wrap a duplicate in a socket type whose
-    // `readable` submits a poll for it (io_uring PollAdd or epoll).
-    // SAFETY: dup returns a new descriptor (checked) that the wrapper then owns and closes.
-    let dup = unsafe { libc::dup(inbox.raw_fd()) };
-    if dup < 0 {
-        warn!(
-            "cannot dup the inbox eventfd: {}",
-            std::io::Error::last_os_error()
-        );
+    let Some(waiter) = io::runtime_waiter(inbox.raw_fd(), "the inbox eventfd") else {
         return;
-    }
-    let std_fd = unsafe { std::os::unix::net::UnixDatagram::from_raw_fd(dup) };
-    let waiter = match monoio::net::unix::UnixDatagram::from_std(std_fd) {
-        Ok(w) => w,
-        Err(e) => {
-            warn!("cannot register the inbox eventfd: {e}");
-            return;
-        }
     };
     loop {
         if let Err(e) = waiter.readable(false).await {

@@ -3,13 +3,13 @@
 //! Data only: the connection machine (`super::machine`) runs the protocol over it, and the
 //! shard's I/O driver (`crate::shard`) reads and writes the socket.
 //!
-//! An idle connection owns no read buffer and no timer. Per-connection buffers exist only
-//! while a partial frame or a queued message is in flight.
+//! An idle connection owns no read buffer and no timer. Per-connection buffers, and the fields
+//! that only matter while something is in flight ([`InFlight`]), exist only while a partial
+//! frame, a fragmented message or a queued frame is in flight.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::Waker;
 
 use bytes::Bytes;
 use slab::Slab;
@@ -63,15 +63,16 @@ pub struct Mark {
 
 /// One connection's state, owned by its shard.
 pub struct Conn {
-    /// The socket (owned by the connection's task; closed when the task ends).
+    /// The socket, owned by the connection: registered with the shard's epoll instance at
+    /// accept, closed when the connection is removed.
     pub fd: i32,
     /// Generation of this occupant of the slot.
     pub generation: u32,
     /// Life phase.
     pub phase: ConnPhase,
-    /// Set to make the task end (it then removes the connection).
+    /// Set to end the connection (the shard's ready loop then removes it).
     pub kill: bool,
-    /// The socket buffer is full; the task waits for writability.
+    /// The socket buffer is full; the connection waits for writability.
     pub want_write: bool,
     /// In the shard's dirty list.
     pub dirty: bool,
@@ -100,24 +101,15 @@ pub struct Conn {
     pub codec: Codec,
     /// Error replies so far (saturating: 16 bits keep `Conn` in its size budget).
     pub bad_requests: u16,
-    /// The task's waker while it waits.
-    pub waker: Option<Waker>,
-    /// Unconsumed input (a partial request or frame); empty and unallocated when idle.
-    pub inbuf: Vec<u8>,
-    /// Frames waiting to be written, in pieces; unallocated when empty.
-    pub out: VecDeque<OutPart>,
-    /// Bytes in `out` not yet written.
-    pub out_bytes: usize,
-    /// Bytes of `out[0]` already written.
-    pub out_head: u32,
+    /// What is in flight (partial input, a fragmented message, queued output); `None` while
+    /// idle ([`Conn::settle`]).
+    pub flight: Option<Box<InFlight>>,
     /// Message rate limit: the theoretical arrival time of the next message on the shard's
     /// microsecond clock (GCRA; a token bucket in four bytes).
     pub msg_tat: u32,
     /// `refresh` rate limit: the theoretical arrival time of the next refresh on the shard's
     /// millisecond clock (GCRA, like `msg_tat`).
     pub refresh_tat: u32,
-    /// Frame-layer state.
-    pub session: Session,
     /// Peer address.
     pub peer: SocketAddr,
     /// Set once authenticated.
@@ -149,14 +141,9 @@ impl Conn {
             nr_implicit: 0,
             codec: Codec::default(),
             bad_requests: 0,
-            waker: None,
-            inbuf: Vec::new(),
-            out: VecDeque::new(),
-            out_bytes: 0,
-            out_head: 0,
+            flight: None,
             msg_tat: 0,
             refresh_tat: 0,
-            session: Session::default(),
             peer,
             identity: None,
             subs: Vec::new(),
@@ -164,31 +151,104 @@ impl Conn {
         }
     }
 
+    /// The in-flight state, made if the connection was idle.
+    pub fn flight(&mut self) -> &mut InFlight {
+        self.flight.get_or_insert_with(Box::default)
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn out_bytes(&self) -> usize {
+        self.flight.as_ref().map_or(0, |f| f.out_bytes)
+    }
+
+    /// Takes the unconsumed input out (empty if none).
+    pub fn take_inbuf(&mut self) -> Vec<u8> {
+        self.flight
+            .as_mut()
+            .map(|f| std::mem::take(&mut f.inbuf))
+            .unwrap_or_default()
+    }
+
+    /// Keeps `buf` as the unconsumed input (an unallocated one keeps nothing).
+    pub fn set_inbuf(&mut self, buf: Vec<u8>) {
+        if buf.capacity() > 0 || self.flight.is_some() {
+            self.flight().inbuf = buf;
+            self.settle();
+        }
+    }
+
+    /// Takes the frame-layer state out (a fresh one if idle).
+    pub fn take_session(&mut self) -> Session {
+        self.flight
+            .as_mut()
+            .map(|f| std::mem::take(&mut f.session))
+            .unwrap_or_default()
+    }
+
+    /// Puts the frame-layer state back.
+    pub fn set_session(&mut self, session: Session) {
+        if !session.is_idle() || self.flight.is_some() {
+            self.flight().session = session;
+            self.settle();
+        }
+    }
+
+    /// Frees the in-flight state once nothing is in flight any more.
+    pub fn settle(&mut self) {
+        if self.flight.as_ref().is_some_and(|f| f.is_idle()) {
+            self.flight = None;
+        }
+    }
+
     /// Drops the queued frames that have not started to go out; a started frame is kept whole.
     /// Answers the bytes dropped.
     pub(crate) fn truncate_out(&mut self) -> usize {
-        let keep = match self.out.front() {
-            Some(f) if self.out_head > 0 || f.started => self
+        let Some(f) = self.flight.as_deref_mut() else {
+            return 0;
+        };
+        let keep = match f.out.front() {
+            Some(p) if f.out_head > 0 || p.started => f
                 .out
                 .iter()
                 .position(|p| !p.more)
-                .map_or(self.out.len(), |i| i + 1),
+                .map_or(f.out.len(), |i| i + 1),
             _ => 0,
         };
-        self.out.truncate(keep);
-        let before = self.out_bytes;
-        self.out_bytes =
-            self.out.iter().map(|p| p.bytes.len()).sum::<usize>() - self.out_head as usize;
-        if self.out.is_empty() {
-            self.out = VecDeque::new();
+        f.out.truncate(keep);
+        let before = f.out_bytes;
+        f.out_bytes = f.out.iter().map(|p| p.bytes.len()).sum::<usize>() - f.out_head as usize;
+        if f.out.is_empty() {
+            f.out = VecDeque::new();
         }
-        before - self.out_bytes
+        let dropped = before - f.out_bytes;
+        self.settle();
+        dropped
     }
+}
 
-    pub(crate) fn wake(&mut self) {
-        if let Some(w) = self.waker.take() {
-            w.wake();
-        }
+/// The part of a connection's state that only matters while something is in flight, boxed
+/// so an idle connection pays one pointer for it. Made by the first byte of a partial
+/// request or frame, or the first queued frame; freed ([`Conn::settle`]) when the queue is
+/// written, the input consumed and no fragmented message is being reassembled. Each time a
+/// connection goes from idle to busy this costs one small allocation beside the queue's own.
+#[derive(Default)]
+pub struct InFlight {
+    /// Unconsumed input (a partial request or frame).
+    pub inbuf: Vec<u8>,
+    /// Frames waiting to be written, in pieces.
+    pub out: VecDeque<OutPart>,
+    /// Bytes in `out` not yet written.
+    pub out_bytes: usize,
+    /// Bytes of `out[0]` already written.
+    pub out_head: u32,
+    /// Frame-layer state (a fragmented message being reassembled).
+    pub session: Session,
+}
+
+impl InFlight {
+    /// Nothing is in flight: no input kept, nothing queued, no message being reassembled.
+    fn is_idle(&self) -> bool {
+        self.inbuf.capacity() == 0 && self.out.is_empty() && self.session.is_idle()
     }
 }
 
@@ -288,13 +348,14 @@ pub fn push_framed(
         return Push::Dropped;
     }
     let len: usize = parts.iter().map(|p| p.len()).sum();
-    if c.out_bytes.saturating_add(len) > cap {
+    if c.out_bytes().saturating_add(len) > cap {
         return Push::Overflow;
     }
-    c.out_bytes += len;
+    let f = c.flight();
+    f.out_bytes += len;
     dirty.queued_bytes += len;
     for (i, p) in parts.iter().enumerate() {
-        c.out.push_back(OutPart {
+        f.out.push_back(OutPart {
             bytes: (*p).clone(),
             more: i + 1 < parts.len(),
             started: false,
@@ -519,7 +580,7 @@ mod tests {
         };
         let pushed = push(&mut conns, &mut dirty, 3);
         assert_eq!(pushed, Some(Push::Queued));
-        let out = &conns[slot as usize].out;
+        let out = &conns[slot as usize].flight.as_ref().expect("queued").out;
         assert_eq!(out.len(), 2, "two frames of one piece each");
         for (piece, id) in out.iter().zip(["a", "c"]) {
             assert!(!piece.more);
@@ -565,7 +626,8 @@ mod tests {
                 push_stomp_message(&mut conns, &mut dirty, slot, &s, 3, &mut heads, 1 << 20);
             assert_eq!(pushed, Some(Push::Queued));
         }
-        let (a, b) = (&conns[slots[0] as usize].out, &conns[slots[1] as usize].out);
+        let out_of = |slot: u32| &conns[slot as usize].flight.as_ref().expect("queued").out;
+        let (a, b) = (out_of(slots[0]), out_of(slots[1]));
         assert_eq!((a.len(), b.len()), (2, 2), "a head and the rest");
         assert_eq!(a[1].bytes.as_ptr(), b[1].bytes.as_ptr(), "one rest, shared");
         assert!(a[0].more && !a[1].more);
@@ -610,7 +672,11 @@ mod tests {
                 push_stomp_message(&mut conns, &mut dirty, slot, &s, 3, &mut heads, 1 << 20);
             assert_eq!(pushed, Some(Push::Queued));
         }
-        let head = |slot: u32| conns[slot as usize].out[0].bytes.clone();
+        let head = |slot: u32| {
+            conns[slot as usize].flight.as_ref().expect("queued").out[0]
+                .bytes
+                .clone()
+        };
         assert_eq!(
             head(slots[0]).as_ptr(),
             head(slots[1]).as_ptr(),
@@ -638,7 +704,7 @@ mod tests {
         let pushed =
             push_sockjs_stomp_message(&mut conns, &mut dirty, slot, &s, 3, &rest, "m", 1 << 20);
         assert_eq!(pushed, Some(Push::Queued));
-        let out = &conns[slot as usize].out;
+        let out = &conns[slot as usize].flight.as_ref().expect("queued").out;
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].bytes.as_ptr(), rest.as_ptr(), "shared, not copied");
         let whole: Vec<u8> = out.iter().flat_map(|p| p.bytes.to_vec()).collect();
@@ -660,7 +726,7 @@ mod tests {
         assert_eq!(push(&mut conns, &mut dirty, 100), Push::Queued);
         assert_eq!(push(&mut conns, &mut dirty, 199), Push::Overflow);
         assert_eq!(push(&mut conns, &mut dirty, 200), Push::Queued);
-        let c = &conns[slot as usize];
+        let c = conns[slot as usize].flight.as_ref().expect("queued");
         assert_eq!((c.out.len(), c.out_bytes), (4, 200));
         assert_eq!(dirty.queued_bytes, 200, "the shard's total follows");
         assert!(
@@ -680,28 +746,30 @@ mod tests {
         }
         let c = &mut conns[slot as usize];
         assert_eq!(c.truncate_out(), 16, "the bytes dropped");
-        assert_eq!(
-            (c.out.len(), c.out_bytes),
-            (0, 0),
-            "nothing started: all dropped"
+        assert!(
+            c.flight.is_none(),
+            "nothing started: all dropped, nothing in flight"
         );
         for _ in 0..2 {
             push_frame(&mut conns, &mut dirty, slot, &[&head, &body], 1000);
         }
         let c = &mut conns[slot as usize];
         // The head of the first frame went out; its body must follow.
-        c.out.pop_front();
-        c.out[0].started = true;
-        c.out_bytes -= 4;
+        let f = c.flight();
+        f.out.pop_front();
+        f.out[0].started = true;
+        f.out_bytes -= 4;
         assert_eq!(c.truncate_out(), 8);
-        assert_eq!((c.out.len(), c.out_bytes), (1, 4));
-        assert_eq!(&c.out[0].bytes[..], b"body");
+        let f = c.flight();
+        assert_eq!((f.out.len(), f.out_bytes), (1, 4));
+        assert_eq!(&f.out[0].bytes[..], b"body");
         // Half of a one-piece frame went out.
-        c.out_head = 2;
-        c.out[0].started = false;
-        c.out_bytes = 2;
+        f.out_head = 2;
+        f.out[0].started = false;
+        f.out_bytes = 2;
         c.truncate_out();
-        assert_eq!((c.out.len(), c.out_bytes), (1, 2));
+        let f = c.flight();
+        assert_eq!((f.out.len(), f.out_bytes), (1, 2));
     }
 
     /// Exactly the burst back to back, then the wait until the next; a time the limiter

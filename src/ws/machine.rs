@@ -264,11 +264,11 @@ fn on_handshake_bytes<H: Host>(h: &mut H, now: Now, data: &[u8]) {
     let max = h.rules().max_handshake_bytes;
     let proxied = h.rules().proxy_protocol;
     let c = h.conn();
-    let mut buf = std::mem::take(&mut c.inbuf);
+    let mut buf = c.take_inbuf();
     buf.extend_from_slice(data);
     if !c.client_known && proxied {
         match proxy::parse_header(&buf) {
-            ProxyHeader::Incomplete if buf.len() <= max => h.conn().inbuf = buf,
+            ProxyHeader::Incomplete if buf.len() <= max => h.conn().set_inbuf(buf),
             ProxyHeader::Incomplete => refuse(
                 h,
                 now,
@@ -297,7 +297,7 @@ fn on_handshake_bytes<H: Host>(h: &mut H, now: Now, data: &[u8]) {
     let too_long = || Refusal::bad_request(format!("upgrade request over {max} bytes"));
     match handshake::parse(&buf) {
         Ok(None) if buf.len() > max => refuse_request(h, now, too_long()),
-        Ok(None) => h.conn().inbuf = buf,
+        Ok(None) => h.conn().set_inbuf(buf),
         Err(r) => refuse_request(h, now, r),
         Ok(Some(up)) if up.len > max => refuse_request(h, now, too_long()),
         Ok(Some(up)) => match forwarded_check(h, &up)
@@ -891,8 +891,8 @@ fn replay<H: Host>(h: &mut H, now: Now, entries: &[crate::history::Entry]) -> bo
 fn on_frame_bytes<H: Host>(h: &mut H, now: Now, data: &mut [u8]) {
     let max = h.rules().max_message_bytes;
     let c = h.conn();
-    let mut session = std::mem::take(&mut c.session);
-    let mut inbuf = std::mem::take(&mut c.inbuf);
+    let mut session = c.take_session();
+    let mut inbuf = c.take_inbuf();
     let from_inbuf = !inbuf.is_empty();
     if from_inbuf {
         inbuf.extend_from_slice(data);
@@ -900,7 +900,7 @@ fn on_frame_bytes<H: Host>(h: &mut H, now: Now, data: &mut [u8]) {
     let buf: &mut [u8] = if from_inbuf { &mut inbuf } else { data };
     let result = session.feed(buf, max, &mut |ev| on_event(h, now, ev));
     let c = h.conn();
-    c.session = session;
+    c.set_session(session);
     if matches!(result, Ok(n) if n > 0) {
         c.rx_since_ping = true;
     }
@@ -908,12 +908,12 @@ fn on_frame_bytes<H: Host>(h: &mut H, now: Now, data: &mut [u8]) {
         Ok(consumed) if !c.kill => {
             let rest = &buf[consumed..];
             if rest.is_empty() {
-                c.inbuf = Vec::new();
+                c.set_inbuf(Vec::new());
             } else if from_inbuf {
                 inbuf.drain(..consumed);
-                c.inbuf = inbuf;
+                c.set_inbuf(inbuf);
             } else {
-                c.inbuf = rest.to_vec();
+                c.set_inbuf(rest.to_vec());
             }
         }
         Ok(_) => {}
@@ -1957,8 +1957,7 @@ pub mod recorder {
                        Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: \
                        dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: v11.stomp, v12.stomp\r\n\r\n";
             h.feed(at_ms(0), req.as_bytes());
-            let out: Vec<u8> = h.c().out.iter().flat_map(|p| p.bytes.to_vec()).collect();
-            let out = String::from_utf8(out).unwrap();
+            let out = String::from_utf8(h.queued()).unwrap();
             assert!(out.starts_with("HTTP/1.1 101 "), "{out}");
             assert!(
                 out.contains("Sec-WebSocket-Protocol: v12.stomp\r\n"),
@@ -1987,12 +1986,22 @@ pub mod recorder {
             on_bytes(self, now, &mut bytes.to_vec());
         }
 
+        /// The bytes queued so far, left in the queue.
+        pub fn queued(&mut self) -> Vec<u8> {
+            let c = self.c();
+            c.flight.as_ref().map_or_else(Vec::new, |f| {
+                f.out.iter().flat_map(|p| p.bytes.to_vec()).collect()
+            })
+        }
+
         /// Takes the frames queued so far (after the HTTP answer, if any): (opcode, payload).
         pub fn sent(&mut self) -> Vec<(u8, Vec<u8>)> {
             let c = self.c();
-            let mut bytes: Vec<u8> = c.out.iter().flat_map(|p| p.bytes.to_vec()).collect();
-            c.out.clear();
-            c.out_bytes = 0;
+            let f = c.flight();
+            let mut bytes: Vec<u8> = f.out.iter().flat_map(|p| p.bytes.to_vec()).collect();
+            f.out.clear();
+            f.out_bytes = 0;
+            c.settle();
             if bytes.starts_with(b"HTTP/1.1 ") {
                 let end = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
                 bytes.drain(..end);
@@ -2019,8 +2028,11 @@ pub mod recorder {
         /// deadline.
         pub fn check_invariants(&mut self) {
             let c = self.c();
-            let queued: usize = c.out.iter().map(|p| p.bytes.len()).sum();
-            assert_eq!(c.out_bytes, queued, "queue accounting");
+            let queued: usize = c
+                .flight
+                .as_ref()
+                .map_or(0, |f| f.out.iter().map(|p| p.bytes.len()).sum());
+            assert_eq!(c.out_bytes(), queued, "queue accounting");
             assert!(self.closes.len() <= 1, "closed twice: {:?}", self.closes);
             if self.c().phase == ConnPhase::Closing {
                 assert!(
@@ -2149,9 +2161,9 @@ pub mod recorder {
             )
         }
         fn send_raw(&mut self, part: OutPart) {
-            let c = &mut self.conns[0];
-            c.out_bytes += part.bytes.len();
-            c.out.push_back(part);
+            let f = self.conns[0].flight();
+            f.out_bytes += part.bytes.len();
+            f.out.push_back(part);
         }
         fn flush(&mut self) {}
         fn kill(&mut self) {
@@ -2240,7 +2252,7 @@ mod tests {
         h.feed(at_ms(0), req.as_bytes());
         assert_eq!(h.outcomes, [HandshakeOutcome::Unauthorized]);
         assert_eq!(h.phases, [ConnPhase::Closing]);
-        let out: Vec<u8> = h.c().out.iter().flat_map(|p| p.bytes.to_vec()).collect();
+        let out = h.queued();
         assert!(
             out.starts_with(b"HTTP/1.1 401 "),
             "{}",
@@ -2393,10 +2405,7 @@ mod tests {
             h.feed(at_ms(1), std::slice::from_ref(b));
         }
         assert_eq!(h.texts(), [r#"{"type":"pong","id":7}"#]);
-        assert!(
-            h.c().inbuf.is_empty() && h.c().inbuf.capacity() == 0,
-            "no buffer kept"
-        );
+        assert!(h.c().flight.is_none(), "no buffer kept: nothing in flight");
     }
 
     #[test]

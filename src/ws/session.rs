@@ -55,6 +55,11 @@ pub struct Session {
 const MAX_CONTROL_PAYLOAD: u64 = 125;
 
 impl Session {
+    /// No fragmented message is being reassembled.
+    pub fn is_idle(&self) -> bool {
+        self.frag.is_none()
+    }
+
     /// Parses every complete frame at the start of `buf` (unmasking it in place) and reports
     /// each event to `on`. Returns how many bytes were consumed; the caller keeps the rest and
     /// feeds it again with more bytes.

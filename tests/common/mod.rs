@@ -1478,11 +1478,18 @@ pub fn padded_seq(text: &str, topic: &str, pad: usize) -> usize {
     seq
 }
 
+/// The maximum segment size [`small_window_client`] announces, bytes: the IPv4 minimum.
+const SMALL_WINDOW_MSS: u32 = 536;
+
 /// A connection of `user` with a 4 KiB receive buffer, set before connect so the window is
-/// small from the start: what it does not read stays queued at the server.
+/// small from the start: what it does not read stays queued at the server. Its maximum
+/// segment size is small too: the kernel sizes the server socket's send buffer from the
+/// segment size (twice the memory of its initial window of segments), which over loopback's
+/// 64 KiB segments is about 4 MiB that the server would hand to the kernel unread.
 pub fn small_window_client(addr: SocketAddr, project: &str, user: &str) -> Client {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
+    sock.set_tcp_mss(SMALL_WINDOW_MSS).unwrap();
     sock.connect_timeout(&addr.into(), TIMEOUT).unwrap();
     let stream: TcpStream = sock.into();
     set_timeouts(&stream);
