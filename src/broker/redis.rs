@@ -534,7 +534,7 @@ impl Bridge {
                         self.subs.fetches.entry((p, t)).or_default().push((read, done));
                         self.subs.count_pending();
                     }
-                    Some(Change::Topic(..)) => self.subs.answer_unwanted(),
+                    Some(Change::Topic(p, t)) => self.subs.answer_if_unwanted(&(p, t)),
                     None => return true,
                 },
             }
@@ -788,14 +788,28 @@ impl Subscriptions {
             .cloned()
             .collect();
         for key in gone {
-            for done in self.waiters.remove(&key).unwrap_or_default() {
-                done();
-            }
-            for (_, done) in self.fetches.remove(&key).unwrap_or_default() {
-                done();
-            }
+            self.answer(&key);
         }
         self.count_pending();
+    }
+
+    /// [`Subscriptions::answer_unwanted`] for one topic whose interest changed: the node's
+    /// interest in a topic ends only with such a change, so the other waiters need no look.
+    fn answer_if_unwanted(&mut self, key: &Key) {
+        if self.interest.mask(key.0, &key.1) == 0 {
+            self.answer(key);
+            self.count_pending();
+        }
+    }
+
+    /// Answers the waiters and the reads queued for `key`.
+    fn answer(&mut self, key: &Key) {
+        for done in self.waiters.remove(key).unwrap_or_default() {
+            done();
+        }
+        for (_, done) in self.fetches.remove(key).unwrap_or_default() {
+            done();
+        }
     }
 
     /// Publishes how many reads of streams wait for their channel's subscription.
@@ -845,17 +859,20 @@ impl Subscriptions {
                 } else {
                     new.push(key);
                 }
-            } else if self.subscribed.contains(&key) {
-                self.lingering
-                    .entry(key)
-                    .or_insert(now + self.settings.unsubscribe_linger);
+            } else {
+                // Nobody waits for it any more: what was asked for it is answered.
+                self.answer(&key);
+                if self.subscribed.contains(&key) {
+                    self.lingering
+                        .entry(key)
+                        .or_insert(now + self.settings.unsubscribe_linger);
+                }
             }
         }
         new.sort();
         new.dedup();
-        self.subscribe(new, conn).await?;
-        self.answer_unwanted();
-        Ok(())
+        self.count_pending();
+        self.subscribe(new, conn).await
     }
 
     /// `SUBSCRIBE`s `keys` in batches, then calls their waiters.
