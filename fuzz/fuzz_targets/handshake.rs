@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
                 let red = handshake::redact(target);
                 let (_, q) = red.split_once('?').unwrap_or((&red, ""));
                 for (k, v) in form_urlencoded::parse(q.as_bytes()) {
-                    assert!(k != "token" || v == "REDACTED", "token leaks through redact: {red}");
+                    assert!(
+                        k != "token" || v == "REDACTED",
+                        "token leaks through redact: {red}"
+                    );
                 }
             }
         }

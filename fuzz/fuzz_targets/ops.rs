@@ -24,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Some(id) = req.id {
         let c = id.get().as_bytes()[0];
-        assert!(c == b'"' || c == b'-' || c.is_ascii_digit(), "id {}", id.get());
+        assert!(
+            c == b'"' || c == b'-' || c.is_ascii_digit(),
+            "id {}",
+            id.get()
+        );
     }
     json_object(&ops::ack(req.id, None));
     json_object(&ops::ack(req.id, Some(None)));

@@ -22,7 +22,8 @@ fuzz_target!(|data: &[u8]| {
             let listed = |e: &str| {
                 let e = e.trim();
                 e.parse::<std::net::IpAddr>().is_ok_and(|x| x == ip)
-                    || e.parse::<std::net::SocketAddr>().is_ok_and(|x| x.ip() == ip)
+                    || e.parse::<std::net::SocketAddr>()
+                        .is_ok_and(|x| x.ip() == ip)
             };
             assert!(text.split(',').any(listed), "{ip} not in {text:?}");
         }

@@ -54,7 +54,14 @@ fn drive(chunks: &[&[u8]], max: usize, stop_on_close: bool) -> Outcome {
                     if let Some(c) = c {
                         assert!((1000..5000).contains(&c), "close code {c}");
                     }
-                    (Ev::Close(c), if stop_on_close { Flow::Stop } else { Flow::Continue })
+                    (
+                        Ev::Close(c),
+                        if stop_on_close {
+                            Flow::Stop
+                        } else {
+                            Flow::Continue
+                        },
+                    )
                 }
             };
             if let Ev::Text(t) = &e {
