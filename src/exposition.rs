@@ -140,6 +140,19 @@ impl Collector for HubCollector {
              twice the shard's connections plus 64.",
             |s| &s.expiry_entries,
         )?;
+        counter(
+            &mut enc,
+            "herald_allocator_collects",
+            "Times a shard's sweep asked the allocator to return the memory the shard's arrays \
+             freed when they changed size (at most once per sweep tick, only after a change).",
+            sum(hub, |s| &s.allocator_collects),
+        )?;
+        counter(
+            &mut enc,
+            "herald_allocator_collect_microseconds",
+            "Time those requests took, in all, microseconds.",
+            sum(hub, |s| &s.allocator_collect_us),
+        )?;
         gauge(
             &mut enc,
             "herald_api_connections",

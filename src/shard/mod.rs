@@ -14,6 +14,7 @@ pub mod fanout;
 pub mod io;
 pub mod mailbox;
 mod refusals;
+mod trim;
 mod welcome;
 
 pub(crate) use refusals::REFUSAL_LOG_EVERY;
@@ -136,6 +137,8 @@ pub struct Shard {
     pub(crate) held_welcomes: HashMap<u32, welcome::HeldWelcome>,
     /// Subscribes waiting for their topic's stream to be read from the engine.
     pub(crate) fetches: driver::Fetches,
+    /// Gives the memory freed by the arrays' growth back to the OS ([`trim`]).
+    trim: trim::Trim,
 }
 
 /// Subscribe acks held for one topic ([`Shard::held_acks`]).
@@ -278,6 +281,7 @@ impl Shard {
             held_welcomes: HashMap::new(),
             awaits_engine: false,
             fetches: driver::Fetches::default(),
+            trim: trim::Trim::default(),
         }
     }
 
@@ -686,6 +690,24 @@ impl Shard {
         self.heartbeat_slice(tick, now);
         self.flush_dirty();
         self.log_refusals(false);
+        self.give_back_memory();
+    }
+
+    /// After a tick: if the shard's arrays changed size since it last did, asks the
+    /// allocator to return what they freed ([`trim`]).
+    fn give_back_memory(&mut self) {
+        let now = trim::Footprint {
+            conns: self.conns.capacity(),
+            topics: self.topics.nr_topics().next_power_of_two(),
+            deadlines: self.handshake_deadlines.capacity() + self.close_deadlines.capacity(),
+            expiries: self.expiries.capacity(),
+        };
+        if let Some(took) = self.trim.after_tick(now) {
+            let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            ShardStats::add(&self.stats.allocator_collects, 1);
+            ShardStats::add(&self.stats.allocator_collect_us, us);
+            debug!(shard = self.id, us, "freed memory returned to the OS");
+        }
     }
 
     /// Queues a token-expiry check for the occupant of `slot` (whose `expires_at` is `at`).
