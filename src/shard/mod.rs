@@ -445,6 +445,13 @@ impl Shard {
             slot,
             generation,
         });
+        if self.conns.capacity() != self.trim.conns()
+            && self.conns.capacity() >= trim::PROMPT_SLAB_ENTRIES
+        {
+            // The slab just doubled: its old copy, the largest array freed, goes back now
+            // rather than at the next tick (once per doubling, not per connection).
+            self.give_back_memory();
+        }
         (slot, generation)
     }
 
@@ -702,8 +709,8 @@ impl Shard {
         self.give_back_memory();
     }
 
-    /// After a tick: if the shard's arrays changed size since it last did, asks the
-    /// allocator to return what they freed ([`trim`]).
+    /// After a tick or a doubling of the connection slab: if the shard's arrays changed size
+    /// since it last did, asks the allocator to return what they freed ([`trim`]).
     fn give_back_memory(&mut self) {
         let now = trim::Footprint {
             conns: self.conns.capacity(),

@@ -7,14 +7,18 @@
 //! that owns them allocates again, which an idle shard does not: the old copies stayed
 //! resident, about a quarter of an idle connection's cost. So the sweep asks the allocator to
 //! return what this thread freed ([`libmimalloc_sys::mi_collect`], forced: the freed pages go
-//! back at once, not after mimalloc's purge delay), once per sweep tick at most and only when
-//! the shard's arrays changed size since the last time: never per message or per connection,
-//! and not at all while the shard's load is steady.
+//! back at once, not after mimalloc's purge delay) after a sweep tick in which the shard's
+//! arrays changed size, and at once when the connection slab doubles: never per message or
+//! per connection, and not at all while the shard's load is steady.
 //!
 //! Under another global allocator (the in-process test server) the call only collects
 //! mimalloc's own empty heap for this thread.
 
 use std::time::{Duration, Instant};
+
+/// From this many entries a doubling of the connection slab is given back at once (its old
+/// copy is 56 KiB or more); smaller ones wait for the next tick.
+pub(crate) const PROMPT_SLAB_ENTRIES: usize = 1024;
 
 /// The sizes of a shard's arrays that grow by doubling, as of one sweep tick. Topics are
 /// counted by the power of two at or above their number: the topic index and the node-wide
@@ -39,7 +43,13 @@ pub(crate) struct Trim {
 }
 
 impl Trim {
-    /// Called by every sweep tick with the shard's current footprint: if it changed since the
+    /// Entries of the connection slab at the last collect.
+    pub(crate) fn conns(&self) -> usize {
+        self.last.conns
+    }
+
+    /// Called by every sweep tick (and by a doubling of the connection slab) with the shard's
+    /// current footprint: if it changed since the
     /// last collect, asks the allocator to return what this thread freed, and answers how
     /// long that took (`None`: nothing changed, nothing done).
     pub(crate) fn after_tick(&mut self, now: Footprint) -> Option<Duration> {

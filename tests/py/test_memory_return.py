@@ -3,8 +3,8 @@
 The slab of connections, the topic index, the deadline queues and the expiry heap grow by
 doubling; each growth frees the old copy, which the allocator keeps until the thread that owns
 it allocates again, which an idle shard does not. The sweep asks the allocator to return it
-once the arrays changed size, and only then: once after the growth, never again while the
-load is steady (`herald_allocator_collects`).
+once the arrays changed size (a large slab doubling at once), and only then: never again
+while the load is steady (`herald_allocator_collects`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def test_growth_is_given_back_once_then_nothing_while_idle(server):
     time.sleep(HANDSHAKE_TIMEOUT_MS / 1000 + 2)
     settled = collects(server)
     ticks = time.monotonic() - started + 1
-    assert settled - before <= 2 * ticks, f"{settled - before} collects in {ticks:.0f} ticks of 2 shards"
+    # At most one per tick, plus one per doubling of a slab from 1,024 entries (2 per shard).
+    assert settled - before <= 2 * ticks + 4, f"{settled - before} collects in {ticks:.0f} ticks"
     time.sleep(STEADY_TICKS + 0.5)
     assert collects(server) == settled, "collected again while nothing changed"
     for s in conns:
