@@ -147,11 +147,15 @@ impl Collector for HubCollector {
              freed when they changed size (at most once per sweep tick, only after a change).",
             sum(hub, |s| &s.allocator_collects),
         )?;
-        counter(
-            &mut enc,
-            "herald_allocator_collect_microseconds",
-            "Time those requests took, in all, microseconds.",
-            sum(hub, |s| &s.allocator_collect_us),
+        enc.encode_descriptor(
+            "herald_allocator_collect_seconds",
+            "Time those requests took, in all.",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<NoLabelSet, _, u64>(
+            &(sum(hub, |s| &s.allocator_collect_us) as f64 / 1e6),
+            None,
         )?;
         gauge(
             &mut enc,
