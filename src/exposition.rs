@@ -140,6 +140,23 @@ impl Collector for HubCollector {
              twice the shard's connections plus 64.",
             |s| &s.expiry_entries,
         )?;
+        counter(
+            &mut enc,
+            "herald_allocator_collects",
+            "Times a shard's sweep asked the allocator to return the memory the shard's arrays \
+             freed when they changed size (at most once per sweep tick, only after a change).",
+            sum(hub, |s| &s.allocator_collects),
+        )?;
+        enc.encode_descriptor(
+            "herald_allocator_collect_seconds",
+            "Time those requests took, in all.",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<NoLabelSet, _, u64>(
+            &(sum(hub, |s| &s.allocator_collect_us) as f64 / 1e6),
+            None,
+        )?;
         gauge(
             &mut enc,
             "herald_api_connections",

@@ -87,6 +87,11 @@ pub struct ShardStats {
     pub pending_handshakes: AtomicU64,
     /// Entries in the token-expiry heap (live and stale), as of the last sweep tick.
     pub expiry_entries: AtomicU64,
+    /// Times the sweep asked the allocator to return the memory the shard's arrays freed as
+    /// they changed size (`crate::shard`'s `trim`).
+    pub allocator_collects: AtomicU64,
+    /// Time those requests took, microseconds.
+    pub allocator_collect_us: AtomicU64,
     /// Connection entries the listing (`GET /api/v1/connections`) has looked at: what a
     /// page costs the shard, for tests and debugging.
     pub list_visited: AtomicU64,

@@ -694,6 +694,7 @@ impl Host for ShardHost<'_> {
 
     fn arm_close_deadline(&mut self, at: Instant) {
         let generation = self.generation();
+        let at = self.shard.clock_ms(at);
         self.shard.close_deadlines.push_back(Deadline {
             at,
             slot: self.slot,

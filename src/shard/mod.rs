@@ -14,6 +14,7 @@ pub mod fanout;
 pub mod io;
 pub mod mailbox;
 mod refusals;
+mod trim;
 mod welcome;
 
 pub(crate) use refusals::REFUSAL_LOG_EVERY;
@@ -50,12 +51,21 @@ pub const SCRATCH_BYTES: usize = 64 * 1024;
 /// Inbox messages handled before other tasks get a turn.
 const INBOX_BUDGET: usize = 1024;
 
-/// A deadline for one connection occupant.
+/// A deadline for one connection occupant: 12 bytes, as every handshake holds one until its
+/// timeout passes.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Deadline {
-    pub(crate) at: Instant,
+    /// When, on the shard's wrapping millisecond clock ([`machine::Now::ms`]), rounded up.
+    pub(crate) at: u32,
     pub(crate) slot: u32,
     pub(crate) generation: u32,
+}
+
+impl Deadline {
+    /// The deadline has passed at `now_ms` (modulo 2^32: deadlines are never weeks ahead).
+    pub(crate) fn due(&self, now_ms: u32) -> bool {
+        now_ms.wrapping_sub(self.at) as i32 >= 0
+    }
 }
 
 /// Everything one core owns.
@@ -136,6 +146,8 @@ pub struct Shard {
     pub(crate) held_welcomes: HashMap<u32, welcome::HeldWelcome>,
     /// Subscribes waiting for their topic's stream to be read from the engine.
     pub(crate) fetches: driver::Fetches,
+    /// Gives the memory freed by the arrays' growth back to the OS ([`trim`]).
+    trim: trim::Trim,
 }
 
 /// Subscribe acks held for one topic ([`Shard::held_acks`]).
@@ -278,6 +290,7 @@ impl Shard {
             held_welcomes: HashMap::new(),
             awaits_engine: false,
             fetches: driver::Fetches::default(),
+            trim: trim::Trim::default(),
         }
     }
 
@@ -428,10 +441,17 @@ impl Shard {
         let slot = self.conns.insert(conn) as u32;
         self.set_phase(slot, Some(ConnPhase::Handshake));
         self.handshake_deadlines.push_back(Deadline {
-            at: Instant::now() + self.limits.handshake_timeout,
+            at: self.clock_ms(Instant::now() + self.limits.handshake_timeout),
             slot,
             generation,
         });
+        if self.conns.capacity() != self.trim.conns()
+            && self.conns.capacity() >= trim::PROMPT_SLAB_ENTRIES
+        {
+            // The slab just doubled: its old copy, the largest array freed, goes back now
+            // rather than at the next tick (once per doubling, not per connection).
+            self.give_back_memory();
+        }
         (slot, generation)
     }
 
@@ -647,7 +667,7 @@ impl Shard {
         );
         let now = self.now();
         while let Some(d) = self.handshake_deadlines.front().copied() {
-            if d.at > now.at {
+            if !d.due(now.ms) {
                 break;
             }
             self.handshake_deadlines.pop_front();
@@ -656,7 +676,7 @@ impl Shard {
             }
         }
         while let Some(d) = self.close_deadlines.front().copied() {
-            if d.at > now.at {
+            if !d.due(now.ms) {
                 break;
             }
             self.close_deadlines.pop_front();
@@ -686,6 +706,24 @@ impl Shard {
         self.heartbeat_slice(tick, now);
         self.flush_dirty();
         self.log_refusals(false);
+        self.give_back_memory();
+    }
+
+    /// After a tick or a doubling of the connection slab: if the shard's arrays changed size
+    /// since it last did, asks the allocator to return what they freed ([`trim`]).
+    fn give_back_memory(&mut self) {
+        let now = trim::Footprint {
+            conns: self.conns.capacity(),
+            topics: self.topics.nr_topics().next_power_of_two(),
+            deadlines: self.handshake_deadlines.capacity() + self.close_deadlines.capacity(),
+            expiries: self.expiries.capacity(),
+        };
+        if let Some(took) = self.trim.after_tick(now) {
+            let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            ShardStats::add(&self.stats.allocator_collects, 1);
+            ShardStats::add(&self.stats.allocator_collect_us, us);
+            debug!(shard = self.id, us, "freed memory returned to the OS");
+        }
     }
 
     /// Queues a token-expiry check for the occupant of `slot` (whose `expires_at` is `at`).
@@ -785,6 +823,15 @@ impl Shard {
             debug!(shard = self.id, slot, "no answer to heartbeat; dropping");
             self.kill(slot);
         }
+    }
+
+    /// `at` on the shard's wrapping millisecond clock, rounded up (a deadline never fires
+    /// early).
+    pub(crate) fn clock_ms(&self, at: Instant) -> u32 {
+        // Wrapping on purpose, like `Now::ms`.
+        at.saturating_duration_since(self.epoch)
+            .as_micros()
+            .div_ceil(1000) as u32
     }
 
     /// The connection in `slot` if it still has `generation`.
@@ -1112,6 +1159,24 @@ async fn sweep_loop(shard: Rc<RefCell<Shard>>, tick: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A deadline is 12 bytes (it was 24 with an `Instant`) and falls due across the wrap of
+    /// the shard's millisecond clock.
+    #[test]
+    fn deadlines_are_small_and_fall_due_across_the_wrap() {
+        assert_eq!(std::mem::size_of::<Deadline>(), 12);
+        let d = |at| Deadline {
+            at,
+            slot: 0,
+            generation: 0,
+        };
+        assert!(!d(1000).due(999));
+        assert!(d(1000).due(1000));
+        assert!(d(1000).due(1001));
+        assert!(!d(5).due(u32::MAX - 10), "due 16 ms after the wrap");
+        assert!(d(5).due(5));
+        assert!(d(u32::MAX - 10).due(3), "passed just before the wrap");
+    }
 
     #[test]
     fn each_warning_is_throttled_on_its_own() {

@@ -658,9 +658,9 @@ fn admit<H: Host>(
             .map(|t| t.into_iter().map(Into::into).collect()),
         kid,
         connected_at: now.unix_ms,
-        history: Vec::new(),
+        history: Default::default(),
     }));
-    c.subs = Vec::with_capacity(implicit.len());
+    c.subs = crate::ws::conn::Subs::with_capacity(implicit.len());
     // The welcome (STOMP: `CONNECTED`) waits for the engine subscriptions of these.
     for t in &implicit {
         let sub = h.subscribe(project_idx, t.as_str());
