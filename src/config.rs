@@ -1892,6 +1892,23 @@ mod tests {
         assert!(err.contains("unknown variant, expected"), "{err}");
     }
 
+    /// `server.write_batch` takes `io_uring` (the default) or `sendmsg`, and names both when
+    /// given anything else.
+    #[test]
+    fn write_batch_is_io_uring_or_sendmsg() {
+        assert_eq!(Config::default().server.write_batch, WriteBatch::IoUring);
+        let c = Config::parse("[server]\nwrite_batch = \"sendmsg\"\n").unwrap();
+        assert_eq!(c.server.write_batch, WriteBatch::Sendmsg);
+        let c = Config::parse("[server]\nwrite_batch = \"io_uring\"\n").unwrap();
+        assert_eq!(c.server.write_batch, WriteBatch::IoUring);
+        let err = Config::parse("[server]\nwrite_batch = \"uring\"\n").unwrap_err();
+        assert_eq!(
+            err,
+            "line 2, column 15, key `server.write_batch`: unknown variant, expected `io_uring` \
+             or `sendmsg`"
+        );
+    }
+
     #[test]
     fn serde_json_messages_lose_the_value_too() {
         let e = serde_json::from_str::<KeyConfig>(r#"{"kid": "k", "secret": 987654321}"#)
