@@ -25,6 +25,9 @@ use crate::metrics::ShardStats;
 /// Submission queue entries: the most sends submitted with one system call. A broadcast to
 /// more connections takes one call per this many.
 const ENTRIES: u32 = 1024;
+/// Most iovecs the ring keeps room for between batches (two pieces per send of a full
+/// batch, 32 KiB); a batch of deeper queues grows it and gives the excess back after.
+const KEPT_IOVECS: usize = 2 * ENTRIES as usize;
 
 /// One shard's ring and the storage its sends in flight point at.
 pub struct WriteRing {
@@ -173,6 +176,9 @@ impl Shard {
                     ShardStats::add(&self.stats.ring_sends_unfinished, 1);
                 }
             }
+        }
+        if w.iovecs.capacity() > KEPT_IOVECS {
+            w.iovecs = Vec::with_capacity(KEPT_IOVECS);
         }
         w
     }
