@@ -276,6 +276,11 @@ pub struct ServerConfig {
     /// I/O driver: `auto` (io_uring, or epoll with one warning where io_uring is unavailable)
     /// or `legacy` (always epoll). Default `auto`.
     pub io_driver: IoDriver,
+    /// How a shard writes what a batch queued: `io_uring` (one send per connection, all
+    /// submitted to the shard's ring with one system call) or `sendmsg` (one system call per
+    /// connection). `io_uring` falls back to `sendmsg` with one warning where the kernel
+    /// refuses a ring. Default `io_uring`.
+    pub write_batch: WriteBatch,
     /// Listen backlog per shard listener. Default 4096.
     pub listen_backlog: u32,
     /// Upper bound on concurrent client connections across all shards; 0 = unlimited.
@@ -316,6 +321,18 @@ pub enum IoDriver {
     Auto,
     /// epoll (monoio's legacy driver).
     Legacy,
+}
+
+/// How a shard submits the sends of a batch.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum WriteBatch {
+    /// Every send of a batch through the shard's io_uring, one system call per batch.
+    #[default]
+    #[serde(rename = "io_uring")]
+    IoUring,
+    /// One `sendmsg` system call per connection.
+    #[serde(rename = "sendmsg")]
+    Sendmsg,
 }
 
 /// The client port.
@@ -628,6 +645,7 @@ impl Default for ServerConfig {
             shards: 0,
             pin_cores: true,
             io_driver: IoDriver::Auto,
+            write_batch: WriteBatch::IoUring,
             listen_backlog: 4096,
             max_connections: 0,
             drain_timeout_ms: 5000,
@@ -1433,6 +1451,9 @@ shards = 0
 pin_cores = true
 # "auto" = io_uring (falls back to epoll with a warning), or "legacy" = always epoll.
 io_driver = "auto"
+# "io_uring" = a batch's sends submitted to the shard's ring with one system call (falls back
+# to sendmsg with a warning), or "sendmsg" = one system call per connection.
+write_batch = "io_uring"
 listen_backlog = {backlog}
 # Concurrent client connections across all shards; 0 = unlimited (bounded by RLIMIT_NOFILE).
 max_connections = 0
@@ -1869,6 +1890,23 @@ mod tests {
         let err = Config::parse("[log]\nformat = \"hunter2-secret\"\n").unwrap_err();
         assert!(!err.contains("hunter2"), "{err}");
         assert!(err.contains("unknown variant, expected"), "{err}");
+    }
+
+    /// `server.write_batch` takes `io_uring` (the default) or `sendmsg`, and names both when
+    /// given anything else.
+    #[test]
+    fn write_batch_is_io_uring_or_sendmsg() {
+        assert_eq!(Config::default().server.write_batch, WriteBatch::IoUring);
+        let c = Config::parse("[server]\nwrite_batch = \"sendmsg\"\n").unwrap();
+        assert_eq!(c.server.write_batch, WriteBatch::Sendmsg);
+        let c = Config::parse("[server]\nwrite_batch = \"io_uring\"\n").unwrap();
+        assert_eq!(c.server.write_batch, WriteBatch::IoUring);
+        let err = Config::parse("[server]\nwrite_batch = \"uring\"\n").unwrap_err();
+        assert_eq!(
+            err,
+            "line 2, column 15, key `server.write_batch`: unknown variant, expected `io_uring` \
+             or `sendmsg`"
+        );
     }
 
     #[test]

@@ -79,6 +79,12 @@ pub struct ShardStats {
     pub bytes_in: AtomicU64,
     /// Bytes written to clients.
     pub bytes_out: AtomicU64,
+    /// Sends submitted through the shard's write ring (`server.write_batch = "io_uring"`).
+    pub ring_sends: AtomicU64,
+    /// Of `ring_sends`, those that left bytes queued (a partial write, a full socket buffer,
+    /// an interruption or an error): the connection then carries on as on the `sendmsg`
+    /// path (or is closed).
+    pub ring_sends_unfinished: AtomicU64,
     /// Time from `Hub::publish` to the last subscriber's queue, per publication.
     pub publish_enqueue: LatencyHistogram,
     /// Sweep ticks run (owner thread only): the liveness signal the systemd watchdog reads.

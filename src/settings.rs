@@ -178,6 +178,8 @@ pub struct Limits {
     /// A client socket whose descriptor number is at or above this is closed at accept:
     /// the descriptors above it are the API's ([`crate::system::hostcheck::client_fd_ceiling`]). `None`: no limit known.
     pub max_client_fd: Option<u64>,
+    /// How the shard submits a batch's sends (`server.write_batch`).
+    pub write_batch: crate::config::WriteBatch,
 }
 
 /// Settings of the API.
@@ -340,6 +342,7 @@ impl Limits {
             max_pending_handshakes: pending_share(c, nr_shards, max_client_fd),
             proxies,
             max_client_fd,
+            write_batch: c.server.write_batch,
             msg_interval_us,
             // Exactly `burst` messages back to back: the first at the bucket's start, then
             // `burst - 1` intervals ahead. Validation bounds the burst to 60 s of the rate,

@@ -22,11 +22,11 @@ use tracing::warn;
 
 use super::{SCRATCH_BYTES, Shard};
 use crate::metrics::ShardStats;
-use crate::ws::conn::ConnPhase;
+use crate::ws::conn::{ConnPhase, InFlight};
 use crate::ws::machine;
 
 /// Most iovecs per send.
-const MAX_IOV: usize = 64;
+pub(crate) const MAX_IOV: usize = 64;
 /// Most bytes read for one readiness event before other connections get a turn.
 const READ_BUDGET: usize = 4 * SCRATCH_BYTES;
 /// Most readiness events taken from the epoll instance per turn of [`ready_loop`]; the rest
@@ -225,6 +225,61 @@ fn send_vectored(fd: i32, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
+/// What a send's result means for the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// The socket took this many bytes.
+    Wrote(usize),
+    /// Interrupted before sending anything: send again.
+    Retry,
+    /// The socket's send buffer is full: wait until it is writable.
+    Blocked,
+    /// The connection is broken.
+    Failed,
+}
+
+fn outcome(r: io::Result<usize>) -> Sent {
+    match r {
+        Ok(n) => Sent::Wrote(n),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Sent::Retry,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Sent::Blocked,
+        Err(_) => Sent::Failed,
+    }
+}
+
+/// Calls `each` with the queue's first parts, at most [`MAX_IOV`], as one send writes them
+/// (the first without its bytes already written).
+pub(crate) fn queued_slices<'a>(f: &'a InFlight, mut each: impl FnMut(&'a [u8])) {
+    for (i, p) in f.out.iter().take(MAX_IOV).enumerate() {
+        let p = &p.bytes;
+        each(if i == 0 { &p[f.out_head as usize..] } else { p });
+    }
+}
+
+/// Takes `written` bytes off the front of the queue: whole parts leave it (the part after
+/// one that continues a frame is marked started), a part written in part keeps its offset.
+fn dequeue_written(f: &mut InFlight, mut written: usize) {
+    f.out_bytes -= written;
+    while written > 0 {
+        let left = f.out[0].bytes.len() - f.out_head as usize;
+        if written >= left {
+            written -= left;
+            let done = f.out.pop_front();
+            f.out_head = 0;
+            if done.is_some_and(|p| p.more)
+                && let Some(next) = f.out.front_mut()
+            {
+                next.started = true;
+            }
+        } else {
+            // Below the frame's length, which fits a u32 (message sizes are capped far
+            // below 4 GiB).
+            f.out_head += written as u32;
+            written = 0;
+        }
+    }
+}
+
 impl Shard {
     /// Reads what arrived and acts on it.
     pub(crate) fn on_readable(&mut self, slot: u32) {
@@ -321,51 +376,24 @@ impl Shard {
         if c.kill {
             return;
         }
-        let fd = c.fd;
-        if let Some(f) = c.flight.as_deref_mut() {
-            while !f.out.is_empty() {
-                let mut iov = [IoSlice::new(&[]); MAX_IOV];
-                let mut n = 0;
-                for (i, p) in f.out.iter().take(MAX_IOV).enumerate() {
-                    let p = &p.bytes;
-                    iov[i] = IoSlice::new(if i == 0 { &p[f.out_head as usize..] } else { p });
-                    n += 1;
-                }
-                match send_vectored(fd, &iov[..n]) {
-                    Ok(mut written) => {
-                        ShardStats::add(&self.stats.bytes_out, written as u64);
-                        f.out_bytes -= written;
-                        self.dirty.dequeued(written);
-                        while written > 0 {
-                            let left = f.out[0].bytes.len() - f.out_head as usize;
-                            if written >= left {
-                                written -= left;
-                                let done = f.out.pop_front();
-                                f.out_head = 0;
-                                if done.is_some_and(|p| p.more)
-                                    && let Some(next) = f.out.front_mut()
-                                {
-                                    next.started = true;
-                                }
-                            } else {
-                                // Below the frame's length, which fits a u32 (message
-                                // sizes are capped far below 4 GiB).
-                                f.out_head += written as u32;
-                                written = 0;
-                            }
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.set_want_write(slot, true);
-                        return;
-                    }
-                    Err(_) => {
-                        self.kill(slot);
-                        return;
-                    }
-                }
+        loop {
+            let c = &mut self.conns[slot as usize];
+            let Some(f) = c.flight.as_deref().filter(|f| !f.out.is_empty()) else {
+                break;
+            };
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            queued_slices(f, |s| {
+                iov[n] = IoSlice::new(s);
+                n += 1;
+            });
+            let r = send_vectored(c.fd, &iov[..n]);
+            if !self.sent(slot, r) {
+                return;
             }
+        }
+        let c = &mut self.conns[slot as usize];
+        if let Some(f) = c.flight.as_deref_mut() {
             f.out = VecDeque::new();
         }
         // Written out: an idle connection frees its in-flight state.
@@ -377,8 +405,38 @@ impl Shard {
         }
     }
 
-    /// Flushes every connection queued to since the last flush.
+    /// Applies the result of a send of the connection's queue (made by `sendmsg` or through
+    /// the shard's ring): the written bytes leave the queue; a full socket buffer makes the
+    /// connection wait for writability, any other error kills it. `true`: writing may go on
+    /// (whatever is still queued).
+    pub(crate) fn sent(&mut self, slot: u32, r: io::Result<usize>) -> bool {
+        match outcome(r) {
+            Sent::Wrote(written) => {
+                ShardStats::add(&self.stats.bytes_out, written as u64);
+                self.dirty.dequeued(written);
+                if let Some(f) = self.conns[slot as usize].flight.as_deref_mut() {
+                    dequeue_written(f, written);
+                }
+                true
+            }
+            Sent::Retry => true,
+            Sent::Blocked => {
+                self.set_want_write(slot, true);
+                false
+            }
+            Sent::Failed => {
+                self.kill(slot);
+                false
+            }
+        }
+    }
+
+    /// Flushes every connection queued to since the last flush: through the shard's ring
+    /// where it has one, else one `sendmsg` each.
     pub(crate) fn flush_dirty(&mut self) {
+        if let Some(ring) = self.ring.take() {
+            self.ring = Some(self.flush_dirty_ring(ring));
+        }
         while let Some(slot) = self.dirty.slots.pop() {
             if self.conns.get(slot as usize).is_some_and(|c| c.dirty) {
                 self.flush(slot);
@@ -441,8 +499,67 @@ impl Shard {
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
+    use bytes::Bytes;
+
+    use super::{Sent, dequeue_written, outcome, queued_slices};
     use crate::pubsub::Sub;
-    use crate::ws::conn::{Conn, Identity, InFlight, Subs};
+    use crate::ws::conn::{Conn, Identity, InFlight, OutPart, Subs};
+
+    /// A queue of a frame in two pieces (`head` continues into `body`) and a whole frame.
+    fn queue() -> InFlight {
+        let mut f = InFlight::default();
+        for (bytes, more) in [(&b"head"[..], true), (b"body!", false), (b"next", false)] {
+            f.out.push_back(OutPart {
+                bytes: Bytes::from_static(bytes),
+                more,
+                started: false,
+            });
+            f.out_bytes += bytes.len();
+        }
+        f
+    }
+
+    fn slices(f: &InFlight) -> Vec<Vec<u8>> {
+        let mut v = Vec::new();
+        queued_slices(f, |s| v.push(s.to_vec()));
+        v
+    }
+
+    /// Written bytes leave the queue whole parts first; a part written in part keeps its
+    /// offset and the next send starts after it; the piece after a written piece of the same
+    /// frame is marked started (it must finish before anything is dropped).
+    #[test]
+    fn written_bytes_leave_the_queue_in_order() {
+        let mut f = queue();
+        dequeue_written(&mut f, 6);
+        assert_eq!(f.out.len(), 2);
+        assert_eq!((f.out_head, f.out_bytes), (2, 7));
+        assert!(f.out[0].started, "the frame's second piece is started");
+        assert_eq!(slices(&f), [b"dy!".to_vec(), b"next".to_vec()]);
+        dequeue_written(&mut f, 3);
+        assert_eq!((f.out.len(), f.out_head, f.out_bytes), (1, 0, 4));
+        assert!(!f.out[0].started);
+        assert_eq!(slices(&f), [b"next".to_vec()]);
+        dequeue_written(&mut f, 0);
+        assert_eq!((f.out.len(), f.out_head, f.out_bytes), (1, 0, 4));
+        dequeue_written(&mut f, 4);
+        assert!(f.out.is_empty());
+        assert_eq!((f.out_head, f.out_bytes), (0, 0));
+    }
+
+    /// A send's result, from `sendmsg` or a ring completion alike: bytes written, retry on
+    /// an interruption, wait for writability on a full buffer, anything else is fatal.
+    #[test]
+    fn send_results_map_to_what_the_connection_does() {
+        let err = io::Error::from_raw_os_error;
+        assert_eq!(outcome(Ok(7)), Sent::Wrote(7));
+        assert_eq!(outcome(Err(err(libc::EINTR))), Sent::Retry);
+        assert_eq!(outcome(Err(err(libc::EAGAIN))), Sent::Blocked);
+        assert_eq!(outcome(Err(err(libc::EPIPE))), Sent::Failed);
+        assert_eq!(outcome(Err(err(libc::ECONNRESET))), Sent::Failed);
+    }
 
     /// An idle connection is its slab entry, with no task, future or runtime file handle of
     /// its own (a monoio task of 368 B, its socket handle of 56 B and a pending poll of 24 B

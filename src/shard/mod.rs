@@ -15,6 +15,7 @@ pub mod io;
 pub mod mailbox;
 mod refusals;
 mod trim;
+mod uring;
 mod welcome;
 
 pub(crate) use refusals::REFUSAL_LOG_EVERY;
@@ -97,6 +98,9 @@ pub struct Shard {
     /// Slots with queued output to flush at the end of the current batch, and the bytes
     /// queued across the shard's connections.
     pub(crate) dirty: conn::Dirty,
+    /// The ring a batch's sends are submitted to (`server.write_batch = "io_uring"`);
+    /// `None`: one `sendmsg` per connection. Taken out while a batch is in flight.
+    pub(crate) ring: Option<uring::WriteRing>,
     /// Handshakes in progress, in deadline order (the timeout is constant).
     pub(crate) handshake_deadlines: VecDeque<Deadline>,
     /// Connections waiting for the peer's close frame, in deadline order.
@@ -259,6 +263,10 @@ impl Shard {
             limits.handshake_burst_per_ip,
             limits.limiter_max_ips,
         );
+        let ring = match limits.write_batch {
+            crate::config::WriteBatch::IoUring => uring::WriteRing::new(id),
+            crate::config::WriteBatch::Sendmsg => None,
+        };
         Self {
             id,
             hub,
@@ -272,6 +280,7 @@ impl Shard {
             next_generation: 1,
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
             dirty: conn::Dirty::default(),
+            ring,
             handshake_deadlines: VecDeque::new(),
             close_deadlines: VecDeque::new(),
             expiries: BinaryHeap::new(),

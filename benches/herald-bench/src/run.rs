@@ -260,6 +260,8 @@ pub struct CpuSection {
     pub phase_s: f64,
     /// Server CPU seconds (user + system) in the phase.
     pub server_s: Option<f64>,
+    /// Of `server_s`, the seconds spent in the kernel (system time).
+    pub server_system_s: Option<f64>,
     /// Bench CPU seconds (parent and workers) in the phase.
     pub bench_s: Option<f64>,
 }
@@ -671,7 +673,7 @@ pub async fn run(sc: Scenario) -> Result<Results> {
     };
 
     let cpu_now = |fleet: &Fleet| {
-        let server = server_pid.and_then(sys::proc_cpu_secs);
+        let server = server_pid.and_then(sys::proc_cpu_split);
         let bench = std::iter::once(std::process::id())
             .chain(fleet.pids())
             .map(sys::proc_cpu_secs)
@@ -814,7 +816,11 @@ pub async fn run(sc: Scenario) -> Result<Results> {
     cpu.phase_s = cpu_end.0.saturating_sub(cpu_start.0) as f64 / 1e9;
     // /proc CPU times are in clock ticks (10 ms): two decimals say all there is.
     let round = |v: f64| (v * 100.0).round() / 100.0;
-    cpu.server_s = cpu_start.1.zip(cpu_end.1).map(|(a, b)| round(b - a));
+    cpu.server_s = cpu_start
+        .1
+        .zip(cpu_end.1)
+        .map(|(a, b)| round(b.0 + b.1 - a.0 - a.1));
+    cpu.server_system_s = cpu_start.1.zip(cpu_end.1).map(|(a, b)| round(b.1 - a.1));
     cpu.bench_s = cpu_start.2.zip(cpu_end.2).map(|(a, b)| round(b - a));
 
     fleet.send_all(Cmd::Report);

@@ -71,6 +71,12 @@ pub fn proc_memory(pid: u32) -> Option<ProcMemory> {
 
 /// User + system CPU time of `pid` so far, in seconds (`/proc/<pid>/stat` fields 14 and 15).
 pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    proc_cpu_split(pid).map(|(user, system)| user + system)
+}
+
+/// User and system CPU time of `pid` so far, in seconds (`/proc/<pid>/stat` fields 14 and
+/// 15).
+pub fn proc_cpu_split(pid: u32) -> Option<(f64, f64)> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces: fields are counted after its `)`.
     let rest = &text[text.rfind(')')? + 2..];
@@ -79,7 +85,7 @@ pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
     let stime: f64 = fields.get(12)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) / hz)
+    Some((utime / hz, stime / hz))
 }
 
 /// Kernel-side TCP figures, system-wide.
