@@ -9,7 +9,14 @@
 //! A sender pushes a [`ShardMsg`] and writes the eventfd only when the inbox was not already
 //! armed, so a burst costs one syscall. The shard waits for the eventfd through the runtime
 //! (an io_uring poll, or epoll on the legacy driver): it neither spins nor polls on a timer.
+//!
+//! A thread that sends many messages in a row (the API thread) may hold its eventfd writes
+//! back ([`defer_wakes`]): a send then only arms the inbox, and the thread writes each armed
+//! inbox's eventfd once, when its runtime has run what was ready ([`flush_deferred_wakes`]).
+//! Its answers go out before the shards it woke take a core, and one wake-up carries every
+//! message sent in the meantime.
 
+use std::cell::RefCell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -353,7 +360,7 @@ impl Mailbox {
     /// Queues on room already counted in `queued`.
     fn push(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
         self.tx.send(msg).map_err(|e| e.into_inner())?;
-        if !self.shared.armed.swap(true, Ordering::AcqRel) {
+        if !self.shared.armed.swap(true, Ordering::AcqRel) && !defer_wake(&self.shared) {
             wake(self.shared.efd.as_raw_fd());
         }
         Ok(())
@@ -399,6 +406,77 @@ fn take(counter: &AtomicUsize, n: usize, fits: impl Fn(usize) -> bool) -> Result
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the shard inbox is full")]
 pub struct Full;
+
+/// The eventfd writes a thread holds back ([`defer_wakes`]).
+struct Deferred {
+    /// Inboxes armed by a send on this thread whose eventfd is not written yet.
+    pending: Vec<Arc<Shared>>,
+    /// Asks the thread's runtime to call [`flush_deferred_wakes`] once it has run what is
+    /// ready now.
+    schedule: Box<dyn Fn()>,
+}
+
+thread_local! {
+    static DEFERRED: RefCell<Option<Deferred>> = const { RefCell::new(None) };
+}
+
+/// Holds back the eventfd writes of this thread's sends until [`flush_deferred_wakes`]; the
+/// first held-back write calls `schedule`, which must make the thread's runtime call
+/// [`flush_deferred_wakes`] soon (after the tasks ready now). Dropping the guard writes what
+/// is still held back and ends the deferral.
+#[must_use = "the deferral ends when the guard is dropped"]
+pub fn defer_wakes(schedule: impl Fn() + 'static) -> DeferWakes {
+    DEFERRED.with(|d| {
+        *d.borrow_mut() = Some(Deferred {
+            pending: Vec::new(),
+            schedule: Box::new(schedule),
+        });
+    });
+    DeferWakes(std::marker::PhantomData)
+}
+
+/// Ends [`defer_wakes`] on drop (on the thread that started it: the guard is not `Send`).
+pub struct DeferWakes(std::marker::PhantomData<*const ()>);
+
+impl Drop for DeferWakes {
+    fn drop(&mut self) {
+        flush_deferred_wakes();
+        let _ = DEFERRED.try_with(|d| d.borrow_mut().take());
+    }
+}
+
+/// Writes the eventfd of every inbox this thread armed since the last flush.
+pub fn flush_deferred_wakes() {
+    let pending = DEFERRED
+        .try_with(|d| {
+            d.borrow_mut()
+                .as_mut()
+                .map(|d| std::mem::take(&mut d.pending))
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    for shared in &pending {
+        wake(shared.efd.as_raw_fd());
+    }
+}
+
+/// Holds `shared`'s eventfd write back if this thread defers its wake-ups.
+fn defer_wake(shared: &Arc<Shared>) -> bool {
+    DEFERRED
+        .try_with(|d| {
+            let mut d = d.borrow_mut();
+            let Some(d) = d.as_mut() else {
+                return false;
+            };
+            if d.pending.is_empty() {
+                (d.schedule)();
+            }
+            d.pending.push(shared.clone());
+            true
+        })
+        .unwrap_or(false)
+}
 
 fn wake(fd: i32) {
     let one: u64 = 1;
@@ -535,5 +613,45 @@ mod tests {
         let mut v: u64 = 0;
         let n = unsafe { libc::read(rx.raw_fd(), (&mut v as *mut u64).cast(), 8) };
         assert_eq!((n, v), (8, 1), "three sends, one eventfd write");
+    }
+
+    /// The eventfd's counter, read (and reset) without blocking: 0 when nothing was written.
+    fn wakes(rx: &Inbox) -> u64 {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
+        unsafe { libc::read(rx.raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        v
+    }
+
+    #[test]
+    fn deferred_wakes_are_written_once_per_inbox_at_the_flush() {
+        let (a, rx_a) = channel(8, 1 << 20).unwrap();
+        let (b, rx_b) = channel(8, 1 << 20).unwrap();
+        let scheduled = std::rc::Rc::new(std::cell::Cell::new(0));
+        let guard = defer_wakes({
+            let scheduled = scheduled.clone();
+            move || scheduled.set(scheduled.get() + 1)
+        });
+        a.send(ShardMsg::Drain).unwrap();
+        a.send(ShardMsg::Drain).unwrap();
+        b.send(ShardMsg::Drain).unwrap();
+        assert_eq!((wakes(&rx_a), wakes(&rx_b)), (0, 0), "held back");
+        assert_eq!(scheduled.get(), 1, "one flush asked for");
+        // Another thread's sends are not held back.
+        let (c, rx_c) = channel(8, 1 << 20).unwrap();
+        std::thread::spawn(move || c.send(ShardMsg::Drain).unwrap())
+            .join()
+            .unwrap();
+        assert_eq!(wakes(&rx_c), 1);
+        flush_deferred_wakes();
+        assert_eq!((wakes(&rx_a), wakes(&rx_b)), (1, 1), "one write per inbox");
+        rx_a.disarm();
+        a.send(ShardMsg::Drain).unwrap();
+        assert_eq!(scheduled.get(), 2);
+        drop(guard);
+        assert_eq!(wakes(&rx_a), 1, "the guard's drop writes what is held back");
+        rx_a.disarm();
+        a.send(ShardMsg::Drain).unwrap();
+        assert_eq!(wakes(&rx_a), 1, "no deferral after the guard");
     }
 }
