@@ -15,6 +15,9 @@
 //! inbox's eventfd once, when its runtime has run what was ready ([`flush_deferred_wakes`]).
 //! Its answers go out before the shards it woke take a core, and one wake-up carries every
 //! message sent in the meantime.
+//!
+//! A publisher may wait for an inbox to be shallow again ([`Mailbox::shallow`]): the shard
+//! tells the waiters when it takes the inbox down to [`SHALLOW_DEPTH`] messages.
 
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -208,7 +211,16 @@ struct Shared {
     /// Most bytes queued or reserved at once (an empty inbox still takes one reservation of
     /// any size, so a publication larger than this is not refused forever).
     max_bytes: usize,
+    /// Publishers waiting in [`Mailbox::shallow`]: the shard tells `shallow` only then.
+    nr_waiting: AtomicUsize,
+    /// Told when the inbox is taken down to [`SHALLOW_DEPTH`] while someone waits.
+    shallow: tokio::sync::Notify,
 }
+
+/// The depth (messages queued or reserved) at or under which an inbox is shallow: a publisher
+/// waiting in [`Mailbox::shallow`] goes on. Deeper, the shard has that many publishes to work
+/// through before a new one, and each adds its time to the next one's delivery.
+pub const SHALLOW_DEPTH: usize = 16;
 
 /// The sending side, held by the hub (any thread).
 #[derive(Debug, Clone)]
@@ -266,7 +278,12 @@ impl Drop for Reservation<'_> {
 impl Shared {
     /// Frees room for `n` messages of `nr_bytes` bytes.
     fn give_back(&self, n: usize, nr_bytes: usize) {
-        self.queued.fetch_sub(n, Ordering::AcqRel);
+        // SeqCst, like the waiter's count and check in `Mailbox::shallow`: either the shard
+        // sees the waiter, or the waiter sees the room.
+        let depth = self.queued.fetch_sub(n, Ordering::SeqCst) - n;
+        if depth <= SHALLOW_DEPTH && self.nr_waiting.load(Ordering::SeqCst) > 0 {
+            self.shallow.notify_waiters();
+        }
         self.queued_bytes.fetch_sub(nr_bytes, Ordering::AcqRel);
     }
 }
@@ -292,6 +309,8 @@ pub fn channel(capacity: usize, max_bytes: usize) -> std::io::Result<(Mailbox, I
         capacity,
         queued_bytes: AtomicUsize::new(0),
         max_bytes,
+        nr_waiting: AtomicUsize::new(0),
+        shallow: tokio::sync::Notify::new(),
     });
     // Unbounded: the bound is `Shared::queued`, so a send on reserved room never fails.
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -364,6 +383,35 @@ impl Mailbox {
             wake(self.shared.efd.as_raw_fd());
         }
         Ok(())
+    }
+
+    /// Returns once the inbox holds at most [`SHALLOW_DEPTH`] messages (at once if it does),
+    /// or its shard has stopped.
+    pub async fn shallow(&self) {
+        let shared = &self.shared;
+        if shared.queued.load(Ordering::SeqCst) <= SHALLOW_DEPTH {
+            return;
+        }
+        /// Counts a waiter for as long as it waits.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        shared.nr_waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&shared.nr_waiting);
+        loop {
+            let mut told = std::pin::pin!(shared.shallow.notified());
+            // Registered before the check: a notification after it is not missed.
+            told.as_mut().enable();
+            if shared.queued.load(Ordering::SeqCst) <= SHALLOW_DEPTH
+                || shared.gone.load(Ordering::Acquire)
+            {
+                return;
+            }
+            told.await;
+        }
     }
 
     /// Messages waiting (or reserved and about to be sent).
@@ -488,6 +536,8 @@ fn wake(fd: i32) {
 impl Drop for Inbox {
     fn drop(&mut self) {
         self.shared.gone.store(true, Ordering::Release);
+        // Nobody waits for a stopped shard's inbox.
+        self.shared.shallow.notify_waiters();
     }
 }
 
