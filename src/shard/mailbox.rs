@@ -220,7 +220,7 @@ struct Shared {
 /// The depth (messages queued or reserved) at or under which an inbox is shallow: a publisher
 /// waiting in [`Mailbox::shallow`] goes on. Deeper, the shard has that many publishes to work
 /// through before a new one, and each adds its time to the next one's delivery.
-pub const SHALLOW_DEPTH: usize = 16;
+pub const SHALLOW_DEPTH: usize = 8;
 
 /// The sending side, held by the hub (any thread).
 #[derive(Debug, Clone)]
