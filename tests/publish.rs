@@ -1,6 +1,7 @@
 //! What a publish answer promises: a publish answered 200 is delivered, one that could never be
 //! delivered is refused 413 before anything is sent, a refused publish or batch sent nothing
-//! to any shard, and a retry under the same `Idempotency-Key` publishes once.
+//! to any shard, a retry under the same `Idempotency-Key` publishes once, and a publish is
+//! answered once the shards' inboxes are shallow again.
 
 mod common;
 
@@ -164,4 +165,30 @@ fn a_retry_with_the_same_idempotency_key_answers_the_same_ids_and_publishes_once
     let two = "Idempotency-Key: a\r\nIdempotency-Key: b\r\n";
     let r = post(server.api, "/api/v1/publish", two, &body_to("all", "6"));
     assert_refusal(&r, 400, "bad_request");
+}
+
+#[test]
+fn a_publish_is_answered_once_every_shard_inbox_is_shallow_again() {
+    let server = TestServer::start(|_| {});
+    let mut subs = subscribers_on_both_shards(&server);
+    // Shard 1's inbox as deep as the shard still working through that many publishes.
+    let deep = herald::shard::mailbox::SHALLOW_DEPTH + 1;
+    let held = server.hub.mailboxes[1].try_reserve(deep, 0).unwrap();
+    std::thread::scope(|t| {
+        let publish = t.spawn(|| post(server.api, "/api/v1/publish", "", &body_to("all", "1")));
+        // Delivered at once (it is queued), answered only once the inbox is shallow.
+        assert_eq!(next_data(&mut subs), vec!["1"; subs.len()]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            !publish.is_finished(),
+            "answered while shard 1's inbox was deep"
+        );
+        drop(held);
+        let r = publish.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    });
+    // A shallow inbox holds nothing back.
+    let r = post(server.api, "/api/v1/publish", "", &body_to("all", "2"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(next_data(&mut subs), vec!["2"; subs.len()]);
 }

@@ -102,9 +102,17 @@ impl Ids {
 
 /// The answer body of an accepted publish with these ids.
 pub fn answer(endpoint: Endpoint, ids: &[String]) -> Bytes {
+    /// Serialised straight from the ids (no intermediate JSON tree).
+    #[derive(serde::Serialize)]
+    enum Answer<'a> {
+        #[serde(rename = "id")]
+        One(&'a str),
+        #[serde(rename = "ids")]
+        Many(&'a [String]),
+    }
     let v = match (endpoint, ids) {
-        (Endpoint::Single, [id]) => serde_json::json!({ "id": id }),
-        _ => serde_json::json!({ "ids": ids }),
+        (Endpoint::Single, [id]) => Answer::One(id),
+        _ => Answer::Many(ids),
     };
     Bytes::from(serde_json::to_vec(&v).expect("API bodies always serialise"))
 }

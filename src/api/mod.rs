@@ -455,6 +455,19 @@ pub fn start(
                     }
                 };
                 let accept_log = serve::LogThrottle::default();
+                // The shards this thread sends to are woken once the ready requests are
+                // answered, one wake-up per shard for all of them.
+                let flush = Arc::new(tokio::sync::Notify::new());
+                let _deferred = crate::shard::mailbox::defer_wakes({
+                    let flush = flush.clone();
+                    move || flush.notify_one()
+                });
+                tokio::spawn(async move {
+                    loop {
+                        flush.notified().await;
+                        crate::shard::mailbox::flush_deferred_wakes();
+                    }
+                });
                 cluster::serve_requests(&hub, connections::execute);
                 loop {
                     tokio::select! {

@@ -5,8 +5,12 @@
 //! publish or a whole batch goes to every shard or to none (see [`crate::hub`]): a refusal
 //! means nothing was sent. An `Idempotency-Key` header makes a retry safe
 //! ([`super::idempotency`]).
+//!
+//! An accepted publish is answered once every shard's inbox is shallow again ([`pace`]): a
+//! publisher faster than the shards then waits for them instead of queueing ahead of them, so
+//! what it publishes next is not delivered later and later.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -30,6 +34,21 @@ const MAX_TOPICS: usize = 64;
 const MAX_BATCH: usize = 1000;
 /// The document a publish body is, in its errors.
 const PUBLISH_BODY: &str = "publish body";
+/// Longest the answer of an accepted publish waits for the shards' inboxes ([`pace`]); past
+/// it the publish (already queued) is answered anyway.
+const MAX_PACE: Duration = Duration::from_secs(1);
+
+/// Waits, at most [`MAX_PACE`], until every shard's inbox holds at most
+/// [`crate::shard::mailbox::SHALLOW_DEPTH`] messages. An accepted publish is answered after
+/// this: a publisher then goes no faster than the shards deliver, and the inboxes stay short.
+async fn pace(hub: &Hub) {
+    let shallow = async {
+        for mailbox in &hub.mailboxes {
+            mailbox.shallow().await;
+        }
+    };
+    let _ = tokio::time::timeout(MAX_PACE, shallow).await;
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -170,7 +189,7 @@ pub(super) async fn single(
     let key = idempotency_key(&req)?;
     let body = JsonBody::read(req, settings.max_body_bytes, settings.body_read_timeout).await?;
     let c = check(hub, who, body.parse(PUBLISH_BODY, false)?)?;
-    once(
+    let answer = once(
         hub,
         cache,
         who,
@@ -186,7 +205,9 @@ pub(super) async fn single(
             Ok(vec![id])
         },
     )
-    .await
+    .await?;
+    pace(hub).await;
+    Ok(answer)
 }
 
 pub(super) async fn batch(
@@ -215,7 +236,7 @@ pub(super) async fn batch(
         .enumerate()
         .map(|(i, b)| check(hub, who, b).map_err(item_err(i)))
         .collect::<Result<Vec<_>, _>>()?;
-    once(
+    let answer = once(
         hub,
         cache,
         who,
@@ -240,5 +261,7 @@ pub(super) async fn batch(
             Ok(ids)
         },
     )
-    .await
+    .await?;
+    pace(hub).await;
+    Ok(answer)
 }

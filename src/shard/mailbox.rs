@@ -9,7 +9,17 @@
 //! A sender pushes a [`ShardMsg`] and writes the eventfd only when the inbox was not already
 //! armed, so a burst costs one syscall. The shard waits for the eventfd through the runtime
 //! (an io_uring poll, or epoll on the legacy driver): it neither spins nor polls on a timer.
+//!
+//! A thread that sends many messages in a row (the API thread) may hold its eventfd writes
+//! back ([`defer_wakes`]): a send then only arms the inbox, and the thread writes each armed
+//! inbox's eventfd once, when its runtime has run what was ready ([`flush_deferred_wakes`]).
+//! Its answers go out before the shards it woke take a core, and one wake-up carries every
+//! message sent in the meantime.
+//!
+//! A publisher may wait for an inbox to be shallow again ([`Mailbox::shallow`]): the shard
+//! tells the waiters when it takes the inbox down to [`SHALLOW_DEPTH`] messages.
 
+use std::cell::RefCell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -201,7 +211,16 @@ struct Shared {
     /// Most bytes queued or reserved at once (an empty inbox still takes one reservation of
     /// any size, so a publication larger than this is not refused forever).
     max_bytes: usize,
+    /// Publishers waiting in [`Mailbox::shallow`]: the shard tells `shallow` only then.
+    nr_waiting: AtomicUsize,
+    /// Told when the inbox is taken down to [`SHALLOW_DEPTH`] while someone waits.
+    shallow: tokio::sync::Notify,
 }
+
+/// The depth (messages queued or reserved) at or under which an inbox is shallow: a publisher
+/// waiting in [`Mailbox::shallow`] goes on. Deeper, the shard has that many publishes to work
+/// through before a new one, and each adds its time to the next one's delivery.
+pub const SHALLOW_DEPTH: usize = 8;
 
 /// The sending side, held by the hub (any thread).
 #[derive(Debug, Clone)]
@@ -259,7 +278,12 @@ impl Drop for Reservation<'_> {
 impl Shared {
     /// Frees room for `n` messages of `nr_bytes` bytes.
     fn give_back(&self, n: usize, nr_bytes: usize) {
-        self.queued.fetch_sub(n, Ordering::AcqRel);
+        // SeqCst, like the waiter's count and check in `Mailbox::shallow`: either the shard
+        // sees the waiter, or the waiter sees the room.
+        let depth = self.queued.fetch_sub(n, Ordering::SeqCst) - n;
+        if depth <= SHALLOW_DEPTH && self.nr_waiting.load(Ordering::SeqCst) > 0 {
+            self.shallow.notify_waiters();
+        }
         self.queued_bytes.fetch_sub(nr_bytes, Ordering::AcqRel);
     }
 }
@@ -285,6 +309,8 @@ pub fn channel(capacity: usize, max_bytes: usize) -> std::io::Result<(Mailbox, I
         capacity,
         queued_bytes: AtomicUsize::new(0),
         max_bytes,
+        nr_waiting: AtomicUsize::new(0),
+        shallow: tokio::sync::Notify::new(),
     });
     // Unbounded: the bound is `Shared::queued`, so a send on reserved room never fails.
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -353,10 +379,39 @@ impl Mailbox {
     /// Queues on room already counted in `queued`.
     fn push(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
         self.tx.send(msg).map_err(|e| e.into_inner())?;
-        if !self.shared.armed.swap(true, Ordering::AcqRel) {
+        if !self.shared.armed.swap(true, Ordering::AcqRel) && !defer_wake(&self.shared) {
             wake(self.shared.efd.as_raw_fd());
         }
         Ok(())
+    }
+
+    /// Returns once the inbox holds at most [`SHALLOW_DEPTH`] messages (at once if it does),
+    /// or its shard has stopped.
+    pub async fn shallow(&self) {
+        let shared = &self.shared;
+        if shared.queued.load(Ordering::SeqCst) <= SHALLOW_DEPTH {
+            return;
+        }
+        /// Counts a waiter for as long as it waits.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        shared.nr_waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&shared.nr_waiting);
+        loop {
+            let mut told = std::pin::pin!(shared.shallow.notified());
+            // Registered before the check: a notification after it is not missed.
+            told.as_mut().enable();
+            if shared.queued.load(Ordering::SeqCst) <= SHALLOW_DEPTH
+                || shared.gone.load(Ordering::Acquire)
+            {
+                return;
+            }
+            told.await;
+        }
     }
 
     /// Messages waiting (or reserved and about to be sent).
@@ -400,6 +455,77 @@ fn take(counter: &AtomicUsize, n: usize, fits: impl Fn(usize) -> bool) -> Result
 #[error("the shard inbox is full")]
 pub struct Full;
 
+/// The eventfd writes a thread holds back ([`defer_wakes`]).
+struct Deferred {
+    /// Inboxes armed by a send on this thread whose eventfd is not written yet.
+    pending: Vec<Arc<Shared>>,
+    /// Asks the thread's runtime to call [`flush_deferred_wakes`] once it has run what is
+    /// ready now.
+    schedule: Box<dyn Fn()>,
+}
+
+thread_local! {
+    static DEFERRED: RefCell<Option<Deferred>> = const { RefCell::new(None) };
+}
+
+/// Holds back the eventfd writes of this thread's sends until [`flush_deferred_wakes`]; the
+/// first held-back write calls `schedule`, which must make the thread's runtime call
+/// [`flush_deferred_wakes`] soon (after the tasks ready now). Dropping the guard writes what
+/// is still held back and ends the deferral.
+#[must_use = "the deferral ends when the guard is dropped"]
+pub fn defer_wakes(schedule: impl Fn() + 'static) -> DeferWakes {
+    DEFERRED.with(|d| {
+        *d.borrow_mut() = Some(Deferred {
+            pending: Vec::new(),
+            schedule: Box::new(schedule),
+        });
+    });
+    DeferWakes(std::marker::PhantomData)
+}
+
+/// Ends [`defer_wakes`] on drop (on the thread that started it: the guard is not `Send`).
+pub struct DeferWakes(std::marker::PhantomData<*const ()>);
+
+impl Drop for DeferWakes {
+    fn drop(&mut self) {
+        flush_deferred_wakes();
+        let _ = DEFERRED.try_with(|d| d.borrow_mut().take());
+    }
+}
+
+/// Writes the eventfd of every inbox this thread armed since the last flush.
+pub fn flush_deferred_wakes() {
+    let pending = DEFERRED
+        .try_with(|d| {
+            d.borrow_mut()
+                .as_mut()
+                .map(|d| std::mem::take(&mut d.pending))
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    for shared in &pending {
+        wake(shared.efd.as_raw_fd());
+    }
+}
+
+/// Holds `shared`'s eventfd write back if this thread defers its wake-ups.
+fn defer_wake(shared: &Arc<Shared>) -> bool {
+    DEFERRED
+        .try_with(|d| {
+            let mut d = d.borrow_mut();
+            let Some(d) = d.as_mut() else {
+                return false;
+            };
+            if d.pending.is_empty() {
+                (d.schedule)();
+            }
+            d.pending.push(shared.clone());
+            true
+        })
+        .unwrap_or(false)
+}
+
 fn wake(fd: i32) {
     let one: u64 = 1;
     // SAFETY: writes 8 bytes from a live u64 to an eventfd. EAGAIN (counter saturated) still
@@ -410,6 +536,8 @@ fn wake(fd: i32) {
 impl Drop for Inbox {
     fn drop(&mut self) {
         self.shared.gone.store(true, Ordering::Release);
+        // Nobody waits for a stopped shard's inbox.
+        self.shared.shallow.notify_waiters();
     }
 }
 
@@ -535,5 +663,45 @@ mod tests {
         let mut v: u64 = 0;
         let n = unsafe { libc::read(rx.raw_fd(), (&mut v as *mut u64).cast(), 8) };
         assert_eq!((n, v), (8, 1), "three sends, one eventfd write");
+    }
+
+    /// The eventfd's counter, read (and reset) without blocking: 0 when nothing was written.
+    fn wakes(rx: &Inbox) -> u64 {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
+        unsafe { libc::read(rx.raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        v
+    }
+
+    #[test]
+    fn deferred_wakes_are_written_once_per_inbox_at_the_flush() {
+        let (a, rx_a) = channel(8, 1 << 20).unwrap();
+        let (b, rx_b) = channel(8, 1 << 20).unwrap();
+        let scheduled = std::rc::Rc::new(std::cell::Cell::new(0));
+        let guard = defer_wakes({
+            let scheduled = scheduled.clone();
+            move || scheduled.set(scheduled.get() + 1)
+        });
+        a.send(ShardMsg::Drain).unwrap();
+        a.send(ShardMsg::Drain).unwrap();
+        b.send(ShardMsg::Drain).unwrap();
+        assert_eq!((wakes(&rx_a), wakes(&rx_b)), (0, 0), "held back");
+        assert_eq!(scheduled.get(), 1, "one flush asked for");
+        // Another thread's sends are not held back.
+        let (c, rx_c) = channel(8, 1 << 20).unwrap();
+        std::thread::spawn(move || c.send(ShardMsg::Drain).unwrap())
+            .join()
+            .unwrap();
+        assert_eq!(wakes(&rx_c), 1);
+        flush_deferred_wakes();
+        assert_eq!((wakes(&rx_a), wakes(&rx_b)), (1, 1), "one write per inbox");
+        rx_a.disarm();
+        a.send(ShardMsg::Drain).unwrap();
+        assert_eq!(scheduled.get(), 2);
+        drop(guard);
+        assert_eq!(wakes(&rx_a), 1, "the guard's drop writes what is held back");
+        rx_a.disarm();
+        a.send(ShardMsg::Drain).unwrap();
+        assert_eq!(wakes(&rx_a), 1, "no deferral after the guard");
     }
 }
