@@ -9,6 +9,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -33,6 +34,22 @@ fn publish_shop(api: std::net::SocketAddr, topic: &str, data: &str) -> HttpRespo
         SHOP_API_KEY,
         &format!(r#"{{"project":"shop","topic":"{topic}","data":{data}}}"#),
     )
+}
+
+/// Publishes `data` to `topic` of `shop` through `api`, expects 200, and answers the message id.
+fn published_id(api: std::net::SocketAddr, topic: &str, data: &str) -> String {
+    let r = publish_shop(api, topic, data);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["id"].as_str().expect("an id").to_owned()
+}
+
+/// `what` came `after` the start of a Redis pause of `pause`: it waited for Redis (less a
+/// margin for the pause's own start).
+fn assert_waited_for_redis(after: Duration, pause: Duration, what: &str) {
+    assert!(
+        after >= pause - Duration::from_millis(50),
+        "{what} came {after:?} into an {pause:?} pause of Redis"
+    );
 }
 
 /// The next frames are one `resync` notice for each of `topics`, in any order.
@@ -434,7 +451,7 @@ fn engine_node(name: &str, prefix: &str) -> (RedisServer, TestServer, Client) {
 }
 
 /// Makes Redis answer no client for `pause` (`CLIENT PAUSE ... ALL`); returns when it began.
-fn pause_redis(redis: &RedisServer, pause: std::time::Duration) -> std::time::Instant {
+fn pause_redis(redis: &RedisServer, pause: Duration) -> std::time::Instant {
     let paused_at = std::time::Instant::now();
     let mut c = redis.connection().unwrap();
     let () = redis::cmd("CLIENT")
@@ -455,7 +472,7 @@ fn the_subscription_event_comes_once_redis_has_the_subscription() {
     let (redis, server, mut ws) = engine_node("completion", prefix);
     let shop = server.hub.registry.load().project("shop").unwrap().idx;
 
-    let pause = std::time::Duration::from_millis(800);
+    let pause = Duration::from_millis(800);
     let paused_at = pause_redis(&redis, pause);
     subscribe(&mut ws, "news");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -467,11 +484,7 @@ fn the_subscription_event_comes_once_redis_has_the_subscription() {
         }),
     );
     let at = rx.recv_timeout(TIMEOUT).expect("the subscription event");
-    assert!(
-        at - paused_at >= pause - std::time::Duration::from_millis(50),
-        "the event came {:?} into an {pause:?} pause of Redis",
-        at - paused_at
-    );
+    assert_waited_for_redis(at - paused_at, pause, "the event");
     assert_eq!(redis.numsub(&shop_channel(prefix, "news")), 1);
 
     // Subscribed already: the event comes at once.
@@ -495,22 +508,17 @@ fn a_subscribe_is_acknowledged_once_redis_has_the_subscription() {
     let (redis, server, mut ws) = engine_node("ack-waits", prefix);
 
     // Redis answers nothing for a while: the ack waits for it, a ping's answer does not.
-    let pause = std::time::Duration::from_millis(800);
+    let pause = Duration::from_millis(800);
     let paused_at = pause_redis(&redis, pause);
     send_text(&mut ws, r#"{"op":"subscribe","topic":"fresh","id":1}"#);
     send_text(&mut ws, r#"{"op":"ping","id":2}"#);
     assert_eq!(recv_text(&mut ws), r#"{"type":"pong","id":2}"#);
     assert_eq!(recv_text(&mut ws), r#"{"type":"ack","id":1}"#);
     let acked = paused_at.elapsed();
-    assert!(
-        acked >= pause - std::time::Duration::from_millis(50),
-        "acknowledged {acked:?} into an {pause:?} pause of Redis"
-    );
+    assert_waited_for_redis(acked, pause, "the ack");
     // Once acknowledged, the subscription is in Redis and a publish reaches the client.
     assert_eq!(redis.numsub(&shop_channel(prefix, "fresh")), 1);
-    let r = publish_shop(server.api, "fresh", r#"{"n":1}"#);
-    assert_eq!(r.status, 200, "{}", r.text());
-    let id = r.json()["id"].as_str().expect("an id").to_owned();
+    let id = published_id(server.api, "fresh", r#"{"n":1}"#);
     assert_eq!(
         next_message(&mut ws),
         ("fresh".into(), r#"{"n":1}"#.into(), id)
@@ -532,7 +540,7 @@ fn the_welcome_comes_once_redis_has_the_implicit_subscriptions() {
     let prefix = "welw:";
     let (redis, server, _reader) = engine_node("welcome-waits", prefix);
 
-    let pause = std::time::Duration::from_millis(800);
+    let pause = Duration::from_millis(800);
     let paused_at = pause_redis(&redis, pause);
     let mut c = RawClient::connect(server.listen);
     let (jwt, _) = token("shop", "newcomer");
@@ -543,10 +551,7 @@ fn the_welcome_comes_once_redis_has_the_implicit_subscriptions() {
     let text = |f: Frame| String::from_utf8(f.payload).expect("UTF-8");
     let welcome = parse_welcome(&text(c.read_frame().expect("the welcome")));
     let welcomed = paused_at.elapsed();
-    assert!(
-        welcomed >= pause - std::time::Duration::from_millis(50),
-        "welcomed {welcomed:?} into an {pause:?} pause of Redis"
-    );
+    assert_waited_for_redis(welcomed, pause, "the welcome");
     assert_eq!(
         text(c.read_frame().expect("the pong")),
         r#"{"type":"pong","id":1}"#,
@@ -560,9 +565,7 @@ fn the_welcome_comes_once_redis_has_the_implicit_subscriptions() {
 
     // Once welcomed, the user's topic is subscribed in Redis and a publish reaches it.
     assert_eq!(redis.numsub(&shop_channel(prefix, "user.newcomer")), 1);
-    let r = publish_shop(server.api, "user.newcomer", r#"{"n":1}"#);
-    assert_eq!(r.status, 200, "{}", r.text());
-    let id = r.json()["id"].as_str().expect("an id").to_owned();
+    let id = published_id(server.api, "user.newcomer", r#"{"n":1}"#);
     let (topic, data, got, _) = split_message(&text(c.read_frame().expect("the message")));
     assert_eq!(
         (topic, data, got),
@@ -751,7 +754,7 @@ fn a_stomp_subscribe_receipt_comes_once_redis_has_the_subscription() {
         .expect("CONNECT");
     assert!(recv_text(&mut stomp).starts_with("CONNECTED\n"));
 
-    let pause = std::time::Duration::from_millis(800);
+    let pause = Duration::from_millis(800);
     let paused_at = pause_redis(&redis, pause);
     stomp
         .send(tungstenite::Message::text(
@@ -774,10 +777,7 @@ fn a_stomp_subscribe_receipt_comes_once_redis_has_the_subscription() {
             "RECEIPT\nreceipt-id:sub\n\n\0"
         ]
     );
-    assert!(
-        received >= pause - std::time::Duration::from_millis(50),
-        "the SUBSCRIBE's RECEIPT came {received:?} into an {pause:?} pause of Redis"
-    );
+    assert_waited_for_redis(received, pause, "the SUBSCRIBE's RECEIPT");
     assert_eq!(redis.numsub(&shop_channel(prefix, "fresh")), 1);
     let r = publish_shop(server.api, "fresh", r#"{"n":1}"#);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -812,7 +812,7 @@ fn a_subscribe_on_another_shard_waits_for_the_pending_subscription() {
         .expect("shard 1");
     let (mut b, _) = conns.swap_remove(second);
 
-    let pause = std::time::Duration::from_millis(800);
+    let pause = Duration::from_millis(800);
     let paused_at = pause_redis(&redis, pause);
     for (ws, id) in [(&mut a, 1), (&mut b, 3)] {
         send_text(
@@ -829,15 +829,10 @@ fn a_subscribe_on_another_shard_waits_for_the_pending_subscription() {
     for (ws, id) in [(&mut a, 1), (&mut b, 3)] {
         assert_eq!(recv_text(ws), format!(r#"{{"type":"ack","id":{id}}}"#));
         let acked = paused_at.elapsed();
-        assert!(
-            acked >= pause - std::time::Duration::from_millis(50),
-            "ack {id} came {acked:?} into an {pause:?} pause of Redis"
-        );
+        assert_waited_for_redis(acked, pause, &format!("ack {id}"));
     }
     assert_eq!(redis.numsub(&shop_channel(prefix, "pending")), 1);
-    let r = publish_shop(server.api, "pending", r#"{"n":1}"#);
-    assert_eq!(r.status, 200, "{}", r.text());
-    let id = r.json()["id"].as_str().expect("an id").to_owned();
+    let id = published_id(server.api, "pending", r#"{"n":1}"#);
     for ws in [&mut a, &mut b] {
         assert_eq!(
             next_message(ws),
@@ -868,7 +863,7 @@ fn a_stomp_connected_comes_once_redis_has_the_implicit_subscriptions() {
 
     let (mut stomp, _) =
         tungstenite::client(format!("ws://{at}/stomp/shop"), tcp(at)).expect("the STOMP upgrade");
-    let pause = std::time::Duration::from_millis(800);
+    let pause = Duration::from_millis(800);
     let paused_at = pause_redis(&redis, pause);
     let jwt = token("shop", "stomper").0;
     stomp
@@ -878,10 +873,7 @@ fn a_stomp_connected_comes_once_redis_has_the_implicit_subscriptions() {
         .expect("CONNECT");
     assert!(recv_stomp(&mut stomp).starts_with("CONNECTED\n"));
     let connected = paused_at.elapsed();
-    assert!(
-        connected >= pause - std::time::Duration::from_millis(50),
-        "CONNECTED came {connected:?} into an {pause:?} pause of Redis"
-    );
+    assert_waited_for_redis(connected, pause, "CONNECTED");
     assert_eq!(redis.numsub(&shop_channel(prefix, "user.stomper")), 1);
     stomp
         .send(tungstenite::Message::text(
@@ -925,7 +917,7 @@ fn a_refresh_that_adds_a_device_is_acknowledged_once_redis_has_its_topic() {
         &serde_json::json!({"sub": "reader", "exp": exp, "device": "tablet-7"}),
     );
 
-    let pause = std::time::Duration::from_millis(800);
+    let pause = Duration::from_millis(800);
     let paused_at = pause_redis(&redis, pause);
     send_text(
         &mut ws,
@@ -938,14 +930,9 @@ fn a_refresh_that_adds_a_device_is_acknowledged_once_redis_has_its_topic() {
         format!(r#"{{"type":"ack","id":1,"exp":{exp}}}"#)
     );
     let acked = paused_at.elapsed();
-    assert!(
-        acked >= pause - std::time::Duration::from_millis(50),
-        "the refresh ack came {acked:?} into an {pause:?} pause of Redis"
-    );
+    assert_waited_for_redis(acked, pause, "the refresh ack");
     assert_eq!(redis.numsub(&shop_channel(prefix, "device.tablet-7")), 1);
-    let r = publish_shop(server.api, "device.tablet-7", r#"{"n":1}"#);
-    assert_eq!(r.status, 200, "{}", r.text());
-    let id = r.json()["id"].as_str().expect("an id").to_owned();
+    let id = published_id(server.api, "device.tablet-7", r#"{"n":1}"#);
     assert_eq!(
         next_message(&mut ws),
         ("device.tablet-7".into(), r#"{"n":1}"#.into(), id)
@@ -1152,14 +1139,14 @@ fn a_node_that_does_not_answer_is_reported_and_never_holds_the_request() {
     assert_refusal(&r, 503, "node_unavailable");
 
     // Silent for 15 s, it is no longer a member: whole answers again, its ids unknown.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let whole = loop {
         let v = admin_get(api, "/api/v1/connections");
         if v["partial"] == false {
             break v;
         }
         assert!(std::time::Instant::now() < deadline, "still a member: {v}");
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(500));
     };
     assert_eq!(whole["nodes"].as_object().unwrap().len(), 2, "{whole}");
     assert_eq!(whole["nodes"].get(&dead), None, "{whole}");
