@@ -142,6 +142,13 @@ impl Collector for HubCollector {
         )?;
         counter(
             &mut enc,
+            "herald_write_coalesce_waits",
+            "Times a shard held a write to many connections for server.write_coalesce_us because \
+             it closely followed the previous one (messages arriving meanwhile share its sends).",
+            sum(hub, |s| &s.coalesce_waits),
+        )?;
+        counter(
+            &mut enc,
             "herald_allocator_collects",
             "Times a shard's sweep asked the allocator to return the memory the shard's arrays \
              freed when they changed size (at most once per sweep tick, only after a change).",

@@ -85,6 +85,9 @@ pub struct ShardStats {
     /// an interruption or an error): the connection then carries on as on the `sendmsg`
     /// path (or is closed).
     pub ring_sends_unfinished: AtomicU64,
+    /// Writes to many connections the shard held for `server.write_coalesce_us` because they
+    /// closely followed its previous one.
+    pub coalesce_waits: AtomicU64,
     /// Time from `Hub::publish` to the last subscriber's queue, per publication.
     pub publish_enqueue: LatencyHistogram,
     /// Sweep ticks run (owner thread only): the liveness signal the systemd watchdog reads.

@@ -180,6 +180,8 @@ pub struct Limits {
     pub max_client_fd: Option<u64>,
     /// How the shard submits a batch's sends (`server.write_batch`).
     pub write_batch: crate::config::WriteBatch,
+    /// How long a wide write that closely follows another waits (`server.write_coalesce_us`).
+    pub write_coalesce: Duration,
 }
 
 /// Settings of the API.
@@ -343,6 +345,7 @@ impl Limits {
             proxies,
             max_client_fd,
             write_batch: c.server.write_batch,
+            write_coalesce: Duration::from_micros(u64::from(c.server.write_coalesce_us)),
             msg_interval_us,
             // Exactly `burst` messages back to back: the first at the bucket's start, then
             // `burst - 1` intervals ahead. Validation bounds the burst to 60 s of the rate,

@@ -8,6 +8,7 @@
 //! whole shard: heartbeats, handshake and close deadlines, token expiry). A connection is a
 //! slab entry woken by readiness: no task of its own, and no buffer while idle.
 
+mod coalesce;
 mod control;
 mod driver;
 pub mod fanout;
@@ -101,6 +102,8 @@ pub struct Shard {
     /// The ring a batch's sends are submitted to (`server.write_batch = "io_uring"`);
     /// `None`: one `sendmsg` per connection. Taken out while a batch is in flight.
     pub(crate) ring: Option<uring::WriteRing>,
+    /// Holds a wide write that follows another closely (`server.write_coalesce_us`).
+    coalesce: coalesce::Coalesce,
     /// Handshakes in progress, in deadline order (the timeout is constant).
     pub(crate) handshake_deadlines: VecDeque<Deadline>,
     /// Connections waiting for the peer's close frame, in deadline order.
@@ -267,6 +270,7 @@ impl Shard {
             crate::config::WriteBatch::IoUring => uring::WriteRing::new(id),
             crate::config::WriteBatch::Sendmsg => None,
         };
+        let coalesce = coalesce::Coalesce::new(limits.write_coalesce);
         Self {
             id,
             hub,
@@ -281,6 +285,7 @@ impl Shard {
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
             dirty: conn::Dirty::default(),
             ring,
+            coalesce,
             handshake_deadlines: VecDeque::new(),
             close_deadlines: VecDeque::new(),
             expiries: BinaryHeap::new(),
@@ -1139,22 +1144,38 @@ async fn inbox_loop(shard: Rc<RefCell<Shard>>, inbox: Inbox) {
             return;
         }
         inbox.disarm();
-        let mut s = shard.borrow_mut();
-        for n in 0.. {
-            if n == INBOX_BUDGET {
-                // More may be waiting: let other tasks run, then come back.
-                inbox.rearm();
-                break;
-            }
-            let Some(msg) = inbox.try_take() else { break };
-            let nr_bytes = msg.nr_bytes();
-            s.handle(msg);
-            // What the message queued is in the shard's total before its bytes leave the
-            // inbox's count: flow control never sees them in neither.
-            s.store_queued_bytes();
-            inbox.give_back(nr_bytes);
+        drain_inbox(&mut shard.borrow_mut(), &inbox);
+        let hold = {
+            let s = shard.borrow();
+            s.coalesce.hold(s.dirty.slots.len(), Instant::now())
+        };
+        if let Some(wait) = hold {
+            ShardStats::add(&shard.borrow().stats.coalesce_waits, 1);
+            monoio::time::sleep(wait).await;
+            drain_inbox(&mut shard.borrow_mut(), &inbox);
         }
+        let mut s = shard.borrow_mut();
+        let dirty = s.dirty.slots.len();
         s.flush_dirty();
+        s.coalesce.wrote(dirty, Instant::now());
+    }
+}
+
+/// Handles what waits in the inbox, up to [`INBOX_BUDGET`] messages (then the inbox wakes its
+/// shard again, once other tasks have run).
+fn drain_inbox(s: &mut Shard, inbox: &Inbox) {
+    for n in 0.. {
+        if n == INBOX_BUDGET {
+            inbox.rearm();
+            break;
+        }
+        let Some(msg) = inbox.try_take() else { break };
+        let nr_bytes = msg.nr_bytes();
+        s.handle(msg);
+        // What the message queued is in the shard's total before its bytes leave the
+        // inbox's count: flow control never sees them in neither.
+        s.store_queued_bytes();
+        inbox.give_back(nr_bytes);
     }
 }
 
