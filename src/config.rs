@@ -24,8 +24,8 @@ pub const DEV_PROJECT: &str = "demo";
 pub const DEFAULT_MAX_TOKEN_LIFETIME_SECS: u64 = 30 * 24 * 3600;
 /// Largest `projects[].max_token_lifetime_secs`: 10 years.
 pub const MAX_TOKEN_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
-/// Largest `server.write_coalesce_us`: a wait longer than this is latency, not coalescing.
-pub const MAX_WRITE_COALESCE_US: u32 = 1_000_000;
+/// Largest `server.write_coalesce_ms`: a wait longer than this is latency, not coalescing.
+pub const MAX_WRITE_COALESCE_MS: u32 = 100;
 
 /// Everything herald reads at start.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -283,11 +283,12 @@ pub struct ServerConfig {
     /// connection). `io_uring` falls back to `sendmsg` with one warning where the kernel
     /// refuses a ring. Default `io_uring`.
     pub write_batch: WriteBatch,
-    /// How long a shard waits, in microseconds, before a write to many connections that
-    /// closely follows its previous one (within eight such waits), so that messages arriving
-    /// meanwhile go out in the same send to each connection. Writes to few connections and
-    /// sparse fan-outs are never held. 0 = never wait; at most 1000000. Default 1000.
-    pub write_coalesce_us: u32,
+    /// How long a shard waits, in milliseconds, before writing a publication that reaches
+    /// many connections when its previous such write ended less than two waits earlier, so
+    /// that publications arriving meanwhile go out in the same send to each connection.
+    /// Sparse fan-outs and publications that reach few connections are not held. 0 = never
+    /// wait; at most 100. Default 5.
+    pub write_coalesce_ms: u32,
     /// Listen backlog per shard listener. Default 4096.
     pub listen_backlog: u32,
     /// Upper bound on concurrent client connections across all shards; 0 = unlimited.
@@ -653,7 +654,7 @@ impl Default for ServerConfig {
             pin_cores: true,
             io_driver: IoDriver::Auto,
             write_batch: WriteBatch::IoUring,
-            write_coalesce_us: 1000,
+            write_coalesce_ms: 5,
             listen_backlog: 4096,
             max_connections: 0,
             drain_timeout_ms: 5000,
@@ -919,10 +920,10 @@ impl Config {
                 }
             }
         }
-        if self.server.write_coalesce_us > MAX_WRITE_COALESCE_US {
+        if self.server.write_coalesce_ms > MAX_WRITE_COALESCE_MS {
             return Err(invalid(
-                "server.write_coalesce_us",
-                format!("at most {MAX_WRITE_COALESCE_US} (1 s)"),
+                "server.write_coalesce_ms",
+                format!("at most {MAX_WRITE_COALESCE_MS}"),
             ));
         }
         if self.server.shards > crate::route::MAX_SHARDS {
@@ -1468,9 +1469,10 @@ io_driver = "auto"
 # "io_uring" = a batch's sends submitted to the shard's ring with one system call (falls back
 # to sendmsg with a warning), or "sendmsg" = one system call per connection.
 write_batch = "io_uring"
-# Microseconds a shard waits before a write to many connections that closely follows its
-# previous one, so messages arriving meanwhile share one send per connection; 0 = never.
-write_coalesce_us = 1000
+# Milliseconds a shard waits before writing a publication to many connections when its
+# previous such write was less than two waits ago (dense fan-out), so publications arriving
+# meanwhile share one send per connection; 0 = never.
+write_coalesce_ms = 5
 listen_backlog = {backlog}
 # Concurrent client connections across all shards; 0 = unlimited (bounded by RLIMIT_NOFILE).
 max_connections = 0
@@ -1926,20 +1928,20 @@ mod tests {
         );
     }
 
-    /// `server.write_coalesce_us` defaults to 1 ms, takes 0 (never wait) up to 1 s, and a
-    /// longer wait is refused naming the key.
+    /// `server.write_coalesce_ms` defaults to 5, takes 0 (never wait) up to 100, and a longer
+    /// wait is refused naming the key.
     #[test]
     fn write_coalesce_is_bounded() {
-        assert_eq!(Config::default().server.write_coalesce_us, 1000);
-        let c = Config::parse("[server]\nwrite_coalesce_us = 0\n").unwrap();
-        assert_eq!(c.server.write_coalesce_us, 0);
+        assert_eq!(Config::default().server.write_coalesce_ms, 5);
+        let c = Config::parse("[server]\nwrite_coalesce_ms = 0\n").unwrap();
+        assert_eq!(c.server.write_coalesce_ms, 0);
         let mut c = Config::development();
-        c.server.write_coalesce_us = MAX_WRITE_COALESCE_US;
+        c.server.write_coalesce_ms = MAX_WRITE_COALESCE_MS;
         c.validate().unwrap();
-        c.server.write_coalesce_us = MAX_WRITE_COALESCE_US + 1;
+        c.server.write_coalesce_ms = MAX_WRITE_COALESCE_MS + 1;
         assert_eq!(
             c.validate().unwrap_err().to_string(),
-            "invalid `server.write_coalesce_us`: at most 1000000 (1 s)"
+            "invalid `server.write_coalesce_ms`: at most 100"
         );
     }
 

@@ -143,8 +143,9 @@ impl Collector for HubCollector {
         counter(
             &mut enc,
             "herald_write_coalesce_waits",
-            "Times a shard held a write to many connections for server.write_coalesce_us because \
-             it closely followed the previous one (messages arriving meanwhile share its sends).",
+            "Times a shard waited server.write_coalesce_ms before writing a publication to many \
+             connections, its previous such write being less than two waits old (publications \
+             arriving meanwhile share its sends).",
             sum(hub, |s| &s.coalesce_waits),
         )?;
         counter(

@@ -85,8 +85,7 @@ pub struct ShardStats {
     /// an interruption or an error): the connection then carries on as on the `sendmsg`
     /// path (or is closed).
     pub ring_sends_unfinished: AtomicU64,
-    /// Writes to many connections the shard held for `server.write_coalesce_us` because they
-    /// closely followed its previous one.
+    /// Writes of a dense fan-out the shard held for `server.write_coalesce_ms`.
     pub coalesce_waits: AtomicU64,
     /// Time from `Hub::publish` to the last subscriber's queue, per publication.
     pub publish_enqueue: LatencyHistogram,

@@ -180,7 +180,7 @@ pub struct Limits {
     pub max_client_fd: Option<u64>,
     /// How the shard submits a batch's sends (`server.write_batch`).
     pub write_batch: crate::config::WriteBatch,
-    /// How long a wide write that closely follows another waits (`server.write_coalesce_us`).
+    /// How long a dense fan-out's write waits for more to share it (`server.write_coalesce_ms`).
     pub write_coalesce: Duration,
 }
 
@@ -345,7 +345,7 @@ impl Limits {
             proxies,
             max_client_fd,
             write_batch: c.server.write_batch,
-            write_coalesce: Duration::from_micros(u64::from(c.server.write_coalesce_us)),
+            write_coalesce: Duration::from_millis(u64::from(c.server.write_coalesce_ms)),
             msg_interval_us,
             // Exactly `burst` messages back to back: the first at the bucket's start, then
             // `burst - 1` intervals ahead. Validation bounds the burst to 60 s of the rate,

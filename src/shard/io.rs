@@ -442,6 +442,7 @@ impl Shard {
                 self.flush(slot);
             }
         }
+        self.coalesce.wrote();
         self.store_queued_bytes();
     }
 

@@ -102,8 +102,8 @@ pub struct Shard {
     /// The ring a batch's sends are submitted to (`server.write_batch = "io_uring"`);
     /// `None`: one `sendmsg` per connection. Taken out while a batch is in flight.
     pub(crate) ring: Option<uring::WriteRing>,
-    /// Holds a wide write that follows another closely (`server.write_coalesce_us`).
-    coalesce: coalesce::Coalesce,
+    /// Holds a dense fan-out's write for more to share it (`server.write_coalesce_ms`).
+    pub(crate) coalesce: coalesce::Coalesce,
     /// Handshakes in progress, in deadline order (the timeout is constant).
     pub(crate) handshake_deadlines: VecDeque<Deadline>,
     /// Connections waiting for the peer's close frame, in deadline order.
@@ -590,6 +590,7 @@ impl Shard {
         }
         ShardStats::add(&self.stats.delivered, delivered);
         ShardStats::add(&self.stats.dropped, dropped);
+        self.coalesce.fanned_out(delivered as usize);
         let lag = p.accepted_at.elapsed();
         self.stats.publish_enqueue.observe(lag);
         self.stats.delivery_lag_us.store(
@@ -1144,32 +1145,29 @@ async fn inbox_loop(shard: Rc<RefCell<Shard>>, inbox: Inbox) {
             return;
         }
         inbox.disarm();
-        drain_inbox(&mut shard.borrow_mut(), &inbox);
-        let hold = {
-            let s = shard.borrow();
-            s.coalesce.hold(s.dirty.slots.len(), Instant::now())
+        let more = drain_inbox(&mut shard.borrow_mut(), &inbox);
+        // A deep inbox coalesces by itself: only a drained one waits for more.
+        let hold = if more {
+            None
+        } else {
+            shard.borrow().coalesce.hold()
         };
         if let Some(wait) = hold {
             ShardStats::add(&shard.borrow().stats.coalesce_waits, 1);
             monoio::time::sleep(wait).await;
             drain_inbox(&mut shard.borrow_mut(), &inbox);
         }
-        let mut s = shard.borrow_mut();
-        let dirty = s.dirty.slots.len();
-        s.flush_dirty();
-        s.coalesce.wrote(dirty, Instant::now());
+        shard.borrow_mut().flush_dirty();
     }
 }
 
-/// Handles what waits in the inbox, up to [`INBOX_BUDGET`] messages (then the inbox wakes its
-/// shard again, once other tasks have run).
-fn drain_inbox(s: &mut Shard, inbox: &Inbox) {
-    for n in 0.. {
-        if n == INBOX_BUDGET {
-            inbox.rearm();
-            break;
-        }
-        let Some(msg) = inbox.try_take() else { break };
+/// Handles what waits in the inbox, up to [`INBOX_BUDGET`] messages; `true` when it stopped
+/// at the budget (the inbox then wakes its shard again, once other tasks have run).
+fn drain_inbox(s: &mut Shard, inbox: &Inbox) -> bool {
+    for _ in 0..INBOX_BUDGET {
+        let Some(msg) = inbox.try_take() else {
+            return false;
+        };
         let nr_bytes = msg.nr_bytes();
         s.handle(msg);
         // What the message queued is in the shard's total before its bytes leave the
@@ -1177,6 +1175,8 @@ fn drain_inbox(s: &mut Shard, inbox: &Inbox) {
         s.store_queued_bytes();
         inbox.give_back(nr_bytes);
     }
+    inbox.rearm();
+    true
 }
 
 async fn sweep_loop(shard: Rc<RefCell<Shard>>, tick: Duration) {
