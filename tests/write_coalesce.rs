@@ -51,6 +51,21 @@ fn read_all(clients: &mut [Client], topic: &str, want: &[(u32, String)]) {
     }
 }
 
+/// Publishes each of `seqs` to `feed` and has every client read it before the next, pausing
+/// `pause` after each.
+fn one_at_a_time(
+    server: &TestServer,
+    clients: &mut [Client],
+    seqs: std::ops::RangeInclusive<u32>,
+    pause: Duration,
+) {
+    for seq in seqs {
+        let one = publish_all(server, "feed", &[seq]);
+        read_all(clients, "feed", &one);
+        std::thread::sleep(pause);
+    }
+}
+
 fn stat(
     server: &TestServer,
     pick: fn(&herald::metrics::ShardStats) -> &std::sync::atomic::AtomicU64,
@@ -99,11 +114,7 @@ fn a_dense_fan_out_waits_and_takes_what_arrives_meanwhile() {
 #[test]
 fn a_sparse_fan_out_goes_out_at_once() {
     let (server, mut clients) = subscribers(20, WIDE);
-    for seq in 1..=3 {
-        let one = publish_all(&server, "feed", &[seq]);
-        read_all(&mut clients, "feed", &one);
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    one_at_a_time(&server, &mut clients, 1..=3, Duration::from_millis(300));
     assert_eq!(waits(&server), 0);
 }
 
@@ -124,9 +135,6 @@ fn narrow_publications_never_wait() {
 #[test]
 fn zero_never_waits() {
     let (server, mut clients) = subscribers(0, WIDE);
-    for seq in 1..=4 {
-        let one = publish_all(&server, "feed", &[seq]);
-        read_all(&mut clients, "feed", &one);
-    }
+    one_at_a_time(&server, &mut clients, 1..=4, Duration::ZERO);
     assert_eq!(waits(&server), 0);
 }
