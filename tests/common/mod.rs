@@ -1396,36 +1396,49 @@ pub fn wait_engine_up(api: SocketAddr, up: bool) {
 pub struct Relay {
     /// Where clients connect.
     pub port: u16,
-    /// Every connection relayed so far, in accept order: its flag (frozen or not).
-    conns: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+    /// Every connection relayed so far, in accept order.
+    conns: Arc<std::sync::Mutex<Vec<Arc<Link>>>>,
+}
+
+/// One relayed connection's state, shared by its two forwarding threads.
+#[derive(Default)]
+struct Link {
+    /// Whether the connection is asked to move nothing.
+    frozen: std::sync::atomic::AtomicBool,
+    /// Forwarding threads that move nothing now: waiting while frozen, or ended.
+    idle: std::sync::atomic::AtomicUsize,
 }
 
 impl Relay {
     /// Relays connections on a free loopback port to `127.0.0.1:<to>`.
     pub fn start(to: u16) -> Self {
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
         let port = listener.local_addr().expect("relay address").port();
-        let conns: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let conns: Arc<std::sync::Mutex<Vec<Arc<Link>>>> = Arc::default();
         let list = conns.clone();
         std::thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
                     continue;
                 };
-                let flag = Arc::new(AtomicBool::new(false));
-                list.lock().unwrap().push(flag.clone());
+                let link = Arc::new(Link::default());
+                list.lock().unwrap().push(link.clone());
                 for (mut from, mut to) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ] {
-                    let frozen = flag.clone();
+                    let link = link.clone();
                     std::thread::spawn(move || {
                         let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
                         let mut buf = [0u8; 16 * 1024];
                         loop {
-                            if frozen.load(Ordering::Acquire) {
-                                std::thread::sleep(Duration::from_millis(10));
+                            if link.frozen.load(Ordering::Acquire) {
+                                link.idle.fetch_add(1, Ordering::AcqRel);
+                                while link.frozen.load(Ordering::Acquire) {
+                                    std::thread::sleep(Duration::from_millis(5));
+                                }
+                                link.idle.fetch_sub(1, Ordering::AcqRel);
                                 continue;
                             }
                             match from.read(&mut buf) {
@@ -1444,6 +1457,7 @@ impl Relay {
                             }
                         }
                         let _ = to.shutdown(std::net::Shutdown::Both);
+                        link.idle.fetch_add(1, Ordering::AcqRel);
                     });
                 }
             }
@@ -1456,9 +1470,18 @@ impl Relay {
         self.conns.lock().unwrap().len()
     }
 
-    /// Freezes (`true`) or resumes connection `i` (in accept order).
+    /// Freezes (`true`) or resumes connection `i` (in accept order). A freeze returns once
+    /// both directions have stopped: no byte sent after it passes, not even one a forwarding
+    /// thread was about to read when the flag was set.
     pub fn freeze(&self, i: usize, frozen: bool) {
-        self.conns.lock().unwrap()[i].store(frozen, std::sync::atomic::Ordering::Release);
+        use std::sync::atomic::Ordering;
+        let link = self.conns.lock().unwrap()[i].clone();
+        link.frozen.store(frozen, Ordering::Release);
+        if frozen {
+            wait_until("both directions of a frozen relay stopped", || {
+                link.idle.load(Ordering::Acquire) == 2
+            });
+        }
     }
 }
 
