@@ -150,6 +150,20 @@ impl Collector for HubCollector {
         )?;
         counter(
             &mut enc,
+            "herald_ring_sends",
+            "Sends submitted through the shards' write rings (server.write_batch = \"io_uring\"), \
+             one per connection written at the end of a batch.",
+            sum(hub, |s| &s.ring_sends),
+        )?;
+        counter(
+            &mut enc,
+            "herald_ring_sends_unfinished",
+            "Of those sends, the ones that left bytes queued (a partial write, a full socket \
+             buffer, an interruption or an error); the connection then waits for writability.",
+            sum(hub, |s| &s.ring_sends_unfinished),
+        )?;
+        counter(
+            &mut enc,
             "herald_allocator_collects",
             "Times a shard's sweep asked the allocator to return the memory the shard's arrays \
              freed when they changed size (at most once per sweep tick, only after a change).",

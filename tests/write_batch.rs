@@ -67,10 +67,19 @@ fn broadcast_with_slow_reader(write_batch: WriteBatch) -> (u64, u64) {
             .expect("a fast reader got every message in order");
     }
     assert_eq!(server.slow_consumer_closes(), 0);
+    // As operators read them.
+    let m = scrape(server.api);
+    let ring_sends = metric(&m, "herald_ring_sends_total", "");
+    let unfinished = metric(&m, "herald_ring_sends_unfinished_total", "");
     let stat = |pick: fn(&herald::metrics::ShardStats) -> &std::sync::atomic::AtomicU64| {
         server.stat(|s| pick(s).load(Ordering::Relaxed))
     };
-    (stat(|s| &s.ring_sends), stat(|s| &s.ring_sends_unfinished))
+    assert_eq!(
+        (ring_sends as u64, unfinished as u64),
+        (stat(|s| &s.ring_sends), stat(|s| &s.ring_sends_unfinished)),
+        "/metrics and the shards' counters"
+    );
+    (ring_sends as u64, unfinished as u64)
 }
 
 #[test]
