@@ -302,7 +302,15 @@ fn a_connection_writing_its_answer_is_not_evicted() {
         .as_bytes(),
     )
     .expect("write");
-    std::thread::sleep(Duration::from_millis(1000));
+    // The answer is under way once its first bytes come (read a few: the rest stays unread).
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    while got.len() < b"HTTP/1.1 200".len() {
+        let n = slow.read(&mut buf[..4]).expect("the answer starts");
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
     // Then the cap fills with idle connections, and one more arrives.
     let mut idle = served_connections(server.api, 3);
     let r = http(
@@ -312,8 +320,6 @@ fn a_connection_writing_its_answer_is_not_evicted() {
     assert_eq!(r.status, 200, "{}", r.text());
     // The longest idle made room, not the connection inside its answer.
     assert!(read_to_close(&mut idle[0]).is_empty());
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
     let answer = loop {
         if let Some(r) = parse_http(&got) {
             break r;

@@ -1258,19 +1258,25 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts one on a free port and waits until it answers PING.
+    /// Starts one on a free port and waits until it answers PING. The port is free when
+    /// picked, not reserved: if another socket takes it before redis-server binds it, the
+    /// server exits and another port is tried.
     pub fn start(name: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
         let mut r = Self {
             child: None,
-            port,
+            port: 0,
             dir: TempDir::new(&format!("redis-{name}")),
         };
-        r.restart();
-        r
+        for _ in 0..3 {
+            r.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            if r.run() {
+                return r;
+            }
+        }
+        panic!("redis-server did not start on any of three free ports");
     }
 
     /// `redis://127.0.0.1:<port>/0`.
@@ -1280,6 +1286,16 @@ impl RedisServer {
 
     /// Starts it again on the same port (after [`RedisServer::stop`]), empty.
     pub fn restart(&mut self) {
+        assert!(
+            self.run(),
+            "redis-server exited at start on port {}",
+            self.port
+        );
+    }
+
+    /// Spawns redis-server on `self.port` and waits until it answers PING (`true`) or exits
+    /// (`false`: the port was taken).
+    fn run(&mut self) -> bool {
         assert!(self.child.is_none(), "already running");
         let child = std::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
@@ -1291,11 +1307,22 @@ impl RedisServer {
             .spawn()
             .expect("redis-server is installed (apt-get install redis-server)");
         self.child = Some(child);
-        wait_until("redis-server answers PING", || {
-            self.connection()
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-                .is_ok()
+        let mut exited = false;
+        wait_until("redis-server answers PING or exits", || {
+            exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            exited
+                || self
+                    .connection()
+                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                    .is_ok()
         });
+        if exited {
+            self.child = None;
+        }
+        !exited
     }
 
     /// Kills it (SIGKILL) and waits for its end.
@@ -1389,6 +1416,21 @@ pub fn wait_engine_up(api: SocketAddr, up: bool) {
     });
 }
 
+/// Connections to the engine the node has lost so far (`herald_engine_disconnects_total`).
+pub fn engine_disconnects(api: SocketAddr) -> f64 {
+    metric(&scrape(api), "herald_engine_disconnects_total", "")
+}
+
+/// Waits until the node has lost its engine connection since it had lost `before`, then until
+/// the engine is up again. The counter only grows, so an outage shorter than a scrape is seen
+/// too (the `herald_engine_up` gauge may be 0 for less than that).
+pub fn wait_engine_lost_and_back(api: SocketAddr, before: f64) {
+    wait_until("the engine connection to be lost", || {
+        engine_disconnects(api) > before
+    });
+    wait_engine_up(api, true);
+}
+
 /// A TCP relay to a port on loopback whose connections can be frozen: a frozen connection
 /// moves no byte in either direction and closes nothing, as a link that hangs (or a server
 /// that stopped answering without closing) looks to a client. Threads end with their
@@ -1474,12 +1516,23 @@ impl Relay {
     /// both directions have stopped: no byte sent after it passes, not even one a forwarding
     /// thread was about to read when the flag was set.
     pub fn freeze(&self, i: usize, frozen: bool) {
+        self.freeze_all(&[i], frozen);
+    }
+
+    /// [`Relay::freeze`] of several connections at once: every flag is set before the first
+    /// wait, so none of them moves a byte the others hold back.
+    pub fn freeze_all(&self, conns: &[usize], frozen: bool) {
         use std::sync::atomic::Ordering;
-        let link = self.conns.lock().unwrap()[i].clone();
-        link.frozen.store(frozen, Ordering::Release);
+        let links: Vec<_> = {
+            let all = self.conns.lock().unwrap();
+            conns.iter().map(|&i| all[i].clone()).collect()
+        };
+        for link in &links {
+            link.frozen.store(frozen, Ordering::Release);
+        }
         if frozen {
-            wait_until("both directions of a frozen relay stopped", || {
-                link.idle.load(Ordering::Acquire) == 2
+            wait_until("both directions of each frozen relay stopped", || {
+                links.iter().all(|l| l.idle.load(Ordering::Acquire) == 2)
             });
         }
     }
