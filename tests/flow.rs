@@ -5,6 +5,9 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use common::*;
 use herald::flow::Flow;
 
@@ -32,12 +35,13 @@ fn queued_bytes(server: &TestServer) -> u64 {
     Flow::queued_bytes(&server.hub.stats, &server.hub.mailboxes)
 }
 
-/// The node's queued total once it has stopped changing. What is written to a stalled reader
-/// first fills its socket's send buffer in the kernel, and the kernel may take more after a
-/// publish was refused (the buffer grows as acknowledgements come in, late when the machine
-/// is busy): the node's figure falls with every byte the kernel takes, so a refusal is exact
-/// only once nothing moves any more.
-fn settled_queued_bytes(server: &TestServer) -> u64 {
+/// The node's queued total once it has stopped changing while `caught_up` holds (the readers
+/// that read have everything: what is left is the stalled readers'). What is written to a
+/// stalled reader first fills its socket's send buffer in the kernel, and the kernel may take
+/// more after a publish was refused (the buffer grows as acknowledgements come in, late when
+/// the machine is busy): the node's figure falls with every byte the kernel takes, so a
+/// refusal is exact only once nothing moves any more.
+fn settled_queued_bytes(server: &TestServer, caught_up: impl Fn() -> bool) -> u64 {
     let deadline = std::time::Instant::now() + TIMEOUT;
     let mut last = queued_bytes(server);
     let mut nr_same = 0;
@@ -48,7 +52,11 @@ fn settled_queued_bytes(server: &TestServer) -> u64 {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
         let now = queued_bytes(server);
-        nr_same = if now == last { nr_same + 1 } else { 0 };
+        nr_same = if now == last && caught_up() {
+            nr_same + 1
+        } else {
+            0
+        };
         last = now;
     }
     last
@@ -76,14 +84,19 @@ fn a_fast_publisher_is_refused_503_over_the_budget_and_every_accepted_message_ar
     // The well-behaved reader reads on its own thread until the end marker.
     let (mut reader, _) = connect_user(server.listen, "shop", "reader");
     subscribe(&mut reader, "feed");
-    let reading = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        loop {
-            let text = recv_text(&mut reader);
-            if text.contains(r#""data":"end""#) {
-                return (reader, got);
+    let nr_read = Arc::new(AtomicUsize::new(0));
+    let reading = std::thread::spawn({
+        let nr_read = nr_read.clone();
+        move || {
+            let mut got = Vec::new();
+            loop {
+                let text = recv_text(&mut reader);
+                if text.contains(r#""data":"end""#) {
+                    return (reader, got);
+                }
+                got.push(padded_seq_feed(&text));
+                nr_read.store(got.len(), Ordering::Release);
             }
-            got.push(padded_seq_feed(&text));
         }
     });
     // A client that publishes with the `publish` op.
@@ -110,7 +123,8 @@ fn a_fast_publisher_is_refused_503_over_the_budget_and_every_accepted_message_ar
             continue;
         }
         nr_refused += 1;
-        if settled_queued_bytes(&server) >= BUDGET {
+        let reader_has_all = || nr_read.load(Ordering::Acquire) == accepted;
+        if settled_queued_bytes(&server, reader_has_all) >= BUDGET {
             break r;
         }
     };
