@@ -1,31 +1,35 @@
-//! Coalescing dense fan-outs: when a shard is about to write a publication to many connections
-//! soon after its previous such write, it waits a moment first, so that publications arriving
-//! meanwhile go out in the same send to each connection.
+//! Coalescing dense fan-outs: when a shard takes a publication for many connections soon after
+//! the previous such publication, it holds its next write a moment, so that publications
+//! arriving meanwhile go out in the same send to each connection.
 //!
 //! A fan-out costs one send per connection whatever the send carries (on loopback ~1.5 µs of
 //! kernel time each, and as much again for the reader), so a shard that writes every
 //! publication on its own saturates the machine long before one that writes two or three per
-//! send. The wait is bounded (`server.write_coalesce_ms`), one timer per shard, and taken only
-//! when the previous wide write ended less than two waits ago (the next publication is then
-//! likely to arrive within the wait): sparse fan-outs, and batches whose publications each
-//! reach few connections (unicast, small groups, replies), go out at once.
+//! send. The hold is bounded (`server.write_coalesce_ms`), one timer per shard, and taken only
+//! when a wide publication came less than one wait after the wide one before it: the next is
+//! then likely to come within the wait too. A steady rate slower than one wide publication per
+//! wait is never held (a hold there would only delay), nor are sparse fan-outs or batches whose
+//! publications each reach few connections (unicast, small groups, replies). What a hold
+//! defers is the write only: the shard goes on taking its inbox meanwhile, so publishers
+//! waiting for it to be shallow are answered at once.
 //!
-//! It must not: hold a batch whose widest publication reaches fewer than [`MIN_CONNS`]
-//! connections, hold a batch twice, or read the clock for a narrow batch.
+//! It must not: hold a batch without a publication reaching [`MIN_CONNS`] connections, hold
+//! one that followed the previous wide publication by a wait or more, or read the clock.
 
 use std::time::{Duration, Instant};
 
-/// Fewest connections one publication of a batch must reach for the batch to be held.
+/// Fewest connections one publication must reach to count as wide.
 const MIN_CONNS: usize = 64;
 
 /// One shard's coalescing state.
 #[derive(Debug)]
 pub(crate) struct Coalesce {
-    /// The wait (`server.write_coalesce_ms`); zero: never wait.
+    /// The wait (`server.write_coalesce_ms`); zero: never hold.
     wait: Duration,
-    /// Connections the widest publication queued since the last write reached.
-    widest: usize,
-    /// When the last write of a batch with a wide publication ended.
+    /// A wide publication queued since the last write came less than a wait after the wide
+    /// one before it.
+    dense: bool,
+    /// When the shard last took a wide publication.
     last_wide: Option<Instant>,
 }
 
@@ -33,32 +37,33 @@ impl Coalesce {
     pub(crate) fn new(wait: Duration) -> Self {
         Self {
             wait,
-            widest: 0,
+            dense: false,
             last_wide: None,
         }
     }
 
-    /// Notes a publication queued to `conns` connections.
-    pub(crate) fn fanned_out(&mut self, conns: usize) {
-        self.widest = self.widest.max(conns);
+    /// Notes a publication queued to `conns` connections, taken at `now`.
+    pub(crate) fn fanned_out(&mut self, conns: usize, now: Instant) {
+        if conns < MIN_CONNS || self.wait.is_zero() {
+            return;
+        }
+        if self
+            .last_wide
+            .is_some_and(|prev| now.saturating_duration_since(prev) < self.wait)
+        {
+            self.dense = true;
+        }
+        self.last_wide = Some(now);
     }
 
-    /// How long to wait before writing what is queued: `None` to write at once (no wide
-    /// publication queued, no wait configured, or no wide write in the last two waits).
+    /// How long to hold the write of what is queued: `None` to write at once.
     pub(crate) fn hold(&self) -> Option<Duration> {
-        if self.widest < MIN_CONNS || self.wait.is_zero() {
-            return None;
-        }
-        let since = Instant::now().saturating_duration_since(self.last_wide?);
-        (since < 2 * self.wait).then_some(self.wait)
+        self.dense.then_some(self.wait)
     }
 
     /// Notes that everything queued was written.
     pub(crate) fn wrote(&mut self) {
-        if self.widest >= MIN_CONNS {
-            self.last_wide = Some(Instant::now());
-        }
-        self.widest = 0;
+        self.dense = false;
     }
 }
 
@@ -66,37 +71,42 @@ impl Coalesce {
 mod tests {
     use super::*;
 
-    /// Only a batch with a wide publication, soon after another wide write, waits; and only
-    /// when a wait is set.
+    /// Only a wide publication less than a wait after the previous wide one is held, once per
+    /// write; narrow ones, slower ones and a zero wait never are.
     #[test]
-    fn a_wide_batch_soon_after_a_wide_write_waits() {
-        let wait = Duration::from_secs(60);
+    fn a_wide_publication_close_after_another_is_held() {
+        let wait = Duration::from_millis(5);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_micros(ms * 100);
         let mut c = Coalesce::new(wait);
-        c.fanned_out(MIN_CONNS);
-        assert_eq!(c.hold(), None, "no wide write before");
+        c.fanned_out(MIN_CONNS, at(0));
+        assert_eq!(c.hold(), None, "the first wide publication");
         c.wrote();
-        for _ in 0..100 {
-            c.fanned_out(MIN_CONNS - 1);
+        for i in 1..=100 {
+            c.fanned_out(MIN_CONNS - 1, at(i / 10));
         }
-        assert_eq!(
-            c.hold(),
-            None,
-            "many narrow publications are not a wide one"
-        );
-        c.fanned_out(MIN_CONNS);
-        assert_eq!(c.hold(), Some(wait));
+        assert_eq!(c.hold(), None, "narrow publications, however many");
+        c.fanned_out(MIN_CONNS, at(49));
+        assert_eq!(c.hold(), Some(wait), "4.9 ms after the previous wide one");
+        c.fanned_out(MIN_CONNS, at(60));
+        assert_eq!(c.hold(), Some(wait), "still held for the one before");
         c.wrote();
         assert_eq!(c.hold(), None, "nothing queued since the write");
-        c.last_wide = Instant::now().checked_sub(2 * wait);
-        c.fanned_out(1000);
+        c.fanned_out(MIN_CONNS, at(110));
         assert_eq!(
             c.hold(),
             None,
-            "sparse: two waits since the last wide write"
+            "exactly a wait after the previous: a slower rate"
         );
+        c.wrote();
+        for i in 1..=10 {
+            c.fanned_out(1000, at(110 + 51 * i));
+            assert_eq!(c.hold(), None, "a steady 5.1 ms apart is never held");
+            c.wrote();
+        }
         let mut off = Coalesce::new(Duration::ZERO);
-        off.last_wide = Some(Instant::now());
-        off.fanned_out(1000);
-        assert_eq!(off.hold(), None, "zero: never wait");
+        off.fanned_out(1000, at(0));
+        off.fanned_out(1000, at(0));
+        assert_eq!(off.hold(), None, "zero: never hold");
     }
 }

@@ -590,8 +590,9 @@ impl Shard {
         }
         ShardStats::add(&self.stats.delivered, delivered);
         ShardStats::add(&self.stats.dropped, dropped);
-        self.coalesce.fanned_out(delivered as usize);
-        let lag = p.accepted_at.elapsed();
+        let now = Instant::now();
+        self.coalesce.fanned_out(delivered as usize, now);
+        let lag = now.saturating_duration_since(p.accepted_at);
         self.stats.publish_enqueue.observe(lag);
         self.stats.delivery_lag_us.store(
             u64::try_from(lag.as_micros()).unwrap_or(u64::MAX),
@@ -1146,7 +1147,7 @@ async fn inbox_loop(shard: Rc<RefCell<Shard>>, inbox: Inbox) {
         }
         inbox.disarm();
         let more = drain_inbox(&mut shard.borrow_mut(), &inbox);
-        // A deep inbox coalesces by itself: only a drained one waits for more.
+        // A deep inbox coalesces by itself: only a drained one holds its write for more.
         let hold = if more {
             None
         } else {
@@ -1154,8 +1155,22 @@ async fn inbox_loop(shard: Rc<RefCell<Shard>>, inbox: Inbox) {
         };
         if let Some(wait) = hold {
             ShardStats::add(&shard.borrow().stats.coalesce_waits, 1);
-            monoio::time::sleep(wait).await;
-            drain_inbox(&mut shard.borrow_mut(), &inbox);
+            // The write waits, the inbox does not: what arrives meanwhile is taken (its
+            // publishers answered) and joins the write, which goes out at the deadline, or at
+            // once when a drain stops at its budget.
+            let deadline = monoio::time::Instant::now() + wait;
+            loop {
+                let woken = monoio::select! {
+                    () = monoio::time::sleep_until(deadline) => false,
+                    r = waiter.readable(false) => r.is_ok(),
+                };
+                // At the deadline too: a sender may have queued without its wake-up yet (the
+                // API thread writes its wake-ups after its answers).
+                inbox.disarm();
+                if drain_inbox(&mut shard.borrow_mut(), &inbox) || !woken {
+                    break;
+                }
+            }
         }
         shard.borrow_mut().flush_dirty();
     }

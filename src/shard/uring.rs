@@ -157,8 +157,10 @@ impl Shard {
                     unsafe { sq.push(&sqe) }.expect("a batch fits the submission queue");
                 }
             }
-            self.reap_ring(&mut w);
+            // Counted before the kernel runs them: whoever reads a send's bytes finds it
+            // counted.
             ShardStats::add(&self.stats.ring_sends, w.sends.len() as u64);
+            self.reap_ring(&mut w);
             for i in 0..w.sends.len() {
                 let slot = w.sends[i].0;
                 if self.sent(slot, send_result(w.results[i])) {
