@@ -6,15 +6,16 @@
 //! kernel time each, and as much again for the reader), so a shard that writes every
 //! publication on its own saturates the machine long before one that writes two or three per
 //! send. The hold is bounded (`server.write_coalesce_ms`), one timer per shard, and taken only
-//! when a wide publication came less than one wait after the wide one before it: the next is
-//! then likely to come within the wait too. A steady rate slower than one wide publication per
-//! wait is never held (a hold there would only delay), nor are sparse fan-outs or batches whose
-//! publications each reach few connections (unicast, small groups, replies). What a hold
-//! defers is the write only: the shard goes on taking its inbox meanwhile, so publishers
-//! waiting for it to be shallow are answered at once.
+//! when a wide publication came less than two waits after the wide one before it: publishers
+//! rarely keep a steady pace, and one that came that close is likely to have another within
+//! the wait. A rate slower than one wide publication per two waits is never held (a hold
+//! there would only delay), nor are batches whose publications each reach few connections
+//! (unicast, small groups, replies). What a hold defers is the write: a publisher that starts
+//! waiting for the shard's inbox wakes it (the inbox is taken, the publisher answered) and
+//! the hold goes on.
 //!
 //! It must not: hold a batch without a publication reaching [`MIN_CONNS`] connections, hold
-//! one that followed the previous wide publication by a wait or more, or read the clock.
+//! one that followed the previous wide publication by two waits or more, or read the clock.
 
 use std::time::{Duration, Instant};
 
@@ -26,8 +27,8 @@ const MIN_CONNS: usize = 64;
 pub(crate) struct Coalesce {
     /// The wait (`server.write_coalesce_ms`); zero: never hold.
     wait: Duration,
-    /// A wide publication queued since the last write came less than a wait after the wide
-    /// one before it.
+    /// A wide publication queued since the last write came less than two waits after the
+    /// wide one before it.
     dense: bool,
     /// When the shard last took a wide publication.
     last_wide: Option<Instant>,
@@ -49,7 +50,7 @@ impl Coalesce {
         }
         if self
             .last_wide
-            .is_some_and(|prev| now.saturating_duration_since(prev) < self.wait)
+            .is_some_and(|prev| now.saturating_duration_since(prev) < 2 * self.wait)
         {
             self.dense = true;
         }
@@ -71,13 +72,14 @@ impl Coalesce {
 mod tests {
     use super::*;
 
-    /// Only a wide publication less than a wait after the previous wide one is held, once per
-    /// write; narrow ones, slower ones and a zero wait never are.
+    /// Only a wide publication less than two waits after the previous wide one is held, once
+    /// per write; narrow ones, slower ones and a zero wait never are.
     #[test]
     fn a_wide_publication_close_after_another_is_held() {
         let wait = Duration::from_millis(5);
         let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_micros(ms * 100);
+        // In tenths of a millisecond.
+        let at = |tenths: u64| t0 + Duration::from_micros(tenths * 100);
         let mut c = Coalesce::new(wait);
         c.fanned_out(MIN_CONNS, at(0));
         assert_eq!(c.hold(), None, "the first wide publication");
@@ -86,22 +88,22 @@ mod tests {
             c.fanned_out(MIN_CONNS - 1, at(i / 10));
         }
         assert_eq!(c.hold(), None, "narrow publications, however many");
-        c.fanned_out(MIN_CONNS, at(49));
-        assert_eq!(c.hold(), Some(wait), "4.9 ms after the previous wide one");
-        c.fanned_out(MIN_CONNS, at(60));
+        c.fanned_out(MIN_CONNS, at(99));
+        assert_eq!(c.hold(), Some(wait), "9.9 ms after the previous wide one");
+        c.fanned_out(MIN_CONNS, at(110));
         assert_eq!(c.hold(), Some(wait), "still held for the one before");
         c.wrote();
         assert_eq!(c.hold(), None, "nothing queued since the write");
-        c.fanned_out(MIN_CONNS, at(110));
+        c.fanned_out(MIN_CONNS, at(210));
         assert_eq!(
             c.hold(),
             None,
-            "exactly a wait after the previous: a slower rate"
+            "exactly two waits after the previous: a slower rate"
         );
         c.wrote();
         for i in 1..=10 {
-            c.fanned_out(1000, at(110 + 51 * i));
-            assert_eq!(c.hold(), None, "a steady 5.1 ms apart is never held");
+            c.fanned_out(1000, at(210 + 101 * i));
+            assert_eq!(c.hold(), None, "a steady 10.1 ms apart is never held");
             c.wrote();
         }
         let mut off = Coalesce::new(Duration::ZERO);

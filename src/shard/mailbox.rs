@@ -200,6 +200,9 @@ struct Shared {
     efd: OwnedFd,
     /// True while a wake-up is pending; senders skip the eventfd write then.
     armed: AtomicBool,
+    /// True while the shard holds a write ([`Inbox::hold_wakes`]): it looks at the inbox only
+    /// at the hold's end, or when a publisher starts waiting for it ([`Mailbox::shallow`]).
+    held: AtomicBool,
     /// True once the inbox is dropped (its shard has stopped): nothing sent arrives.
     gone: AtomicBool,
     /// Messages queued or reserved (the inbox's bound applies to this).
@@ -304,6 +307,7 @@ pub fn channel(capacity: usize, max_bytes: usize) -> std::io::Result<(Mailbox, I
     let shared = Arc::new(Shared {
         efd,
         armed: AtomicBool::new(false),
+        held: AtomicBool::new(false),
         gone: AtomicBool::new(false),
         queued: AtomicUsize::new(0),
         capacity,
@@ -401,6 +405,11 @@ impl Mailbox {
         }
         shared.nr_waiting.fetch_add(1, Ordering::SeqCst);
         let _waiting = Waiting(&shared.nr_waiting);
+        // A shard holding a write takes its inbox only at the hold's end: wake it now, so the
+        // publisher is answered at the inbox's pace, not the hold's.
+        if shared.held.load(Ordering::SeqCst) {
+            wake(shared.efd.as_raw_fd());
+        }
         loop {
             let mut told = std::pin::pin!(shared.shallow.notified());
             // Registered before the check: a notification after it is not missed.
@@ -553,7 +562,16 @@ impl Inbox {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
         unsafe { libc::read(self.raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        self.shared.held.store(false, Ordering::SeqCst);
         self.shared.armed.store(false, Ordering::SeqCst);
+    }
+
+    /// While the shard holds a write: senders see the inbox armed and skip their wake-ups
+    /// (the shard takes what they queue at the hold's end, after [`Inbox::disarm`]), except a
+    /// publisher that starts waiting for the inbox to be shallow, which wakes it.
+    pub fn hold_wakes(&self) {
+        self.shared.held.store(true, Ordering::SeqCst);
+        self.shared.armed.store(true, Ordering::SeqCst);
     }
 
     /// Wakes this inbox's own shard again (used when a drain stops at its budget).
@@ -671,6 +689,32 @@ mod tests {
         // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
         unsafe { libc::read(rx.raw_fd(), (&mut v as *mut u64).cast(), 8) };
         v
+    }
+
+    /// A shard holding a write is not woken by sends, only by a publisher that starts waiting
+    /// for its inbox; `disarm` ends the hold and sends wake it again.
+    #[test]
+    fn a_held_inbox_is_woken_only_by_a_waiting_publisher() {
+        use std::future::Future;
+        let (tx, rx) = channel(64, 1 << 20).unwrap();
+        rx.disarm();
+        rx.hold_wakes();
+        for _ in 0..=SHALLOW_DEPTH {
+            tx.send(ShardMsg::Drain).unwrap();
+        }
+        assert_eq!(wakes(&rx), 0, "sends do not wake a holding shard");
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut shallow = std::pin::pin!(tx.shallow());
+        assert!(shallow.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(wakes(&rx), 1, "a waiting publisher wakes it");
+        rx.disarm();
+        assert!(rx.try_recv().is_some());
+        assert!(shallow.as_mut().poll(&mut cx).is_ready(), "answered once shallow");
+        while rx.try_recv().is_some() {}
+        tx.send(ShardMsg::Drain).unwrap();
+        assert_eq!(wakes(&rx), 1, "after the hold a send wakes it");
+        tx.send(ShardMsg::Drain).unwrap();
+        assert_eq!(wakes(&rx), 0, "once per arming");
     }
 
     #[test]

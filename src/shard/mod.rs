@@ -1155,11 +1155,13 @@ async fn inbox_loop(shard: Rc<RefCell<Shard>>, inbox: Inbox) {
         };
         if let Some(wait) = hold {
             ShardStats::add(&shard.borrow().stats.coalesce_waits, 1);
-            // The write waits, the inbox does not: what arrives meanwhile is taken (its
-            // publishers answered) and joins the write, which goes out at the deadline, or at
-            // once when a drain stops at its budget.
+            // The write waits, the inbox barely: senders stop waking the shard, but a
+            // publisher that starts waiting for the inbox does, and what is taken then (its
+            // publishers answered) joins the write, which goes out at the deadline, or at once
+            // when a drain stops at its budget.
             let deadline = monoio::time::Instant::now() + wait;
             loop {
+                inbox.hold_wakes();
                 let woken = monoio::select! {
                     () = monoio::time::sleep_until(deadline) => false,
                     r = waiter.readable(false) => r.is_ok(),
