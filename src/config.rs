@@ -283,11 +283,11 @@ pub struct ServerConfig {
     /// connection). `io_uring` falls back to `sendmsg` with one warning where the kernel
     /// refuses a ring. Default `io_uring`.
     pub write_batch: WriteBatch,
-    /// How long, in milliseconds, a shard holds the write of a publication that reaches many
-    /// connections when it came less than this after the previous such publication, so that
-    /// publications arriving meanwhile (taken from the inbox as they come) go out in the same
-    /// send to each connection. Slower rates and publications that reach few connections are
-    /// not held. 0 = never hold; at most 100. Default 5.
+    /// How long a shard waits, in milliseconds, before writing a publication that reaches
+    /// many connections when its previous such write ended less than two waits earlier, so
+    /// that publications arriving meanwhile go out in the same send to each connection.
+    /// Sparse fan-outs and publications that reach few connections are not held. 0 = never
+    /// wait; at most 100. Default 5.
     pub write_coalesce_ms: u32,
     /// Listen backlog per shard listener. Default 4096.
     pub listen_backlog: u32,
@@ -1469,9 +1469,9 @@ io_driver = "auto"
 # "io_uring" = a batch's sends submitted to the shard's ring with one system call (falls back
 # to sendmsg with a warning), or "sendmsg" = one system call per connection.
 write_batch = "io_uring"
-# Milliseconds a shard holds the write of a publication to many connections that came less
-# than this after the previous one (dense fan-out), so publications arriving meanwhile share
-# one send per connection; 0 = never.
+# Milliseconds a shard waits before writing a publication to many connections when its
+# previous such write was less than two waits ago (dense fan-out), so publications arriving
+# meanwhile share one send per connection; 0 = never.
 write_coalesce_ms = 5
 listen_backlog = {backlog}
 # Concurrent client connections across all shards; 0 = unlimited (bounded by RLIMIT_NOFILE).

@@ -143,8 +143,8 @@ impl Collector for HubCollector {
         counter(
             &mut enc,
             "herald_write_coalesce_waits",
-            "Times a shard held a write for server.write_coalesce_ms: a publication to many \
-             connections came less than that after the previous one (publications \
+            "Times a shard waited server.write_coalesce_ms before writing a publication to many \
+             connections, its previous such write being less than two waits old (publications \
              arriving meanwhile share its sends).",
             sum(hub, |s| &s.coalesce_waits),
         )?;

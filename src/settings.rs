@@ -180,7 +180,7 @@ pub struct Limits {
     pub max_client_fd: Option<u64>,
     /// How the shard submits a batch's sends (`server.write_batch`).
     pub write_batch: crate::config::WriteBatch,
-    /// How long a dense fan-out's write is held for more to share it (`server.write_coalesce_ms`).
+    /// How long a dense fan-out's write waits for more to share it (`server.write_coalesce_ms`).
     pub write_coalesce: Duration,
 }
 

@@ -1,36 +1,34 @@
-//! Coalescing dense fan-outs: when a shard takes a publication for many connections soon after
-//! the previous such publication, it holds its next write a moment, so that publications
-//! arriving meanwhile go out in the same send to each connection.
+//! Coalescing dense fan-outs: when a shard is about to write a publication to many connections
+//! soon after its previous such write, it holds the write a moment first, so that
+//! publications arriving meanwhile go out in the same send to each connection.
 //!
 //! A fan-out costs one send per connection whatever the send carries (on loopback ~1.5 µs of
 //! kernel time each, and as much again for the reader), so a shard that writes every
 //! publication on its own saturates the machine long before one that writes two or three per
-//! send. The hold is bounded (`server.write_coalesce_ms`), one timer per shard, and taken only
-//! when a wide publication came less than two waits after the wide one before it: publishers
-//! rarely keep a steady pace, and one that came that close is likely to have another within
-//! the wait. A rate slower than one wide publication per two waits is never held (a hold
-//! there would only delay), nor are batches whose publications each reach few connections
-//! (unicast, small groups, replies). What a hold defers is the write: a publisher that starts
-//! waiting for the shard's inbox wakes it (the inbox is taken, the publisher answered) and
-//! the hold goes on.
+//! send. The wait is bounded (`server.write_coalesce_ms`), one timer per shard, and taken only
+//! when the previous wide write ended less than two waits ago (the next publication is then
+//! likely to arrive within the wait; publishers rarely keep a steady pace): sparse fan-outs,
+//! and batches whose publications each reach few connections (unicast, small groups,
+//! replies), go out at once. What a hold defers is the write: a publisher that starts waiting
+//! for the shard's inbox wakes it (the inbox is taken, the publisher answered) and the hold
+//! goes on.
 //!
-//! It must not: hold a batch without a publication reaching [`MIN_CONNS`] connections, hold
-//! one that followed the previous wide publication by two waits or more, or read the clock.
+//! It must not: hold a batch whose widest publication reaches fewer than [`MIN_CONNS`]
+//! connections, hold a batch twice, or read the clock for a narrow batch.
 
 use std::time::{Duration, Instant};
 
-/// Fewest connections one publication must reach to count as wide.
+/// Fewest connections one publication of a batch must reach for the batch to be held.
 const MIN_CONNS: usize = 64;
 
 /// One shard's coalescing state.
 #[derive(Debug)]
 pub(crate) struct Coalesce {
-    /// The wait (`server.write_coalesce_ms`); zero: never hold.
+    /// The wait (`server.write_coalesce_ms`); zero: never wait.
     wait: Duration,
-    /// A wide publication queued since the last write came less than two waits after the
-    /// wide one before it.
-    dense: bool,
-    /// When the shard last took a wide publication.
+    /// Connections the widest publication queued since the last write reached.
+    widest: usize,
+    /// When the last write of a batch with a wide publication ended.
     last_wide: Option<Instant>,
 }
 
@@ -38,33 +36,32 @@ impl Coalesce {
     pub(crate) fn new(wait: Duration) -> Self {
         Self {
             wait,
-            dense: false,
+            widest: 0,
             last_wide: None,
         }
     }
 
-    /// Notes a publication queued to `conns` connections, taken at `now`.
-    pub(crate) fn fanned_out(&mut self, conns: usize, now: Instant) {
-        if conns < MIN_CONNS || self.wait.is_zero() {
-            return;
-        }
-        if self
-            .last_wide
-            .is_some_and(|prev| now.saturating_duration_since(prev) < 2 * self.wait)
-        {
-            self.dense = true;
-        }
-        self.last_wide = Some(now);
+    /// Notes a publication queued to `conns` connections.
+    pub(crate) fn fanned_out(&mut self, conns: usize) {
+        self.widest = self.widest.max(conns);
     }
 
-    /// How long to hold the write of what is queued: `None` to write at once.
+    /// How long to wait before writing what is queued: `None` to write at once (no wide
+    /// publication queued, no wait configured, or no wide write in the last two waits).
     pub(crate) fn hold(&self) -> Option<Duration> {
-        self.dense.then_some(self.wait)
+        if self.widest < MIN_CONNS || self.wait.is_zero() {
+            return None;
+        }
+        let since = Instant::now().saturating_duration_since(self.last_wide?);
+        (since < 2 * self.wait).then_some(self.wait)
     }
 
     /// Notes that everything queued was written.
     pub(crate) fn wrote(&mut self) {
-        self.dense = false;
+        if self.widest >= MIN_CONNS {
+            self.last_wide = Some(Instant::now());
+        }
+        self.widest = 0;
     }
 }
 
@@ -72,43 +69,37 @@ impl Coalesce {
 mod tests {
     use super::*;
 
-    /// Only a wide publication less than two waits after the previous wide one is held, once
-    /// per write; narrow ones, slower ones and a zero wait never are.
+    /// Only a batch with a wide publication, soon after another wide write, waits; and only
+    /// when a wait is set.
     #[test]
-    fn a_wide_publication_close_after_another_is_held() {
-        let wait = Duration::from_millis(5);
-        let t0 = Instant::now();
-        // In tenths of a millisecond.
-        let at = |tenths: u64| t0 + Duration::from_micros(tenths * 100);
+    fn a_wide_batch_soon_after_a_wide_write_waits() {
+        let wait = Duration::from_secs(60);
         let mut c = Coalesce::new(wait);
-        c.fanned_out(MIN_CONNS, at(0));
-        assert_eq!(c.hold(), None, "the first wide publication");
+        c.fanned_out(MIN_CONNS);
+        assert_eq!(c.hold(), None, "no wide write before");
         c.wrote();
-        for i in 1..=100 {
-            c.fanned_out(MIN_CONNS - 1, at(i / 10));
+        for _ in 0..100 {
+            c.fanned_out(MIN_CONNS - 1);
         }
-        assert_eq!(c.hold(), None, "narrow publications, however many");
-        c.fanned_out(MIN_CONNS, at(99));
-        assert_eq!(c.hold(), Some(wait), "9.9 ms after the previous wide one");
-        c.fanned_out(MIN_CONNS, at(110));
-        assert_eq!(c.hold(), Some(wait), "still held for the one before");
-        c.wrote();
-        assert_eq!(c.hold(), None, "nothing queued since the write");
-        c.fanned_out(MIN_CONNS, at(210));
         assert_eq!(
             c.hold(),
             None,
-            "exactly two waits after the previous: a slower rate"
+            "many narrow publications are not a wide one"
         );
+        c.fanned_out(MIN_CONNS);
+        assert_eq!(c.hold(), Some(wait));
         c.wrote();
-        for i in 1..=10 {
-            c.fanned_out(1000, at(210 + 101 * i));
-            assert_eq!(c.hold(), None, "a steady 10.1 ms apart is never held");
-            c.wrote();
-        }
+        assert_eq!(c.hold(), None, "nothing queued since the write");
+        c.last_wide = Instant::now().checked_sub(2 * wait);
+        c.fanned_out(1000);
+        assert_eq!(
+            c.hold(),
+            None,
+            "sparse: two waits since the last wide write"
+        );
         let mut off = Coalesce::new(Duration::ZERO);
-        off.fanned_out(1000, at(0));
-        off.fanned_out(1000, at(0));
-        assert_eq!(off.hold(), None, "zero: never hold");
+        off.last_wide = Some(Instant::now());
+        off.fanned_out(1000);
+        assert_eq!(off.hold(), None, "zero: never wait");
     }
 }

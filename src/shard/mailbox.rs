@@ -709,7 +709,10 @@ mod tests {
         assert_eq!(wakes(&rx), 1, "a waiting publisher wakes it");
         rx.disarm();
         assert!(rx.try_recv().is_some());
-        assert!(shallow.as_mut().poll(&mut cx).is_ready(), "answered once shallow");
+        assert!(
+            shallow.as_mut().poll(&mut cx).is_ready(),
+            "answered once shallow"
+        );
         while rx.try_recv().is_some() {}
         tx.send(ShardMsg::Drain).unwrap();
         assert_eq!(wakes(&rx), 1, "after the hold a send wakes it");

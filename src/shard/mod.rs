@@ -590,9 +590,8 @@ impl Shard {
         }
         ShardStats::add(&self.stats.delivered, delivered);
         ShardStats::add(&self.stats.dropped, dropped);
-        let now = Instant::now();
-        self.coalesce.fanned_out(delivered as usize, now);
-        let lag = now.saturating_duration_since(p.accepted_at);
+        self.coalesce.fanned_out(delivered as usize);
+        let lag = p.accepted_at.elapsed();
         self.stats.publish_enqueue.observe(lag);
         self.stats.delivery_lag_us.store(
             u64::try_from(lag.as_micros()).unwrap_or(u64::MAX),
