@@ -1321,8 +1321,23 @@ impl RedisServer {
         });
         if exited {
             self.child = None;
+            return false;
         }
-        !exited
+        // The server that answered is this one, not another test's on a port taken meanwhile.
+        let pid = self.child.as_ref().map(std::process::Child::id);
+        let info: String = self
+            .connection()
+            .and_then(|mut c| redis::cmd("INFO").arg("server").query(&mut c))
+            .expect("INFO server");
+        let answered = info
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        if answered != pid {
+            self.stop();
+            return false;
+        }
+        true
     }
 
     /// Kills it (SIGKILL) and waits for its end.
@@ -1447,7 +1462,9 @@ pub struct Relay {
 struct Link {
     /// Whether the connection is asked to move nothing.
     frozen: std::sync::atomic::AtomicBool,
-    /// Forwarding threads that move nothing now: waiting while frozen, or ended.
+    /// Forwarding threads that move nothing now: waiting while frozen, or ended. (Both
+    /// fields are read and written sequentially consistent: a freeze that reads both threads
+    /// idle must not miss one that was resuming.)
     idle: std::sync::atomic::AtomicUsize,
 }
 
@@ -1475,12 +1492,12 @@ impl Relay {
                         let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
                         let mut buf = [0u8; 16 * 1024];
                         loop {
-                            if link.frozen.load(Ordering::Acquire) {
-                                link.idle.fetch_add(1, Ordering::AcqRel);
-                                while link.frozen.load(Ordering::Acquire) {
+                            if link.frozen.load(Ordering::SeqCst) {
+                                link.idle.fetch_add(1, Ordering::SeqCst);
+                                while link.frozen.load(Ordering::SeqCst) {
                                     std::thread::sleep(Duration::from_millis(5));
                                 }
-                                link.idle.fetch_sub(1, Ordering::AcqRel);
+                                link.idle.fetch_sub(1, Ordering::SeqCst);
                                 continue;
                             }
                             match from.read(&mut buf) {
@@ -1499,7 +1516,7 @@ impl Relay {
                             }
                         }
                         let _ = to.shutdown(std::net::Shutdown::Both);
-                        link.idle.fetch_add(1, Ordering::AcqRel);
+                        link.idle.fetch_add(1, Ordering::SeqCst);
                     });
                 }
             }
@@ -1528,11 +1545,11 @@ impl Relay {
             conns.iter().map(|&i| all[i].clone()).collect()
         };
         for link in &links {
-            link.frozen.store(frozen, Ordering::Release);
+            link.frozen.store(frozen, Ordering::SeqCst);
         }
         if frozen {
             wait_until("both directions of each frozen relay stopped", || {
-                links.iter().all(|l| l.idle.load(Ordering::Acquire) == 2)
+                links.iter().all(|l| l.idle.load(Ordering::SeqCst) == 2)
             });
         }
     }
