@@ -405,11 +405,6 @@ impl Mailbox {
         }
         shared.nr_waiting.fetch_add(1, Ordering::SeqCst);
         let _waiting = Waiting(&shared.nr_waiting);
-        // A shard holding a write takes its inbox only at the hold's end: wake it now, so the
-        // publisher is answered at the inbox's pace, not the hold's.
-        if shared.held.load(Ordering::SeqCst) {
-            wake(shared.efd.as_raw_fd());
-        }
         loop {
             let mut told = std::pin::pin!(shared.shallow.notified());
             // Registered before the check: a notification after it is not missed.
@@ -418,6 +413,12 @@ impl Mailbox {
                 || shared.gone.load(Ordering::Acquire)
             {
                 return;
+            }
+            // A shard holding a write takes its inbox only at the hold's end: wake it now
+            // (each time the publisher finds it still deep), so the publisher is answered at
+            // the inbox's pace, not the hold's.
+            if shared.held.load(Ordering::SeqCst) {
+                wake(shared.efd.as_raw_fd());
             }
             told.await;
         }
@@ -545,6 +546,7 @@ fn wake(fd: i32) {
 impl Drop for Inbox {
     fn drop(&mut self) {
         self.shared.gone.store(true, Ordering::Release);
+        self.shared.held.store(false, Ordering::SeqCst);
         // Nobody waits for a stopped shard's inbox.
         self.shared.shallow.notify_waiters();
     }
@@ -716,8 +718,17 @@ mod tests {
         while rx.try_recv().is_some() {}
         tx.send(ShardMsg::Drain).unwrap();
         assert_eq!(wakes(&rx), 1, "after the hold a send wakes it");
-        tx.send(ShardMsg::Drain).unwrap();
+        for _ in 0..SHALLOW_DEPTH {
+            tx.send(ShardMsg::Drain).unwrap();
+        }
         assert_eq!(wakes(&rx), 0, "once per arming");
+        let mut waiting = std::pin::pin!(tx.shallow());
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            wakes(&rx),
+            0,
+            "a waiting publisher wakes only a holding shard"
+        );
     }
 
     #[test]
